@@ -1,0 +1,174 @@
+"""Hugging Face Qwen3 checkpoints <-> arca-jax parameter trees, without torch.
+
+`load_pretrained` reads a local directory (config.json + model.safetensors, or a sharded
+model.safetensors.index.json) tensor by tensor into the stacked tree of `arca_jax.qwen3`;
+`save_pretrained` writes one that `transformers.Qwen3ForCausalLM.from_pretrained` loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from arca_jax import qwen3
+from arca_jax.safetensors_io import CheckpointError, Lazy, SafetensorsFile, save_file
+
+Params = Dict[str, Any]
+
+# Tensors that a Qwen3 checkpoint may carry and the port does not use.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def hf_tensor_names(config: qwen3.Qwen3Config) -> Iterator[Tuple[Tuple[str, ...], Optional[int], str, bool]]:
+    """Yields (tree path, layer index or None, HF tensor name, transpose?) for every parameter."""
+    yield ("embed_tokens", "embedding"), None, "model.embed_tokens.weight", False
+    yield ("norm", "scale"), None, "model.norm.weight", False
+    if not config.tie_word_embeddings:
+        yield ("lm_head", "kernel"), None, "lm_head.weight", True
+    for layer in range(config.num_hidden_layers):
+        pre = f"model.layers.{layer}"
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            yield ("layers", norm, "scale"), layer, f"{pre}.{norm}.weight", False
+        for norm in ("q_norm", "k_norm"):
+            yield ("layers", "self_attn", norm, "scale"), layer, f"{pre}.self_attn.{norm}.weight", False
+        for proj, block in qwen3.PROJ_BLOCK.items():
+            yield ("layers", block, proj, "kernel"), layer, f"{pre}.{block}.{proj}.weight", True
+
+
+def _get(tree, path):
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def _set(tree, path, value):
+    for k in path[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[path[-1]] = value
+
+
+def _weight_files(path: str) -> Dict[str, str]:
+    """tensor name -> file, from model.safetensors or model.safetensors.index.json."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+        return {name: os.path.join(path, fname) for name, fname in weight_map.items()}
+    if os.path.isfile(single):
+        with SafetensorsFile(single) as f:
+            return {name: single for name in f.keys()}
+    raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json "
+                          "(PyTorch .bin checkpoints are not read; convert them with transformers' "
+                          "save_pretrained(safe_serialization=True))")
+
+
+def load_pretrained(path: str, dtype=jnp.bfloat16,
+                    shardings: Optional[Params] = None) -> Tuple[qwen3.Qwen3Config, Params]:
+    """Loads a local Hugging Face Qwen3 checkpoint directory.
+
+    Args:
+      path: directory with config.json and model.safetensors (or a sharded index).
+      dtype: parameter dtype on device (bfloat16 for training and sampling; float32 for parity).
+      shardings: optional tree of `jax.sharding.Sharding`s with the parameter tree's structure;
+        each stacked leaf is placed directly with its sharding.
+
+    Only one stacked leaf (e.g. all layers' q_proj) is ever held on the host at a time.
+    Raises CheckpointError (a ValueError) naming the file and tensor for any mismatch.
+    """
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: checkpoint directory not found")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise CheckpointError(f"{path}: no config.json")
+    config = qwen3.Qwen3Config.from_hf(path)
+    files = _weight_files(path)
+    shapes = qwen3.param_shapes(config, dtype)
+    np_dtype = np.dtype(jnp.dtype(dtype))
+
+    expected = {}
+    for tree_path, layer, name, transpose in hf_tensor_names(config):
+        expected[name] = (tree_path, layer, transpose)
+    missing = [n for n in expected if n not in files]
+    if missing:
+        where = files[next(iter(files))] if files else path
+        raise CheckpointError(f"{where}: missing tensor(s) {missing[:5]}"
+                              f"{' and %d more' % (len(missing) - 5) if len(missing) > 5 else ''}")
+    unexpected = [n for n in files if n not in expected and not n.endswith(_IGNORED_SUFFIXES)
+                  and not (config.tie_word_embeddings and n == "lm_head.weight")]
+    if unexpected:
+        raise CheckpointError(f"{files[unexpected[0]]}: unexpected tensor(s) {unexpected[:5]} "
+                              "for a Qwen3 model with this config.json")
+
+    # Group HF tensors by destination leaf so each leaf is assembled once, then placed.
+    by_leaf: Dict[Tuple[str, ...], list] = {}
+    for name, (tree_path, layer, transpose) in expected.items():
+        by_leaf.setdefault(tree_path, []).append((name, layer, transpose))
+    open_files: Dict[str, SafetensorsFile] = {}
+    params: Params = {}
+    try:
+        for tree_path, entries in by_leaf.items():
+            leaf = _get(shapes, tree_path)
+            buf = np.empty(leaf.shape, np_dtype)
+            for name, layer, transpose in entries:
+                fname = files[name]
+                if fname not in open_files:
+                    open_files[fname] = SafetensorsFile(fname)
+                f = open_files[fname]
+                if name not in f.keys():
+                    raise CheckpointError(f"{fname}: missing tensor {name!r} (listed in the index)")
+                target_shape = leaf.shape[1:] if layer is not None else leaf.shape
+                hf_shape = tuple(reversed(target_shape)) if transpose else tuple(target_shape)
+                if f.shape(name) != hf_shape:
+                    raise CheckpointError(f"{fname}: tensor {name!r} has shape {f.shape(name)}, "
+                                          f"config.json implies {hf_shape}")
+                t = f.get(name)
+                t = t.T if transpose else t
+                if layer is None:
+                    buf[...] = t.astype(np_dtype)
+                else:
+                    buf[layer] = t.astype(np_dtype)
+            sharding = _get(shardings, tree_path) if shardings is not None else None
+            _set(params, tree_path, jax.device_put(buf, sharding) if sharding is not None
+                 else jnp.asarray(buf))
+            del buf
+    finally:
+        for f in open_files.values():
+            f.close()
+    return config, params
+
+
+def save_pretrained(path: str, config: qwen3.Qwen3Config, params: Params,
+                    dtype: Any = None) -> None:
+    """Writes config.json + model.safetensors (HF names and layouts) loadable by transformers.
+
+    dtype: dtype of the written tensors (default: each parameter's own). One tensor is on the
+    host at a time.
+    """
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    tensors: Dict[str, Any] = {}
+    for tree_path, layer, name, transpose in hf_tensor_names(config):
+        leaf = _get(params, tree_path)
+        out_dtype = np.dtype(jnp.dtype(dtype or leaf.dtype))
+        shape = leaf.shape[1:] if layer is not None else leaf.shape
+        shape = tuple(reversed(shape)) if transpose else tuple(shape)
+
+        def produce(leaf=leaf, layer=layer, transpose=transpose, out_dtype=out_dtype):
+            t = np.asarray(leaf[layer] if layer is not None else leaf)
+            return (t.T if transpose else t).astype(out_dtype)
+
+        tensors[name] = Lazy(produce, shape, out_dtype)
+    save_file(os.path.join(path, "model.safetensors"), tensors, {"format": "pt"})
+    d = config.to_dict()
+    d["torch_dtype"] = d["dtype"] = str(np.dtype(jnp.dtype(dtype or params["norm"]["scale"].dtype)))
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(d, f, indent=2)
