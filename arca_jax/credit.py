@@ -1,0 +1,426 @@
+"""Token-level credit assignment: the paper's five token weightings and their diagnostics.
+
+A trajectory's scalar advantage A is spread over its completion tokens with weights w_t >= 0 that
+sum to 1 per row; the policy-gradient estimate is A * sum_t w_t grad log pi(y_t). Every scheme
+gives an unnormalised salience alpha_t >= 0 per token, which is then normalised within its row::
+
+    w_t = (alpha_t + eps)^s / sum_k (alpha_k + eps)^s        over the valid tokens of the row
+
+(s = ``sharpening``; s = 1 is the plain (alpha + eps) / sum(alpha + eps) of the paper, the paper's
+sweep used s = 2).
+
+Dimension letters: B batch (any number of leading axes, including none), T time (tokens, last
+axis). All arrays share the mask's shape [B, T]. Every function is pure, has no host round trips
+and works under ``jax.jit`` (``mode`` is static), ``jax.vmap``, ``jax.pmap`` and with sharded
+inputs; nothing loops over rows in Python.
+
+Decisions taken where the issue is silent (each also stated where it applies):
+
+- Validity: a token is valid where ``mask != 0`` (bool, int or float masks). Inputs are only read
+  at valid positions; padding may hold anything, NaN and inf included, without effect.
+- Dtypes: all inputs are upcast to float32 first; outputs are float32 (bfloat16 in, float32 out).
+- Saliences are clamped to [0, float32 max]: a negative salience (e.g. a "surprisal" from a
+  positive log-prob, which only bad input produces) counts as 0, and +inf counts as the largest
+  float32. NaN at a valid position is not hidden: that row's valid weights all become NaN.
+- Overflow: the weights are computed as ((alpha + eps) / m)^s / sum_k ((alpha_k + eps) / m)^s
+  with m the row maximum of alpha + eps (for s < 1 the ratio is taken after the power). This is
+  algebraically identical to the formula above, equal to it up to float32 rounding (a few ulp)
+  wherever the formula does not overflow, and finite for any salience and any s > 0: e.g.
+  alpha = 1e30 with s = 2 works. Weights whose true value is below the float32 normal range
+  (~1e-38) come out as 0.
+- Fallback: it compares the *unscaled, sharpened* normalising sum sum_k (alpha_k + eps)^s with eps
+  (as the issue's formula states it; an overflow of that sum to +inf counts as "above eps"). Rows
+  whose sum is not above eps get uniform weights 1/n over their n valid tokens (a NaN sum is not
+  "not above eps": NaN stays visible).
+- ``uniform`` gives 1/n with n the number of valid tokens of the row (the issue's "1/T").
+- Entropy reduction pairs each valid token with the next valid token of the same row, found with a
+  vectorised reverse cumulative-min scan, so masks with holes work; the last valid token gets 0.
+- Inputs a mode does not need are ignored (not validated): a caller may pass all it has.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+Array = jax.Array
+
+MODES: tuple[str, ...] = ("uniform", "surprisal", "entropy_reduction", "divergence", "arca")
+
+#: Keyword inputs each mode needs, in the order of ``token_weights``' signature. The training step
+#: uses it to decide which forwards to run (e.g. ``divergence`` needs a reference forward).
+REQUIRED_INPUTS: Mapping[str, tuple[str, ...]] = types.MappingProxyType(
+    {
+        "uniform": (),
+        "surprisal": ("logps",),
+        "entropy_reduction": ("entropies",),
+        "divergence": ("logps", "ref_logps"),
+        "arca": ("residual_norms",),
+    }
+)
+
+_F32_MAX = float(jnp.finfo(jnp.float32).max)
+
+
+def _divide_by_row(x: Array, d: Array) -> Array:
+    """x / d for d > 0 broadcast along T, safe for d near the float32 maximum.
+
+    XLA turns a division by a broadcast row value into a multiplication by its reciprocal, and
+    1/d is subnormal (flushed to 0 on CPU/GPU) for d > ~8.5e37; dividing twice by sqrt(d) keeps
+    every intermediate normal. Costs ~2 ulp over a single division.
+    """
+    r = jnp.sqrt(d)
+    return (x / r) / r
+
+
+def required_inputs(mode: str) -> tuple[str, ...]:
+    """Names of the keyword inputs ``token_weights(mode, ...)`` needs; ValueError if unknown."""
+    _check_mode(mode)
+    return REQUIRED_INPUTS[mode]
+
+
+def _check_mode(mode: str) -> None:
+    if not isinstance(mode, str) or mode not in REQUIRED_INPUTS:
+        raise ValueError(f"unknown credit mode {mode!r}; valid modes: {', '.join(MODES)}")
+
+
+def _is_concrete_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+class _KeyAccess:
+    """Mapping-style read access (``r["gini"]``, ``dict(r)``) for the result dataclasses."""
+
+    def keys(self) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(self))  # type: ignore[arg-type]
+
+    def __getitem__(self, key: str) -> Array:
+        if key not in self.keys():
+            raise KeyError(f"{key!r}; available: {', '.join(self.keys())}")
+        return getattr(self, key)
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def items(self):
+        return tuple((k, getattr(self, k)) for k in self.keys())
+
+
+@struct.dataclass
+class Concentration(_KeyAccess):
+    """Batch means of the concentration diagnostics (a frozen pytree; ``c["gini"]`` also works).
+
+    gini: [] float32, mean Gini coefficient over the rows with >= 2 valid tokens (and positive
+        total weight); 0 when no row qualifies.
+    effective_token_ratio: [] float32, mean EffN/T over the rows with >= 1 valid token (and
+        positive total weight); 1 when no row qualifies.
+    gini_rows: [] int32, number of rows that entered ``gini``.
+    effective_token_ratio_rows: [] int32, number of rows that entered ``effective_token_ratio``.
+
+    The empty-batch values (0, 1) are those of uniform weights, so a batch without measurable rows
+    reads as "no concentration" rather than as NaN; the counts tell the two cases apart and let
+    callers combine means across micro-batches exactly (weight each mean by its count).
+    """
+
+    gini: Array
+    effective_token_ratio: Array
+    gini_rows: Array
+    effective_token_ratio_rows: Array
+
+
+@struct.dataclass
+class RowConcentration(_KeyAccess):
+    """Per-row concentration diagnostics (a frozen pytree; ``r["gini"]`` also works).
+
+    gini: [B] float32, Gini coefficient of the row's weights over its valid tokens; 0 where
+        ``gini_valid`` is False.
+    effective_token_ratio: [B] float32, EffN/T of the row; 0 where ``effective_token_ratio_valid``
+        is False.
+    gini_valid: [B] bool, row has >= 2 valid tokens and positive total weight.
+    effective_token_ratio_valid: [B] bool, row has >= 1 valid token and positive total weight.
+    """
+
+    gini: Array
+    effective_token_ratio: Array
+    gini_valid: Array
+    effective_token_ratio_valid: Array
+
+
+# --------------------------------------------------------------------------------------------
+# Saliences
+# --------------------------------------------------------------------------------------------
+
+
+def next_valid_index(mask: Array) -> Array:
+    """Index of the next valid token of the same row, for every position.
+
+    mask: [B, T], nonzero = valid.
+    Returns: [B, T] int32; entry t is min{k > t : mask[k]}, or T when no later valid token exists.
+    Computed with a reverse cumulative-min scan (no loops), so holes and spans are handled.
+    """
+    valid = jnp.asarray(mask) != 0
+    t = valid.shape[-1]
+    idx = jnp.where(valid, jnp.arange(t, dtype=jnp.int32), jnp.int32(t))
+    nearest_at_or_after = jax.lax.cummin(idx, axis=idx.ndim - 1, reverse=True)
+    pad = jnp.full(idx.shape[:-1] + (1,), t, dtype=jnp.int32)
+    return jnp.concatenate([nearest_at_or_after[..., 1:], pad], axis=-1)
+
+
+def entropy_reduction(entropies: Array, mask: Array) -> Array:
+    """Entropy-reduction salience max(0, H_t - H_next(t)).
+
+    entropies: [B, T], entropy (nats) of the predictive distribution that produced token t.
+    mask: [B, T], nonzero = valid.
+    Returns: [B, T] float32 (nats); next(t) is the next valid token of the same row; the last valid
+    token of a row and all invalid positions get 0. Entropies at invalid positions are never read.
+    """
+    valid = jnp.asarray(mask) != 0
+    h = jnp.where(valid, jnp.asarray(entropies).astype(jnp.float32), 0.0)
+    nxt = next_valid_index(valid)
+    t = valid.shape[-1]
+    h_next = jnp.take_along_axis(h, jnp.minimum(nxt, t - 1), axis=-1)
+    has_next = valid & (nxt < t)
+    return jnp.where(has_next, jnp.maximum(h - h_next, 0.0), 0.0)
+
+
+def saliences(
+    mode: str,
+    mask: Array,
+    *,
+    logps: Array | None = None,
+    ref_logps: Array | None = None,
+    entropies: Array | None = None,
+    residual_norms: Array | None = None,
+) -> Array:
+    """Unnormalised salience alpha_t of ``mode``, clamped to [0, float32 max].
+
+    mode: one of ``MODES`` (static Python string).
+    mask: [B, T], nonzero = valid completion token.
+    logps: [B, T], log pi(y_t) (nats) under the current policy (surprisal, divergence).
+    ref_logps: [B, T], log pi_ref(y_t) (nats), adapter disabled (divergence).
+    entropies: [B, T], predictive entropy H_t (nats) that produced token t (entropy_reduction).
+    residual_norms: [B, T], ||h_adapted - h_base||_2 of the final post-norm hidden state at the
+        position whose logits score token t, already aligned by the caller (arca).
+    Returns: [B, T] float32, 0 at invalid positions. ``uniform`` returns zeros (its weights do not
+    depend on a salience). Raises ValueError for an unknown mode, missing inputs or a shape that
+    differs from the mask's.
+    """
+    _check_mode(mode)
+    mask = jnp.asarray(mask)
+    if mask.ndim < 1:
+        raise ValueError(f"mask must have a time axis, got shape {mask.shape}")
+    given = {"logps": logps, "ref_logps": ref_logps, "entropies": entropies,
+             "residual_norms": residual_norms}
+    needed = REQUIRED_INPUTS[mode]
+    missing = [name for name in needed if given[name] is None]
+    if missing:
+        raise ValueError(f"credit mode {mode!r} needs {', '.join(missing)} (missing)")
+    x = {}
+    for name in needed:
+        arr = jnp.asarray(given[name])
+        if arr.shape != mask.shape:
+            raise ValueError(f"{name} has shape {arr.shape}, mask has shape {mask.shape}")
+        x[name] = arr.astype(jnp.float32)
+    valid = mask != 0
+
+    if mode == "uniform":
+        alpha = jnp.zeros(mask.shape, jnp.float32)
+    elif mode == "surprisal":
+        alpha = -x["logps"]
+    elif mode == "entropy_reduction":
+        alpha = entropy_reduction(x["entropies"], valid)
+    elif mode == "divergence":
+        alpha = jnp.abs(x["logps"] - x["ref_logps"])
+    else:  # arca
+        alpha = x["residual_norms"]
+    # Padding may hold NaN/inf: select (not multiply) so it never reaches the result.
+    return jnp.where(valid, jnp.clip(alpha, 0.0, _F32_MAX), 0.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Normalisation
+# --------------------------------------------------------------------------------------------
+
+
+def normalize_saliences(alpha: Array, mask: Array, *, eps: float = 1e-8,
+                        sharpening: float = 1.0) -> Array:
+    """Per-row weights w_t = (alpha_t + eps)^s / sum_k (alpha_k + eps)^s over the valid tokens.
+
+    alpha: [B, T] saliences, >= 0 (negatives are clamped to 0, +inf to the float32 maximum;
+        invalid positions are never read).
+    mask: [B, T], nonzero = valid.
+    eps: >= 0, added to every salience before sharpening and the fallback threshold.
+    sharpening: s > 0, exponent applied to (alpha + eps) before normalising.
+    Returns: [B, T] float32 weights; each row with a valid token sums to 1, invalid positions and
+    rows without valid tokens are 0 (never NaN, also in gradients).
+
+    The sum is evaluated as sum_k ((alpha_k + eps) / m)^s with m the row maximum of alpha + eps,
+    which cannot overflow; the result equals the formula up to float32 rounding (weights below the
+    float32 normal range, ~1e-38, become 0). A row falls back to uniform 1/n over its n valid
+    tokens when the unscaled sum sum_k (alpha_k + eps)^s is not above eps (an overflow of that sum
+    to +inf counts as above). NaN at a valid position makes the row's valid weights NaN.
+    ``eps`` and ``sharpening`` may be traced scalars; then they are not validated.
+    """
+    if _is_concrete_number(eps) and not eps >= 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    if _is_concrete_number(sharpening) and not sharpening > 0:
+        raise ValueError(f"sharpening must be > 0, got {sharpening}")
+    valid = jnp.asarray(mask) != 0
+    alpha = jnp.asarray(alpha).astype(jnp.float32)
+    if alpha.shape != valid.shape:
+        raise ValueError(f"alpha has shape {alpha.shape}, mask has shape {valid.shape}")
+    eps32 = jnp.asarray(eps, jnp.float32)
+    s = jnp.asarray(sharpening, jnp.float32)
+
+    x = jnp.where(valid, jnp.clip(alpha, 0.0, _F32_MAX), 0.0) + eps32
+    x = jnp.where(valid, jnp.minimum(x, _F32_MAX), 0.0)  # [B, T], >= eps on valid tokens
+    n = jnp.sum(valid, axis=-1, keepdims=True)  # [B, 1]
+
+    # Fallback test on the literal, unscaled sum; +inf (overflow) compares as "above eps" and NaN
+    # (NaN salience at a valid token) takes the formula, so that the NaN is not hidden.
+    raw_sum = jnp.sum(jnp.where(valid, x ** s, 0.0), axis=-1, keepdims=True)
+    use_formula = ~(raw_sum <= eps32)  # [B, 1]
+
+    # r = (x / m)^s, evaluated as (x^q / m^q)^(s/q) with q = min(s, 1): x^q cannot overflow, and
+    # for s < 1 the ratio is taken after the power, so it does not underflow before it.
+    positive = valid & ~(x <= 0)  # NaN stays "positive" so that it propagates
+    x_safe = jnp.where(positive, x, 1.0)  # keeps pow and its gradient finite
+    if _is_concrete_number(sharpening) and sharpening == 1:
+        xq = x_safe
+    else:
+        q = jnp.minimum(s, 1.0)
+        xq = x_safe ** q
+    xq = jnp.where(positive, xq, 0.0)
+    mq = jnp.max(xq, axis=-1, keepdims=True)  # m^q; 0 for rows without a positive entry
+    t = _divide_by_row(xq, jnp.where(mq > 0, mq, 1.0))  # in [0, ~1], row maximum ~1
+    if _is_concrete_number(sharpening) and sharpening <= 1:
+        r = t
+    else:
+        r = jnp.where(positive, jnp.where(positive, t, 1.0) ** (s / q), 0.0)
+    denom = jnp.sum(r, axis=-1, keepdims=True)  # >= ~1 when the row has a positive entry
+    formula = r / jnp.where(denom > 0, denom, 1.0)
+
+    uniform = valid / jnp.maximum(n, 1).astype(jnp.float32)
+    w = jnp.where(use_formula, formula, uniform)
+    # XLA's max reduction does not reliably propagate NaN, so a NaN row is marked explicitly.
+    has_nan = jnp.any(valid & jnp.isnan(x), axis=-1, keepdims=True)
+    return jnp.where(valid, jnp.where(has_nan, jnp.nan, w), 0.0)
+
+
+def token_weights(
+    mode: str,
+    mask: Array,
+    *,
+    logps: Array | None = None,
+    ref_logps: Array | None = None,
+    entropies: Array | None = None,
+    residual_norms: Array | None = None,
+    eps: float = 1e-8,
+    sharpening: float = 1.0,
+) -> Array:
+    """Per-token credit weights of one of the paper's schemes.
+
+    mode: static Python string, one of ``MODES``:
+        "uniform": 1/n over the n valid tokens of a row (length-normalised GRPO);
+        "surprisal": alpha_t = -log pi(y_t);
+        "entropy_reduction": alpha_t = max(0, H_t - H_next(t)), next(t) = next valid token of the
+            same row, 0 for the last valid token;
+        "divergence": alpha_t = |log pi(y_t) - log pi_ref(y_t)|;
+        "arca": alpha_t = residual_norms_t.
+    mask: [B, T], nonzero = valid completion token; any layout (prefix, middle span, holes).
+    logps, ref_logps, entropies, residual_norms: [B, T] (any float dtype, upcast to float32),
+        see ``saliences``; only those in ``REQUIRED_INPUTS[mode]`` are read, the others are ignored.
+    eps, sharpening: see ``normalize_saliences``.
+    Returns: [B, T] float32 weights; rows with a valid token sum to 1, zero off the mask, all-zero
+    rows where the mask is empty. Callers should ``jax.lax.stop_gradient`` them (the paper detaches
+    the weights); differentiating through is NaN-free but not part of the method.
+    Raises ValueError naming the missing inputs of ``mode``, or listing ``MODES`` for an unknown
+    mode.
+    """
+    alpha = saliences(mode, mask, logps=logps, ref_logps=ref_logps, entropies=entropies,
+                      residual_norms=residual_norms)
+    if mode == "uniform":
+        valid = jnp.asarray(mask) != 0
+        n = jnp.sum(valid, axis=-1, keepdims=True)
+        return valid / jnp.maximum(n, 1).astype(jnp.float32)
+    return normalize_saliences(alpha, mask, eps=eps, sharpening=sharpening)
+
+
+# --------------------------------------------------------------------------------------------
+# Diagnostics
+# --------------------------------------------------------------------------------------------
+
+
+def concentration_per_row(weights: Array, mask: Array) -> RowConcentration:
+    """Gini coefficient and EffN/T of each row's weights over its valid tokens.
+
+    weights: [B, T] non-negative weights (any float dtype, upcast to float32); invalid positions are
+        never read.
+    mask: [B, T], nonzero = valid.
+    Returns: ``RowConcentration`` of [B] arrays (see there).
+
+    With n valid tokens, S = sum_i w_i and w_(1) <= ... <= w_(n) the valid weights sorted ascending
+    (invalid positions are sorted to the end as +inf and never enter the sum):
+        G = sum_i (2i - n - 1) w_(i) / (n S)                      (rows with n >= 2)
+        EffN/T = S^2 / (n sum_i w_i^2)                            (rows with n >= 1)
+    T in EffN/T is the row's number of valid tokens n, so uniform weights give G = 0, EffN/T = 1
+    and all weight on one of n tokens gives G = (n-1)/n, EffN/T = 1/n. For weights summing to 1 (as
+    ``token_weights`` returns) EffN/T is the paper's 1 / (T sum w^2); the S^2 factor makes it
+    scale-invariant for unnormalised inputs. Rows whose valid weights sum to 0 have no defined
+    concentration and are marked invalid; NaN weights at valid positions give NaN for that row.
+    """
+    valid = jnp.asarray(mask) != 0
+    w = jnp.asarray(weights).astype(jnp.float32)
+    if w.shape != valid.shape:
+        raise ValueError(f"weights has shape {w.shape}, mask has shape {valid.shape}")
+    w = jnp.where(valid, w, 0.0)
+    n = jnp.sum(valid, axis=-1)  # [B]
+    nf = n.astype(jnp.float32)
+    total = jnp.sum(w, axis=-1)  # [B]
+    positive = ~(total <= 0)  # NaN weights stay eligible so that the NaN shows in the logs
+
+    # Rescale each row to sum 1 first (no-op up to rounding for token_weights' output), so that
+    # neither S^2 nor n S can overflow for unnormalised inputs.
+    u = _divide_by_row(w, jnp.where(positive, total, 1.0)[..., None])  # [B, T]
+
+    gini_valid = (n >= 2) & positive
+    srt = jnp.sort(jnp.where(valid, u, jnp.inf), axis=-1)  # valid weights first, ascending
+    rank = jnp.arange(1, w.shape[-1] + 1, dtype=jnp.float32)  # [T], i = 1..T
+    in_row = rank <= nf[..., None]
+    coef = 2.0 * rank - nf[..., None] - 1.0
+    num = jnp.sum(jnp.where(in_row, coef * jnp.where(in_row, srt, 0.0), 0.0), axis=-1)
+    has_nan = jnp.any(valid & jnp.isnan(w), axis=-1)  # explicit: sort/sum NaN order varies
+    gini = jnp.where(gini_valid, num / jnp.maximum(nf, 1.0), 0.0)
+    gini = jnp.where(gini_valid & has_nan, jnp.nan, gini)
+
+    eff_valid = (n >= 1) & positive
+    eff_den = nf * jnp.sum(u * u, axis=-1)  # n sum u^2 >= 1 for a valid row
+    eff = jnp.where(eff_valid, 1.0 / jnp.where(eff_valid, eff_den, 1.0), 0.0)
+    eff = jnp.where(eff_valid & has_nan, jnp.nan, eff)
+    return RowConcentration(gini=gini, effective_token_ratio=eff, gini_valid=gini_valid,
+                            effective_token_ratio_valid=eff_valid)
+
+
+def concentration(weights: Array, mask: Array) -> Concentration:
+    """Batch means of the per-row Gini and EffN/T (see ``concentration_per_row``).
+
+    weights, mask: [B, T]. Returns ``Concentration`` of scalars: ``c["gini"]`` averages the rows
+    with >= 2 valid tokens, ``c["effective_token_ratio"]`` the rows with >= 1 valid token (rows
+    with zero total weight are excluded from both); ineligible rows are skipped, not counted as 0.
+    With no eligible row the mean is 0 for gini and 1 for effective_token_ratio (the uniform
+    values), and the matching ``*_rows`` count is 0. Under pmap/shard_map the mean is per shard;
+    combine shards with the counts. With jit over sharded inputs it is the global batch mean.
+    """
+    rows = concentration_per_row(weights, mask)
+    g_cnt = jnp.sum(rows.gini_valid, dtype=jnp.int32)
+    e_cnt = jnp.sum(rows.effective_token_ratio_valid, dtype=jnp.int32)
+    g_mean = jnp.sum(rows.gini) / jnp.maximum(g_cnt, 1).astype(jnp.float32)
+    e_sum = jnp.sum(rows.effective_token_ratio)
+    e_mean = jnp.where(e_cnt > 0, e_sum / jnp.maximum(e_cnt, 1).astype(jnp.float32), 1.0)
+    return Concentration(gini=g_mean, effective_token_ratio=e_mean, gini_rows=g_cnt,
+                         effective_token_ratio_rows=e_cnt)
