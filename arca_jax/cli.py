@@ -1,0 +1,153 @@
+"""The `arca-jax` command (also `python -m arca_jax`).
+
+    arca-jax train [--config FILE] [--set key=value]... [--output-dir DIR] [--resume]
+    arca-jax eval --run DIR [--checkpoint STEP]
+    arca-jax export --run DIR --peft OUT [--checkpoint STEP]
+
+Bad input (a config, a path, a run directory) ends with a one-line message and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import List, Optional
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own errors: exit 2 with the usage line, as usual
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _add_train(sub):
+    p = sub.add_parser("train", help="run GRPO training (no --config: the embedded tiny demo)",
+                       description="Train a LoRA adapter with GRPO and token-level credit "
+                                   "assignment. Without --config it trains the tiny arithmetic "
+                                   "model shipped with the package, on the CPU in minutes.")
+    p.add_argument("--config", help="YAML config file (sections model, lora, task, rollout, grpo, "
+                                    "optim, train); omitted keys keep their defaults")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config key, e.g. --set grpo.weighting=uniform (repeatable)")
+    p.add_argument("--output-dir", help="run directory (default: runs/<method>-r<rank>-<time>)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --output-dir from its latest checkpoint")
+
+
+def _add_eval(sub):
+    p = sub.add_parser("eval", help="evaluate a run's adapter on the held-out problems")
+    p.add_argument("--run", required=True, help="run directory")
+    p.add_argument("--checkpoint", type=int, help="checkpoint step (default: the latest)")
+
+
+def _add_export(sub):
+    p = sub.add_parser("export", help="write a run's adapter as a PEFT adapter directory")
+    p.add_argument("--run", required=True, help="run directory")
+    p.add_argument("--peft", required=True, help="output directory for the PEFT adapter")
+    p.add_argument("--checkpoint", type=int, help="checkpoint step (default: the latest)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="arca-jax", description="ARCA: adapter-residual credit assignment for "
+                                                  "LoRA RL, in JAX.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_train(sub)
+    _add_eval(sub)
+    _add_export(sub)
+    return parser
+
+
+def _load_run(run_dir: str, checkpoint_step: Optional[int]):
+    """(cfg, model, adapter, step) of a finished or interrupted run directory."""
+    from arca_jax import checkpoint, config, lora, train
+    from arca_jax.configlib import ConfigError
+    from arca_jax.train_step import TrainState, make_optimizer
+    import jax
+
+    cfg_path = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(cfg_path):
+        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
+    cfg = config.load(cfg_path)
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(ckpt_dir):
+        raise ConfigError(f"{run_dir} has no checkpoints/")
+    model = train.load_model(cfg)
+    opt = make_optimizer(cfg.optim.learning_rate, warmup_steps=cfg.optim.warmup_steps,
+                         total_steps=max(cfg.train.steps * cfg.grpo.num_iterations, 1),
+                         weight_decay=cfg.optim.weight_decay, max_grad_norm=cfg.optim.max_grad_norm)
+    like = TrainState.create(lora.init_lora(model.config, cfg.lora, jax.random.PRNGKey(0)), opt,
+                             jax.random.PRNGKey(0))
+    ckpt = checkpoint.Checkpointer(ckpt_dir, keep=cfg.train.keep_checkpoints)
+    try:
+        state, _, step = ckpt.restore(like, checkpoint_step)
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
+    finally:
+        ckpt.close()
+    return cfg, model, state.lora, step
+
+
+def cmd_train(args) -> int:
+    from arca_jax import config, train
+
+    cfg = config.load(args.config, args.overrides)
+    run_dir = args.output_dir or os.path.join(
+        "runs", f"{cfg.grpo.weighting}-r{cfg.lora.rank}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if args.resume and not args.output_dir:
+        raise config.ConfigError("--resume needs --output-dir (the run directory to continue)")
+    summary = train.train(cfg, run_dir, resume=args.resume)
+    print(json.dumps(summary, indent=2))
+    return 0 if summary.get("finished") else 3
+
+
+def cmd_eval(args) -> int:
+    import jax
+    from arca_jax import train
+    from arca_jax.tasks import load_task
+
+    cfg, model, adapter, step = _load_run(args.run, args.checkpoint)
+    task = load_task(cfg.task.name, cfg.task.eval_split,
+                     max_samples=cfg.task.num_eval_problems if cfg.task.path is None else None,
+                     path=cfg.task.path, reward_mode=cfg.task.reward_mode)
+    problems = list(task.problems)[:cfg.task.num_eval_problems]
+    res = train.evaluate(model, adapter, cfg.lora.scaling, problems,
+                         train.Scorer(task, cfg.task.reward_timeout_s), cfg, step,
+                         jax.random.fold_in(jax.random.PRNGKey(cfg.train.seed), 2))
+    import dataclasses
+    print(json.dumps({"checkpoint": step, **dataclasses.asdict(res)}, indent=2))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from arca_jax import lora
+
+    cfg, model, adapter, step = _load_run(args.run, args.checkpoint)
+    base = cfg.model.path if not cfg.model.path.startswith("embedded:") else cfg.model.resolved_path()
+    lora.save_peft(args.peft, cfg.lora, adapter, base_model_name_or_path=base)
+    print(f"wrote the adapter of step {step} to {args.peft} (PEFT format)")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    from arca_jax.configlib import ConfigError
+    from arca_jax.safetensors_io import CheckpointError
+    from arca_jax.tasks.data import TaskDataError
+
+    try:
+        return COMMANDS[args.command](args)
+    except (ConfigError, CheckpointError, TaskDataError) as e:
+        print(f"arca-jax {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

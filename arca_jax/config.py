@@ -1,0 +1,180 @@
+"""The training program's configuration: one frozen dataclass per section, loaded from YAML.
+
+    model:   which checkpoint and dtype
+    lora:    `arca_jax.lora.LoraConfig` (rank, alpha, targets, dropout)
+    task:    task name, data path, evaluation set
+    rollout: prompts per step, group size G, lengths, temperature, top-p
+    grpo:    `arca_jax.objective.GRPOConfig` (weighting, sharpening, estimator, clipping, KL, ...)
+    optim:   AdamW, warmup + cosine, gradient clipping
+    train:   steps, seed, parallelism, evaluation / checkpoint / logging cadence
+
+The defaults are the embedded demo: the tiny arithmetic model shipped with the package, trained
+with ARCA on CPU in a few minutes. `experiments/configs/` holds the paper's runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Literal, Optional
+
+from arca_jax import configlib
+from arca_jax.configlib import ConfigError
+from arca_jax.lora import LoraConfig
+from arca_jax.objective import GRPOConfig
+
+EMBEDDED_MODEL = "embedded:tiny-arith"
+ASSETS = os.path.join(os.path.dirname(__file__), "assets")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """path: a local Hugging Face Qwen3 directory (config.json, safetensors, tokenizer files), or
+    "embedded:tiny-arith" for the model shipped in arca_jax/assets/. dtype of the base weights."""
+
+    path: str = EMBEDDED_MODEL
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+    def resolved_path(self) -> str:
+        if self.path.startswith("embedded:"):
+            name = self.path.split(":", 1)[1]
+            return os.path.join(ASSETS, name)
+        return os.path.expanduser(self.path)
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+    """name: "arithmetic" (embedded), "math" or "gsm8k"; path: a local JSONL file or directory
+    (else the Hugging Face Hub through `datasets`). Evaluation uses the first
+    `num_eval_problems` of `eval_split`."""
+
+    name: Literal["arithmetic", "math", "gsm8k"] = "arithmetic"
+    path: Optional[str] = None
+    train_split: str = "train"
+    eval_split: str = "test"
+    max_train_samples: Optional[int] = None
+    num_eval_problems: int = 200
+    reward_mode: Optional[Literal["exact", "verify", "gsm8k"]] = None
+    reward_timeout_s: float = 5.0
+
+    def __post_init__(self):
+        if self.num_eval_problems < 0:
+            raise ValueError("num_eval_problems must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+    """prompts_per_step P and group_size G (B = P * G completions per step); lengths in tokens."""
+
+    prompts_per_step: int = 16
+    group_size: int = 8
+    max_prompt_tokens: int = 64
+    max_new_tokens: int = 80
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if self.prompts_per_step < 1:
+            raise ValueError(f"prompts_per_step must be >= 1, got {self.prompts_per_step}")
+        if self.group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {self.group_size}")
+        if self.max_prompt_tokens < 1 or self.max_new_tokens < 1:
+            raise ValueError("max_prompt_tokens and max_new_tokens must be >= 1")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with linear warmup then cosine decay to 0 over `train.steps`; global-norm clipping."""
+
+    learning_rate: float = 2e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 5
+    max_grad_norm: float = 1.0
+
+    def __post_init__(self):
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.warmup_steps < 0:
+            raise ValueError("warmup_steps must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """steps: GRPO steps (each samples a fresh batch); microbatches: gradient accumulation;
+    mode: "jit" (one device), "pmap" or "mesh" (all devices; mesh_fsdp shards base weights);
+    eval_every / save_every / samples_every: in steps (0 = only at the start and end);
+    pass_k: k of pass@k at evaluation (None: the group size)."""
+
+    steps: int = 60
+    seed: int = 0
+    microbatches: int = 1
+    mode: Literal["jit", "pmap", "mesh"] = "jit"
+    mesh_fsdp: int = 1
+    eval_every: int = 0
+    pass_k: Optional[int] = None
+    save_every: int = 20
+    keep_checkpoints: int = 2
+    samples_every: int = 10
+    samples_per_log: int = 2
+    eval_batch_size: int = 256
+
+    def __post_init__(self):
+        if self.steps < 0:
+            raise ValueError(f"steps must be >= 0, got {self.steps}")
+        for name in ("microbatches", "keep_checkpoints", "eval_batch_size", "mesh_fsdp"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_every", "save_every", "samples_every", "samples_per_log"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.pass_k is not None and self.pass_k < 1:
+            raise ValueError(f"pass_k must be >= 1, got {self.pass_k}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = ModelConfig()
+    lora: LoraConfig = LoraConfig(rank=8, alpha=16.0)
+    task: TaskConfig = TaskConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    grpo: GRPOConfig = GRPOConfig(weighting="arca")
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+
+    def __post_init__(self):
+        if self.grpo.estimator in ("grpo", "rloo") and self.rollout.group_size < 2:
+            raise ValueError(f"rollout.group_size must be >= 2 for the {self.grpo.estimator!r} "
+                             f"estimator, got {self.rollout.group_size}")
+
+    @property
+    def batch_size(self) -> int:
+        return self.rollout.prompts_per_step * self.rollout.group_size
+
+
+def load(path: Optional[str] = None, overrides=()) -> RunConfig:
+    """The run config from YAML `path` (None: the defaults) with `key=value` overrides."""
+    return configlib.load(RunConfig, path, overrides)
+
+
+def check_environment(cfg: RunConfig, num_devices: int) -> None:
+    """Checks what depends on the machine: paths exist, the batch splits over the devices."""
+    model_dir = cfg.model.resolved_path()
+    if not os.path.isdir(model_dir):
+        raise ConfigError(f"model.path: {model_dir} does not exist")
+    if cfg.task.path is not None and not os.path.exists(os.path.expanduser(cfg.task.path)):
+        raise ConfigError(f"task.path: {cfg.task.path} does not exist")
+    rows = cfg.batch_size
+    if rows % cfg.train.microbatches:
+        raise ConfigError(f"the batch of {rows} completions (prompts_per_step x group_size) is not "
+                          f"divisible by train.microbatches={cfg.train.microbatches}")
+    if cfg.train.mode != "jit" and (rows // cfg.train.microbatches) % num_devices:
+        raise ConfigError(f"each microbatch of {rows // cfg.train.microbatches} completions must "
+                          f"be divisible by the device count ({num_devices}) in mode "
+                          f"{cfg.train.mode!r}")
+    if cfg.train.mode == "mesh" and num_devices % cfg.train.mesh_fsdp:
+        raise ConfigError(f"train.mesh_fsdp={cfg.train.mesh_fsdp} does not divide the device "
+                          f"count {num_devices}")
