@@ -1,0 +1,498 @@
+"""Rollouts: a jitted KV-cache sampler for the Qwen3 port, and the GRPO batch layout.
+
+    out = generate(params, prompt_ids, prompt_mask, config=config, rng=key, max_new_tokens=512,
+                   lora=adapter, lora_scale=lora_config.scaling, eos_id=config.eos_token_id)
+    batch = build_batch(prompt_ids, prompt_mask, out)     # what the GRPO step trains on
+
+How it runs (B rows, P prompt width, N new tokens, S = P + N cache slots, V vocabulary):
+  1. `qwen3.inference_weights` rearranges the parameters once (fused q/k/v and gate/up kernels,
+     per-layer arrays; a LoRA adapter kept low-rank or merged).
+  2. `prefill` runs the whole left-padded prompt in one forward, writes its keys/values into the
+     cache, and samples token 0 from the last position's logits.
+  3. `decode` runs `jax.lax.while_loop(cond, step, state)`: each `decode_step` feeds the previous
+     token (T = 1), samples the next, and writes it; the loop stops after N tokens or as soon as
+     every row has produced EOS. The state (cache included) is donated, so buffers are reused.
+  4. `SampleOutput` holds tokens, mask and log-probabilities [B, N].
+
+Randomness: each token is drawn by inverse-CDF search with one uniform number per row (no noise
+over the whole vocabulary). `prefill` draws the uniforms of all N columns, [N, B], in one call of
+`rng` (used once, never again), and step i reads row i: no key is reused, the same `rng` gives the
+same samples, and the loop body holds no PRNG (on CPU threefry lowers to a rolled 5-round loop:
+fold_in then uniform inside the loop cost ~185 kernels per step, more than the model's 4 layers).
+
+Shapes: `generate` pads prompt widths and generation lengths up to powers of two (`bucket_size`),
+so a training run compiles a handful of programs, not one per batch. The true `max_new_tokens` is a
+traced loop bound; the output is cut back to it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple, Optional, Sequence, Tuple, Union
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from arca_jax import qwen3
+
+Params = qwen3.Params
+
+# Inverse-CDF sampling searches the vocabulary in blocks of this many tokens: block sums first,
+# then one block (two short cumulative sums instead of one over V).
+CDF_BLOCK = 128
+
+
+# --------------------------------------------------------------------------------------------
+# Settings, state, results
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How tokens are chosen. Hashable: static under jit.
+
+    max_new_tokens: N, the width of the token buffers (`generate` passes the bucketed width; the
+      loop stops at the traced `limit` of `prefill`).
+    temperature: logits are divided by it before sampling (ignored when greedy).
+    top_p: nucleus sampling: draw from the smallest set of most likely tokens whose probability
+      (after temperature) reaches top_p; 1.0 disables it.
+    greedy: take the argmax (ties: lowest token id, as torch).
+    eos_ids: tokens that end a row (kept, masked 1); empty: rows run to the limit.
+    pad_id: written after a row's EOS.
+    """
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    greedy: bool = False
+    eos_ids: Tuple[int, ...] = ()
+    pad_id: int = 0
+
+    def __post_init__(self):
+        n = self.max_new_tokens
+        if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n <= 0:
+            raise ValueError(f"max_new_tokens must be a positive int, got {n!r}")
+        if not self.greedy and not self.temperature > 0:
+            raise ValueError("temperature must be > 0 (use greedy=True for argmax), "
+                             f"got {self.temperature!r}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        object.__setattr__(self, "max_new_tokens", int(n))
+        object.__setattr__(self, "temperature", float(self.temperature))
+        object.__setattr__(self, "top_p", float(self.top_p))
+        object.__setattr__(self, "eos_ids", tuple(int(e) for e in self.eos_ids))
+
+
+@flax.struct.dataclass
+class SamplerState:
+    """The decode loop's carry. B rows, N token columns.
+
+    cache:    `qwen3.InferenceCache` holding the prompt and the tokens fed so far.
+    tokens:   [B, N] int32 sampled tokens; `pad_id` after a row's EOS and in unsampled columns.
+    mask:     [B, N] int32, 1 for tokens up to and including the row's EOS.
+    logps:    [B, N] float32 log-probability of each token under the plain softmax (0 where mask 0).
+    last:     [B] int32 the newest token, fed at the next step.
+    position: [B] int32 rotary position of `last` (each row's count of real tokens before it).
+    done:     [B] bool, the row has produced EOS.
+    step:     [] int32 tokens sampled so far = the column the next token goes to.
+    limit:    [] int32 stop after this many columns (<= N).
+    uniforms: [N, B] float32 in (0, 1]: row i draws column i's tokens (see `choose_tokens`).
+    """
+
+    cache: qwen3.InferenceCache
+    tokens: jax.Array
+    mask: jax.Array
+    logps: jax.Array
+    last: jax.Array
+    position: jax.Array
+    done: jax.Array
+    step: jax.Array
+    limit: jax.Array
+    uniforms: jax.Array
+
+
+@flax.struct.dataclass
+class SampleOutput:
+    """A batch of completions. B rows, N = max_new_tokens columns.
+
+    tokens:    [B, N] int32 generated tokens, `pad_id` after a row's EOS.
+    mask:      [B, N] int32, 1 for each generated token up to and including the row's EOS.
+    logps:     [B, N] float32 log-probability of each token under the model's plain softmax
+               (temperature 1, no truncation): what the training step recomputes. 0 where mask 0.
+    lengths:   [B] int32 tokens per row (= mask.sum(-1), EOS included).
+    finished:  [B] bool, the row ended with EOS (False: cut at max_new_tokens).
+    num_steps: [] int32 token columns the sampler produced (< N when every row stopped early).
+    """
+
+    tokens: jax.Array
+    mask: jax.Array
+    logps: jax.Array
+    lengths: jax.Array
+    finished: jax.Array
+    num_steps: jax.Array
+
+
+# --------------------------------------------------------------------------------------------
+# Choosing a token
+# --------------------------------------------------------------------------------------------
+
+
+def _inclusive_cumsum(x: jax.Array) -> jax.Array:
+    """Cumulative sum over the last axis of a short [..., M] array as one matmul with a triangular
+    0/1 matrix (one operation; `jnp.cumsum` lowers to several on CPU). Exact float32 products."""
+    m = x.shape[-1]
+    upper = jnp.triu(jnp.ones((m, m), x.dtype))  # upper[i, j] = 1 for i <= j
+    return jnp.einsum("...i,ij->...j", x, upper, precision=jax.lax.Precision.HIGHEST)
+
+
+class Draw(NamedTuple):
+    """index [B] int32 drawn; total [B] float32, the sum of exp(log_weights) over the row."""
+
+    index: jax.Array
+    total: jax.Array
+
+
+def inverse_cdf(log_weights: jax.Array, u: jax.Array, block: int = CDF_BLOCK) -> Draw:
+    """Index drawn with probability exp(log_weights) / sum(exp(log_weights)), one uniform u per row.
+
+    Finds the first index whose cumulative weight reaches u * total: first among block sums, then
+    inside the chosen block. The work is one fused exp-and-sum pass over [B, V] plus two short
+    cumulative sums ([B, V / block] and [B, block]); the weights are never written out. Never
+    returns an index of zero weight.
+
+    Args:
+      log_weights: [B, V] float32, at most ~80 (e.g. logits minus their max); -inf for weight 0.
+      u: [B] float32 in (0, 1].
+
+    Returns:
+      Draw(index [B] int32, total [B] float32).
+    """
+    B, V = log_weights.shape
+    C = -(-V // block)  # number of blocks
+    if C * block != V:
+        log_weights = jnp.pad(log_weights, ((0, 0), (0, C * block - V)), constant_values=-jnp.inf)
+    blocks = log_weights.reshape(B, C, block)
+    block_cdf = _inclusive_cumsum(jnp.sum(jnp.exp(blocks), axis=-1))  # [B, C]
+    total = block_cdf[:, -1]
+    target = u * total  # (0, total]
+    c = jnp.minimum(jnp.sum(block_cdf < target[:, None], axis=-1), C - 1)  # [B] chosen block
+    before = jnp.where(c > 0, jnp.take_along_axis(block_cdf, jnp.maximum(c - 1, 0)[:, None], 1)[:, 0], 0.0)
+    inner_cdf = _inclusive_cumsum(jnp.exp(jnp.take_along_axis(blocks, c[:, None, None], 1)[:, 0]))
+    # the residual lies in (0, block mass]; clamp it there against rounding between the two sums
+    rest = jnp.clip(target - before, jnp.finfo(jnp.float32).tiny, inner_cdf[:, -1])
+    j = jnp.sum(inner_cdf < rest[:, None], axis=-1)
+    return Draw(index=(c * block + j).astype(jnp.int32), total=total)
+
+
+def _nucleus_draw(weights: jax.Array, u: jax.Array, top_p: float) -> jax.Array:
+    """Draws from the top-p nucleus of unnormalised weights [B, V] with uniforms u [B] in (0, 1].
+
+    The nucleus is the shortest prefix of the tokens sorted by decreasing weight whose mass reaches
+    top_p * total (a token is kept when the mass strictly before it is below that). Returns [B] int32.
+    """
+    B, V = weights.shape
+    neg_sorted, order = jax.lax.sort((-weights, jnp.broadcast_to(jnp.arange(V, dtype=jnp.int32), (B, V))),
+                                     dimension=1, num_keys=1)
+    sorted_w = -neg_sorted
+    cdf = jnp.cumsum(sorted_w, axis=-1)
+    keep = (cdf - sorted_w) < top_p * cdf[:, -1:]
+    nucleus_mass = jnp.max(jnp.where(keep, cdf, 0.0), axis=-1)
+    j = jnp.sum(cdf < (u * nucleus_mass)[:, None], axis=-1)
+    j = jnp.minimum(j, jnp.sum(keep, axis=-1) - 1)  # rounding guard: stay inside the nucleus
+    return jnp.take_along_axis(order, j[:, None], 1)[:, 0]
+
+
+def choose_tokens(logits: jax.Array, u: jax.Array, settings: SamplingConfig) -> Tuple[jax.Array, jax.Array]:
+    """One token per row from logits [B, V] float32, and its log-probability under softmax(logits).
+
+    u: [B] float32 uniforms in (0, 1], one per row (unused when greedy).
+    Returns (tokens [B] int32, logps [B] float32). Greedy: the first maximal logit (as argmax).
+    Otherwise softmax(logits / temperature), optionally truncated to the top-p nucleus, by inverse
+    CDF (`inverse_cdf`, `_nucleus_draw`).
+    """
+    V = logits.shape[-1]
+    m = jnp.max(logits, axis=-1, keepdims=True)
+    shifted = logits - m  # <= 0
+    total = None  # sum(exp(shifted)) when the draw computes it anyway
+    if settings.greedy:
+        # one fused compare-and-min instead of argmax's (value, index) reduction
+        iota = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1)
+        tokens = jnp.min(jnp.where(shifted == 0.0, iota, V), axis=-1)
+    elif settings.top_p < 1.0:
+        tokens = _nucleus_draw(jnp.exp(shifted / settings.temperature), u, settings.top_p)
+    elif settings.temperature == 1.0:
+        tokens, total = inverse_cdf(shifted, u)
+    else:
+        tokens, _ = inverse_cdf(shifted / settings.temperature, u)
+    if total is None:
+        total = jnp.sum(jnp.exp(shifted), axis=-1)
+    logps = jnp.take_along_axis(shifted, tokens[:, None], 1)[:, 0] - jnp.log(total)
+    return tokens, logps
+
+
+# --------------------------------------------------------------------------------------------
+# Prefill, decode loop
+# --------------------------------------------------------------------------------------------
+
+
+def _record(state_cols, step, tokens, logps, done, settings: SamplingConfig):
+    """Writes column `step`: the token where the row is still running, else pad (mask 0)."""
+    tok_buf, mask_buf, logp_buf = state_cols
+    alive = ~done
+    tokens = jnp.where(alive, tokens, settings.pad_id).astype(jnp.int32)
+    zero = jnp.zeros((), jnp.int32)
+    tok_buf = jax.lax.dynamic_update_slice(tok_buf, tokens[:, None], (zero, step))
+    mask_buf = jax.lax.dynamic_update_slice(mask_buf, alive.astype(jnp.int32)[:, None], (zero, step))
+    logp_buf = jax.lax.dynamic_update_slice(logp_buf, jnp.where(alive, logps, 0.0)[:, None], (zero, step))
+    if settings.eos_ids:
+        hit = functools.reduce(jnp.logical_or, [tokens == e for e in settings.eos_ids])
+        done = done | (alive & hit)
+    return (tok_buf, mask_buf, logp_buf), tokens, done
+
+
+def prefill(weights: qwen3.InferenceWeights, prompt_ids: jax.Array, prompt_mask: jax.Array, *,
+            config: qwen3.Qwen3Config, settings: SamplingConfig, rng: jax.Array,
+            limit: Optional[jax.Array] = None) -> SamplerState:
+    """Runs the prompt through the model and samples token 0. Pure; jit with config/settings static.
+
+    Args:
+      weights: `qwen3.inference_weights(params, config, ...)`.
+      prompt_ids, prompt_mask: [B, P] left-padded prompts (each row needs at least one real token).
+      rng: key of the whole generation; used once, to draw the [N, B] uniforms of all columns.
+      limit: [] int, columns to produce (<= settings.max_new_tokens; default all).
+
+    Returns:
+      The loop state after one column, with a cache of P + N slots.
+    """
+    B, P = prompt_ids.shape
+    N = settings.max_new_tokens
+    mask = prompt_mask.astype(jnp.int32)
+    cache = qwen3.InferenceCache.init(config, B, P + N, weights.dtype)
+    out = qwen3.inference_forward(weights, prompt_ids.astype(jnp.int32), config=config,
+                                  positions=qwen3.default_positions(mask), attention_mask=mask,
+                                  cache=cache)
+    if settings.greedy:
+        uniforms = jnp.ones((N, B), jnp.float32)  # unused
+    else:
+        uniforms = 1.0 - jax.random.uniform(rng, (N, B), jnp.float32)  # (0, 1]
+    tokens, logps = choose_tokens(out.logits, uniforms[0], settings)
+    cols = (jnp.full((B, N), settings.pad_id, jnp.int32), jnp.zeros((B, N), jnp.int32),
+            jnp.zeros((B, N), jnp.float32))
+    done = jnp.zeros((B,), bool)
+    (tok_buf, mask_buf, logp_buf), tokens, done = _record(cols, jnp.zeros((), jnp.int32), tokens,
+                                                          logps, done, settings)
+    limit = jnp.asarray(N if limit is None else limit, jnp.int32)
+    return SamplerState(cache=out.cache, tokens=tok_buf, mask=mask_buf, logps=logp_buf, last=tokens,
+                        position=jnp.sum(mask, axis=-1), done=done, step=jnp.ones((), jnp.int32),
+                        limit=jnp.minimum(limit, N), uniforms=uniforms)
+
+
+def decode_step(weights: qwen3.InferenceWeights, state: SamplerState, *, config: qwen3.Qwen3Config,
+                settings: SamplingConfig) -> SamplerState:
+    """One token per row: feed `state.last` (T = 1), sample column `state.step`. Pure."""
+    B = state.last.shape[0]
+    out = qwen3.inference_forward(weights, state.last[:, None], config=config,
+                                  positions=state.position[:, None],
+                                  attention_mask=jnp.ones((B, 1), jnp.int32), cache=state.cache)
+    u = jax.lax.dynamic_index_in_dim(state.uniforms, state.step, axis=0, keepdims=False)  # [B]
+    tokens, logps = choose_tokens(out.logits, u, settings)
+    cols, tokens, done = _record((state.tokens, state.mask, state.logps), state.step, tokens, logps,
+                                 state.done, settings)
+    return state.replace(cache=out.cache, tokens=cols[0], mask=cols[1], logps=cols[2], last=tokens,
+                         position=state.position + 1, done=done, step=state.step + 1)
+
+
+def _running(state: SamplerState) -> jax.Array:
+    return (state.step < state.limit) & ~jnp.all(state.done)
+
+
+def decode(weights: qwen3.InferenceWeights, state: SamplerState, *, config: qwen3.Qwen3Config,
+           settings: SamplingConfig) -> SamplerState:
+    """`decode_step` in a `jax.lax.while_loop` until `state.limit` columns or every row has EOS."""
+    step = functools.partial(decode_step, weights, config=config, settings=settings)
+    return jax.lax.while_loop(_running, step, state)
+
+
+def finish(state: SamplerState) -> SampleOutput:
+    """The loop state as a `SampleOutput` (all N columns)."""
+    return SampleOutput(tokens=state.tokens, mask=state.mask, logps=state.logps,
+                        lengths=jnp.sum(state.mask, axis=-1), finished=state.done,
+                        num_steps=state.step)
+
+
+# Compiled entry points of `generate` (module level, so their caches live as long as the process).
+prepare_weights_jit = jax.jit(qwen3.inference_weights,
+                              static_argnames=("config", "merge_lora", "decode_attention"))
+prefill_jit = jax.jit(prefill, static_argnames=("config", "settings"))
+decode_jit = jax.jit(decode, static_argnames=("config", "settings"), donate_argnames="state")
+finish_jit = jax.jit(finish)
+
+
+# --------------------------------------------------------------------------------------------
+# Shapes: bucketing and GRPO groups
+# --------------------------------------------------------------------------------------------
+
+
+def bucket_size(n: int, minimum: int = 1) -> int:
+    """The smallest power of two >= max(n, minimum)."""
+    n = max(int(n), int(minimum), 1)
+    return 1 << (n - 1).bit_length()
+
+
+class Prompts(NamedTuple):
+    """Left-padded prompts: ids [B, P] int32, mask [B, P] int32 (1 = real token)."""
+
+    ids: jax.Array
+    mask: jax.Array
+
+
+def pad_prompts(prompt_ids, prompt_mask, width: int, pad_id: int = 0) -> Prompts:
+    """Left-pads [B, P] prompts with masked `pad_id` columns to [B, width] (width >= P)."""
+    P = prompt_ids.shape[1]
+    if width < P:
+        raise ValueError(f"cannot pad prompts of width {P} to {width}")
+    extra = ((0, 0), (width - P, 0))
+    return Prompts(ids=jnp.pad(jnp.asarray(prompt_ids, jnp.int32), extra, constant_values=pad_id),
+                   mask=jnp.pad(jnp.asarray(prompt_mask, jnp.int32), extra))
+
+
+def bucket_prompts(prompt_ids, prompt_mask, *, pad_id: int = 0, minimum: int = 16) -> Prompts:
+    """Host-side: drops the padding columns every row has, then left-pads to a power-of-two width
+    (at least `minimum`). Reads the mask (a device-to-host copy for device arrays)."""
+    ids = np.asarray(prompt_ids)
+    mask = np.asarray(prompt_mask)
+    longest = int(mask.astype(bool).sum(-1).max(initial=0))
+    if longest == 0:
+        raise ValueError("every prompt is empty")
+    first = ids.shape[1] - longest  # left padding: real tokens end at the last column
+    if mask[:, :first].any():
+        raise ValueError("prompts must be left-padded (real tokens flush with the last column)")
+    return pad_prompts(ids[:, first:], mask[:, first:], bucket_size(longest, minimum), pad_id)
+
+
+def repeat_groups(prompt_ids, prompt_mask, group_size: int) -> Prompts:
+    """GRPO groups: each prompt repeated `group_size` times, consecutively ([B, P] -> [B*G, P];
+    row r of the result is prompt r // group_size)."""
+    if group_size <= 0:
+        raise ValueError(f"group_size must be positive, got {group_size}")
+    return Prompts(ids=jnp.repeat(jnp.asarray(prompt_ids, jnp.int32), group_size, axis=0),
+                   mask=jnp.repeat(jnp.asarray(prompt_mask, jnp.int32), group_size, axis=0))
+
+
+# --------------------------------------------------------------------------------------------
+# The entry point
+# --------------------------------------------------------------------------------------------
+
+
+def _eos_tuple(eos_id) -> Tuple[int, ...]:
+    if eos_id is None:
+        return ()
+    if isinstance(eos_id, (int, np.integer)):
+        return (int(eos_id),)
+    return tuple(int(e) for e in eos_id)
+
+
+def generate(params: Params, prompt_ids, prompt_mask, *, config: qwen3.Qwen3Config, rng: jax.Array,
+             max_new_tokens: int, lora: Optional[Params] = None, lora_scale: float = 1.0,
+             temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
+             eos_id: Union[None, int, Sequence[int]] = None, pad_id: int = 0,
+             merge_lora: bool = False, bucket: bool = True) -> SampleOutput:
+    """Samples completions of left-padded prompts.
+
+    Args:
+      params: base parameter tree (`arca_jax.qwen3`); activations and cache follow its embedding
+        dtype (bfloat16 for rollouts, float32 for exact tests).
+      prompt_ids, prompt_mask: [B, P] int, left-padded; positions follow cumsum(mask) - 1, as the
+        model's forward. Every row needs at least one real token.
+      config: the model's `Qwen3Config`.
+      rng: a PRNG key; the same key gives the same samples.
+      max_new_tokens: N, columns of the result.
+      lora, lora_scale: an adapter tree (`arca_jax.lora`) and its scaling (alpha / rank).
+      temperature, top_p, greedy: see `SamplingConfig`.
+      eos_id: a token id or several (Qwen3 chat models end with either of two); None: no stopping.
+      pad_id: written after a row's EOS.
+      merge_lora: sample from W + lora_scale * A B (one matmul per projection) instead of the
+        low-rank side path; the same tokens up to float rounding.
+      bucket: pad P and N up to powers of two (at least 16) so that nearby shapes share one compiled
+        program; the loop still stops at max_new_tokens, and the result is [B, max_new_tokens].
+
+    Returns:
+      SampleOutput(tokens, mask, logps [B, N], lengths [B], finished [B], num_steps []).
+    """
+    settings = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                              greedy=greedy, eos_ids=_eos_tuple(eos_id), pad_id=pad_id)
+    prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
+    prompt_mask = jnp.asarray(prompt_mask, jnp.int32)
+    if prompt_ids.ndim != 2 or prompt_ids.shape != prompt_mask.shape:
+        raise ValueError(f"prompt_ids {prompt_ids.shape} and prompt_mask {prompt_mask.shape} must "
+                         "both be [B, P]")
+    if bucket:
+        width = bucket_size(prompt_ids.shape[1], 16)
+        if width != prompt_ids.shape[1]:
+            prompt_ids, prompt_mask = pad_prompts(prompt_ids, prompt_mask, width, pad_id)
+        settings = dataclasses.replace(settings, max_new_tokens=bucket_size(max_new_tokens, 16))
+    weights = prepare_weights_jit(params, config, lora=lora,
+                                  lora_scale=jnp.asarray(lora_scale, jnp.float32),
+                                  merge_lora=bool(merge_lora and lora is not None))
+    state = prefill_jit(weights, prompt_ids, prompt_mask, config=config, settings=settings, rng=rng,
+                        limit=jnp.asarray(max_new_tokens, jnp.int32))
+    state = decode_jit(weights, state, config=config, settings=settings)
+    out = finish_jit(state)
+    if settings.max_new_tokens != max_new_tokens:
+        out = out.replace(tokens=out.tokens[:, :max_new_tokens], mask=out.mask[:, :max_new_tokens],
+                          logps=out.logps[:, :max_new_tokens])
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The training batch
+# --------------------------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class TrainBatch:
+    """Prompt + completion as one sequence, the layout of the GRPO step. T = P + N.
+
+    input_ids:       [B, T] int32, prompt then completion (pad after EOS).
+    attention_mask:  [B, T] int32, prompt mask then completion mask.
+    positions:       [B, T] int32, cumsum(attention_mask) - 1 (clipped at 0), as the sampler used.
+    completion_mask: [B, T] int32, 1 where input_ids[:, t] is a generated token that counts
+                     (EOS included); its log-probability comes from the logits at t - 1.
+    sample_logps:    [B, T] float32, the sampler's log-probabilities aligned with input_ids (0 where
+                     completion_mask is 0): the behaviour policy's log-probs.
+    """
+
+    input_ids: jax.Array
+    attention_mask: jax.Array
+    positions: jax.Array
+    completion_mask: jax.Array
+    sample_logps: jax.Array
+
+
+def build_batch(prompt_ids, prompt_mask, out: SampleOutput) -> TrainBatch:
+    """Concatenates prompts [B, P] and a `SampleOutput` [B, N] into a `TrainBatch` [B, P + N]."""
+    prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
+    prompt_mask = jnp.asarray(prompt_mask, jnp.int32)
+    zeros = jnp.zeros_like(prompt_mask)
+    attention_mask = jnp.concatenate([prompt_mask, out.mask], axis=1)
+    return TrainBatch(
+        input_ids=jnp.concatenate([prompt_ids, out.tokens], axis=1),
+        attention_mask=attention_mask,
+        positions=qwen3.default_positions(attention_mask),
+        completion_mask=jnp.concatenate([zeros, out.mask], axis=1),
+        sample_logps=jnp.concatenate([zeros.astype(jnp.float32), out.logps], axis=1))
+
+
+def sequence_logps(params: Params, batch: TrainBatch, *, config: qwen3.Qwen3Config,
+                   lora: Optional[Params] = None, lora_scale: float = 1.0) -> jax.Array:
+    """Teacher-forced log p(input_ids[:, t] | input_ids[:, :t]) [B, T] float32 (0 at t = 0), from one
+    `qwen3.forward` over the whole batch. Materialises [B, T, V] logits: a reference for tests and
+    small batches (a training step over a large vocabulary computes this in chunks)."""
+    out = qwen3.forward(params, batch.input_ids, config=config, attention_mask=batch.attention_mask,
+                        positions=batch.positions, lora=lora, lora_scale=lora_scale)
+    logp = jax.nn.log_softmax(out.logits[:, :-1], axis=-1)
+    picked = jnp.take_along_axis(logp, batch.input_ids[:, 1:, None], axis=-1)[..., 0]
+    return jnp.pad(picked, ((0, 0), (1, 0)))
