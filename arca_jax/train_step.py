@@ -167,7 +167,7 @@ def make_train_step(config: qwen3.Qwen3Config, grpo_config: GRPOConfig,
               sharded over "fsdp" (place them once with ``parallel.shard_params``), batch over
               ("data", "fsdp"), state replicated (see ``arca_jax.parallel``).
     microbatches: M; the batch (B rows) is processed as M strided slices of B / M rows under
-        ``lax.scan`` and the gradients summed; the update equals one large-batch step (each slice
+        ``lax.scan`` and the gradients summed (in float32); the update equals one large-batch step (each slice
         uses the global normaliser). Microbatch i uses dropout key fold_in(key, i) when M > 1.
     donate: donate the state's buffers to the step (the caller must not reuse the old state).
     compiler_options: XLA options for ``jax.jit`` ("jit" and "mesh" modes; pmap takes none),
@@ -221,12 +221,14 @@ def make_train_step(config: qwen3.Qwen3Config, grpo_config: GRPOConfig,
                 mb, i = xs
                 (l, s), gr = value_and_grad(state.lora, params, mb,
                                             rng=jax.random.fold_in(key, i), normalizer=z_local)
-                return (jax.tree_util.tree_map(jnp.add, g_acc, gr), l_acc + l,
-                        s_acc.combine(s)), None
+                g_acc = jax.tree_util.tree_map(lambda a, x: a + x.astype(jnp.float32), g_acc, gr)
+                return (g_acc, l_acc + l, s_acc.combine(s)), None
 
-            init = (jax.tree_util.tree_map(jnp.zeros_like, state.lora),
+            # accumulate in float32 whatever the adapter's dtype
+            init = (jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, jnp.float32), state.lora),
                     jnp.zeros((), jnp.float32), _zero_stats())
             (grads, loss, stats), _ = jax.lax.scan(body, init, (mbs, jnp.arange(M)))
+            grads = jax.tree_util.tree_map(lambda x, p: x.astype(p.dtype), grads, state.lora)
 
         if axis_name is not None:
             grads = jax.lax.pmean(grads, axis_name)
