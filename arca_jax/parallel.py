@@ -1,4 +1,4 @@
-"""Device layouts for the train step: a ("data", "fsdp") mesh with named shardings, and pmap helpers.
+"""Device layouts for the train step: a ("data", "fsdp") mesh with named shardings; pmap helpers.
 
 Mesh layout (``make_train_step(mode="mesh")``):
 - base parameters: each large leaf is sharded over "fsdp" along one dimension, chosen by the

@@ -52,6 +52,8 @@ class TrainState:
 
     @classmethod
     def create(cls, lora, optimizer: optax.GradientTransformation, rng: Array) -> "TrainState":
+        """A step-0 state holding ``lora`` itself (not a copy): the first donated step frees
+        those buffers, so copy the tree first if you still need it."""
         return cls(step=jnp.zeros((), jnp.int32), lora=lora, opt_state=optimizer.init(lora),
                    rng=rng, skipped_steps=jnp.zeros((), jnp.int32))
 
@@ -149,7 +151,8 @@ def make_train_step(config: qwen3.Qwen3Config, grpo_config: GRPOConfig,
                     optimizer: optax.GradientTransformation, *, lora_scale: float,
                     mode: str = "jit", mesh: Optional[Mesh] = None, microbatches: int = 1,
                     lora_dropout: float = 0.0, donate: bool = True,
-                    compiler_options: Optional[dict] = None) -> Callable[[TrainState, Any, Any], tuple]:
+                    compiler_options: Optional[dict] = None
+                    ) -> Callable[[TrainState, Any, Any], tuple]:
     """Builds ``train_step(state, params, batch) -> (state, StepMetrics)``.
 
     config, grpo_config: static model and objective settings.
@@ -167,8 +170,9 @@ def make_train_step(config: qwen3.Qwen3Config, grpo_config: GRPOConfig,
               sharded over "fsdp" (place them once with ``parallel.shard_params``), batch over
               ("data", "fsdp"), state replicated (see ``arca_jax.parallel``).
     microbatches: M; the batch (B rows) is processed as M strided slices of B / M rows under
-        ``lax.scan`` and the gradients summed (in float32); the update equals one large-batch step (each slice
-        uses the global normaliser). Microbatch i uses dropout key fold_in(key, i) when M > 1.
+        ``lax.scan`` and the gradients summed (in float32); the update equals one large-batch
+        step (each slice uses the global normaliser). Microbatch i uses dropout key
+        fold_in(key, i) when M > 1.
     donate: donate the state's buffers to the step (the caller must not reuse the old state).
     compiler_options: XLA options for ``jax.jit`` ("jit" and "mesh" modes; pmap takes none),
         e.g. {"xla_backend_optimization_level": 0} to compile faster in CPU tests.
@@ -194,7 +198,8 @@ def make_train_step(config: qwen3.Qwen3Config, grpo_config: GRPOConfig,
         b = as_batch(batch)
         if mesh is not None:
             b = jax.lax.with_sharding_constraint(b, parallel.batch_shardings(b, mesh))
-            params = jax.lax.with_sharding_constraint(params, parallel.param_shardings(params, mesh))
+            params = jax.lax.with_sharding_constraint(params,
+                                                      parallel.param_shardings(params, mesh))
         key = jax.random.fold_in(state.rng, state.step)
         n_dev = 1
         z = raw_normalizer(completion_valid(b), g)
@@ -219,10 +224,11 @@ def make_train_step(config: qwen3.Qwen3Config, grpo_config: GRPOConfig,
             def body(carry, xs):
                 g_acc, l_acc, s_acc = carry
                 mb, i = xs
-                (l, s), gr = value_and_grad(state.lora, params, mb,
-                                            rng=jax.random.fold_in(key, i), normalizer=z_local)
+                (mb_loss, s), gr = value_and_grad(state.lora, params, mb,
+                                                  rng=jax.random.fold_in(key, i),
+                                                  normalizer=z_local)
                 g_acc = jax.tree_util.tree_map(lambda a, x: a + x.astype(jnp.float32), g_acc, gr)
-                return (g_acc, l_acc + l, s_acc.combine(s)), None
+                return (g_acc, l_acc + mb_loss, s_acc.combine(s)), None
 
             # accumulate in float32 whatever the adapter's dtype
             init = (jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, jnp.float32), state.lora),

@@ -95,8 +95,8 @@ def breakdown(param_shapes, top=12):
     the bytes of float32 copies of bfloat16 operands (the CPU backend has no bf16 matmul: XLA
     converts the stacked weights, and the stack of saved layer inputs, to f32 and hoists the
     conversions out of the layer loop; they are large values of the temporary buffer)."""
-    files = sorted(glob.glob(os.path.join(_DUMP, "*jit_step*after_optimizations-buffer-assignment.txt")),
-                   key=os.path.getmtime)
+    pattern = "*jit_step*after_optimizations-buffer-assignment.txt"
+    files = sorted(glob.glob(os.path.join(_DUMP, pattern)), key=os.path.getmtime)
     if not files:
         return None
     text = open(files[-1]).read()
@@ -111,7 +111,8 @@ def breakdown(param_shapes, top=12):
         if shape.startswith("f32[") and "convert" in name and sz >= 64 * 2**20:
             upcasts[name] = (sz, shape, dims(shape) in weight_shapes)
     values.sort(reverse=True)
-    return dict(top_temporaries=[dict(name=n, shape=sh, gib=sz / GiB) for sz, n, sh in values[:top]],
+    largest = [dict(name=n, shape=sh, gib=sz / GiB) for sz, n, sh in values[:top]]
+    return dict(top_temporaries=largest,
                 f32_weight_copies_gib=sum(v[0] for v in upcasts.values() if v[2]) / GiB,
                 f32_upcasts_gib=sum(v[0] for v in upcasts.values()) / GiB,
                 f32_upcasts=[dict(name=k, shape=v[1], gib=v[0] / GiB, weight=v[2])
@@ -126,14 +127,16 @@ def main():
     ap.add_argument("--breakdown", action="store_true",
                     help="dump XLA's buffer assignment and list the largest temporaries")
     args = ap.parse_args()
-    print(f"jax {jax.__version__} backend {jax.default_backend()} on {platform.processor() or platform.machine()}")
+    cpu = platform.processor() or platform.machine()
+    print(f"jax {jax.__version__} backend {jax.default_backend()} on {cpu}")
     rows = []
     for name in args.variants:
         remat, chunk = VARIANTS[name]
         r = analyse(name, remat, chunk, args.weighting)
         if args.breakdown:
             cfg = qwen3.preset("Qwen3-1.7B")
-            r["breakdown"] = breakdown(jax.tree_util.tree_leaves(qwen3.param_shapes(cfg, jnp.bfloat16)))
+            shapes = jax.tree_util.tree_leaves(qwen3.param_shapes(cfg, jnp.bfloat16))
+            r["breakdown"] = breakdown(shapes)
             shutil.rmtree(_DUMP)
             os.makedirs(_DUMP)
         rows.append(r)

@@ -58,7 +58,8 @@ def _loss(tree, params, batch, g, **kw):
 
 def test_advantage_estimators_hand_checked():
     r = jnp.array([[1.0, 0.0, 0.0, 1.0], [2.0, 2.0, 2.0, 2.0], [3.0, 0.0, 0.0, 0.0]])
-    # group 0: mean 0.5, unbiased std sqrt(1/3); group 2: mean 0.75, std sqrt(2.25 + 3 * 0.5625)/sqrt(3)
+    # group 0: mean 0.5, unbiased std sqrt(1/3)
+    # group 2: mean 0.75, unbiased std sqrt((2.25^2 + 3 * 0.75^2) / 3) = 1.5
     s0, s2 = math.sqrt(1 / 3), math.sqrt((2.25 ** 2 + 3 * 0.75 ** 2) / 3)
     np.testing.assert_allclose(advantages(r, "grpo"), [
         [0.5 / s0, -0.5 / s0, -0.5 / s0, 0.5 / s0], [0, 0, 0, 0],
