@@ -83,7 +83,7 @@ def test_jit_pmap_mesh_agree(model):
     assert isinstance(m, StepMetrics) and isinstance(m.loss, jax.Array)
     assert int(s.step) == 1 and int(m.skipped) == 0
 
-    step = make_train_step(CFG, g, opt, lora_scale=LCFG.scaling, mode="pmap")
+    step = make_train_step(CFG, g, opt, lora_scale=LCFG.scaling, mode="pmap", microbatches=2)
     s, m = step(replicate(TrainState.create(_copy(tree), opt, jax.random.PRNGKey(3))),
                 replicate(params), batch)
     assert s.step.shape == (8,)
@@ -93,7 +93,7 @@ def test_jit_pmap_mesh_agree(model):
     sp = shard_params(params, mesh)
     emb = sp["embed_tokens"]["embedding"]
     assert emb.sharding.spec == jax.sharding.PartitionSpec("fsdp", None)  # V = 60 over 4
-    # microbatches=2 on the mesh: accumulation under sharding is part of the comparison
+    # microbatches=2 on pmap and mesh: accumulation under sharding is part of the comparison
     step = make_train_step(CFG, g, opt, lora_scale=LCFG.scaling, mode="mesh", mesh=mesh,
                            microbatches=2, compiler_options=FAST)
     s, m = step(TrainState.create(_copy(tree), opt, jax.random.PRNGKey(3)), sp, batch)
