@@ -3,6 +3,8 @@
     arca-jax train [--config FILE] [--set key=value]... [--output-dir DIR] [--resume]
     arca-jax eval --run DIR [--checkpoint STEP]
     arca-jax export --run DIR --peft OUT [--checkpoint STEP]
+    arca-jax sweep CONFIG... [--root DIR] [--set key=value]...
+    arca-jax report RUN_DIR... --out DIR
 
 Bad input (a config, a path, a run directory) ends with a one-line message and exit code 2.
 """
@@ -52,6 +54,23 @@ def _add_export(sub):
     p.add_argument("--checkpoint", type=int, help="checkpoint step (default: the latest)")
 
 
+def _add_sweep(sub):
+    p = sub.add_parser("sweep", help="run several configs one after another",
+                       description="Runs each config into ROOT/<config file stem>; finished runs "
+                                   "(summary.json) are skipped, interrupted ones resumed.")
+    p.add_argument("configs", nargs="+", metavar="CONFIG", help="YAML config files")
+    p.add_argument("--root", default="runs", help="parent directory of the run directories")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override applied to every config (repeatable)")
+
+
+def _add_report(sub):
+    from arca_jax import report
+
+    p = sub.add_parser("report", help="tables, plots and a credit heatmap from run directories")
+    report.add_arguments(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="arca-jax", description="ARCA: adapter-residual credit assignment for "
                                                   "LoRA RL, in JAX.")
@@ -59,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_eval(sub)
     _add_export(sub)
+    _add_sweep(sub)
+    _add_report(sub)
     return parser
 
 
@@ -133,18 +154,65 @@ def cmd_export(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export}
+def sweep_plan(configs, root: str):
+    """[(config path, run dir, action)] with action "skip" (finished), "resume" (has
+    checkpoints) or "start"."""
+    plan = []
+    for path in configs:
+        run_dir = os.path.join(root, os.path.splitext(os.path.basename(path))[0])
+        summary = os.path.join(run_dir, "summary.json")
+        action = "start"
+        if os.path.isfile(summary):
+            try:
+                with open(summary) as f:
+                    action = "skip" if json.load(f).get("finished") else "resume"
+            except (OSError, ValueError):
+                action = "resume"
+        elif os.path.isdir(os.path.join(run_dir, "checkpoints")):
+            action = "resume"
+        plan.append((path, run_dir, action))
+    return plan
+
+
+def cmd_sweep(args) -> int:
+    from arca_jax import config, train
+
+    cfgs = [config.load(path, args.overrides) for path in args.configs]  # validate all first
+    plan = sweep_plan(args.configs, args.root)
+    names = [run_dir for _, run_dir, _ in plan]
+    if len(set(names)) != len(names):
+        raise config.ConfigError("two configs share a file name; their run directories would clash")
+    status = 0
+    for cfg, (path, run_dir, action) in zip(cfgs, plan):
+        print(f"sweep: {path} -> {run_dir}: {action}", file=sys.stderr)
+        if action == "skip":
+            continue
+        summary = train.train(cfg, run_dir, resume=action == "resume")
+        if not summary.get("finished"):
+            return 3  # preempted: stop the sweep; rerun it to continue
+    return status
+
+
+def cmd_report(args) -> int:
+    from arca_jax import report
+
+    return report.run(args)
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "sweep": cmd_sweep,
+            "report": cmd_report}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from arca_jax.configlib import ConfigError
+    from arca_jax.qwen3 import ConfigError as ModelConfigError
     from arca_jax.safetensors_io import CheckpointError
     from arca_jax.tasks.data import TaskDataError
 
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, CheckpointError, TaskDataError) as e:
+    except (ConfigError, ModelConfigError, CheckpointError, TaskDataError) as e:
         print(f"arca-jax {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
 

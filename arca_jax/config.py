@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from typing import Literal, Optional
 
 from arca_jax import configlib
@@ -40,6 +41,24 @@ class ModelConfig:
             name = self.path.split(":", 1)[1]
             return os.path.join(ASSETS, name)
         return os.path.expanduser(self.path)
+
+    def is_hub_id(self) -> bool:
+        """"org/name" that is not a local path: fetched from the Hugging Face Hub on first use."""
+        return (re.fullmatch(r"[\w.-]+/[\w.-]+", self.path) is not None
+                and not os.path.exists(self.resolved_path()))
+
+    def local_dir(self) -> str:
+        """The checkpoint directory, downloading a Hub id (weights, config, tokenizer) if needed."""
+        if not self.is_hub_id():
+            return self.resolved_path()
+        try:
+            from huggingface_hub import snapshot_download
+            return snapshot_download(self.path, allow_patterns=[
+                "*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*", "merges.txt"])
+        except Exception as e:  # offline, unknown repo, no access
+            raise ConfigError(f"model.path: cannot fetch {self.path!r} from the Hugging Face Hub "
+                              f"({type(e).__name__}: {e}); download it elsewhere and set "
+                              "model.path to the local directory") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,7 +182,7 @@ def load(path: Optional[str] = None, overrides=()) -> RunConfig:
 def check_environment(cfg: RunConfig, num_devices: int) -> None:
     """Checks what depends on the machine: paths exist, the batch splits over the devices."""
     model_dir = cfg.model.resolved_path()
-    if not os.path.isdir(model_dir):
+    if not cfg.model.is_hub_id() and not os.path.isdir(model_dir):
         raise ConfigError(f"model.path: {model_dir} does not exist")
     if cfg.task.path is not None and not os.path.exists(os.path.expanduser(cfg.task.path)):
         raise ConfigError(f"task.path: {cfg.task.path} does not exist")

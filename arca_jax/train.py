@@ -64,7 +64,7 @@ def load_model(cfg: RunConfig) -> Model:
     """Loads the base checkpoint and its tokenizer through the Hugging Face code path."""
     from transformers import AutoTokenizer
 
-    path = cfg.model.resolved_path()
+    path = cfg.model.local_dir()
     model_config, params = hf.load_pretrained(path, dtype=jnp.dtype(cfg.model.dtype))
     tokenizer = AutoTokenizer.from_pretrained(path)
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model_config.eos_token_id

@@ -1,8 +1,15 @@
 """Pretrains the tiny arithmetic Qwen3 base model shipped in `arca_jax/assets/tiny-arith/`.
 
 Supervised learning (next-token cross-entropy on solution tokens) on the embedded arithmetic task,
-with this project's own model (`arca_jax.qwen3`) and optax, stopped early so that held-out greedy
-accuracy is moderate and RL has room to improve it. Deterministic for a given seed on one machine.
+with this project's own model (`arca_jax.qwen3`) and optax. Deterministic for a given seed on one
+machine.
+
+Room for RL: like a real base model that does not reliably follow the requested answer format,
+the pretraining corpus ends only a fraction (`--box-fraction`, default 0.5) of the solutions with
+`\boxed{answer}`; the others end with "Answer: N.", which the task's reward scores 0. The model
+therefore boxes its answer on some prompts and not on others, and makes some arithmetic slips; a
+reward-driven adapter can fix both. The held-out accuracy reached is recorded in
+pretraining.json beside the weights.
 The checkpoint is written with `hf.save_pretrained` plus the character tokenizer, so it loads
 through exactly the path a real Qwen3 checkpoint uses.
 
@@ -33,6 +40,12 @@ CONFIG = qwen3.Qwen3Config(
     num_attention_heads=4, num_key_value_heads=2, head_dim=32, rms_norm_eps=1e-6,
     rope_theta=10_000.0, max_position_embeddings=256, tie_word_embeddings=True,
     eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+
+
+def unboxed(solution: str) -> str:
+    r"""'... = 22. \boxed{22}' -> '... = 22. Answer: 22.' (same reasoning, no boxed answer)."""
+    head, _, boxed = solution.rpartition("\\boxed{")
+    return f"{head}Answer: {boxed[:-1]}."
 
 
 def encode_sft(tokenizer, prompts, solutions, width):
@@ -81,13 +94,15 @@ def greedy_accuracy(params, config, tokenizer, task, max_new_tokens=80, batch=25
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=ASSET_DIR)
-    ap.add_argument("--steps", type=int, default=1200)
+    ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--train-size", type=int, default=20000)
     ap.add_argument("--eval-size", type=int, default=500)
     ap.add_argument("--eval-every", type=int, default=0)
+    ap.add_argument("--box-fraction", type=float, default=0.5,
+                    help="fraction of pretraining solutions that end with \\boxed{answer}")
     args = ap.parse_args(argv)
     t0 = time.time()
 
@@ -96,8 +111,10 @@ def main(argv=None):
     tokenizer = load_char_tokenizer(args.out)
     train = load_task("arithmetic", "train", max_samples=args.train_size)
     test = load_task("arithmetic", "test", max_samples=args.eval_size)
-    ids, attn, loss_mask = encode_sft(tokenizer, [p.prompt for p in train.problems],
-                                      [p.solution for p in train.problems], width=96)
+    keep_box = np.random.default_rng(args.seed + 1).random(len(train)) < args.box_fraction
+    solutions = [p.solution if k else unboxed(p.solution) for p, k in zip(train.problems, keep_box)]
+    ids, attn, loss_mask = encode_sft(tokenizer, [p.prompt for p in train.problems], solutions,
+                                      width=96)
     print(f"train {len(train)} sequences, test {len(test)}, vocab {VOCAB_SIZE}")
 
     params = qwen3.init_params(CONFIG, jax.random.PRNGKey(args.seed))
@@ -138,7 +155,7 @@ def main(argv=None):
     acc, n = greedy_accuracy(loaded, config, tokenizer, test)
     info = {"held_out_greedy_accuracy": acc, "held_out_problems": n, "parameters": n_params,
             "steps": args.steps, "batch": args.batch, "lr": args.lr, "seed": args.seed,
-            "train_size": args.train_size, "final_loss": float(loss),
+            "train_size": args.train_size, "box_fraction": args.box_fraction, "final_loss": float(loss),
             "seconds": round(time.time() - t0, 1), "history": history}
     with open(os.path.join(args.out, "pretraining.json"), "w") as f:
         json.dump(info, f, indent=2)

@@ -1,0 +1,181 @@
+"""The training program end to end on the embedded tiny model: outputs, resume, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import yaml
+
+from arca_jax import cli, config, train
+
+TINY = ["train.steps=4", "rollout.prompts_per_step=2", "rollout.group_size=3",
+        "rollout.max_new_tokens=72", "task.num_eval_problems=4", "task.max_train_samples=64",
+        "train.save_every=2", "train.samples_every=2", "train.samples_per_log=1",
+        "grpo.weighting=arca", "grpo.sharpening=2.0", "optim.learning_rate=1e-2"]
+TIMING = {"time_sample_s", "time_score_s", "time_update_s", "step_time_s", "tokens_per_s"}
+
+
+def _rows(run_dir, name):
+    with open(os.path.join(run_dir, name)) as f:
+        return [json.loads(line) for line in f]
+
+
+def _strip_timing(rows):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    run_dir = str(tmp_path_factory.mktemp("runs") / "full")
+    summary = train.train(config.load(None, TINY), run_dir)
+    return run_dir, summary
+
+
+def test_run_directory_has_every_output(full_run):
+    run_dir, summary = full_run
+    for name in ("config.yaml", "metrics.jsonl", "eval.jsonl", "samples.jsonl", "summary.json"):
+        assert os.path.isfile(os.path.join(run_dir, name)), name
+    assert os.listdir(os.path.join(run_dir, "tb"))
+    assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == ["2", "4"]
+    metrics = _rows(run_dir, "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    for key in ("reward_mean", "reward_std", "loss", "grad_norm", "learning_rate", "weight_gini",
+                "effective_token_ratio", "residual_norm_mean", "residual_norm_max", "kl",
+                "completion_length", "time_sample_s", "time_score_s", "time_update_s",
+                "tokens_per_s"):
+        assert key in metrics[-1], key
+    assert all(np.isfinite(m["loss"]) for m in metrics)
+    assert 0.0 < metrics[-1]["weight_gini"] < 1.0
+    assert any(m["reward_mean"] > 0 for m in metrics)  # the shipped model solves some problems
+    assert metrics[0]["residual_norm_mean"] < 1e-4  # B = 0 at the first step: no residual yet
+    assert metrics[-1]["residual_norm_mean"] > 0.0
+    evals = _rows(run_dir, "eval.jsonl")
+    assert [e["step"] for e in evals] == [0, 4] and evals[0]["k"] == 3
+    samples = _rows(run_dir, "samples.jsonl")
+    assert {s["step"] for s in samples} == {2, 4}
+    for s in samples:
+        assert set(s["weights"]) == {"uniform", "surprisal", "entropy_reduction", "divergence", "arca"}
+        for w in s["weights"].values():
+            assert len(w) == len(s["tokens"]) and abs(sum(w) - 1.0) < 1e-4
+    cfg = yaml.safe_load(open(os.path.join(run_dir, "config.yaml")))
+    assert cfg["grpo"]["weighting"] == "arca" and cfg["train"]["steps"] == 4
+    assert summary["finished"] and summary["steps"] == 4
+    assert summary["base_greedy_accuracy"] == evals[0]["greedy_accuracy"]
+    # rank 8 x 3 layers x (in + out) summed over q, o (128+128), k, v (128+64), gate, up, down (128+384)
+    assert summary["trainable_params"] == 8 * 3 * (2 * 256 + 2 * 192 + 3 * 512)
+
+
+def test_resume_equals_uninterrupted_run(full_run, tmp_path):
+    run_dir, _ = full_run
+    resumed = str(tmp_path / "resumed")
+    cfg = config.load(None, TINY)
+    first = train.train(cfg, resumed, stop_after=2)
+    assert not first["finished"]
+    with pytest.raises(train.RunDirError, match="--resume"):
+        train.train(cfg, resumed)  # never overwrite a run
+    train.train(cfg, resumed, resume=True)
+    assert _strip_timing(_rows(resumed, "metrics.jsonl")) == _strip_timing(_rows(run_dir, "metrics.jsonl"))
+    assert _rows(resumed, "eval.jsonl") == _rows(run_dir, "eval.jsonl")
+
+
+def test_eval_and_export_commands(full_run, tmp_path, capsys):
+    run_dir, summary = full_run
+    assert cli.main(["eval", "--run", run_dir]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["checkpoint"] == 4 and out["greedy_accuracy"] == summary["final_greedy_accuracy"]
+    assert cli.main(["export", "--run", run_dir, "--peft", str(tmp_path / "peft")]) == 0
+    from arca_jax import hf, lora
+    cfg_model, _ = hf.load_pretrained(config.ModelConfig().resolved_path())
+    lcfg, tree = lora.load_peft(tmp_path / "peft", cfg_model)
+    assert lcfg.rank == 8 and lora.count_params(tree) == summary["trainable_params"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config", "/does/not/exist.yaml"], "does not exist"),
+    (["--set", "lora.rnk=3"], "unknown key lora.rnk"),
+    (["--set", "train.steps=many"], "expected an integer"),
+    (["--set", "lora.rank=0"], "rank"),
+    (["--set", "rollout.group_size=1"], "group_size must be >= 2"),
+    (["--set", "rollout.temperature=0"], "temperature"),
+    (["--set", "model.path=/no/such/model"], "model.path"),
+    (["--set", "task.path=/no/such/data.jsonl"], "task.path"),
+    (["--set", "train.mode=pmap", "--set", "rollout.prompts_per_step=3",
+      "--set", "rollout.group_size=2"], "divisible by the device count"),
+])
+def test_bad_input_exits_2_without_traceback(args, message, tmp_path, capsys):
+    code = cli.main(["train", "--output-dir", str(tmp_path / "r")] + args)
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_unparsable_config_and_existing_run_dir(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("grpo: [unclosed\n")
+    assert cli.main(["train", "--config", str(bad)]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "metrics.jsonl").write_text("{}\n")
+    assert cli.main(["train", "--output-dir", str(existing)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (existing / "metrics.jsonl").read_text() == "{}\n"  # untouched
+
+
+def test_cli_as_a_subprocess_reports_bad_input_cleanly(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "arca_jax", "train", "--set", "grpo.weighting=bogus",
+                           "--output-dir", str(tmp_path / "r")], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    assert "weighting" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_sweep_plan(tmp_path):
+    root = tmp_path / "runs"
+    (root / "done").mkdir(parents=True)
+    (root / "done" / "summary.json").write_text('{"finished": true}')
+    (root / "half" / "checkpoints").mkdir(parents=True)
+    plan = cli.sweep_plan(["a/done.yaml", "b/half.yaml", "c/new.yaml"], str(root))
+    assert [a for _, _, a in plan] == ["skip", "resume", "start"]
+    assert plan[1][1] == os.path.join(str(root), "half")
+
+
+KILL_SCRIPT = textwrap.dedent("""
+    import sys, jax.numpy as jnp
+    from arca_jax.checkpoint import Checkpointer
+    c = Checkpointer(sys.argv[1], keep=2)
+    step = 0
+    while True:
+        step += 1
+        c.save(step, {"w": jnp.full((4_000_000,), float(step)), "step": jnp.asarray(step)},
+               {"step": step})
+        print(step, flush=True)
+""")
+
+
+def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path):
+    from arca_jax.checkpoint import Checkpointer
+    import jax.numpy as jnp
+
+    d = str(tmp_path / "ckpt")
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, d], stdout=subprocess.PIPE, text=True)
+    try:
+        for _ in range(3):  # let a few saves complete, then kill during the next one
+            assert proc.stdout.readline()
+        time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    c = Checkpointer(d, keep=2)
+    step = c.latest_step()
+    assert step is not None and step >= 3
+    state, record, got = c.restore({"w": jnp.zeros((4_000_000,)), "step": jnp.asarray(0)})
+    assert got == step == record["step"] == int(state["step"])
+    assert float(state["w"].min()) == float(state["w"].max()) == float(step)
