@@ -73,6 +73,15 @@ class GRPOConfig:
     max_completion_length: L of the "dr_grpo" normaliser; None uses the batch's T.
     logits_chunk: positions per chunk of the vocabulary projection (``logprobs.token_logprobs``).
     remat: rematerialise each decoder layer in the backward pass of the gradient forward.
+    noise_floor: relative rounding-noise floor of the two forwards' comparison: an ARCA residual
+        ||h_adapted - h_base|| <= noise_floor * ||h_base|| and a divergence
+        |log pi - log pi_ref| <= noise_floor * max(1, |log pi_ref|) count as 0. The gradient
+        forward and the base forward compute the same function with different XLA fusions, so
+        with a zero adapter they differ by float32 rounding (~1e-7 relative), which would
+        otherwise decide the weights; with the floor a fresh adapter (B = 0) gives exactly
+        uniform weights, as in the reference. 1e-5 is far below any adapter effect the weights
+        should resolve (bfloat16 hidden states are quantised at ~4e-3 relative anyway).
+        0 disables it.
     """
 
     weighting: str = "arca"
@@ -87,6 +96,7 @@ class GRPOConfig:
     max_completion_length: Optional[int] = None
     logits_chunk: int = 128
     remat: bool = False
+    noise_floor: float = 1e-5
 
     def __post_init__(self):
         if self.weighting not in credit.MODES:
@@ -108,6 +118,8 @@ class GRPOConfig:
             raise ValueError(f"num_iterations must be an int >= 1, got {self.num_iterations!r}")
         if self.max_completion_length is not None and not self.max_completion_length >= 1:
             raise ValueError("max_completion_length must be >= 1")
+        if not self.noise_floor >= 0:
+            raise ValueError(f"noise_floor must be >= 0, got {self.noise_floor}")
         if not (isinstance(self.logits_chunk, int) and self.logits_chunk >= 1):
             raise ValueError(f"logits_chunk must be an int >= 1, got {self.logits_chunk!r}")
 
@@ -372,13 +384,23 @@ def loss_fn(lora, params, batch: Union[Batch, Mapping[str, Any]], *, config: qwe
                                          with_entropy=False)
             ref_logps = jax.lax.stop_gradient(jnp.where(valid, shift_right(ref_next), 0.0))
         if g.weighting == "arca":
-            diff = jax.lax.stop_gradient(h).astype(jnp.float32) - h_base.astype(jnp.float32)
+            hb32 = h_base.astype(jnp.float32)
+            diff = jax.lax.stop_gradient(h).astype(jnp.float32) - hb32
             rn = jnp.sqrt(jnp.sum(diff * diff, axis=-1))  # [B, T] at the scoring position
+            # below the noise floor the two forwards differ only by float rounding (different
+            # fusions of the same math): a zero adapter then gives exactly 0, hence uniform weights
+            floor = g.noise_floor * jnp.sqrt(jnp.sum(hb32 * hb32, axis=-1))
+            rn = jnp.where(rn > floor, rn, 0.0)
             residual = jnp.where(valid, shift_right(rn), 0.0)
 
     sg_logps = jax.lax.stop_gradient(logps)
+    div_ref = ref_logps
+    if g.weighting == "divergence":  # same noise floor for |log pi - log pi_ref|
+        close = jnp.abs(sg_logps - ref_logps) <= g.noise_floor * jnp.maximum(
+            1.0, jnp.abs(ref_logps))
+        div_ref = jnp.where(close, sg_logps, ref_logps)
     weights = jax.lax.stop_gradient(credit.token_weights(
-        g.weighting, valid, logps=sg_logps, ref_logps=ref_logps, entropies=entropies,
+        g.weighting, valid, logps=sg_logps, ref_logps=div_ref, entropies=entropies,
         residual_norms=residual, eps=g.eps, sharpening=g.sharpening))  # [B, T]
 
     adv = jnp.broadcast_to(b.advantages.astype(jnp.float32)[:, None], (B, T))

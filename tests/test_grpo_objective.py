@@ -249,11 +249,31 @@ def test_dropout_only_in_gradient_forward_and_keyed(model):
                 lora_dropout=0.5)
 
 
+@pytest.mark.parametrize("weighting", ["arca", "divergence"])
+def test_fresh_adapter_gives_exactly_uniform_weights(model, weighting):
+    """B = 0: adapted and base forwards compute the same function (through different XLA
+    fusions); the noise floor makes the residual / divergence exactly 0, so the weights fall back
+    to uniform, as in the reference where both forwards use the same kernels."""
+    params, tree, batch = model
+    fresh = jax.tree_util.tree_map_with_path(
+        lambda p, x: jnp.zeros_like(x) if "lora_b" in str(p) else x, tree)
+    g = GRPOConfig(weighting=weighting, sharpening=2.0)
+    _, stats = _loss(fresh, params, batch, g)
+    assert float(stats.residual_sum) == 0.0 and float(stats.residual_norm_max) == 0.0
+    assert abs(float(stats.gini_sum)) < 1e-6
+    assert abs(float(stats.eff_sum) - float(stats.eff_rows)) < 1e-5  # every EffN/T is 1
+    # without the floor, float32 rounding noise would decide the weights
+    _, raw = _loss(fresh, params, batch, GRPOConfig(weighting=weighting, sharpening=2.0,
+                                                     noise_floor=0.0))
+    if weighting == "arca":
+        assert float(raw.residual_norm_max) < 1e-4
+
+
 def test_config_and_batch_validation(model):
     params, tree, batch = model
     for bad in (dict(weighting="attention"), dict(estimator="ppo"), dict(sharpening=0.0),
                 dict(loss_aggregation="sum"), dict(num_iterations=0), dict(kl_beta=-1.0),
-                dict(clip_eps=0.0), dict(logits_chunk=0)):
+                dict(clip_eps=0.0), dict(logits_chunk=0), dict(noise_floor=-1.0)):
         with pytest.raises(ValueError):
             GRPOConfig(**bad)
     with pytest.raises(ValueError, match="old_logps"):

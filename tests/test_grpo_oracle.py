@@ -90,7 +90,7 @@ def _row_weights(mode, alpha, H, valid_idx, eps, s):
 
 
 def torch_objective(pm, data, *, mode, sharpening, eps=1e-8, kl_beta=0.0, old_logps=None,
-                    clip=(0.2, 0.2), aggregation="sequence", max_len=None):
+                    clip=(0.2, 0.2), aggregation="sequence", max_len=None, noise_floor=1e-5):
     ids, am, cm, adv = data
     pm.zero_grad()
     ids_t, am_t = torch.as_tensor(ids), torch.as_tensor(am)
@@ -104,8 +104,9 @@ def torch_objective(pm, data, *, mode, sharpening, eps=1e-8, kl_beta=0.0, old_lo
                   output_hidden_states=True)
         ref = torch.log_softmax(base.logits[:, :-1].float(), -1).gather(
             -1, ids_t[:, 1:, None])[..., 0]
-        resid = (out.hidden_states[-1][:, :-1].detach() - base.hidden_states[-1][:, :-1]).norm(
-            dim=-1)
+        hb = base.hidden_states[-1][:, :-1]
+        resid = (out.hidden_states[-1][:, :-1].detach() - hb).norm(dim=-1)
+        resid = torch.where(resid > noise_floor * hb.norm(dim=-1), resid, 0.0)
     mask = (cm[:, 1:] * am[:, 1:]) == 1
     B, Tm1 = mask.shape
     lp_np, ref_np, ent_np, res_np = (x.detach().numpy().astype(np.float64)
@@ -113,8 +114,10 @@ def torch_objective(pm, data, *, mode, sharpening, eps=1e-8, kl_beta=0.0, old_lo
     W = np.zeros((B, Tm1))
     for b in range(B):
         idx = [t for t in range(Tm1) if mask[b, t]]
-        alpha = {"surprisal": -lp_np[b], "divergence": np.abs(lp_np[b] - ref_np[b]),
-                 "arca": res_np[b]}.get(mode, np.zeros(Tm1))
+        div = np.abs(lp_np[b] - ref_np[b])
+        div = np.where(div <= noise_floor * np.maximum(1.0, np.abs(ref_np[b])), 0.0, div)
+        alpha = {"surprisal": -lp_np[b], "divergence": div, "arca": res_np[b]}.get(
+            mode, np.zeros(Tm1))
         for i, w in _row_weights(mode, alpha, ent_np[b], idx, eps, sharpening).items():
             W[b, i] = w
     W = torch.as_tensor(W, dtype=torch.float32)
