@@ -4,11 +4,12 @@ Supervised learning (next-token cross-entropy on solution tokens) on the embedde
 with this project's own model (`arca_jax.qwen3`) and optax. Deterministic for a given seed on one
 machine.
 
-Room for RL: like a real base model that does not reliably follow the requested answer format,
-the pretraining corpus ends only a fraction (`--box-fraction`, default 0.5) of the solutions with
-`\boxed{answer}`; the others end with "Answer: N.", which the task's reward scores 0. The model
-therefore boxes its answer on some prompts and not on others, and makes some arithmetic slips; a
-reward-driven adapter can fix both. The held-out accuracy reached is recorded in
+Room for RL: like a real base model that follows the requested answer format only on some
+problems, the pretraining corpus ends a solution with `\boxed{answer}` with probability
+`--box-short` (0.85) for problems of at most two operations and `--box-long` (0.25) for longer
+ones; the other solutions end with "Answer: N.", which the task's reward scores 0. Greedy decoding
+therefore boxes short problems and not long ones, sampling sometimes boxes long ones too, and the
+model makes some arithmetic slips: a reward-driven adapter can fix both. The held-out accuracy reached is recorded in
 pretraining.json beside the weights.
 The checkpoint is written with `hf.save_pretrained` plus the character tokenizer, so it loads
 through exactly the path a real Qwen3 checkpoint uses.
@@ -101,8 +102,10 @@ def main(argv=None):
     ap.add_argument("--train-size", type=int, default=20000)
     ap.add_argument("--eval-size", type=int, default=500)
     ap.add_argument("--eval-every", type=int, default=0)
-    ap.add_argument("--box-fraction", type=float, default=0.5,
-                    help="fraction of pretraining solutions that end with \\boxed{answer}")
+    ap.add_argument("--box-short", type=float, default=0.85,
+                    help="probability that a solution of <= 2 operations ends with \\boxed{}")
+    ap.add_argument("--box-long", type=float, default=0.25,
+                    help="probability that a solution of > 2 operations ends with \\boxed{}")
     args = ap.parse_args(argv)
     t0 = time.time()
 
@@ -111,7 +114,9 @@ def main(argv=None):
     tokenizer = load_char_tokenizer(args.out)
     train = load_task("arithmetic", "train", max_samples=args.train_size)
     test = load_task("arithmetic", "test", max_samples=args.eval_size)
-    keep_box = np.random.default_rng(args.seed + 1).random(len(train)) < args.box_fraction
+    p_box = np.array([args.box_short if p.meta["num_ops"] <= 2 else args.box_long
+                      for p in train.problems])
+    keep_box = np.random.default_rng(args.seed + 1).random(len(train)) < p_box
     solutions = [p.solution if k else unboxed(p.solution) for p, k in zip(train.problems, keep_box)]
     ids, attn, loss_mask = encode_sft(tokenizer, [p.prompt for p in train.problems], solutions,
                                       width=96)
@@ -155,7 +160,7 @@ def main(argv=None):
     acc, n = greedy_accuracy(loaded, config, tokenizer, test)
     info = {"held_out_greedy_accuracy": acc, "held_out_problems": n, "parameters": n_params,
             "steps": args.steps, "batch": args.batch, "lr": args.lr, "seed": args.seed,
-            "train_size": args.train_size, "box_fraction": args.box_fraction, "final_loss": float(loss),
+            "train_size": args.train_size, "box_short": args.box_short, "box_long": args.box_long, "final_loss": float(loss),
             "seconds": round(time.time() - t0, 1), "history": history}
     with open(os.path.join(args.out, "pretraining.json"), "w") as f:
         json.dump(info, f, indent=2)
