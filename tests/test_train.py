@@ -179,3 +179,23 @@ def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path):
     state, record, got = c.restore({"w": jnp.zeros((4_000_000,)), "step": jnp.asarray(0)})
     assert got == step == record["step"] == int(state["step"])
     assert float(state["w"].min()) == float(state["w"].max()) == float(step)
+
+
+def test_sigterm_checkpoints_and_exits(tmp_path):
+    run_dir = tmp_path / "preempted"
+    cmd = [sys.executable, "-m", "arca_jax", "train", "--output-dir", str(run_dir)]
+    for item in TINY + ["train.steps=50", "train.save_every=0"]:
+        cmd += ["--set", item]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and metrics.read_text().count("\n") >= 1:
+            break
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 3, err
+    assert "continue with --resume" in err
+    steps = [int(s) for s in os.listdir(run_dir / "checkpoints")]
+    assert steps and max(steps) == len(_rows(str(run_dir), "metrics.jsonl")) < 50
