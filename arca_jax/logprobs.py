@@ -11,7 +11,8 @@ Dimension letters as in ``arca_jax.qwen3``: B batch, T time, C chunk, D model wi
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import functools
+from typing import Any, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -28,9 +29,35 @@ def _head(params, config: qwen3.Qwen3Config) -> Tuple[Array, str]:
     return params["lm_head"]["kernel"], "DV"
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _head_logits(h, w, layout: str, grad_dtype):
+    """[B, C, D] x head -> [B, C, V] logits accumulated and returned in float32; the backward
+    matmuls take the float32 cotangent rounded to ``grad_dtype`` (bf16 operands on tensor cores,
+    as the forward's, instead of a float32 x bf16 matmul that XLA runs in float32/TF32)."""
+    return jnp.einsum(f"BCD,{layout}->BCV", h, w.astype(h.dtype),
+                      preferred_element_type=jnp.float32)
+
+
+def _head_logits_fwd(h, w, layout, grad_dtype):
+    return _head_logits(h, w, layout, grad_dtype), (h, w)
+
+
+def _head_logits_bwd(layout, grad_dtype, res, g):
+    h, w = res
+    g = g.astype(grad_dtype)
+    dh = jnp.einsum(f"BCV,{layout}->BCD", g, w.astype(grad_dtype),
+                    preferred_element_type=jnp.float32)
+    dw = jnp.einsum(f"BCD,BCV->{layout}", h.astype(grad_dtype), g,
+                    preferred_element_type=jnp.float32)  # dead code unless the head trains
+    return dh.astype(h.dtype), dw.astype(w.dtype)
+
+
+_head_logits.defvjp(_head_logits_fwd, _head_logits_bwd)
+
+
 def token_logprobs(params, hidden: Array, targets: Array, *, config: qwen3.Qwen3Config,
                    chunk_size: int = 128, valid: Optional[Array] = None,
-                   with_entropy: bool = True) -> Tuple[Array, Array]:
+                   with_entropy: bool = True, grad_dtype: Any = None) -> Tuple[Array, Array]:
     """log p(targets[b, t] | hidden[b, t]) and the entropy of that distribution, chunked over T.
 
     params: base parameter tree (only the output projection is read).
@@ -42,6 +69,11 @@ def token_logprobs(params, hidden: Array, targets: Array, *, config: qwen3.Qwen3
         projection (a ``lax.cond``) and return 0 there. Results at invalid positions are
         meaningless either way; callers mask them.
     with_entropy: also return entropies (else zeros, and the entropy reduction is not computed).
+    grad_dtype: dtype of the backward matmuls through the vocabulary projection (the float32
+        cotangent of the logits is rounded to it). None: the hidden states' dtype (bf16 under a
+        bf16 model: bf16 rounding of the gradient, as the forward's operands; float32 models are
+        unchanged). "float32": the cotangent stays float32 (jax's default transpose: a float32 x
+        bf16 matmul, which XLA runs in float32/TF32 after converting the head to float32).
 
     Returns: (logps [B, T] float32, differentiable with respect to ``hidden``;
               entropies [B, T] float32 in nats, under ``stop_gradient``).
@@ -61,10 +93,14 @@ def token_logprobs(params, hidden: Array, targets: Array, *, config: qwen3.Qwen3
     tg = targets.astype(jnp.int32).reshape(B, n, C).swapaxes(0, 1)  # [n, B, C]
     vl = valid.reshape(B, n, C).swapaxes(0, 1)  # [n, B, C]
     w, layout = _head(params, config)
+    gd = jnp.dtype(hidden.dtype if grad_dtype is None else grad_dtype)
 
     def compute(h_c, t_c):
-        logits = jnp.einsum(f"BCD,{layout}->BCV", h_c, w.astype(h_c.dtype),
-                            preferred_element_type=jnp.float32)  # [B, C, V]
+        if gd == jnp.dtype(jnp.float32):  # jax's own transpose (a float32 cotangent)
+            logits = jnp.einsum(f"BCD,{layout}->BCV", h_c, w.astype(h_c.dtype),
+                                preferred_element_type=jnp.float32)  # [B, C, V]
+        else:
+            logits = _head_logits(h_c, w, layout, gd.name)
         lse = jax.nn.logsumexp(logits, axis=-1)  # [B, C]
         vocab = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2)
         # one-hot select instead of a gather: fuses into the reduction, sharding-friendly over V

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from arca_jax import credit, qwen3
-from arca_jax.logprobs import next_tokens, shift_right, token_logprobs
+from arca_jax.logprobs import shift_right, token_logprobs
 
 Array = jax.Array
 
@@ -72,7 +72,20 @@ class GRPOConfig:
     loss_aggregation: "sequence" (paper), "token_mean" (DAPO) or "dr_grpo" (see module doc).
     max_completion_length: L of the "dr_grpo" normaliser; None uses the batch's T.
     logits_chunk: positions per chunk of the vocabulary projection (``logprobs.token_logprobs``).
-    remat: rematerialise each decoder layer in the backward pass of the gradient forward.
+        Chunks are laid on the token grid (chunk j scores tokens [jC, (j+1)C)), so a completion
+        that starts at a multiple of C (e.g. the sampler's power-of-two prompt widths) leaves
+        no partly used chunk.
+    remat: rematerialise each decoder layer in the backward pass of the gradient forward: False,
+        True (= "full": keep only each layer's input) or "projections" (also keep every
+        projection's output, so no matmul runs twice; see ``qwen3.remat_policy``).
+    attention: attention implementation of both forwards (``qwen3.resolve_attention``): "auto"
+        (cuDNN flash attention on a CUDA GPU with bf16 activations, else "einsum"), "einsum",
+        "cudnn", "sdpa-xla". The fused ones need each row's attention_mask to be one run of ones.
+    lora_dtype: dtype of the adapter matmuls (``qwen3.LoraLinear``); None: the activation dtype
+        (bf16 under a bf16 base; float32 models unchanged); "float32" forces float32.
+    logits_grad_dtype: dtype of the backward matmul through the vocabulary projection
+        (``logprobs.token_logprobs`` grad_dtype); None: the hidden states' dtype; "float32"
+        keeps the float32 cotangent.
     noise_floor: relative rounding-noise floor of the two forwards' comparison: an ARCA residual
         ||h_adapted - h_base|| <= noise_floor * ||h_base|| and a divergence
         |log pi - log pi_ref| <= noise_floor * max(1, |log pi_ref|) count as 0. The gradient
@@ -95,8 +108,11 @@ class GRPOConfig:
     loss_aggregation: str = "sequence"
     max_completion_length: Optional[int] = None
     logits_chunk: int = 128
-    remat: bool = False
+    remat: Union[bool, str] = False
     noise_floor: float = 1e-5
+    attention: str = "auto"
+    lora_dtype: Optional[str] = None
+    logits_grad_dtype: Optional[str] = None
 
     def __post_init__(self):
         if self.weighting not in credit.MODES:
@@ -122,6 +138,16 @@ class GRPOConfig:
             raise ValueError(f"noise_floor must be >= 0, got {self.noise_floor}")
         if not (isinstance(self.logits_chunk, int) and self.logits_chunk >= 1):
             raise ValueError(f"logits_chunk must be an int >= 1, got {self.logits_chunk!r}")
+        qwen3.remat_policy(self.remat)  # raises ValueError for an unknown option
+        if self.attention not in qwen3.ATTENTION_IMPLS:
+            raise ValueError(f"attention {self.attention!r}; valid: "
+                             f"{', '.join(qwen3.ATTENTION_IMPLS)}")
+        for name in ("lora_dtype", "logits_grad_dtype"):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, str):
+                raise ValueError(f"{name} must be None or a dtype name, got {v!r}")
+            if v is not None:
+                jnp.dtype(v)  # raises TypeError for an unknown dtype name
 
     @property
     def clip_high(self) -> float:
@@ -313,12 +339,25 @@ def loss_normalizer(batch: Union[Batch, Mapping[str, Any]], grpo_config: GRPOCon
     return jnp.maximum(raw_normalizer(completion_valid(as_batch(batch)), grpo_config), 1.0)
 
 
-def _run_forward(params, b: Batch, *, config, lora, lora_scale, lora_dropout=0.0, rng=None,
-                 remat=False) -> Array:
+def _run_forward(params, b: Batch, *, config, lora, lora_scale, grpo_config: GRPOConfig,
+                 lora_dropout=0.0, rng=None, remat=False) -> Array:
+    g = grpo_config
     return qwen3.forward(params, b.input_ids, config=config, attention_mask=b.attention_mask,
                          positions=b.positions, lora=lora, lora_scale=lora_scale,
                          lora_dropout=lora_dropout, rng=rng, return_logits=False,
-                         remat=remat).hidden
+                         remat=remat, attention=g.attention, lora_dtype=g.lora_dtype).hidden
+
+
+def _aligned_logprobs(params, h, b: Batch, valid, *, config, grpo_config: GRPOConfig,
+                      with_entropy: bool):
+    """Log-probs and entropies of input_ids, aligned with them, 0 where not ``valid``. Token t is
+    scored by the hidden state at t - 1, so the chunks run over shift_right(h) on the token grid:
+    a completion that starts at a multiple of the chunk size fills whole chunks (scoring
+    positions t - 1 would straddle one more chunk). Values as ``token_logprobs`` on h."""
+    lp, ent = token_logprobs(params, shift_right(h), b.input_ids, config=config,
+                             chunk_size=grpo_config.logits_chunk, valid=valid,
+                             with_entropy=with_entropy, grad_dtype=grpo_config.logits_grad_dtype)
+    return jnp.where(valid, lp, 0.0), jnp.where(valid, ent, 0.0)
 
 
 def policy_logprobs(lora, params, batch: Union[Batch, Mapping[str, Any]], *,
@@ -328,11 +367,11 @@ def policy_logprobs(lora, params, batch: Union[Batch, Mapping[str, Any]], *,
     input_ids (0 at invalid positions): the ``old_logps`` for num_iterations > 1."""
     b = as_batch(batch)
     valid = completion_valid(b)
-    h = _run_forward(params, b, config=config, lora=lora, lora_scale=lora_scale)
-    lp, _ = token_logprobs(params, h, next_tokens(b.input_ids), config=config,
-                           chunk_size=grpo_config.logits_chunk,
-                           valid=jnp.pad(valid[:, 1:], ((0, 0), (0, 1))), with_entropy=False)
-    return jnp.where(valid, shift_right(lp), 0.0)
+    h = _run_forward(params, b, config=config, lora=lora, lora_scale=lora_scale,
+                     grpo_config=grpo_config)
+    lp, _ = _aligned_logprobs(params, h, b, valid, config=config, grpo_config=grpo_config,
+                              with_entropy=False)
+    return lp
 
 
 def loss_fn(lora, params, batch: Union[Batch, Mapping[str, Any]], *, config: qwen3.Qwen3Config,
@@ -361,28 +400,22 @@ def loss_fn(lora, params, batch: Union[Batch, Mapping[str, Any]], *, config: qwe
     B, T = b.input_ids.shape
     valid = completion_valid(b)  # [B, T] aligned with input_ids
     validf = valid.astype(jnp.float32)
-    # position t scores token t + 1: the validity of what each position scores
-    scores_valid = jnp.pad(valid[:, 1:], ((0, 0), (0, 1)))
-    targets = next_tokens(b.input_ids)
 
-    # Gradient forward (adapter on, dropout here only).
-    h = _run_forward(params, b, config=config, lora=lora, lora_scale=lora_scale,
+    # Gradient forward (adapter on, dropout here only). Token t is scored at position t - 1.
+    h = _run_forward(params, b, config=config, lora=lora, lora_scale=lora_scale, grpo_config=g,
                      lora_dropout=lora_dropout, rng=rng, remat=g.remat)  # [B, T, D]
-    next_lp, next_ent = token_logprobs(params, h, targets, config=config,
-                                       chunk_size=g.logits_chunk, valid=scores_valid)
-    logps = jnp.where(valid, shift_right(next_lp), 0.0)  # [B, T], differentiable
-    entropies = jnp.where(valid, shift_right(next_ent), 0.0)  # detached
+    logps, entropies = _aligned_logprobs(params, h, b, valid, config=config, grpo_config=g,
+                                         with_entropy=True)  # [B, T]; entropies detached
 
     # Shared base forward (adapter off), only when something reads it.
     ref_logps = residual = None
     if "base" in forwards_needed(g):
         h_base = jax.lax.stop_gradient(_run_forward(params, b, config=config, lora=None,
-                                                    lora_scale=lora_scale))
+                                                    lora_scale=lora_scale, grpo_config=g))
         if g.weighting == "divergence" or g.kl_beta > 0:
-            ref_next, _ = token_logprobs(params, h_base, targets, config=config,
-                                         chunk_size=g.logits_chunk, valid=scores_valid,
-                                         with_entropy=False)
-            ref_logps = jax.lax.stop_gradient(jnp.where(valid, shift_right(ref_next), 0.0))
+            ref, _ = _aligned_logprobs(params, h_base, b, valid, config=config, grpo_config=g,
+                                       with_entropy=False)
+            ref_logps = jax.lax.stop_gradient(ref)
         if g.weighting == "arca":
             hb32 = h_base.astype(jnp.float32)
             diff = jax.lax.stop_gradient(h).astype(jnp.float32) - hb32

@@ -1,6 +1,7 @@
 """GRPO objective pieces: hand-checked estimators, clip and KL terms, chunked log-probs,
 aggregations, the shared base forward (counted in the jaxpr), dropout keys, config checks."""
 
+import dataclasses
 import functools
 import math
 
@@ -140,10 +141,13 @@ def test_chunked_logprobs_equal_full_softmax(tied):
             -1)[..., 0]))(h)
         g = jax.grad(lambda x: jnp.sum(w * token_logprobs(params, x, tg, config=cfg,
                                                           chunk_size=4)[0]))(h)
+        g16 = jax.grad(lambda x: jnp.sum(w * token_logprobs(  # bf16-rounded cotangent
+            params, x, tg, config=cfg, chunk_size=4, grad_dtype="bfloat16")[0]))(h)
         skipped = token_logprobs(params, h, tg, config=cfg, chunk_size=4, valid=valid)[0]
-        return ref_lp, ref_ent, chunked, g_ref, g, skipped
+        return ref_lp, ref_ent, chunked, g_ref, g, g16, skipped
 
-    ref_lp, ref_ent, chunked, g_ref, g, skipped = run(params, h)
+    ref_lp, ref_ent, chunked, g_ref, g, g16, skipped = run(params, h)
+    assert float(jnp.max(jnp.abs(g16 - g_ref))) < 2e-2 * float(jnp.max(jnp.abs(g_ref)))
     for lp, ent in chunked:
         np.testing.assert_allclose(lp, ref_lp, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(ent, ref_ent, rtol=1e-5, atol=1e-5)
@@ -286,3 +290,33 @@ def test_config_and_batch_validation(model):
     np.testing.assert_allclose(float(_loss(tree, params, d, g)[0]),
                                float(_loss(tree, params, batch, g)[0]), rtol=1e-6)
     assert hash(g) == hash(GRPOConfig(weighting="uniform"))
+
+
+# ------------------------------------ execution options ---------------------------------------
+
+
+def test_execution_options_keep_loss_and_grads(model):
+    """attention="sdpa-xla" (the cuDNN path's row layout), remat="projections" and a bf16 head
+    backward change nothing beyond rounding (float32 model; the head option at bf16 rounding)."""
+    params, tree, batch = model
+    am = batch.attention_mask.at[0, :2].set(0).at[3, :1].set(0)  # left padding too
+    batch = batch.replace(attention_mask=am)
+
+    @functools.partial(jax.jit, static_argnames="g", compiler_options=FAST)
+    def run(tree, g):
+        return jax.value_and_grad(lambda t: loss_fn(t, params, batch, config=CFG, lora_scale=LSCALE,
+                                                    grpo_config=g)[0])(tree)
+
+    base = GRPOConfig(weighting="arca", sharpening=2.0, kl_beta=0.1)
+    loss0, g0 = run(tree, base)
+    for kw, tol in ((dict(attention="sdpa-xla"), 1e-4), (dict(remat="projections"), 1e-4),
+                    (dict(attention="sdpa-xla", remat=True), 1e-4),
+                    (dict(logits_grad_dtype="bfloat16"), 2e-2)):
+        loss, g = run(tree, GRPOConfig(**{**dataclasses.asdict(base), **kw}))
+        np.testing.assert_allclose(float(loss), float(loss0), rtol=1e-5)
+        for a, b in zip(jax.tree_util.tree_leaves(g0), jax.tree_util.tree_leaves(g)):
+            assert float(jnp.max(jnp.abs(a - b))) <= tol * float(jnp.max(jnp.abs(a))), kw
+    for bad in (dict(attention="flash"), dict(remat="some"), dict(lora_dtype="float33"),
+                dict(logits_grad_dtype=32)):
+        with pytest.raises((ValueError, TypeError)):
+            GRPOConfig(**bad)

@@ -181,3 +181,39 @@ def test_bad_adapter_directories(base, tmp_path):
     os.remove(d / "adapter_model.safetensors")
     with pytest.raises(CheckpointError, match="adapter_model.safetensors"):
         lora.load_peft(d, config)
+
+
+def test_adapter_matmul_dtype(base):
+    """lora_dtype=None computes the adapter in the activation dtype: float32 models exactly as
+    lora_dtype="float32"; bf16 models with bf16 adapter matmuls (float32 master weights and
+    gradients), within bf16 rounding of float32 adapter matmuls."""
+    cfg, path, config, params = base
+    tree = jax.tree_util.tree_map(lambda x: x + 0.05,
+                                  lora.init_lora(config, lora.LoraConfig(rank=4), jax.random.PRNGKey(5)))
+    ids, mask = (jnp.asarray(x) for x in left_padded_batch(cfg.vocab_size, [6, 3], 6))
+
+    def fwd(p, t, dtype):
+        return qwen3.forward(p, ids, config=config, attention_mask=mask, lora=t, lora_scale=2.0,
+                             lora_dtype=dtype).logits
+
+    np.testing.assert_array_equal(fwd(params, tree, None), fwd(params, tree, "float32"))
+    p16 = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), params)
+
+    def adapter_dots(jaxpr):  # operand dtypes of every matmul with the rank-4 dimension
+        for e in jaxpr.eqns:
+            if e.primitive.name == "dot_general":
+                lhs, rhs = (v.aval for v in e.invars)
+                if 4 in (lhs.shape[-1], rhs.shape[0], rhs.shape[-1]):
+                    yield str(lhs.dtype), str(rhs.dtype)
+            for v in e.params.values():
+                inner = getattr(v, "jaxpr", v)
+                if hasattr(inner, "eqns"):
+                    yield from adapter_dots(inner)
+
+    for dtype, want in ((None, "bfloat16"), ("float32", "float32")):
+        found = set(adapter_dots(jax.make_jaxpr(lambda t: fwd(p16, t, dtype))(tree).jaxpr))
+        assert found == {(want, want)}, (dtype, found)
+    a, b = fwd(p16, tree, None), fwd(p16, tree, "float32")
+    assert rel_err(a, b, np.asarray(mask)) < 2e-2
+    g = jax.grad(lambda t: jnp.sum(fwd(p16, t, None) * mask[..., None]))(tree)
+    assert {x.dtype for x in jax.tree_util.tree_leaves(g)} == {jnp.dtype(jnp.float32)}

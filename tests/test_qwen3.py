@@ -1,5 +1,6 @@
 """Parity of the Flax Qwen3 port with transformers (PyTorch CPU) and checkpoint round trips."""
 
+import functools
 import json
 import os
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 import transformers
 
-from arca_jax import hf, qwen3
+from arca_jax import hf, lora, qwen3
 from arca_jax.safetensors_io import CheckpointError
 from hf_fixtures import hf_forward, left_padded_batch, positions_of, random_hf_model, rel_err, tiny_hf_config
 
@@ -256,3 +257,46 @@ def test_truncated_file(tmp_path, small_ckpt):
     f.write_bytes(data[:5])
     with pytest.raises(CheckpointError, match="truncated"):
         hf.load_pretrained(d)
+
+
+def test_fused_attention_layout_matches_einsum(checkpoint):
+    """attention="sdpa-xla" (the "cudnn" path's rotated row layout and seq-length masking, run by
+    jax's XLA kernel) equals the einsum path on left- and right-padded rows: logits and LoRA
+    gradients, also under remat="projections"; padded rows stay finite, a mask with a hole gives
+    NaN in that row only."""
+    model, path = checkpoint
+    config, params = hf.load_pretrained(path, dtype=jnp.float32)
+    ids, mask = _batch(model)  # left-padded rows of 11, 7, 2 tokens
+    mask = mask.copy()
+    mask[0, 8:] = 0  # and right padding
+    ids, mask = jnp.asarray(ids), jnp.asarray(mask)
+    tree = lora.init_lora(config, lora.LoraConfig(rank=4, alpha=8.0), jax.random.PRNGKey(3))
+    tree = jax.tree_util.tree_map(lambda x: x + 0.1, tree)
+    r = jax.random.normal(jax.random.PRNGKey(4), ids.shape + (config.vocab_size,))
+
+    @functools.partial(jax.jit, static_argnames=("attention", "remat"))
+    def run(tree, attention, remat=False):
+        def loss(t):
+            out = qwen3.forward(params, ids, config=config, attention_mask=mask, lora=t,
+                                lora_scale=2.0, attention=attention, remat=remat)
+            return jnp.sum(out.logits * r * mask[..., None]), out.logits
+        return jax.value_and_grad(loss, has_aux=True)(tree)
+
+    (_, ref), g_ref = run(tree, "einsum")
+    m = np.asarray(mask)
+    for attention, remat in (("sdpa-xla", False), ("sdpa-xla", "projections"),
+                             ("einsum", "projections")):
+        (_, logits), g = run(tree, attention, remat)
+        assert rel_err(logits, ref, m) < 1e-5, (attention, remat)
+        assert np.all(np.isfinite(np.asarray(logits)))
+        for a, b in zip(jax.tree_util.tree_leaves(g_ref), jax.tree_util.tree_leaves(g)):
+            assert float(jnp.max(jnp.abs(a - b))) <= 1e-4 * float(jnp.max(jnp.abs(a))), (attention, remat)
+    holed = mask.at[0, 5].set(0)
+    h = qwen3.forward(params, ids, config=config, attention_mask=holed, attention="sdpa-xla",
+                      return_logits=False).hidden
+    assert np.isnan(np.asarray(h)).any(axis=(1, 2)).tolist() == [True, False, False]
+    assert qwen3.resolve_attention("auto", jnp.bfloat16, cached=False) == "einsum"  # CPU
+    with pytest.raises(ValueError):
+        qwen3.forward(params, ids, config=config, attention="flash")
+    with pytest.raises(ValueError):
+        qwen3.forward(params, ids, config=config, remat="some")

@@ -365,3 +365,10 @@ def test_inverse_cdf_never_picks_zero_weight_and_settings_are_checked():
         with pytest.raises(ValueError):
             sampling.SamplingConfig(**bad)
     assert sampling.SamplingConfig(max_new_tokens=4, temperature=0.0, greedy=True).greedy
+
+
+def test_decode_attention_default_follows_backend(tiny):
+    """"reduce" on CPU (fewer kernels per step), "dot" on GPU/TPU (the HBM-bound choice there)."""
+    _, config, params = tiny
+    assert qwen3.default_decode_attention() == ("reduce" if jax.default_backend() == "cpu" else "dot")
+    assert qwen3.inference_weights(params, config).decode_attention == qwen3.default_decode_attention()
