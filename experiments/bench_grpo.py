@@ -15,16 +15,24 @@ ratios (robust when other processes share the machine); process CPU time too.
     python experiments/bench_grpo.py [--rounds 10]
 
 GPU (`--gpu`): Qwen3-1.7B shapes, random bfloat16 base, LoRA r = 64 on all seven projections,
-8 sequences x 1024 tokens (512 prompt + 512 completion): step time and model-FLOPs
-utilisation (forward, backward and the extra base forward, counted analytically; also under the
-"6N" convention that charges weight gradients of the frozen base too; XLA's cost-analysis flops
-are stored for reference only: they count a scanned loop body once). Variants: arca with remat,
-arca without remat (more memory, no recompute: an out-of-memory error is reported, not fatal),
-then uniform with remat; a variant is not started after --budget-s (120 s) have passed.
-Runs in well under 4 minutes; writes $OUT/bench_grpo_gpu.json when OUT is set (after every
-variant). `--gpu --tiny` runs the same code path with tiny shapes on any backend, to check it.
+8 sequences x 1024 tokens (512 prompt + 512 completion), ARCA with sharpening 2: step time and
+model-FLOPs utilisation (forward, backward and the extra base forward, counted analytically, no
+remat recompute; also under the "6N" convention that charges weight gradients of the frozen base
+too; XLA's cost-analysis flops are stored for reference only: they count a scanned loop body
+once). One run times the variants of GPU_VARIANTS in order: "all" (the defaults: cuDNN flash
+attention, bf16 LoRA matmuls, bf16 head backward; remat=True), "baseline" (the previous step:
+einsum attention, float32 LoRA matmuls, float32 head cotangent), then remat="projections",
+no remat, each lever taken out of "all" in turn, uniform weighting, a larger logits chunk and
+LoRA dropout 0.05. A variant is not started after --budget-s (180 s), nor when the slowest
+variant so far would carry it past --deadline-s (215 s), so the run ends in under 4 minutes with
+compilation; an error (out of memory, a cuDNN refusal) is recorded and the run goes on. Each
+variant's first step runs on the same state and batch, and the table compares its loss and
+gradient norm with the baseline's (a correctness check of the fast paths on the device). Prints
+a table last; writes $OUT/bench_grpo_gpu.json when OUT is set (after every variant).
+`--gpu --tiny` runs the same code path with tiny shapes on any backend (off CUDA the fused
+attention variants run the same row layout through jax's XLA kernel, attention="sdpa-xla").
 
-    python experiments/bench_grpo.py --gpu
+    python experiments/bench_grpo.py --gpu [--variants all,baseline]
 """
 
 from __future__ import annotations
@@ -251,7 +259,9 @@ def model_flops(config, B, T, scored, lora_params, weighting):
     gradients for LoRA only), and the base forward when the weighting needs it.
 
     scored: positions per row whose logits are computed (completion tokens), for the LM head.
-    Attention is counted over the full T x T score matrix, as computed.
+    Attention is counted over the full T x T score matrix (the einsum path computes all of it;
+    cuDNN's causal kernel skips the upper half): `total`. `total_causal_attention` counts half
+    of the attention FLOPs instead (the stricter figure for a causal kernel).
     """
     c = config
     D, F, L = c.hidden_size, c.intermediate_size, c.num_hidden_layers
@@ -263,10 +273,69 @@ def model_flops(config, B, T, scored, lora_params, weighting):
     fwd_policy = 2 * tokens * (body + lora_params) + attn + head
     bwd_policy = 2 * tokens * (body + lora_params) + 2 * attn + head + 2 * tokens * lora_params
     base = 2 * tokens * body + attn if weighting in ("arca", "divergence") else 0
-    return dict(forward=fwd_policy, backward=bwd_policy, base_forward=base,
-                total=fwd_policy + bwd_policy + base,
+    total = fwd_policy + bwd_policy + base
+    attn_all = 3 * attn + (attn if base else 0)
+    return dict(forward=fwd_policy, backward=bwd_policy, base_forward=base, total=total,
+                total_causal_attention=total - attn_all // 2,
                 six_n_convention=6 * tokens * (body + c.vocab_size * D) + 3 * attn
                 + (2 * tokens * body + attn if base else 0))
+
+
+# The variants of one `--gpu` run, most important first (a variant is not started when the time
+# budget would not cover it). GRPOConfig fields on top of weighting="arca", sharpening=2.0; "all"
+# is the new default (attention="auto" = cuDNN flash attention on a CUDA GPU, LoRA matmuls in
+# bf16, bf16 head backward); "baseline" is the previous step (einsum attention, float32 LoRA
+# matmuls, float32 head cotangent); "-x" variants take one lever back out of "all".
+GPU_VARIANTS = [
+    ("all", dict(remat=True), {}),
+    ("baseline", dict(remat=True, attention="einsum", lora_dtype="float32",
+                      logits_grad_dtype="float32"), {}),
+    ("all+remat_proj", dict(remat="projections"), {}),
+    ("all+no_remat", dict(remat=False), {}),
+    ("all-lora_bf16", dict(remat=True, lora_dtype="float32"), {}),
+    ("all-cudnn", dict(remat=True, attention="einsum"), {}),
+    ("all-head_bf16", dict(remat=True, logits_grad_dtype="float32"), {}),
+    ("uniform+remat_proj", dict(weighting="uniform", remat="projections"), {}),
+    ("all+remat_proj+chunk256", dict(remat="projections", logits_chunk=256), {}),
+    ("all+remat_proj+dropout", dict(remat="projections"), dict(lora_dropout=0.05)),
+]
+
+
+def _cudnn_version():
+    try:
+        from jax._src.cudnn.fused_attention_stablehlo import check_cudnn_version
+        return check_cudnn_version()
+    except Exception as e:  # noqa: BLE001 - informational only
+        return f"unavailable ({type(e).__name__})"
+
+
+def _table(res) -> str:
+    base = next((v for v in res["variants"] if v["name"] == "baseline" and "step_s" in v), None)
+    ref = base or next((v for v in res["variants"] if "step_s" in v), None)
+    head = (f"{'variant':26s} {'ms/step':>8s} {'vs base':>8s} {'MFU':>6s} {'causal':>7s} {'6N':>6s} "
+            f"{'peak GiB':>8s} {'compile':>8s} {'d loss':>8s} {'d gnorm':>8s}")
+    lines = [head, "-" * len(head)]
+    for v in res["variants"]:
+        if "step_s" not in v:
+            why = v.get("skipped") or v.get("error", "?")
+            lines.append(f"{v['name']:26s} {why[:100]}")
+            continue
+        rel = lambda k: (abs(v["first_step"][k] - ref["first_step"][k])  # noqa: E731
+                         / max(abs(ref["first_step"][k]), 1e-30)) if ref else float("nan")
+        lines.append(
+            f"{v['name']:26s} {1e3 * v['step_s']:8.1f} "
+            f"{(base['step_s'] / v['step_s']) if base else float('nan'):7.2f}x "
+            f"{100 * v.get('mfu', float('nan')):5.1f}% "
+            f"{100 * v.get('mfu_causal_attention', float('nan')):6.1f}% "
+            f"{100 * v.get('mfu_6n_convention', float('nan')):5.1f}% "
+            f"{v.get('xla_peak_gib', float('nan')):8.2f} {v['compile_s']:7.0f}s "
+            f"{rel('loss'):8.1e} {rel('grad_norm'):8.1e}")
+    lines.append("vs base: baseline step time / this one. d loss, d gnorm: relative difference of the "
+                 "first step's loss and gradient norm from the baseline's (same state and batch; "
+                 "bf16 rounding is ~1e-2; other weightings and dropout differ by design). MFU: model "
+                 "FLOPs (no recompute, full T x T attention) / time / dense bf16 peak; causal: "
+                 "attention FLOPs halved; 6N: frozen-weight gradients charged too.")
+    return "\n".join(lines)
 
 
 def bench_gpu(args):
@@ -281,12 +350,15 @@ def bench_gpu(args):
         B, T, prompt, rank, steps_n = 8, 1024, 512, 64, args.steps
     lcfg = lora.LoraConfig(rank=rank, alpha=2.0 * rank)
     kind = jax.devices()[0].device_kind
+    cuda = qwen3.on_cuda()
     peak = args.peak_tflops * 1e12 if args.peak_tflops else next(
         (v for k, v in PEAK_BF16 if k in kind), None)
     res = dict(kind="gpu-tiny" if tiny else "gpu", machine=machine(), device_kind=kind,
+               cudnn=_cudnn_version() if cuda else None, xla_flags=os.environ.get("XLA_FLAGS"),
                peak_bf16_flops=peak, setting=dict(model="tiny" if tiny else "Qwen3-1.7B",
                                                   batch=B, seq=T, prompt=prompt, lora_rank=rank,
-                                                  dtype="bfloat16"), variants=[])
+                                                  dtype="bfloat16", sharpening=2.0),
+               budget_s=args.budget_s, deadline_s=args.deadline_s, variants=[])
     out_path = args.json or (os.path.join(os.environ["OUT"], "bench_grpo_gpu.json")
                              if os.environ.get("OUT") else None)
 
@@ -301,24 +373,40 @@ def bench_gpu(args):
     batch = Batch(*(jnp.asarray(x) for x in make_batch(B, T, prompt, config.vocab_size)))
     jax.block_until_ready((params, tree))
     res["init_s"] = now() - t
-    print(f"{kind}: init {res['init_s']:.1f} s", flush=True)
+    print(f"{kind} (cuDNN {res['cudnn']}): init {res['init_s']:.1f} s", flush=True)
     opt = make_optimizer(5e-6, warmup_steps=0, total_steps=10_000)
     lora_n = lora.count_params(tree)
 
-    variants = [("arca", True), ("arca", False), ("uniform", True)]
-    for weighting, remat in variants:
+    wanted = args.variants.split(",") if args.variants else [n for n, _, _ in GPU_VARIANTS]
+    table = {n: (g, kw) for n, g, kw in GPU_VARIANTS}
+    unknown = [n for n in wanted if n not in table]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; known: {list(table)}")
+    cost_s = []  # wall time of each finished variant (compile + runs)
+    for name in wanted:
+        overrides, step_kw = table[name]
+        g_kw = {"weighting": "arca", "sharpening": 2.0, **overrides}
+        if not cuda and g_kw.get("attention", "auto") == "auto":
+            g_kw["attention"] = "sdpa-xla"  # off CUDA: exercise the rotated fused-attention path
+        v = dict(name=name, grpo={k: g_kw[k] for k in sorted(g_kw)}, step_kwargs=step_kw)
         elapsed = now() - T_START
-        if elapsed > args.budget_s:
-            res["variants"].append(dict(weighting=weighting, remat=remat,
-                                        skipped=f"time budget ({elapsed:.0f} s used)"))
+        estimate = max(cost_s) if cost_s else 0.0
+        if elapsed > args.budget_s or elapsed + estimate > args.deadline_s:
+            v["skipped"] = (f"time budget: {elapsed:.0f} s used, the last variants took up to "
+                            f"{estimate:.0f} s (budget {args.budget_s:.0f}, deadline "
+                            f"{args.deadline_s:.0f})")
+            print(f"{name}: {v['skipped']}", flush=True)
+            res["variants"].append(v)
             save()
             continue
-        g = GRPOConfig(weighting=weighting, sharpening=2.0, remat=remat)
-        step = make_train_step(config, g, opt, lora_scale=lcfg.scaling)
-        state = TrainState.create(jax.tree_util.tree_map(jnp.array, tree), opt,
-                                  jax.random.PRNGKey(2))
-        v = dict(weighting=weighting, remat=remat)
+        t_variant = now()
+        state = None
         try:
+            g = GRPOConfig(**g_kw)
+            v["attention_impl"] = qwen3.resolve_attention(g.attention, jnp.bfloat16, cached=False)
+            step = make_train_step(config, g, opt, lora_scale=lcfg.scaling, **step_kw)
+            state = TrainState.create(jax.tree_util.tree_map(jnp.array, tree), opt,
+                                      jax.random.PRNGKey(2))
             t = now()
             compiled = step.lower(state, params, batch).compile()
             v["compile_s"] = now() - t
@@ -329,8 +417,10 @@ def bench_gpu(args):
             if ma is not None:
                 v["xla_peak_gib"] = (ma.argument_size_in_bytes + ma.output_size_in_bytes
                                      - ma.alias_size_in_bytes + ma.temp_size_in_bytes) / 2**30
-            state, m = compiled(state, params, batch)  # warm-up
-            jax.block_until_ready(m)
+            state, m = compiled(state, params, batch)  # first step: same state and batch for all
+            m = jax.device_get(m)
+            v["first_step"] = {k: float(getattr(m, k)) for k in (
+                "loss", "grad_norm", "weight_gini", "residual_norm_mean", "entropy")}
             times = []
             for _ in range(steps_n):
                 t = now()
@@ -339,32 +429,37 @@ def bench_gpu(args):
                 times.append(now() - t)
             v["step_s"] = statistics.median(times)
             v["all_s"] = times
-            v["loss"] = float(m.loss)
-            v["weight_gini"] = float(m.weight_gini)
-            fl = model_flops(config, B, T, T - prompt, lora_n, weighting)
+            v["finite"] = bool(np.isfinite(float(m.loss)) and int(m.skipped_steps) == 0)
+            fl = model_flops(config, B, T, T - prompt, lora_n, g.weighting)
             v["model_flops"] = fl
             v["tokens_per_s"] = B * T / v["step_s"]
             if peak:
                 v["mfu"] = fl["total"] / v["step_s"] / peak
                 v["mfu_6n_convention"] = fl["six_n_convention"] / v["step_s"] / peak
-            print(f"{weighting:8s} remat={remat!s:5s} compile {v['compile_s']:.0f} s, "
-                  f"step {1e3 * v['step_s']:.1f} ms, {v['tokens_per_s']:.0f} tok/s, "
-                  f"MFU {100 * v.get('mfu', float('nan')):.1f}% "
-                  f"(6N convention {100 * v.get('mfu_6n_convention', float('nan')):.1f}%)",
-                  flush=True)
-        except Exception as e:  # e.g. out of memory without remat: report, keep going
-            v["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-            print(f"{weighting} remat={remat}: {v['error']}", flush=True)
+                v["mfu_causal_attention"] = fl["total_causal_attention"] / v["step_s"] / peak
+            print(f"{name:26s} [{v['attention_impl']}] compile {v['compile_s']:.0f} s, "
+                  f"step {1e3 * v['step_s']:.1f} ms, MFU {100 * v.get('mfu', float('nan')):.1f}%, "
+                  f"peak {v.get('xla_peak_gib', float('nan')):.2f} GiB, "
+                  f"first loss {v['first_step']['loss']:.6g} gnorm "
+                  f"{v['first_step']['grad_norm']:.6g}", flush=True)
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory, a cuDNN refusal: report, go on
+            v["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+            print(f"{name}: {v['error']}", flush=True)
+        cost_s.append(now() - t_variant)
+        v["wall_s"] = cost_s[-1]
         res["variants"].append(v)
         del state
         save()
-    done = [v for v in res["variants"] if "step_s" in v]
-    by = {(v["weighting"], v["remat"]): v for v in done}
-    if ("arca", True) in by and ("uniform", True) in by:
-        res["arca_over_uniform"] = by[("arca", True)]["step_s"] / by[("uniform", True)]["step_s"]
-        print(f"arca / uniform (remat) = {res['arca_over_uniform']:.3f}")
+    by = {v["name"]: v for v in res["variants"] if "step_s" in v}
+    for a, u in (("all+remat_proj", "uniform+remat_proj"),):
+        if a in by and u in by:
+            res["arca_over_uniform"] = by[a]["step_s"] / by[u]["step_s"]
     res["total_s"] = now() - T_START
     save()
+    print("\n" + _table(res))
+    if "arca_over_uniform" in res:
+        print(f"arca / uniform (remat=projections) = {res['arca_over_uniform']:.3f}")
+    print(f"total {res['total_s']:.0f} s" + (f"; JSON: {out_path}" if out_path else ""), flush=True)
     return res
 
 
@@ -374,8 +469,13 @@ def main():
     ap.add_argument("--tiny", action="store_true", help="with --gpu: tiny shapes, any backend")
     ap.add_argument("--rounds", type=int, default=10, help="CPU: interleaved timing rounds")
     ap.add_argument("--steps", type=int, default=5, help="GPU: timed steps per variant")
-    ap.add_argument("--budget-s", type=float, default=120.0,
+    ap.add_argument("--budget-s", type=float, default=180.0,
                     help="GPU: start no new variant after this many seconds")
+    ap.add_argument("--deadline-s", type=float, default=215.0,
+                    help="GPU: nor one that would end after this, judged by the slowest so far")
+    ap.add_argument("--variants", default=None,
+                    help="GPU: comma-separated variant names (default: all, in order): "
+                         + ", ".join(n for n, _, _ in GPU_VARIANTS))
     ap.add_argument("--peak-tflops", type=float, default=None,
                     help="GPU: dense bf16 peak of the device (default: by device kind)")
     ap.add_argument("--json", default=None, help="write the results here")
