@@ -395,7 +395,8 @@ def concentration_per_row(weights: Array, mask: Array) -> RowConcentration:
     coef = 2.0 * rank - nf[..., None] - 1.0
     num = jnp.sum(jnp.where(in_row, coef * jnp.where(in_row, srt, 0.0), 0.0), axis=-1)
     has_nan = jnp.any(valid & jnp.isnan(w), axis=-1)  # explicit: sort/sum NaN order varies
-    gini = jnp.where(gini_valid, num / jnp.maximum(nf, 1.0), 0.0)
+    # clamp: float rounding can give -1e-9 for exactly uniform weights (G is in [0, 1))
+    gini = jnp.where(gini_valid, jnp.maximum(num / jnp.maximum(nf, 1.0), 0.0), 0.0)
     gini = jnp.where(gini_valid & has_nan, jnp.nan, gini)
 
     eff_valid = (n >= 1) & positive
