@@ -743,7 +743,8 @@ def format_params(n: int | None) -> str:
 def _fmt(x: float | None, digits: int = 3) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "n/a"
-    return f"{x:.{digits}f}"
+    text = f"{x:.{digits}f}"
+    return text[1:] if text.startswith("-") and float(text) == 0.0 else text  # no "-0.000"
 
 
 def _status(steps_done: int, steps_planned: int | None, finished: bool) -> str:
