@@ -2,8 +2,13 @@
 
 Saves are synchronous and atomic: Orbax writes each step into a temporary directory and renames
 it when complete, so a process killed in the middle of a save leaves the previous checkpoint
-intact, and `latest_step` never returns a half-written one. In multi-host runs every process
-calls `save`/`restore` (Orbax coordinates the shards); the record is written by process 0.
+intact, and `latest_step` never returns a half-written one.
+
+Multi-process runs: every process calls `save` and `restore` with the same arguments (Orbax
+writes each array shard from one process, the record from process 0, and commits the step
+only when every process has finished); the directory must be one every host sees (a shared
+file system; URLs such as gs://... are passed to Orbax as they are, untested here). `restore` places the arrays as `like` is placed, so a state
+saved from one mesh restores onto another (one process or several, another device count).
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ class Checkpointer:
     """Keeps the last `keep` checkpoints of (state pytree, JSON-able record) under `directory`."""
 
     def __init__(self, directory: str, keep: int = 3):
-        self.directory = os.path.abspath(directory)
+        # local paths absolute; URLs (gs://...) as given
+        self.directory = directory if "://" in directory else os.path.abspath(directory)
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,

@@ -1,6 +1,7 @@
 """The `arca-jax` command (also `python -m arca_jax`).
 
     arca-jax train [--config FILE] [--set key=value]... [--output-dir DIR] [--resume]
+                   [--coordinator-address HOST:PORT --num-processes N --process-id I] ...
     arca-jax eval --run DIR [--checkpoint STEP]
     arca-jax export --run DIR --peft OUT [--checkpoint STEP]
     arca-jax sweep CONFIG... [--root DIR] [--set key=value]...
@@ -39,6 +40,29 @@ def _add_train(sub):
     p.add_argument("--output-dir", help="run directory (default: runs/<method>-r<rank>-<time>)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --output-dir from its latest checkpoint")
+    g = p.add_argument_group(
+        "multi-host runs", "Run the same command on every host (train.mode=mesh). Settings come "
+        "from these flags, else JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, "
+        "else torchrun's MASTER_ADDR / MASTER_PORT / WORLD_SIZE / RANK, else SLURM or Open MPI, "
+        "else a Cloud TPU pod slice's metadata; none of these: one process.")
+    g.add_argument("--distributed", choices=("auto", "on", "off"), default="auto",
+                   help="auto: start JAX's distributed runtime when the settings above say there "
+                        "are several processes (or on a multi-host Cloud TPU slice); on: "
+                        "require it; off: never")
+    g.add_argument("--coordinator-address", metavar="HOST:PORT",
+                   help="process 0's host and a free port, the same on every process")
+    g.add_argument("--num-processes", type=int, metavar="N", help="processes in the run")
+    g.add_argument("--process-id", type=int, metavar="I", help="this process, 0 .. N-1")
+    g.add_argument("--local-device-ids", metavar="IDS",
+                   help="comma-separated local accelerators this process uses (default: all)")
+    g.add_argument("--init-timeout", type=int, metavar="S",
+                   help="seconds to wait for the coordinator and all processes (default 300)")
+    g.add_argument("--heartbeat-timeout", type=int, metavar="S",
+                   help="a process silent this long counts as dead and the others exit "
+                        "(default 100)")
+    g.add_argument("--watchdog", type=float, metavar="S", default=None,
+                   help="exit (code 4) when no training phase completes for S seconds, e.g. a "
+                        "host stuck while the others wait; include compile time (default: off)")
 
 
 def _add_eval(sub):
@@ -114,15 +138,27 @@ def _load_run(run_dir: str, checkpoint_step: Optional[int]):
 
 
 def cmd_train(args) -> int:
-    from arca_jax import config, train
+    from arca_jax import config, distributed, train
 
     cfg = config.load(args.config, args.overrides)
     run_dir = args.output_dir or os.path.join(
         "runs", f"{cfg.grpo.weighting}-r{cfg.lora.rank}-{time.strftime('%Y%m%d-%H%M%S')}")
     if args.resume and not args.output_dir:
         raise config.ConfigError("--resume needs --output-dir (the run directory to continue)")
-    summary = train.train(cfg, run_dir, resume=args.resume)
-    print(json.dumps(summary, indent=2))
+    settings = distributed.settings_from_args(
+        getattr(args, "distributed", "auto"), getattr(args, "coordinator_address", None),
+        getattr(args, "num_processes", None), getattr(args, "process_id", None),
+        getattr(args, "local_device_ids", None), getattr(args, "init_timeout", None),
+        getattr(args, "heartbeat_timeout", None))
+    if distributed.resolve(settings).active and not args.output_dir:
+        raise config.ConfigError("a multi-process run needs --output-dir (the same shared "
+                                 "directory on every host)")
+    distributed.initialize(settings)
+    summary = train.train(cfg, run_dir, resume=args.resume,
+                          watchdog_s=getattr(args, "watchdog", None))
+    import jax
+    if jax.process_index() == 0:
+        print(json.dumps(summary, indent=2))
     return 0 if summary.get("finished") else 3
 
 
@@ -214,7 +250,31 @@ def main(argv: Optional[List[str]] = None) -> int:
         return COMMANDS[args.command](args)
     except (ConfigError, ModelConfigError, CheckpointError, TaskDataError) as e:
         print(f"arca-jax {args.command}: error: {e}", file=sys.stderr)
+        _exit_now_if_multiprocess(EXIT_USAGE)
         return EXIT_USAGE
+    except BaseException:
+        if _multiprocess():
+            import traceback
+            traceback.print_exc()
+            _exit_now_if_multiprocess(1)
+        raise
+
+
+def _multiprocess() -> bool:
+    if "jax" not in sys.modules:
+        return False
+    import jax
+    return jax.distributed.is_initialized() and jax.process_count() > 1
+
+
+def _exit_now_if_multiprocess(code: int) -> None:
+    """With several processes, an error on one of them must not wait for the others at JAX's
+    shutdown barrier (up to 5 minutes while they wait in a collective): exit at once; the others
+    are then ended by the distributed runtime within its heartbeat timeout."""
+    if _multiprocess():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 if __name__ == "__main__":
