@@ -354,6 +354,9 @@ def _check_run_dir(run_dir: str, cfg: RunConfig, resume: bool) -> None:
     if resume and not os.path.isdir(ckpt):
         if exists:
             raise RunDirError(f"--resume: {run_dir} has no checkpoints/ to resume from")
+    if resume and os.path.isdir(ckpt) and not os.path.exists(os.path.join(run_dir, "config.yaml")):
+        raise RunDirError(f"--resume: {run_dir} has checkpoints but no config.yaml, so they cannot "
+                          "be checked against this config; start a new run directory")
     if resume and os.path.exists(os.path.join(run_dir, "config.yaml")):
         with open(os.path.join(run_dir, "config.yaml")) as f:
             import yaml

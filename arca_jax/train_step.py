@@ -21,6 +21,7 @@ from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -271,7 +272,10 @@ def make_train_step(config: qwen3.Qwen3Config, grpo_config: GRPOConfig,
                          donate_argnums=donate_argnums)
 
         def train_step(state, params, batch):
-            new_state, metrics = pstep(state, params, parallel.split_batch(as_batch(batch), n))
+            # via the host: a batch produced under another sharding (e.g. a sampler's mesh) is
+            # re-laid out by pmap's own device split instead of clashing with it
+            host = jax.tree_util.tree_map(np.asarray, as_batch(batch))
+            new_state, metrics = pstep(state, params, parallel.split_batch(host, n))
             return new_state, parallel.unreplicate(metrics)
 
         train_step.pmapped = pstep  # the raw pmapped function, for inspection

@@ -125,6 +125,10 @@ def test_unparsable_config_and_existing_run_dir(tmp_path, capsys):
     assert cli.main(["train", "--output-dir", str(existing)]) == 2
     assert "already exists" in capsys.readouterr().err
     assert (existing / "metrics.jsonl").read_text() == "{}\n"  # untouched
+    orphan = tmp_path / "orphan"
+    (orphan / "checkpoints" / "3").mkdir(parents=True)  # checkpoints of an unknown config
+    assert cli.main(["train", "--output-dir", str(orphan), "--resume"]) == 2
+    assert "no config.yaml" in capsys.readouterr().err
 
 
 def test_cli_as_a_subprocess_reports_bad_input_cleanly(tmp_path):
@@ -199,3 +203,14 @@ def test_sigterm_checkpoints_and_exits(tmp_path):
     assert "continue with --resume" in err
     steps = [int(s) for s in os.listdir(run_dir / "checkpoints")]
     assert steps and max(steps) == len(_rows(str(run_dir), "metrics.jsonl")) < 50
+
+
+def test_pmap_mode_trains(tmp_path):
+    overrides = [o for o in TINY if not o.startswith(("train.steps", "rollout.prompts_per_step",
+                                                       "rollout.group_size"))]
+    cfg = config.load(None, overrides + ["train.mode=pmap", "train.steps=2",
+                                         "rollout.prompts_per_step=4", "rollout.group_size=2"])
+    summary = train.train(cfg, str(tmp_path / "pmap"))
+    metrics = _rows(str(tmp_path / "pmap"), "metrics.jsonl")
+    assert summary["finished"] and len(metrics) == 2
+    assert all(np.isfinite(m["loss"]) and m["skipped"] == 0 for m in metrics)
