@@ -360,6 +360,27 @@ def _aligned_logprobs(params, h, b: Batch, valid, *, config, grpo_config: GRPOCo
     return jnp.where(valid, lp, 0.0), jnp.where(valid, ent, 0.0)
 
 
+def residual_norms(h: Array, h_base: Array, valid: Array, noise_floor: float) -> Array:
+    """ARCA saliences [B, T] aligned with input_ids: ||h - h_base||_2 at the position whose
+    logits score each token (t - 1), 0 where not ``valid``. Below ``noise_floor * ||h_base||``
+    the two forwards differ only by float rounding (different fusions of the same math), so a
+    zero adapter gives exactly 0, hence uniform weights."""
+    hb32 = h_base.astype(jnp.float32)
+    diff = h.astype(jnp.float32) - hb32
+    rn = jnp.sqrt(jnp.sum(diff * diff, axis=-1))  # [B, T] at the scoring position
+    floor = noise_floor * jnp.sqrt(jnp.sum(hb32 * hb32, axis=-1))
+    rn = jnp.where(rn > floor, rn, 0.0)
+    return jnp.where(valid, shift_right(rn), 0.0)
+
+
+def floored_reference(logps: Array, ref_logps: Array, noise_floor: float) -> Array:
+    """Reference log-probs for the divergence salience with the same noise floor: where
+    |log pi - log pi_ref| <= noise_floor * max(1, |log pi_ref|) the reference is taken equal to
+    log pi (divergence 0)."""
+    close = jnp.abs(logps - ref_logps) <= noise_floor * jnp.maximum(1.0, jnp.abs(ref_logps))
+    return jnp.where(close, logps, ref_logps)
+
+
 def policy_logprobs(lora, params, batch: Union[Batch, Mapping[str, Any]], *,
                     config: qwen3.Qwen3Config, lora_scale: float,
                     grpo_config: GRPOConfig = GRPOConfig()) -> Array:
@@ -417,21 +438,12 @@ def loss_fn(lora, params, batch: Union[Batch, Mapping[str, Any]], *, config: qwe
                                        with_entropy=False)
             ref_logps = jax.lax.stop_gradient(ref)
         if g.weighting == "arca":
-            hb32 = h_base.astype(jnp.float32)
-            diff = jax.lax.stop_gradient(h).astype(jnp.float32) - hb32
-            rn = jnp.sqrt(jnp.sum(diff * diff, axis=-1))  # [B, T] at the scoring position
-            # below the noise floor the two forwards differ only by float rounding (different
-            # fusions of the same math): a zero adapter then gives exactly 0, hence uniform weights
-            floor = g.noise_floor * jnp.sqrt(jnp.sum(hb32 * hb32, axis=-1))
-            rn = jnp.where(rn > floor, rn, 0.0)
-            residual = jnp.where(valid, shift_right(rn), 0.0)
+            residual = residual_norms(jax.lax.stop_gradient(h), h_base, valid, g.noise_floor)
 
     sg_logps = jax.lax.stop_gradient(logps)
     div_ref = ref_logps
-    if g.weighting == "divergence":  # same noise floor for |log pi - log pi_ref|
-        close = jnp.abs(sg_logps - ref_logps) <= g.noise_floor * jnp.maximum(
-            1.0, jnp.abs(ref_logps))
-        div_ref = jnp.where(close, sg_logps, ref_logps)
+    if g.weighting == "divergence":
+        div_ref = floored_reference(sg_logps, ref_logps, g.noise_floor)
     weights = jax.lax.stop_gradient(credit.token_weights(
         g.weighting, valid, logps=sg_logps, ref_logps=div_ref, entropies=entropies,
         residual_norms=residual, eps=g.eps, sharpening=g.sharpening))  # [B, T]

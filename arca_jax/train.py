@@ -43,7 +43,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from arca_jax import checkpoint, configlib, credit, distributed, hf, lora, parallel, sampling
 from arca_jax.config import ConfigError, RunConfig, check_environment
 from arca_jax.logprobs import next_tokens, shift_right, token_logprobs
-from arca_jax.objective import Batch, advantages
+from arca_jax.objective import Batch, advantages, floored_reference, residual_norms
 from arca_jax.runlog import RunLog, truncate_jsonl
 from arca_jax.tasks import load_task
 from arca_jax.tasks.metrics import mean_pass_at_k
@@ -282,9 +282,10 @@ def score_rows(layout: RowLayout, out: sampling.SampleOutput, n: int, problem_of
 
 
 def all_token_weights(params, adapter, batch: Batch, *, config, lora_scale: float, eps: float,
-                      sharpening: float) -> Dict[str, jax.Array]:
+                      sharpening: float, noise_floor: float) -> Dict[str, jax.Array]:
     """Every method's token weights [B, T] on the same trajectories (for samples.jsonl and the
-    report's credit heatmap): one adapted and one base forward."""
+    report's credit heatmap): one adapted and one base forward, with the training objective's
+    noise floor on the ARCA and divergence saliences."""
     from arca_jax import qwen3
 
     fwd = dict(config=config, attention_mask=batch.attention_mask, positions=batch.positions,
@@ -294,9 +295,11 @@ def all_token_weights(params, adapter, batch: Batch, *, config, lora_scale: floa
     targets = next_tokens(batch.input_ids)
     logp, ent = token_logprobs(params, h, targets, config=config)
     ref, _ = token_logprobs(params, h0, targets, config=config, with_entropy=False)
-    resid = jnp.linalg.norm((h - h0).astype(jnp.float32), axis=-1)
-    inputs = dict(logps=shift_right(logp), ref_logps=shift_right(ref),
-                  entropies=shift_right(ent), residual_norms=shift_right(resid))
+    logps = shift_right(logp)
+    valid = batch.completion_mask.astype(bool)
+    inputs = dict(logps=logps, ref_logps=floored_reference(logps, shift_right(ref), noise_floor),
+                  entropies=shift_right(ent),
+                  residual_norms=residual_norms(h, h0, valid, noise_floor))
     return {m: credit.token_weights(m, batch.completion_mask, eps=eps, sharpening=sharpening,
                                     **inputs) for m in credit.MODES}
 
@@ -601,14 +604,15 @@ def _summary(cfg: RunConfig, run_dir: str, evals: List[EvalResult], trainable: i
             "steps": steps, "wall_time_s": round(wall, 1), "finished": True}
 
 
-_weights_jit = jax.jit(all_token_weights, static_argnames=("config", "lora_scale", "eps", "sharpening"))
+_weights_jit = jax.jit(all_token_weights, static_argnames=("config", "lora_scale", "eps",
+                                                         "sharpening", "noise_floor"))
 
 
 def _sample_weights(model: Model, adapter, lora_scale, cfg: RunConfig, sub: Batch, mesh=None):
     """Every method's token weights [n, T] (host arrays) of the rows `sub`. With a mesh: on the
     mesh, rows padded to a multiple of the device count; every process must call it."""
     kw = dict(config=model.config, lora_scale=lora_scale, eps=cfg.grpo.eps,
-              sharpening=cfg.grpo.sharpening)
+              sharpening=cfg.grpo.sharpening, noise_floor=cfg.grpo.noise_floor)
     if mesh is None:
         return {m: np.asarray(w) for m, w in _weights_jit(model.params, adapter, sub, **kw).items()}
     n = sub.input_ids.shape[0]
