@@ -1,0 +1,97 @@
+"""Fixed-seed reference outputs of the embedded demo and the sampler, recorded before a refactor
+and compared after it (tests/test_golden.py): identical tokens, rewards and evaluations; metrics
+equal up to float rounding.
+
+    python tests/golden_demo.py --write     # re-record tests/data/golden_demo.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+GOLDEN = os.path.join(HERE, "data", "golden_demo.json")
+
+DEMO = ["train.steps=4", "train.seed=7", "optim.warmup_steps=0", "rollout.prompts_per_step=3", "rollout.group_size=4",
+        "rollout.max_new_tokens=48", "task.num_eval_problems=6", "task.max_train_samples=64",
+        "train.save_every=0", "train.samples_every=1", "train.samples_per_log=2",
+        "grpo.weighting=arca", "grpo.sharpening=2.0", "optim.learning_rate=1e-2"]
+TIMING = {"time_sample_s", "time_score_s", "time_update_s", "step_time_s", "tokens_per_s"}
+
+
+def _rows(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def demo_run() -> dict:
+    """metrics (timings removed), evals and samples of a 4-step run of the embedded demo."""
+    from arca_jax import cli
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = os.path.join(tmp, "run")
+        args = ["train", "--output-dir", run_dir]
+        for o in DEMO:
+            args += ["--set", o]
+        code = cli.main(args)
+        if code not in (0, None):
+            raise RuntimeError(f"demo run failed with exit code {code}")
+        metrics = [{k: v for k, v in r.items() if k not in TIMING}
+                   for r in _rows(os.path.join(run_dir, "metrics.jsonl"))]
+        return {"metrics": metrics, "evals": _rows(os.path.join(run_dir, "eval.jsonl")),
+                "samples": _rows(os.path.join(run_dir, "samples.jsonl"))}
+
+
+def sampler_tokens() -> dict:
+    """Greedy and sampled tokens (and log-probs) of the shipped model with a random adapter, for
+    fixed prompts and keys."""
+    import jax
+    import numpy as np
+
+    from arca_jax import config, hf, lora, sampling
+
+    path = config.ModelConfig().resolved_path()
+    model_config, params = hf.load_pretrained(path)
+    lcfg = lora.LoraConfig(rank=4, alpha=8.0)
+    adapter = lora.init_lora(model_config, lcfg, jax.random.PRNGKey(1))
+    leaves, tree = jax.tree_util.tree_flatten(adapter)
+    keys = jax.random.split(jax.random.PRNGKey(2), len(leaves))
+    adapter = jax.tree_util.tree_unflatten(
+        tree, [x + 0.05 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
+    rng = np.random.default_rng(3)
+    ids = np.zeros((6, 12), np.int32)
+    mask = np.zeros((6, 12), np.int32)
+    for b, n in enumerate([12, 5, 9, 3, 12, 7]):
+        ids[b, 12 - n:] = rng.integers(3, model_config.vocab_size, n)
+        mask[b, 12 - n:] = 1
+    out = {}
+    for name, kw in {"greedy": dict(greedy=True),
+                     "sampled": dict(temperature=1.0),
+                     "sampled_top_p": dict(temperature=0.7, top_p=0.9)}.items():
+        for use_lora in (False, True):
+            res = sampling.generate(params, ids, mask, config=model_config,
+                                    rng=jax.random.PRNGKey(11), max_new_tokens=20,
+                                    lora=adapter if use_lora else None, lora_scale=lcfg.scaling,
+                                    eos_id=model_config.eos_token_id, **kw)
+            out[f"{name}{'_lora' if use_lora else ''}"] = {
+                "tokens": np.asarray(res.tokens).tolist(), "mask": np.asarray(res.mask).tolist(),
+                "logps": np.asarray(res.logps).round(6).tolist()}
+    return out
+
+
+def record() -> dict:
+    return {"demo": demo_run(), "sampler": sampler_tokens()}
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, HERE)
+    import conftest  # noqa: F401  (CPU, 8 devices, highest matmul precision: as in the tests)
+
+    if "--write" not in sys.argv:
+        sys.exit("usage: python tests/golden_demo.py --write")
+    with open(GOLDEN, "w") as f:
+        json.dump(record(), f, indent=1)
+    print(f"wrote {GOLDEN}")
