@@ -3,6 +3,9 @@ import argparse
 import csv
 import json
 import re
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +31,8 @@ from arca_jax.report import (
     trailing_mean,
     write_report,
 )
+from arca_jax.report.heatmap import _wrap_lines
+from arca_jax.report.load import _parse_sample
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TRICKY_TOKEN = "<script>&\"x\"</script>"
@@ -261,6 +266,62 @@ def test_duplicate_names_are_disambiguated_and_repeated_dirs_rejected(tmp_path):
         load_runs([])
 
 
+#: The public names of ``arca_jax.report`` when it was one module; the package re-exports them all.
+PUBLIC_NAMES = (
+    "MODES", "METHOD_LABELS", "METRICS_FILE", "EVAL_FILE", "SAMPLES_FILE", "SUMMARY_FILE",
+    "CONFIG_FILE", "PaperSetting", "PaperPerformance", "PaperDiagnostics", "PAPER_SETTING",
+    "PAPER_PERFORMANCE", "PAPER_DIAGNOSTICS", "Metrics", "EvalPoint", "Sample", "Summary", "Run",
+    "config_get", "arm_label", "load_config", "load_metrics", "load_evals", "load_samples",
+    "load_summary", "load_run", "load_runs", "sort_runs", "PerformanceRow", "DiagnosticsRow",
+    "performance_row", "diagnostics_row", "performance_table", "diagnostics_table",
+    "consistency_notes", "format_params", "markdown_table", "performance_markdown",
+    "diagnostics_markdown", "write_csv", "comparison_markdown", "ReportError", "trailing_mean",
+    "plot_reward_accuracy", "plot_weight_diagnostics", "HeatmapChoice", "HeatmapRow", "gini",
+    "effective_token_ratio", "choose_sample", "heatmap_rows", "display_token", "plot_heatmap",
+    "render_heatmap_html", "write_heatmap_html", "ReportPaths", "write_report", "add_arguments",
+    "run", "main",
+)
+
+
+def test_package_re_exports_every_public_name():
+    assert sorted(report.__all__) == sorted(PUBLIC_NAMES)
+    assert all(callable(getattr(report, n)) or n.isupper() for n in PUBLIC_NAMES)
+
+
+def test_report_imports_and_runs_without_jax_or_eager_matplotlib(tmp_path):
+    """``python -m arca_jax.report`` in a process where importing jax raises."""
+    run_dir = make_run(tmp_path / "runs", "arca_r4", "arca", 4, samples=(_sample(1, 1.0),))
+    code = textwrap.dedent(f"""
+        import runpy, sys
+
+        blocked = []  # also catches an import attempt that some caller swallows
+
+        class BlockJax:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("jax", "jaxlib"):
+                    blocked.append(name)
+                    raise ImportError(f"jax is blocked: {{name}}")
+                return None
+
+        sys.meta_path.insert(0, BlockJax())
+        import arca_jax.report
+        assert "matplotlib" not in sys.modules, "matplotlib imported eagerly"
+        sys.argv = ["arca-jax report", {str(run_dir)!r}, "--out", {str(tmp_path / "out")!r}]
+        code = 0
+        try:
+            runpy.run_module("arca_jax.report", run_name="__main__", alter_sys=True)
+        except SystemExit as e:
+            code = e.code
+        assert not blocked, f"tried to import {{blocked}}"
+        sys.exit(code)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "wrote" in proc.stdout
+    assert (tmp_path / "out" / "heatmap.png").is_file()
+
+
 def test_modes_match_the_credit_module():
     from arca_jax.credit import MODES
 
@@ -428,7 +489,7 @@ def test_no_samples_means_no_heatmap(tmp_path):
 
 
 def test_heatmap_rows_are_in_paper_order_and_scaled_per_row():
-    s = report._parse_sample(_sample(1, 1.0), "x")
+    s = _parse_sample(_sample(1, 1.0), "x")
     rows = report.heatmap_rows(s)
     assert [r.mode for r in rows] == list(report.MODES)
     for r in rows:
@@ -449,7 +510,7 @@ def test_heatmap_html_escapes_tokens(sweep, tmp_path):
 
 
 def test_wrap_lines_breaks_after_newlines_and_at_width():
-    lines = report._wrap_lines(["ab", "\n", "cd", "efg", "h"], line_chars=5)
+    lines = _wrap_lines(["ab", "\n", "cd", "efg", "h"], line_chars=5)
     assert lines == [[0, 1], [2, 3], [4]]
 
 

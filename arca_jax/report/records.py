@@ -1,0 +1,191 @@
+"""What a run directory holds, as records: the modes, the file names, ``Run`` and its parts.
+
+Nothing here reads files (``load`` does); ``sort_runs`` gives the paper's table order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+#: The five weightings, in the paper's table order (same as ``arca_jax.credit.MODES``; not imported
+#: from there so that reading reports does not import JAX).
+MODES: tuple[str, ...] = ("uniform", "surprisal", "entropy_reduction", "divergence", "arca")
+
+#: Names the paper's tables use for the modes.
+METHOD_LABELS: Mapping[str, str] = {
+    "uniform": "uniform",
+    "surprisal": "surprisal",
+    "entropy_reduction": "entropy reduction",
+    "divergence": "policy divergence",
+    "arca": "ARCA",
+}
+
+METRICS_FILE = "metrics.jsonl"
+EVAL_FILE = "eval.jsonl"
+SAMPLES_FILE = "samples.jsonl"
+SUMMARY_FILE = "summary.json"
+CONFIG_FILE = "config.yaml"
+
+
+@dataclasses.dataclass(frozen=True)
+class Metrics:
+    """Per-step training metrics, one record per step, sorted by step (later duplicates won)."""
+
+    records: tuple[Mapping[str, Any], ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def steps(self) -> np.ndarray:
+        """[N] int64 step numbers."""
+        return np.array([r["step"] for r in self.records], dtype=np.int64)
+
+    def values(self, key: str) -> np.ndarray:
+        """[N] float64 values of ``key``; NaN where a step lacks it or logged null."""
+        out = [r.get(key) for r in self.records]
+        return np.array([np.nan if v is None else float(v) for v in out], dtype=np.float64)
+
+    def mean(self, key: str) -> float | None:
+        """Mean of ``key`` over the steps that logged a finite value; None if none did."""
+        v = self.values(key)
+        v = v[np.isfinite(v)]
+        return float(v.mean()) if v.size else None
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalPoint:
+    """One held-out evaluation (step 0 is the base model before training)."""
+
+    step: int
+    greedy_accuracy: float | None
+    pass_at_k: float | None
+    k: int | None
+    num_problems: int | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    """One logged completion with the five methods' weights on its tokens."""
+
+    step: int
+    prompt: str
+    completion: str
+    reward: float | None
+    tokens: tuple[str, ...]
+    weights: Mapping[str, tuple[float, ...]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Summary:
+    """``summary.json`` (every field optional except ``finished``, which defaults to False)."""
+
+    method: str | None = None
+    rank: int | None = None
+    trainable_params: int | None = None
+    base_greedy_accuracy: float | None = None
+    base_pass_at_k: float | None = None
+    final_greedy_accuracy: float | None = None
+    final_pass_at_k: float | None = None
+    k: int | None = None
+    mean_train_reward: float | None = None
+    mean_weight_gini: float | None = None
+    mean_effective_token_ratio: float | None = None
+    steps: int | None = None
+    wall_time_s: float | None = None
+    finished: bool = False
+
+
+@dataclasses.dataclass
+class Run:
+    """One loaded run directory.
+
+    name: the directory's name (made unique by ``load_runs`` when several share one).
+    config: the resolved config as a nested dict.
+    notes: problems that were tolerated while loading (truncated lines, repeated steps, ...).
+    """
+
+    name: str
+    path: Path
+    config: dict
+    metrics: Metrics
+    evals: tuple[EvalPoint, ...]
+    samples: tuple[Sample, ...]
+    summary: Summary | None
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def method(self) -> str:
+        return str(config_get(self.config, "grpo.weighting"))
+
+    @property
+    def rank(self) -> int:
+        return int(config_get(self.config, "lora.rank"))
+
+    @property
+    def finished(self) -> bool:
+        return self.summary is not None and self.summary.finished
+
+    @property
+    def steps_done(self) -> int:
+        """Number of training steps logged in metrics.jsonl."""
+        return len(self.metrics)
+
+    @property
+    def steps_planned(self) -> int | None:
+        steps = config_get(self.config, "train.steps")
+        if _is_int(steps):
+            return int(steps)
+        return self.summary.steps if self.summary is not None else None
+
+    @property
+    def model(self) -> str | None:
+        return _opt_str(config_get(self.config, "model.path"))
+
+    @property
+    def task(self) -> str | None:
+        return _opt_str(config_get(self.config, "task.name"))
+
+    @property
+    def seed(self) -> int | None:
+        seed = config_get(self.config, "train.seed")
+        return int(seed) if _is_int(seed) else None
+
+    @property
+    def label(self) -> str:
+        """Short arm name for plots, e.g. ``ARCA r16``."""
+        return arm_label(self.method, self.rank)
+
+
+def config_get(config: Mapping[str, Any], dotted: str, default: Any = None) -> Any:
+    """``config["a"]["b"]`` for ``dotted = "a.b"``; ``default`` when any level is missing."""
+    node: Any = config
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def arm_label(method: str, rank: int) -> str:
+    """``ARCA r16``, ``surprisal r64``."""
+    return f"{METHOD_LABELS.get(method, method)} r{rank}"
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _opt_str(x: Any) -> str | None:
+    return None if x is None else str(x)
+
+
+def sort_runs(runs: Iterable[Run]) -> list[Run]:
+    """Paper order: uniform, surprisal, entropy reduction, divergence, ARCA; then rank, name."""
+    return sorted(runs, key=lambda r: (MODES.index(r.method), r.rank, r.name))
