@@ -19,6 +19,8 @@ import sys
 import time
 from typing import List, Optional
 
+from arca_jax import rundir
+
 EXIT_USAGE = 2
 
 
@@ -107,36 +109,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load_run(run_dir: str, checkpoint_step: Optional[int]):
-    """(cfg, model, adapter, step) of a finished or interrupted run directory."""
-    from arca_jax import checkpoint, config, lora, train
-    from arca_jax.configlib import ConfigError
-    from arca_jax.train_step import TrainState, make_optimizer
-    import jax
-
-    cfg_path = os.path.join(run_dir, "config.yaml")
-    if not os.path.isfile(cfg_path):
-        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
-    cfg = config.load(cfg_path)
-    ckpt_dir = os.path.join(run_dir, "checkpoints")
-    if not os.path.isdir(ckpt_dir):
-        raise ConfigError(f"{run_dir} has no checkpoints/")
-    model = train.load_model(cfg)
-    opt = make_optimizer(cfg.optim.learning_rate, warmup_steps=cfg.optim.warmup_steps,
-                         total_steps=max(cfg.train.steps * cfg.grpo.num_iterations, 1),
-                         weight_decay=cfg.optim.weight_decay, max_grad_norm=cfg.optim.max_grad_norm)
-    like = TrainState.create(lora.init_lora(model.config, cfg.lora, jax.random.PRNGKey(0)), opt,
-                             jax.random.PRNGKey(0))
-    ckpt = checkpoint.Checkpointer(ckpt_dir, keep=cfg.train.keep_checkpoints)
-    try:
-        state, _, step = ckpt.restore(like, checkpoint_step)
-    except FileNotFoundError as e:
-        raise ConfigError(str(e)) from None
-    finally:
-        ckpt.close()
-    return cfg, model, state.lora, step
-
-
 def cmd_train(args) -> int:
     from arca_jax import config, distributed, train
 
@@ -163,27 +135,23 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    import jax
-    from arca_jax import train
-    from arca_jax.tasks import load_task
-
-    cfg, model, adapter, step = _load_run(args.run, args.checkpoint)
-    task = load_task(cfg.task.name, cfg.task.eval_split,
-                     max_samples=cfg.task.num_eval_problems if cfg.task.path is None else None,
-                     path=cfg.task.path, reward_mode=cfg.task.reward_mode)
-    problems = list(task.problems)[:cfg.task.num_eval_problems]
-    res = train.evaluate(model, adapter, cfg.lora.scaling, problems,
-                         train.Scorer(task, cfg.task.reward_timeout_s), cfg, step,
-                         jax.random.fold_in(jax.random.PRNGKey(cfg.train.seed), 2))
     import dataclasses
+
+    from arca_jax import trainer
+
+    cfg, model, adapter, step = trainer.load_run(args.run, args.checkpoint)
+    task, problems = trainer.load_eval_task(cfg)
+    res = trainer.evaluate(model, adapter, cfg.lora.scaling, problems,
+                           trainer.Scorer(task, cfg.task.reward_timeout_s), cfg, step,
+                           trainer.stream_key(cfg, trainer.Stream.EVAL, step))
     print(json.dumps({"checkpoint": step, **dataclasses.asdict(res)}, indent=2))
     return 0
 
 
 def cmd_export(args) -> int:
-    from arca_jax import lora
+    from arca_jax import lora, trainer
 
-    cfg, model, adapter, step = _load_run(args.run, args.checkpoint)
+    cfg, model, adapter, step = trainer.load_run(args.run, args.checkpoint)
     base = cfg.model.path if not cfg.model.path.startswith("embedded:") else cfg.model.resolved_path()
     lora.save_peft(args.peft, cfg.lora, adapter, base_model_name_or_path=base)
     print(f"wrote the adapter of step {step} to {args.peft} (PEFT format)")
@@ -196,7 +164,7 @@ def sweep_plan(configs, root: str):
     plan = []
     for path in configs:
         run_dir = os.path.join(root, os.path.splitext(os.path.basename(path))[0])
-        summary = os.path.join(run_dir, "summary.json")
+        summary = rundir.path(run_dir, rundir.SUMMARY)
         action = "start"
         if os.path.isfile(summary):
             try:
@@ -204,7 +172,7 @@ def sweep_plan(configs, root: str):
                     action = "skip" if json.load(f).get("finished") else "resume"
             except (OSError, ValueError):
                 action = "resume"
-        elif os.path.isdir(os.path.join(run_dir, "checkpoints")):
+        elif os.path.isdir(rundir.path(run_dir, rundir.CHECKPOINTS)):
             action = "resume"
         plan.append((path, run_dir, action))
     return plan
@@ -241,14 +209,11 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "sweep":
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from arca_jax.configlib import ConfigError
-    from arca_jax.qwen3 import ConfigError as ModelConfigError
-    from arca_jax.safetensors_io import CheckpointError
-    from arca_jax.tasks.data import TaskDataError
+    from arca_jax.errors import ConfigError
 
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, ModelConfigError, CheckpointError, TaskDataError) as e:
+    except ConfigError as e:
         print(f"arca-jax {args.command}: error: {e}", file=sys.stderr)
         _exit_now_if_multiprocess(EXIT_USAGE)
         return EXIT_USAGE

@@ -4,7 +4,7 @@
     lora:    `arca_jax.lora.LoraConfig` (rank, alpha, targets, dropout)
     task:    task name, data path, evaluation set
     rollout: prompts per step, group size G, lengths, temperature, top-p
-    grpo:    `arca_jax.objective.GRPOConfig` (weighting, sharpening, estimator, clipping, KL, ...)
+    grpo:    `arca_jax.grpo.GRPOConfig` (weighting, sharpening, estimator, clipping, KL, ...)
     optim:   AdamW, warmup + cosine, gradient clipping
     train:   steps, seed, parallelism, evaluation / checkpoint / logging cadence
 
@@ -22,7 +22,7 @@ from typing import Literal, Optional
 from arca_jax import configlib
 from arca_jax.configlib import ConfigError
 from arca_jax.lora import LoraConfig
-from arca_jax.objective import GRPOConfig
+from arca_jax.grpo.config import GRPOConfig
 
 EMBEDDED_MODEL = "embedded:tiny-arith"
 ASSETS = os.path.join(os.path.dirname(__file__), "assets")

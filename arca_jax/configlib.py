@@ -14,11 +14,9 @@ from typing import Any, Dict, Iterable, Literal, Mapping, Optional, Tuple, Type,
 
 import yaml
 
+from arca_jax.errors import ConfigError  # noqa: F401  (configlib.ConfigError)
+
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """Invalid configuration input (file, key, type or value)."""
 
 
 def _type_name(tp) -> str:

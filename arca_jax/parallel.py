@@ -1,4 +1,5 @@
-"""Device layouts for the train step: a ("data", "fsdp") mesh with named shardings; pmap helpers.
+"""Device layouts: a ("data", "fsdp") mesh with named shardings, pmap helpers, and the rows of a
+batch across the processes of a multi-host run (`RowLayout`).
 
 Mesh layout (``make_train_step(mode="mesh")``):
 - base parameters: each large leaf is sharded over "fsdp" along one dimension, chosen by the
@@ -148,3 +149,98 @@ def split_batch(batch, n: int):
         return x.reshape((n, x.shape[0] // n) + x.shape[1:])
     return jax.tree_util.tree_map(split, batch)
 
+
+
+# --------------------------------------------------------------------------------------------
+# Rows of a batch across processes (multi-host runs)
+# --------------------------------------------------------------------------------------------
+
+
+class RowLayout:
+    """Which rows of a [B, ...] batch this process holds and which it owns (scores).
+
+    With a mesh, the batch is sharded like the train step's (``batch_spec``): `local` are the rows
+    held by this process's devices (sorted); `owned` the rows this process answers for (each
+    row's lowest-numbered holding process; with the batch over the whole mesh a row has one
+    holder, so owned == local). Without a mesh (one device, or pmap, which splits batches
+    itself) every row is local and owned and the arrays live on the default device. With one
+    process both are every row either way.
+    """
+
+    def __init__(self, mesh: Optional[Mesh], batch_size: int):
+        self.mesh = mesh
+        self.batch_size = B = batch_size
+        if mesh is None:
+            self.sharding = None
+            self.owner = np.zeros(B, np.int64)
+            self.local = self.owned = np.arange(B)
+            return
+        self.sharding = NamedSharding(mesh, batch_spec(B, mesh))
+        me = jax.process_index()
+        self.owner = np.full(B, np.iinfo(np.int32).max, np.int64)
+        local = np.zeros(B, bool)
+        for dev, index in self.sharding.devices_indices_map((B,)).items():
+            rows = np.arange(B)[index[0]]
+            self.owner[rows] = np.minimum(self.owner[rows], dev.process_index)
+            if dev.process_index == me:
+                local[rows] = True
+        self.local = np.flatnonzero(local)
+        self.owned = np.flatnonzero(self.owner == me)
+
+    @classmethod
+    def padded(cls, mesh: Optional[Mesh], rows: int) -> "RowLayout":
+        """A layout of `rows` rows rounded up to a multiple of the mesh's device count."""
+        size = 1 if mesh is None else mesh.size
+        return cls(mesh, -(-rows // size) * size)
+
+    def to_global(self, full) -> jax.Array:
+        """A global [B, ...] array from a host array every process holds in full (each passes
+        only its own rows: `jax.make_array_from_process_local_data`); rows beyond the array's
+        are filled by repeating its last row (real inputs, dropped afterwards)."""
+        full = pad_rows(np.asarray(full), self.batch_size)
+        if self.sharding is None:
+            return jnp.asarray(full)
+        return jax.make_array_from_process_local_data(self.sharding, full[self.local], full.shape)
+
+    def host(self, x: jax.Array) -> np.ndarray:
+        """A [B, ...] host copy of a global array holding (at least) this process's owned rows
+        (other rows 0), from its addressable shards: no communication."""
+        if self.sharding is None or x.is_fully_addressable:
+            return np.asarray(x)
+        x_shape = tuple(x.shape)
+        full = np.zeros(x_shape, x.dtype)
+        have = np.zeros(x_shape[0], bool)
+        for shard in x.addressable_shards:
+            full[shard.index] = np.asarray(shard.data)
+            have[np.arange(x_shape[0])[shard.index[0]]] = True
+        if not have[self.owned].all():
+            raise RuntimeError("a rollout array does not hold this process's rows (unexpected "
+                               f"sharding {x.sharding})")
+        return full
+
+    def combine(self, tree):
+        """Per-row host arrays [B, ...] filled at this process's owned rows -> the full arrays on
+        every process (one all-gather of the whole tree)."""
+        if jax.process_count() == 1:
+            return tree
+        from arca_jax import distributed
+        stacked = distributed.allgather(tree)
+        rows = np.arange(self.batch_size)
+        return jax.tree_util.tree_map(lambda a: a[self.owner, rows], stacked)
+
+    def gather_rows(self, x: jax.Array, rows: np.ndarray) -> np.ndarray:
+        """Rows `rows` of a global [B, ...] array on every process (collective with several)."""
+        if not isinstance(x, jax.Array) or x.is_fully_addressable:
+            return np.asarray(x)[rows]
+        from arca_jax import distributed
+        full = self.host(x)
+        part = np.where((self.owner[rows] == jax.process_index()).reshape(
+            (-1,) + (1,) * (full.ndim - 1)), full[rows], 0)
+        stacked = distributed.allgather(part)
+        return stacked[self.owner[rows], np.arange(len(rows))]
+
+
+def pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
+    """[n, ...] -> [rows, ...] by repeating the last row (n <= rows)."""
+    x = np.asarray(x)
+    return x if x.shape[0] == rows else np.concatenate([x, np.repeat(x[-1:], rows - x.shape[0], 0)])

@@ -1,11 +1,6 @@
 """Run-directory outputs: JSON-lines logs, TensorBoard events, and the console display.
 
-Files (the contract `arca_jax.report` reads):
-    metrics.jsonl   one object per training step
-    eval.jsonl      one object per evaluation (step 0 = the base model, before training)
-    samples.jsonl   a few completions with their reward and every method's token weights
-    summary.json    written once, at the end
-    tb/             TensorBoard event files
+The files are those of the run-directory contract (`arca_jax.rundir`).
 Only process 0 writes (`enabled=False` elsewhere). Lines are flushed as they are written, so a
 killed run leaves every complete line readable.
 """
@@ -18,6 +13,8 @@ import os
 import sys
 import time
 from typing import Any, Dict, Optional
+
+from arca_jax import rundir
 
 
 def _clean(value: Any) -> Any:
@@ -46,7 +43,7 @@ class RunLog:
         if enabled and tensorboard:
             try:
                 from tensorboardX import SummaryWriter
-                self._tb = SummaryWriter(os.path.join(run_dir, "tb"))
+                self._tb = SummaryWriter(rundir.path(run_dir, rundir.TENSORBOARD))
             except ImportError:  # pragma: no cover - tensorboardX is a dependency
                 self._tb = None
 
@@ -60,14 +57,14 @@ class RunLog:
         f.flush()
 
     def metrics(self, record: Dict[str, Any]):
-        self._append("metrics.jsonl", record)
+        self._append(rundir.METRICS, record)
         if self._tb is not None:
             for k, v in _clean(record).items():
                 if k != "step" and isinstance(v, (int, float)):
                     self._tb.add_scalar(f"train/{k}", v, record["step"])
 
     def eval(self, record: Dict[str, Any]):
-        self._append("eval.jsonl", record)
+        self._append(rundir.EVAL, record)
         if self._tb is not None:
             for k in ("greedy_accuracy", "pass_at_k"):
                 if record.get(k) is not None:
@@ -77,7 +74,7 @@ class RunLog:
                      f"({record['num_problems']} problems)")
 
     def sample(self, record: Dict[str, Any]):
-        self._append("samples.jsonl", record)
+        self._append(rundir.SAMPLES, record)
 
     def summary(self, record: Dict[str, Any]):
         if not self.enabled:
@@ -85,7 +82,7 @@ class RunLog:
         tmp = os.path.join(self.run_dir, "summary.json.tmp")
         with open(tmp, "w") as f:
             json.dump(_clean(record), f, indent=2)
-        os.replace(tmp, os.path.join(self.run_dir, "summary.json"))
+        os.replace(tmp, rundir.path(self.run_dir, rundir.SUMMARY))
 
     def progress(self, step: int, total: int, m: Dict[str, Any]):
         """A live line on a terminal, a plain log line otherwise."""

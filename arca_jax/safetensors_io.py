@@ -16,6 +16,8 @@ from typing import Any, Callable, Iterable, Mapping, Tuple
 import ml_dtypes
 import numpy as np
 
+from arca_jax.errors import ConfigError
+
 _DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
     "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
@@ -26,7 +28,7 @@ _NAMES = {v: k for k, v in _DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ConfigError):
     """A checkpoint or adapter file that cannot be read as asked."""
 
 

@@ -2,7 +2,7 @@
 
     out = generate(params, prompt_ids, prompt_mask, config=config, rng=key, max_new_tokens=512,
                    lora=adapter, lora_scale=lora_config.scaling, eos_id=config.eos_token_id)
-    batch = build_batch(prompt_ids, prompt_mask, out)     # what the GRPO step trains on
+    batch = build_batch(prompt_ids, prompt_mask, out, advantages=adv)   # what the step trains on
 
 How it runs (B rows, P prompt width, N new tokens, S = P + N cache slots, V vocabulary):
   1. `qwen3.inference_weights` rearranges the parameters once (fused q/k/v and gate/up kernels,
@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from arca_jax import qwen3
+from arca_jax.batch import Batch
 
 Params = qwen3.Params
 
@@ -90,7 +91,7 @@ class SamplingConfig:
 class SamplerState:
     """The decode loop's carry. B rows, N token columns.
 
-    cache:    `qwen3.InferenceCache` holding the prompt and the tokens fed so far.
+    cache:    `qwen3.KVCache` holding the prompt and the tokens fed so far.
     tokens:   [B, N] int32 sampled tokens; `pad_id` after a row's EOS and in unsampled columns.
     mask:     [B, N] int32, 1 for tokens up to and including the row's EOS.
     logps:    [B, N] float32 log-probability of each token under the plain softmax (0 where mask 0).
@@ -102,7 +103,7 @@ class SamplerState:
     uniforms: [N, B] float32 in (0, 1]: row i draws column i's tokens (see `choose_tokens`).
     """
 
-    cache: qwen3.InferenceCache
+    cache: qwen3.KVCache
     tokens: jax.Array
     mask: jax.Array
     logps: jax.Array
@@ -270,7 +271,7 @@ def prefill(weights: qwen3.InferenceWeights, prompt_ids: jax.Array, prompt_mask:
     B, P = prompt_ids.shape
     N = settings.max_new_tokens
     mask = prompt_mask.astype(jnp.int32)
-    cache = qwen3.InferenceCache.init(config, B, P + N, weights.dtype)
+    cache = qwen3.KVCache.init(config, B, P + N, weights.dtype)
     out = qwen3.inference_forward(weights, prompt_ids.astype(jnp.int32), config=config,
                                   positions=qwen3.default_positions(mask), attention_mask=mask,
                                   cache=cache)
@@ -452,41 +453,29 @@ def generate(params: Params, prompt_ids, prompt_mask, *, config: qwen3.Qwen3Conf
 # --------------------------------------------------------------------------------------------
 
 
-@flax.struct.dataclass
-class TrainBatch:
-    """Prompt + completion as one sequence, the layout of the GRPO step. T = P + N.
+def build_batch(prompt_ids, prompt_mask, out: SampleOutput, advantages=None) -> Batch:
+    """Concatenates prompts [B, P] and a `SampleOutput` [B, N] into the training `Batch` [B, P + N].
 
-    input_ids:       [B, T] int32, prompt then completion (pad after EOS).
-    attention_mask:  [B, T] int32, prompt mask then completion mask.
-    positions:       [B, T] int32, cumsum(attention_mask) - 1 (clipped at 0), as the sampler used.
-    completion_mask: [B, T] int32, 1 where input_ids[:, t] is a generated token that counts
-                     (EOS included); its log-probability comes from the logits at t - 1.
-    sample_logps:    [B, T] float32, the sampler's log-probabilities aligned with input_ids (0 where
-                     completion_mask is 0): the behaviour policy's log-probs.
+    advantages: [B] one scalar per row (``grpo.advantages(...).reshape(-1)``); None leaves zeros,
+    to be set with ``batch.replace(advantages=...)``. ``sample_logps`` holds the sampler's
+    log-probs aligned with input_ids; positions are cumsum(attention_mask) - 1, as sampled.
     """
-
-    input_ids: jax.Array
-    attention_mask: jax.Array
-    positions: jax.Array
-    completion_mask: jax.Array
-    sample_logps: jax.Array
-
-
-def build_batch(prompt_ids, prompt_mask, out: SampleOutput) -> TrainBatch:
-    """Concatenates prompts [B, P] and a `SampleOutput` [B, N] into a `TrainBatch` [B, P + N]."""
     prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
     prompt_mask = jnp.asarray(prompt_mask, jnp.int32)
     zeros = jnp.zeros_like(prompt_mask)
     attention_mask = jnp.concatenate([prompt_mask, out.mask], axis=1)
-    return TrainBatch(
+    B = prompt_ids.shape[0]
+    adv = jnp.zeros((B,), jnp.float32) if advantages is None else jnp.asarray(advantages, jnp.float32)
+    return Batch(
         input_ids=jnp.concatenate([prompt_ids, out.tokens], axis=1),
         attention_mask=attention_mask,
-        positions=qwen3.default_positions(attention_mask),
         completion_mask=jnp.concatenate([zeros, out.mask], axis=1),
+        advantages=adv,
+        positions=qwen3.default_positions(attention_mask),
         sample_logps=jnp.concatenate([zeros.astype(jnp.float32), out.logps], axis=1))
 
 
-def sequence_logps(params: Params, batch: TrainBatch, *, config: qwen3.Qwen3Config,
+def sequence_logps(params: Params, batch: Batch, *, config: qwen3.Qwen3Config,
                    lora: Optional[Params] = None, lora_scale: float = 1.0) -> jax.Array:
     """Teacher-forced log p(input_ids[:, t] | input_ids[:, :t]) [B, T] float32 (0 at t = 0), from one
     `qwen3.forward` over the whole batch. Materialises [B, T, V] logits: a reference for tests and

@@ -32,6 +32,7 @@ import json
 import os
 from typing import Any, Iterator, Sequence
 
+from arca_jax.errors import ConfigError
 from arca_jax.tasks import arithmetic as _arith
 from arca_jax.tasks import gsm8k as _gsm8k
 from arca_jax.tasks import math as _math
@@ -52,7 +53,7 @@ REWARD_MODES = ("exact", "verify", "gsm8k")
 TASK_NAMES = tuple(SPLITS)
 
 
-class TaskDataError(RuntimeError):
+class TaskDataError(ConfigError, RuntimeError):
     """A task's data cannot be loaded (offline, missing, malformed); the message says how to fix it."""
 
 

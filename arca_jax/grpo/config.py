@@ -1,0 +1,112 @@
+"""GRPO objective settings (``GRPOConfig``): frozen, hashable, static under jit."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Union
+
+import jax.numpy as jnp
+
+from arca_jax import credit, qwen3
+
+ESTIMATORS = ("grpo", "rloo", "dr_grpo")
+AGGREGATIONS = ("sequence", "token_mean", "dr_grpo")
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOConfig:
+    """Objective settings. Frozen and hashable: static under jit.
+
+    weighting: token credit, one of ``credit.MODES`` ("uniform", "surprisal",
+        "entropy_reduction", "divergence", "arca").
+    sharpening: exponent s on (alpha + eps) before normalising (paper's sweep: 2.0).
+    eps: added to every salience (``credit.token_weights``).
+    estimator: advantage estimator the trainer uses with ``advantages`` ("grpo", "rloo",
+        "dr_grpo"); the loss itself reads precomputed advantages from the batch.
+    kl_beta: weight of the k3 KL penalty against the base model (adapter off); 0 disables it.
+    clip_eps, clip_eps_high: PPO ratio clip range [1 - clip_eps, 1 + clip_eps_high]
+        (clip_eps_high None: symmetric).
+    num_iterations: optimiser steps per generated batch; > 1 requires ``old_logps`` in the batch.
+    loss_aggregation: "sequence" (paper), "token_mean" (DAPO) or "dr_grpo" (see module doc).
+    max_completion_length: L of the "dr_grpo" normaliser; None uses the batch's T.
+    logits_chunk: positions per chunk of the vocabulary projection (``logprobs.token_logprobs``).
+        Chunks are laid on the token grid (chunk j scores tokens [jC, (j+1)C)), so a completion
+        that starts at a multiple of C (e.g. the sampler's power-of-two prompt widths) leaves
+        no partly used chunk.
+    remat: rematerialise each decoder layer in the backward pass of the gradient forward: False,
+        True (= "full": keep only each layer's input) or "projections" (also keep every
+        projection's output, so no matmul runs twice; see ``qwen3.remat_policy``).
+    attention: attention implementation of both forwards (``qwen3.resolve_attention``): "auto"
+        (cuDNN flash attention on a CUDA GPU with bf16 activations, else "einsum"), "einsum",
+        "cudnn", "sdpa-xla". The fused ones need each row's attention_mask to be one run of ones.
+    lora_dtype: dtype of the adapter matmuls (``qwen3.LoraLinear``); None: the activation dtype
+        (bf16 under a bf16 base; float32 models unchanged); "float32" forces float32.
+    logits_grad_dtype: dtype of the backward matmul through the vocabulary projection
+        (``logprobs.token_logprobs`` grad_dtype); None: the hidden states' dtype; "float32"
+        keeps the float32 cotangent.
+    noise_floor: relative rounding-noise floor of the two forwards' comparison: an ARCA residual
+        ||h_adapted - h_base|| <= noise_floor * ||h_base|| and a divergence
+        |log pi - log pi_ref| <= noise_floor * max(1, |log pi_ref|) count as 0. The gradient
+        forward and the base forward compute the same function with different XLA fusions, so
+        with a zero adapter they differ by float32 rounding (~1e-7 relative), which would
+        otherwise decide the weights; with the floor a fresh adapter (B = 0) gives exactly
+        uniform weights, as in the reference. 1e-5 is far below any adapter effect the weights
+        should resolve (bfloat16 hidden states are quantised at ~4e-3 relative anyway).
+        0 disables it.
+    """
+
+    weighting: str = "arca"
+    sharpening: float = 1.0
+    eps: float = 1e-8
+    estimator: str = "grpo"
+    kl_beta: float = 0.0
+    clip_eps: float = 0.2
+    clip_eps_high: Optional[float] = None
+    num_iterations: int = 1
+    loss_aggregation: str = "sequence"
+    max_completion_length: Optional[int] = None
+    logits_chunk: int = 128
+    remat: Union[bool, str] = False
+    noise_floor: float = 1e-5
+    attention: str = "auto"
+    lora_dtype: Optional[str] = None
+    logits_grad_dtype: Optional[str] = None
+
+    def __post_init__(self):
+        if self.weighting not in credit.MODES:
+            raise ValueError(f"weighting {self.weighting!r}; valid: {', '.join(credit.MODES)}")
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator {self.estimator!r}; valid: {', '.join(ESTIMATORS)}")
+        if self.loss_aggregation not in AGGREGATIONS:
+            raise ValueError(f"loss_aggregation {self.loss_aggregation!r}; valid: "
+                             f"{', '.join(AGGREGATIONS)}")
+        if not self.sharpening > 0:
+            raise ValueError(f"sharpening must be > 0, got {self.sharpening}")
+        if not self.eps >= 0:
+            raise ValueError(f"eps must be >= 0, got {self.eps}")
+        if not self.kl_beta >= 0:
+            raise ValueError(f"kl_beta must be >= 0, got {self.kl_beta}")
+        if not self.clip_eps > 0 or (self.clip_eps_high is not None and not self.clip_eps_high > 0):
+            raise ValueError("clip_eps and clip_eps_high must be > 0")
+        if not (isinstance(self.num_iterations, int) and self.num_iterations >= 1):
+            raise ValueError(f"num_iterations must be an int >= 1, got {self.num_iterations!r}")
+        if self.max_completion_length is not None and not self.max_completion_length >= 1:
+            raise ValueError("max_completion_length must be >= 1")
+        if not self.noise_floor >= 0:
+            raise ValueError(f"noise_floor must be >= 0, got {self.noise_floor}")
+        if not (isinstance(self.logits_chunk, int) and self.logits_chunk >= 1):
+            raise ValueError(f"logits_chunk must be an int >= 1, got {self.logits_chunk!r}")
+        qwen3.remat_policy(self.remat)  # raises ValueError for an unknown option
+        if self.attention not in qwen3.ATTENTION_IMPLS:
+            raise ValueError(f"attention {self.attention!r}; valid: "
+                             f"{', '.join(qwen3.ATTENTION_IMPLS)}")
+        for name in ("lora_dtype", "logits_grad_dtype"):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, str):
+                raise ValueError(f"{name} must be None or a dtype name, got {v!r}")
+            if v is not None:
+                jnp.dtype(v)  # raises TypeError for an unknown dtype name
+
+    @property
+    def clip_high(self) -> float:
+        return self.clip_eps if self.clip_eps_high is None else self.clip_eps_high

@@ -1,0 +1,286 @@
+"""The GRPO objective with token-level credit assignment (ARCA and the paper's other weightings).
+
+Dimension letters as in ``arca_jax.qwen3``: B batch (trajectories), T time, D model width,
+P prompts, G completions per prompt (B = P * G).
+
+Per completion token t of trajectory b (token y_bt = input_ids[b, t], scored by the logits at
+t - 1) the objective uses
+
+    ratio_bt = exp(logp_bt - old_logp_bt)
+    pg_bt    = -min(ratio_bt A_b, clip(ratio_bt, 1 - clip_eps, 1 + clip_eps_high) A_b)
+               (with batch.old_logps; without them the ratio is exactly 1, nothing is clipped,
+               and pg_bt = -A_b logp_bt: the paper's loss value, the surrogate's gradient)
+    kl_bt    = exp(ref_bt - logp_bt) - (ref_bt - logp_bt) - 1        (k3, ref = adapter off)
+    w_bt     = stop_gradient(token_weights(weighting, ...))          (sum_t w_bt = 1 per row)
+
+and aggregates them with ``loss_aggregation`` (n_b = completion tokens of row b):
+
+    "sequence"   (paper): loss = sum_b [sum_t w_bt pg_bt + kl_beta/n_b sum_t kl_bt] / #rows
+    "token_mean" (DAPO) : loss = sum_b [sum_t n_b w_bt pg_bt + kl_beta sum_t kl_bt] / sum_b n_b
+    "dr_grpo"           : loss = sum_b [sum_t n_b w_bt pg_bt + kl_beta sum_t kl_bt] / (#rows * L)
+
+#rows counts rows with at least one completion token; L is ``max_completion_length`` (default:
+the batch's T). With uniform weights n_b w_bt = 1, so the last two are exactly DAPO's token mean
+and Dr. GRPO's constant normaliser; a non-uniform weighting redistributes a row's token mass
+without changing its total. The KL term is a regulariser, not credit: it is always averaged
+uniformly over a row's tokens. With the defaults (no old_logps, kl_beta = 0, "sequence") the loss
+is -mean_b A_b sum_t w_bt log pi(y_bt), the paper's.
+
+The forwards: one gradient forward with the adapter (LoRA dropout there only), and, only when
+some term needs it, one shared base forward (lora=None, stop_gradient) that serves ARCA's
+h_base, divergence's reference log-probs and the KL term together (``arca_jax.grpo.signals``,
+the pipeline the trainer's per-method logging shares). ``forwards_needed`` says which run.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional, Tuple, Union
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from arca_jax import credit, qwen3
+from arca_jax.batch import Batch, as_batch
+from arca_jax.grpo import signals
+from arca_jax.grpo.config import ESTIMATORS, GRPOConfig
+from arca_jax.grpo.signals import completion_valid
+
+Array = jax.Array
+
+
+# --------------------------------------------------------------------------------------------
+# Advantages and per-token terms
+# --------------------------------------------------------------------------------------------
+
+
+def advantages(rewards: Array, estimator: str = "grpo", *, eps: float = 1e-6) -> Array:
+    """Group-relative advantages.
+
+    rewards: [P, G] one row per prompt, G completions each.
+    estimator: "grpo": (r - mean) / max(std, eps), std unbiased (ddof = 1);
+               "rloo": r - mean of the other G - 1 rewards of the group;
+               "dr_grpo": r - mean.
+    eps: floor of the std ("grpo" only). A group of identical rewards gets advantages 0.
+    Returns: [P, G] float32 (flatten prompt-major, ``.reshape(-1)``, for ``Batch.advantages``).
+    With G = 1 every estimator returns 0 (no baseline can be formed from the group).
+    """
+    r = jnp.asarray(rewards, jnp.float32)
+    if r.ndim != 2:
+        raise ValueError(f"rewards must be [P, G], got shape {r.shape}")
+    G = r.shape[1]
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator {estimator!r}; valid: {', '.join(ESTIMATORS)}")
+    if G == 1:
+        return jnp.zeros_like(r)
+    mean = jnp.mean(r, axis=1, keepdims=True)
+    if estimator == "grpo":
+        std = jnp.std(r, axis=1, ddof=1, keepdims=True)
+        return (r - mean) / jnp.maximum(std, eps)
+    if estimator == "rloo":
+        return (r - mean) * (G / (G - 1))  # = r - (sum - r) / (G - 1)
+    return r - mean
+
+
+def clipped_policy_loss(logps: Array, old_logps: Array, adv: Array, clip_low: float,
+                        clip_high: float) -> Tuple[Array, Array, Array]:
+    """PPO clipped surrogate per token.
+
+    logps, old_logps: [B, T]; adv: [B, T] (broadcast advantages).
+    Returns (loss [B, T] = -min(r A, clip(r, 1 - clip_low, 1 + clip_high) A),
+             ratio [B, T], clipped [B, T] bool: the clipped branch is active, i.e. the token
+             contributes no gradient: r > 1 + clip_high with A > 0 or r < 1 - clip_low with A < 0).
+    """
+    ratio = jnp.exp(logps - old_logps)
+    unclipped = ratio * adv
+    clipped_val = jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high) * adv
+    loss = -jnp.where(unclipped <= clipped_val, unclipped, clipped_val)
+    clipped = ((adv > 0) & (ratio > 1.0 + clip_high)) | ((adv < 0) & (ratio < 1.0 - clip_low))
+    return loss, ratio, clipped
+
+
+def k3_kl(logps: Array, ref_logps: Array) -> Array:
+    """k3 estimator of KL(pi || pi_ref) per token: exp(d) - d - 1 with d = ref - logp (>= 0)."""
+    d = ref_logps - logps
+    return jnp.exp(d) - d - 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# Loss
+# --------------------------------------------------------------------------------------------
+
+
+@struct.dataclass
+class LossStats:
+    """Additive statistics of one loss evaluation (sums and counts, so that microbatches and
+    devices combine exactly: add them, take the max of ``residual_norm_max``).
+
+    rows: rows with >= 1 completion token. tokens: completion tokens. The ``*_sum`` fields are
+    sums over completion tokens (``gini_sum``/``eff_sum`` over rows, with their own counts).
+    ``metrics`` turns them into means.
+    """
+
+    rows: Array
+    tokens: Array
+    pg_sum: Array
+    kl_sum: Array
+    clip_count: Array
+    entropy_sum: Array
+    gini_sum: Array
+    gini_rows: Array
+    eff_sum: Array
+    eff_rows: Array
+    residual_sum: Array
+    residual_norm_max: Array
+
+    def combine(self, other: "LossStats") -> "LossStats":
+        return jax.tree_util.tree_map(jnp.add, self, other).replace(
+            residual_norm_max=jnp.maximum(self.residual_norm_max, other.residual_norm_max))
+
+    def all_reduce(self, axis_name: str) -> "LossStats":
+        """Sums (max for residual_norm_max) over a pmap/shard_map axis."""
+        summed = jax.lax.psum(self, axis_name)
+        return summed.replace(residual_norm_max=jax.lax.pmax(self.residual_norm_max, axis_name))
+
+    def metrics(self) -> dict:
+        """Means: mean per-token KL, clip fraction, entropy (nats) and residual norm; mean Gini
+        and EffN/T over eligible rows (0 and 1 when none); mean completion length per row."""
+        tok = jnp.maximum(self.tokens, 1.0)
+        return dict(
+            kl=self.kl_sum / tok,
+            clip_fraction=self.clip_count / tok,
+            entropy=self.entropy_sum / tok,
+            weight_gini=self.gini_sum / jnp.maximum(self.gini_rows, 1.0),
+            effective_token_ratio=jnp.where(self.eff_rows > 0,
+                                            self.eff_sum / jnp.maximum(self.eff_rows, 1.0), 1.0),
+            residual_norm_mean=self.residual_sum / tok,
+            residual_norm_max=self.residual_norm_max,
+            completion_length=self.tokens / jnp.maximum(self.rows, 1.0),
+        )
+
+
+def raw_normalizer(valid: Array, grpo_config: GRPOConfig) -> Array:
+    """Un-clamped aggregation denominator of [B, T] ``valid`` completion tokens: #rows with a
+    completion token ("sequence"), #completion tokens ("token_mean") or #rows * L ("dr_grpo";
+    every row of the batch counts). Additive over shards and microbatches."""
+    agg = grpo_config.loss_aggregation
+    if agg == "sequence":
+        return jnp.sum(jnp.any(valid, axis=1)).astype(jnp.float32)
+    if agg == "token_mean":
+        return jnp.sum(valid).astype(jnp.float32)
+    L = grpo_config.max_completion_length or valid.shape[1]
+    return jnp.asarray(valid.shape[0] * L, jnp.float32)
+
+
+def loss_normalizer(batch: Union[Batch, Mapping[str, Any]], grpo_config: GRPOConfig) -> Array:
+    """The aggregation's denominator for this batch ([] float32, clamped to >= 1; see
+    ``raw_normalizer``). The train step computes it on the whole (global) batch and hands it to
+    every microbatch and device."""
+    return jnp.maximum(raw_normalizer(completion_valid(as_batch(batch)), grpo_config), 1.0)
+
+
+def forwards_needed(grpo_config: GRPOConfig) -> Tuple[str, ...]:
+    """Model forwards one loss evaluation runs: ("policy",) or ("policy", "base").
+
+    The base forward (adapter off) runs only for ARCA (h_base), divergence (reference
+    log-probs) or kl_beta > 0 (reference log-probs), and once for all of them."""
+    need = signals.signals_needed([grpo_config.weighting], kl=grpo_config.kl_beta > 0)
+    return ("policy", "base") if signals.needs_base_forward(need) else ("policy",)
+
+
+def policy_logprobs(lora, params, batch: Union[Batch, Mapping[str, Any]], *,
+                    config: qwen3.Qwen3Config, lora_scale: float,
+                    grpo_config: GRPOConfig = GRPOConfig()) -> Array:
+    """[B, T] float32 log-probs of input_ids under the adapted policy (no dropout), aligned with
+    input_ids (0 at invalid positions): the ``old_logps`` for num_iterations > 1."""
+    b = as_batch(batch)
+    valid = completion_valid(b)
+    h = signals.policy_hidden(lora, params, b, config=config, lora_scale=lora_scale,
+                              grpo_config=grpo_config)
+    lp, _ = signals.aligned_logprobs(params, h, b, valid, config=config,
+                                     grpo_config=grpo_config, with_entropy=False)
+    return lp
+
+
+def loss_fn(lora, params, batch: Union[Batch, Mapping[str, Any]], *, config: qwen3.Qwen3Config,
+            lora_scale: float, grpo_config: GRPOConfig, lora_dropout: float = 0.0,
+            rng: Optional[Array] = None, normalizer: Optional[Array] = None
+            ) -> Tuple[Array, LossStats]:
+    """The GRPO loss of one batch (see the module doc) and its statistics.
+
+    lora: adapter tree (``arca_jax.lora``), the argument to differentiate.
+    params: frozen base parameters.
+    batch: ``Batch`` (or a dict with its fields); old_logps required when num_iterations > 1.
+    config: model config (static). lora_scale: adapter scaling (static Python float).
+    grpo_config: ``GRPOConfig`` (static).
+    lora_dropout: dropout rate on the adapter input, gradient forward only; needs ``rng``.
+    rng: dropout key (the train step passes fold_in(state.rng, state.step)).
+    normalizer: the aggregation's denominator; None computes it from this batch
+        (``loss_normalizer``). The train step passes the global batch's value so that
+        microbatches and devices add up to the large-batch loss.
+
+    Returns: (loss [] float32, ``LossStats``).
+    """
+    g = grpo_config
+    b = as_batch(batch)
+    if g.num_iterations > 1 and b.old_logps is None:
+        raise ValueError("num_iterations > 1 needs batch.old_logps (see policy_logprobs)")
+    B, T = b.input_ids.shape
+    valid = completion_valid(b)  # [B, T] aligned with input_ids
+    validf = valid.astype(jnp.float32)
+
+    # Gradient forward (adapter on, dropout here only), then the signals the weighting reads
+    # (one shared base forward when any needs it) and the weights: `arca_jax.grpo.signals`.
+    h = signals.policy_hidden(lora, params, b, config=config, lora_scale=lora_scale,
+                              grpo_config=g, lora_dropout=lora_dropout, rng=rng,
+                              remat=g.remat)  # [B, T, D]
+    need = signals.signals_needed([g.weighting], kl=g.kl_beta > 0) | {"entropies"}
+    sig = signals.token_signals(params, b, valid, h, config=config, grpo_config=g, need=need)
+    logps, entropies, ref_logps = sig.logps, sig.entropies, sig.ref_logps  # [B, T]
+    weights = signals.method_weights(g.weighting, sig, valid, g)  # [B, T], detached
+    sg_logps = jax.lax.stop_gradient(logps)
+
+    adv = jnp.broadcast_to(b.advantages.astype(jnp.float32)[:, None], (B, T))
+    if b.old_logps is None:
+        # On-policy: the ratio is exactly 1 and never clipped. The paper's form -A log pi has the
+        # PPO surrogate's gradient at ratio 1 (d ratio = d log pi) and the paper's loss value.
+        pg = -adv * logps
+        clipped = jnp.zeros((B, T), bool)
+    else:
+        old = jnp.where(valid, b.old_logps.astype(jnp.float32), sg_logps)  # padding: ratio 1
+        pg, _, clipped = clipped_policy_loss(logps, old, adv, g.clip_eps, g.clip_high)
+    pg = jnp.where(valid, pg, 0.0)
+
+    n = jnp.sum(validf, axis=1, keepdims=True)  # [B, 1]
+    if g.loss_aggregation == "sequence":
+        coef = weights
+        kl_coef = validf / jnp.maximum(n, 1.0)
+    else:
+        coef = weights * n
+        kl_coef = validf
+    numerator = jnp.sum(coef * pg)
+    kl = jnp.zeros_like(logps)
+    if ref_logps is not None:
+        kl = jnp.where(valid, k3_kl(logps, ref_logps), 0.0)
+        if g.kl_beta > 0:
+            numerator = numerator + g.kl_beta * jnp.sum(kl_coef * kl)
+    z = loss_normalizer(b, g) if normalizer is None else normalizer
+    loss = numerator / z
+
+    rows = credit.concentration_per_row(weights, valid)
+    res = jnp.zeros_like(logps) if sig.residual_norms is None else sig.residual_norms
+    stats = LossStats(
+        rows=jnp.sum(jnp.any(valid, axis=1)).astype(jnp.float32),
+        tokens=jnp.sum(validf),
+        pg_sum=jax.lax.stop_gradient(jnp.sum(pg)),
+        kl_sum=jax.lax.stop_gradient(jnp.sum(kl)),
+        clip_count=jnp.sum(clipped & valid).astype(jnp.float32),
+        entropy_sum=jnp.sum(entropies),
+        gini_sum=jnp.sum(rows.gini),
+        gini_rows=jnp.sum(rows.gini_valid).astype(jnp.float32),
+        eff_sum=jnp.sum(rows.effective_token_ratio),
+        eff_rows=jnp.sum(rows.effective_token_ratio_valid).astype(jnp.float32),
+        residual_sum=jnp.sum(res),
+        residual_norm_max=jnp.max(res),
+    )
+    return loss, stats

@@ -1,0 +1,58 @@
+"""Held-out evaluation: greedy accuracy and pass@k, on the rollout's generate-and-score path."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from arca_jax.config import RunConfig
+from arca_jax.tasks.metrics import mean_pass_at_k
+from arca_jax.trainer.rollout import Scorer, encode_prompts, generate_rows, score_rows
+from arca_jax.trainer.setup import Model
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalResult:
+    step: int
+    greedy_accuracy: float
+    pass_at_k: float
+    k: int
+    num_problems: int
+
+
+def evaluate(model: Model, adapter, lora_scale: float, problems: Sequence[Any], score: Scorer,
+             cfg: RunConfig, step: int, key: jax.Array, mesh=None) -> EvalResult:
+    """Greedy accuracy and pass@k (k = `train.pass_k`, default the group size; k samples per
+    problem at the rollout temperature / top-p) of `adapter` (None: the base model).
+
+    The problems run in chunks of `train.eval_batch_size`; chunk c's samples use the key
+    fold_in(key, c's first problem index). With a `mesh` (model.params placed on it, every
+    process calling this alike) each chunk is sampled on the whole mesh and each process scores
+    its own rows.
+    """
+    k = cfg.train.pass_k or cfg.rollout.group_size
+    n = len(problems)
+    if not problems:
+        return EvalResult(step, float("nan"), float("nan"), k, 0)
+    greedy_r = np.zeros(n, np.float32)
+    sampled_r = np.zeros((n, k), np.float32)
+    r = cfg.rollout
+    common = dict(max_new_tokens=r.max_new_tokens, lora=adapter, lora_scale=lora_scale)
+    for start in range(0, n, cfg.train.eval_batch_size):
+        chunk = problems[start:start + cfg.train.eval_batch_size]
+        rows = slice(start, start + len(chunk))
+        ids, mask = encode_prompts(model.tokenizer, [p.prompt for p in chunk],
+                                   r.max_prompt_tokens, model.pad_id)
+        gen = generate_rows(model, mesh, ids, mask, rng=key, greedy=True, **common)
+        greedy_r[rows] = score_rows(gen, len(chunk), chunk.__getitem__, score,
+                                    model.tokenizer)[0]
+        gen = generate_rows(model, mesh, np.repeat(ids, k, 0), np.repeat(mask, k, 0),
+                            rng=jax.random.fold_in(key, start), temperature=r.temperature,
+                            top_p=r.top_p, **common)
+        sampled_r[rows] = score_rows(gen, len(chunk) * k, lambda i: chunk[i // k], score,
+                                     model.tokenizer)[0].reshape(len(chunk), k)
+    return EvalResult(step=step, greedy_accuracy=float(greedy_r.mean()),
+                      pass_at_k=float(mean_pass_at_k(sampled_r > 0.5, k)), k=k, num_problems=n)

@@ -1,0 +1,268 @@
+"""The training loop: rollout -> update -> log -> evaluate -> checkpoint, resumable.
+
+Each step draws `prompts_per_step` training problems (a pure function of the seed and the step,
+so a resumed run sees exactly the data of an uninterrupted one), rolls out `group_size`
+completions per prompt with the current adapter (`rollout.rollout`), and runs the jitted GRPO
+step `grpo.num_iterations` times. Held-out greedy accuracy and pass@k are measured before
+training (the base model), every `train.eval_every` steps and at the end.
+
+Modes: "jit" (one device), "pmap" (data parallel over the local devices) and "mesh" (one global
+("data", "fsdp") mesh over every process's devices, see `arca_jax.distributed`; the base weights
+load straight into their fsdp layout). Only process 0 writes logs, samples and the summary; every
+process takes part in checkpoint saves and restores (Orbax).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import time
+from typing import Any, Dict, List, Optional
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from arca_jax import distributed, lora, parallel, rundir
+from arca_jax.config import ConfigError, RunConfig, check_environment
+from arca_jax.grpo.step import StepMetrics, make_train_step
+from arca_jax.runlog import RunLog
+from arca_jax.trainer import setup
+from arca_jax.trainer.evaluate import EvalResult, evaluate
+from arca_jax.trainer.rollout import Scorer, rollout, step_prompt_indices
+from arca_jax.trainer.samples import log_samples
+from arca_jax.trainer.setup import Stream, stream_key
+
+
+class _Preemption:
+    """Turns SIGTERM / SIGINT into a flag checked between steps (checkpoint, then exit)."""
+
+    def __init__(self):
+        self.signal: Optional[int] = None
+        self._old = {}
+
+    def __enter__(self):
+        for s in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def _host_metrics(m: StepMetrics) -> Dict[str, float]:
+    return {k: float(v) for k, v in dataclasses.asdict(m).items()}
+
+
+@dataclasses.dataclass
+class _Run:
+    """What the loop's steps share: built once by `_start`."""
+
+    cfg: RunConfig
+    run_dir: str
+    log: RunLog
+    model: setup.Model
+    mesh: Any
+    layout: parallel.RowLayout
+    train_task: Any
+    eval_problems: list
+    score: Scorer
+    state: Any
+    params_for_step: Any
+    train_step: Any
+    ckpt: Any
+    start_step: int
+    record: dict
+
+    def adapter(self):
+        """The current adapter, unreplicated."""
+        pmap = self.cfg.train.mode == "pmap"
+        return parallel.unreplicate(self.state.lora) if pmap else self.state.lora
+
+
+def _start(cfg: RunConfig, run_dir: str, resume: bool, log: Optional[RunLog]) -> _Run:
+    """Checks the run directory, loads model and tasks, builds (or restores) the train state and
+    compiles nothing yet."""
+    nproc = jax.process_count()
+    if nproc > 1 and cfg.train.mode != "mesh":
+        raise ConfigError(f"a run over {nproc} processes needs train.mode=mesh (one mesh over "
+                          f"every host's devices), got {cfg.train.mode!r}")
+    check_environment(cfg, len(jax.devices()))
+    setup.prepare_run_dir(run_dir, cfg, resume)
+    log = log or RunLog(run_dir, enabled=jax.process_index() == 0)
+    mesh = setup.make_run_mesh(cfg)
+    layout = parallel.RowLayout(mesh, cfg.batch_size)
+    model = setup.load_model(cfg, mesh)  # mesh: the base weights are placed fsdp-sharded
+    train_task = setup.load_train_task(cfg)
+    _, eval_problems = setup.load_eval_task(cfg)
+    optimizer = setup.build_optimizer(cfg)
+    state = setup.init_state(cfg, model.config, optimizer)
+    params_for_step = model.params
+    if cfg.train.mode == "pmap":
+        params_for_step = parallel.replicate(model.params)
+    elif mesh is not None:  # the state lives replicated on the mesh; restoring keeps that
+        state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
+    ckpt = setup.open_checkpoints(cfg, run_dir)
+    start_step, record = 0, {}
+    if resume and ckpt.latest_step() is not None:
+        state, record, start_step = ckpt.restore(state)
+        if jax.process_index() == 0:
+            setup.trim_step_logs(run_dir, start_step)
+        log.message(f"resumed from the checkpoint of step {start_step}")
+    if nproc > 1:
+        log.message(f"{nproc} processes, {len(jax.devices())} devices, mesh {dict(mesh.shape)}; "
+                    f"process 0 holds rows {layout.local.min()}..{layout.local.max()} of "
+                    f"{cfg.batch_size}")
+    train_step = make_train_step(model.config, cfg.grpo, optimizer, lora_scale=cfg.lora.scaling,
+                                 mode=cfg.train.mode, mesh=mesh,
+                                 microbatches=cfg.train.microbatches,
+                                 lora_dropout=cfg.lora.dropout)
+    if cfg.train.mode == "pmap":
+        state = parallel.replicate(state)
+    return _Run(cfg, run_dir, log, model, mesh, layout, train_task, eval_problems,
+                Scorer(train_task, cfg.task.reward_timeout_s), state, params_for_step,
+                train_step, ckpt, start_step, record)
+
+
+def _train_one_step(run: _Run, step: int, timeouts_total: int, beat) -> tuple:
+    """Rollout and update of step `step` (0-based); returns (metrics row, problems, rollout)."""
+    cfg = run.cfg
+    t0 = time.time()
+    idx = step_prompt_indices(cfg.train.seed, step, len(run.train_task.problems),
+                              cfg.rollout.prompts_per_step)
+    problems = [run.train_task.problems[i] for i in idx]
+    ro = rollout(run.model, run.mesh, run.layout, problems, cfg, adapter=run.adapter(),
+                 key=stream_key(cfg, Stream.SAMPLE, step), score=run.score,
+                 beat=lambda what: beat(f"{what} of step {step + 1}"))
+    timeouts_total += run.score.new_timeouts()
+    batch = ro.batch
+    if cfg.grpo.num_iterations > 1:
+        batch = batch.replace(old_logps=batch.sample_logps)
+    t2 = time.time()
+    for _ in range(cfg.grpo.num_iterations):
+        run.state, metrics = run.train_step(run.state, run.params_for_step, batch)
+    m = _host_metrics(metrics)  # the only host read of the step's results
+    t3 = time.time()
+    beat(f"update of step {step + 1}")
+    arca = cfg.grpo.weighting == "arca"
+    row = {"step": step + 1, "reward_mean": float(ro.rewards.mean()),
+           "reward_std": float(ro.rewards.std()), **m,
+           "residual_norm_mean": m["residual_norm_mean"] if arca else None,
+           "residual_norm_max": m["residual_norm_max"] if arca else None,
+           "reward_timeouts": timeouts_total,
+           "time_sample_s": ro.time_sample_s, "time_score_s": ro.time_score_s,
+           "time_update_s": t3 - t2, "step_time_s": t3 - t0,
+           "tokens_per_s": ro.num_tokens / max(t3 - t0, 1e-9)}
+    return row, problems, ro
+
+
+def train(cfg: RunConfig, run_dir: str, *, resume: bool = False,
+          log: Optional[RunLog] = None, stop_after: Optional[int] = None,
+          watchdog_s: Optional[float] = None) -> Dict[str, Any]:
+    """Runs (or resumes) a training run in `run_dir` and returns the summary.
+
+    stop_after: end after this many steps of this invocation (a checkpoint is written), as if
+    preempted; for tests and for splitting a run across jobs.
+    watchdog_s: end the process (exit code 4) when no phase of a step (sampling, scoring, update,
+    evaluation, checkpoint) completes for this many seconds; None or 0: off. Compilation counts
+    against it, so leave room for the first step.
+    With several processes (`arca_jax.distributed.initialize` first) every process calls this
+    with the same arguments; the run needs train.mode="mesh".
+    """
+    t_start = time.time()
+    run = _start(cfg, run_dir, resume, log)
+    log, step, nproc = run.log, run.start_step, jax.process_count()
+    evals: List[EvalResult] = [EvalResult(**r) for r in run.record.get("evals", [])]
+    rewards_seen: List[float] = list(run.record.get("rewards_seen", []))
+    timeouts_total = 0
+
+    def run_eval(at: int):
+        res = evaluate(run.model, None if at == 0 else run.adapter(), cfg.lora.scaling,
+                       run.eval_problems, run.score, cfg, at, stream_key(cfg, Stream.EVAL, at),
+                       mesh=run.mesh)
+        evals.append(res)
+        log.eval(dataclasses.asdict(res))
+        watchdog.beat(f"evaluation at step {at}")
+
+    # SIGTERM / SIGINT from the base evaluation on: stop after the next step, with a checkpoint
+    with distributed.Watchdog(watchdog_s) as watchdog, _Preemption() as pre:
+        if step == 0 and not any(e.step == 0 for e in evals):
+            run_eval(0)  # the base model, before training
+        while step < cfg.train.steps:
+            row, problems, ro = _train_one_step(run, step, timeouts_total, watchdog.beat)
+            timeouts_total = row["reward_timeouts"]
+            rewards_seen.append(row["reward_mean"])
+            log.metrics(row)
+            log.progress(step + 1, cfg.train.steps, row)
+            step += 1
+            every = cfg.train.samples_every
+            if cfg.train.samples_per_log and every and step % every == 0:
+                log_samples(log, run.model, run.adapter(), cfg, ro.batch, run.layout, ro.rewards,
+                            problems, step, run.mesh)
+            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
+                run_eval(step)
+            stopping = pre.signal is not None or (stop_after is not None
+                                                  and step - run.start_step >= stop_after)
+            if nproc > 1:  # a signal may reach only some hosts: stop together
+                stopping = distributed.any_process(stopping)
+            save_due = cfg.train.save_every and step % cfg.train.save_every == 0
+            if step == cfg.train.steps or stopping or save_due:
+                if step == cfg.train.steps:
+                    run_eval(step)
+                run.ckpt.save(step, run.state, {
+                    "step": step, "data_position": step, "seed": cfg.train.seed,
+                    "evals": [dataclasses.asdict(e) for e in evals], "rewards_seen": rewards_seen})
+                watchdog.beat(f"checkpoint of step {step}")
+            if stopping and step < cfg.train.steps:
+                why = (f"signal {pre.signal}" if pre.signal is not None else
+                       f"stop_after={stop_after}" if stop_after is not None and
+                       step - run.start_step >= stop_after else "a signal on another process")
+                log.message(f"stopped at step {step} ({why}); checkpoint saved; continue with --resume")
+                run.ckpt.close()
+                log.close()
+                return {"finished": False, "step": step}
+
+    if not evals or evals[-1].step != step:
+        run_eval(step)
+    summary = _summary(cfg, run_dir, evals, lora.count_params(run.adapter()), rewards_seen,
+                       time.time() - t_start, step)
+    log.summary(summary)
+    log.message(f"done: greedy accuracy {summary['base_greedy_accuracy']:.3f} -> "
+                f"{summary['final_greedy_accuracy']:.3f}, pass@{summary['k']} "
+                f"{summary['base_pass_at_k']:.3f} -> {summary['final_pass_at_k']:.3f}")
+    run.ckpt.close()
+    log.close()
+    return summary
+
+
+def _summary(cfg: RunConfig, run_dir: str, evals: List[EvalResult], trainable: int,
+             rewards_seen: List[float], wall: float, steps: int) -> Dict[str, Any]:
+    base = next(e for e in evals if e.step == 0)
+    final = evals[-1]
+    gini, effn = [], []
+    path = rundir.path(run_dir, rundir.METRICS)
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                r = json.loads(line)
+                gini.append(r["weight_gini"])
+                effn.append(r["effective_token_ratio"])
+    return {"method": cfg.grpo.weighting, "rank": cfg.lora.rank, "trainable_params": trainable,
+            "base_greedy_accuracy": base.greedy_accuracy, "base_pass_at_k": base.pass_at_k,
+            "final_greedy_accuracy": final.greedy_accuracy, "final_pass_at_k": final.pass_at_k,
+            "k": final.k, "num_eval_problems": final.num_problems,
+            "mean_train_reward": float(np.mean(rewards_seen)) if rewards_seen else None,
+            "mean_weight_gini": float(np.mean(gini)) if gini else None,
+            "mean_effective_token_ratio": float(np.mean(effn)) if effn else None,
+            "steps": steps, "wall_time_s": round(wall, 1), "finished": True}
