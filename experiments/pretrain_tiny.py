@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from arca_jax import hf, qwen3, sampling
+from arca_jax import hf, qwen3
 from arca_jax.tasks import load_task
 from arca_jax.tasks.tokenizer import EOS_ID, PAD_ID, VOCAB_SIZE, load_char_tokenizer, save_char_tokenizer
 
@@ -65,30 +65,17 @@ def encode_sft(tokenizer, prompts, solutions, width):
     return ids, attn, loss
 
 
-def encode_prompts(tokenizer, prompts):
-    """Left-padded prompt ids and mask [N, P]."""
-    rows = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
-    width = max(map(len, rows))
-    ids = np.full((len(rows), width), PAD_ID, np.int32)
-    mask = np.zeros((len(rows), width), np.int32)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = r
-        mask[i, width - len(r):] = 1
-    return ids, mask
-
-
 def greedy_accuracy(params, config, tokenizer, task, max_new_tokens=80, batch=256):
-    """Held-out greedy accuracy with the task's own reward (the sampler's greedy decoding)."""
-    rewards = []
-    for start in range(0, len(task.problems), batch):
-        probs = task.problems[start:start + batch]
-        ids, mask = encode_prompts(tokenizer, [p.prompt for p in probs])
-        out = sampling.generate(params, ids, mask, config=config, rng=jax.random.PRNGKey(0),
-                                max_new_tokens=max_new_tokens, greedy=True, eos_id=EOS_ID,
-                                pad_id=PAD_ID)
-        texts = tokenizer.batch_decode(np.asarray(out.tokens) * np.asarray(out.mask),
-                                       skip_special_tokens=True)
-        rewards.extend(task.score_batch(texts, probs).rewards.tolist())
+    """Held-out greedy accuracy with the task's own reward (the trainer's evaluation path)."""
+    from arca_jax import config as run_config, trainer
+
+    cfg = run_config.load(None, [f"rollout.max_new_tokens={max_new_tokens}",
+                                 "rollout.max_prompt_tokens=256",
+                                 f"train.eval_batch_size={batch}"])
+    model = trainer.Model(config, params, tokenizer, EOS_ID, PAD_ID)
+    rewards = trainer.greedy_rewards(model, None, 1.0, list(task.problems),
+                                     trainer.Scorer(task, cfg.task.reward_timeout_s), cfg,
+                                     jax.random.PRNGKey(0))
     return float(np.mean(rewards)), len(rewards)
 
 

@@ -23,6 +23,22 @@ class EvalResult:
     num_problems: int
 
 
+def greedy_rewards(model: Model, adapter, lora_scale: float, problems: Sequence[Any],
+                   score: Scorer, cfg: RunConfig, key: jax.Array, mesh=None) -> np.ndarray:
+    """Reward [n] of each problem's greedy completion, in chunks of `train.eval_batch_size`."""
+    out = np.zeros(len(problems), np.float32)
+    r = cfg.rollout
+    for start in range(0, len(problems), cfg.train.eval_batch_size):
+        chunk = problems[start:start + cfg.train.eval_batch_size]
+        ids, mask = encode_prompts(model.tokenizer, [p.prompt for p in chunk],
+                                   r.max_prompt_tokens, model.pad_id)
+        gen = generate_rows(model, mesh, ids, mask, rng=key, greedy=True,
+                            max_new_tokens=r.max_new_tokens, lora=adapter, lora_scale=lora_scale)
+        out[start:start + len(chunk)] = score_rows(gen, len(chunk), chunk.__getitem__, score,
+                                                   model.tokenizer)[0]
+    return out
+
+
 def evaluate(model: Model, adapter, lora_scale: float, problems: Sequence[Any], score: Scorer,
              cfg: RunConfig, step: int, key: jax.Array, mesh=None) -> EvalResult:
     """Greedy accuracy and pass@k (k = `train.pass_k`, default the group size; k samples per
@@ -37,22 +53,19 @@ def evaluate(model: Model, adapter, lora_scale: float, problems: Sequence[Any], 
     n = len(problems)
     if not problems:
         return EvalResult(step, float("nan"), float("nan"), k, 0)
-    greedy_r = np.zeros(n, np.float32)
+    greedy_r = greedy_rewards(model, adapter, lora_scale, problems, score, cfg, key, mesh)
     sampled_r = np.zeros((n, k), np.float32)
     r = cfg.rollout
-    common = dict(max_new_tokens=r.max_new_tokens, lora=adapter, lora_scale=lora_scale)
     for start in range(0, n, cfg.train.eval_batch_size):
         chunk = problems[start:start + cfg.train.eval_batch_size]
-        rows = slice(start, start + len(chunk))
         ids, mask = encode_prompts(model.tokenizer, [p.prompt for p in chunk],
                                    r.max_prompt_tokens, model.pad_id)
-        gen = generate_rows(model, mesh, ids, mask, rng=key, greedy=True, **common)
-        greedy_r[rows] = score_rows(gen, len(chunk), chunk.__getitem__, score,
-                                    model.tokenizer)[0]
         gen = generate_rows(model, mesh, np.repeat(ids, k, 0), np.repeat(mask, k, 0),
                             rng=jax.random.fold_in(key, start), temperature=r.temperature,
-                            top_p=r.top_p, **common)
-        sampled_r[rows] = score_rows(gen, len(chunk) * k, lambda i: chunk[i // k], score,
-                                     model.tokenizer)[0].reshape(len(chunk), k)
+                            top_p=r.top_p, max_new_tokens=r.max_new_tokens, lora=adapter,
+                            lora_scale=lora_scale)
+        sampled_r[start:start + len(chunk)] = score_rows(
+            gen, len(chunk) * k, lambda i: chunk[i // k], score,
+            model.tokenizer)[0].reshape(len(chunk), k)
     return EvalResult(step=step, greedy_accuracy=float(greedy_r.mean()),
                       pass_at_k=float(mean_pass_at_k(sampled_r > 0.5, k)), k=k, num_problems=n)
