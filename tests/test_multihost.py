@@ -24,7 +24,7 @@ import jax
 import numpy as np
 import pytest
 
-from arca_jax import cli, distributed
+from arca_jax import cli, distributed, trainer
 
 TINY = ["train.steps=2", "train.mode=mesh", "rollout.prompts_per_step=2", "rollout.group_size=4",
         "rollout.max_new_tokens=48", "task.num_eval_problems=4", "task.max_train_samples=64",
@@ -175,7 +175,7 @@ def _assert_rows_close(got, want, tol=1e-5):
 
 
 def _lora(run_dir, step):
-    _, _, adapter, got = cli._load_run(str(run_dir), step)
+    _, _, adapter, got = trainer.load_run(str(run_dir), step)
     assert got == step
     return adapter
 
@@ -292,7 +292,7 @@ def test_signal_on_one_process_stops_both_and_a_killed_process_ends_the_other(tm
     assert elapsed < HEARTBEAT_S + 25, elapsed
     assert "Gloo" in text or "detected fatal errors" in text or "unhealthy" in text, text
     assert len(_rows(run_dir, "metrics.jsonl")) == 1
-    _, _, adapter, step = cli._load_run(str(run_dir), None)  # the last complete checkpoint
+    _, _, adapter, step = trainer.load_run(str(run_dir), None)  # the last complete checkpoint
     assert step == 1
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(adapter))
 

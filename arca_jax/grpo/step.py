@@ -150,6 +150,61 @@ def _zero_stats() -> LossStats:
     return LossStats(*([z] * len(LossStats.__dataclass_fields__)))
 
 
+def _loss_and_grads(value_and_grad, lora, params, b, key, normalizer, *, microbatches: int,
+                    mesh: Optional[Mesh]):
+    """(loss, LossStats, grads) of the batch: one value-and-grad, or a ``lax.scan`` over M strided
+    microbatches with gradients summed in float32 (each microbatch uses the global normaliser and
+    dropout key fold_in(key, i), so the sum is the large-batch gradient)."""
+    M = microbatches
+    if M == 1:
+        (loss, stats), grads = value_and_grad(lora, params, b, rng=key, normalizer=normalizer)
+        return loss, stats, grads
+    mbs = _split_microbatches(b, M)
+    if mesh is not None:
+        spec = parallel.batch_spec(b.input_ids.shape[0] // M, mesh)
+        mb_sharding = NamedSharding(mesh, P(None, *spec))
+        mbs = jax.lax.with_sharding_constraint(
+            mbs, jax.tree_util.tree_map(lambda _: mb_sharding, mbs))
+
+    def body(carry, xs):
+        g_acc, l_acc, s_acc = carry
+        mb, i = xs
+        (mb_loss, s), gr = value_and_grad(lora, params, mb, rng=jax.random.fold_in(key, i),
+                                          normalizer=normalizer)
+        g_acc = jax.tree_util.tree_map(lambda a, x: a + x.astype(jnp.float32), g_acc, gr)
+        return (g_acc, l_acc + mb_loss, s_acc.combine(s)), None
+
+    # accumulate in float32 whatever the adapter's dtype
+    init = (jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, jnp.float32), lora),
+            jnp.zeros((), jnp.float32), _zero_stats())
+    (grads, loss, stats), _ = jax.lax.scan(body, init, (mbs, jnp.arange(M)))
+    return loss, stats, jax.tree_util.tree_map(lambda x, p: x.astype(p.dtype), grads, lora)
+
+
+def _apply_update(optimizer, state: TrainState, loss, stats: LossStats, grads):
+    """The optimiser update, kept only when loss and gradient are finite (else the old LoRA,
+    optimiser state and step stay and ``skipped_steps`` counts it); the step's metrics."""
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(grad_norm) & jnp.isfinite(loss)
+    updates, new_opt_state = optimizer.update(grads, state.opt_state, state.lora)
+    new_lora = optax.apply_updates(state.lora, updates)
+
+    def keep(new, old):
+        return jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+    skipped = (~finite).astype(jnp.int32)
+    new_state = state.replace(
+        step=state.step + (1 - skipped),
+        lora=keep(new_lora, state.lora),
+        opt_state=keep(new_opt_state, state.opt_state),
+        skipped_steps=state.skipped_steps + skipped)
+    metrics = StepMetrics(loss=loss, grad_norm=grad_norm,
+                          learning_rate=_learning_rate(new_opt_state),
+                          skipped=skipped, skipped_steps=new_state.skipped_steps,
+                          **stats.metrics())
+    return new_state, metrics
+
+
 def make_train_step(config: qwen3.Qwen3Config, grpo_config: GRPOConfig,
                     optimizer: optax.GradientTransformation, *, lora_scale: float,
                     mode: str = "jit", mesh: Optional[Mesh] = None, microbatches: int = 1,
@@ -188,14 +243,12 @@ def make_train_step(config: qwen3.Qwen3Config, grpo_config: GRPOConfig,
         raise ValueError('mode="mesh" needs a mesh (parallel.make_mesh)')
     if not (isinstance(microbatches, int) and microbatches >= 1):
         raise ValueError(f"microbatches must be an int >= 1, got {microbatches!r}")
-    g = grpo_config
-    M = microbatches
-    lora_scale = float(lora_scale)
-    lora_dropout = float(lora_dropout)
-
     value_and_grad = jax.value_and_grad(
-        functools.partial(loss_fn, config=config, lora_scale=lora_scale, grpo_config=g,
-                          lora_dropout=lora_dropout), has_aux=True)
+        functools.partial(loss_fn, config=config, lora_scale=float(lora_scale),
+                          grpo_config=grpo_config, lora_dropout=float(lora_dropout)),
+        has_aux=True)
+    grads_fn = functools.partial(_loss_and_grads, value_and_grad, microbatches=microbatches,
+                                 mesh=mesh)
 
     def step(state: TrainState, params, batch, axis_name: Optional[str] = None):
         b = as_batch(batch)
@@ -205,84 +258,44 @@ def make_train_step(config: qwen3.Qwen3Config, grpo_config: GRPOConfig,
                                                       parallel.param_shardings(params, mesh))
         key = jax.random.fold_in(state.rng, state.step)
         n_dev = 1
-        z = raw_normalizer(completion_valid(b), g)
+        z = raw_normalizer(completion_valid(b), grpo_config)
         if axis_name is not None:
             key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
             n_dev = jax.lax.psum(1, axis_name)
             z = jax.lax.psum(z, axis_name)
         # each device normalises by its share of the global denominator: pmean then adds up
-        z_local = jnp.maximum(z, 1.0) / n_dev
-
-        if M == 1:
-            (loss, stats), grads = value_and_grad(state.lora, params, b, rng=key,
-                                                  normalizer=z_local)
-        else:
-            mbs = _split_microbatches(b, M)
-            if mesh is not None:
-                spec = parallel.batch_spec(b.input_ids.shape[0] // M, mesh)
-                mb_sharding = NamedSharding(mesh, P(None, *spec))
-                mbs = jax.lax.with_sharding_constraint(
-                    mbs, jax.tree_util.tree_map(lambda _: mb_sharding, mbs))
-
-            def body(carry, xs):
-                g_acc, l_acc, s_acc = carry
-                mb, i = xs
-                (mb_loss, s), gr = value_and_grad(state.lora, params, mb,
-                                                  rng=jax.random.fold_in(key, i),
-                                                  normalizer=z_local)
-                g_acc = jax.tree_util.tree_map(lambda a, x: a + x.astype(jnp.float32), g_acc, gr)
-                return (g_acc, l_acc + mb_loss, s_acc.combine(s)), None
-
-            # accumulate in float32 whatever the adapter's dtype
-            init = (jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, jnp.float32), state.lora),
-                    jnp.zeros((), jnp.float32), _zero_stats())
-            (grads, loss, stats), _ = jax.lax.scan(body, init, (mbs, jnp.arange(M)))
-            grads = jax.tree_util.tree_map(lambda x, p: x.astype(p.dtype), grads, state.lora)
-
+        loss, stats, grads = grads_fn(state.lora, params, b, key, jnp.maximum(z, 1.0) / n_dev)
         if axis_name is not None:
             grads = jax.lax.pmean(grads, axis_name)
             loss = jax.lax.pmean(loss, axis_name)
             stats = stats.all_reduce(axis_name)
-
-        grad_norm = optax.global_norm(grads)
-        finite = jnp.isfinite(grad_norm) & jnp.isfinite(loss)
-        updates, new_opt_state = optimizer.update(grads, state.opt_state, state.lora)
-        new_lora = optax.apply_updates(state.lora, updates)
-
-        def keep(new, old):
-            return jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
-
-        skipped = (~finite).astype(jnp.int32)
-        new_state = state.replace(
-            step=state.step + (1 - skipped),
-            lora=keep(new_lora, state.lora),
-            opt_state=keep(new_opt_state, state.opt_state),
-            skipped_steps=state.skipped_steps + skipped)
-        metrics = StepMetrics(loss=loss, grad_norm=grad_norm,
-                              learning_rate=_learning_rate(new_opt_state),
-                              skipped=skipped, skipped_steps=new_state.skipped_steps,
-                              **stats.metrics())
-        return new_state, metrics
+        return _apply_update(optimizer, state, loss, stats, grads)
 
     donate_argnums = (0,) if donate else ()
     if mode == "jit":
         return jax.jit(step, donate_argnums=donate_argnums, compiler_options=compiler_options)
-
     if mode == "pmap":
-        n = jax.local_device_count()
-        pstep = jax.pmap(functools.partial(step, axis_name="data"), axis_name="data",
-                         donate_argnums=donate_argnums)
+        return _pmap_step(step, donate_argnums)
+    return _mesh_step(step, mesh, donate_argnums, compiler_options)
 
-        def train_step(state, params, batch):
-            # via the host: a batch produced under another sharding (e.g. a sampler's mesh) is
-            # re-laid out by pmap's own device split instead of clashing with it
-            host = jax.tree_util.tree_map(np.asarray, as_batch(batch))
-            new_state, metrics = pstep(state, params, parallel.split_batch(host, n))
-            return new_state, parallel.unreplicate(metrics)
 
-        train_step.pmapped = pstep  # the raw pmapped function, for inspection
-        return train_step
+def _pmap_step(step, donate_argnums):
+    n = jax.local_device_count()
+    pstep = jax.pmap(functools.partial(step, axis_name="data"), axis_name="data",
+                     donate_argnums=donate_argnums)
 
+    def train_step(state, params, batch):
+        # via the host: a batch produced under another sharding (e.g. a sampler's mesh) is
+        # re-laid out by pmap's own device split instead of clashing with it
+        host = jax.tree_util.tree_map(np.asarray, as_batch(batch))
+        new_state, metrics = pstep(state, params, parallel.split_batch(host, n))
+        return new_state, parallel.unreplicate(metrics)
+
+    train_step.pmapped = pstep  # the raw pmapped function, for inspection
+    return train_step
+
+
+def _mesh_step(step, mesh: Mesh, donate_argnums, compiler_options):
     rep = NamedSharding(mesh, P())
     jitted = jax.jit(step, out_shardings=rep, donate_argnums=donate_argnums,
                      compiler_options=compiler_options)
