@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from arca_jax import rundir
+
 
 #: The five weightings, in the paper's table order (same as ``arca_jax.credit.MODES``; not imported
 #: from there so that reading reports does not import JAX).
@@ -26,11 +28,12 @@ METHOD_LABELS: Mapping[str, str] = {
     "arca": "ARCA",
 }
 
-METRICS_FILE = "metrics.jsonl"
-EVAL_FILE = "eval.jsonl"
-SAMPLES_FILE = "samples.jsonl"
-SUMMARY_FILE = "summary.json"
-CONFIG_FILE = "config.yaml"
+# The run-directory contract (`arca_jax.rundir`, JAX-free) under the report's names.
+METRICS_FILE = rundir.METRICS
+EVAL_FILE = rundir.EVAL
+SAMPLES_FILE = rundir.SAMPLES
+SUMMARY_FILE = rundir.SUMMARY
+CONFIG_FILE = rundir.CONFIG
 
 
 @dataclasses.dataclass(frozen=True)
