@@ -453,26 +453,33 @@ def generate(params: Params, prompt_ids, prompt_mask, *, config: qwen3.Qwen3Conf
 # --------------------------------------------------------------------------------------------
 
 
-def build_batch(prompt_ids, prompt_mask, out: SampleOutput, advantages=None) -> Batch:
+def build_batch(prompt_ids, prompt_mask, out: SampleOutput, advantages=None, *,
+                mask_tokens: Sequence[int] = ()) -> Batch:
     """Concatenates prompts [B, P] and a `SampleOutput` [B, N] into the training `Batch` [B, P + N].
 
     advantages: [B] one scalar per row (``grpo.advantages(...).reshape(-1)``); None leaves zeros,
     to be set with ``batch.replace(advantages=...)``. ``sample_logps`` holds the sampler's
     log-probs aligned with input_ids; positions are cumsum(attention_mask) - 1, as sampled.
+    mask_tokens: generated tokens with these ids do not count (0 in completion_mask and
+    sample_logps) but stay attended to, e.g. ``(eos_id,)`` to keep the EOS token out of the loss.
     """
     prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
     prompt_mask = jnp.asarray(prompt_mask, jnp.int32)
     zeros = jnp.zeros_like(prompt_mask)
     attention_mask = jnp.concatenate([prompt_mask, out.mask], axis=1)
+    counted = out.mask
+    for t in mask_tokens:
+        counted = jnp.where(out.tokens == int(t), 0, counted)
     B = prompt_ids.shape[0]
     adv = jnp.zeros((B,), jnp.float32) if advantages is None else jnp.asarray(advantages, jnp.float32)
     return Batch(
         input_ids=jnp.concatenate([prompt_ids, out.tokens], axis=1),
         attention_mask=attention_mask,
-        completion_mask=jnp.concatenate([zeros, out.mask], axis=1),
+        completion_mask=jnp.concatenate([zeros, counted], axis=1),
         advantages=adv,
         positions=qwen3.default_positions(attention_mask),
-        sample_logps=jnp.concatenate([zeros.astype(jnp.float32), out.logps], axis=1))
+        sample_logps=jnp.concatenate([zeros.astype(jnp.float32),
+                                      jnp.where(counted != 0, out.logps, 0.0)], axis=1))
 
 
 def sequence_logps(params: Params, batch: Batch, *, config: qwen3.Qwen3Config,

@@ -57,7 +57,8 @@ _head_logits.defvjp(_head_logits_fwd, _head_logits_bwd)
 
 def token_logprobs(params, hidden: Array, targets: Array, *, config: qwen3.Qwen3Config,
                    chunk_size: int = 128, valid: Optional[Array] = None,
-                   with_entropy: bool = True, grad_dtype: Any = None) -> Tuple[Array, Array]:
+                   with_entropy: bool = True, grad_dtype: Any = None,
+                   logits_dtype: Any = "float32") -> Tuple[Array, Array]:
     """log p(targets[b, t] | hidden[b, t]) and the entropy of that distribution, chunked over T.
 
     params: base parameter tree (only the output projection is read).
@@ -74,6 +75,8 @@ def token_logprobs(params, hidden: Array, targets: Array, *, config: qwen3.Qwen3
         bf16 model: bf16 rounding of the gradient, as the forward's operands; float32 models are
         unchanged). "float32": the cotangent stays float32 (jax's default transpose: a float32 x
         bf16 matmul, which XLA runs in float32/TF32 after converting the head to float32).
+    logits_dtype: "float32" (default) or "bfloat16": the float32 logits are rounded to it before
+        the log-softmax and the entropy (the precision a bfloat16 model's logits come in).
 
     Returns: (logps [B, T] float32, differentiable with respect to ``hidden``;
               entropies [B, T] float32 in nats, under ``stop_gradient``).
@@ -94,6 +97,9 @@ def token_logprobs(params, hidden: Array, targets: Array, *, config: qwen3.Qwen3
     vl = valid.reshape(B, n, C).swapaxes(0, 1)  # [n, B, C]
     w, layout = _head(params, config)
     gd = jnp.dtype(hidden.dtype if grad_dtype is None else grad_dtype)
+    round_logits = jnp.dtype(logits_dtype) != jnp.dtype(jnp.float32)
+    if round_logits and jnp.dtype(logits_dtype) != jnp.dtype(jnp.bfloat16):
+        raise ValueError(f"logits_dtype must be float32 or bfloat16, got {logits_dtype!r}")
 
     def compute(h_c, t_c):
         if gd == jnp.dtype(jnp.float32):  # jax's own transpose (a float32 cotangent)
@@ -101,6 +107,8 @@ def token_logprobs(params, hidden: Array, targets: Array, *, config: qwen3.Qwen3
                                 preferred_element_type=jnp.float32)  # [B, C, V]
         else:
             logits = _head_logits(h_c, w, layout, gd.name)
+        if round_logits:
+            logits = logits.astype(jnp.bfloat16).astype(jnp.float32)
         lse = jax.nn.logsumexp(logits, axis=-1)  # [B, C]
         vocab = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2)
         # one-hot select instead of a gather: fuses into the reduction, sharding-friendly over V

@@ -97,7 +97,8 @@ def aligned_logprobs(params, h: Array, batch: Batch, valid: Array, *,
     token grid: a completion that starts at a multiple of the chunk size fills whole chunks."""
     lp, ent = token_logprobs(params, shift_right(h), batch.input_ids, config=config,
                              chunk_size=grpo_config.logits_chunk, valid=valid,
-                             with_entropy=with_entropy, grad_dtype=grpo_config.logits_grad_dtype)
+                             with_entropy=with_entropy, grad_dtype=grpo_config.logits_grad_dtype,
+                             logits_dtype=grpo_config.logits_dtype)
     return jnp.where(valid, lp, 0.0), jnp.where(valid, ent, 0.0)
 
 

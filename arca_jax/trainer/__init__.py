@@ -9,17 +9,18 @@
     loop       `train`: rollout, update, log, evaluate, checkpoint, resume
 """
 
+from arca_jax.trainer import rollout as rollout_mod
 from arca_jax.trainer.evaluate import EvalResult, evaluate, greedy_rewards
 from arca_jax.trainer.loop import train
 from arca_jax.trainer.rollout import (Rollout, Scorer, detokenize, encode_prompts, generate_rows,
                                       rollout, score_rows, step_prompt_indices)
 from arca_jax.trainer.setup import (Model, RunDirError, Stream, build_optimizer, init_state,
                                     load_eval_task, load_model, load_run, load_train_task,
-                                    prepare_run_dir, stream_key)
+                                    objective_config, prepare_run_dir, stream_key)
 
 __all__ = [
     "EvalResult", "Model", "Rollout", "RunDirError", "Scorer", "Stream", "build_optimizer",
     "detokenize", "encode_prompts", "evaluate", "generate_rows", "greedy_rewards", "init_state",
-    "load_eval_task", "load_model", "load_run", "load_train_task", "prepare_run_dir", "rollout", "score_rows",
+    "load_eval_task", "load_model", "objective_config", "load_run", "load_train_task", "prepare_run_dir", "rollout", "score_rows",
     "step_prompt_indices", "stream_key", "train",
 ]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Sequence, Tuple
 
 import jax
 import numpy as np
@@ -16,11 +16,17 @@ from arca_jax.trainer.setup import Model
 
 @dataclasses.dataclass(frozen=True)
 class EvalResult:
+    """One evaluation (a line of eval.jsonl). Per problem, in evaluation order: `greedy` the
+    greedy completion's reward, `correct_of_k` how many of the k samples scored > 0.5 (what the
+    report's per-problem intervals and paired comparisons read)."""
+
     step: int
     greedy_accuracy: float
     pass_at_k: float
     k: int
     num_problems: int
+    greedy: Tuple[float, ...] = ()
+    correct_of_k: Tuple[int, ...] = ()
 
 
 def greedy_rewards(model: Model, adapter, lora_scale: float, problems: Sequence[Any],
@@ -31,7 +37,7 @@ def greedy_rewards(model: Model, adapter, lora_scale: float, problems: Sequence[
     for start in range(0, len(problems), cfg.train.eval_batch_size):
         chunk = problems[start:start + cfg.train.eval_batch_size]
         ids, mask = encode_prompts(model.tokenizer, [p.prompt for p in chunk],
-                                   r.max_prompt_tokens, model.pad_id)
+                                   r.max_prompt_tokens, model.pad_id, r.prompt_truncation)
         gen = generate_rows(model, mesh, ids, mask, rng=key, greedy=True,
                             max_new_tokens=r.max_new_tokens, lora=adapter, lora_scale=lora_scale)
         out[start:start + len(chunk)] = score_rows(gen, len(chunk), chunk.__getitem__, score,
@@ -59,7 +65,7 @@ def evaluate(model: Model, adapter, lora_scale: float, problems: Sequence[Any], 
     for start in range(0, n, cfg.train.eval_batch_size):
         chunk = problems[start:start + cfg.train.eval_batch_size]
         ids, mask = encode_prompts(model.tokenizer, [p.prompt for p in chunk],
-                                   r.max_prompt_tokens, model.pad_id)
+                                   r.max_prompt_tokens, model.pad_id, r.prompt_truncation)
         gen = generate_rows(model, mesh, np.repeat(ids, k, 0), np.repeat(mask, k, 0),
                             rng=jax.random.fold_in(key, start), temperature=r.temperature,
                             top_p=r.top_p, max_new_tokens=r.max_new_tokens, lora=adapter,
@@ -67,5 +73,8 @@ def evaluate(model: Model, adapter, lora_scale: float, problems: Sequence[Any], 
         sampled_r[start:start + len(chunk)] = score_rows(
             gen, len(chunk) * k, lambda i: chunk[i // k], score,
             model.tokenizer)[0].reshape(len(chunk), k)
+    correct = sampled_r > 0.5
     return EvalResult(step=step, greedy_accuracy=float(greedy_r.mean()),
-                      pass_at_k=float(mean_pass_at_k(sampled_r > 0.5, k)), k=k, num_problems=n)
+                      pass_at_k=float(mean_pass_at_k(correct, k)), k=k, num_problems=n,
+                      greedy=tuple(float(x) for x in greedy_r),
+                      correct_of_k=tuple(int(c) for c in correct.sum(axis=1)))

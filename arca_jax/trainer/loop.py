@@ -27,6 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from arca_jax import distributed, lora, parallel, rundir
 from arca_jax.config import ConfigError, RunConfig, check_environment
+from arca_jax.grpo.objective import policy_logprobs
 from arca_jax.grpo.step import StepMetrics, make_train_step
 from arca_jax.runlog import RunLog
 from arca_jax.trainer import setup
@@ -59,6 +60,12 @@ class _Preemption:
     def __exit__(self, *exc):
         for s, h in self._old.items():
             signal.signal(s, h)
+
+
+# old_logps for num_iterations > 1: the training forward without dropout, once per batch, so
+# the first update's ratio is 1 up to dropout (not the sampler's fused path, which differs from
+# the training forward by bf16 rounding).
+_old_logps = jax.jit(policy_logprobs, static_argnames=("config", "lora_scale", "grpo_config"))
 
 
 def _host_metrics(m: StepMetrics) -> Dict[str, float]:
@@ -124,7 +131,8 @@ def _start(cfg: RunConfig, run_dir: str, resume: bool, log: Optional[RunLog]) ->
         log.message(f"{nproc} processes, {len(jax.devices())} devices, mesh {dict(mesh.shape)}; "
                     f"process 0 holds rows {layout.local.min()}..{layout.local.max()} of "
                     f"{cfg.batch_size}")
-    train_step = make_train_step(model.config, cfg.grpo, optimizer, lora_scale=cfg.lora.scaling,
+    train_step = make_train_step(model.config, setup.objective_config(cfg), optimizer,
+                                 lora_scale=cfg.lora.scaling,
                                  mode=cfg.train.mode, mesh=mesh,
                                  microbatches=cfg.train.microbatches,
                                  lora_dropout=cfg.lora.dropout)
@@ -147,8 +155,11 @@ def _train_one_step(run: _Run, step: int, timeouts_total: int, beat) -> tuple:
                  beat=lambda what: beat(f"{what} of step {step + 1}"))
     timeouts_total += run.score.new_timeouts()
     batch = ro.batch
-    if cfg.grpo.num_iterations > 1:
-        batch = batch.replace(old_logps=batch.sample_logps)
+    if cfg.grpo.num_iterations > 1:  # the policy before this batch's updates, as the step scores it
+        batch = batch.replace(old_logps=_old_logps(run.adapter(), run.model.params, batch,
+                                                   config=run.model.config,
+                                                   lora_scale=cfg.lora.scaling,
+                                                   grpo_config=setup.objective_config(cfg)))
     t2 = time.time()
     for _ in range(cfg.grpo.num_iterations):
         run.state, metrics = run.train_step(run.state, run.params_for_step, batch)

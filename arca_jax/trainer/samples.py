@@ -14,7 +14,7 @@ from arca_jax.config import RunConfig
 from arca_jax.grpo.signals import all_method_weights
 from arca_jax.runlog import RunLog
 from arca_jax.trainer.rollout import detokenize
-from arca_jax.trainer.setup import Model
+from arca_jax.trainer.setup import Model, objective_config
 
 _weights_jit = jax.jit(all_method_weights,
                        static_argnames=("config", "lora_scale", "grpo_config", "methods"))
@@ -28,7 +28,7 @@ def method_weights_of_rows(model: Model, adapter, cfg: RunConfig, sub: Batch, me
     layout = parallel.RowLayout.padded(mesh, n)
     g_sub = jax.tree_util.tree_map(layout.to_global, sub)
     weights = _weights_jit(adapter, model.params, g_sub, config=model.config,
-                           lora_scale=cfg.lora.scaling, grpo_config=cfg.grpo,
+                           lora_scale=cfg.lora.scaling, grpo_config=objective_config(cfg),
                            methods=credit.MODES)
     return {m: layout.gather_rows(w, np.arange(n)) for m, w in weights.items()}
 

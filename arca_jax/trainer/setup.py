@@ -19,6 +19,7 @@ import optax
 from arca_jax import checkpoint, configlib, distributed, hf, lora, parallel, qwen3, rundir
 from arca_jax.config import RunConfig
 from arca_jax.errors import ConfigError
+from arca_jax.grpo.config import GRPOConfig
 from arca_jax.grpo.step import TrainState, make_optimizer
 from arca_jax.tasks import load_task
 
@@ -102,6 +103,16 @@ def load_eval_task(cfg: RunConfig):
                      max_samples=t.num_eval_problems if t.path is None else None,
                      path=t.path, reward_mode=t.reward_mode)
     return task, list(task.problems)[:t.num_eval_problems]
+
+
+def objective_config(cfg: RunConfig) -> GRPOConfig:
+    """`cfg.grpo` with what the run decides filled in: the "dr_grpo" aggregation's constant L is
+    the generation budget `rollout.max_new_tokens` unless `grpo.max_completion_length` is set
+    (never the batch's width, which changes with the prompt bucket)."""
+    g = cfg.grpo
+    if g.max_completion_length is None:
+        g = dataclasses.replace(g, max_completion_length=cfg.rollout.max_new_tokens)
+    return g
 
 
 def build_optimizer(cfg: RunConfig) -> optax.GradientTransformation:
@@ -215,6 +226,7 @@ def trim_step_logs(run_dir: str, last_step: int) -> None:
 
 __all__: List[str] = [
     "Model", "RunDirError", "Stream", "build_optimizer", "init_state", "load_eval_task",
-    "load_model", "load_run", "load_train_task", "make_run_mesh", "open_checkpoints",
+    "load_model", "load_run", "load_train_task", "make_run_mesh", "objective_config",
+    "open_checkpoints",
     "prepare_run_dir", "stream_key", "trim_step_logs",
 ]
