@@ -65,7 +65,13 @@ class ModelConfig:
 class TaskConfig:
     """name: "arithmetic" (embedded), "math" or "gsm8k"; path: a local JSONL file or directory
     (else the Hugging Face Hub through `datasets`). Evaluation uses the first
-    `num_eval_problems` of `eval_split`."""
+    `num_eval_problems` of `eval_split`.
+
+    prompt_style: "default" (ours) or "reference" (the paper authors' prompts, math and gsm8k
+    only; `arca_jax.tasks.data`). reward_mode (None: the task's default, see
+    `arca_jax.tasks.load_task`): "exact", "verify" or "reference" (the authors' string match of
+    the last boxed answer) for math and arithmetic; "gsm8k" or "gsm8k_final_answer" (the authors'
+    "Final answer:" line; also what "reference" and the reference style select) for gsm8k."""
 
     name: Literal["arithmetic", "math", "gsm8k"] = "arithmetic"
     path: Optional[str] = None
@@ -73,17 +79,27 @@ class TaskConfig:
     eval_split: str = "test"
     max_train_samples: Optional[int] = None
     num_eval_problems: int = 200
-    reward_mode: Optional[Literal["exact", "verify", "gsm8k"]] = None
+    reward_mode: Optional[Literal["exact", "verify", "reference", "gsm8k", "gsm8k_final_answer"]] = None
     reward_timeout_s: float = 5.0
+    prompt_style: Literal["default", "reference"] = "default"
 
     def __post_init__(self):
         if self.num_eval_problems < 0:
             raise ValueError("num_eval_problems must be >= 0")
+        if self.prompt_style == "reference" and self.name == "arithmetic":
+            raise ValueError("prompt_style 'reference' is defined for math and gsm8k, not arithmetic")
+        if self.reward_mode == "gsm8k_final_answer" and self.name != "gsm8k":
+            raise ValueError(f"reward_mode 'gsm8k_final_answer' is for gsm8k, not {self.name!r}")
 
 
 @dataclasses.dataclass(frozen=True)
 class RolloutConfig:
-    """prompts_per_step P and group_size G (B = P * G completions per step); lengths in tokens."""
+    """prompts_per_step P and group_size G (B = P * G completions per step); lengths in tokens.
+
+    prompt_truncation: the side cut from a prompt longer than `max_prompt_tokens` (as Hugging
+    Face's `truncation_side`): "left" drops its first tokens and keeps the last ones (our
+    default); "right" drops its last tokens and keeps the first ones (the paper authors' code).
+    """
 
     prompts_per_step: int = 16
     group_size: int = 8
@@ -91,6 +107,7 @@ class RolloutConfig:
     max_new_tokens: int = 80
     temperature: float = 1.0
     top_p: float = 1.0
+    prompt_truncation: Literal["left", "right"] = "left"
 
     def __post_init__(self):
         if self.prompts_per_step < 1:

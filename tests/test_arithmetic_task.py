@@ -91,3 +91,54 @@ def test_verify_mode_on_arithmetic():
         assert mr.score_batch(sols, sols, mode="verify", pool=pool).rewards.all()
     assert res.rewards[:12].all() and not res.rewards[12:].any()
     assert res.timeouts == 0 and res.crashes == 0
+
+
+def _chain_of(ex):
+    """Expression and intermediate steps, read from the texts (not from ``ex.chain``)."""
+    assert ex.problem.startswith("What is ") and ex.problem.endswith("?")
+    steps = ex.solution.rsplit(". ", 1)[0].split(" = ")
+    assert steps[0] == ex.problem[len("What is "):-1]
+    return steps[:-1]  # the last step is the value
+
+
+def test_test_split_unchanged_by_the_leak_filter():
+    # digest of the whole default test split before the train filter was added
+    assert _digest(arithmetic.generate("test")) == \
+        "d83681bf973a8e4bbabc9db3228c2ddab02bbd677516d007ff2c15c7d2e282c8"
+    assert arithmetic.generate("test", held_out=0) == arithmetic.generate("test")
+
+
+@pytest.mark.parametrize("n", [arithmetic.DEFAULT_SIZES["train"], 20000])  # 20000: pretrain_tiny's size
+def test_no_test_expression_or_step_in_train(n):
+    test = arithmetic.generate("test")  # the whole test split (evaluation uses a prefix of it)
+    held_out = {s for ex in test for s in _chain_of(ex)}
+    assert {ex.expression for ex in test} <= held_out and len(held_out) > len(test)
+    train = arithmetic.generate("train", n)
+    assert len(train) == n and len({ex.problem for ex in train}) == n
+    for ex in train:
+        assert held_out.isdisjoint(_chain_of(ex)), ex.solution
+        assert ex.expression not in held_out
+    assert arithmetic.held_out_expressions() == held_out
+
+
+def test_train_filter_is_the_unfiltered_stream_minus_leaks():
+    held_out = arithmetic.held_out_expressions()
+    raw = arithmetic.generate("train", 8000, held_out=0)  # the stream before the filter
+    kept = [ex for ex in raw if held_out.isdisjoint(_chain_of(ex))]
+    train = arithmetic.generate("train")
+    assert train == kept[:len(train)]
+    # the default 5000 are the first 7938 unfiltered train problems less 2938 leaking ones
+    assert raw.index(train[-1]) + 1 - len(train) == 2938
+    assert arithmetic.generate("train", 100) == train[:100]  # still prefixes
+    # other seeds and options filter against their own test split
+    t7 = arithmetic.held_out_expressions(seed=7)
+    assert all(t7.isdisjoint(_chain_of(ex)) for ex in arithmetic.generate("train", 500, seed=7))
+    small = arithmetic.generate("train", 300, max_ops=2)
+    t_small = arithmetic.held_out_expressions(max_ops=2)
+    assert all(t_small.isdisjoint(_chain_of(ex)) for ex in small)
+    # options with fewer than 500 distinct test problems: the filter uses those it finds
+    tiny = arithmetic.generate("train", 5, lo=1, hi=2, max_ops=2)
+    t_tiny = {s for ex in arithmetic.generate("test", 3, lo=1, hi=2, max_ops=2) for s in _chain_of(ex)}
+    assert len(tiny) == 5 and all(t_tiny.isdisjoint(_chain_of(ex)) for ex in tiny)
+    with pytest.raises(ValueError, match="held_out"):
+        arithmetic.generate("train", 5, held_out=-1)

@@ -35,3 +35,6 @@ def test_paper_settings():
         assert (c.rollout.temperature, c.rollout.top_p) == (1.0, 0.95)
         assert (c.train.steps, c.train.save_every, c.train.pass_k) == (100, 20, 4)
         assert c.task.num_eval_problems == 200
+        # the authors' prompt, reward and prompt truncation (tests/test_paper_fidelity_tasks.py)
+        assert (c.task.prompt_style, c.task.reward_mode, c.rollout.prompt_truncation) == (
+            "reference", "reference", "right")

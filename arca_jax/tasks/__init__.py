@@ -7,8 +7,12 @@ from arca_jax.tasks import arithmetic, gsm8k, metrics, tokenizer, verify_pool
 from arca_jax.tasks import math as math_reward
 from arca_jax.tasks.data import (
     ARITHMETIC_PROMPT_TEMPLATE,
+    GSM8K_REFERENCE_TEMPLATE,
     MATH_INSTRUCTION,
     MATH_PROMPT_TEMPLATE,
+    MATH_REFERENCE_TEMPLATE,
+    PROMPT_STYLES,
+    REWARD_MODES,
     Problem,
     Task,
     TaskDataError,
@@ -20,7 +24,8 @@ from arca_jax.tasks.metrics import greedy_accuracy, mean_pass_at_k, pass_at_k
 from arca_jax.tasks.verify_pool import VerifyPool, VerifyPoolError, get_default_pool, shutdown_default_pool
 
 __all__ = [
-    "ARITHMETIC_PROMPT_TEMPLATE", "MATH_INSTRUCTION", "MATH_PROMPT_TEMPLATE", "Problem", "ScoreResult",
+    "ARITHMETIC_PROMPT_TEMPLATE", "GSM8K_REFERENCE_TEMPLATE", "MATH_INSTRUCTION", "MATH_PROMPT_TEMPLATE",
+    "MATH_REFERENCE_TEMPLATE", "PROMPT_STYLES", "Problem", "REWARD_MODES", "ScoreResult",
     "Task", "TaskDataError", "VerifyPool", "VerifyPoolError", "arithmetic", "extract_boxed",
     "format_prompt", "get_default_pool", "greedy_accuracy", "gsm8k", "load_task", "math_reward",
     "mean_pass_at_k", "metrics", "normalize_answer", "pass_at_k", "reward", "score_batch",

@@ -15,14 +15,24 @@ Membership depends only on the text, so the splits are disjoint for any seed and
 independent of Python's hash seed. A split is the first ``n`` distinct texts of that split in the
 stream drawn with ``random.Random(seed)``; a smaller ``n`` gives a prefix of a larger one.
 
+No leakage through the chains: a held-out expression can also occur as an intermediate step of
+another problem's solution (``3+4*6`` is a test problem and a step of ``3+4*(2*3) = 3+4*6 = ...``).
+So the train split also skips every problem whose chain expressions (``chain_expressions``: the
+expression and the intermediate steps, not the final value) share a string with the chain
+expressions of the first ``held_out`` test problems (default ``DEFAULT_SIZES["test"]``, the whole
+test split as generated, drawn with the same seed and options). The test split itself is unchanged.
+With the defaults this skips about a third of the train-split draws (see
+``tests/test_arithmetic_task.py``); a test split larger than ``held_out`` is only disjoint by text.
+
 Lengths with the defaults: problem 14-28 characters, solution 25-90, prompt + solution under 130.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import random
-from typing import Union
+from typing import FrozenSet, Union
 
 TEST_MODULUS = 10
 DEFAULT_SEED = 0
@@ -41,6 +51,13 @@ class ArithmeticExample:
     solution: str
     answer: int
     num_ops: int
+    chain: tuple[str, ...] = ()  # ``steps()``: the expression, each rewrite, then the value
+
+
+def chain_expressions(ex: ArithmeticExample) -> tuple[str, ...]:
+    """The expressions of the solution chain: the problem's expression and the intermediate steps,
+    without the final value (every chain ends with a bare number)."""
+    return ex.chain[:-1]
 
 
 def render(node: Node) -> str:
@@ -111,7 +128,7 @@ def make_example(node: Node) -> ArithmeticExample:
     solution = " = ".join(chain) + ". \\boxed{%d}" % value
     ops = expression.count("+") + expression.count("-") + expression.count("*")
     return ArithmeticExample(expression=expression, problem="What is %s?" % expression,
-                             solution=solution, answer=value, num_ops=ops)
+                             solution=solution, answer=value, num_ops=ops, chain=tuple(chain))
 
 
 def random_example(rng: random.Random, min_ops: int = 2, max_ops: int = 4, lo: int = 1, hi: int = 9,
@@ -129,26 +146,59 @@ def split_of(problem: str) -> str:
     return "test" if int.from_bytes(digest[:8], "big") % TEST_MODULUS == 0 else "train"
 
 
-def generate(split: str, n: int | None = None, seed: int = DEFAULT_SEED, **kwargs) -> list[ArithmeticExample]:
+def generate(split: str, n: int | None = None, seed: int = DEFAULT_SEED, *,
+             held_out: int = DEFAULT_SIZES["test"], **kwargs) -> list[ArithmeticExample]:
     """The first ``n`` (default ``DEFAULT_SIZES[split]``) distinct problems of ``split``.
 
+    For "train", problems sharing a chain expression with the first ``held_out`` test problems
+    (same seed and options) are skipped (module docstring); ``held_out=0`` turns that off.
     ``kwargs`` go to ``random_example`` (min_ops, max_ops, lo, hi, max_value).
     """
     if split not in SPLITS:
         raise ValueError("arithmetic splits are %s, got %r" % (SPLITS, split))
     n = DEFAULT_SIZES[split] if n is None else int(n)
-    rng = random.Random(int(seed))
+    if int(held_out) < 0:
+        raise ValueError("held_out must be >= 0, got %r" % (held_out,))
+    banned: FrozenSet[str] = frozenset()
+    if split == "train" and held_out:
+        banned = held_out_expressions(int(held_out), seed, **kwargs)
+    return _draw(split, n, int(seed), banned, kwargs)
+
+
+def held_out_expressions(held_out: int = DEFAULT_SIZES["test"], seed: int = DEFAULT_SEED,
+                         **kwargs) -> FrozenSet[str]:
+    """Every chain expression (``chain_expressions``) of the first ``held_out`` test problems, or
+    of those found in ``100 * held_out + 10_000`` draws when options leave fewer distinct test
+    problems (a test split that small cannot be generated either)."""
+    return _held_out_expressions(int(held_out), int(seed), tuple(sorted(kwargs.items())))
+
+
+@functools.lru_cache(maxsize=16)
+def _held_out_expressions(held_out: int, seed: int, options: tuple) -> FrozenSet[str]:
+    test = _draw("test", held_out, seed, frozenset(), dict(options), limit=100 * held_out + 10_000)
+    return frozenset(e for ex in test for e in chain_expressions(ex))
+
+
+def _draw(split: str, n: int, seed: int, banned: FrozenSet[str], kwargs: dict,
+          limit: int | None = None) -> list[ArithmeticExample]:
+    """The first ``n`` distinct ``split`` problems whose chains avoid ``banned``. Raises ValueError
+    after ``1000 * n + 100_000`` draws; with ``limit``, returns what ``limit`` draws found."""
+    rng = random.Random(seed)
     seen: set[str] = set()
     out: list[ArithmeticExample] = []
     attempts = 0
-    limit = 1000 * max(n, 1) + 100_000
+    max_attempts = 1000 * max(n, 1) + 100_000 if limit is None else limit
     while len(out) < n:
         attempts += 1
-        if attempts > limit:
+        if attempts > max_attempts:
+            if limit is not None:
+                return out
             raise ValueError("could not draw %d distinct %s problems with %s" % (n, split, kwargs))
         ex = random_example(rng, **kwargs)
         if ex.problem in seen or split_of(ex.problem) != split:
             continue
         seen.add(ex.problem)
+        if banned and not banned.isdisjoint(chain_expressions(ex)):
+            continue
         out.append(ex)
     return out

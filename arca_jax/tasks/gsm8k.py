@@ -7,6 +7,18 @@ a ``\boxed{N}``. The number is the first one in that answer text after dropping 
 integers, decimals and simple fractions ``a/b`` are understood, compared exactly as rationals
 (``18.00`` = ``18``). All in-process and linear time; completions longer than
 ``math.MAX_COMPLETION_CHARS`` score 0.
+
+The reference ("Final answer:" line) reward, reward mode "gsm8k_final_answer" (``score_batch_final_answer``,
+the reward of the paper authors' GSM8K prompt ``data.GSM8K_REFERENCE_TEMPLATE``) is stricter:
+
+* prediction: the text after the LAST occurrence of ``Final answer:`` in the completion, matched
+  case-insensitively (``final answer:``, ``FINAL ANSWER:``), up to the end of that line; no
+  ``\boxed{}`` fallback, no "Final answer is";
+* gold: the text after the last ``####`` of the reference answer;
+* both are cleaned the same way: strip whitespace, delete every ``,`` and ``$``, strip whitespace,
+  drop trailing periods; what is left must be one plain decimal number (``-3``, ``18``, ``2.50``,
+  ``.5``; no units, words, fractions or exponents, else the reward is 0);
+* the two numbers are compared exactly as decimals (``18.00`` = ``18``).
 """
 from __future__ import annotations
 
@@ -22,6 +34,8 @@ _FINAL = re.compile(r"final answer(?: is)?\s{0,8}[:=]?", re.IGNORECASE)
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 _NUMBER = re.compile(r"-?\d{1,40}(?:\.\d{1,40})?(?:/\d{1,40})?")
 _MAX_LINE = 200
+_FINAL_LINE = re.compile(r"final answer:", re.IGNORECASE)
+_DECIMAL = re.compile(r"[+-]?(?:\d{1,40}(?:\.\d{0,40})?|\.\d{1,40})")
 
 
 def parse_number(text: str | None) -> Fraction | None:
@@ -80,4 +94,42 @@ def score_batch(completions: Sequence[str], solutions: Sequence[str], **_ignored
     if len(completions) != len(solutions):
         raise ValueError("got %d completions and %d solutions" % (len(completions), len(solutions)))
     rewards = np.array([reward(c, s) for c, s in zip(completions, solutions)], dtype=np.float32)
+    return ScoreResult(rewards=rewards)
+
+
+def clean_final_number(text: str | None) -> Fraction | None:
+    """The reference cleaning (module docstring): strip, drop ``,`` and ``$``, strip, drop trailing
+    periods, then one plain decimal number as an exact Fraction, else None."""
+    if not isinstance(text, str) or len(text) > MAX_ANSWER_CHARS:
+        return None
+    s = text.strip().replace(",", "").replace("$", "").strip().rstrip(".")
+    if _DECIMAL.fullmatch(s) is None:
+        return None
+    return Fraction(s)
+
+
+def extract_final_answer(completion: str) -> str | None:
+    """The rest of the line after the last ``Final answer:`` (case-insensitive), or None."""
+    if not isinstance(completion, str) or len(completion) > MAX_COMPLETION_CHARS:
+        return None
+    last = None
+    for last in _FINAL_LINE.finditer(completion):
+        pass
+    if last is None:
+        return None
+    return completion[last.end():].split("\n", 1)[0]
+
+
+def reward_final_answer(completion: str, solution: str) -> float:
+    """1.0 if the last "Final answer:" line's number equals the gold number after ``####``."""
+    gold = clean_final_number(extract_gold(solution))
+    pred = clean_final_number(extract_final_answer(completion))
+    return float(gold is not None and pred is not None and gold == pred)
+
+
+def score_batch_final_answer(completions: Sequence[str], solutions: Sequence[str], **_ignored) -> ScoreResult:
+    """``reward_final_answer`` for a batch (in-process; never times out). Extra keywords ignored."""
+    if len(completions) != len(solutions):
+        raise ValueError("got %d completions and %d solutions" % (len(completions), len(solutions)))
+    rewards = np.array([reward_final_answer(c, s) for c, s in zip(completions, solutions)], dtype=np.float32)
     return ScoreResult(rewards=rewards)

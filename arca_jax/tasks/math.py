@@ -1,16 +1,29 @@
 r"""MATH-style rewards: the last ``\boxed{}`` answer, exact match after light normalisation or
-mathematical equivalence with math-verify.
+mathematical equivalence with math-verify, or the paper authors' plain string match.
 
-Both modes take the prediction from the completion's last boxed expression and the gold answer from
+All modes take the prediction from the completion's last boxed expression and the gold answer from
 the solution's last boxed expression; a completion without one scores 0, whatever else it says.
+
+Modes:
+
+* "exact": ``extract_boxed`` + ``normalize_answer`` on both sides, string equality.
+* "verify": "exact", then math-verify for the pairs that are not an exact match.
+* "reference": the authors' reward, transcribed from its description (``reference_boxed`` +
+  ``reference_normalize``, string equality). It differs from "exact" in small ways: only
+  ``\boxed{`` counts (not ``\fbox``, not ``\boxed 5``); braces are counted literally (``\{`` too);
+  if the last ``\boxed{`` is unbalanced there is no answer (score 0), earlier boxes are not tried;
+  ``\text`` is deleted as a plain string so ``\text{cm}`` becomes ``{cm}``; ``\left``/``\right``
+  are deleted as plain strings (so ``\leftarrow`` becomes ``arrow``); all trailing periods are
+  dropped, before those deletions.
 
 Bounds (hostile model output never raises and never hangs):
 
 * ``extract_boxed`` runs in time linear in the text (``str.rfind`` and one forward scan, no regex).
 * ``reward``/``score_batch`` score 0 for a completion longer than ``MAX_COMPLETION_CHARS``
   (200,000 characters; a 512-token generation is a few thousand), an extracted answer longer than
-  ``MAX_ANSWER_CHARS`` (1,000) or nested deeper than ``MAX_BRACE_DEPTH`` (32) braces, in both modes.
-  Normalisation uses only linear-time regexes and scans.
+  ``MAX_ANSWER_CHARS`` (1,000) or nested deeper than ``MAX_BRACE_DEPTH`` (32) braces, in "exact"
+  and "verify"; "reference" only has the completion cap. Normalisation uses only linear-time
+  regexes, scans and ``str.replace``.
 * "verify" first accepts an exact match in-process, then sends the remaining (gold, prediction) pairs
   to math-verify in worker processes (``verify_pool.VerifyPool``) with a per-item wall-clock timeout;
   a timed-out or crashed item scores 0 and is counted in ``ScoreResult``.
@@ -29,7 +42,7 @@ MAX_COMPLETION_CHARS = 200_000
 MAX_ANSWER_CHARS = 1_000
 MAX_BRACE_DEPTH = 32
 DEFAULT_TIMEOUT_S = 5.0
-MODES = ("exact", "verify")
+MODES = ("exact", "verify", "reference")
 
 _BOX_COMMANDS = ("\\boxed", "\\fbox")
 
@@ -197,11 +210,74 @@ def gold_answer(solution: str) -> str | None:
     return _usable_answer(solution)
 
 
+_REFERENCE_BOX = "\\boxed{"
+_REFERENCE_DELETE = ("\\left", "\\right", "\\,", "\\;", "\\!", "\\text")
+
+
+def reference_boxed(text) -> str | None:
+    r"""The authors' extraction: the content of the LAST ``\boxed{`` of ``text`` up to its matching
+    ``}``, every ``{`` and ``}`` counted (escaped ones too). None without ``\boxed{``, or when that
+    last box is unbalanced (earlier boxes are not tried). Linear time."""
+    if not isinstance(text, str):
+        return None
+    i = text.rfind(_REFERENCE_BOX)
+    if i < 0:
+        return None
+    start = i + len(_REFERENCE_BOX)
+    depth = 1
+    for k in range(start, len(text)):
+        ch = text[k]
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth == 0:
+                return text[start:k]
+    return None
+
+
+def reference_normalize(answer: str) -> str:
+    r"""The authors' normalisation, in this order: strip; collapse whitespace runs to one space;
+    drop all trailing periods; delete the strings ``\left``, ``\right``, ``\,``, ``\;``, ``\!`` and
+    ``\text`` (plain string deletions: ``\text{cm}`` -> ``{cm}``, ``\leftarrow`` -> ``arrow``);
+    map ``\dfrac`` and ``\tfrac`` to ``\frac``. Nothing is stripped or collapsed again afterwards."""
+    s = _WHITESPACE.sub(" ", answer.strip())
+    s = s.rstrip(".")
+    for token in _REFERENCE_DELETE:
+        s = s.replace(token, "")
+    return s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+
+
+def reference_answer(text) -> str | None:
+    """The normalised reference answer of ``text`` (completion or solution), None without one (no
+    ``\\boxed{``, unbalanced, empty after normalisation, or ``text`` over ``MAX_COMPLETION_CHARS``)."""
+    if not isinstance(text, str) or len(text) > MAX_COMPLETION_CHARS:
+        return None
+    ans = reference_boxed(text)
+    if ans is None:
+        return None
+    return reference_normalize(ans) or None
+
+
+def _score_reference(completions: Sequence[str], solutions: Sequence[str]) -> ScoreResult:
+    rewards = np.zeros(len(completions), dtype=np.float32)
+    gold_cache: dict = {}
+    for i, (completion, solution) in enumerate(zip(completions, solutions)):
+        if not isinstance(solution, str):
+            continue
+        if solution not in gold_cache:
+            gold_cache[solution] = reference_answer(solution)
+        gold = gold_cache[solution]
+        if gold is not None and reference_answer(completion) == gold:
+            rewards[i] = 1.0
+    return ScoreResult(rewards=rewards)
+
+
 def score_batch(completions: Sequence[str], solutions: Sequence[str], mode: str = "exact", *,
                 timeout_s: float = DEFAULT_TIMEOUT_S, pool: "_vp.VerifyPool | None" = None) -> ScoreResult:
     """Score ``completions[i]`` against ``solutions[i]``; see the module docstring.
 
-    ``mode="exact"`` runs in-process. ``mode="verify"`` uses ``pool`` (default: the process-wide
+    ``mode="exact"`` and ``mode="reference"`` run in-process. ``mode="verify"`` uses ``pool`` (default: the process-wide
     ``verify_pool.get_default_pool()``) for the pairs that are not already an exact match; identical
     (gold, prediction) pairs in a batch are verified once. Raises ``ValueError`` for a bad mode or
     mismatched lengths, ``VerifyPoolError`` if the workers cannot start; never because of the content
@@ -211,6 +287,8 @@ def score_batch(completions: Sequence[str], solutions: Sequence[str], mode: str 
         raise ValueError("mode must be one of %s, got %r" % (MODES, mode))
     if len(completions) != len(solutions):
         raise ValueError("got %d completions and %d solutions" % (len(completions), len(solutions)))
+    if mode == "reference":
+        return _score_reference(completions, solutions)
     rewards = np.zeros(len(completions), dtype=np.float32)
     todo: dict[tuple[str, str], list[int]] = {}
     gold_cache: dict[str, str | None] = {}

@@ -25,10 +25,18 @@ from arca_jax.grpo.objective import advantages
 from arca_jax.trainer.setup import Model
 
 
-def encode_prompts(tokenizer, prompts: Sequence[str], max_tokens: int, pad_id: int):
-    """Left-padded prompt ids and mask [B, P] int32 numpy (prompts longer than `max_tokens` keep
-    their last `max_tokens` tokens)."""
-    rows = [ids[-max_tokens:] for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
+def encode_prompts(tokenizer, prompts: Sequence[str], max_tokens: int, pad_id: int,
+                   truncation: str = "left"):
+    """Left-padded prompt ids and mask [B, P] int32 numpy. A prompt longer than `max_tokens` is
+    cut on the `truncation` side (`rollout.prompt_truncation`): "left" keeps its last `max_tokens`
+    tokens, "right" keeps its first `max_tokens` tokens."""
+    if truncation not in ("left", "right"):
+        raise ValueError(f"truncation must be 'left' or 'right', got {truncation!r}")
+    encoded = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    if truncation == "left":
+        rows = [ids[-max_tokens:] for ids in encoded]
+    else:
+        rows = [ids[:max_tokens] for ids in encoded]
     width = max(1, max(map(len, rows)))
     ids = np.full((len(rows), width), pad_id, np.int32)
     mask = np.zeros((len(rows), width), np.int32)
@@ -121,7 +129,7 @@ def rollout(model: Model, mesh, layout: parallel.RowLayout, problems: Sequence[A
     t0 = time.time()
     P, G, r = len(problems), cfg.rollout.group_size, cfg.rollout
     ids, mask = encode_prompts(model.tokenizer, [p.prompt for p in problems],
-                               r.max_prompt_tokens, model.pad_id)
+                               r.max_prompt_tokens, model.pad_id, r.prompt_truncation)
     gen = generate_rows(model, mesh, np.repeat(ids, G, axis=0), np.repeat(mask, G, axis=0),
                         rng=key, max_new_tokens=r.max_new_tokens, lora=adapter,
                         lora_scale=cfg.lora.scaling, temperature=r.temperature, top_p=r.top_p)
