@@ -265,11 +265,15 @@ def loss_fn(lora, params, batch: Union[Batch, Mapping[str, Any]], *, config: qwe
         if g.kl_beta > 0:
             numerator = numerator + g.kl_beta * jnp.sum(kl_coef * kl)
     z = loss_normalizer(b, g) if normalizer is None else normalizer
-    loss = numerator / z
+    return numerator / z, _loss_stats(valid, weights, pg, kl, clipped, entropies, sig.residual_norms)
 
+
+def _loss_stats(valid, weights, pg, kl, clipped, entropies, residual) -> LossStats:
+    """The additive statistics of one loss evaluation (all [B, T], 0 off ``valid``)."""
+    validf = valid.astype(jnp.float32)
     rows = credit.concentration_per_row(weights, valid)
-    res = jnp.zeros_like(logps) if sig.residual_norms is None else sig.residual_norms
-    stats = LossStats(
+    res = jnp.zeros_like(pg) if residual is None else residual
+    return LossStats(
         rows=jnp.sum(jnp.any(valid, axis=1)).astype(jnp.float32),
         tokens=jnp.sum(validf),
         pg_sum=jax.lax.stop_gradient(jnp.sum(pg)),
@@ -283,4 +287,3 @@ def loss_fn(lora, params, batch: Union[Batch, Mapping[str, Any]], *, config: qwe
         residual_sum=jnp.sum(res),
         residual_norm_max=jnp.max(res),
     )
-    return loss, stats

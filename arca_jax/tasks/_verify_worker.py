@@ -49,6 +49,8 @@ def _set_parent_death_signal():
 
 
 def main(argv):
+    # One function on purpose: the worker's whole life (limits, imports, the request loop and its
+    # error replies) reads top to bottom in the order it happens; its parts share local state.
     from multiprocessing.connection import Connection
 
     rfd, wfd, mem_mb, parent_pid = (int(a) for a in argv[:4])
