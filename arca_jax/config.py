@@ -96,6 +96,12 @@ class TaskConfig:
 class RolloutConfig:
     """prompts_per_step P and group_size G (B = P * G completions per step); lengths in tokens.
 
+    eos_token: whether a completion's EOS token counts in the loss, the token weights, the
+    completion length T and the Gini / EffN/T diagnostics: "train" (counted), "mask" (never),
+    "mask_if_pad" (not counted when the tokenizer's pad token is the EOS token, as for
+    Qwen3-Base: the reference code's completion mask is tokens != pad). The EOS token stays in
+    the attention mask either way.
+
     prompt_truncation: the side cut from a prompt longer than `max_prompt_tokens` (as Hugging
     Face's `truncation_side`): "left" drops its first tokens and keeps the last ones (our
     default); "right" drops its last tokens and keeps the first ones (the paper authors' code).
@@ -107,6 +113,7 @@ class RolloutConfig:
     max_new_tokens: int = 80
     temperature: float = 1.0
     top_p: float = 1.0
+    eos_token: Literal["train", "mask", "mask_if_pad"] = "train"
     prompt_truncation: Literal["left", "right"] = "left"
 
     def __post_init__(self):

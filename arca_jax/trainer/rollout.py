@@ -139,10 +139,19 @@ def rollout(model: Model, mesh, layout: parallel.RowLayout, problems: Sequence[A
     rewards, lengths = score_rows(gen, P * G, lambda i: problems[i // G], score, model.tokenizer)
     rewards = rewards.reshape(P, G)
     adv = np.asarray(advantages(rewards, cfg.grpo.estimator, eps=1e-6)).reshape(-1)
-    batch = sampling.build_batch(gen.ids, gen.mask, gen.out, advantages=layout.to_global(adv))
+    batch = sampling.build_batch(gen.ids, gen.mask, gen.out, advantages=layout.to_global(adv),
+                                 mask_tokens=masked_tokens(cfg, model))
     beat("scoring")
     return Rollout(batch=batch, rewards=rewards, num_tokens=int(lengths.sum()),
                    time_sample_s=t1 - t0, time_score_s=time.time() - t1)
+
+
+def masked_tokens(cfg: RunConfig, model: Model) -> tuple:
+    """Generated tokens kept out of the loss (`rollout.eos_token`)."""
+    rule = cfg.rollout.eos_token
+    if rule == "mask" or (rule == "mask_if_pad" and model.pad_id == model.eos_id):
+        return (model.eos_id,)
+    return ()
 
 
 def step_prompt_indices(seed: int, step: int, num_problems: int, count: int) -> np.ndarray:

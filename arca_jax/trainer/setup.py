@@ -90,7 +90,7 @@ def load_train_task(cfg: RunConfig):
     """The training task (`task.train_split`); refuses an empty one."""
     t = cfg.task
     task = load_task(t.name, t.train_split, max_samples=t.max_train_samples, path=t.path,
-                     reward_mode=t.reward_mode)
+                     reward_mode=t.reward_mode, prompt_style=t.prompt_style)
     if len(task.problems) == 0:
         raise ConfigError(f"task {t.name!r} split {t.train_split!r} holds no problems")
     return task
@@ -101,7 +101,7 @@ def load_eval_task(cfg: RunConfig):
     t = cfg.task
     task = load_task(t.name, t.eval_split,
                      max_samples=t.num_eval_problems if t.path is None else None,
-                     path=t.path, reward_mode=t.reward_mode)
+                     path=t.path, reward_mode=t.reward_mode, prompt_style=t.prompt_style)
     return task, list(task.problems)[:t.num_eval_problems]
 
 
