@@ -38,3 +38,5 @@ def test_paper_settings():
         # the authors' prompt, reward and prompt truncation (tests/test_paper_fidelity_tasks.py)
         assert (c.task.prompt_style, c.task.reward_mode, c.rollout.prompt_truncation) == (
             "reference", "reference", "right")
+        # EOS outside the loss (Qwen3-Base pads with EOS) and bfloat16 logits, as the authors' code
+        assert (c.rollout.eos_token, c.grpo.logits_dtype) == ("mask_if_pad", "bfloat16")
