@@ -403,7 +403,7 @@ def bench_gpu(args):
         state = None
         try:
             g = GRPOConfig(**g_kw)
-            v["attention_impl"] = qwen3.resolve_attention(g.attention, jnp.bfloat16, cached=False)
+            v["attention_impl"] = qwen3.resolve_attention(g.attention, jnp.bfloat16)
             step = make_train_step(config, g, opt, lora_scale=lcfg.scaling, **step_kw)
             state = TrainState.create(jax.tree_util.tree_map(jnp.array, tree), opt,
                                       jax.random.PRNGKey(2))

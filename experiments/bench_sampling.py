@@ -5,10 +5,9 @@ multinomial sampling) on one random model (hidden 256, 4 layers, 8 heads / 4 KV 
 vocab 8192, MLP 768), batch 16, prompt 32, exactly 64 new tokens (no EOS), side by side in one run:
 both warmed up, runs interleaved, medians reported. Prefill and decode throughput are printed
 separately, with the operation count of one decode step (jaxpr equations, and the kernels of the
-compiled loop body). `--naive` adds the pre-optimisation sampler (linen `qwen3.forward` over the
-stacked KVCache, Gumbel noise over the vocabulary) for before/after numbers.
+compiled loop body).
 
-    python experiments/bench_sampling.py [--runs 7] [--naive]
+    python experiments/bench_sampling.py [--runs 7]
 
 GPU (`--gpu`): Qwen3-1.7B shapes, random bfloat16 weights, batch 64, prompt 128, 512 new tokens:
 prefill and decode tokens/s, against the memory-bandwidth bound (bytes of weights plus KV cache
@@ -132,54 +131,6 @@ def jaxpr_equations(fn, *args) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# The pre-optimisation sampler (for before/after numbers)
-# --------------------------------------------------------------------------------------------
-
-
-def naive_sampler(config: qwen3.Qwen3Config, B: int, P: int, N: int):
-    """The first version: linen `qwen3.forward` with the stacked KVCache (cache slices in and out
-    of the layer scan), full logits, `jax.random.categorical` (Gumbel noise over the vocabulary)."""
-    import flax.struct
-
-    @flax.struct.dataclass
-    class State:
-        cache: qwen3.KVCache
-        tokens: jax.Array
-        logps: jax.Array
-        last: jax.Array
-        position: jax.Array
-        step: jax.Array
-        rng: jax.Array
-
-    def choose(logits, key):
-        tok = jax.random.categorical(key, logits)
-        return tok, jnp.take_along_axis(jax.nn.log_softmax(logits), tok[:, None], 1)[:, 0]
-
-    @jax.jit
-    def prefill(params, ids, mask, rng):
-        cache = qwen3.KVCache.init(config, B, P + N, params["embed_tokens"]["embedding"].dtype)
-        out = qwen3.forward(params, ids, config=config, attention_mask=mask,
-                            positions=qwen3.default_positions(mask), cache=cache)
-        tok, lp = choose(out.logits[:, -1], jax.random.fold_in(rng, 0))
-        return State(out.cache, jnp.zeros((B, N), jnp.int32).at[:, 0].set(tok),
-                     jnp.zeros((B, N)).at[:, 0].set(lp), tok, mask.sum(-1), jnp.int32(1), rng)
-
-    def step(params, s):
-        out = qwen3.forward(params, s.last[:, None], config=config,
-                            attention_mask=jnp.ones((B, 1), jnp.int32),
-                            positions=s.position[:, None], cache=s.cache)
-        tok, lp = choose(out.logits[:, 0], jax.random.fold_in(s.rng, s.step))
-        return State(out.cache, s.tokens.at[:, s.step].set(tok), s.logps.at[:, s.step].set(lp),
-                     tok, s.position + 1, s.step + 1, s.rng)
-
-    @functools.partial(jax.jit, donate_argnums=1)
-    def decode(params, s):
-        return jax.lax.while_loop(lambda s: s.step < N, functools.partial(step, params), s)
-
-    return prefill, decode, step
-
-
-# --------------------------------------------------------------------------------------------
 # CPU: side by side with transformers
 # --------------------------------------------------------------------------------------------
 
@@ -189,6 +140,8 @@ CPU_MODEL = dict(vocab_size=8192, hidden_size=256, intermediate_size=768, num_hi
 
 
 def cpu_bench(args):
+    # One straight-line benchmark (setup, interleaved timed runs, report): long, but split it would
+    # only hand its dozen locals from piece to piece.
     import torch
     import transformers
 
@@ -239,23 +192,10 @@ def cpu_bench(args):
     runs = {"jax_weights": [], "jax_prefill": [], "jax_decode": []}
     for th in threads:
         runs.update({f"hf{th}_prefill": [], f"hf{th}_total": []})
-    naive = naive_sampler(config, B, P, N) if args.naive else None
-    if naive:
-        runs.update(naive_prefill=[], naive_decode=[])
-
-    def naive_run(seed):
-        prefill, decode, _ = naive
-        t0 = now()
-        st = block(prefill(params, j_ids, j_mask, jax.random.PRNGKey(seed)))
-        t1 = now()
-        block(decode(params, st))
-        return t1 - t0, now() - t1
 
     t = now()
     jax_run(0)
     print(f"jax compile + first run: {now() - t:.1f} s")
-    if naive:
-        naive_run(0)
     for th in threads:  # warm up
         torch.set_num_threads(th)
         hf_generate(N), hf_generate(1)
@@ -272,10 +212,6 @@ def cpu_bench(args):
         runs["jax_weights"].append(a)
         runs["jax_prefill"].append(b)
         runs["jax_decode"].append(c)
-        if naive:
-            a, b = naive_run(r + 1)
-            runs["naive_prefill"].append(a)
-            runs["naive_decode"].append(b)
     med = {k: statistics.median(v) for k, v in runs.items()}
 
     # one decode step: jaxpr equations and compiled kernels of the loop body
@@ -294,9 +230,6 @@ def cpu_bench(args):
     jax_total = med["jax_weights"] + med["jax_prefill"] + med["jax_decode"]
     rows = [(f"transformers {th} thr", med[f"hf{th}_prefill"],
              med[f"hf{th}_total"] - med[f"hf{th}_prefill"], med[f"hf{th}_total"]) for th in threads]
-    if naive:
-        rows.append(("jax naive (before)", med["naive_prefill"], med["naive_decode"],
-                     med["naive_prefill"] + med["naive_decode"]))
     rows.append(("arca_jax.sampling", med["jax_weights"] + med["jax_prefill"], med["jax_decode"],
                  jax_total))
     print(f"\nmedian of {args.runs} interleaved runs (prefill = prompt + first token; decode = "
@@ -318,14 +251,6 @@ def cpu_bench(args):
           f"{med['hf_prefill'] / jax_prefill:.2f}x prefill")
     print(f"one decode step: {eqns} jaxpr equations; {sum(kernels.values())} kernels in the "
           f"compiled loop body {dict(kernels.most_common())}")
-    if naive:
-        prefill, decode, nstep = naive
-        nst = prefill(params, j_ids, j_mask, jax.random.PRNGKey(0))
-        neqns = jaxpr_equations(functools.partial(nstep, params), nst)
-        nk = loop_body_kernels(decode.lower(params, nst).compile().as_text())
-        print(f"naive decode step:  {neqns} jaxpr equations; {sum(nk.values())} kernels "
-              f"{dict(nk.most_common())}")
-        result["naive_step"] = dict(jaxpr_equations=neqns, kernels=sum(nk.values()))
     result.update(speedup=speedup, step=dict(jaxpr_equations=eqns, kernels=sum(kernels.values())))
     return result
 
@@ -375,6 +300,7 @@ def copy_bandwidth(nbytes: int, repeats: int = 20) -> dict:
 
 
 def gpu_bench(args):
+    # One straight-line benchmark (setup, bandwidth, timed variants, report), as `cpu_bench`.
     dev = jax.devices()[0]
     tiny = args.tiny
     if tiny:
@@ -477,7 +403,6 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gpu", action="store_true", help="Qwen3-1.7B shapes on the default accelerator")
     ap.add_argument("--tiny", action="store_true", help="with --gpu: tiny shapes, to test the code path")
-    ap.add_argument("--naive", action="store_true", help="CPU: also time the pre-optimisation sampler")
     ap.add_argument("--runs", type=int, default=None, help="timed runs (default: CPU 7, GPU 3)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--prompt", type=int, default=32)

@@ -295,7 +295,7 @@ def test_fused_attention_layout_matches_einsum(checkpoint):
     h = qwen3.forward(params, ids, config=config, attention_mask=holed, attention="sdpa-xla",
                       return_logits=False).hidden
     assert np.isnan(np.asarray(h)).any(axis=(1, 2)).tolist() == [True, False, False]
-    assert qwen3.resolve_attention("auto", jnp.bfloat16, cached=False) == "einsum"  # CPU
+    assert qwen3.resolve_attention("auto", jnp.bfloat16) == "einsum"  # CPU
     with pytest.raises(ValueError):
         qwen3.forward(params, ids, config=config, attention="flash")
     with pytest.raises(ValueError):

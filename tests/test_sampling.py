@@ -116,7 +116,7 @@ def test_cached_decoding_equals_uncached_forward_at_every_step(tiny, adapter, at
                                       decode_attention=attention)
     out = step(weights, jnp.asarray(ids), config=config,
                positions=qwen3.default_positions(jnp.asarray(mask)), attention_mask=jnp.asarray(mask),
-               cache=qwen3.InferenceCache.init(config, B, P + steps))
+               cache=qwen3.KVCache.init(config, B, P + steps))
     for i in range(steps + 1):
         np.testing.assert_allclose(np.asarray(out.logits), ref[:, P - 1 + i], atol=1e-4, rtol=0)
         if i == steps:

@@ -1,0 +1,60 @@
+"""Qwen3 decoder in JAX: the training/scoring model `forward(params, ...)` (Flax linen) and the
+decode path `inference_forward` over the `KVCache`, on one parameter tree.
+
+Modules (every public name is re-exported here, so `from arca_jax import qwen3; qwen3.X`):
+  config     `Qwen3Config` (transformers' field names, config.json in both rope layouts), `preset`.
+  model      the linen modules behind the pure `forward` (whole sequences, no cache; attention
+             kernels and rematerialisation options), `init_params`, `param_shapes`, `compute_logits`.
+  inference  `inference_weights` (fused, norm-folded, per-layer kernels; LoRA merged or low-rank),
+             `KVCache`, `inference_forward` (T new tokens into the cache; logits at the last one).
+  common     what both use: parameter-tree names, rotary tables, `default_positions`, RMS norm.
+
+Dimension letters (used in every einsum, shape comment and sharding spec of the project):
+B batch, T query time, S key time (cache slots), D model width, F MLP width, N query heads,
+K key/value heads, G query heads per KV head (N = K * G), H head width, V vocabulary, L layers,
+R LoRA rank.
+
+Parameter tree (plain nested dict; per-layer leaves are stacked on a leading L axis and the layers
+of `forward` run under `nn.scan`, so compile time does not grow with depth). Kernels are stored
+[in, out]:
+
+    embed_tokens/embedding                  [V, D]
+    layers/input_layernorm/scale            [L, D]
+    layers/self_attn/{q,k,v}_proj/kernel    [L, D, N*H] / [L, D, K*H] / [L, D, K*H]
+    layers/self_attn/o_proj/kernel          [L, N*H, D]
+    layers/self_attn/{q,k}_norm/scale       [L, H]
+    layers/post_attention_layernorm/scale   [L, D]
+    layers/mlp/{gate,up}_proj/kernel        [L, D, F]
+    layers/mlp/down_proj/kernel             [L, F, D]
+    norm/scale                              [D]
+    lm_head/kernel                          [D, V]   (absent when tie_word_embeddings)
+
+The LoRA tree (see `arca_jax.lora`) mirrors the projections: `layers/<block>/<proj>/{lora_a [L, in, R],
+lora_b [L, R, out]}`. It is passed as a separate Flax collection, so `jax.grad` with respect to it
+sees only the adapter.
+"""
+
+from arca_jax.qwen3.common import (ATTN_PROJS, MLP_PROJS, PROJ_BLOCK, Params, default_positions,
+                                   rope_tables)
+from arca_jax.qwen3.config import ConfigError, Qwen3Config, preset
+from arca_jax.qwen3.inference import (InferenceLayer, InferenceOutput, InferenceWeights, KVCache,
+                                      LowRank, default_decode_attention, inference_forward,
+                                      inference_weights)
+from arca_jax.qwen3.model import (ATTENTION_IMPLS, MLP, REMAT_OPTIONS, Attention, DecoderLayer, Embed,
+                                  LoraLinear, ModelOutput, Qwen3, RMSNorm, compute_logits, forward,
+                                  init_params, lm_head_kernel, on_cuda, param_shapes, remat_policy,
+                                  resolve_attention)
+
+__all__ = [
+    # config
+    "ConfigError", "Qwen3Config", "preset",
+    # parameter tree, positions
+    "Params", "ATTN_PROJS", "MLP_PROJS", "PROJ_BLOCK", "default_positions", "rope_tables",
+    # training / scoring model
+    "ATTENTION_IMPLS", "REMAT_OPTIONS", "on_cuda", "resolve_attention", "remat_policy",
+    "Embed", "RMSNorm", "LoraLinear", "Attention", "MLP", "DecoderLayer", "Qwen3", "ModelOutput",
+    "lm_head_kernel", "compute_logits", "forward", "init_params", "param_shapes",
+    # decode path
+    "LowRank", "InferenceLayer", "InferenceWeights", "default_decode_attention",
+    "inference_weights", "KVCache", "InferenceOutput", "inference_forward",
+]

@@ -1,0 +1,306 @@
+"""The decode path: the model rearranged for sampling (`inference_weights`), THE key/value cache
+(`KVCache`) and `inference_forward`, which writes T new tokens into the cache and returns the
+logits at the last position. The sampler (`arca_jax.sampling`) prefills and decodes with it.
+
+The sampler runs the model hundreds of times per batch at T = 1, where a step's cost is the number
+of kernels it launches (CPU; GPU launch gaps) and the bytes it reads (GPU), not its arithmetic.
+`inference_forward` computes the same function as `forward` (the tests hold the two to 1e-4 in
+float32 at every decode step) with fewer, larger operations:
+  - q/k/v share one [D, (N+2K)H] matmul and gate/up one [D, 2F] matmul (concatenated once per
+    `inference_weights` call, outside the decode loop; the parameter tree is untouched);
+  - each RMSNorm weight before a projection is folded into the kernel's rows, diag(w) W, and the
+    per-row 1/rms multiplies the matmul's output: no normalised copy of x is written;
+  - q_norm and k_norm run as one normalisation over the N + K heads, with rotary in the same pass;
+  - a LoRA adapter is either merged into those kernels (one matmul per projection group) or kept
+    as one low-rank pair per group: A's side by side, B's block-diagonal, `lora_scale` folded in;
+  - layers are unrolled over per-layer weight and cache arrays, so a step never slices a stacked
+    [L, ...] array (on GPU such a dynamic slice feeding a matmul is a copy of the operand);
+  - the cache is [B, K, S, H] per layer, written in place (dynamic_update_slice on the loop
+    carry) and read in that layout, the padding mask is one additive bias per call;
+  - the final norm and the head run on the last position only.
+
+Measured on the CPU benchmark model (experiments/NOTES_sampling.md): one decode step of the
+sampler went from 406 kernels (the first version, since removed: the linen forward over a stacked
+[L, ...] cache, threefry per step) to 110.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from arca_jax.qwen3.common import Params, apply_rope, inv_rms, per_head, rms_norm, rope_tables
+from arca_jax.qwen3.config import Qwen3Config
+
+
+@flax.struct.dataclass
+class LowRank:
+    """A low-rank update x -> (x a) b of one projection group, `lora_scale` already folded into b.
+
+    a: [in, R'] (the group's A matrices side by side), b: [R', out] (their B's, block-diagonal).
+    """
+
+    a: jax.Array
+    b: jax.Array
+
+
+@flax.struct.dataclass
+class InferenceLayer:
+    """One decoder layer's weights for `inference_forward` (no leading L axis).
+
+    The kernels after a norm (qkv, gate_up, and their LoRA `a`) have that norm's weight folded into
+    their rows: qkv = diag(input_layernorm) [Wq | Wk | Wv].
+    """
+
+    qkv: jax.Array  # [D, (N+2K)*H]
+    qk_norm: jax.Array  # [N+K, H]: q_norm's weight for each query head, then k_norm's per KV head
+    o: jax.Array  # [N*H, D]
+    gate_up: jax.Array  # [D, 2F]: diag(post_attention_layernorm) [W_gate | W_up]
+    down: jax.Array  # [F, D]
+    qkv_lora: Optional[LowRank] = None
+    o_lora: Optional[LowRank] = None
+    gate_up_lora: Optional[LowRank] = None
+    down_lora: Optional[LowRank] = None
+
+
+@flax.struct.dataclass
+class InferenceWeights:
+    """The model rearranged for decoding (see `inference_weights`). A pytree; pass it into jit."""
+
+    embed: jax.Array  # [V, D]
+    layers: tuple  # L x InferenceLayer
+    final_norm: jax.Array  # [D]
+    lm_head: Optional[jax.Array] = None  # [D, V]; None when tied (then the head is `embed`, [V, D])
+    # How a T = 1 step contracts q with the cache (static): "reduce" (multiply + sum, fused over the
+    # cache in its stored layout) or "dot" (batched matmuls). Both compute the same numbers.
+    decode_attention: str = flax.struct.field(pytree_node=False, default="reduce")
+
+    @property
+    def dtype(self):
+        """Activation (and cache) dtype: the embedding's, as in `forward`."""
+        return self.embed.dtype
+
+
+def default_decode_attention() -> str:
+    """"reduce" on CPU (fewer kernels per decode step), "dot" elsewhere: on an H200 the sampler's
+    decode reached 0.98 of the HBM bound with "dot" against 0.77 with "reduce"."""
+    return "reduce" if jax.default_backend() == "cpu" else "dot"
+
+
+_GROUPS = (("qkv", "self_attn", ("q_proj", "k_proj", "v_proj"), "input_layernorm"),
+           ("o", "self_attn", ("o_proj",), None),
+           ("gate_up", "mlp", ("gate_proj", "up_proj"), "post_attention_layernorm"),
+           ("down", "mlp", ("down_proj",), None))
+
+
+def inference_weights(params: Params, config: Qwen3Config, *, lora: Optional[Params] = None,
+                      lora_scale: Any = 1.0, merge_lora: bool = False,
+                      decode_attention: Optional[str] = None) -> InferenceWeights:
+    """Rearranges `params` (and an optional LoRA tree) for `inference_forward`. Pure; jit it with
+    `config`, `merge_lora` and `decode_attention` static (`lora_scale` may be traced).
+
+    The result holds a second copy of the layer kernels (fused, norm-folded, split per layer), in
+    the parameters' dtype; the fold and a merge are computed in float32 and cast back once. With
+    `merge_lora`, each adapted kernel is W + lora_scale * A B (as `arca_jax.lora.merge`); otherwise
+    the adapter stays a low-rank pair per projection group. `decode_attention`: see
+    `InferenceWeights`; None picks `default_decode_attention()` for the current backend.
+    """
+    if decode_attention is None:
+        decode_attention = default_decode_attention()
+    if decode_attention not in ("reduce", "dot"):
+        raise ValueError(f"decode_attention must be 'reduce' or 'dot', got {decode_attention!r}")
+    layers_p = params["layers"]
+    adapters = (lora or {}).get("layers", {})
+    N, K, H = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    out_dims = {"q_proj": N * H, "k_proj": K * H, "v_proj": K * H, "o_proj": config.hidden_size,
+                "gate_proj": config.intermediate_size, "up_proj": config.intermediate_size,
+                "down_proj": config.hidden_size}
+    f32 = jnp.float32
+
+    def kernel(block, proj):  # [L, in, out] float32
+        w = layers_p[block][proj]["kernel"].astype(f32)
+        ab = adapters.get(block, {}).get(proj)
+        if ab is None or not merge_lora:
+            return w
+        return w + lora_scale * jnp.einsum("LIR,LRO->LIO", ab["lora_a"].astype(f32), ab["lora_b"].astype(f32))
+
+    fused, low_rank = {}, {}
+    for name, block, projs, norm in _GROUPS:
+        dtype = layers_p[block][projs[0]]["kernel"].dtype
+        rows = 1.0 if norm is None else layers_p[norm]["scale"].astype(f32)[:, :, None]  # [L, D, 1]
+        ws = [kernel(block, p) for p in projs]
+        fused[name] = (rows * (ws[0] if len(ws) == 1 else jnp.concatenate(ws, axis=-1))).astype(dtype)
+        pairs = {p: adapters.get(block, {}).get(p) for p in projs}
+        if merge_lora or all(ab is None for ab in pairs.values()):
+            low_rank[name] = None
+            continue
+        a_parts, b_rows = [], []
+        for p, ab in pairs.items():
+            if ab is None:
+                continue
+            a_parts.append(ab["lora_a"])  # [L, in, R]
+            b = ab["lora_b"]  # [L, R, out_p]
+            cols = [b if q == p else jnp.zeros(b.shape[:2] + (out_dims[q],), b.dtype) for q in projs]
+            b_rows.append(jnp.concatenate(cols, axis=-1) if len(cols) > 1 else cols[0])
+        a = jnp.concatenate(a_parts, axis=-1)  # [L, in, R']
+        b = jnp.concatenate(b_rows, axis=-2)  # [L, R', out]
+        low_rank[name] = ((rows * a.astype(f32)).astype(a.dtype),
+                          (lora_scale * b.astype(f32)).astype(b.dtype))
+
+    attn = layers_p["self_attn"]
+    qk_norm = jnp.concatenate([  # [L, N+K, H]
+        jnp.broadcast_to(attn["q_norm"]["scale"][:, None, :], (config.num_hidden_layers, N, H)),
+        jnp.broadcast_to(attn["k_norm"]["scale"][:, None, :], (config.num_hidden_layers, K, H))], axis=1)
+    layers = []
+    for i in range(config.num_hidden_layers):
+        lr = {f"{name}_lora": None if low_rank[name] is None
+              else LowRank(a=low_rank[name][0][i], b=low_rank[name][1][i]) for name, *_ in _GROUPS}
+        layers.append(InferenceLayer(qkv=fused["qkv"][i], qk_norm=qk_norm[i], o=fused["o"][i],
+                                     gate_up=fused["gate_up"][i], down=fused["down"][i], **lr))
+    return InferenceWeights(
+        embed=params["embed_tokens"]["embedding"], layers=tuple(layers),
+        final_norm=params["norm"]["scale"],
+        lm_head=None if config.tie_word_embeddings else params["lm_head"]["kernel"],
+        decode_attention=decode_attention)
+
+
+@flax.struct.dataclass
+class KVCache:
+    """The key/value cache of `inference_forward`: fixed-size buffers, one pair per layer, and the
+    next write slot. A pytree; returned, never mutated.
+
+    k, v:  tuples of L arrays [B, K, S, H] in the activation dtype.
+    valid: [B, S] bool, slots holding a real (non-padding) token.
+    index: [] int32, the slot the next token is written to (shared by all rows: prompts are
+           left-padded, so every row writes the same slot).
+    """
+
+    k: tuple
+    v: tuple
+    valid: jax.Array
+    index: jax.Array
+
+    @classmethod
+    def init(cls, config: Qwen3Config, batch: int, size: int, dtype=jnp.float32) -> "KVCache":
+        shape = (batch, config.num_key_value_heads, size, config.head_dim)
+        L = config.num_hidden_layers
+        return cls(k=tuple(jnp.zeros(shape, dtype) for _ in range(L)),
+                   v=tuple(jnp.zeros(shape, dtype) for _ in range(L)),
+                   valid=jnp.zeros((batch, size), bool), index=jnp.zeros((), jnp.int32))
+
+    @property
+    def size(self) -> int:
+        """S, the number of slots."""
+        return self.valid.shape[1]
+
+
+@flax.struct.dataclass
+class InferenceOutput:
+    """logits [B, V] float32 at the last input position; the updated cache."""
+
+    logits: jax.Array
+    cache: KVCache
+
+
+def _project(x, w, low_rank: Optional[LowRank], out_dtype):
+    """x [B, T, in] @ w [in, out] (+ (x a) b), accumulated in float32, returned in `out_dtype`."""
+    y = jnp.einsum("BTI,IO->BTO", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+    if low_rank is not None:
+        xa = jnp.einsum("BTI,IR->BTR", x.astype(low_rank.a.dtype), low_rank.a)
+        y = y + jnp.einsum("BTR,RO->BTO", xa, low_rank.b, preferred_element_type=jnp.float32)
+    return y.astype(out_dtype)
+
+
+def _attend(q, k, v, bias, config: Qwen3Config, decode_attention: str):
+    """Grouped-query attention of q [B, T, N, H] over the cache k, v [B, K, S, H] with an additive
+    mask bias [B, T, S] (0 or float32 min); returns [B, T, N*H] in q's dtype. Scores and softmax in
+    float32, the probabilities cast to q's dtype before they weight v (as `Attention`).
+
+    For T = 1 with decode_attention "reduce", both contractions are a multiply and a sum, which XLA
+    fuses into one pass over the cache each, in its stored layout; as matmuls ("dot") XLA CPU first
+    transposes the small operands (on the CPU benchmark model, 140 kernels per decode step instead
+    of 110)."""
+    B, T, N, H = q.shape
+    K, G = config.num_key_value_heads, config.num_groups
+    f32 = jnp.float32
+    if T == 1 and decode_attention == "reduce":
+        q1 = q.reshape(B, K, G, H).astype(f32)
+        scores = jnp.sum(q1[:, :, :, None, :] * k.astype(f32)[:, :, None, :, :], axis=-1)  # [B, K, G, S]
+        scores = scores * (H ** -0.5) + bias[:, None, :, :]  # bias [B, 1, 1, S]
+        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype).astype(f32)
+        out = jnp.sum(probs[..., None] * v.astype(f32)[:, :, None, :, :], axis=-2)  # [B, K, G, H]
+        return out.astype(q.dtype).reshape(B, 1, N * H)
+    scores = jnp.einsum("BTKGH,BKSH->BKGTS", q.reshape(B, T, K, G, H), k,
+                        preferred_element_type=f32) * (H ** -0.5)
+    probs = jax.nn.softmax(scores + bias[:, None, None], axis=-1).astype(q.dtype)
+    return jnp.einsum("BKGTS,BKSH->BTKGH", probs, v).reshape(B, T, N * H)
+
+
+def inference_forward(weights: InferenceWeights, input_ids: jax.Array, *, config: Qwen3Config,
+                      positions: jax.Array, attention_mask: jax.Array,
+                      cache: KVCache) -> InferenceOutput:
+    """The model over T new tokens written at `cache.index`; logits at the last position only.
+
+    The logits equal those of `forward` over the whole sequence so far (cached tokens, then these)
+    at its last position, up to float rounding (no dropout; LoRA as prepared by
+    `inference_weights`). Pure: jit it with `config` static.
+
+    Args:
+      weights: from `inference_weights`.
+      input_ids: [B, T] int tokens (T = prompt width for a prefill, 1 for a decode step).
+      positions: [B, T] int rotary positions (`default_positions` of the prompt mask; then each
+        row's running count).
+      attention_mask: [B, T] 1 for real tokens; 0 slots are never attended to.
+      cache: `KVCache` with at least cache.index + T slots.
+
+    Returns:
+      InferenceOutput(logits [B, V] float32 for the token at T - 1, cache with the T tokens written
+      and index advanced by T).
+    """
+    c = config
+    B, T = input_ids.shape
+    N, K, H, F = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.intermediate_size
+    S = cache.size
+    dtype = weights.dtype
+    f32 = jnp.float32
+    zero = jnp.zeros((), jnp.int32)
+
+    valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask.astype(bool), (zero, cache.index))
+    query_slot = cache.index + jnp.arange(T, dtype=jnp.int32)  # [T]
+    visible = valid[:, None, :] & (jnp.arange(S, dtype=jnp.int32)[None, :] <= query_slot[:, None])[None]
+    bias = jnp.where(visible, 0.0, jnp.finfo(f32).min).astype(f32)  # [B, T, S]
+    cos, sin = rope_tables(positions, H, c.rope_theta)  # [B, T, H]
+    cos, sin = per_head(cos, dtype), per_head(sin, dtype)
+
+    x = jnp.take(weights.embed, input_ids, axis=0, mode="clip").astype(dtype)  # [B, T, D]
+    new_k, new_v = [], []
+    for layer, k_cache, v_cache in zip(weights.layers, cache.k, cache.v):
+        # input_layernorm folded into qkv: norm(x) W = (x diag(w) W) / rms(x)
+        qkv = _project(x, layer.qkv, layer.qkv_lora, f32) * inv_rms(x, c.rms_norm_eps)
+        qk = qkv[..., :(N + K) * H].reshape(B, T, N + K, H)
+        qk = apply_rope(rms_norm(qk, layer.qk_norm, c.rms_norm_eps, dtype), cos, sin)
+        q, k = qk[:, :, :N], qk[:, :, N:]
+        v = qkv[..., (N + K) * H:].astype(dtype).reshape(B, T, K, H)
+        start = (zero, zero, cache.index, zero)
+        k_cache = jax.lax.dynamic_update_slice(k_cache, k.transpose(0, 2, 1, 3).astype(k_cache.dtype), start)
+        v_cache = jax.lax.dynamic_update_slice(v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype), start)
+        new_k.append(k_cache)
+        new_v.append(v_cache)
+        attn = _attend(q, k_cache.astype(dtype), v_cache.astype(dtype), bias, c, weights.decode_attention)
+        x = x + _project(attn, layer.o, layer.o_lora, dtype)
+
+        gu = _project(x, layer.gate_up, layer.gate_up_lora, f32) * inv_rms(x, c.rms_norm_eps)
+        h = (jax.nn.silu(gu[..., :F].astype(dtype)) * gu[..., F:].astype(dtype))
+        x = x + _project(h, layer.down, layer.down_lora, dtype)
+
+    last = x[:, -1]  # [B, D]
+    last = rms_norm(last, weights.final_norm, c.rms_norm_eps)
+    if weights.lm_head is None:
+        logits = jnp.einsum("BD,VD->BV", last, weights.embed.astype(dtype), preferred_element_type=f32)
+    else:
+        logits = jnp.einsum("BD,DV->BV", last, weights.lm_head.astype(dtype), preferred_element_type=f32)
+    new_cache = KVCache(k=tuple(new_k), v=tuple(new_v), valid=valid, index=cache.index + T)
+    return InferenceOutput(logits=logits, cache=new_cache)

@@ -1,0 +1,400 @@
+"""The training and scoring model: Flax linen modules behind the pure `forward(params, ...)`.
+
+The whole sequence runs at once, without a KV cache (the sampler decodes with `inference`); layers
+run under `nn.scan` over the stacked parameter tree, with optional rematerialisation
+(`remat_policy`) and a choice of attention kernel (`resolve_attention`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.core
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from arca_jax.qwen3.common import Params, apply_rope, default_positions, per_head, rms_norm, rope_tables
+from arca_jax.qwen3.config import Qwen3Config
+
+
+@flax.struct.dataclass
+class ModelOutput:
+    """logits [B, T, V] float32 (None when not asked for); hidden [B, T, D] after the final norm."""
+
+    logits: Optional[jax.Array]
+    hidden: jax.Array
+
+
+@flax.struct.dataclass
+class _Context:
+    """Per-call arrays shared (broadcast) by every layer."""
+
+    cos: jax.Array  # [B, T, H] float32
+    sin: jax.Array  # [B, T, H] float32
+    visible: Optional[jax.Array]  # [B, T, S] bool (S = T), query t may attend to key s ("einsum")
+    # "cudnn" / "sdpa-xla" only: [B] int32 tokens per row; each row's tokens occupy slots
+    # [0, lengths) (`forward` rotates the rows so), attention is causal within them.
+    lengths: Optional[jax.Array] = None
+    attention: str = flax.struct.field(pytree_node=False, default="einsum")
+
+
+# --------------------------------------------------------------------------------------------
+# Execution options (static)
+# --------------------------------------------------------------------------------------------
+
+ATTENTION_IMPLS = ("auto", "einsum", "cudnn", "sdpa-xla")
+REMAT_OPTIONS = (False, True, "full", "projections")
+# Names of the values that remat="projections" keeps for the backward pass (`checkpoint_name`).
+_SAVED_NAMES = ("proj_out", "lora_xa", "attn_out")
+
+
+def on_cuda(min_capability: float = 0.0) -> bool:
+    """True when the default backend is an NVIDIA GPU (cuDNN available) of at least this compute
+    capability (cuDNN flash attention needs 8.0, Ampere)."""
+    if jax.default_backend() != "gpu":
+        return False
+    device = jax.devices()[0]
+    try:
+        if "rocm" in device.client.platform_version.lower():
+            return False
+    except Exception:  # noqa: BLE001 - an unknown client: assume CUDA, as jax's "gpu" usually is
+        pass
+    try:
+        return float(device.compute_capability) >= min_capability
+    except Exception:  # noqa: BLE001 - no compute capability reported
+        return min_capability == 0.0
+
+
+def resolve_attention(attention: str, dtype) -> str:
+    """The attention implementation `forward` runs.
+
+    "einsum": scores and softmax as explicit XLA ops over [B, K, G, T, S] (any mask). "cudnn":
+        `jax.nn.dot_product_attention(implementation="cudnn")`, cuDNN's fused flash attention
+        (bf16/fp16 on NVIDIA GPUs), causal within each row's run of real tokens. "sdpa-xla": the same call and row layout with jax's XLA implementation (any
+        backend and dtype; checks the "cudnn" plumbing on CPU). "auto": "cudnn" on a CUDA GPU of
+        compute capability >= 8.0 with bf16/fp16 activations, else "einsum".
+    """
+    if attention not in ATTENTION_IMPLS:
+        raise ValueError(f"attention {attention!r}; valid: {', '.join(ATTENTION_IMPLS)}")
+    if attention == "auto":
+        fused = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+        return "cudnn" if fused and on_cuda(8.0) else "einsum"
+    return attention
+
+
+def remat_policy(remat):
+    """The `jax.checkpoint` policy of a `remat` option, or None for no rematerialisation.
+
+    True / "full": keep only each layer's input (recompute the whole layer in the backward pass).
+    "projections": also keep every projection's output (LoRA update included), the adapters'
+    x A and the attention output; the backward pass recomputes only norms, rotary embeddings,
+    activations and the attention kernel's statistics (no projection matmul runs twice).
+    """
+    if remat is False or remat is None:
+        return None
+    if remat is True or remat == "full":
+        return jax.checkpoint_policies.nothing_saveable
+    if remat == "projections":
+        return jax.checkpoint_policies.save_only_these_names(*_SAVED_NAMES)
+    raise ValueError(f"remat {remat!r}; valid: {REMAT_OPTIONS}")
+
+
+# --------------------------------------------------------------------------------------------
+# Modules
+# --------------------------------------------------------------------------------------------
+
+
+class Embed(nn.Module):
+    num_embeddings: int
+    features: int
+    dtype: Any = None  # None: the table's dtype
+
+    @nn.compact
+    def __call__(self, ids):
+        table = self.param("embedding", nn.initializers.normal(0.02),
+                           (self.num_embeddings, self.features), jnp.float32)
+        return jnp.take(table, ids, axis=0).astype(self.dtype or table.dtype)
+
+
+class RMSNorm(nn.Module):
+    """weight * (x / rms(x)), statistics in float32, cast back to x's dtype before the weight (as HF)."""
+
+    eps: float
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+        return rms_norm(x, scale, self.eps)
+
+
+class LoraLinear(nn.Module):
+    """y = x W (+ lora_scale * dropout(x) A B when the 'lora' collection holds lora_a/lora_b).
+
+    lora_dtype: dtype of the adapter matmuls. None: the activation dtype (x's): with bf16
+    activations and float32 adapters, A and B are cast to bf16 for the matmuls (float32 master
+    weights; their gradients come back float32 through the cast). Float32 activations compute in
+    float32 exactly as before. "float32" forces float32 adapter matmuls under bf16 activations.
+    """
+
+    features: int
+    lora_scale: float = 1.0
+    lora_dropout: float = 0.0
+    lora_dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", nn.initializers.normal(0.02), (x.shape[-1], self.features),
+                            jnp.float32)
+        y = jnp.einsum("...i,io->...o", x, kernel.astype(x.dtype))
+        if self.has_variable("lora", "lora_a"):
+            a = self.get_variable("lora", "lora_a")  # [in, R]
+            b = self.get_variable("lora", "lora_b")  # [R, out]
+            dtype = x.dtype if self.lora_dtype is None else jnp.dtype(self.lora_dtype)
+            xa = x.astype(dtype)
+            if self.lora_dropout > 0.0:
+                xa = nn.Dropout(self.lora_dropout, deterministic=False)(xa)
+            xa = checkpoint_name(jnp.einsum("...i,ir->...r", xa, a.astype(dtype)), "lora_xa")
+            delta = jnp.einsum("...r,ro->...o", xa, b.astype(dtype))
+            y = y + (self.lora_scale * delta).astype(y.dtype)
+        return checkpoint_name(y, "proj_out")
+
+
+def _apply_rope(x, cos, sin):
+    """x [B, T, N, H]; cos, sin [B, T, H] float32 (cast to x's dtype first, as HF)."""
+    return apply_rope(x, per_head(cos, x.dtype), per_head(sin, x.dtype))
+
+
+def _fused_attention(q, k, v, lengths, implementation: str):
+    """Causal attention of q [B, T, N, H] over k, v [B, T, K, H] within each row's first
+    `lengths` [B] slots (`jax.nn.dot_product_attention`, cuDNN flash attention or jax's XLA
+    version). Slots at or after a row's length are zeros in and out, so whatever a kernel leaves
+    there (values or gradients) never reaches the rest of the model."""
+    T, H = q.shape[1], q.shape[-1]
+    rows = (jnp.arange(T, dtype=jnp.int32)[None, :] < lengths[:, None])[:, :, None, None]
+    q, k, v = (jnp.where(rows, t, jnp.zeros((), t.dtype)) for t in (q, k, v))
+    out = jax.nn.dot_product_attention(
+        q, k, v, scale=H ** -0.5, is_causal=True, query_seq_lengths=lengths,
+        key_value_seq_lengths=lengths, implementation="cudnn" if implementation == "cudnn" else "xla")
+    return jnp.where(rows, out, jnp.zeros((), out.dtype))
+
+
+class Attention(nn.Module):
+    config: Qwen3Config
+    lora_scale: float
+    lora_dropout: float
+    lora_dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x, ctx: _Context):
+        c = self.config
+        B, T, _ = x.shape
+        N, K, G, H = c.num_attention_heads, c.num_key_value_heads, c.num_groups, c.head_dim
+        proj = lambda n, f: LoraLinear(f, self.lora_scale, self.lora_dropout, self.lora_dtype,  # noqa: E731
+                                       name=n)
+        q = proj("q_proj", N * H)(x).reshape(B, T, N, H)
+        k = proj("k_proj", K * H)(x).reshape(B, T, K, H)
+        v = proj("v_proj", K * H)(x).reshape(B, T, K, H)
+        q = RMSNorm(c.rms_norm_eps, name="q_norm")(q)
+        k = RMSNorm(c.rms_norm_eps, name="k_norm")(k)
+        q = _apply_rope(q, ctx.cos, ctx.sin)
+        k = _apply_rope(k, ctx.cos, ctx.sin)
+
+        if ctx.attention != "einsum":
+            out = _fused_attention(q, k, v, ctx.lengths, ctx.attention).reshape(B, T, N * H)
+        else:
+            q = q.reshape(B, T, K, G, H)
+            scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
+            scores = scores * (H ** -0.5)
+            scores = jnp.where(ctx.visible[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+            probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
+            out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(B, T, N * H)
+        out = checkpoint_name(out, "attn_out")
+        return proj("o_proj", c.hidden_size)(out)
+
+
+class MLP(nn.Module):
+    config: Qwen3Config
+    lora_scale: float
+    lora_dropout: float
+    lora_dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        proj = lambda n, f: LoraLinear(f, self.lora_scale, self.lora_dropout, self.lora_dtype,  # noqa: E731
+                                       name=n)
+        h = nn.silu(proj("gate_proj", c.intermediate_size)(x)) * proj("up_proj", c.intermediate_size)(x)
+        return proj("down_proj", c.hidden_size)(h)
+
+
+class DecoderLayer(nn.Module):
+    config: Qwen3Config
+    lora_scale: float = 1.0
+    lora_dropout: float = 0.0
+    lora_dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x, ctx: _Context):
+        """(x [B, T, D], ctx) -> (x after the layer, None): the carry and no per-layer output of
+        the scan over layers."""
+        c = self.config
+        x = x + Attention(c, self.lora_scale, self.lora_dropout, self.lora_dtype, name="self_attn")(
+            RMSNorm(c.rms_norm_eps, name="input_layernorm")(x), ctx)
+        x = x + MLP(c, self.lora_scale, self.lora_dropout, self.lora_dtype, name="mlp")(
+            RMSNorm(c.rms_norm_eps, name="post_attention_layernorm")(x))
+        return x, None
+
+
+class Qwen3(nn.Module):
+    """The decoder stack. Use `forward`; this module is its implementation."""
+
+    config: Qwen3Config
+    lora_scale: float = 1.0
+    lora_dropout: float = 0.0
+    remat: Any = False  # see `remat_policy`
+    dtype: Any = None  # activation dtype; None: the embedding's dtype
+    lora_dtype: Any = None  # see `LoraLinear`
+
+    @nn.compact
+    def __call__(self, input_ids, ctx: _Context):
+        c = self.config
+        x = Embed(c.vocab_size, c.hidden_size, self.dtype, name="embed_tokens")(input_ids)  # [B, T, D]
+
+        layer = DecoderLayer
+        policy = remat_policy(self.remat)
+        if policy is not None:
+            layer = nn.remat(layer, prevent_cse=False, policy=policy)
+        layers = nn.scan(layer, variable_axes={"params": 0, "lora": 0},
+                         split_rngs={"params": True, "dropout": True},
+                         in_axes=(nn.broadcast,), length=c.num_hidden_layers)
+        x, _ = layers(c, self.lora_scale, self.lora_dropout, self.lora_dtype, name="layers")(x, ctx)
+        return RMSNorm(c.rms_norm_eps, name="norm")(x)
+
+
+# --------------------------------------------------------------------------------------------
+# Pure functions
+# --------------------------------------------------------------------------------------------
+
+
+def lm_head_kernel(params: Params, config: Qwen3Config) -> jax.Array:
+    """[D, V] output projection (the transposed embedding when tied)."""
+    if config.tie_word_embeddings:
+        return params["embed_tokens"]["embedding"].T
+    return params["lm_head"]["kernel"]
+
+
+def compute_logits(params: Params, hidden: jax.Array, config: Qwen3Config) -> jax.Array:
+    """hidden [..., D] -> logits [..., V], accumulated and returned in float32."""
+    w = lm_head_kernel(params, config)
+    return jnp.einsum("...D,DV->...V", hidden, w.astype(hidden.dtype),
+                      preferred_element_type=jnp.float32)
+
+
+def _rows_to_front(attention_mask):
+    """The rotation of each row that moves its first real token to slot 0, for the fused kernels.
+
+    Returns (src [B, T]: rotated slot i holds the caller's slot src[b, i], back [B, T]: its inverse,
+    lengths [B]: real tokens per row, one_run [B]: the row's mask is one run of ones)."""
+    T = attention_mask.shape[1]
+    slot = jnp.arange(T, dtype=jnp.int32)[None, :]
+    first = jnp.argmax(attention_mask, axis=1).astype(jnp.int32)[:, None]  # 0 for empty rows
+    lengths = jnp.sum(attention_mask, axis=1, dtype=jnp.int32)
+    src = (slot + first) % T
+    one_run = jnp.all(jnp.take_along_axis(attention_mask, src, axis=1)
+                      == (slot < lengths[:, None]), axis=1)
+    return src, (slot - first) % T, lengths, one_run
+
+
+def forward(params: Params, input_ids: jax.Array, *, config: Qwen3Config,
+            attention_mask: Optional[jax.Array] = None, positions: Optional[jax.Array] = None,
+            lora: Optional[Params] = None, lora_scale: float = 1.0,
+            lora_dropout: float = 0.0, rng: Optional[jax.Array] = None,
+            return_logits: bool = True, remat: Any = False, attention: str = "auto",
+            lora_dtype: Any = None) -> ModelOutput:
+    """Runs the model over whole sequences (no cache: for decoding see `inference_forward`).
+    Pure: jit it with `config` (and the other Python-valued options) static.
+
+    Args:
+      params: base parameter tree (float32 or bfloat16; activations follow the embedding's dtype).
+      input_ids: [B, T] int tokens; prompts are left-padded.
+      attention_mask: [B, T] 1 for real tokens, 0 for padding (default all ones). Padded keys are
+        never attended to; padded query positions produce finite but meaningless outputs.
+      positions: [B, T] rotary positions (default `cumsum(attention_mask) - 1`).
+      lora: adapter tree from `arca_jax.lora`, or None for the base model.
+      lora_scale: multiplier of the adapter update (`LoraConfig.scaling` = alpha / rank).
+      lora_dropout: dropout rate on the adapter input (training forward only); needs `rng`.
+      return_logits: compute [B, T, V] float32 logits (skip for chunked log-probs).
+      remat: rematerialise each layer in the backward pass (saves activation memory): False,
+        True (= "full") or "projections" (see `remat_policy`).
+      attention: "auto" (default), "einsum", "cudnn" or "sdpa-xla" (see `resolve_attention`;
+        "auto" is cuDNN flash attention on a CUDA GPU with bf16 activations, else "einsum").
+        "cudnn" and "sdpa-xla" need each row's attention_mask to be one run of ones (left
+        padding, right padding, or both: what the sampler's batches are); the rows are rotated so
+        that their tokens start at slot 0, attention runs causally over that run, and the hidden
+        states are rotated back. A row with a hole in its mask gets NaN hidden states there
+        (never silently wrong values): use "einsum" for such masks. Values equal "einsum" up to
+        float rounding; dropout masks are drawn in the rotated layout (same distribution,
+        different draw).
+      lora_dtype: dtype of the adapter matmuls; None: the activation dtype (see `LoraLinear`).
+
+    Returns:
+      ModelOutput(logits [B, T, V] float32 or None, hidden [B, T, D] after the final RMSNorm).
+    """
+    B, T = input_ids.shape
+    if attention_mask is None:
+        attention_mask = jnp.ones((B, T), jnp.int32)
+    attention_mask = attention_mask.astype(bool)
+    if positions is None:
+        positions = default_positions(attention_mask)
+    impl = resolve_attention(attention, params["embed_tokens"]["embedding"].dtype)
+    remat_policy(remat)  # validates
+    rotated = impl != "einsum"
+    if rotated:  # rows rotated left so that each row's tokens occupy slots [0, n)
+        src, back, lengths, one_run = _rows_to_front(attention_mask)
+        input_ids = jnp.take_along_axis(input_ids, src, axis=1)
+        positions = jnp.take_along_axis(positions, src, axis=1)
+    cos, sin = rope_tables(positions, config.head_dim, config.rope_theta)
+    if rotated:
+        ctx = _Context(cos=cos, sin=sin, visible=None, lengths=jnp.maximum(lengths, 1), attention=impl)
+    else:
+        visible = jnp.tril(jnp.ones((T, T), bool))[None] & attention_mask[:, None, :]
+        ctx = _Context(cos=cos, sin=sin, visible=visible)
+
+    variables = {"params": params}
+    if lora is not None:
+        variables["lora"] = lora
+    rngs = None
+    if lora is not None and lora_dropout > 0.0:
+        if rng is None:
+            raise ValueError("lora_dropout > 0 needs an `rng` key")
+        rngs = {"dropout": rng}
+    model = Qwen3(config, lora_scale=lora_scale,
+                  lora_dropout=lora_dropout if lora is not None else 0.0, remat=remat,
+                  lora_dtype=lora_dtype)
+    hidden = model.apply(variables, input_ids, ctx, rngs=rngs)
+    if rotated:  # back to the caller's layout; rows whose mask is not one run: NaN
+        hidden = jnp.take_along_axis(hidden, back[:, :, None], axis=1)
+        hidden = jnp.where(one_run[:, None, None], hidden, jnp.asarray(jnp.nan, hidden.dtype))
+    logits = compute_logits(params, hidden, config) if return_logits else None
+    return ModelOutput(logits=logits, hidden=hidden)
+
+
+def init_params(config: Qwen3Config, rng: jax.Array, dtype=jnp.float32) -> Params:
+    """Random parameters (normal(0.02) kernels, unit norms) in `dtype`. For tests and benchmarks;
+    under `jax.eval_shape` it allocates nothing."""
+    ctx = _Context(cos=jnp.zeros((1, 1, config.head_dim)), sin=jnp.zeros((1, 1, config.head_dim)),
+                   visible=jnp.ones((1, 1, 1), bool))
+    body_rng, head_rng = jax.random.split(rng)
+    params = flax.core.unfreeze(Qwen3(config).init(body_rng, jnp.zeros((1, 1), jnp.int32), ctx)["params"])
+    if not config.tie_word_embeddings:  # read by `compute_logits`, outside the module
+        params["lm_head"] = {"kernel": 0.02 * jax.random.normal(
+            head_rng, (config.hidden_size, config.vocab_size), jnp.float32)}
+    return jax.tree_util.tree_map(lambda x: x.astype(dtype), params)
+
+
+def param_shapes(config: Qwen3Config, dtype=jnp.float32) -> Params:
+    """The parameter tree as `jax.ShapeDtypeStruct`s (no allocation)."""
+    return jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0), dtype))
