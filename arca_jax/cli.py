@@ -4,7 +4,7 @@
                    [--coordinator-address HOST:PORT --num-processes N --process-id I] ...
     arca-jax eval --run DIR [--checkpoint STEP]
     arca-jax export --run DIR --peft OUT [--checkpoint STEP]
-    arca-jax sweep CONFIG... [--root DIR] [--set key=value]...
+    arca-jax sweep CONFIG... [--root DIR] [--set key=value]... [--seeds S1,S2,...]
     arca-jax report RUN_DIR... --out DIR
 
 Bad input (a config, a path, a run directory) ends with a one-line message and exit code 2.
@@ -80,14 +80,35 @@ def _add_export(sub):
     p.add_argument("--checkpoint", type=int, help="checkpoint step (default: the latest)")
 
 
+def _seed_list(text: str) -> List[int]:
+    """'1337,1338,1339' -> [1337, 1338, 1339] (argparse type of --seeds)."""
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+    if not seeds:
+        raise argparse.ArgumentTypeError("no seed given")
+    if any(s < 0 for s in seeds):
+        raise argparse.ArgumentTypeError(f"seeds must be >= 0, got {text!r}")
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"a seed is given twice in {text!r}")
+    return seeds
+
+
 def _add_sweep(sub):
-    p = sub.add_parser("sweep", help="run several configs one after another",
-                       description="Runs each config into ROOT/<config file stem>; finished runs "
-                                   "(summary.json) are skipped, interrupted ones resumed.")
+    p = sub.add_parser("sweep", help="run several configs (and seeds) one after another",
+                       description="Runs each config into ROOT/<config file stem>, or with "
+                                   "--seeds into ROOT/<config file stem>-seed<seed> once per seed; "
+                                   "finished runs (summary.json) are skipped, interrupted ones "
+                                   "resumed.")
     p.add_argument("configs", nargs="+", metavar="CONFIG", help="YAML config files")
     p.add_argument("--root", default="runs", help="parent directory of the run directories")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override applied to every config (repeatable)")
+    p.add_argument("--seeds", type=_seed_list, metavar="S1,S2,...",
+                   help="run every config once per seed (train.seed set after the config and "
+                        "--set), e.g. --seeds 1337,1338,1339; `arca-jax report` then gives means "
+                        "over seeds with intervals")
 
 
 def _add_report(sub):
@@ -158,12 +179,28 @@ def cmd_export(args) -> int:
     return 0
 
 
-def sweep_plan(configs, root: str):
-    """[(config path, run dir, action)] with action "skip" (finished), "resume" (has
-    checkpoints) or "start"."""
-    plan = []
+def sweep_jobs(configs, seeds=None):
+    """[(config path, seed or None, run directory name)]: config by config, and within a config
+    seed by seed; the name is the config file's stem, with --seeds `<stem>-seed<seed>`."""
+    jobs = []
     for path in configs:
-        run_dir = os.path.join(root, os.path.splitext(os.path.basename(path))[0])
+        stem = os.path.splitext(os.path.basename(path))[0]
+        for seed in (seeds or [None]):
+            jobs.append((path, seed, stem if seed is None else f"{stem}-seed{seed}"))
+    return jobs
+
+
+def sweep_overrides(overrides, seed=None) -> List[str]:
+    """The overrides of one sweep run: --set's, then train.seed=<seed> when the sweep has seeds."""
+    return list(overrides) + ([] if seed is None else [f"train.seed={seed}"])
+
+
+def sweep_plan(configs, root: str, seeds=None):
+    """[(config path, run dir, action)] in `sweep_jobs` order, with action "skip" (finished),
+    "resume" (has checkpoints) or "start"."""
+    plan = []
+    for path, _, name in sweep_jobs(configs, seeds):
+        run_dir = os.path.join(root, name)
         summary = rundir.path(run_dir, rundir.SUMMARY)
         action = "start"
         if os.path.isfile(summary):
@@ -181,8 +218,13 @@ def sweep_plan(configs, root: str):
 def cmd_sweep(args) -> int:
     from arca_jax import config, train
 
-    cfgs = [config.load(path, args.overrides) for path in args.configs]  # validate all first
-    plan = sweep_plan(args.configs, args.root)
+    seeds = getattr(args, "seeds", None)
+    if seeds and any(o.split("=", 1)[0].strip() == "train.seed" for o in args.overrides):
+        raise config.ConfigError("--seeds sets train.seed for each run; drop --set train.seed")
+    jobs = sweep_jobs(args.configs, seeds)
+    cfgs = [config.load(path, sweep_overrides(args.overrides, seed))  # validate all first
+            for path, seed, _ in jobs]
+    plan = sweep_plan(args.configs, args.root, seeds)
     names = [run_dir for _, run_dir, _ in plan]
     if len(set(names)) != len(names):
         raise config.ConfigError("two configs share a file name; their run directories would clash")

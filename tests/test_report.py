@@ -266,7 +266,8 @@ def test_duplicate_names_are_disambiguated_and_repeated_dirs_rejected(tmp_path):
         load_runs([])
 
 
-#: The public names of ``arca_jax.report`` when it was one module; the package re-exports them all.
+#: The public names of ``arca_jax.report`` (those of the one-module days, then the seeds'); the
+#: package re-exports them all.
 PUBLIC_NAMES = (
     "MODES", "METHOD_LABELS", "METRICS_FILE", "EVAL_FILE", "SAMPLES_FILE", "SUMMARY_FILE",
     "CONFIG_FILE", "PaperSetting", "PaperPerformance", "PaperDiagnostics", "PAPER_SETTING",
@@ -280,6 +281,11 @@ PUBLIC_NAMES = (
     "effective_token_ratio", "choose_sample", "heatmap_rows", "display_token", "plot_heatmap",
     "render_heatmap_html", "write_heatmap_html", "ReportPaths", "write_report", "add_arguments",
     "run", "main",
+    # seeds and intervals (arms, intervals)
+    "Arm", "BOOTSTRAP_RESAMPLES", "BOOTSTRAP_SEED", "IntervalRow", "PairedRow",
+    "arm_diagnostics_table", "arm_key", "arm_performance_table", "arm_settings",
+    "bootstrap_means", "group_arms", "interval_table", "intervals_markdown", "paired_markdown",
+    "paired_table", "percentile_interval", "reference_arm",
 )
 
 
@@ -540,7 +546,9 @@ def test_write_report_writes_every_file(sweep, tmp_path):
     for target in re.findall(r"\]\(([^)]+)\)", md):
         assert (out / target).is_file(), target
     assert "3/100 (unfinished)" in md and "incomplete last line" in md
-    assert len(paths.files()) == 10 and all(p.stat().st_size > 0 for p in paths.files())
+    # 10 files as before, plus intervals.csv and paired.csv
+    assert len(paths.files()) == 12 and all(p.stat().st_size > 0 for p in paths.files())
+    assert "## Seeds and intervals" in md and "## Paired against uniform" in md
     assert [r["run"] for r in _parse_csv(paths.performance_csv)][-4:] == [
         "arca_r4", "arca_r8_partial", "arca_r16", "arca_r64"]
 

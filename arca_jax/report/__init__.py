@@ -6,6 +6,9 @@
     DIR/performance.md/.csv   method, rank, trainable params, greedy accuracy, pass@k, train reward
     DIR/diagnostics.md/.csv   method, rank, Gini, EffN/T (averaged over training steps)
     DIR/comparison.md         our numbers beside the paper's published ones, with both settings
+    DIR/intervals.csv         per arm (runs differing only in train.seed): means over seeds with
+                              95% bootstrap intervals (also report.md's "Seeds and intervals")
+    DIR/paired.csv            each arm minus uniform, paired by seed and problem, with intervals
     DIR/reward_accuracy.png   train reward and held-out accuracy over steps, one line per arm
     DIR/weight_diagnostics.png  Gini and EffN/T over steps, one line per arm
     DIR/heatmap.png/.html     one completion's tokens shaded by each method's weights
@@ -19,7 +22,9 @@ Run-directory contract (the trainer writes exactly this)::
                    residual_norm_max (arca only, else absent or null), kl, completion_length,
                    time_sample_s, time_score_s, time_update_s, tokens_per_s
     eval.jsonl     one object per evaluation: step (0 = base model), greedy_accuracy, pass_at_k, k,
-                   num_problems
+                   num_problems, greedy (per problem: the greedy completion's reward) and
+                   correct_of_k (per problem: correct samples of k); older logs lack the last two
+                   (then no interval is over problems; report.md says so)
     samples.jsonl  step, prompt, completion, reward, tokens (token strings of the completion),
                    weights {mode: [float per token]} for all five modes on that same completion
     summary.json   written at the end: method, rank, trainable_params, base_greedy_accuracy,
@@ -42,6 +47,10 @@ Decisions (each also stated where it applies):
   far, trainable params are unknown (only the summary has them), and the tables say "unfinished".
 - Averages "over training" are plain means over the logged steps of the per-step values (steps
   where a value is null or NaN are skipped).
+- Seeds: runs whose config.yaml agree in everything but ``train.seed`` form one *arm* (``arms``).
+  The Markdown tables (report.md, performance.md, diagnostics.md, comparison.md) have one row per
+  arm, the mean over its seeds where it has several; performance.csv and diagnostics.csv keep one
+  row per run. Intervals and paired comparisons: see ``intervals``.
 - Table order is the paper's: uniform, surprisal, entropy reduction, divergence, ARCA; by rank
   within a method, then by run name.
 - Heatmap shading is per method row: weight / the row's largest weight, so each row shows where
@@ -58,6 +67,8 @@ Modules (everything public is re-exported here, so ``arca_jax.report.X`` works f
     paper     the paper's published setting and numbers
     tables    the performance and diagnostics tables: rows, Markdown, CSV, consistency notes
     compare   our tables beside the paper's (comparison.md)
+    arms      grouping runs into arms (all but the seed equal), arm labels, per-arm table rows
+    intervals means over seeds with bootstrap intervals; paired differences from uniform
     figure    matplotlib figures without pyplot; ReportError
     plots     reward/accuracy and weight-diagnostic curves
     heatmap   the credit heatmap (PNG and HTML), gini and effective_token_ratio
@@ -67,12 +78,18 @@ Modules (everything public is re-exported here, so ``arca_jax.report.X`` works f
 
 from __future__ import annotations
 
+from arca_jax.report.arms import (Arm, arm_diagnostics_table, arm_key, arm_performance_table,
+                                  arm_settings, group_arms)
 from arca_jax.report.cli import add_arguments, main, run
 from arca_jax.report.compare import comparison_markdown
 from arca_jax.report.figure import ReportError
 from arca_jax.report.heatmap import (HeatmapChoice, HeatmapRow, choose_sample, display_token,
                                      effective_token_ratio, gini, heatmap_rows, plot_heatmap,
                                      render_heatmap_html, write_heatmap_html)
+from arca_jax.report.intervals import (BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, IntervalRow,
+                                       PairedRow, bootstrap_means, interval_table,
+                                       intervals_markdown, paired_markdown, paired_table,
+                                       percentile_interval, reference_arm)
 from arca_jax.report.load import (load_config, load_evals, load_metrics, load_run, load_runs,
                                   load_samples, load_summary)
 from arca_jax.report.paper import (PAPER_DIAGNOSTICS, PAPER_PERFORMANCE, PAPER_SETTING,
@@ -88,6 +105,10 @@ from arca_jax.report.tables import (DiagnosticsRow, PerformanceRow, consistency_
 from arca_jax.report.write import ReportPaths, write_report
 
 __all__ = [
+    "Arm", "BOOTSTRAP_RESAMPLES", "BOOTSTRAP_SEED", "IntervalRow", "PairedRow",
+    "arm_diagnostics_table", "arm_key", "arm_performance_table", "arm_settings",
+    "bootstrap_means", "group_arms", "interval_table", "intervals_markdown", "paired_markdown",
+    "paired_table", "percentile_interval", "reference_arm",
     "CONFIG_FILE", "DiagnosticsRow", "EVAL_FILE", "EvalPoint", "HeatmapChoice", "HeatmapRow",
     "METHOD_LABELS", "METRICS_FILE", "MODES", "Metrics", "PAPER_DIAGNOSTICS", "PAPER_PERFORMANCE",
     "PAPER_SETTING", "PaperDiagnostics", "PaperPerformance", "PaperSetting", "PerformanceRow",

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from arca_jax.report.arms import arm_diagnostics_table, arm_performance_table, group_arms
 from arca_jax.report.paper import PAPER_DIAGNOSTICS, PAPER_PERFORMANCE, PAPER_SETTING
 from arca_jax.report.records import METHOD_LABELS, MODES, Run, sort_runs
-from arca_jax.report.tables import (_fmt, _pass_header, diagnostics_table, markdown_table,
-                                    performance_table)
+from arca_jax.report.tables import _fmt, _pass_header, markdown_table
 
 
 def _setting_line(run: Run) -> str:
@@ -24,12 +24,16 @@ def _same_as_paper(run: Run) -> bool:
 
 
 def comparison_markdown(runs: Sequence[Run]) -> str:
-    """Our tables beside the paper's published numbers, saying plainly what each column is."""
+    """Our tables beside the paper's published numbers, saying plainly what each column is.
+
+    One "ours" row per arm (runs differing only in ``train.seed``): with several seeds, the mean
+    over them."""
     runs = sort_runs(runs)
-    perf = {r.run: r for r in performance_table(runs)}
-    diag = {r.run: r for r in diagnostics_table(runs)}
+    arms = group_arms(runs)
+    perf = dict(zip((a.label for a in arms), arm_performance_table(arms)))
+    diag = dict(zip((a.label for a in arms), arm_diagnostics_table(arms)))
     keys = [(p.method, p.rank) for p in PAPER_PERFORMANCE]
-    keys += sorted({(r.method, r.rank) for r in runs} - set(keys),
+    keys += sorted({(a.method, a.rank) for a in arms} - set(keys),
                    key=lambda k: (MODES.index(k[0]), k[1]))
     paper_perf = {(p.method, p.rank): p for p in PAPER_PERFORMANCE}
     paper_diag = {(p.method, p.rank): p for p in PAPER_DIAGNOSTICS}
@@ -37,11 +41,11 @@ def comparison_markdown(runs: Sequence[Run]) -> str:
 
     perf_rows, diag_rows = [], []
     for key in keys:
-        ours = [r for r in runs if (r.method, r.rank) == key] or [None]
+        ours = [a for a in arms if (a.method, a.rank) == key] or [None]
         pp, pd = paper_perf.get(key), paper_diag.get(key)
-        for run in ours:
-            o, d = (perf[run.name], diag[run.name]) if run else (None, None)
-            name = run.name if run else "not run"
+        for arm in ours:
+            o, d = (perf[arm.label], diag[arm.label]) if arm else (None, None)
+            name = o.run if o else "not run"
             perf_rows.append([
                 METHOD_LABELS[key[0]], key[1],
                 _fmt(pp.greedy_accuracy) if pp else "—", _fmt(o.greedy_accuracy) if o else "—",
@@ -69,6 +73,9 @@ def comparison_markdown(runs: Sequence[Run]) -> str:
         lines.append("- Our setting differs from the paper's (model, task or steps), so compare "
                      "the pattern across methods (e.g. which weightings degenerate), not the "
                      "values.")
+    if any(len(a.runs) > 1 for a in arms):
+        lines.append("- Where an arm has several seeds, \"ours\" is the mean over them (the paper "
+                     "ran one); report.md gives intervals.")
     if any(not r.finished for r in runs):
         lines.append("- Unfinished runs are included with what they have logged so far.")
     lines += [

@@ -153,9 +153,55 @@ def load_evals(path: Path, notes: list[str]) -> tuple[EvalPoint, ...]:
             pass_at_k=_field_number(rec, "pass_at_k", where),
             k=_field_int(rec, "k", where),
             num_problems=_field_int(rec, "num_problems", where),
+            greedy=_field_number_list(rec, "greedy", where),
+            correct_of_k=_field_count_list(rec, "correct_of_k", where),
         )
+        _check_per_problem(point, where, notes)
         items.append((point.step, point))
     return tuple(_dedupe_by_step(items, path, notes))
+
+
+def _field_number_list(rec: Mapping[str, Any], key: str, where: str
+                       ) -> tuple[float, ...] | None:
+    """rec[key] as a tuple of floats; None when absent or null (logs older than the field)."""
+    v = rec.get(key)
+    if v is None:
+        return None
+    if not isinstance(v, list) or not all(_is_number(x) for x in v):
+        raise ValueError(f"{where}: {key} must be a list of numbers")
+    return tuple(float(x) for x in v)
+
+
+def _field_count_list(rec: Mapping[str, Any], key: str, where: str) -> tuple[int, ...] | None:
+    """rec[key] as a tuple of non-negative ints; None when absent or null."""
+    v = rec.get(key)
+    if v is None:
+        return None
+    if not isinstance(v, list) or not all(
+            _is_number(x) and float(x).is_integer() and x >= 0 for x in v):
+        raise ValueError(f"{where}: {key} must be a list of non-negative integers")
+    return tuple(int(x) for x in v)
+
+
+def _check_per_problem(p: EvalPoint, where: str, notes: list[str]) -> None:
+    """Per-problem lists must match num_problems and k (ValueError); a mean that disagrees with
+    the logged accuracy is a note."""
+    for key, values in (("greedy", p.greedy), ("correct_of_k", p.correct_of_k)):
+        if values is not None and p.num_problems is not None and len(values) != p.num_problems:
+            raise ValueError(f"{where}: {key} has {len(values)} values for num_problems = "
+                             f"{p.num_problems}")
+    if p.greedy is not None and p.correct_of_k is not None and \
+            len(p.greedy) != len(p.correct_of_k):
+        raise ValueError(f"{where}: greedy has {len(p.greedy)} values, correct_of_k "
+                         f"{len(p.correct_of_k)}")
+    if p.correct_of_k is not None and p.k is not None and any(c > p.k for c in p.correct_of_k):
+        raise ValueError(f"{where}: correct_of_k has a count above k = {p.k}")
+    for key, values, logged in (("greedy", p.greedy, p.greedy_accuracy),
+                                ("correct_of_k", p.per_problem_pass, p.pass_at_k)):
+        if values and logged is not None and not math.isclose(
+                sum(values) / len(values), logged, rel_tol=1e-6, abs_tol=1e-6):
+            notes.append(f"{where}: the per-problem {key} give {sum(values) / len(values):.6g}, "
+                         f"the logged accuracy is {logged:.6g}")
 
 
 def _parse_sample(rec: Mapping[str, Any], where: str) -> Sample:

@@ -17,8 +17,13 @@ def _mpl_text(s: str) -> str:
 
 
 def _arm_labels(runs: Sequence[Run]) -> list[str]:
-    """``ARCA r16``, with the run name appended where two runs would share a label."""
-    labels = [r.label for r in runs]
+    """The run's arm label (``ARCA r16``, see ``arms``), with ``seed N`` appended where the arm
+    has several runs, and the run name where that still leaves two runs with one label."""
+    from arca_jax.report.arms import arm_of, group_arms
+
+    arm = arm_of(group_arms(runs))
+    labels = [arm[r.name].label + (f" seed {r.seed}" if len(arm[r.name].runs) > 1 else "")
+              for r in runs]
     return [f"{lab} ({r.name})" if labels.count(lab) > 1 else lab for r, lab in zip(runs, labels)]
 
 

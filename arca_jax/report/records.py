@@ -64,13 +64,28 @@ class Metrics:
 
 @dataclasses.dataclass(frozen=True)
 class EvalPoint:
-    """One held-out evaluation (step 0 is the base model before training)."""
+    """One held-out evaluation (step 0 is the base model before training).
+
+    greedy, correct_of_k: per problem, in evaluation order, the greedy completion's reward and how
+    many of the k samples were correct; None in logs written before the trainer recorded them.
+    """
 
     step: int
     greedy_accuracy: float | None
     pass_at_k: float | None
     k: int | None
     num_problems: int | None
+    greedy: tuple[float, ...] | None = None
+    correct_of_k: tuple[int, ...] | None = None
+
+    @property
+    def per_problem_pass(self) -> tuple[float, ...] | None:
+        """Per-problem pass@k, 1.0 where any of the k samples was correct (the trainer draws
+        exactly k samples per problem, so the unbiased estimator is this indicator); None when
+        the log has no ``correct_of_k``."""
+        if self.correct_of_k is None:
+            return None
+        return tuple(1.0 if c > 0 else 0.0 for c in self.correct_of_k)
 
 
 @dataclasses.dataclass(frozen=True)
