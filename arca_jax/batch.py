@@ -33,6 +33,9 @@ class Batch:
                      first update (``grpo.policy_logprobs``), or None: then the PPO ratio is 1.
     sample_logps:    [B, T] float32 the sampler's log-probs of the tokens under its plain softmax
                      (temperature 1, full vocabulary), 0 where completion_mask is 0, or None.
+    behaviour_logps: [B, T] float32 the log-probs under the distribution the sampler drew from
+                     (temperature, top-k, top-p, renormalised), 0 where completion_mask is 0, or
+                     None: the behaviour policy of importance corrections.
 
     Indexable by field name (``batch["input_ids"]``); ``as_batch`` accepts a dict.
     """
@@ -44,6 +47,7 @@ class Batch:
     positions: Optional[Array] = None
     old_logps: Optional[Array] = None
     sample_logps: Optional[Array] = None
+    behaviour_logps: Optional[Array] = None
 
     def __getitem__(self, key: str):
         return getattr(self, key)

@@ -102,6 +102,11 @@ class RolloutConfig:
     Qwen3-Base: the reference code's completion mask is tokens != pad). The EOS token stays in
     the attention mask either way.
 
+    top_k: sample from the k most likely tokens only (after temperature, before top_p), in
+    training rollouts and evaluation's pass@k samples; 0 disables it. transformers' `generate`
+    applies top_k=50 when the model's generation config sets none (Qwen3-Base), so the paper
+    configs set 50.
+
     prompt_truncation: the side cut from a prompt longer than `max_prompt_tokens` (as Hugging
     Face's `truncation_side`): "left" drops its first tokens and keeps the last ones (our
     default); "right" drops its last tokens and keeps the first ones (the paper authors' code).
@@ -113,6 +118,7 @@ class RolloutConfig:
     max_new_tokens: int = 80
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0
     eos_token: Literal["train", "mask", "mask_if_pad"] = "train"
     prompt_truncation: Literal["left", "right"] = "left"
 
@@ -127,6 +133,8 @@ class RolloutConfig:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0: off), got {self.top_k}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -58,8 +58,12 @@ class SamplingConfig:
     max_new_tokens: N, the width of the token buffers (`generate` passes the bucketed width; the
       loop stops at the traced `limit` of `prefill`).
     temperature: logits are divided by it before sampling (ignored when greedy).
+    top_k: keep only the k most likely tokens (after temperature; tokens tied with the k-th are
+      kept, as transformers' TopKLogitsWarper, up to 2k candidates); 0 disables it. Applied before
+      top_p, as transformers' `generate` (whose default for a model without a generation config
+      setting is top_k=50).
     top_p: nucleus sampling: draw from the smallest set of most likely tokens whose probability
-      (after temperature) reaches top_p; 1.0 disables it.
+      (after temperature and top-k) reaches top_p; 1.0 disables it.
     greedy: take the argmax (ties: lowest token id, as torch).
     eos_ids: tokens that end a row (kept, masked 1); empty: rows run to the limit.
     pad_id: written after a row's EOS.
@@ -70,6 +74,7 @@ class SamplingConfig:
     top_p: float = 1.0
     greedy: bool = False
     eos_ids: Tuple[int, ...] = ()
+    top_k: int = 0
     pad_id: int = 0
 
     def __post_init__(self):
@@ -81,6 +86,10 @@ class SamplingConfig:
                              f"got {self.temperature!r}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        k = self.top_k
+        if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 0:
+            raise ValueError(f"top_k must be an int >= 0, got {k!r}")
+        object.__setattr__(self, "top_k", int(k))
         object.__setattr__(self, "max_new_tokens", int(n))
         object.__setattr__(self, "temperature", float(self.temperature))
         object.__setattr__(self, "top_p", float(self.top_p))
@@ -95,6 +104,7 @@ class SamplerState:
     tokens:   [B, N] int32 sampled tokens; `pad_id` after a row's EOS and in unsampled columns.
     mask:     [B, N] int32, 1 for tokens up to and including the row's EOS.
     logps:    [B, N] float32 log-probability of each token under the plain softmax (0 where mask 0).
+    sampled_logps: [B, N] float32 log-probability under the distribution sampled from.
     last:     [B] int32 the newest token, fed at the next step.
     position: [B] int32 rotary position of `last` (each row's count of real tokens before it).
     done:     [B] bool, the row has produced EOS.
@@ -107,6 +117,7 @@ class SamplerState:
     tokens: jax.Array
     mask: jax.Array
     logps: jax.Array
+    sampled_logps: jax.Array
     last: jax.Array
     position: jax.Array
     done: jax.Array
@@ -123,6 +134,9 @@ class SampleOutput:
     mask:      [B, N] int32, 1 for each generated token up to and including the row's EOS.
     logps:     [B, N] float32 log-probability of each token under the model's plain softmax
                (temperature 1, no truncation): what the training step recomputes. 0 where mask 0.
+    sampled_logps: [B, N] float32 log-probability of each token under the distribution it was
+               drawn from (temperature, top-k, top-p, renormalised; 0 for greedy and where mask
+               0): the behaviour policy of importance corrections.
     lengths:   [B] int32 tokens per row (= mask.sum(-1), EOS included).
     finished:  [B] bool, the row ended with EOS (False: cut at max_new_tokens).
     num_steps: [] int32 token columns the sampler produced (< N when every row stopped early).
@@ -134,6 +148,7 @@ class SampleOutput:
     lengths: jax.Array
     finished: jax.Array
     num_steps: jax.Array
+    sampled_logps: Optional[jax.Array] = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -188,50 +203,92 @@ def inverse_cdf(log_weights: jax.Array, u: jax.Array, block: int = CDF_BLOCK) ->
     return Draw(index=(c * block + j).astype(jnp.int32), total=total)
 
 
-def _nucleus_draw(weights: jax.Array, u: jax.Array, top_p: float) -> jax.Array:
+def _nucleus_draw(weights: jax.Array, u: jax.Array, top_p: float) -> Draw:
     """Draws from the top-p nucleus of unnormalised weights [B, V] with uniforms u [B] in (0, 1].
 
     The nucleus is the shortest prefix of the tokens sorted by decreasing weight whose mass reaches
-    top_p * total (a token is kept when the mass strictly before it is below that). Returns [B] int32.
+    top_p * total (a token is kept when the mass strictly before it is below that). Returns
+    Draw(index [B] int32, total [B] = the nucleus mass).
     """
     B, V = weights.shape
     neg_sorted, order = jax.lax.sort((-weights, jnp.broadcast_to(jnp.arange(V, dtype=jnp.int32), (B, V))),
                                      dimension=1, num_keys=1)
-    sorted_w = -neg_sorted
+    j, mass = _truncated_draw(-neg_sorted, u, top_p)
+    return Draw(index=jnp.take_along_axis(order, j[:, None], 1)[:, 0], total=mass)
+
+
+def _truncated_draw(sorted_w: jax.Array, u: jax.Array, top_p: float) -> Draw:
+    """Position drawn among weights [B, M] sorted in decreasing order, truncated to the top-p
+    nucleus (top_p = 1: all positions with weight > 0); Draw(index, total = the kept mass)."""
     cdf = jnp.cumsum(sorted_w, axis=-1)
     keep = (cdf - sorted_w) < top_p * cdf[:, -1:]
-    nucleus_mass = jnp.max(jnp.where(keep, cdf, 0.0), axis=-1)
-    j = jnp.sum(cdf < (u * nucleus_mass)[:, None], axis=-1)
-    j = jnp.minimum(j, jnp.sum(keep, axis=-1) - 1)  # rounding guard: stay inside the nucleus
-    return jnp.take_along_axis(order, j[:, None], 1)[:, 0]
+    if top_p >= 1.0:
+        keep = sorted_w > 0
+    mass = jnp.max(jnp.where(keep, cdf, 0.0), axis=-1)
+    j = jnp.sum(cdf < (u * mass)[:, None], axis=-1)
+    j = jnp.minimum(j, jnp.sum(keep, axis=-1) - 1)  # rounding guard: stay inside the kept set
+    return Draw(index=j.astype(jnp.int32), total=mass)
 
 
-def choose_tokens(logits: jax.Array, u: jax.Array, settings: SamplingConfig) -> Tuple[jax.Array, jax.Array]:
-    """One token per row from logits [B, V] float32, and its log-probability under softmax(logits).
+def _top_k_draw(scaled: jax.Array, u: jax.Array, top_k: int, top_p: float) -> Draw:
+    """Draw from softmax(scaled [B, V]) truncated to the top-k tokens (ties with the k-th kept,
+    up to 2k candidates), then to the top-p nucleus of those. Works on [B, 2k] candidates only
+    (no sort over the vocabulary). Draw(index [B] token ids, total [B] = kept mass, relative to
+    the largest weight)."""
+    V = scaled.shape[-1]
+    k = min(top_k, V)
+    vals, ids = jax.lax.top_k(scaled, min(2 * k, V))  # [B, 2k] decreasing
+    w = jnp.exp(vals - vals[:, :1])
+    w = jnp.where(vals >= vals[:, k - 1:k], w, 0.0)  # the k-th value's ties stay
+    j, mass = _truncated_draw(w, u, top_p)
+    return Draw(index=jnp.take_along_axis(ids, j[:, None], 1)[:, 0], total=mass)
+
+
+class Choice(NamedTuple):
+    """tokens [B] int32; logps [B]: log-probability under softmax(logits) (temperature 1, full
+    vocabulary); sampled_logps [B]: under the distribution actually sampled (0 when greedy)."""
+
+    tokens: jax.Array
+    logps: jax.Array
+    sampled_logps: jax.Array
+
+
+def choose_tokens(logits: jax.Array, u: jax.Array, settings: SamplingConfig) -> Choice:
+    """One token per row from logits [B, V] float32, with its log-probabilities.
 
     u: [B] float32 uniforms in (0, 1], one per row (unused when greedy).
-    Returns (tokens [B] int32, logps [B] float32). Greedy: the first maximal logit (as argmax).
-    Otherwise softmax(logits / temperature), optionally truncated to the top-p nucleus, by inverse
-    CDF (`inverse_cdf`, `_nucleus_draw`).
+    Greedy: the first maximal logit (as argmax). Otherwise softmax(logits / temperature),
+    optionally truncated to the top-k tokens and then the top-p nucleus, renormalised, by
+    inverse CDF (`inverse_cdf`, `_top_k_draw`, `_nucleus_draw`).
     """
     V = logits.shape[-1]
     m = jnp.max(logits, axis=-1, keepdims=True)
     shifted = logits - m  # <= 0
     total = None  # sum(exp(shifted)) when the draw computes it anyway
+    t = settings.temperature
     if settings.greedy:
         # one fused compare-and-min instead of argmax's (value, index) reduction
         iota = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1)
         tokens = jnp.min(jnp.where(shifted == 0.0, iota, V), axis=-1)
+        sampled_total = None
+    elif settings.top_k > 0:
+        tokens, sampled_total = _top_k_draw(shifted / t, u, settings.top_k, settings.top_p)
     elif settings.top_p < 1.0:
-        tokens = _nucleus_draw(jnp.exp(shifted / settings.temperature), u, settings.top_p)
-    elif settings.temperature == 1.0:
+        tokens, sampled_total = _nucleus_draw(jnp.exp(shifted / t), u, settings.top_p)
+    elif t == 1.0:
         tokens, total = inverse_cdf(shifted, u)
+        sampled_total = total
     else:
-        tokens, _ = inverse_cdf(shifted / settings.temperature, u)
+        tokens, sampled_total = inverse_cdf(shifted / t, u)
     if total is None:
         total = jnp.sum(jnp.exp(shifted), axis=-1)
-    logps = jnp.take_along_axis(shifted, tokens[:, None], 1)[:, 0] - jnp.log(total)
-    return tokens, logps
+    picked = jnp.take_along_axis(shifted, tokens[:, None], 1)[:, 0]  # <= 0
+    logps = picked - jnp.log(total)
+    if sampled_total is None:
+        sampled = jnp.zeros_like(logps)
+    else:  # every draw's weights are exp(shifted / t) (top-k: relative to its max, also 0 here)
+        sampled = picked / t - jnp.log(sampled_total)
+    return Choice(tokens, logps, sampled)
 
 
 # --------------------------------------------------------------------------------------------
@@ -239,19 +296,33 @@ def choose_tokens(logits: jax.Array, u: jax.Array, settings: SamplingConfig) -> 
 # --------------------------------------------------------------------------------------------
 
 
-def _record(state_cols, step, tokens, logps, done, settings: SamplingConfig):
-    """Writes column `step`: the token where the row is still running, else pad (mask 0)."""
-    tok_buf, mask_buf, logp_buf = state_cols
+class Columns(NamedTuple):
+    """The per-column buffers [B, N] the loop writes: tokens, mask and both log-probabilities."""
+
+    tokens: jax.Array
+    mask: jax.Array
+    logps: jax.Array
+    sampled_logps: jax.Array
+
+
+def _record(cols: Columns, step, choice: Choice, done, settings: SamplingConfig):
+    """Writes column `step`: the token where the row is still running, else pad (mask 0).
+    Returns (columns, the tokens fed next, done)."""
     alive = ~done
-    tokens = jnp.where(alive, tokens, settings.pad_id).astype(jnp.int32)
+    tokens = jnp.where(alive, choice.tokens, settings.pad_id).astype(jnp.int32)
     zero = jnp.zeros((), jnp.int32)
-    tok_buf = jax.lax.dynamic_update_slice(tok_buf, tokens[:, None], (zero, step))
-    mask_buf = jax.lax.dynamic_update_slice(mask_buf, alive.astype(jnp.int32)[:, None], (zero, step))
-    logp_buf = jax.lax.dynamic_update_slice(logp_buf, jnp.where(alive, logps, 0.0)[:, None], (zero, step))
+
+    def put(buf, col):
+        return jax.lax.dynamic_update_slice(buf, col.astype(buf.dtype)[:, None], (zero, step))
+
+    cols = Columns(tokens=put(cols.tokens, tokens), mask=put(cols.mask, alive),
+                   logps=put(cols.logps, jnp.where(alive, choice.logps, 0.0)),
+                   sampled_logps=put(cols.sampled_logps,
+                                     jnp.where(alive, choice.sampled_logps, 0.0)))
     if settings.eos_ids:
         hit = functools.reduce(jnp.logical_or, [tokens == e for e in settings.eos_ids])
         done = done | (alive & hit)
-    return (tok_buf, mask_buf, logp_buf), tokens, done
+    return cols, tokens, done
 
 
 def prefill(weights: qwen3.InferenceWeights, prompt_ids: jax.Array, prompt_mask: jax.Array, *,
@@ -279,16 +350,16 @@ def prefill(weights: qwen3.InferenceWeights, prompt_ids: jax.Array, prompt_mask:
         uniforms = jnp.ones((N, B), jnp.float32)  # unused
     else:
         uniforms = 1.0 - jax.random.uniform(rng, (N, B), jnp.float32)  # (0, 1]
-    tokens, logps = choose_tokens(out.logits, uniforms[0], settings)
-    cols = (jnp.full((B, N), settings.pad_id, jnp.int32), jnp.zeros((B, N), jnp.int32),
-            jnp.zeros((B, N), jnp.float32))
-    done = jnp.zeros((B,), bool)
-    (tok_buf, mask_buf, logp_buf), tokens, done = _record(cols, jnp.zeros((), jnp.int32), tokens,
-                                                          logps, done, settings)
+    zeros = jnp.zeros((B, N), jnp.float32)
+    cols = Columns(tokens=jnp.full((B, N), settings.pad_id, jnp.int32),
+                   mask=jnp.zeros((B, N), jnp.int32), logps=zeros, sampled_logps=zeros)
+    cols, tokens, done = _record(cols, jnp.zeros((), jnp.int32),
+                                 choose_tokens(out.logits, uniforms[0], settings),
+                                 jnp.zeros((B,), bool), settings)
     limit = jnp.asarray(N if limit is None else limit, jnp.int32)
-    return SamplerState(cache=out.cache, tokens=tok_buf, mask=mask_buf, logps=logp_buf, last=tokens,
-                        position=jnp.sum(mask, axis=-1), done=done, step=jnp.ones((), jnp.int32),
-                        limit=jnp.minimum(limit, N), uniforms=uniforms)
+    return SamplerState(cache=out.cache, last=tokens, position=jnp.sum(mask, axis=-1), done=done,
+                        step=jnp.ones((), jnp.int32), limit=jnp.minimum(limit, N),
+                        uniforms=uniforms, **cols._asdict())
 
 
 def decode_step(weights: qwen3.InferenceWeights, state: SamplerState, *, config: qwen3.Qwen3Config,
@@ -299,11 +370,11 @@ def decode_step(weights: qwen3.InferenceWeights, state: SamplerState, *, config:
                                   positions=state.position[:, None],
                                   attention_mask=jnp.ones((B, 1), jnp.int32), cache=state.cache)
     u = jax.lax.dynamic_index_in_dim(state.uniforms, state.step, axis=0, keepdims=False)  # [B]
-    tokens, logps = choose_tokens(out.logits, u, settings)
-    cols, tokens, done = _record((state.tokens, state.mask, state.logps), state.step, tokens, logps,
+    cols = Columns(state.tokens, state.mask, state.logps, state.sampled_logps)
+    cols, tokens, done = _record(cols, state.step, choose_tokens(out.logits, u, settings),
                                  state.done, settings)
-    return state.replace(cache=out.cache, tokens=cols[0], mask=cols[1], logps=cols[2], last=tokens,
-                         position=state.position + 1, done=done, step=state.step + 1)
+    return state.replace(cache=out.cache, last=tokens, position=state.position + 1, done=done,
+                         step=state.step + 1, **cols._asdict())
 
 
 def _running(state: SamplerState) -> jax.Array:
@@ -321,7 +392,7 @@ def finish(state: SamplerState) -> SampleOutput:
     """The loop state as a `SampleOutput` (all N columns)."""
     return SampleOutput(tokens=state.tokens, mask=state.mask, logps=state.logps,
                         lengths=jnp.sum(state.mask, axis=-1), finished=state.done,
-                        num_steps=state.step)
+                        num_steps=state.step, sampled_logps=state.sampled_logps)
 
 
 # Compiled entry points of `generate` (module level, so their caches live as long as the process).
@@ -400,7 +471,7 @@ def generate(params: Params, prompt_ids, prompt_mask, *, config: qwen3.Qwen3Conf
              max_new_tokens: int, lora: Optional[Params] = None, lora_scale: float = 1.0,
              temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
              eos_id: Union[None, int, Sequence[int]] = None, pad_id: int = 0,
-             merge_lora: bool = False, bucket: bool = True) -> SampleOutput:
+             merge_lora: bool = False, bucket: bool = True, top_k: int = 0) -> SampleOutput:
     """Samples completions of left-padded prompts.
 
     Args:
@@ -412,7 +483,7 @@ def generate(params: Params, prompt_ids, prompt_mask, *, config: qwen3.Qwen3Conf
       rng: a PRNG key; the same key gives the same samples.
       max_new_tokens: N, columns of the result.
       lora, lora_scale: an adapter tree (`arca_jax.lora`) and its scaling (alpha / rank).
-      temperature, top_p, greedy: see `SamplingConfig`.
+      temperature, top_k, top_p, greedy: see `SamplingConfig`.
       eos_id: a token id or several (Qwen3 chat models end with either of two); None: no stopping.
       pad_id: written after a row's EOS.
       merge_lora: sample from W + lora_scale * A B (one matmul per projection) instead of the
@@ -421,10 +492,12 @@ def generate(params: Params, prompt_ids, prompt_mask, *, config: qwen3.Qwen3Conf
         program; the loop still stops at max_new_tokens, and the result is [B, max_new_tokens].
 
     Returns:
-      SampleOutput(tokens, mask, logps [B, N], lengths [B], finished [B], num_steps []).
+      SampleOutput(tokens, mask, logps, sampled_logps [B, N], lengths [B], finished [B],
+      num_steps []).
     """
     settings = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                              greedy=greedy, eos_ids=_eos_tuple(eos_id), pad_id=pad_id)
+                              greedy=greedy, eos_ids=_eos_tuple(eos_id), pad_id=pad_id,
+                              top_k=top_k)
     prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
     prompt_mask = jnp.asarray(prompt_mask, jnp.int32)
     if prompt_ids.ndim != 2 or prompt_ids.shape != prompt_mask.shape:
@@ -444,7 +517,8 @@ def generate(params: Params, prompt_ids, prompt_mask, *, config: qwen3.Qwen3Conf
     out = finish_jit(state)
     if settings.max_new_tokens != max_new_tokens:
         out = out.replace(tokens=out.tokens[:, :max_new_tokens], mask=out.mask[:, :max_new_tokens],
-                          logps=out.logps[:, :max_new_tokens])
+                          logps=out.logps[:, :max_new_tokens],
+                          sampled_logps=out.sampled_logps[:, :max_new_tokens])
     return out
 
 
@@ -458,8 +532,8 @@ def build_batch(prompt_ids, prompt_mask, out: SampleOutput, advantages=None, *,
     """Concatenates prompts [B, P] and a `SampleOutput` [B, N] into the training `Batch` [B, P + N].
 
     advantages: [B] one scalar per row (``grpo.advantages(...).reshape(-1)``); None leaves zeros,
-    to be set with ``batch.replace(advantages=...)``. ``sample_logps`` holds the sampler's
-    log-probs aligned with input_ids; positions are cumsum(attention_mask) - 1, as sampled.
+    to be set with ``batch.replace(advantages=...)``. ``sample_logps`` and ``behaviour_logps``
+    hold the sampler's two log-probs aligned with input_ids; positions are cumsum(attention_mask) - 1, as sampled.
     mask_tokens: generated tokens with these ids do not count (0 in completion_mask and
     sample_logps) but stay attended to, e.g. ``(eos_id,)`` to keep the EOS token out of the loss.
     """
@@ -479,7 +553,9 @@ def build_batch(prompt_ids, prompt_mask, out: SampleOutput, advantages=None, *,
         advantages=adv,
         positions=qwen3.default_positions(attention_mask),
         sample_logps=jnp.concatenate([zeros.astype(jnp.float32),
-                                      jnp.where(counted != 0, out.logps, 0.0)], axis=1))
+                                      jnp.where(counted != 0, out.logps, 0.0)], axis=1),
+        behaviour_logps=None if out.sampled_logps is None else jnp.concatenate(
+            [zeros.astype(jnp.float32), jnp.where(counted != 0, out.sampled_logps, 0.0)], axis=1))
 
 
 def sequence_logps(params: Params, batch: Batch, *, config: qwen3.Qwen3Config,

@@ -40,3 +40,4 @@ def test_paper_settings():
             "reference", "reference", "right")
         # EOS outside the loss (Qwen3-Base pads with EOS) and bfloat16 logits, as the authors' code
         assert (c.rollout.eos_token, c.grpo.logits_dtype) == ("mask_if_pad", "bfloat16")
+        assert c.rollout.top_k == 50  # transformers generate's default, as the authors sampled

@@ -68,7 +68,7 @@ def evaluate(model: Model, adapter, lora_scale: float, problems: Sequence[Any], 
                                    r.max_prompt_tokens, model.pad_id, r.prompt_truncation)
         gen = generate_rows(model, mesh, np.repeat(ids, k, 0), np.repeat(mask, k, 0),
                             rng=jax.random.fold_in(key, start), temperature=r.temperature,
-                            top_p=r.top_p, max_new_tokens=r.max_new_tokens, lora=adapter,
+                            top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens, lora=adapter,
                             lora_scale=lora_scale)
         sampled_r[start:start + len(chunk)] = score_rows(
             gen, len(chunk) * k, lambda i: chunk[i // k], score,

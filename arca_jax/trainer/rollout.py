@@ -132,7 +132,8 @@ def rollout(model: Model, mesh, layout: parallel.RowLayout, problems: Sequence[A
                                r.max_prompt_tokens, model.pad_id, r.prompt_truncation)
     gen = generate_rows(model, mesh, np.repeat(ids, G, axis=0), np.repeat(mask, G, axis=0),
                         rng=key, max_new_tokens=r.max_new_tokens, lora=adapter,
-                        lora_scale=cfg.lora.scaling, temperature=r.temperature, top_p=r.top_p)
+                        lora_scale=cfg.lora.scaling, temperature=r.temperature, top_p=r.top_p,
+                        top_k=r.top_k)
     jax.block_until_ready(gen.out.tokens)
     t1 = time.time()
     beat("sampling")

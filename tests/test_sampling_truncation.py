@@ -1,0 +1,106 @@
+"""Top-k / top-p truncation and the log-probs of the distribution actually sampled, against a
+numpy transcription of transformers' warpers (temperature, then top-k, then top-p)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from arca_jax import sampling
+
+
+def _reference_dist(logits, temperature, top_k, top_p):
+    """transformers' order: scores / T; TopK keeps scores >= k-th largest; TopP sorts ascending and
+    removes tokens whose cumulative probability is <= 1 - top_p (keeping at least one)."""
+    s = np.asarray(logits, np.float64) / temperature
+    if top_k:
+        kth = np.sort(s, axis=-1)[:, -top_k][:, None]
+        s = np.where(s < kth, -np.inf, s)
+    if top_p < 1.0:
+        order = np.argsort(s, axis=-1, kind="stable")
+        srt = np.take_along_axis(s, order, -1)
+        p = np.exp(srt - srt.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        remove = np.cumsum(p, -1) <= 1 - top_p
+        remove[:, -1] = False
+        s_sorted = np.where(remove, -np.inf, srt)
+        s = np.empty_like(s)
+        np.put_along_axis(s, order, s_sorted, -1)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return p / p.sum(-1, keepdims=True)
+
+
+CASES = [(1.0, 0, 1.0), (0.7, 0, 1.0), (1.0, 5, 1.0), (0.8, 7, 1.0), (1.0, 0, 0.8),
+         (0.9, 10, 0.7), (1.3, 3, 0.95)]
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", CASES)
+def test_sampled_logps_are_the_truncated_renormalised_distribution(temperature, top_k, top_p):
+    rng = np.random.default_rng(0)
+    B, V = 64, 300
+    logits = rng.normal(0, 3.0, (B, V)).astype(np.float32)
+    settings = sampling.SamplingConfig(max_new_tokens=1, temperature=temperature, top_k=top_k,
+                                       top_p=top_p)
+    u = jnp.asarray(1.0 - rng.random(B), jnp.float32)
+    choice = jax.jit(sampling.choose_tokens, static_argnums=2)(jnp.asarray(logits), u, settings)
+    ref = _reference_dist(logits, temperature, top_k, top_p)
+    tok = np.asarray(choice.tokens)
+    assert (ref[np.arange(B), tok] > 0).all()  # never a truncated-away token
+    np.testing.assert_allclose(np.asarray(choice.sampled_logps), np.log(ref[np.arange(B), tok]),
+                               atol=2e-5)
+    plain = logits - logits.max(-1, keepdims=True)
+    plain = plain - np.log(np.exp(plain).sum(-1, keepdims=True))
+    np.testing.assert_allclose(np.asarray(choice.logps), plain[np.arange(B), tok], atol=2e-5)
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 4, 1.0), (0.8, 6, 0.8)])
+def test_draws_follow_the_truncated_distribution(temperature, top_k, top_p):
+    """Total variation between the empirical distribution of 40,000 draws of one row and the
+    reference is within sampling noise."""
+    rng = np.random.default_rng(1)
+    V, n = 40, 40_000
+    logits = rng.normal(0, 2.0, (1, V)).astype(np.float32)
+    settings = sampling.SamplingConfig(max_new_tokens=1, temperature=temperature, top_k=top_k,
+                                       top_p=top_p)
+    u = jnp.asarray(1.0 - rng.random(n), jnp.float32)
+    tok = np.asarray(jax.jit(sampling.choose_tokens, static_argnums=2)(
+        jnp.broadcast_to(jnp.asarray(logits), (n, V)), u, settings).tokens)
+    emp = np.bincount(tok, minlength=V) / n
+    ref = _reference_dist(logits, temperature, top_k, top_p)[0]
+    assert 0.5 * np.abs(emp - ref).sum() < 0.015
+    assert emp[ref == 0].sum() == 0
+
+
+def test_top_k_keeps_ties_with_the_kth_token():
+    logits = jnp.asarray([[5.0, 3.0, 3.0, 3.0, 1.0, 0.0]])
+    settings = sampling.SamplingConfig(max_new_tokens=1, top_k=2)
+    seen = set()
+    for u in np.linspace(0.01, 1.0, 50):
+        seen.add(int(sampling.choose_tokens(logits, jnp.asarray([u], jnp.float32),
+                                            settings).tokens[0]))
+    assert seen == {0, 1, 2, 3}  # the three tokens tied at the 2nd value stay, as transformers
+
+
+def test_greedy_sampled_logps_are_zero_and_bad_top_k_refused():
+    logits = jnp.asarray([[0.0, 2.0, 1.0]])
+    c = sampling.choose_tokens(logits, jnp.ones((1,)), sampling.SamplingConfig(1, greedy=True))
+    assert int(c.tokens[0]) == 1 and float(c.sampled_logps[0]) == 0.0
+    with pytest.raises(ValueError, match="top_k"):
+        sampling.SamplingConfig(1, top_k=-1)
+
+
+def test_generate_returns_both_logps_and_the_batch_carries_them():
+    from arca_jax import qwen3
+
+    cfg = qwen3.Qwen3Config(vocab_size=50, hidden_size=32, intermediate_size=32,
+                            num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                            head_dim=16)
+    params = qwen3.init_params(cfg, jax.random.PRNGKey(0))
+    ids = jnp.asarray(np.random.default_rng(0).integers(1, 50, (3, 4)), jnp.int32)
+    mask = jnp.ones((3, 4), jnp.int32)
+    out = sampling.generate(params, ids, mask, config=cfg, rng=jax.random.PRNGKey(1),
+                            max_new_tokens=5, top_k=3)
+    lp, slp = np.asarray(out.logps), np.asarray(out.sampled_logps)
+    assert slp.shape == (3, 5) and (slp >= lp - 1e-6).all() and (slp < 0).any()
+    batch = sampling.build_batch(ids, mask, out)
+    np.testing.assert_allclose(np.asarray(batch.behaviour_logps)[:, 4:], slp * np.asarray(out.mask))
