@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from arca_jax import qwen3
+from arca_jax.errors import read_json
 from arca_jax.safetensors_io import CheckpointError, Lazy, SafetensorsFile, save_file
 
 Params = Dict[str, Any]
@@ -144,11 +145,7 @@ def load_peft(path: str, config: qwen3.Qwen3Config, dtype=jnp.float32) -> Tuple[
         raise CheckpointError(f"{path}: no adapter_config.json")
     if not os.path.isfile(w_path):
         raise CheckpointError(f"{path}: no adapter_model.safetensors")
-    try:
-        with open(cfg_path) as f:
-            c = json.load(f)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
+    c = read_json(cfg_path, CheckpointError)
     if c.get("peft_type", "LORA") != "LORA":
         raise CheckpointError(f"{cfg_path}: peft_type {c.get('peft_type')!r} is not LORA")
     for key, ok in (("use_dora", lambda v: not v), ("rank_pattern", lambda v: not v),

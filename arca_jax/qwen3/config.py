@@ -4,11 +4,10 @@ released models' presets."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, Mapping, Optional
 
-from arca_jax.errors import ConfigError
+from arca_jax.errors import ConfigError, read_json
 
 __all__ = ["ConfigError", "Qwen3Config", "preset"]
 
@@ -67,11 +66,7 @@ class Qwen3Config:
                 path = os.path.join(path, "config.json")
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"no config.json at {path}")
-            try:
-                with open(path) as f:
-                    d = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path} is not valid JSON: {e}") from None
+            d = read_json(path)
         elif isinstance(source, Mapping):
             d = dict(source)
         elif hasattr(source, "to_dict"):

@@ -91,9 +91,13 @@ def reward(completion: str, solution: str) -> float:
 
 def score_batch(completions: Sequence[str], solutions: Sequence[str], **_ignored) -> ScoreResult:
     """Rewards for a batch (in-process; never times out). Extra keyword arguments are ignored."""
+    return _score(reward, completions, solutions)
+
+
+def _score(fn, completions: Sequence[str], solutions: Sequence[str]) -> ScoreResult:
     if len(completions) != len(solutions):
         raise ValueError("got %d completions and %d solutions" % (len(completions), len(solutions)))
-    rewards = np.array([reward(c, s) for c, s in zip(completions, solutions)], dtype=np.float32)
+    rewards = np.array([fn(c, s) for c, s in zip(completions, solutions)], dtype=np.float32)
     return ScoreResult(rewards=rewards)
 
 
@@ -129,7 +133,4 @@ def reward_final_answer(completion: str, solution: str) -> float:
 
 def score_batch_final_answer(completions: Sequence[str], solutions: Sequence[str], **_ignored) -> ScoreResult:
     """``reward_final_answer`` for a batch (in-process; never times out). Extra keywords ignored."""
-    if len(completions) != len(solutions):
-        raise ValueError("got %d completions and %d solutions" % (len(completions), len(solutions)))
-    rewards = np.array([reward_final_answer(c, s) for c, s in zip(completions, solutions)], dtype=np.float32)
-    return ScoreResult(rewards=rewards)
+    return _score(reward_final_answer, completions, solutions)

@@ -105,39 +105,31 @@ def extract_boxed(text: str) -> str | None:
         while k < n and not text[k].isspace() and text[k] != "$":
             k += 1
         return text[j:k] or None
-    depth = 0
-    k = j
-    while k < n:
-        ch = text[k]
-        if ch == "\\":
-            k += 2
-            continue
-        if ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth -= 1
-            if depth == 0:
-                return text[j + 1:k]
-        k += 1
+    for k, depth in _brace_depths(text, j):
+        if depth == 0:
+            return text[j + 1:k]
     return None
 
 
-def brace_depth(s: str) -> int:
-    """Maximum nesting depth of unescaped ``{`` in ``s``."""
-    depth = best = 0
-    k, n = 0, len(s)
+def _brace_depths(s: str, start: int = 0):
+    """(index, depth after it) of each unescaped brace of ``s`` from ``start`` (a backslash
+    escapes the next character)."""
+    depth = 0
+    k, n = start, len(s)
     while k < n:
         ch = s[k]
         if ch == "\\":
             k += 2
             continue
-        if ch == "{":
-            depth += 1
-            best = max(best, depth)
-        elif ch == "}":
-            depth -= 1
+        if ch in "{}":
+            depth += 1 if ch == "{" else -1
+            yield k, depth
         k += 1
-    return best
+
+
+def brace_depth(s: str) -> int:
+    """Maximum nesting depth of unescaped ``{`` in ``s``."""
+    return max((d for _, d in _brace_depths(s)), default=0)
 
 
 _LEFT_RIGHT = re.compile(r"\\(?:left|right)(?![A-Za-z])")
