@@ -112,6 +112,7 @@ class RolloutConfig:
     default); "right" drops its last tokens and keeps the first ones (the paper authors' code).
     """
 
+    # deliberate: a field list (resembles other config dataclasses by shape only)
     prompts_per_step: int = 16
     group_size: int = 8
     max_prompt_tokens: int = 64

@@ -312,6 +312,7 @@ def normalize_saliences(alpha: Array, mask: Array, *, eps: float = 1e-8,
     return jnp.where(valid, jnp.where(has_nan, jnp.nan, w), 0.0)
 
 
+# deliberate: the same keyword signature as `saliences`, which it forwards to
 def token_weights(
     mode: str,
     mask: Array,

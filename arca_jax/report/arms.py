@@ -164,6 +164,7 @@ def merge_performance_rows(arm: Arm, rows: Sequence[PerformanceRow]) -> Performa
         model=_common(r.model for r in rows), task=_common(r.task for r in rows), seed=None)
 
 
+# deliberate: the per-table counterpart of merge_performance_rows (each row type its own fields)
 def merge_diagnostics_rows(arm: Arm, rows: Sequence[DiagnosticsRow]) -> DiagnosticsRow:
     """One row for the arm: means over its runs, as ``merge_performance_rows``."""
     if len(rows) == 1:

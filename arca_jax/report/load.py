@@ -147,6 +147,7 @@ def load_evals(path: Path, notes: list[str]) -> tuple[EvalPoint, ...]:
     items = []
     for lineno, rec in _read_jsonl(path, notes):
         where = f"{path}:{lineno}"
+        # deliberate: one typed read per field, as load_summary does for its own fields
         point = EvalPoint(
             step=_field_int(rec, "step", where, required=True),
             greedy_accuracy=_field_number(rec, "greedy_accuracy", where),

@@ -100,6 +100,7 @@ class Sample:
     weights: Mapping[str, tuple[float, ...]]
 
 
+# deliberate: a field list like the other records' (each record type lists its own fields)
 @dataclasses.dataclass(frozen=True)
 class Summary:
     """``summary.json`` (every field optional except ``finished``, which defaults to False)."""

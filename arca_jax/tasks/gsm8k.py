@@ -124,6 +124,7 @@ def extract_final_answer(completion: str) -> str | None:
     return completion[last.end():].split("\n", 1)[0]
 
 
+# deliberate: the same shape as `reward` with the reference parser (two rewards, one each)
 def reward_final_answer(completion: str, solution: str) -> float:
     """1.0 if the last "Final answer:" line's number equals the gold number after ``####``."""
     gold = clean_final_number(extract_gold(solution))
