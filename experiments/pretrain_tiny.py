@@ -76,7 +76,14 @@ def greedy_accuracy(params, config, tokenizer, task, max_new_tokens=80, batch=25
     rewards = trainer.greedy_rewards(model, None, 1.0, list(task.problems),
                                      trainer.Scorer(task, cfg.task.reward_timeout_s), cfg,
                                      jax.random.PRNGKey(0))
-    return float(np.mean(rewards)), len(rewards)
+    return float(np.mean(rewards)), len(rewards), by_ops(task.problems, rewards)
+
+
+def by_ops(problems, rewards):
+    """Greedy accuracy and count per number of operations: {ops: [accuracy, problems]}."""
+    ops = np.asarray([p.meta["num_ops"] for p in problems])
+    return {int(k): [float(np.mean(np.asarray(rewards)[ops == k])), int(np.sum(ops == k))]
+            for k in sorted(set(ops.tolist()))}
 
 
 def main(argv=None):
@@ -138,14 +145,15 @@ def main(argv=None):
         if (i + 1) % 100 == 0 or i == 0:
             print(f"step {i + 1:5d}  loss {float(loss):.4f}  {time.time() - t0:6.1f}s", flush=True)
         if args.eval_every and (i + 1) % args.eval_every == 0:
-            acc, _ = greedy_accuracy(params, CONFIG, tokenizer, test)
+            acc, _, _ = greedy_accuracy(params, CONFIG, tokenizer, test)
             history.append({"step": i + 1, "greedy_accuracy": acc})
             print(f"  held-out greedy accuracy {acc:.3f}", flush=True)
 
     hf.save_pretrained(args.out, CONFIG, params)
     config, loaded = hf.load_pretrained(args.out, dtype=jnp.float32)  # the real loading path
-    acc, n = greedy_accuracy(loaded, config, tokenizer, test)
-    info = {"held_out_greedy_accuracy": acc, "held_out_problems": n, "parameters": n_params,
+    acc, n, per_ops = greedy_accuracy(loaded, config, tokenizer, test)
+    info = {"held_out_greedy_accuracy": acc, "held_out_problems": n,
+            "held_out_greedy_accuracy_by_ops": per_ops, "parameters": n_params,
             "steps": args.steps, "batch": args.batch, "lr": args.lr, "seed": args.seed,
             "train_size": args.train_size, "box_short": args.box_short, "box_long": args.box_long, "final_loss": float(loss),
             "seconds": round(time.time() - t0, 1), "history": history}
