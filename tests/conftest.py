@@ -1,5 +1,12 @@
-"""Test-wide settings: CPU only, 8 forced host devices (for the pmap/mesh tests), float32 matmuls exact."""
+"""Test-wide settings: CPU only, 8 forced host devices (for the pmap/mesh tests), float32 matmuls
+exact; and tests/ on sys.path, so that every test folder imports the shared builders with
+``from fixtures import ...`` (tests/fixtures.py)."""
 import os
+import sys
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+if TESTS not in sys.path:
+    sys.path.insert(0, TESTS)
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _flags = os.environ.get("XLA_FLAGS", "")

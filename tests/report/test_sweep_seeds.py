@@ -16,15 +16,12 @@ from arca_jax.report import (BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, bootstrap_mean
 from arca_jax.report.intervals import (NO_INTERVAL, NO_INTERVAL_NO_PROBLEMS,
                                        OVER_PROBLEMS, OVER_SEEDS, OVER_SEEDS_AND_PROBLEMS,
                                        OVER_SEEDS_NO_PROBLEMS)
+from fixtures import write_jsonl
 
 
 # ---------------------------------------------------------------------------------------------
 # Synthetic runs with per-problem results
 # ---------------------------------------------------------------------------------------------
-
-
-def _write_jsonl(path: Path, records) -> None:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
 
 
 def make_run(root: Path, name: str, method: str, rank: int, seed: int, greedy, correct=None, *,
@@ -43,7 +40,7 @@ def make_run(root: Path, name: str, method: str, rank: int, seed: int, greedy, c
         section, key = dotted.split(".")
         config[section][key] = value
     (d / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
-    _write_jsonl(d / "metrics.jsonl", [
+    write_jsonl(d / "metrics.jsonl", [
         {"step": s, "reward_mean": reward, "weight_gini": gini, "effective_token_ratio": effn}
         for s in (1, 2)])
     acc = float(np.mean(greedy))
@@ -52,7 +49,7 @@ def make_run(root: Path, name: str, method: str, rank: int, seed: int, greedy, c
              "num_problems": len(greedy)}
     if per_problem:
         final.update(greedy=greedy, correct_of_k=correct)
-    _write_jsonl(d / "eval.jsonl", [{"step": 0, "greedy_accuracy": 0.1, "pass_at_k": 0.2, "k": k,
+    write_jsonl(d / "eval.jsonl", [{"step": 0, "greedy_accuracy": 0.1, "pass_at_k": 0.2, "k": k,
                                      "num_problems": len(greedy)}, final])
     summary = {"method": method, "rank": rank, "final_greedy_accuracy": acc,
                "final_pass_at_k": pass_k, "k": k, "mean_train_reward": reward,

@@ -8,11 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import peft
 import pytest
-import torch
 
-from arca_jax import hf, lora, qwen3
+from arca_jax import lora, qwen3
 from arca_jax.safetensors_io import CheckpointError
-from hf_fixtures import hf_forward, left_padded_batch, random_hf_model, rel_err, tiny_hf_config
+from fixtures import (hf_forward, left_padded_batch, random_adapter, random_checkpoint, random_hf_model,
+                      random_peft_model, rel_err, shifted_adapter, tiny_hf_config)
 
 ALL = list(lora.ALL_TARGETS)
 
@@ -20,24 +20,16 @@ ALL = list(lora.ALL_TARGETS)
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     cfg = tiny_hf_config(hidden=32, heads=4, kv_heads=2, head_dim=16, layers=2, tied=False)
-    model = random_hf_model(cfg, seed=3)
     path = tmp_path_factory.mktemp("base")
-    model.save_pretrained(path, safe_serialization=True)
-    config, params = hf.load_pretrained(path, dtype=jnp.float32)
+    _, config, params = random_checkpoint(cfg, seed=3, path=path)
     return cfg, path, config, params
 
 
 def _peft_model(cfg, path, r=4, alpha=8.0, targets=ALL, seed=0):
     import transformers
-    torch.manual_seed(seed)
     m = transformers.Qwen3ForCausalLM.from_pretrained(path, attn_implementation="eager").float().eval()
-    pm = peft.get_peft_model(m, peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=targets,
-                                                lora_dropout=0.0, init_lora_weights=False))
-    with torch.no_grad():  # make B large enough that the adapter visibly moves the output
-        for n, p in pm.named_parameters():
-            if "lora_B" in n:
-                p.copy_(0.3 * torch.randn_like(p))
-    return pm.eval()
+    # B large enough that the adapter visibly moves the output
+    return random_peft_model(m, r=r, alpha=alpha, targets=targets, seed=seed, scale=0.3)
 
 
 def _jax_forward(config, params, ids, mask, tree=None, scale=1.0):
@@ -70,11 +62,8 @@ def test_peft_adapter_parity_on_and_off(base, tmp_path, targets):
 def test_save_peft_loads_in_peft(base, tmp_path):
     cfg, path, config, params = base
     lcfg = lora.LoraConfig(rank=3, alpha=5.0)
-    tree = lora.init_lora(config, lcfg, jax.random.PRNGKey(0))
     # random non-zero B on every projection
-    tree = jax.tree_util.tree_map_with_path(
-        lambda p, x: 0.3 * jax.random.normal(jax.random.PRNGKey(hash(str(p)) % 2**31), x.shape)
-        if "lora_b" in str(p) else x, tree)
+    tree = random_adapter(config, lcfg, seed=0, scale=0.3, path_key=lambda p: hash(str(p)) % 2**31)
     lora.save_peft(tmp_path, lcfg, tree, base_model_name_or_path=str(path))
     import transformers
     m = transformers.Qwen3ForCausalLM.from_pretrained(path, attn_implementation="eager").float().eval()
@@ -124,8 +113,7 @@ def test_init_is_identity_and_matches_peft_distribution(base):
 def test_merge_equals_adapter_forward(base):
     cfg, path, config, params = base
     lcfg = lora.LoraConfig(rank=4, alpha=8.0)
-    tree = lora.init_lora(config, lcfg, jax.random.PRNGKey(2))
-    tree = jax.tree_util.tree_map(lambda x: x + 0.05, tree)
+    tree = shifted_adapter(config, lcfg, seed=2, shift=0.05)
     ids, mask = left_padded_batch(cfg.vocab_size, [6, 2], 6)
     merged = lora.merge(params, tree, lcfg)
     a = _jax_forward(config, merged, ids, mask)
@@ -188,8 +176,7 @@ def test_adapter_matmul_dtype(base):
     lora_dtype="float32"; bf16 models with bf16 adapter matmuls (float32 master weights and
     gradients), within bf16 rounding of float32 adapter matmuls."""
     cfg, path, config, params = base
-    tree = jax.tree_util.tree_map(lambda x: x + 0.05,
-                                  lora.init_lora(config, lora.LoraConfig(rank=4), jax.random.PRNGKey(5)))
+    tree = shifted_adapter(config, lora.LoraConfig(rank=4), seed=5, shift=0.05)
     ids, mask = (jnp.asarray(x) for x in left_padded_batch(cfg.vocab_size, [6, 3], 6))
 
     def fwd(p, t, dtype):

@@ -12,7 +12,8 @@ import transformers
 
 from arca_jax import hf, lora, qwen3
 from arca_jax.safetensors_io import CheckpointError
-from hf_fixtures import hf_forward, left_padded_batch, positions_of, random_hf_model, rel_err, tiny_hf_config
+from fixtures import (hf_forward, left_padded_batch, positions_of, random_hf_model, rel_err,
+                      shifted_adapter, tiny_hf_config)
 
 CASES = {
     # GQA ratio 1, tied, head_dim (16) != hidden / heads (8), rope_theta 1e4.
@@ -270,8 +271,7 @@ def test_fused_attention_layout_matches_einsum(checkpoint):
     mask = mask.copy()
     mask[0, 8:] = 0  # and right padding
     ids, mask = jnp.asarray(ids), jnp.asarray(mask)
-    tree = lora.init_lora(config, lora.LoraConfig(rank=4, alpha=8.0), jax.random.PRNGKey(3))
-    tree = jax.tree_util.tree_map(lambda x: x + 0.1, tree)
+    tree = shifted_adapter(config, lora.LoraConfig(rank=4, alpha=8.0), seed=3, shift=0.1)
     r = jax.random.normal(jax.random.PRNGKey(4), ids.shape + (config.vocab_size,))
 
     @functools.partial(jax.jit, static_argnames=("attention", "remat"))

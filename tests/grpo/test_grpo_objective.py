@@ -13,11 +13,10 @@ import pytest
 from arca_jax import lora, qwen3
 from arca_jax.grpo import (Batch, GRPOConfig, advantages, clipped_policy_loss, forwards_needed,
                            k3_kl, loss_fn, loss_normalizer, policy_logprobs, token_logprobs)
+from fixtures import random_adapter, random_params, tiny_config
 
 FAST = {"xla_backend_optimization_level": 0}
-CFG = qwen3.Qwen3Config(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-                        num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                        tie_word_embeddings=False)
+CFG = tiny_config(num_hidden_layers=3)
 LSCALE = 2.0
 
 
@@ -25,12 +24,8 @@ LSCALE = 2.0
 def model():
     @jax.jit
     def init():
-        params = qwen3.init_params(CFG, jax.random.PRNGKey(0))
-        params = jax.tree_util.tree_map(lambda x: x * 4.0 if x.ndim > 1 else x, params)  # peakier
-        tree = lora.init_lora(CFG, lora.LoraConfig(rank=4, alpha=8.0), jax.random.PRNGKey(1))
-        tree = jax.tree_util.tree_map_with_path(
-            lambda p, x: 0.2 * jax.random.normal(jax.random.PRNGKey(len(str(p))), x.shape)
-            if "lora_b" in str(p) else x, tree)
+        params = random_params(CFG, seed=0, scale=4.0)  # peakier
+        tree = random_adapter(CFG, lora.LoraConfig(rank=4, alpha=8.0), seed=1, scale=0.2)
         return params, tree
 
     params, tree = init()
@@ -120,9 +115,8 @@ def test_k3_kl_hand_checked():
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_chunked_logprobs_equal_full_softmax(tied):
-    cfg = qwen3.Qwen3Config(vocab_size=53, hidden_size=16, intermediate_size=16,
-                            num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                            head_dim=8, tie_word_embeddings=tied)
+    cfg = tiny_config(vocab_size=53, hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=tied)
     params = jax.jit(lambda k: qwen3.init_params(cfg, k))(jax.random.PRNGKey(2))
     h = 5.0 * jax.random.normal(jax.random.PRNGKey(3), (3, 11, 16))
     tg = jax.random.randint(jax.random.PRNGKey(4), (3, 11), 0, 53)

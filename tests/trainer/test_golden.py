@@ -1,5 +1,5 @@
 """The embedded demo and the sampler give the outputs recorded before the consolidation
-(tests/golden_demo.py): identical tokens, rewards and evaluations, metrics equal up to rounding."""
+(tests/trainer/golden_demo.py): identical tokens, rewards and evaluations, metrics equal up to rounding."""
 
 import json
 

@@ -9,13 +9,11 @@ Python loops over rows, and torch autograd for the gradients.
 import jax
 import jax.numpy as jnp
 import numpy as np
-import peft
 import pytest
 import torch
 
-from arca_jax import hf
 from arca_jax.grpo import Batch, GRPOConfig, loss_fn
-from hf_fixtures import positions_of, random_hf_model, rel_err, tiny_hf_config
+from fixtures import positions_of, random_checkpoint, random_peft_model, rel_err, tiny_hf_config
 
 R, ALPHA = 4, 8.0
 FAST_COMPILE = {"xla_backend_optimization_level": 0}  # CPU test speed; numerics unchanged
@@ -26,19 +24,8 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 def setup(tmp_path_factory):
     cfg = tiny_hf_config(hidden=32, heads=4, kv_heads=2, head_dim=16, layers=2, vocab=97,
                          tied=False)
-    model = random_hf_model(cfg, seed=11)
-    path = tmp_path_factory.mktemp("grpo_base")
-    model.save_pretrained(path, safe_serialization=True)
-    config, params = hf.load_pretrained(path, dtype=jnp.float32)
-
-    torch.manual_seed(5)
-    pm = peft.get_peft_model(model, peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=TARGETS,
-                                                    lora_dropout=0.0, init_lora_weights=False))
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_B" in n:
-                p.copy_(0.3 * torch.randn_like(p))
-    pm.eval()
+    model, config, params = random_checkpoint(cfg, seed=11, path=tmp_path_factory.mktemp("grpo_base"))
+    pm = random_peft_model(model, r=R, alpha=ALPHA, targets=TARGETS, seed=5, scale=0.3)
 
     tree = {}
     for layer in range(cfg.num_hidden_layers):

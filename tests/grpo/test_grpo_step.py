@@ -7,15 +7,15 @@ import numpy as np
 import optax
 import pytest
 
-from arca_jax import lora, qwen3
+from arca_jax import lora
 from arca_jax.grpo import (Batch, GRPOConfig, StepMetrics, TrainState, loss_fn, make_mesh,
                            make_optimizer, make_train_step, param_partition_spec, replicate,
                            shard_params, unreplicate)
+from fixtures import random_adapter, random_params, tiny_config
 
 FAST = {"xla_backend_optimization_level": 0}
 # vocab 60: divisible by fsdp = 4 but not by 8; tied embeddings
-CFG = qwen3.Qwen3Config(vocab_size=60, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+CFG = tiny_config(vocab_size=60, tie_word_embeddings=True)
 LCFG = lora.LoraConfig(rank=4, alpha=8.0)
 
 
@@ -23,12 +23,8 @@ LCFG = lora.LoraConfig(rank=4, alpha=8.0)
 def model():
     @jax.jit
     def init():
-        params = qwen3.init_params(CFG, jax.random.PRNGKey(0))
-        params = jax.tree_util.tree_map(lambda x: 2.0 * x if x.ndim > 1 else x, params)
-        tree = lora.init_lora(CFG, LCFG, jax.random.PRNGKey(1))
-        tree = jax.tree_util.tree_map_with_path(
-            lambda p, x: 0.2 * jax.random.normal(jax.random.PRNGKey(len(str(p))), x.shape)
-            if "lora_b" in str(p) else x, tree)
+        params = random_params(CFG, seed=0, scale=2.0)
+        tree = random_adapter(CFG, LCFG, seed=1, scale=0.2)
         return params, tree
 
     params, tree = init()

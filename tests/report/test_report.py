@@ -33,6 +33,7 @@ from arca_jax.report import (
 )
 from arca_jax.report.heatmap import _wrap_lines
 from arca_jax.report.load import _parse_sample
+from fixtures import REPO, write_jsonl
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TRICKY_TOKEN = "<script>&\"x\"</script>"
@@ -41,10 +42,6 @@ TRICKY_TOKEN = "<script>&\"x\"</script>"
 # ---------------------------------------------------------------------------------------------
 # Synthetic run directories
 # ---------------------------------------------------------------------------------------------
-
-
-def _write_jsonl(path: Path, records) -> None:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
 
 
 def _weights(n: int, peak: int, sharp: float) -> list:
@@ -85,13 +82,13 @@ def make_run(root: Path, name: str, method: str, rank: int, *, gini_values=(0.2,
             "residual_norm_max": 3.0 if method == "arca" else None, "kl": 0.0,
             "completion_length": 50, "time_sample_s": 1.0, "time_score_s": 0.1,
             "time_update_s": 0.5, "tokens_per_s": 100.0})
-    _write_jsonl(d / "metrics.jsonl", metrics)
+    write_jsonl(d / "metrics.jsonl", metrics)
     if evals is None:
         evals = [(0, 0.10, 0.20), (n, 0.30, 0.45)]
-    _write_jsonl(d / "eval.jsonl", [{"step": s, "greedy_accuracy": g, "pass_at_k": p, "k": 4,
+    write_jsonl(d / "eval.jsonl", [{"step": s, "greedy_accuracy": g, "pass_at_k": p, "k": 4,
                                      "num_problems": 20} for s, g, p in evals])
     if samples:
-        _write_jsonl(d / "samples.jsonl", list(samples))
+        write_jsonl(d / "samples.jsonl", list(samples))
     if summary == "auto":
         summary = {"method": method, "rank": rank, "trainable_params": 1000 * rank,
                    "base_greedy_accuracy": evals[0][1], "base_pass_at_k": evals[0][2],
@@ -220,7 +217,7 @@ def _metrics_not_objects(d):
 def _sample_weights_wrong_length(d):
     s = _sample(1, 1.0)
     s["weights"]["arca"] = s["weights"]["arca"][:-1]
-    _write_jsonl(d / "samples.jsonl", [s, _sample(2, 1.0)])
+    write_jsonl(d / "samples.jsonl", [s, _sample(2, 1.0)])
 
 
 @pytest.mark.parametrize("breaker, filename, message", [
@@ -322,7 +319,7 @@ def test_report_imports_and_runs_without_jax_or_eager_matplotlib(tmp_path):
         sys.exit(code)
     """)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parents[1], timeout=300)
+                          cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "wrote" in proc.stdout
     assert (tmp_path / "out" / "heatmap.png").is_file()

@@ -10,8 +10,7 @@ import pytest
 from arca_jax.tasks import arithmetic
 from arca_jax.tasks import math as mr
 from arca_jax.tasks.verify_pool import VerifyPool
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from fixtures import REPO
 
 
 def _digest(examples):

@@ -25,13 +25,13 @@ import numpy as np
 import pytest
 
 from arca_jax import cli, distributed, trainer
+from fixtures import TIMING, read_jsonl
 
 TINY = ["train.steps=2", "train.mode=mesh", "rollout.prompts_per_step=2", "rollout.group_size=4",
         "rollout.max_new_tokens=48", "task.num_eval_problems=4", "task.max_train_samples=64",
         "train.eval_batch_size=2", "train.save_every=1", "train.samples_every=2",
         "train.samples_per_log=1", "grpo.weighting=arca", "grpo.sharpening=2.0",
         "optim.learning_rate=1e-2", "optim.warmup_steps=0"]
-TIMING = {"time_sample_s", "time_score_s", "time_update_s", "step_time_s", "tokens_per_s"}
 RUN_TIMEOUT = 300
 HEARTBEAT_S = 5
 DIST_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "WORLD_SIZE",
@@ -154,8 +154,7 @@ def _two_driver(run_dir, log_dir, stop_after=None, resume=False):
 
 
 def _rows(run_dir, name):
-    with open(os.path.join(run_dir, name)) as f:
-        return [json.loads(line) for line in f]
+    return read_jsonl(os.path.join(run_dir, name))
 
 
 def _assert_rows_close(got, want, tol=1e-5):

@@ -2,7 +2,6 @@ r"""Settings that select the paper authors' task behaviour: the reference MATH /
 (`task.prompt_style`), the reference MATH reward (`task.reward_mode: reference`), the GSM8K
 "Final answer:" reward, and which side of a long prompt is cut (`rollout.prompt_truncation`)."""
 import glob
-import json
 import os
 import time
 from fractions import Fraction
@@ -14,14 +13,14 @@ from arca_jax import config
 from arca_jax.configlib import ConfigError
 from arca_jax.tasks import data, gsm8k, load_task
 from arca_jax.tasks import math as mr
+from fixtures import REPO, write_jsonl
 
-PAPER = os.path.join(os.path.dirname(__file__), "..", "experiments", "configs", "paper")
+PAPER = os.path.join(REPO, "experiments", "configs", "paper")
 INSTRUCTION = "Solve this math problem step by step. Put your final answer in \\boxed{}."
 
 
 def _write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
+    return str(write_jsonl(path, rows))
 
 
 # ---------------------------------------------------------------- reference MATH reward

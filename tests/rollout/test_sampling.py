@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from arca_jax import hf, lora, qwen3, sampling
-from hf_fixtures import left_padded_batch, random_hf_model, tiny_hf_config
+from arca_jax import lora, qwen3, sampling
+from fixtures import left_padded_batch, random_checkpoint, shifted_adapter, tiny_hf_config
 
 MODELS = {
     # GQA ratio 2, tied embeddings.
@@ -24,22 +24,14 @@ MODELS = {
 def model(request, tmp_path_factory):
     """(transformers model, Qwen3Config, float32 params) of one random tiny model."""
     cfg = tiny_hf_config(**MODELS[request.param])
-    m = random_hf_model(cfg, seed=7 + len(request.param))
-    path = tmp_path_factory.mktemp(request.param)
-    m.save_pretrained(path, safe_serialization=True)
-    config, params = hf.load_pretrained(path, dtype=jnp.float32)
-    return m, config, params
+    return random_checkpoint(cfg, seed=7 + len(request.param), path=tmp_path_factory.mktemp(request.param))
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """The first model only: for the tests that need one model, not every model."""
     cfg = tiny_hf_config(**MODELS["tied_gqa2"])
-    m = random_hf_model(cfg, seed=3)
-    path = tmp_path_factory.mktemp("tiny")
-    m.save_pretrained(path, safe_serialization=True)
-    config, params = hf.load_pretrained(path, dtype=jnp.float32)
-    return m, config, params
+    return random_checkpoint(cfg, seed=3, path=tmp_path_factory.mktemp("tiny"))
 
 
 PAD = 0
@@ -101,7 +93,7 @@ def test_cached_decoding_equals_uncached_forward_at_every_step(tiny, adapter, at
     tree, scale = None, 1.0
     if adapter == "lora":  # a partial adapter: fused groups with missing members
         lcfg = lora.LoraConfig(rank=3, alpha=6.0, targets=("q_proj", "v_proj", "o_proj", "up_proj"))
-        tree = jax.tree_util.tree_map(lambda x: x + 0.2, lora.init_lora(config, lcfg, jax.random.PRNGKey(4)))
+        tree = shifted_adapter(config, lcfg, seed=4, shift=0.2)
         scale = lcfg.scaling
     steps = 6
     B, P = ids.shape
@@ -270,7 +262,7 @@ def test_same_rng_same_samples_other_rng_other_samples(tiny):
 def test_merged_adapter_samples_the_same_tokens(tiny):
     _, config, params = tiny
     lcfg = lora.LoraConfig(rank=4, alpha=8.0)
-    tree = jax.tree_util.tree_map(lambda x: x + 0.1, lora.init_lora(config, lcfg, jax.random.PRNGKey(7)))
+    tree = shifted_adapter(config, lcfg, seed=7, shift=0.1)
     ids, mask = _prompts(config.vocab_size)
     kw = dict(config=config, rng=jax.random.PRNGKey(8), max_new_tokens=10)
     side = sampling.generate(params, ids, mask, lora=tree, lora_scale=lcfg.scaling, **kw)

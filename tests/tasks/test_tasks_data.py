@@ -1,6 +1,5 @@
 """Task loading: local JSONL fixtures, the Hub path (monkeypatched), clear errors when data is
 missing or offline, prompts, and task-agnostic scoring."""
-import json
 import sys
 
 import numpy as np
@@ -8,6 +7,7 @@ import pytest
 
 from arca_jax.tasks import data
 from arca_jax.tasks.data import Problem, TaskDataError, load_task
+from fixtures import write_jsonl
 
 MATH_ROWS = [
     {"problem": "What is $1+1$?", "solution": "We add: $1+1=\\boxed{2}$.", "level": "Level 1",
@@ -23,8 +23,7 @@ GSM_ROWS = [
 
 
 def _write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "\n")
-    return path
+    return write_jsonl(path, rows, trailing_newline=True)
 
 
 def test_prompt_template():

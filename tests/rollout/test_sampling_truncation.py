@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from arca_jax import sampling
+from fixtures import random_params, tiny_config
 
 
 def _reference_dist(logits, temperature, top_k, top_p):
@@ -90,12 +91,10 @@ def test_greedy_sampled_logps_are_zero_and_bad_top_k_refused():
 
 
 def test_generate_returns_both_logps_and_the_batch_carries_them():
-    from arca_jax import qwen3
-
-    cfg = qwen3.Qwen3Config(vocab_size=50, hidden_size=32, intermediate_size=32,
-                            num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                            head_dim=16)
-    params = qwen3.init_params(cfg, jax.random.PRNGKey(0))
+    cfg = tiny_config(vocab_size=50, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                      tie_word_embeddings=True)
+    params = random_params(cfg, seed=0)
     ids = jnp.asarray(np.random.default_rng(0).integers(1, 50, (3, 4)), jnp.int32)
     mask = jnp.ones((3, 4), jnp.int32)
     out = sampling.generate(params, ids, mask, config=cfg, rng=jax.random.PRNGKey(1),

@@ -5,7 +5,9 @@ import os
 import nbformat
 from nbclient import NotebookClient
 
-NOTEBOOK = os.path.join(os.path.dirname(__file__), "..", "experiments", "colab.ipynb")
+from fixtures import REPO
+
+NOTEBOOK = os.path.join(REPO, "experiments", "colab.ipynb")
 
 
 def test_colab_notebook_tiny_part_runs(tmp_path, monkeypatch):

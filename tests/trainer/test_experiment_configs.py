@@ -6,8 +6,9 @@ import os
 import pytest
 
 from arca_jax import config
+from fixtures import REPO
 
-ROOT = os.path.join(os.path.dirname(__file__), "..", "experiments", "configs")
+ROOT = os.path.join(REPO, "experiments", "configs")
 ARMS = {("uniform", 64), ("surprisal", 64), ("entropy_reduction", 64), ("divergence", 64),
         ("arca", 4), ("arca", 16), ("arca", 64)}
 

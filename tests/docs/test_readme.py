@@ -5,9 +5,9 @@ import re
 
 import numpy as np
 
-from hf_fixtures import random_hf_model, tiny_hf_config
+from fixtures import REPO, random_hf_model, tiny_hf_config
 
-README = os.path.join(os.path.dirname(__file__), "..", "README.md")
+README = os.path.join(REPO, "README.md")
 
 
 def test_readme_forward_example(tmp_path, monkeypatch):

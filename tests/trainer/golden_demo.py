@@ -1,8 +1,8 @@
 """Fixed-seed reference outputs of the embedded demo and the sampler, recorded before a refactor
-and compared after it (tests/test_golden.py): identical tokens, rewards and evaluations; metrics
-equal up to float rounding.
+and compared after it (tests/trainer/test_golden.py): identical tokens, rewards and evaluations;
+metrics equal up to float rounding.
 
-    python tests/golden_demo.py --write     # re-record tests/data/golden_demo.json
+    python tests/trainer/golden_demo.py --write     # re-record tests/trainer/data/golden_demo.json
 """
 
 from __future__ import annotations
@@ -15,16 +15,16 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 GOLDEN = os.path.join(HERE, "data", "golden_demo.json")
 
+if __name__ == "__main__":  # as a script: the tests' settings, and tests/ on sys.path (fixtures)
+    sys.path.insert(0, os.path.dirname(HERE))
+    import conftest  # noqa: F401  (CPU, 8 devices, highest matmul precision: as in the tests)
+
+from fixtures import TIMING, read_jsonl  # noqa: E402
+
 DEMO = ["train.steps=4", "train.seed=7", "optim.warmup_steps=0", "rollout.prompts_per_step=3", "rollout.group_size=4",
         "rollout.max_new_tokens=48", "task.num_eval_problems=6", "task.max_train_samples=64",
         "train.save_every=0", "train.samples_every=1", "train.samples_per_log=2",
         "grpo.weighting=arca", "grpo.sharpening=2.0", "optim.learning_rate=1e-2"]
-TIMING = {"time_sample_s", "time_score_s", "time_update_s", "step_time_s", "tokens_per_s"}
-
-
-def _rows(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f]
 
 
 def demo_run() -> dict:
@@ -40,9 +40,9 @@ def demo_run() -> dict:
         if code not in (0, None):
             raise RuntimeError(f"demo run failed with exit code {code}")
         metrics = [{k: v for k, v in r.items() if k not in TIMING}
-                   for r in _rows(os.path.join(run_dir, "metrics.jsonl"))]
-        return {"metrics": metrics, "evals": _rows(os.path.join(run_dir, "eval.jsonl")),
-                "samples": _rows(os.path.join(run_dir, "samples.jsonl"))}
+                   for r in read_jsonl(os.path.join(run_dir, "metrics.jsonl"))]
+        return {"metrics": metrics, "evals": read_jsonl(os.path.join(run_dir, "eval.jsonl")),
+                "samples": read_jsonl(os.path.join(run_dir, "samples.jsonl"))}
 
 
 def sampler_tokens() -> dict:
@@ -87,11 +87,8 @@ def record() -> dict:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, HERE)
-    import conftest  # noqa: F401  (CPU, 8 devices, highest matmul precision: as in the tests)
-
     if "--write" not in sys.argv:
-        sys.exit("usage: python tests/golden_demo.py --write")
+        sys.exit("usage: python tests/trainer/golden_demo.py --write")
     with open(GOLDEN, "w") as f:
         json.dump(record(), f, indent=1)
     print(f"wrote {GOLDEN}")

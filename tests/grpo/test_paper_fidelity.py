@@ -13,20 +13,15 @@ from arca_jax import config, lora, qwen3, sampling, trainer
 from arca_jax.grpo import (Batch, GRPOConfig, loss_fn, policy_logprobs, raw_normalizer,
                            token_logprobs)
 from arca_jax.grpo.signals import completion_valid
+from fixtures import random_adapter, random_params, tiny_config
 
-CFG = qwen3.Qwen3Config(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                        tie_word_embeddings=False)
+CFG = tiny_config()
 
 
 @pytest.fixture(scope="module")
 def model():
-    params = qwen3.init_params(CFG, jax.random.PRNGKey(0))
-    params = jax.tree_util.tree_map(lambda x: x * 6.0 if x.ndim > 1 else x, params)  # |logits| ~ 10
-    tree = lora.init_lora(CFG, lora.LoraConfig(rank=4, alpha=8.0), jax.random.PRNGKey(1))
-    tree = jax.tree_util.tree_map_with_path(
-        lambda p, x: 0.2 * jax.random.normal(jax.random.PRNGKey(len(str(p))), x.shape)
-        if "lora_b" in str(p) else x, tree)
+    params = random_params(CFG, seed=0, scale=6.0)  # |logits| ~ 10
+    tree = random_adapter(CFG, lora.LoraConfig(rank=4, alpha=8.0), seed=1, scale=0.2)
     rng = np.random.default_rng(0)
     B, T = 4, 10
     ids = rng.integers(1, CFG.vocab_size, (B, T)).astype(np.int32)

@@ -13,17 +13,16 @@ import pytest
 import yaml
 
 from arca_jax import cli, config, train
+from fixtures import TIMING, read_jsonl
 
 TINY = ["train.steps=4", "rollout.prompts_per_step=2", "rollout.group_size=3",
         "rollout.max_new_tokens=72", "task.num_eval_problems=4", "task.max_train_samples=64",
         "train.save_every=2", "train.samples_every=2", "train.samples_per_log=1",
         "grpo.weighting=arca", "grpo.sharpening=2.0", "optim.learning_rate=1e-2"]
-TIMING = {"time_sample_s", "time_score_s", "time_update_s", "step_time_s", "tokens_per_s"}
 
 
 def _rows(run_dir, name):
-    with open(os.path.join(run_dir, name)) as f:
-        return [json.loads(line) for line in f]
+    return read_jsonl(os.path.join(run_dir, name))
 
 
 def _strip_timing(rows):

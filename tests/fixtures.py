@@ -1,0 +1,200 @@
+"""Shared test builders (plain functions, imported as ``from fixtures import ...``; tests/conftest.py
+puts tests/ on sys.path):
+
+- paths: ``TESTS``, ``REPO``;
+- our own tiny models: ``tiny_config``, ``random_params``, ``random_adapter``, ``shifted_adapter``;
+- random tiny Qwen3 models made with transformers (PyTorch, CPU), the parity oracle:
+  ``tiny_hf_config``, ``random_hf_model``, ``random_checkpoint``, ``random_peft_model``,
+  ``left_padded_batch``, ``positions_of``, ``hf_forward``, ``rel_err``;
+- run directories: ``TIMING``, ``read_jsonl``, ``write_jsonl``.
+
+Every builder is deterministic in its arguments (seeds, scales, shapes), so a test that calls one
+computes exactly what it computed when it built the object itself. The jax builders are pure
+(traceable): a test may call them inside its own ``jax.jit``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(TESTS)
+
+# Wall-clock fields of metrics.jsonl rows: the only ones that differ between equal runs.
+TIMING = {"time_sample_s", "time_score_s", "time_update_s", "step_time_s", "tokens_per_s"}
+
+
+# ------------------------------------ our tiny models -----------------------------------------
+
+
+def tiny_config(**overrides):
+    """A tiny ``qwen3.Qwen3Config``: vocab 61, hidden 32, MLP 48, 2 layers, 4 query heads over 2 KV
+    heads of 8, untied embeddings; any field overridden by keyword."""
+    from arca_jax import qwen3
+
+    fields = dict(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                  tie_word_embeddings=False)
+    fields.update(overrides)
+    return qwen3.Qwen3Config(**fields)
+
+
+def random_params(config, seed: int = 0, scale: float = 1.0):
+    """``qwen3.init_params(config, PRNGKey(seed))`` with every matrix (ndim > 1) times `scale`
+    (peakier logits); vectors (norm weights) untouched."""
+    import jax
+
+    from arca_jax import qwen3
+
+    params = qwen3.init_params(config, jax.random.PRNGKey(seed))
+    if scale == 1.0:
+        return params
+    return jax.tree_util.tree_map(lambda x: x * scale if x.ndim > 1 else x, params)
+
+
+def _path_length_key(path) -> int:
+    return len(str(path))
+
+
+def random_adapter(config, lora_config, seed: int = 1, scale: float = 0.2, *,
+                   path_key=_path_length_key):
+    """``lora.init_lora(config, lora_config, PRNGKey(seed))`` with every B replaced by
+    ``scale * normal(PRNGKey(path_key(path)))`` (a fresh adapter has B = 0: the identity); A as
+    initialised. `path_key` maps a leaf's tree path to its key (default: the length of its str)."""
+    import jax
+
+    from arca_jax import lora
+
+    tree = lora.init_lora(config, lora_config, jax.random.PRNGKey(seed))
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: scale * jax.random.normal(jax.random.PRNGKey(path_key(p)), x.shape)
+        if "lora_b" in str(p) else x, tree)
+
+
+def shifted_adapter(config, lora_config, seed: int, shift: float):
+    """``lora.init_lora(config, lora_config, PRNGKey(seed))`` with `shift` added to every leaf
+    (A and B): a non-identity adapter without drawing new numbers."""
+    import jax
+
+    from arca_jax import lora
+
+    return jax.tree_util.tree_map(lambda x: x + shift,
+                                  lora.init_lora(config, lora_config, jax.random.PRNGKey(seed)))
+
+
+# ------------------------------ transformers models (the oracle) ------------------------------
+
+
+def tiny_hf_config(*, hidden=32, heads=4, kv_heads=2, head_dim=16, layers=2, vocab=97,
+                   intermediate=48, tied=True, theta=10000.0):
+    """A tiny ``transformers.Qwen3Config`` (eager attention)."""
+    import transformers
+
+    cfg = transformers.Qwen3Config(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        head_dim=head_dim, rms_norm_eps=1e-6, max_position_embeddings=256,
+        tie_word_embeddings=tied, attn_implementation="eager")
+    cfg.rope_parameters = {"rope_type": "default", "rope_theta": theta}
+    return cfg
+
+
+def random_hf_model(cfg, seed: int = 0):
+    """A float32 ``transformers.Qwen3ForCausalLM`` with every weight random, norm weights included
+    (not all ones)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    model = transformers.Qwen3ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.3 * torch.randn_like(p))
+            else:
+                p.copy_(0.15 * torch.randn_like(p))
+    return model
+
+
+def random_checkpoint(cfg, seed: int, path):
+    """``random_hf_model(cfg, seed)`` saved as safetensors under `path` and loaded back with
+    ``hf.load_pretrained(path, dtype=float32)``: (transformers model, Qwen3Config, params)."""
+    import jax.numpy as jnp
+
+    from arca_jax import hf
+
+    model = random_hf_model(cfg, seed=seed)
+    model.save_pretrained(path, safe_serialization=True)
+    config, params = hf.load_pretrained(path, dtype=jnp.float32)
+    return model, config, params
+
+
+def random_peft_model(model, *, r, alpha, targets, seed: int, scale: float = 0.3):
+    """``peft.get_peft_model(model, ...)`` (no dropout, torch seeded with `seed` before the
+    adapter is made) with every lora_B replaced by ``scale * randn`` so that the adapter visibly
+    moves the output; in eval mode."""
+    import peft
+    import torch
+
+    torch.manual_seed(seed)
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=targets,
+                                                    lora_dropout=0.0, init_lora_weights=False))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.copy_(scale * torch.randn_like(p))
+    return pm.eval()
+
+
+def left_padded_batch(vocab: int, lengths, total: int, seed: int = 0):
+    """input_ids, attention_mask [B, total] int64 numpy, rows left-padded to `total`."""
+    rng = np.random.default_rng(seed)
+    ids = np.zeros((len(lengths), total), np.int64)
+    mask = np.zeros((len(lengths), total), np.int64)
+    for b, n in enumerate(lengths):
+        ids[b, total - n:] = rng.integers(1, vocab, n)
+        mask[b, total - n:] = 1
+    return ids, mask
+
+
+def positions_of(mask: np.ndarray) -> np.ndarray:
+    return np.maximum(np.cumsum(mask, -1) - 1, 0)
+
+
+def hf_forward(model, ids, mask):
+    """(logits [B, T, V], final hidden [B, T, D]) as float32 numpy, positions = cumsum(mask) - 1."""
+    import torch
+
+    with torch.no_grad():
+        out = model(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask),
+                    position_ids=torch.as_tensor(positions_of(mask)), output_hidden_states=True)
+    return out.logits.float().numpy(), out.hidden_states[-1].float().numpy()
+
+
+def rel_err(a, b, mask=None) -> float:
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    if mask is not None:
+        m = np.asarray(mask, bool)
+        a, b = a[m], b[m]
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+# ------------------------------------ run directories -----------------------------------------
+
+
+def read_jsonl(path) -> list:
+    """Every line of a JSON-lines file, parsed."""
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def write_jsonl(path, records, *, trailing_newline: bool = False):
+    """`records` one JSON object a line into `path` (a pathlib.Path), UTF-8; an empty line at
+    the end with `trailing_newline`. Returns `path`."""
+    path.write_text("".join(json.dumps(r) + "\n" for r in records)
+                    + ("\n" if trailing_newline else ""), encoding="utf-8")
+    return path
