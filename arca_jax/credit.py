@@ -1,4 +1,5 @@
-"""Token-level credit assignment: the paper's five token weightings and their diagnostics.
+"""Token-level credit assignment: the token weightings (a registry holding the paper's five and
+any user-defined ones) and their diagnostics.
 
 A trajectory's scalar advantage A is spread over its completion tokens with weights w_t >= 0 that
 sum to 1 per row; the policy-gradient estimate is A * sum_t w_t grad log pi(y_t). Every scheme
@@ -8,6 +9,23 @@ gives an unnormalised salience alpha_t >= 0 per token, which is then normalised 
 
 (s = ``sharpening``; s = 1 is the plain (alpha + eps) / sum(alpha + eps) of the paper, the paper's
 sweep used s = 2).
+
+A weighting is a ``Weighting``: a pure function from named per-token signals to saliences alpha
+[B, T], declared with the signals it reads (``SIGNALS``: ``logps`` policy log-probs, ``ref_logps``
+reference log-probs (adapter off), ``entropies``, ``residual_norms`` (ARCA's ||h_adapted - h_base||),
+``mask``). The training step runs only the forwards those signals need. Everything after the
+salience is shared by every weighting: the clamp to [0, float32 max], the eps floor, sharpening,
+normalisation, the uniform fallback and the Gini / EffN/T diagnostics::
+
+    @credit.register("arca_x_surprisal", needs=("residual_norms", "logps"))
+    def arca_x_surprisal(residual_norms, logps):
+        return residual_norms * -logps
+
+    GRPOConfig(weighting="arca_x_surprisal")           # or "my_module:arca_x_surprisal"
+
+A mode is named by a registered name (``registered()``; the paper's five are ``MODES``), by an
+import path "module:attribute" naming a ``Weighting`` (resolved on use, e.g. at config
+validation), or given as a ``Weighting``.
 
 Dimension letters: B batch (any number of leading axes, including none), T time (tokens, last
 axis). All arrays share the mask's shape [B, T]. Every function is pure, has no host round trips
@@ -41,28 +59,16 @@ Decisions taken where the issue is silent (each also stated where it applies):
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import types
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any, Union
 
 import jax
 import jax.numpy as jnp
 from flax import struct
 
 Array = jax.Array
-
-MODES: tuple[str, ...] = ("uniform", "surprisal", "entropy_reduction", "divergence", "arca")
-
-#: Keyword inputs each mode needs, in the order of ``token_weights``' signature. The training step
-#: uses it to decide which forwards to run (e.g. ``divergence`` needs a reference forward).
-REQUIRED_INPUTS: Mapping[str, tuple[str, ...]] = types.MappingProxyType(
-    {
-        "uniform": (),
-        "surprisal": ("logps",),
-        "entropy_reduction": ("entropies",),
-        "divergence": ("logps", "ref_logps"),
-        "arca": ("residual_norms",),
-    }
-)
 
 _F32_MAX = float(jnp.finfo(jnp.float32).max)
 
@@ -76,17 +82,6 @@ def _divide_by_row(x: Array, d: Array) -> Array:
     """
     r = jnp.sqrt(d)
     return (x / r) / r
-
-
-def required_inputs(mode: str) -> tuple[str, ...]:
-    """Names of the keyword inputs ``token_weights(mode, ...)`` needs; ValueError if unknown."""
-    _check_mode(mode)
-    return REQUIRED_INPUTS[mode]
-
-
-def _check_mode(mode: str) -> None:
-    if not isinstance(mode, str) or mode not in REQUIRED_INPUTS:
-        raise ValueError(f"unknown credit mode {mode!r}; valid modes: {', '.join(MODES)}")
 
 
 def _is_concrete_number(x) -> bool:
@@ -188,8 +183,188 @@ def entropy_reduction(entropies: Array, mask: Array) -> Array:
     return jnp.where(has_next, jnp.maximum(h - h_next, 0.0), 0.0)
 
 
+# --------------------------------------------------------------------------------------------
+# The registry of weightings
+# --------------------------------------------------------------------------------------------
+
+#: The signals a weighting may read, each [B, T] and aligned with the mask: ``logps`` log pi(y_t)
+#: under the current policy, ``ref_logps`` log pi_ref(y_t) with the adapter off, ``entropies`` the
+#: predictive entropy H_t (nats) that produced token t, ``residual_norms`` ||h_adapted - h_base||_2
+#: at the position scoring token t (ARCA), ``mask`` the validity mask (bool, True = counts).
+SIGNALS: tuple[str, ...] = ("logps", "ref_logps", "entropies", "residual_norms", "mask")
+
+
+@dataclasses.dataclass(frozen=True)
+class Weighting:
+    """A token weighting: a pure function from named per-token signals to saliences [B, T].
+
+    name: the name it is registered and logged under (no ":"; that marks import paths).
+    fn: called as ``fn(**{s: signal_s for s in needs})``; each signal is a [B, T] array (float32,
+        detached; ``mask`` bool), and fn returns the unnormalised saliences alpha [B, T] (any
+        real dtype, upcast to float32). It must be traceable (jnp operations, no host round trips:
+        it runs under jit, pmap and on sharded arrays) and should give alpha >= 0: negatives
+        count as 0, +inf as the float32 maximum, and values at invalid positions are never read.
+        NaN at a valid position makes that row's weights NaN (not hidden).
+    needs: the signals fn reads, a subset of ``SIGNALS``; the step runs the base forward (adapter
+        off) only when one of them is ``ref_logps`` or ``residual_norms``.
+
+    Hashable (a static argument under jit). ``token_weights(w, mask, ...)`` turns it into weights:
+    eps floor, sharpening, per-row normalisation and the uniform fallback apply as for the paper's
+    weightings.
+    """
+
+    name: str
+    fn: Callable[..., Any]
+    needs: tuple[str, ...]
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name or ":" in self.name:
+            raise ValueError(f"a weighting's name must be a non-empty string without ':', got "
+                             f"{self.name!r}")
+        if not callable(self.fn):
+            raise ValueError(f"weighting {self.name!r}: fn must be callable, got {self.fn!r}")
+        needs = (self.needs,) if isinstance(self.needs, str) else tuple(self.needs)
+        unknown = [n for n in needs if n not in SIGNALS]
+        if unknown or len(set(needs)) != len(needs):
+            raise ValueError(f"weighting {self.name!r}: needs {needs!r} must name distinct "
+                             f"signals of {SIGNALS}")
+        object.__setattr__(self, "needs", needs)
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """The keyword inputs of ``token_weights`` it reads: ``needs`` without the mask."""
+        return tuple(n for n in self.needs if n != "mask")
+
+    def __call__(self, **signals: Array) -> Array:
+        """The raw saliences ``fn`` returns from the signals it needs (others are ignored)."""
+        return self.fn(**{k: signals[k] for k in self.needs})
+
+
+_REGISTRY: dict[str, Weighting] = {}
+
+
+def register(name: str, *, needs, fn: Callable[..., Any] | None = None,
+             replace: bool = False):
+    """Registers a weighting under ``name`` (``GRPOConfig(weighting=name)``, config
+    ``grpo.weighting: name``): a decorator when ``fn`` is None, else registers ``fn``.
+
+        @credit.register("arca_x_surprisal", needs=("residual_norms", "logps"))
+        def arca_x_surprisal(residual_norms, logps):
+            return residual_norms * -logps
+
+    Returns the ``Weighting`` (what the decorator leaves under the function's name, so that
+    "module:arca_x_surprisal" resolves to it too). A taken name raises ValueError unless
+    ``replace`` (the paper's five can never be replaced). A train step already built keeps the
+    weighting it was traced with (jit caches on the name): build a new step after replacing.
+    """
+    def add(f):
+        w = Weighting(name, f, needs)
+        if w.name in _BUILTIN:
+            raise ValueError(f"{w.name!r} is one of the paper's weightings and cannot be replaced")
+        if w.name in _REGISTRY and not replace:
+            raise ValueError(f"a weighting named {w.name!r} is already registered (pass "
+                             "replace=True to replace it)")
+        _REGISTRY[w.name] = w
+        return w
+
+    return add if fn is None else add(fn)
+
+
+def unregister(name: str) -> None:
+    """Removes a user-registered weighting (KeyError if none; the paper's five stay)."""
+    if name in _BUILTIN:
+        raise ValueError(f"{name!r} is one of the paper's weightings and cannot be removed")
+    del _REGISTRY[name]
+
+
+def registered() -> tuple[str, ...]:
+    """The registered names in registration order: the paper's five (``MODES``) first."""
+    return tuple(_REGISTRY)
+
+
+def _unknown(mode) -> ValueError:
+    return ValueError(f"unknown credit mode {mode!r}; valid modes: {', '.join(_REGISTRY)}, or "
+                      "an import path 'module:attribute' naming a credit.Weighting")
+
+
+def get(mode: Union[str, Weighting]) -> Weighting:
+    """The ``Weighting`` of ``mode``: a registered name, an import path "module:attribute" (the
+    module is imported; the attribute must be a ``Weighting``, e.g. what ``register`` returns),
+    or a ``Weighting`` itself. ValueError for anything else, naming the valid modes."""
+    if isinstance(mode, Weighting):
+        return mode
+    if not isinstance(mode, str):
+        raise _unknown(mode)
+    if mode in _REGISTRY:
+        return _REGISTRY[mode]
+    module, sep, attr = mode.partition(":")
+    if not sep or not module or not attr:
+        raise _unknown(mode)
+    try:
+        obj = importlib.import_module(module)
+    except ImportError as e:
+        raise ValueError(f"credit mode {mode!r}: cannot import module {module!r} ({e}); is it "
+                         "on the Python path (PYTHONPATH)?") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"credit mode {mode!r}: module {module!r} has no attribute "
+                             f"{attr!r}") from None
+        obj = getattr(obj, part)
+    if not isinstance(obj, Weighting):
+        raise ValueError(f"credit mode {mode!r} is a {type(obj).__name__}, not a "
+                         "credit.Weighting: declare the signals it reads with "
+                         "@credit.register(name, needs=...) or credit.Weighting(name, fn, needs)")
+    return obj
+
+
+def required_inputs(mode: Union[str, Weighting]) -> tuple[str, ...]:
+    """Names of the keyword inputs ``token_weights(mode, ...)`` needs (the signals besides the
+    mask); ValueError if unknown."""
+    return get(mode).inputs
+
+
+def _uniform_salience() -> Array:  # never called: token_weights returns 1/n for it directly
+    raise AssertionError("uniform weights do not depend on a salience")
+
+
+def _surprisal(logps: Array) -> Array:
+    return -logps
+
+
+def _entropy_reduction(entropies: Array, mask: Array) -> Array:
+    return entropy_reduction(entropies, mask)
+
+
+def _divergence(logps: Array, ref_logps: Array) -> Array:
+    return jnp.abs(logps - ref_logps)
+
+
+def _arca(residual_norms: Array) -> Array:
+    return residual_norms
+
+
+for _w in (Weighting("uniform", _uniform_salience, ()),
+           Weighting("surprisal", _surprisal, ("logps",)),
+           Weighting("entropy_reduction", _entropy_reduction, ("entropies", "mask")),
+           Weighting("divergence", _divergence, ("logps", "ref_logps")),
+           Weighting("arca", _arca, ("residual_norms",))):
+    _REGISTRY[_w.name] = _w
+del _w
+
+#: The paper's five weightings, in its table order (all registered; ``registered()`` adds the
+#: user's).
+MODES: tuple[str, ...] = registered()
+_BUILTIN = frozenset(MODES)
+
+#: Keyword inputs each of the paper's modes needs, in the order of ``token_weights``' signature
+#: (``required_inputs`` answers for any mode). The training step uses it to decide which forwards
+#: to run (e.g. ``divergence`` needs a reference forward).
+REQUIRED_INPUTS: Mapping[str, tuple[str, ...]] = types.MappingProxyType(
+    {m: _REGISTRY[m].inputs for m in MODES})
+
+
 def saliences(
-    mode: str,
+    mode: Union[str, Weighting],
     mask: Array,
     *,
     logps: Array | None = None,
@@ -199,27 +374,30 @@ def saliences(
 ) -> Array:
     """Unnormalised salience alpha_t of ``mode``, clamped to [0, float32 max].
 
-    mode: one of ``MODES`` (static Python string).
+    mode: static; a registered name (``registered()``, the paper's five are ``MODES``), an import
+        path "module:attribute" or a ``Weighting`` (see ``get``).
     mask: [B, T], nonzero = valid completion token.
     logps: [B, T], log pi(y_t) (nats) under the current policy (surprisal, divergence).
     ref_logps: [B, T], log pi_ref(y_t) (nats), adapter disabled (divergence).
     entropies: [B, T], predictive entropy H_t (nats) that produced token t (entropy_reduction).
     residual_norms: [B, T], ||h_adapted - h_base||_2 of the final post-norm hidden state at the
         position whose logits score token t, already aligned by the caller (arca).
+    Only the inputs the weighting needs are read (upcast to float32); it gets the mask as bool.
     Returns: [B, T] float32, 0 at invalid positions. ``uniform`` returns zeros (its weights do not
-    depend on a salience). Raises ValueError for an unknown mode, missing inputs or a shape that
-    differs from the mask's.
+    depend on a salience). Raises ValueError for an unknown mode, missing inputs, or an input or
+    a returned salience whose shape differs from the mask's.
     """
-    _check_mode(mode)
+    w = get(mode)
+    label = mode if isinstance(mode, str) else w.name
     mask = jnp.asarray(mask)
     if mask.ndim < 1:
         raise ValueError(f"mask must have a time axis, got shape {mask.shape}")
     given = {"logps": logps, "ref_logps": ref_logps, "entropies": entropies,
              "residual_norms": residual_norms}
-    needed = REQUIRED_INPUTS[mode]
+    needed = w.inputs
     missing = [name for name in needed if given[name] is None]
     if missing:
-        raise ValueError(f"credit mode {mode!r} needs {', '.join(missing)} (missing)")
+        raise ValueError(f"credit mode {label!r} needs {', '.join(missing)} (missing)")
     x = {}
     for name in needed:
         arr = jnp.asarray(given[name])
@@ -228,16 +406,14 @@ def saliences(
         x[name] = arr.astype(jnp.float32)
     valid = mask != 0
 
-    if mode == "uniform":
+    if w.fn is _uniform_salience:
         alpha = jnp.zeros(mask.shape, jnp.float32)
-    elif mode == "surprisal":
-        alpha = -x["logps"]
-    elif mode == "entropy_reduction":
-        alpha = entropy_reduction(x["entropies"], valid)
-    elif mode == "divergence":
-        alpha = jnp.abs(x["logps"] - x["ref_logps"])
-    else:  # arca
-        alpha = x["residual_norms"]
+    else:
+        alpha = jnp.asarray(w(mask=valid, **x))
+        if alpha.shape != mask.shape:
+            raise ValueError(f"credit mode {label!r} returned saliences of shape {alpha.shape}, "
+                             f"mask has shape {mask.shape}")
+        alpha = alpha.astype(jnp.float32)
     # Padding may hold NaN/inf: select (not multiply) so it never reaches the result.
     return jnp.where(valid, jnp.clip(alpha, 0.0, _F32_MAX), 0.0)
 
@@ -314,7 +490,7 @@ def normalize_saliences(alpha: Array, mask: Array, *, eps: float = 1e-8,
 
 # deliberate: the same keyword signature as `saliences`, which it forwards to
 def token_weights(
-    mode: str,
+    mode: Union[str, Weighting],
     mask: Array,
     *,
     logps: Array | None = None,
@@ -324,28 +500,32 @@ def token_weights(
     eps: float = 1e-8,
     sharpening: float = 1.0,
 ) -> Array:
-    """Per-token credit weights of one of the paper's schemes.
+    """Per-token credit weights of a weighting (the paper's schemes or a registered one).
 
-    mode: static Python string, one of ``MODES``:
+    mode: static; a registered name, an import path "module:attribute" or a ``Weighting`` (see
+        ``get``). The paper's five (``MODES``):
         "uniform": 1/n over the n valid tokens of a row (length-normalised GRPO);
         "surprisal": alpha_t = -log pi(y_t);
         "entropy_reduction": alpha_t = max(0, H_t - H_next(t)), next(t) = next valid token of the
             same row, 0 for the last valid token;
         "divergence": alpha_t = |log pi(y_t) - log pi_ref(y_t)|;
         "arca": alpha_t = residual_norms_t.
+        A user's weighting gives alpha_t from the signals it declares (``Weighting``); the same
+        clamp, eps, sharpening, normalisation and fallback follow.
     mask: [B, T], nonzero = valid completion token; any layout (prefix, middle span, holes).
     logps, ref_logps, entropies, residual_norms: [B, T] (any float dtype, upcast to float32),
-        see ``saliences``; only those in ``REQUIRED_INPUTS[mode]`` are read, the others are ignored.
+        see ``saliences``; only those in ``required_inputs(mode)`` are read, the others are
+        ignored.
     eps, sharpening: see ``normalize_saliences``.
     Returns: [B, T] float32 weights; rows with a valid token sum to 1, zero off the mask, all-zero
     rows where the mask is empty. Callers should ``jax.lax.stop_gradient`` them (the paper detaches
     the weights); differentiating through is NaN-free but not part of the method.
-    Raises ValueError naming the missing inputs of ``mode``, or listing ``MODES`` for an unknown
-    mode.
+    Raises ValueError naming the missing inputs of ``mode``, or listing the registered modes for
+    an unknown one.
     """
     alpha = saliences(mode, mask, logps=logps, ref_logps=ref_logps, entropies=entropies,
                       residual_norms=residual_norms)
-    if mode == "uniform":
+    if get(mode).fn is _uniform_salience:
         valid = jnp.asarray(mask) != 0
         n = jnp.sum(valid, axis=-1, keepdims=True)
         return valid / jnp.maximum(n, 1).astype(jnp.float32)

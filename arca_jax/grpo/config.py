@@ -17,8 +17,10 @@ AGGREGATIONS = ("sequence", "token_mean", "dr_grpo")
 class GRPOConfig:
     """Objective settings. Frozen and hashable: static under jit.
 
-    weighting: token credit, one of ``credit.MODES`` ("uniform", "surprisal",
-        "entropy_reduction", "divergence", "arca").
+    weighting: token credit: one of ``credit.MODES`` ("uniform", "surprisal",
+        "entropy_reduction", "divergence", "arca"), another registered name
+        (``credit.register``) or an import path "module:attribute" naming a ``credit.Weighting``
+        (imported here, at validation; the string is what the config and the logs keep).
     sharpening: exponent s on (alpha + eps) before normalising (paper's sweep: 2.0).
     eps: added to every salience (``credit.token_weights``).
     estimator: advantage estimator the trainer uses with ``advantages`` ("grpo", "rloo",
@@ -79,8 +81,13 @@ class GRPOConfig:
     logits_dtype: str = "float32"
 
     def __post_init__(self):
-        if self.weighting not in credit.MODES:
-            raise ValueError(f"weighting {self.weighting!r}; valid: {', '.join(credit.MODES)}")
+        if not isinstance(self.weighting, str):
+            raise ValueError(f"weighting must be a name or 'module:attribute' string, got "
+                             f"{self.weighting!r}")
+        try:
+            credit.get(self.weighting)  # imports a "module:attribute" path
+        except ValueError as e:
+            raise ValueError(f"weighting: {e}") from None
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"estimator {self.estimator!r}; valid: {', '.join(ESTIMATORS)}")
         if self.loss_aggregation not in AGGREGATIONS:

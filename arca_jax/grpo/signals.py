@@ -10,8 +10,9 @@ are spelled once:
     w       = method_weights(method, signals, valid, grpo_config)      [B, T], rows sum to 1
 
 Every signal is aligned with ``input_ids``: token t is scored by the hidden state at t - 1, and
-each signal is 0 where ``valid`` is False. ``credit.REQUIRED_INPUTS`` names the signals a method
-reads; the base forward (adapter off) runs only when one of them needs it, once for all.
+each signal is 0 where ``valid`` is False. ``credit.required_inputs(method)`` names the signals a
+method reads (any registered weighting, the paper's five or a user's); the base forward (adapter
+off) runs only when one of them needs it, once for all.
 Dimension letters as in ``arca_jax.qwen3``.
 """
 
@@ -147,12 +148,14 @@ def token_signals(params, batch: Batch, valid: Array, h: Array, *, config: qwen3
 
 def method_weights(method: str, signals: Signals, valid: Array,
                    grpo_config: GRPOConfig) -> Array:
-    """Token weights [B, T] of ``method`` from ``signals`` (detached; rows with a valid token sum
-    to 1). The divergence reference gets the noise floor (``floored_reference``)."""
+    """Token weights [B, T] of ``method`` (any ``credit`` mode) from ``signals`` (detached; rows
+    with a valid token sum to 1). A method that reads the reference log-probs (divergence, or a
+    user's weighting) gets them with the noise floor (``floored_reference``); the KL term reads
+    the unfloored ones."""
     g = grpo_config
     logps = jax.lax.stop_gradient(signals.logps)
     ref = signals.ref_logps
-    if method == "divergence":
+    if "ref_logps" in credit.required_inputs(method):
         ref = floored_reference(logps, ref, g.noise_floor)
     return jax.lax.stop_gradient(credit.token_weights(
         method, valid, logps=logps, ref_logps=ref, entropies=signals.entropies,
@@ -164,7 +167,8 @@ def all_method_weights(lora, params, batch, *, config: qwen3.Qwen3Config, lora_s
                        methods: Sequence[str] = credit.MODES) -> Dict[str, Array]:
     """Every method's token weights [B, T] on the same trajectories (the trainer's samples log
     and the report's credit heatmap): one adapted forward (no dropout) and, when a method needs
-    it, one base forward, through the same pipeline as the loss."""
+    it, one base forward, through the same pipeline as the loss. ``methods``: any ``credit``
+    modes (registered names or "module:attribute" paths); the result is keyed by them."""
     b = as_batch(batch)
     valid = completion_valid(b)
     h = policy_hidden(lora, params, b, config=config, lora_scale=lora_scale,

@@ -27,14 +27,15 @@ Run-directory contract (the trainer writes exactly this)::
                    (then no interval is over problems; report.md says so)
     samples.jsonl  step, prompt, completion, reward, tokens (token strings of the completion),
                    weights {mode: [float per token]} for all five modes on that same completion
+                   (and the run's grpo.weighting when it is a user's: any other key is a row)
     summary.json   written at the end: method, rank, trainable_params, base_greedy_accuracy,
                    base_pass_at_k, final_greedy_accuracy, final_pass_at_k, k, mean_train_reward,
                    mean_weight_gini, mean_effective_token_ratio, steps, wall_time_s, finished
 
 Decisions (each also stated where it applies):
 
-- Errors: a missing or unparsable ``config.yaml`` or ``metrics.jsonl``, a config without a known
-  ``grpo.weighting`` or a positive ``lora.rank``, a corrupt line that is not the last line of any
+- Errors: a missing or unparsable ``config.yaml`` or ``metrics.jsonl``, a config without a
+  ``grpo.weighting`` (the paper's five or a user's name) or a positive ``lora.rank``, a corrupt line that is not the last line of any
   ``.jsonl`` file, and a record with a wrongly typed field raise ``ValueError`` naming the file
   (and line). ``eval.jsonl``, ``samples.jsonl`` and ``summary.json`` may be missing.
 - Tolerated (recorded in ``Run.notes`` and in report.md): an unparsable *last* line of a
@@ -51,8 +52,8 @@ Decisions (each also stated where it applies):
   The Markdown tables (report.md, performance.md, diagnostics.md, comparison.md) have one row per
   arm, the mean over its seeds where it has several; performance.csv and diagnostics.csv keep one
   row per run. Intervals and paired comparisons: see ``intervals``.
-- Table order is the paper's: uniform, surprisal, entropy reduction, divergence, ARCA; by rank
-  within a method, then by run name.
+- Table order is the paper's: uniform, surprisal, entropy reduction, divergence, ARCA, then any
+  other weighting (a user's, by its configured name); by rank within a method, then by run name.
 - Heatmap shading is per method row: weight / the row's largest weight, so each row shows where
   *that* method puts its credit; the row label gives the completion's Gini and EffN/T for scale.
 - Plots use matplotlib's Agg canvas directly (``matplotlib.figure.Figure``), never pyplot, so

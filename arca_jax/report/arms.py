@@ -18,7 +18,7 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from arca_jax.report.records import MODES, Run, sort_runs
+from arca_jax.report.records import Run, method_order, sort_runs
 from arca_jax.report.tables import (DiagnosticsRow, PerformanceRow, diagnostics_row,
                                     performance_row)
 
@@ -123,7 +123,7 @@ def group_arms(runs: Iterable[Run]) -> list[Arm]:
     labels = _labels([(g[0].label, s) for g, s in zip(members, settings)])
     arms = [Arm(label=label, method=g[0].method, rank=g[0].rank, runs=tuple(g), settings=s,
                 extras=extras) for g, s, (label, extras) in zip(members, settings, labels)]
-    return sorted(arms, key=lambda a: (MODES.index(a.method), a.rank, a.label))
+    return sorted(arms, key=lambda a: (method_order(a.method), a.rank, a.label))
 
 
 def arm_of(arms: Sequence[Arm]) -> dict[str, Arm]:

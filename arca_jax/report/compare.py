@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from arca_jax.report.arms import arm_diagnostics_table, arm_performance_table, group_arms
 from arca_jax.report.paper import PAPER_DIAGNOSTICS, PAPER_PERFORMANCE, PAPER_SETTING
-from arca_jax.report.records import METHOD_LABELS, MODES, Run, sort_runs
+from arca_jax.report.records import Run, method_label, method_order, sort_runs
 from arca_jax.report.tables import _fmt, _pass_header, markdown_table
 
 
@@ -34,7 +34,7 @@ def comparison_markdown(runs: Sequence[Run]) -> str:
     diag = dict(zip((a.label for a in arms), arm_diagnostics_table(arms)))
     keys = [(p.method, p.rank) for p in PAPER_PERFORMANCE]
     keys += sorted({(a.method, a.rank) for a in arms} - set(keys),
-                   key=lambda k: (MODES.index(k[0]), k[1]))
+                   key=lambda k: (method_order(k[0]), k[1]))
     paper_perf = {(p.method, p.rank): p for p in PAPER_PERFORMANCE}
     paper_diag = {(p.method, p.rank): p for p in PAPER_DIAGNOSTICS}
     header, _ = _pass_header(r.k for r in perf.values())
@@ -47,13 +47,13 @@ def comparison_markdown(runs: Sequence[Run]) -> str:
             o, d = (perf[arm.label], diag[arm.label]) if arm else (None, None)
             name = o.run if o else "not run"
             perf_rows.append([
-                METHOD_LABELS[key[0]], key[1],
+                method_label(key[0]), key[1],
                 _fmt(pp.greedy_accuracy) if pp else "—", _fmt(o.greedy_accuracy) if o else "—",
                 _fmt(pp.pass_at_k) if pp else "—", _fmt(o.pass_at_k) if o else "—",
                 _fmt(pp.mean_train_reward) if pp else "—",
                 _fmt(o.mean_train_reward) if o else "—", name])
             diag_rows.append([
-                METHOD_LABELS[key[0]], key[1],
+                method_label(key[0]), key[1],
                 _fmt(pd.gini) if pd else "—", _fmt(d.gini) if d else "—",
                 _fmt(pd.effective_token_ratio) if pd else "—",
                 _fmt(d.effective_token_ratio) if d else "—", name])

@@ -105,7 +105,8 @@ def _ranges(xs: Sequence[int]) -> str:
 
 
 def load_config(path: Path) -> dict:
-    """Reads config.yaml; checks for a known grpo.weighting and a positive lora.rank."""
+    """Reads config.yaml; checks for a grpo.weighting (the paper's five or any other weighting's
+    name, e.g. a user's "module:attribute") and a positive lora.rank."""
     if not path.is_file():
         raise ValueError(f"{path}: missing (is {path.parent} a run directory?)")
     try:
@@ -117,8 +118,9 @@ def load_config(path: Path) -> dict:
     if not isinstance(config, dict):
         raise ValueError(f"{path}: expected a mapping at the top level")
     method = config_get(config, "grpo.weighting")
-    if method not in MODES:
-        raise ValueError(f"{path}: grpo.weighting is {method!r}, expected one of {list(MODES)}")
+    if not isinstance(method, str) or not method:
+        raise ValueError(f"{path}: grpo.weighting is {method!r}, expected a weighting's name "
+                         f"(one of {list(MODES)} or a user's)")
     rank = config_get(config, "lora.rank")
     if not _is_int(rank) or rank <= 0:
         raise ValueError(f"{path}: lora.rank is {rank!r}, expected a positive integer")

@@ -19,6 +19,17 @@ from arca_jax import rundir
 #: from there so that reading reports does not import JAX).
 MODES: tuple[str, ...] = ("uniform", "surprisal", "entropy_reduction", "divergence", "arca")
 
+def method_order(method: str) -> tuple:
+    """Sort key of a method: the paper's five in table order, then any other weighting (a user's
+    registered name or "module:attribute" path) by name."""
+    return (MODES.index(method), "") if method in MODES else (len(MODES), method)
+
+
+def method_label(method: str) -> str:
+    """The paper's name of a method; other weightings by their configured name."""
+    return METHOD_LABELS.get(method, method)
+
+
 #: Names the paper's tables use for the modes.
 METHOD_LABELS: Mapping[str, str] = {
     "uniform": "uniform",
@@ -194,7 +205,7 @@ def config_get(config: Mapping[str, Any], dotted: str, default: Any = None) -> A
 
 def arm_label(method: str, rank: int) -> str:
     """``ARCA r16``, ``surprisal r64``."""
-    return f"{METHOD_LABELS.get(method, method)} r{rank}"
+    return f"{method_label(method)} r{rank}"
 
 
 def _is_int(x: Any) -> bool:
@@ -206,5 +217,6 @@ def _opt_str(x: Any) -> str | None:
 
 
 def sort_runs(runs: Iterable[Run]) -> list[Run]:
-    """Paper order: uniform, surprisal, entropy reduction, divergence, ARCA; then rank, name."""
-    return sorted(runs, key=lambda r: (MODES.index(r.method), r.rank, r.name))
+    """Paper order: uniform, surprisal, entropy reduction, divergence, ARCA, then other
+    weightings by name; then rank, name."""
+    return sorted(runs, key=lambda r: (method_order(r.method), r.rank, r.name))

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from arca_jax.report.records import METHOD_LABELS, EvalPoint, Run, sort_runs
+from arca_jax.report.records import EvalPoint, Run, method_label, sort_runs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,7 +215,7 @@ def performance_markdown(rows: Sequence[PerformanceRow]) -> str:
         if per_cell_k and r.pass_at_k is not None:
             pass_cell += f" (k={r.k if r.k is not None else '?'})"
         acc_note = "" if r.finished or r.eval_step is None else f" (step {r.eval_step})"
-        body.append([METHOD_LABELS[r.method], r.rank, format_params(r.trainable_params),
+        body.append([method_label(r.method), r.rank, format_params(r.trainable_params),
                      _fmt(r.greedy_accuracy) + acc_note, pass_cell, _fmt(r.mean_train_reward),
                      _status(r.steps_done, r.steps_planned, r.finished), r.run])
     return markdown_table(["method", "rank", "trainable params", "greedy", header,
@@ -224,7 +224,7 @@ def performance_markdown(rows: Sequence[PerformanceRow]) -> str:
 
 def diagnostics_markdown(rows: Sequence[DiagnosticsRow]) -> str:
     """The diagnostics table as Markdown (means over the logged training steps)."""
-    body = [[METHOD_LABELS[r.method], r.rank, _fmt(r.gini), _fmt(r.effective_token_ratio),
+    body = [[method_label(r.method), r.rank, _fmt(r.gini), _fmt(r.effective_token_ratio),
              _status(r.steps_done, r.steps_planned, r.finished), r.run] for r in rows]
     return markdown_table(["method", "rank", "Gini", "EffN/T", "steps", "run"], body)
 

@@ -1,5 +1,7 @@
 """samples.jsonl: a few completions of a step with their reward and every method's token weights
-(`grpo.all_method_weights`, the loss's own salience pipeline), for the report's heatmap."""
+(`grpo.all_method_weights`, the loss's own salience pipeline), for the report's heatmap: the
+paper's five (`credit.MODES`) and the run's `grpo.weighting` when it is another (a user's
+weighting, keyed by its configured name or import path)."""
 
 from __future__ import annotations
 
@@ -20,16 +22,23 @@ _weights_jit = jax.jit(all_method_weights,
                        static_argnames=("config", "lora_scale", "grpo_config", "methods"))
 
 
+def logged_methods(cfg: RunConfig) -> tuple:
+    """The methods samples.jsonl holds weights for: `credit.MODES`, then `grpo.weighting` when
+    it is not one of them."""
+    w = cfg.grpo.weighting
+    return credit.MODES if w in credit.MODES else credit.MODES + (w,)
+
+
 def method_weights_of_rows(model: Model, adapter, cfg: RunConfig, sub: Batch, mesh=None):
-    """Every method's token weights [n, T] (host arrays) of the rows `sub` (host arrays). With a
-    mesh: computed on the mesh, rows padded to a multiple of the device count; every process
-    must call it."""
+    """Every logged method's token weights [n, T] (host arrays; ``logged_methods``) of the rows
+    `sub` (host arrays). With a mesh: computed on the mesh, rows padded to a multiple of the
+    device count; every process must call it."""
     n = sub.input_ids.shape[0]
     layout = parallel.RowLayout.padded(mesh, n)
     g_sub = jax.tree_util.tree_map(layout.to_global, sub)
     weights = _weights_jit(adapter, model.params, g_sub, config=model.config,
                            lora_scale=cfg.lora.scaling, grpo_config=objective_config(cfg),
-                           methods=credit.MODES)
+                           methods=logged_methods(cfg))
     return {m: layout.gather_rows(w, np.arange(n)) for m, w in weights.items()}
 
 
