@@ -13,11 +13,12 @@ The batch type is ``arca_jax.batch.Batch``; device layouts are in ``arca_jax.par
 """
 
 from arca_jax.batch import Batch, as_batch
-from arca_jax.grpo.config import AGGREGATIONS, ESTIMATORS, GRPOConfig
+from arca_jax.grpo.config import (AGGREGATIONS, BEHAVIOUR_CORRECTIONS, CORRECTION_LEVELS,
+                                  ESTIMATORS, RATIO_LEVELS, GRPOConfig)
 from arca_jax.grpo.logprobs import next_tokens, shift_right, token_logprobs
-from arca_jax.grpo.objective import (LossStats, advantages, clipped_policy_loss, forwards_needed,
-                                     k3_kl, loss_fn, loss_normalizer, policy_logprobs,
-                                     raw_normalizer)
+from arca_jax.grpo.objective import (LossStats, advantages, behaviour_weights,
+                                     clipped_policy_loss, forwards_needed, k3_kl, loss_fn,
+                                     loss_normalizer, policy_logprobs, raw_normalizer)
 from arca_jax.grpo.signals import (Signals, all_method_weights, completion_valid,
                                    floored_reference, method_weights, residual_norms,
                                    token_signals)
@@ -27,8 +28,9 @@ from arca_jax.parallel import (make_mesh, param_partition_spec, param_shardings,
                                replicate_on_mesh, shard_batch, shard_params, unreplicate)
 
 __all__ = [
-    "AGGREGATIONS", "ESTIMATORS", "Batch", "GRPOConfig", "LossStats", "Signals", "StepMetrics",
-    "TrainState", "advantages", "all_method_weights", "as_batch", "clipped_policy_loss",
+    "AGGREGATIONS", "BEHAVIOUR_CORRECTIONS", "CORRECTION_LEVELS", "ESTIMATORS", "RATIO_LEVELS",
+    "Batch", "GRPOConfig", "LossStats", "Signals", "StepMetrics", "TrainState", "advantages",
+    "all_method_weights", "as_batch", "behaviour_weights", "clipped_policy_loss",
     "completion_valid", "floored_reference", "forwards_needed", "k3_kl", "loss_fn",
     "loss_normalizer", "make_mesh", "make_optimizer", "make_schedule", "make_train_step",
     "method_weights", "next_tokens", "param_partition_spec", "param_shardings",

@@ -11,6 +11,9 @@ from arca_jax import credit, qwen3
 
 ESTIMATORS = ("grpo", "rloo", "dr_grpo")
 AGGREGATIONS = ("sequence", "token_mean", "dr_grpo")
+RATIO_LEVELS = ("token", "sequence")
+BEHAVIOUR_CORRECTIONS = ("none", "tis", "mis")
+CORRECTION_LEVELS = ("token", "sequence")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +31,16 @@ class GRPOConfig:
     kl_beta: weight of the k3 KL penalty against the base model (adapter off); 0 disables it.
     clip_eps, clip_eps_high: PPO ratio clip range [1 - clip_eps, 1 + clip_eps_high]
         (clip_eps_high None: symmetric).
+    ratio_level: "token" (PPO / GRPO: one ratio per token) or "sequence" (GSPO, arXiv 2507.18071:
+        the geometric mean of the row's token ratios, clipped per sequence, in the paper's
+        GSPO-token form so that token weights still act per token; see
+        ``objective.clipped_policy_loss``). GSPO's paper clips at 3e-4 / 4e-4 (clip_eps,
+        clip_eps_high). Without ``old_logps`` every ratio is 1 and both levels are the same.
+    behaviour_correction: importance correction between the sampler and the trainer ("none",
+        "tis" truncated or "mis" masked importance sampling, with ``Batch.behaviour_logps``; see
+        ``objective.behaviour_weights``). correction_level: "token" or "sequence" (one ratio per
+        row: the product of its token ratios). correction_cap: C, the ratio's cap (TIS weights
+        min(ratio, C); MIS drops tokens / rows whose ratio exceeds C).
     num_iterations: optimiser steps per generated batch; > 1 requires ``old_logps`` in the batch.
     loss_aggregation: "sequence" (paper), "token_mean" (DAPO) or "dr_grpo" (see module doc).
     max_completion_length: L of the "dr_grpo" normaliser; None uses the batch's T.
@@ -79,6 +92,10 @@ class GRPOConfig:
     lora_dtype: Optional[str] = None
     logits_grad_dtype: Optional[str] = None
     logits_dtype: str = "float32"
+    ratio_level: str = "token"
+    behaviour_correction: str = "none"
+    correction_level: str = "token"
+    correction_cap: float = 2.0
 
     def __post_init__(self):
         if not isinstance(self.weighting, str):
@@ -88,6 +105,13 @@ class GRPOConfig:
             credit.get(self.weighting)  # imports a "module:attribute" path
         except ValueError as e:
             raise ValueError(f"weighting: {e}") from None
+        for name, valid in (("ratio_level", RATIO_LEVELS),
+                            ("behaviour_correction", BEHAVIOUR_CORRECTIONS),
+                            ("correction_level", CORRECTION_LEVELS)):
+            if getattr(self, name) not in valid:
+                raise ValueError(f"{name} {getattr(self, name)!r}; valid: {', '.join(valid)}")
+        if not self.correction_cap > 0:
+            raise ValueError(f"correction_cap must be > 0, got {self.correction_cap}")
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"estimator {self.estimator!r}; valid: {', '.join(ESTIMATORS)}")
         if self.loss_aggregation not in AGGREGATIONS:

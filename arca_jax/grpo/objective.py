@@ -6,10 +6,14 @@ P prompts, G completions per prompt (B = P * G).
 Per completion token t of trajectory b (token y_bt = input_ids[b, t], scored by the logits at
 t - 1) the objective uses
 
-    ratio_bt = exp(logp_bt - old_logp_bt)
+    ratio_bt = exp(logp_bt - old_logp_bt)                              (ratio_level "token")
+             = sg[s_b] pi(y_bt) / sg[pi(y_bt)],  s_b = exp(mean_t (logp_bt - old_logp_bt))
+                                                          (ratio_level "sequence": GSPO-token)
     pg_bt    = -min(ratio_bt A_b, clip(ratio_bt, 1 - clip_eps, 1 + clip_eps_high) A_b)
                (with batch.old_logps; without them the ratio is exactly 1, nothing is clipped,
                and pg_bt = -A_b logp_bt: the paper's loss value, the surrogate's gradient)
+    pg_bt   *= is_bt   (behaviour_correction "tis" / "mis" only: the detached importance weight
+               between the sampler's distribution and the policy, ``behaviour_weights``)
     kl_bt    = exp(ref_bt - logp_bt) - (ref_bt - logp_bt) - 1        (k3, ref = adapter off)
     w_bt     = stop_gradient(token_weights(weighting, ...))          (sum_t w_bt = 1 per row)
 
@@ -83,15 +87,36 @@ def advantages(rewards: Array, estimator: str = "grpo", *, eps: float = 1e-6) ->
 
 
 def clipped_policy_loss(logps: Array, old_logps: Array, adv: Array, clip_low: float,
-                        clip_high: float) -> Tuple[Array, Array, Array]:
-    """PPO clipped surrogate per token.
+                        clip_high: float, *, level: str = "token",
+                        valid: Optional[Array] = None) -> Tuple[Array, Array, Array]:
+    """PPO clipped surrogate per token, with a token-level or a sequence-level (GSPO) ratio.
 
     logps, old_logps: [B, T]; adv: [B, T] (broadcast advantages).
+    level: "token": r_bt = exp(logp_bt - old_logp_bt) (PPO, GRPO).
+           "sequence": GSPO (Zheng et al. 2025, arXiv 2507.18071) in its GSPO-token form (paper
+           eq. 13-14): with s_b = (pi(y_b) / pi_old(y_b))^(1 / |y_b|)
+           = exp(sum_t v_bt (logp_bt - old_logp_bt) / sum_t v_bt) over the row's valid tokens v,
+           r_bt = sg[s_b] pi(y_bt) / sg[pi(y_bt)]: its value is s_b on every token of the row (one
+           ratio, clipped per sequence), its gradient s_b grad log pi(y_bt), so a token weight w_bt
+           still scales token t's gradient. With w = 1/|y_b| this is GSPO's gradient (eq. 10-11).
+    valid: [B, T] bool, required for "sequence" (the tokens the geometric mean runs over).
     Returns (loss [B, T] = -min(r A, clip(r, 1 - clip_low, 1 + clip_high) A),
-             ratio [B, T], clipped [B, T] bool: the clipped branch is active, i.e. the token
-             contributes no gradient: r > 1 + clip_high with A > 0 or r < 1 - clip_low with A < 0).
+             ratio [B, T] (the value of r), clipped [B, T] bool: the clipped branch is active,
+             i.e. the token contributes no gradient: r > 1 + clip_high with A > 0 or
+             r < 1 - clip_low with A < 0; for "sequence" the same for every token of a row).
     """
-    ratio = jnp.exp(logps - old_logps)
+    if level == "sequence":
+        if valid is None:
+            raise ValueError('level="sequence" needs the valid mask')
+        v = jnp.asarray(valid) != 0
+        n = jnp.maximum(jnp.sum(v, axis=-1, keepdims=True), 1).astype(jnp.float32)
+        log_s = jnp.sum(jnp.where(v, logps - old_logps, 0.0), axis=-1, keepdims=True) / n
+        log_s = jax.lax.stop_gradient(log_s)  # [B, 1]
+        ratio = jnp.exp(log_s + (logps - jax.lax.stop_gradient(logps)))  # value exp(log_s)
+    elif level == "token":
+        ratio = jnp.exp(logps - old_logps)
+    else:
+        raise ValueError(f"ratio level {level!r}; valid: token, sequence")
     unclipped = ratio * adv
     clipped_val = jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high) * adv
     loss = -jnp.where(unclipped <= clipped_val, unclipped, clipped_val)
@@ -105,6 +130,59 @@ def k3_kl(logps: Array, ref_logps: Array) -> Array:
     return jnp.exp(d) - d - 1.0
 
 
+def behaviour_weights(logps_before: Array, behaviour_logps: Array, valid: Array, *,
+                      method: str, level: str, cap: float
+                      ) -> Tuple[Array, Tuple[Array, Array, Array, Array]]:
+    """Importance weights between the distribution the sampler drew from and the policy.
+
+    Truncated importance sampling (TIS; Yao et al. 2025, "Your Efficient RL Framework Secretly
+    Brings You Off-Policy RL Training") and masked importance sampling (MIS; Liu et al. 2025,
+    "When Speed Kills Stability"), as TRL's GRPOTrainer defines them
+    (``vllm_importance_sampling_correction``, modes token_/sequence_ truncate/mask, cap C):
+
+        d_bt  = logps_before_bt - behaviour_logps_bt                over valid tokens
+        ratio = exp(d_bt)                                            ("token": one per token)
+              = exp(sum_t d_bt)  (the product of the row's token ratios; "sequence")
+        "tis": is = min(ratio, C)           "mis": is = ratio where ratio <= C, else 0
+
+    logps_before: [B, T], the numerator: the policy's log-probs before this update, detached
+        (TRL's ``old_per_token_logps``, recomputed by the trainer before the update): the loss
+        passes ``batch.old_logps`` when present, else the gradient forward's own log-probs under
+        ``stop_gradient`` (the same policy when num_iterations = 1).
+    behaviour_logps: [B, T], ``Batch.behaviour_logps``: log-probs under the distribution the
+        sampler actually drew from (temperature, top-k, top-p applied).
+    valid: [B, T] bool. method: "tis" or "mis". level: "token" or "sequence". cap: C > 0.
+    Returns (is [B, T] float32, detached, 0 off ``valid``; to multiply the per-token policy loss
+    (TRL does so after the clipped surrogate and before the KL term), and the additive
+    statistics (ratio sum, units, units above C, ratio max) over the units: valid tokens
+    ("token") or rows with a valid token ("sequence"), of the uncapped ratio).
+    """
+    v = jnp.asarray(valid) != 0
+    d = jnp.where(v, jax.lax.stop_gradient(logps_before).astype(jnp.float32)
+                  - jnp.asarray(behaviour_logps).astype(jnp.float32), 0.0)
+    if level == "sequence":
+        units = jnp.any(v, axis=-1)  # [B]
+        ratio = jnp.exp(jnp.sum(d, axis=-1))  # [B]
+    elif level == "token":
+        units = v
+        ratio = jnp.exp(d)
+    else:
+        raise ValueError(f"correction level {level!r}; valid: token, sequence")
+    above = ratio > cap
+    if method == "tis":
+        w = jnp.minimum(ratio, cap)
+    elif method == "mis":
+        w = jnp.where(above, 0.0, ratio)
+    else:
+        raise ValueError(f"behaviour correction {method!r}; valid: tis, mis")
+    if level == "sequence":
+        w = jnp.broadcast_to(w[:, None], v.shape)
+    w = jax.lax.stop_gradient(jnp.where(v, w, 0.0))
+    stats = (jnp.sum(jnp.where(units, ratio, 0.0)), jnp.sum(units).astype(jnp.float32),
+             jnp.sum(units & above).astype(jnp.float32), jnp.max(jnp.where(units, ratio, 0.0)))
+    return w, jax.lax.stop_gradient(stats)
+
+
 # --------------------------------------------------------------------------------------------
 # Loss
 # --------------------------------------------------------------------------------------------
@@ -113,10 +191,13 @@ def k3_kl(logps: Array, ref_logps: Array) -> Array:
 @struct.dataclass
 class LossStats:
     """Additive statistics of one loss evaluation (sums and counts, so that microbatches and
-    devices combine exactly: add them, take the max of ``residual_norm_max``).
+    devices combine exactly: add them, take the max of the ``*_max`` fields).
 
     rows: rows with >= 1 completion token. tokens: completion tokens. The ``*_sum`` fields are
     sums over completion tokens (``gini_sum``/``eff_sum`` over rows, with their own counts).
+    ``is_*``: the behaviour correction's importance ratio (``behaviour_weights``; 0 when
+    behaviour_correction is "none"): its sum, max and the count above the cap over ``is_units``
+    (completion tokens, or rows at correction_level "sequence").
     ``metrics`` turns them into means.
     """
 
@@ -132,20 +213,28 @@ class LossStats:
     eff_rows: Array
     residual_sum: Array
     residual_norm_max: Array
+    is_ratio_sum: Array
+    is_units: Array
+    is_capped: Array
+    is_ratio_max: Array
 
     def combine(self, other: "LossStats") -> "LossStats":
         return jax.tree_util.tree_map(jnp.add, self, other).replace(
-            residual_norm_max=jnp.maximum(self.residual_norm_max, other.residual_norm_max))
+            residual_norm_max=jnp.maximum(self.residual_norm_max, other.residual_norm_max),
+            is_ratio_max=jnp.maximum(self.is_ratio_max, other.is_ratio_max))
 
     def all_reduce(self, axis_name: str) -> "LossStats":
-        """Sums (max for residual_norm_max) over a pmap/shard_map axis."""
+        """Sums (max for the ``*_max`` fields) over a pmap/shard_map axis."""
         summed = jax.lax.psum(self, axis_name)
-        return summed.replace(residual_norm_max=jax.lax.pmax(self.residual_norm_max, axis_name))
+        return summed.replace(residual_norm_max=jax.lax.pmax(self.residual_norm_max, axis_name),
+                              is_ratio_max=jax.lax.pmax(self.is_ratio_max, axis_name))
 
     def metrics(self) -> dict:
         """Means: mean per-token KL, clip fraction, entropy (nats) and residual norm; mean Gini
-        and EffN/T over eligible rows (0 and 1 when none); mean completion length per row."""
+        and EffN/T over eligible rows (0 and 1 when none); mean completion length per row; the
+        behaviour ratio's mean, max and fraction above the cap (0 without a correction)."""
         tok = jnp.maximum(self.tokens, 1.0)
+        units = jnp.maximum(self.is_units, 1.0)
         return dict(
             kl=self.kl_sum / tok,
             clip_fraction=self.clip_count / tok,
@@ -156,6 +245,9 @@ class LossStats:
             residual_norm_mean=self.residual_sum / tok,
             residual_norm_max=self.residual_norm_max,
             completion_length=self.tokens / jnp.maximum(self.rows, 1.0),
+            behaviour_ratio_mean=self.is_ratio_sum / units,
+            behaviour_ratio_max=self.is_ratio_max,
+            behaviour_capped_fraction=self.is_capped / units,
         )
 
 
@@ -210,7 +302,8 @@ def loss_fn(lora, params, batch: Union[Batch, Mapping[str, Any]], *, config: qwe
 
     lora: adapter tree (``arca_jax.lora``), the argument to differentiate.
     params: frozen base parameters.
-    batch: ``Batch`` (or a dict with its fields); old_logps required when num_iterations > 1.
+    batch: ``Batch`` (or a dict with its fields); old_logps required when num_iterations > 1,
+        behaviour_logps when behaviour_correction is not "none".
     config: model config (static). lora_scale: adapter scaling (static Python float).
     grpo_config: ``GRPOConfig`` (static).
     lora_dropout: dropout rate on the adapter input, gradient forward only; needs ``rng``.
@@ -225,6 +318,9 @@ def loss_fn(lora, params, batch: Union[Batch, Mapping[str, Any]], *, config: qwe
     b = as_batch(batch)
     if g.num_iterations > 1 and b.old_logps is None:
         raise ValueError("num_iterations > 1 needs batch.old_logps (see policy_logprobs)")
+    if g.behaviour_correction != "none" and b.behaviour_logps is None:
+        raise ValueError(f"behaviour_correction {g.behaviour_correction!r} needs "
+                         "batch.behaviour_logps (sampling.build_batch)")
     B, T = b.input_ids.shape
     valid = completion_valid(b)  # [B, T] aligned with input_ids
     validf = valid.astype(jnp.float32)
@@ -248,8 +344,16 @@ def loss_fn(lora, params, batch: Union[Batch, Mapping[str, Any]], *, config: qwe
         clipped = jnp.zeros((B, T), bool)
     else:
         old = jnp.where(valid, b.old_logps.astype(jnp.float32), sg_logps)  # padding: ratio 1
-        pg, _, clipped = clipped_policy_loss(logps, old, adv, g.clip_eps, g.clip_high)
+        pg, _, clipped = clipped_policy_loss(logps, old, adv, g.clip_eps, g.clip_high,
+                                             level=g.ratio_level, valid=valid)
     pg = jnp.where(valid, pg, 0.0)
+    is_stats = None
+    if g.behaviour_correction != "none":
+        before = sg_logps if b.old_logps is None else old  # the policy before this update
+        is_w, is_stats = behaviour_weights(before, b.behaviour_logps, valid,
+                                           method=g.behaviour_correction,
+                                           level=g.correction_level, cap=g.correction_cap)
+        pg = pg * is_w
 
     n = jnp.sum(validf, axis=1, keepdims=True)  # [B, 1]
     if g.loss_aggregation == "sequence":
@@ -265,14 +369,18 @@ def loss_fn(lora, params, batch: Union[Batch, Mapping[str, Any]], *, config: qwe
         if g.kl_beta > 0:
             numerator = numerator + g.kl_beta * jnp.sum(kl_coef * kl)
     z = loss_normalizer(b, g) if normalizer is None else normalizer
-    return numerator / z, _loss_stats(valid, weights, pg, kl, clipped, entropies, sig.residual_norms)
+    return numerator / z, _loss_stats(valid, weights, pg, kl, clipped, entropies,
+                                      sig.residual_norms, is_stats)
 
 
-def _loss_stats(valid, weights, pg, kl, clipped, entropies, residual) -> LossStats:
-    """The additive statistics of one loss evaluation (all [B, T], 0 off ``valid``)."""
+def _loss_stats(valid, weights, pg, kl, clipped, entropies, residual, is_stats) -> LossStats:
+    """The additive statistics of one loss evaluation (all [B, T], 0 off ``valid``; is_stats:
+    ``behaviour_weights``' statistics or None)."""
     validf = valid.astype(jnp.float32)
     rows = credit.concentration_per_row(weights, valid)
     res = jnp.zeros_like(pg) if residual is None else residual
+    if is_stats is None:
+        is_stats = (jnp.zeros((), jnp.float32),) * 4
     return LossStats(
         rows=jnp.sum(jnp.any(valid, axis=1)).astype(jnp.float32),
         tokens=jnp.sum(validf),
@@ -286,4 +394,8 @@ def _loss_stats(valid, weights, pg, kl, clipped, entropies, residual) -> LossSta
         eff_rows=jnp.sum(rows.effective_token_ratio_valid).astype(jnp.float32),
         residual_sum=jnp.sum(res),
         residual_norm_max=jnp.max(res),
+        is_ratio_sum=is_stats[0],
+        is_units=is_stats[1],
+        is_capped=is_stats[2],
+        is_ratio_max=is_stats[3],
     )

@@ -76,6 +76,11 @@ class StepMetrics:
     clip_fraction: fraction of completion tokens whose PPO ratio was clipped.
     entropy: mean predictive entropy (nats) of the policy at completion tokens.
     completion_length: mean completion tokens per trajectory.
+    behaviour_ratio_mean, behaviour_ratio_max, behaviour_capped_fraction: the behaviour
+        correction's importance ratio (``objective.behaviour_weights``, before capping) over
+        completion tokens (correction_level "token") or trajectories ("sequence"): mean, max and
+        the fraction above correction_cap (truncated by "tis", masked out by "mis"); 0 when
+        behaviour_correction is "none".
     skipped: [] int32, 1 if this step's update was skipped (non-finite loss or gradient).
     skipped_steps: [] int32, the running count.
     """
@@ -91,6 +96,9 @@ class StepMetrics:
     clip_fraction: Array
     entropy: Array
     completion_length: Array
+    behaviour_ratio_mean: Array
+    behaviour_ratio_max: Array
+    behaviour_capped_fraction: Array
     skipped: Array
     skipped_steps: Array
 
