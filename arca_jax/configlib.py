@@ -133,17 +133,43 @@ def apply_overrides(data: Dict[str, Any], overrides: Iterable[str]) -> Dict[str,
     return data
 
 
+def yaml_error_text(path: str, e: yaml.YAMLError) -> str:
+    """PyYAML's multi-line error as one line: the file, line and column (1-based), what was
+    expected, and where the construct it was parsing started."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None)
+    if problem is None:
+        problem = " ".join(str(e).split())
+    where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else None
+    context = getattr(e, "context", None)
+    cmark = getattr(e, "context_mark", None)
+    if context and cmark is not None and (mark is None or (cmark.line, cmark.column) != (
+            mark.line, mark.column)):
+        context = f"{context} at line {cmark.line + 1}, column {cmark.column + 1}"
+    text = f"{path}" + (f", {where}" if where else "") + f": not valid YAML: {problem}"
+    return text + (f" ({' '.join(context.split())})" if context else "")
+
+
+def read_yaml(path: str) -> Any:
+    """The parsed YAML file at `path`; unreadable YAML raises `ConfigError` in one line
+    (`yaml_error_text`)."""
+    try:
+        with open(path) as f:
+            return yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {yaml_error_text(path, e)}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path}: not valid YAML: not UTF-8 text "
+                          f"(byte {e.start})") from None
+
+
 def load(cls: Type[T], path: Optional[str] = None, overrides: Iterable[str] = ()) -> T:
     """Reads YAML `path` (or the defaults when None), applies overrides, validates into `cls`."""
     data: Dict[str, Any] = {}
     if path is not None:
         if not os.path.isfile(path):
             raise ConfigError(f"config file {path} does not exist")
-        try:
-            with open(path) as f:
-                data = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        data = read_yaml(path) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
     apply_overrides(data, overrides)
@@ -151,5 +177,9 @@ def load(cls: Type[T], path: Optional[str] = None, overrides: Iterable[str] = ()
 
 
 def dump(obj: Any, path: str) -> None:
-    with open(path, "w") as f:
+    """Writes `obj` as YAML to `path` atomically (a temporary file renamed over it), so a process
+    killed while writing never leaves a truncated file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
         yaml.safe_dump(to_dict(obj), f, sort_keys=False)
+    os.replace(tmp, path)
