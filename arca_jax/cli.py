@@ -7,7 +7,9 @@
     arca-jax sweep CONFIG... [--root DIR] [--set key=value]... [--seeds S1,S2,...]
     arca-jax report RUN_DIR... --out DIR
 
-Bad input (a config, a path, a run directory) ends with a one-line message and exit code 2.
+Bad input (a config, a path, a run directory, a damaged checkpoint) ends with a one-line
+message and exit code 2; a checkpoint that cannot be written (a full disk) with one line and
+exit code 5 (the latest complete checkpoint stays loadable: continue with --resume).
 """
 
 from __future__ import annotations
@@ -22,6 +24,11 @@ from typing import List, Optional
 from arca_jax import rundir
 
 EXIT_USAGE = 2
+EXIT_SAVE_FAILED = 5
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
 
 
 class _Parser(argparse.ArgumentParser):
@@ -209,8 +216,9 @@ def sweep_plan(configs, root: str, seeds=None):
                     action = "skip" if json.load(f).get("finished") else "resume"
             except (OSError, ValueError):
                 action = "resume"
-        elif os.path.isdir(rundir.path(run_dir, rundir.CHECKPOINTS)):
-            action = "resume"
+        elif (os.path.isdir(rundir.path(run_dir, rundir.CHECKPOINTS))
+              or os.path.isfile(rundir.path(run_dir, rundir.CONFIG))):
+            action = "resume"  # an interrupted run (resume restarts it when it has no checkpoint)
         plan.append((path, run_dir, action))
     return plan
 
@@ -256,10 +264,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except ConfigError as e:
-        print(f"arca-jax {args.command}: error: {e}", file=sys.stderr)
+        print(f"arca-jax {args.command}: error: {_one_line(e)}", file=sys.stderr)
         _exit_now_if_multiprocess(EXIT_USAGE)
         return EXIT_USAGE
-    except BaseException:
+    except BaseException as e:
+        ckpt = sys.modules.get("arca_jax.checkpoint")  # imported by any command that saves
+        if ckpt is not None and isinstance(e, ckpt.CheckpointSaveError):
+            print(f"arca-jax {args.command}: error: {_one_line(e)}", file=sys.stderr)
+            _exit_now_if_multiprocess(EXIT_SAVE_FAILED)
+            return EXIT_SAVE_FAILED
         if _multiprocess():
             import traceback
             traceback.print_exc()

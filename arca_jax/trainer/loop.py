@@ -25,7 +25,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from arca_jax import distributed, lora, parallel, rundir
+from arca_jax import distributed, faults, lora, parallel, rundir
 from arca_jax.config import ConfigError, RunConfig, check_environment
 from arca_jax.grpo.objective import policy_logprobs
 from arca_jax.grpo.step import StepMetrics, make_train_step
@@ -106,8 +106,11 @@ def _start(cfg: RunConfig, run_dir: str, resume: bool, log: Optional[RunLog]) ->
         raise ConfigError(f"a run over {nproc} processes needs train.mode=mesh (one mesh over "
                           f"every host's devices), got {cfg.train.mode!r}")
     check_environment(cfg, len(jax.devices()))
+    cache_note = setup.check_compilation_cache(nproc)  # before the first collective compiles
     setup.prepare_run_dir(run_dir, cfg, resume)
     log = log or RunLog(run_dir, enabled=jax.process_index() == 0)
+    if cache_note:
+        log.message(cache_note)
     mesh = setup.make_run_mesh(cfg)
     layout = parallel.RowLayout(mesh, cfg.batch_size)
     model = setup.load_model(cfg, mesh)  # mesh: the base weights are placed fsdp-sharded
@@ -122,11 +125,14 @@ def _start(cfg: RunConfig, run_dir: str, resume: bool, log: Optional[RunLog]) ->
         state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
     ckpt = setup.open_checkpoints(cfg, run_dir)
     start_step, record = 0, {}
-    if resume and ckpt.latest_step() is not None:
-        state, record, start_step = ckpt.restore(state)
+    if resume:
+        # the newest intact checkpoint (damaged ones moved aside); none: restart from step 0
+        state, record, start_step = setup.resume_state(ckpt, state, log)
         if jax.process_index() == 0:
-            setup.trim_step_logs(run_dir, start_step)
-        log.message(f"resumed from the checkpoint of step {start_step}")
+            setup.trim_step_logs(run_dir, start_step if record else -1)
+        log.message(f"resumed from the checkpoint of step {start_step}" if record else
+                    f"no checkpoint in {ckpt.directory}: restarting the run from step 0 (the "
+                    "records the interrupted attempt logged are dropped)")
     if nproc > 1:
         log.message(f"{nproc} processes, {len(jax.devices())} devices, mesh {dict(mesh.shape)}; "
                     f"process 0 holds rows {layout.local.min()}..{layout.local.max()} of "
@@ -143,17 +149,36 @@ def _start(cfg: RunConfig, run_dir: str, resume: bool, log: Optional[RunLog]) ->
                 train_step, ckpt, start_step, record)
 
 
-def _train_one_step(run: _Run, step: int, timeouts_total: int, beat) -> tuple:
-    """Rollout and update of step `step` (0-based); returns (metrics row, problems, rollout)."""
+# Running totals of the run (kept in the checkpoint record, so a resumed run logs what an
+# uninterrupted one does): reward timeouts, rewards that were NaN/inf/not a number (scored 0),
+# advantages that were not finite (set to 0).
+TOTALS = ("reward_timeouts", "reward_invalid", "advantage_invalid")
+
+
+def _beat_and_mark(beat, step: int):
+    def on_phase(what: str):
+        beat(f"{what} of step {step}")
+        if what == "sampling":  # sampling done: scoring starts
+            faults.point("scoring", step)
+    return on_phase
+
+
+def _train_one_step(run: _Run, step: int, totals: Dict[str, int], beat) -> tuple:
+    """Rollout and update of step `step` (0-based); returns (metrics row, problems, rollout).
+    `totals` (the running `TOTALS`) is updated in place."""
     cfg = run.cfg
     t0 = time.time()
     idx = step_prompt_indices(cfg.train.seed, step, len(run.train_task.problems),
                               cfg.rollout.prompts_per_step)
     problems = [run.train_task.problems[i] for i in idx]
+    faults.point("sampling", step + 1)
     ro = rollout(run.model, run.mesh, run.layout, problems, cfg, adapter=run.adapter(),
                  key=stream_key(cfg, Stream.SAMPLE, step), score=run.score,
-                 beat=lambda what: beat(f"{what} of step {step + 1}"))
-    timeouts_total += run.score.new_timeouts()
+                 beat=_beat_and_mark(beat, step + 1))
+    totals["reward_timeouts"] += run.score.new_timeouts()
+    totals["reward_invalid"] += run.score.new_invalid()
+    totals["advantage_invalid"] += ro.num_invalid_advantages
+    faults.point("update", step + 1)
     batch = ro.batch
     if cfg.grpo.num_iterations > 1:  # the policy before this batch's updates, as the step scores it
         batch = batch.replace(old_logps=_old_logps(run.adapter(), run.model.params, batch,
@@ -171,7 +196,8 @@ def _train_one_step(run: _Run, step: int, timeouts_total: int, beat) -> tuple:
            "reward_std": float(ro.rewards.std()), **m,
            "residual_norm_mean": m["residual_norm_mean"] if arca else None,
            "residual_norm_max": m["residual_norm_max"] if arca else None,
-           "reward_timeouts": timeouts_total,
+           **{k: int(totals[k]) for k in TOTALS},
+           "completions_truncated": ro.num_truncated, "completions_empty": ro.num_empty,
            "time_sample_s": ro.time_sample_s, "time_score_s": ro.time_score_s,
            "time_update_s": t3 - t2, "step_time_s": t3 - t0,
            "tokens_per_s": ro.num_tokens / max(t3 - t0, 1e-9)}
@@ -196,12 +222,15 @@ def train(cfg: RunConfig, run_dir: str, *, resume: bool = False,
     log, step, nproc = run.log, run.start_step, jax.process_count()
     evals: List[EvalResult] = [EvalResult(**r) for r in run.record.get("evals", [])]
     rewards_seen: List[float] = list(run.record.get("rewards_seen", []))
-    timeouts_total = 0
+    totals = {k: int(run.record.get(k, 0)) for k in TOTALS}
 
     def run_eval(at: int):
+        faults.point("eval", at)
         res = evaluate(run.model, None if at == 0 else run.adapter(), cfg.lora.scaling,
                        run.eval_problems, run.score, cfg, at, stream_key(cfg, Stream.EVAL, at),
                        mesh=run.mesh)
+        totals["reward_timeouts"] += run.score.new_timeouts()  # the evaluation's own
+        totals["reward_invalid"] += run.score.new_invalid()
         evals.append(res)
         log.eval(dataclasses.asdict(res))
         watchdog.beat(f"evaluation at step {at}")
@@ -211,14 +240,14 @@ def train(cfg: RunConfig, run_dir: str, *, resume: bool = False,
         if step == 0 and not any(e.step == 0 for e in evals):
             run_eval(0)  # the base model, before training
         while step < cfg.train.steps:
-            row, problems, ro = _train_one_step(run, step, timeouts_total, watchdog.beat)
-            timeouts_total = row["reward_timeouts"]
+            row, problems, ro = _train_one_step(run, step, totals, watchdog.beat)
             rewards_seen.append(row["reward_mean"])
             log.metrics(row)
             log.progress(step + 1, cfg.train.steps, row)
             step += 1
             every = cfg.train.samples_every
             if cfg.train.samples_per_log and every and step % every == 0:
+                faults.point("samples", step)
                 log_samples(log, run.model, run.adapter(), cfg, ro.batch, run.layout, ro.rewards,
                             problems, step, run.mesh)
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
@@ -233,7 +262,8 @@ def train(cfg: RunConfig, run_dir: str, *, resume: bool = False,
                     run_eval(step)
                 run.ckpt.save(step, run.state, {
                     "step": step, "data_position": step, "seed": cfg.train.seed,
-                    "evals": [dataclasses.asdict(e) for e in evals], "rewards_seen": rewards_seen})
+                    "evals": [dataclasses.asdict(e) for e in evals], "rewards_seen": rewards_seen,
+                    **totals})
                 watchdog.beat(f"checkpoint of step {step}")
             if stopping and step < cfg.train.steps:
                 why = (f"signal {pre.signal}" if pre.signal is not None else

@@ -54,24 +54,45 @@ def detokenize(tokenizer, tokens, mask) -> List[str]:
                                   skip_special_tokens=True)
 
 
+def _as_reward(value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
 @dataclasses.dataclass
 class Scorer:
-    """The task's reward on completions, counting reward timeouts."""
+    """The task's reward on completions, counting reward timeouts and invalid rewards: a reward
+    that is NaN, inf or not a number (a user's reward function) counts as 0 and is counted in
+    `invalid` (the metrics' `reward_invalid`), so no NaN reaches the advantages."""
 
     task: Any
     timeout_s: float
     timeouts: int = 0
+    invalid: int = 0
     _reported: int = 0
+    _reported_invalid: int = 0
 
     def __call__(self, completions, problems) -> np.ndarray:
         res = self.task.score_batch(completions, problems, timeout_s=self.timeout_s)
-        self.timeouts += int(res.timeouts)
-        return np.asarray(res.rewards, np.float32)
+        self.timeouts += int(getattr(res, "timeouts", 0) or 0)
+        rewards = np.asarray([_as_reward(r) for r in np.asarray(res.rewards).reshape(-1)],
+                             np.float64)
+        bad = ~np.isfinite(rewards) | (np.abs(rewards) > np.finfo(np.float32).max)
+        self.invalid += int(bad.sum())
+        return np.where(bad, 0.0, rewards).astype(np.float32)
 
     def new_timeouts(self) -> int:
         """Timeouts of every process since the last call (collective with several processes)."""
         new = self.timeouts - self._reported
         self._reported = self.timeouts
+        return int(distributed.sum_over_processes(new))
+
+    def new_invalid(self) -> int:
+        """Invalid rewards of every process since the last call (collective with several)."""
+        new = self.invalid - self._reported_invalid
+        self._reported_invalid = self.invalid
         return int(distributed.sum_over_processes(new))
 
 
@@ -95,19 +116,30 @@ def generate_rows(model: Model, mesh, ids: np.ndarray, mask: np.ndarray, **gen) 
     return Generated(out, layout, g_ids, g_mask)
 
 
+class Scored(NamedTuple):
+    """Per row, on every process: the reward, the completion's tokens (EOS included) and
+    whether it ended with EOS (False: cut at max_new_tokens)."""
+
+    rewards: np.ndarray  # [n] float32
+    lengths: np.ndarray  # [n] int64
+    finished: np.ndarray  # [n] bool
+
+
 def score_rows(gen: Generated, n: int, problem_of_row: Callable[[int], Any], score: Scorer,
-               tokenizer):
-    """Each process decodes and scores the rows (< n) it owns; returns the rewards [n] and the
-    completion lengths [n] of every row, on every process."""
+               tokenizer) -> Scored:
+    """Each process decodes and scores the rows (< n) it owns; returns the rewards [n], the
+    completion lengths [n] and the finished flags [n] of every row, on every process."""
     layout = gen.layout
     owned = layout.owned[layout.owned < n]
     tokens, mask = layout.host(gen.out.tokens), layout.host(gen.out.mask)
+    finished = layout.host(gen.out.finished)
     rewards = np.zeros(layout.batch_size, np.float32)
     if len(owned):
         rewards[owned] = score(detokenize(tokenizer, tokens[owned], mask[owned]),
                                [problem_of_row(int(i)) for i in owned])
-    got = layout.combine({"rewards": rewards, "lengths": mask.sum(-1).astype(np.int64)})
-    return got["rewards"][:n], got["lengths"][:n]
+    got = layout.combine({"rewards": rewards, "lengths": mask.sum(-1).astype(np.int64),
+                          "finished": finished.astype(np.int32)})
+    return Scored(got["rewards"][:n], got["lengths"][:n], got["finished"][:n].astype(bool))
 
 
 class Rollout(NamedTuple):
@@ -118,6 +150,9 @@ class Rollout(NamedTuple):
     num_tokens: int  # completion tokens generated
     time_sample_s: float
     time_score_s: float
+    num_truncated: int = 0  # completions cut at max_new_tokens (never ended): trained as they are
+    num_empty: int = 0  # completions that are only EOS: their text is "", scored as such
+    num_invalid_advantages: int = 0  # non-finite advantages (overflowing rewards), set to 0
 
 
 def rollout(model: Model, mesh, layout: parallel.RowLayout, problems: Sequence[Any], cfg: RunConfig,
@@ -137,14 +172,26 @@ def rollout(model: Model, mesh, layout: parallel.RowLayout, problems: Sequence[A
     jax.block_until_ready(gen.out.tokens)
     t1 = time.time()
     beat("sampling")
-    rewards, lengths = score_rows(gen, P * G, lambda i: problems[i // G], score, model.tokenizer)
-    rewards = rewards.reshape(P, G)
-    adv = np.asarray(advantages(rewards, cfg.grpo.estimator, eps=1e-6)).reshape(-1)
+    scored = score_rows(gen, P * G, lambda i: problems[i // G], score, model.tokenizer)
+    rewards = scored.rewards.reshape(P, G)
+    adv, bad_adv = finite_advantages(advantages(rewards, cfg.grpo.estimator, eps=1e-6))
     batch = sampling.build_batch(gen.ids, gen.mask, gen.out, advantages=layout.to_global(adv),
                                  mask_tokens=masked_tokens(cfg, model))
     beat("scoring")
-    return Rollout(batch=batch, rewards=rewards, num_tokens=int(lengths.sum()),
-                   time_sample_s=t1 - t0, time_score_s=time.time() - t1)
+    return Rollout(batch=batch, rewards=rewards, num_tokens=int(scored.lengths.sum()),
+                   time_sample_s=t1 - t0, time_score_s=time.time() - t1,
+                   num_truncated=int((~scored.finished).sum()),
+                   num_empty=int((scored.finished & (scored.lengths <= 1)).sum()),
+                   num_invalid_advantages=bad_adv)
+
+
+def finite_advantages(adv) -> tuple:
+    """(advantages [B] float32 with every non-finite one set to 0, how many were): finite rewards
+    whose spread overflows float32 (e.g. +-3e38 under "rloo") carry no usable signal."""
+    adv = np.array(adv, np.float32).reshape(-1)
+    bad = ~np.isfinite(adv)
+    adv[bad] = 0.0
+    return adv, int(bad.sum())
 
 
 def masked_tokens(cfg: RunConfig, model: Model) -> tuple:
@@ -161,5 +208,5 @@ def step_prompt_indices(seed: int, step: int, num_problems: int, count: int) -> 
     return rng.choice(num_problems, size=count, replace=count > num_problems)
 
 
-__all__ = ["Generated", "Rollout", "Scorer", "detokenize", "encode_prompts", "generate_rows",
-           "rollout", "score_rows", "step_prompt_indices"]
+__all__ = ["Generated", "Rollout", "Scored", "Scorer", "detokenize", "encode_prompts", "generate_rows",
+           "finite_advantages", "rollout", "score_rows", "step_prompt_indices"]

@@ -163,9 +163,77 @@ def load_run(run_dir: str, checkpoint_step: Optional[int] = None):
         state, _, step = ckpt.restore(like, checkpoint_step)
     except FileNotFoundError as e:
         raise ConfigError(str(e)) from None
+    except checkpoint.CheckpointError as e:
+        others = [s for s in ckpt.all_steps() if s != e.step]
+        hint = (f"; choose another with --checkpoint (have {others})" if others else "")
+        raise checkpoint.CheckpointError(e.step, e.directory, e.reason + hint,
+                                         damaged=e.damaged) from None
     finally:
         ckpt.close()
     return cfg, model, state.lora, step
+
+
+def resume_state(ckpt: checkpoint.Checkpointer, like, log) -> tuple:
+    """(state, record, step) of the newest intact checkpoint, for `train --resume`; (like, {}, 0)
+    when there is none. A damaged checkpoint (`CheckpointError.damaged`) is moved aside into
+    `checkpoints.damaged/` (kept, not deleted) with a warning and the next older one is tried;
+    one whose files are intact but do not load (another version's state) ends the run with
+    that error. Every process calls this; they agree on each verdict."""
+    while True:
+        step = ckpt.latest_step()
+        if step is None:
+            return like, {}, 0
+        error = None
+        try:
+            state, record, step = ckpt.restore(like, step)
+        except checkpoint.CheckpointError as e:
+            error = e
+        if not distributed.any_process(error is not None):
+            return state, record, step
+        if error is None:
+            error = checkpoint.CheckpointError(step, ckpt.directory,
+                                               "another process could not read it")
+        if distributed.any_process(not error.damaged):  # intact files that do not load
+            raise error
+        dest = ckpt.set_aside(step)
+        distributed.barrier(f"arca_jax.set_aside.{step}")
+        ckpt.reload()
+        log.message(f"warning: {error}; moved it to {dest} (kept for inspection) and falling back "
+                    "to the previous checkpoint")
+
+
+# --------------------------------------------------------------------------------------------
+# The persistent compilation cache
+# --------------------------------------------------------------------------------------------
+
+SHARED_CACHE_ENV = "ARCA_JAX_MULTIPROCESS_COMPILATION_CACHE"
+
+
+def check_compilation_cache(nproc: int, environ=os.environ) -> Optional[str]:
+    """Turns JAX's persistent compilation cache (`JAX_COMPILATION_CACHE_DIR`) off for a run of
+    several processes unless `ARCA_JAX_MULTIPROCESS_COMPILATION_CACHE=1`; returns the message to
+    log (None: nothing changed). Call it before the run compiles anything.
+
+    Why: the cache key includes the topology fingerprint of the devices, which on CPU differs
+    between the processes of one run, and only process 0 writes entries; so process 0 runs
+    executables compiled by an earlier run while the others compile their own. Such a pairing
+    once executed mismatched collectives (gloo "Received data size doesn't match expected
+    size"), and nothing guarantees that separately compiled executables agree on their
+    collectives. One process is unaffected (tested)."""
+    if nproc <= 1 or not jax.config.jax_compilation_cache_dir:
+        return None
+    if not jax.config.jax_enable_compilation_cache:
+        return None
+    if environ.get(SHARED_CACHE_ENV, "") == "1":
+        return (f"keeping the persistent compilation cache {jax.config.jax_compilation_cache_dir} "
+                f"in this {nproc}-process run ({SHARED_CACHE_ENV}=1; see README, Reliability)")
+    from jax._src import compilation_cache
+
+    jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()
+    return (f"persistent compilation cache {jax.config.jax_compilation_cache_dir} turned off for "
+            f"this {nproc}-process run: its processes would run executables of different "
+            f"compilations (README, Reliability); {SHARED_CACHE_ENV}=1 keeps it")
 
 
 # --------------------------------------------------------------------------------------------
@@ -195,29 +263,36 @@ def prepare_run_dir(run_dir: str, cfg: RunConfig, resume: bool) -> None:
 def _check_run_dir(run_dir: str, cfg: RunConfig, resume: bool) -> None:
     ckpt = rundir.path(run_dir, rundir.CHECKPOINTS)
     config_path = rundir.path(run_dir, rundir.CONFIG)
-    exists = os.path.isdir(run_dir) and os.listdir(run_dir)
+    exists = os.path.isdir(run_dir) and bool(os.listdir(run_dir))
     if exists and not resume:
         raise RunDirError(f"run directory {run_dir} already exists; pass --resume to continue it "
                           "or choose another --output-dir (runs are never overwritten)")
-    if resume and not os.path.isdir(ckpt):
-        if exists:
-            raise RunDirError(f"--resume: {run_dir} has no {rundir.CHECKPOINTS}/ to resume from")
-    if resume and os.path.isdir(ckpt) and not os.path.exists(config_path):
-        raise RunDirError(f"--resume: {run_dir} has checkpoints but no {rundir.CONFIG}, so they "
-                          "cannot be checked against this config; start a new run directory")
-    if resume and os.path.exists(config_path):
-        import yaml
-
-        with open(config_path) as f:
-            saved = yaml.safe_load(f)
-        if saved != configlib.to_dict(cfg):
-            raise RunDirError(f"--resume: the config differs from {config_path}; resume with "
-                              "the same config (or start a new run directory)")
+    if not resume:
+        return
+    if not exists:
+        what = "is empty" if os.path.isdir(run_dir) else "does not exist"
+        raise RunDirError(f"no run to resume in {run_dir} (the directory {what}); drop --resume "
+                          "to start a new run there")
+    if not os.path.exists(config_path):
+        if os.path.isdir(ckpt) and os.listdir(ckpt):
+            raise RunDirError(f"--resume: {run_dir} has checkpoints but no {rundir.CONFIG}, so "
+                              "they cannot be checked against this config; start a new run "
+                              "directory")
+        raise RunDirError(f"no run to resume in {run_dir} (no {rundir.CONFIG}); drop --resume "
+                          "and choose an empty or new --output-dir")
+    try:
+        saved = configlib.read_yaml(config_path)
+    except ConfigError as e:  # a RunDirError: process 0's verdict is shared with the others
+        raise RunDirError(str(e)) from None
+    if saved != configlib.to_dict(cfg):
+        raise RunDirError(f"--resume: the config differs from {config_path}; resume with "
+                          "the same config (or start a new run directory)")
 
 
 def trim_step_logs(run_dir: str, last_step: int) -> None:
     """Drops the records of steps after `last_step` from the per-step logs (a resumed run
-    rewrites them)."""
+    rewrites them); `last_step` -1 drops every record (a run restarted from step 0, whose base
+    evaluation is rewritten too)."""
     from arca_jax.runlog import truncate_jsonl
 
     for name in rundir.STEP_LOGS:
@@ -227,6 +302,6 @@ def trim_step_logs(run_dir: str, last_step: int) -> None:
 __all__: List[str] = [
     "Model", "RunDirError", "Stream", "build_optimizer", "init_state", "load_eval_task",
     "load_model", "load_run", "load_train_task", "make_run_mesh", "objective_config",
-    "open_checkpoints",
-    "prepare_run_dir", "stream_key", "trim_step_logs",
+    "open_checkpoints", "check_compilation_cache",
+    "prepare_run_dir", "resume_state", "stream_key", "trim_step_logs",
 ]
