@@ -189,8 +189,8 @@ def _bad_yaml(d):
     (d / "config.yaml").write_text("grpo: [unclosed\n")
 
 
-def _unknown_weighting(d):
-    (d / "config.yaml").write_text(yaml.safe_dump({"grpo": {"weighting": "magic"},
+def _no_weighting(d):
+    (d / "config.yaml").write_text(yaml.safe_dump({"grpo": {"weighting": 3},
                                                    "lora": {"rank": 4}}))
 
 
@@ -223,7 +223,7 @@ def _sample_weights_wrong_length(d):
 @pytest.mark.parametrize("breaker, filename, message", [
     (_no_config, "config.yaml", "missing"),
     (_bad_yaml, "config.yaml", "not valid YAML"),
-    (_unknown_weighting, "config.yaml", "grpo.weighting is 'magic'"),
+    (_no_weighting, "config.yaml", "grpo.weighting is 3"),
     (_no_rank, "config.yaml", "lora.rank"),
     (_no_metrics, "metrics.jsonl", "missing"),
     (_metric_not_a_number, "metrics.jsonl:1", "weight_gini must be a number"),
@@ -238,6 +238,22 @@ def test_bad_run_directories_raise_value_error_naming_the_file(tmp_path, breaker
     with pytest.raises(ValueError) as info:
         load_run(d)
     assert filename in str(info.value) and message in str(info.value)
+
+
+def test_a_users_weighting_is_a_method_of_its_own(tmp_path):
+    """A run of a weighting the report does not know (a user's registered name or import path):
+    loaded, ordered after the paper's five, labelled by its name, a heatmap row of its own."""
+    name = "my_weightings:arca_x_surprisal"
+    sample = _sample(1, 1.0)
+    sample["weights"][name] = _weights(6, 5, 2.0)
+    user = make_run(tmp_path, "user", name, 4, samples=[sample])
+    arca = make_run(tmp_path, "arca", "arca", 4)
+    runs = report.sort_runs(load_runs([user, arca]))
+    assert [r.method for r in runs] == ["arca", name]
+    assert [r.mode for r in report.heatmap_rows(runs[1].samples[0])][-1] == name
+    assert f"| {name} | 4 |" in comparison_markdown(runs)
+    paths = write_report([user, arca], tmp_path / "out", heatmap_run="user")
+    assert name in paths.report_md.read_text() and name in paths.heatmap_html.read_text()
 
 
 def test_not_a_directory(tmp_path):
