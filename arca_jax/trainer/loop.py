@@ -25,7 +25,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from arca_jax import distributed, faults, lora, parallel, rundir
+from arca_jax import credit, distributed, faults, lora, parallel, rundir
 from arca_jax.config import ConfigError, RunConfig, check_environment
 from arca_jax.grpo.objective import policy_logprobs
 from arca_jax.grpo.step import StepMetrics, make_train_step
@@ -191,7 +191,7 @@ def _train_one_step(run: _Run, step: int, totals: Dict[str, int], beat) -> tuple
     m = _host_metrics(metrics)  # the only host read of the step's results
     t3 = time.time()
     beat(f"update of step {step + 1}")
-    arca = cfg.grpo.weighting == "arca"
+    arca = "residual_norms" in credit.required_inputs(cfg.grpo.weighting)  # reads the residual
     row = {"step": step + 1, "reward_mean": float(ro.rewards.mean()),
            "reward_std": float(ro.rewards.std()), **m,
            "residual_norm_mean": m["residual_norm_mean"] if arca else None,
