@@ -217,6 +217,8 @@ def train(cfg: RunConfig, run_dir: str, *, resume: bool = False,
     With several processes (`arca_jax.distributed.initialize` first) every process calls this
     with the same arguments; the run needs train.mode="mesh".
     """
+    # The loop reads top to bottom (step, log, samples, eval, stop/save); its parts share the
+    # watchdog, the preemption flag and the running records, so it stays one function.
     t_start = time.time()
     run = _start(cfg, run_dir, resume, log)
     log, step, nproc = run.log, run.start_step, jax.process_count()
