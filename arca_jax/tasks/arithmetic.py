@@ -22,7 +22,7 @@ expression and the intermediate steps, not the final value) share a string with 
 expressions of the first ``held_out`` test problems (default ``DEFAULT_SIZES["test"]``, the whole
 test split as generated, drawn with the same seed and options). The test split itself is unchanged.
 With the defaults this skips about a third of the train-split draws (see
-``tests/test_arithmetic_task.py``); a test split larger than ``held_out`` is only disjoint by text.
+``tests/tasks/test_arithmetic_task.py``); a test split larger than ``held_out`` is only disjoint by text.
 
 Lengths with the defaults: problem 14-28 characters, solution 25-90, prompt + solution under 130.
 """
