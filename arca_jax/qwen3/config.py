@@ -157,14 +157,16 @@ def _read_rope_theta(d: Mapping[str, Any]) -> float:
     return 10000.0  # transformers' default_theta
 
 
-# What every released Qwen3 model shares, then each one's shapes.
-_RELEASED = dict(vocab_size=151936, num_key_value_heads=8, head_dim=128, max_position_embeddings=32768,
+# What every released Qwen3 dense model shares (its config.json on the Hub), then each one's shapes.
+_RELEASED = dict(vocab_size=151936, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
                  rms_norm_eps=1e-6, rope_theta=1_000_000.0, eos_token_id=151643, bos_token_id=151643)
 _PRESETS = {  # hidden, MLP, layers, query heads, tied embeddings
     "Qwen3-0.6B": (1024, 3072, 28, 16, True),
     "Qwen3-1.7B": (2048, 6144, 28, 16, True),
     "Qwen3-4B": (2560, 9728, 36, 32, True),
     "Qwen3-8B": (4096, 12288, 36, 32, False),
+    "Qwen3-14B": (5120, 17408, 40, 40, False),
+    "Qwen3-32B": (5120, 25600, 64, 64, False),
 }
 
 
