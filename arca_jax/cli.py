@@ -6,6 +6,7 @@
     arca-jax export --run DIR --peft OUT [--checkpoint STEP]
     arca-jax sweep CONFIG... [--root DIR] [--set key=value]... [--seeds S1,S2,...]
     arca-jax report RUN_DIR... --out DIR
+    arca-jax plan [--config FILE] [--set key=value]... [--topology v5e:4x4] [--mesh D,F,T] [--json]
 
 Bad input (a config, a path, a run directory, a damaged checkpoint) ends with a one-line
 message and exit code 2; a checkpoint that cannot be written (a full disk) with one line and
@@ -125,6 +126,37 @@ def _add_report(sub):
     report.add_arguments(p)
 
 
+def _add_plan(sub):
+    p = sub.add_parser(
+        "plan", help="compile a run's programs for a TPU slice or the local devices: memory, "
+                     "flops, collectives, roofline time, whether it fits",
+        description="Builds the run's train step and sampler programs from the config with "
+                    "abstract arrays (no weights are loaded; model.path may be a released "
+                    "model's name, e.g. Qwen/Qwen3-8B-Base), compiles them for the target and "
+                    "reports per-device memory against HBM, flops and bytes (every loop body "
+                    "times its trip count), collectives, a roofline time and a verdict; when it "
+                    "does not fit, the smallest change that does (fsdp, tensor, remat, "
+                    "microbatches). TPU topologies need libtpu: pip install 'arca-jax[tpu]'.")
+    p.add_argument("--config", help="the run's YAML config (default: the embedded demo)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config key (repeatable)")
+    p.add_argument("--topology", metavar="GEN:AxB[xC]",
+                   help="a TPU slice to compile for, e.g. v5e:4x4 (16 chips), v5p:2x2x2, v6e:2x4 "
+                        "(default: the local devices)")
+    p.add_argument("--mesh", metavar="DATA,FSDP,TENSOR",
+                   help="mesh axis sizes (default: the config's train.mesh_* when train.mode is "
+                        "mesh, else every device on fsdp)")
+    p.add_argument("--hbm", type=float, metavar="GIB",
+                   help="memory per chip in GiB instead of the chip's published figure")
+    p.add_argument("--libtpu", metavar="DIR",
+                   help="a directory holding the libtpu package (pip install --target DIR "
+                        "libtpu), added to the import path for this command only; default "
+                        "$ARCA_JAX_LIBTPU_DIR, else an installed libtpu")
+    p.add_argument("--no-search", dest="search", action="store_false",
+                   help="report the given setting only, without trying changes that fit")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="arca-jax", description="ARCA: adapter-residual credit assignment for "
                                                   "LoRA RL, in JAX.")
@@ -134,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(sub)
     _add_sweep(sub)
     _add_report(sub)
+    _add_plan(sub)
     return parser
 
 
@@ -253,8 +286,29 @@ def cmd_report(args) -> int:
     return report.run(args)
 
 
+def cmd_plan(args) -> int:
+    from arca_jax import config, plan
+
+    cfg = config.load(args.config, args.overrides)
+    if args.hbm is not None and not args.hbm > 0:
+        raise config.ConfigError(f"--hbm must be a positive number of GiB, got {args.hbm}")
+    if args.topology:
+        plan.parse_topology(args.topology)  # its one-line error before libtpu is looked for
+        target = plan.tpu_target(args.topology, args.hbm, args.libtpu)
+    else:
+        target = plan.local_target(args.hbm)
+    layout = plan.Layout.parse(args.mesh, target.size) if args.mesh else None
+    log = (lambda text: print(f"plan: {text}", file=sys.stderr)) if args.json else print
+    verdict = plan.run(cfg, target, layout, search=args.search, log=log)
+    if args.json:
+        print(json.dumps(plan.to_json(verdict), indent=2))
+    else:
+        print(plan.format_text(verdict))
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "sweep": cmd_sweep,
-            "report": cmd_report}
+            "report": cmd_report, "plan": cmd_plan}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -1,0 +1,405 @@
+"""Loop-aware work of a compiled program, read from its optimised HLO text (per device).
+
+XLA's `compiled.cost_analysis()` counts the body of every while loop once. A training step runs
+its decoder layers under `nn.scan` (one loop forward, one backward), its microbatches under
+`lax.scan` and the sampler's decode under a `while_loop`, so those totals miss most of the work.
+`analyze(hlo_text, unknown_trip_count)` walks the module instead and multiplies each loop body
+by its trip count:
+
+  - XLA's `known_trip_count` annotation where the compiler wrote one (CPU, GPU), else the
+    constant bound of the loop condition `i < n` (scans and fori loops count from 0; TPU);
+  - `unknown_trip_count` for a loop whose bound is not a constant (the sampler's decode loop
+    stops at a traced limit or when every row has produced EOS: pass the worst case, the number
+    of decode steps).
+
+Counted per device (the HLO of an SPMD program is one device's program):
+  flops: 2 x output elements x contracted size for each dot and convolution, plus one per
+    output element of elementwise arithmetic and one per input element of a reduction
+    (XLA's own convention; transcendentals are not flops).
+  bytes: HBM bytes read and written by each top-level operation (a fusion reads its operands
+    and writes its output once): dynamic slices read only the slice, an in-place
+    dynamic-update-slice writes only the update (as XLA's cost analysis).
+  collectives: for each kind (all-gather, all-reduce, reduce-scatter, all-to-all,
+    collective-permute): the operations in the text, how many run (loop-scaled) and the bytes
+    they move (the larger of input and output, per run).
+
+A conditional counts its most expensive branch. The result is an estimate for a roofline, not
+a profile: it ignores caches, overlap and scheduling.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Dict, List, Mapping, NamedTuple, Optional, Tuple
+
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+
+_DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2,
+                "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8,
+                "c128": 16, "token": 0}
+_ARRAY = re.compile(r"\b([a-z]+[0-9]*(?:e[0-9]m[0-9](?:fn|fnuz|b11fnuz)?)?)\[([0-9,]*)\]")
+_INSTR = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
+_HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$")
+_NAME = re.compile(r"%([\w.\-]+)")
+_ELEMENTWISE = {"add", "subtract", "multiply", "divide", "maximum", "minimum", "compare",
+                "select", "negate", "abs", "and", "or", "xor", "not", "clamp", "remainder",
+                "sign", "floor", "ceil", "round-nearest-even", "round-nearest-afz",
+                "shift-left", "shift-right-logical", "shift-right-arithmetic", "convert"}
+_NO_TRAFFIC = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast", "while", "call",
+               "conditional", "after-all", "partition-id", "replica-id", "opt-barrier",
+               "add-dependency", "domain"}
+
+
+class Instr(NamedTuple):
+    """One HLO instruction: its name, result type text, opcode, operand names, attribute text."""
+
+    name: str
+    type: str
+    opcode: str
+    operands: Tuple[str, ...]
+    attrs: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Collective:
+    """One collective kind: ops in the text; runs and bytes moved per device, loop-scaled."""
+
+    ops: int = 0
+    runs: float = 0.0
+    bytes: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Work:
+    """Per-device work of a program: flops, HBM bytes, collectives by kind, and the loops
+    (trip counts, outermost first; None where `unknown_trip_count` was used)."""
+
+    flops: float
+    bytes: float
+    collectives: Mapping[str, Collective]
+    loops: Tuple[Optional[int], ...]
+
+
+def array_shapes(type_text: str) -> List[Tuple[str, Tuple[int, ...]]]:
+    """[(dtype, dims)] of every array in a (possibly tuple) HLO type, e.g. "(f32[2,3], s32[])"."""
+    return [(dt, tuple(int(d) for d in dims.split(",") if d))
+            for dt, dims in _ARRAY.findall(type_text) if dt in _DTYPE_BYTES or "f8" in dt]
+
+
+def type_bytes(type_text: str) -> float:
+    """Bytes of an HLO type (the sum over a tuple's arrays)."""
+    return sum(_DTYPE_BYTES.get(dt, 1) * math.prod(dims) for dt, dims in array_shapes(type_text))
+
+
+def _elements(type_text: str) -> int:
+    return sum(math.prod(dims) for _, dims in array_shapes(type_text))
+
+
+def _split_type(rest: str) -> Tuple[str, str]:
+    """'(a, b) op(...)...' or 'f32[2]{0} op(...)' -> (type text, the remainder)."""
+    if rest.startswith("("):
+        depth = 0
+        for i, ch in enumerate(rest):
+            depth += ch == "("
+            depth -= ch == ")"
+            if depth == 0:
+                return rest[:i + 1], rest[i + 1:].lstrip()
+    i = rest.find(" ")
+    return rest[:i], rest[i + 1:].lstrip()
+
+
+def _parse_instr(line: str) -> Optional[Tuple[bool, Instr]]:
+    m = _INSTR.match(line)
+    if not m:
+        return None
+    root, name, rest = bool(m.group(1)), m.group(2), m.group(3)
+    type_text, rest = _split_type(rest)
+    m2 = re.match(r"([\w\-]+)\(", rest)
+    if not m2:
+        return None
+    opcode = m2.group(1)
+    depth, start = 0, m2.end() - 1
+    end = len(rest)
+    for i in range(start, len(rest)):
+        depth += rest[i] == "("
+        depth -= rest[i] == ")"
+        if depth == 0:
+            end = i
+            break
+    operands = tuple(_NAME.findall(rest[start + 1:end]))
+    return root, Instr(name, type_text, opcode, operands, rest[end + 1:])
+
+
+@dataclasses.dataclass
+class Module:
+    """Computations of an HLO module: name -> instructions, their roots, and the entry."""
+
+    computations: Dict[str, List[Instr]]
+    roots: Dict[str, Instr]
+    entry: str
+
+    @classmethod
+    def parse(cls, text: str) -> "Module":
+        comps, roots, entry, current = {}, {}, None, None
+        for line in text.splitlines():
+            if current is None:
+                m = _HEADER.match(line)
+                if m:
+                    current = m.group(2)
+                    comps[current] = []
+                    if m.group(1):
+                        entry = current
+                continue
+            if line.strip() == "}":
+                current = None
+                continue
+            parsed = _parse_instr(line)
+            if parsed is not None:
+                root, instr = parsed
+                comps[current].append(instr)
+                if root:
+                    roots[current] = instr
+        if entry is None:
+            raise ValueError("no ENTRY computation in the HLO text")
+        return cls(comps, roots, entry)
+
+
+def _attr(attrs: str, key: str) -> Optional[str]:
+    m = re.search(key + r"=(\{[^}]*\}|%?[\w.\-]+)", attrs)
+    return None if m is None else m.group(1)
+
+
+def _called(attrs: str, key: str) -> List[str]:
+    v = _attr(attrs, key)
+    return [] if v is None else _NAME.findall(v) or [v.strip("{}%")]
+
+
+def _dims(attrs: str, key: str) -> Tuple[int, ...]:
+    v = _attr(attrs, key)
+    return () if v is None else tuple(int(x) for x in re.findall(r"\d+", v))
+
+
+def _window(attrs: str, rank: int) -> List[Dict[str, Tuple[int, ...]]]:
+    """Per spatial dimension: size, stride, pad (low, high), lhs and rhs dilation."""
+    m = re.search(r"window=\{([^}]*)\}", attrs)
+    fields = dict(kv.split("=", 1) for kv in (m.group(1).split() if m else []))
+
+    def per_dim(key, default):
+        if key not in fields:
+            return [default] * rank
+        return [tuple(int(v) for v in part.split("_")) for part in fields[key].split("x")]
+
+    size, stride = per_dim("size", (1,)), per_dim("stride", (1,))
+    pad, lhs_d, rhs_d = per_dim("pad", (0, 0)), per_dim("lhs_dilate", (1,)), per_dim("rhs_dilate", (1,))
+    return [dict(size=size[d][0], stride=stride[d][0], pad=pad[d], lhs_dilate=lhs_d[d][0],
+                 rhs_dilate=rhs_d[d][0]) for d in range(rank)]
+
+
+def _convolution_flops(instr: Instr, shapes: Mapping[str, str]) -> float:
+    """2 x batch x output features x input features x the (output, window) position pairs of
+    each spatial dimension that fall on a real (undilated, unpadded) input element."""
+    labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", instr.attrs)
+    lhs = array_shapes(shapes.get(instr.operands[0], "")) if instr.operands else []
+    rhs = array_shapes(shapes.get(instr.operands[1], "")) if len(instr.operands) > 1 else []
+    out = array_shapes(instr.type)
+    if not (labels and lhs and rhs and out):
+        return 0.0
+    lhs_l, rhs_l, out_l = labels.groups()
+    lhs_d, rhs_d, out_d = lhs[0][1], rhs[0][1], out[0][1]
+    spatial = [c for c in out_l if c.isdigit()]
+    windows = _window(instr.attrs, len(spatial))
+    pairs = 1
+    for c, w in zip(spatial, windows):
+        n_out, n_in = out_d[out_l.index(c)], lhs_d[lhs_l.index(c)]
+        last = (n_in - 1) * w["lhs_dilate"]
+        count = 0
+        for o in range(n_out):
+            for k in range(w["size"]):
+                p = o * w["stride"] + k * w["rhs_dilate"] - w["pad"][0]
+                count += 0 <= p <= last and p % w["lhs_dilate"] == 0
+        pairs *= count
+    batch_features = out_d[out_l.index("b")] * out_d[out_l.index("f")]
+    return 2.0 * batch_features * rhs_d[rhs_l.index("i")] * pairs
+
+
+class _Walker:
+    def __init__(self, module: Module, unknown_trip_count: int, constants):
+        self.m = module
+        self.constants = constants
+        self.scale_loops = True
+        self.unknown = unknown_trip_count
+        self.loops: List[Optional[int]] = []
+        self.collectives: Dict[str, List[float]] = {k: [0, 0.0, 0.0] for k in COLLECTIVES}
+        self._seen_ops = set()
+
+    def shapes(self, comp: str) -> Dict[str, str]:
+        return {i.name: i.type for i in self.m.computations[comp]}
+
+    def trip_count(self, instr: Instr) -> Optional[int]:
+        """A while loop's trip count: XLA's annotation, else n of a condition `i < n`."""
+        m = re.search(r'"known_trip_count":\{"n":"(\d+)"', instr.attrs)
+        if m:
+            return int(m.group(1))
+        cond = _called(instr.attrs, "condition")
+        root = self.m.roots.get(cond[0]) if cond else None
+        if (root is None or root.opcode != "compare" or "direction=LT" not in root.attrs
+                or len(root.operands) != 2):
+            return None
+        return self.constants.get((cond[0], root.operands[1]))
+
+    def op_flops(self, instr: Instr, shapes: Mapping[str, str]) -> float:
+        op = instr.opcode
+        if op == "dot":
+            lhs = array_shapes(shapes.get(instr.operands[0], ""))
+            if not lhs:
+                return 0.0
+            dims = lhs[0][1]
+            k = math.prod(dims[d] for d in _dims(instr.attrs, "lhs_contracting_dims"))
+            return 2.0 * _elements(instr.type) * k
+        if op == "convolution":
+            return _convolution_flops(instr, shapes)
+        if op in _ELEMENTWISE:
+            return float(_elements(instr.type))
+        if op in ("reduce", "reduce-window"):
+            return float(sum(_elements(shapes.get(o, "")) for o in instr.operands[:1]))
+        return 0.0
+
+    def count_collective(self, instr: Instr, shapes: Mapping[str, str], mult: float):
+        op = instr.opcode.removesuffix("-start")
+        if op not in COLLECTIVES:
+            return
+        moved = max(type_bytes(instr.type),
+                    sum(type_bytes(shapes.get(o, "")) for o in instr.operands))
+        c = self.collectives[op]
+        if instr.name not in self._seen_ops:
+            self._seen_ops.add(instr.name)
+            c[0] += 1
+        c[1] += mult
+        c[2] += mult * moved
+
+    def fused_flops(self, comp: str, mult: float) -> float:
+        """Flops of a fused computation (nested fusions included); counts its collectives."""
+        shapes = self.shapes(comp)
+        total = 0.0
+        for instr in self.m.computations[comp]:
+            self.count_collective(instr, shapes, mult)
+            if instr.opcode == "fusion":
+                for c in _called(instr.attrs, "calls"):
+                    total += self.fused_flops(c, mult)
+            else:
+                total += self.op_flops(instr, shapes)
+        return total
+
+    def fusion_bytes(self, instr: Instr, shapes: Mapping[str, str]) -> float:
+        calls = _called(instr.attrs, "calls")
+        if not calls:
+            return type_bytes(instr.type) + sum(type_bytes(shapes.get(o, ""))
+                                                for o in instr.operands)
+        body = self.m.computations[calls[0]]
+        params = {i.name: i for i in body if i.opcode == "parameter"}
+        users: Dict[str, List[Instr]] = {}
+        for i in body:
+            for o in i.operands:
+                users.setdefault(o, []).append(i)
+        read = 0.0
+        for name, p in params.items():
+            us = users.get(name, [])
+            if us and all(u.opcode == "dynamic-slice" and u.operands[0] == name for u in us):
+                read += sum(type_bytes(u.type) for u in us)
+            elif us and all(u.opcode == "dynamic-update-slice" and u.operands[0] == name
+                            for u in us):
+                continue  # updated in place: only the update is written (below)
+            else:
+                read += type_bytes(p.type)
+        root = self.m.roots.get(calls[0])
+        body_shapes = {i.name: i.type for i in body}
+        outs = [root] if root is not None and root.opcode != "tuple" else [
+            next((i for i in body if i.name == o), None) for o in (root.operands if root else ())]
+        written = 0.0
+        for o in outs:
+            if o is None:
+                continue
+            if o.opcode == "dynamic-update-slice":
+                written += type_bytes(body_shapes.get(o.operands[1], ""))
+            else:
+                written += type_bytes(o.type)
+        return read + written
+
+    def op_bytes(self, instr: Instr, shapes: Mapping[str, str]) -> float:
+        op = instr.opcode
+        if op in _NO_TRAFFIC or op.endswith("-done"):
+            return 0.0
+        if op == "fusion":
+            return self.fusion_bytes(instr, shapes)
+        if op == "dynamic-slice":
+            return 2.0 * type_bytes(instr.type)
+        if op == "dynamic-update-slice":
+            return 2.0 * type_bytes(shapes.get(instr.operands[1], ""))
+        return type_bytes(instr.type) + sum(type_bytes(shapes.get(o, "")) for o in instr.operands)
+
+    def walk(self, comp: str, mult: float, depth: int = 0) -> Tuple[float, float]:
+        """(flops, bytes) of running computation `comp` `mult` times."""
+        shapes = self.shapes(comp)
+        flops = bytes_ = 0.0
+        for instr in self.m.computations[comp]:
+            op = instr.opcode
+            if op == "while":
+                n = self.trip_count(instr)
+                self.loops.append(n)
+                trips = (self.unknown if n is None else n) if self.scale_loops else 1
+                for body in _called(instr.attrs, "body"):
+                    f, b = self.walk(body, mult * trips, depth + 1)
+                    flops, bytes_ = flops + f, bytes_ + b
+                continue
+            if op == "call" or (op.startswith("async-start") or op == "async-start"):
+                for c in _called(instr.attrs, "to_apply") + _called(instr.attrs, "calls"):
+                    f, b = self.walk(c, mult, depth + 1)
+                    flops, bytes_ = flops + f, bytes_ + b
+                continue
+            if op == "conditional":
+                branches = (_called(instr.attrs, "branch_computations")
+                            + _called(instr.attrs, "true_computation")
+                            + _called(instr.attrs, "false_computation"))
+                costs = [self.walk(c, mult, depth + 1) for c in branches]
+                if costs:
+                    f, b = max(costs)
+                    flops, bytes_ = flops + f, bytes_ + b
+                continue
+            self.count_collective(instr, shapes, mult)
+            if op == "fusion":
+                for c in _called(instr.attrs, "calls"):
+                    flops += mult * self.fused_flops(c, mult)
+            else:
+                flops += mult * self.op_flops(instr, shapes)
+            bytes_ += mult * self.op_bytes(instr, shapes)
+        return flops, bytes_
+
+
+def analyze(hlo_text: str, unknown_trip_count: int = 1, scale_loops: bool = True) -> Work:
+    """The loop-scaled `Work` of one device's compiled HLO module (`compiled.as_text()`).
+    scale_loops=False counts every loop body once, as XLA's cost analysis (for comparison)."""
+    module = Module.parse(hlo_text)
+    walker = _Walker(module, unknown_trip_count, _constants_from_text(hlo_text))
+    walker.scale_loops = scale_loops
+    flops, bytes_ = walker.walk(module.entry, 1.0)
+    return Work(flops=flops, bytes=bytes_,
+                collectives={k: Collective(int(v[0]), v[1], v[2])
+                             for k, v in walker.collectives.items()},
+                loops=tuple(walker.loops))
+
+
+def _constants_from_text(text: str) -> Dict[Tuple[str, str], int]:
+    """(computation, name) -> value of every integer scalar constant ("s32[] constant(8)")."""
+    out, current = {}, None
+    for line in text.splitlines():
+        m = _HEADER.match(line)
+        if m:
+            current = m.group(2)
+            continue
+        c = re.match(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*[su](?:32|64)\[\]\S*\s+constant\((-?\d+)\)",
+                     line)
+        if c and current is not None:
+            out[(current, c.group(1))] = int(c.group(2))
+    return out
