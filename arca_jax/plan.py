@@ -169,7 +169,8 @@ def local_target(hbm_gib: Optional[float] = None) -> Target:
 
 
 # TPU_ACCELERATOR_TYPE of a slice: its name prefix and devices counted per chip in that name
-_ACCELERATOR_TYPES = {"v4": ("v4", 2), "v5e": ("v5litepod", 1), "v5p": ("v5p", 2), "v6e": ("v6e", 1)}
+_ACCELERATOR_TYPES = {"v4": ("v4", 2), "v5e": ("v5litepod", 1), "v5p": ("v5p", 2),
+                      "v6e": ("v6e", 1)}
 
 
 def ensure_tpu_compiler(libtpu_dir: Optional[str] = None, topology: Optional[str] = None) -> None:
@@ -179,7 +180,8 @@ def ensure_tpu_compiler(libtpu_dir: Optional[str] = None, topology: Optional[str
     `pip install --target DIR libtpu`, put on sys.path only here, so that plain CPU runs of the
     same environment never see it. libtpu's start-up looks for a TPU host; the variables that
     keep it quiet on a machine without one (TPU_ACCELERATOR_TYPE of `topology`,
-    TPU_WORKER_HOSTNAMES=localhost, TPU_SKIP_MDS_QUERY=1) are set unless already set, and the
+    TPU_WORKER_HOSTNAMES=localhost, TPU_SKIP_MDS_QUERY=1; ALLOW_MULTIPLE_LIBTPU_LOAD=1 so that
+    several plans can compile at once) are set unless already set, and the
     local JAX backend is kept to the CPU (jax_platforms=cpu) unless JAX_PLATFORMS says otherwise
     or a backend is already running: plan only compiles, it runs nothing."""
     libtpu_dir = libtpu_dir or os.environ.get(LIBTPU_DIR_ENV)
@@ -197,6 +199,8 @@ def ensure_tpu_compiler(libtpu_dir: Optional[str] = None, topology: Optional[str
         os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{prefix}-{math.prod(shape) * per_chip}")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    # compile-only: several plans may load libtpu at once (its lockfile guards real TPUs)
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     if not os.environ.get("JAX_PLATFORMS"):
         from jax._src import xla_bridge
 
@@ -568,7 +572,6 @@ class ProgramReport:
     name: str
     runs_per_step: int
     memory: Memory
-    fits: Optional[bool]
     xla_flops: float
     xla_bytes: float
     flops: float
@@ -605,8 +608,7 @@ def report_program(program: Program, target: Target) -> ProgramReport:
         roofline = max(t_flops, t_bytes)
         bound = "compute" if t_flops >= t_bytes else "memory"
         mfu = t_flops / roofline if roofline > 0 else None
-    fits = None if target.hbm_bytes is None else memory.peak <= target.hbm_bytes
-    return ProgramReport(program.name, program.runs_per_step, memory, fits, xla_flops, xla_bytes,
+    return ProgramReport(program.name, program.runs_per_step, memory, xla_flops, xla_bytes,
                          work.flops, work.bytes, work.loops, program.unknown_trip_count,
                          dict(work.collectives), roofline, bound, mfu, program.compile_s)
 
@@ -625,9 +627,15 @@ class Plan:
     programs: Tuple[ProgramReport, ...]
     problems: Tuple[str, ...]
 
+    def program_fits(self, report: ProgramReport) -> Optional[bool]:
+        """Whether the program's peak fits in the target's memory per device (None: unknown)."""
+        hbm = self.target.hbm_bytes
+        return None if hbm is None else report.memory.peak <= hbm
+
     @property
     def fits(self) -> Optional[bool]:
-        verdicts = [p.fits for p in self.programs]
+        """Every program fits and the trainer accepts the setting (None: no memory figure)."""
+        verdicts = [self.program_fits(p) for p in self.programs]
         if any(v is False for v in verdicts) or self.problems:
             return False
         return None if any(v is None for v in verdicts) else True
@@ -705,58 +713,70 @@ def _valid_tensors(config, devices: int) -> List[int]:
     return out
 
 
-def candidates(cfg: RunConfig, knobs: Knobs, devices: int) -> List[Tuple[str, Knobs]]:
-    """The changes to try, in order, each on top of the previous stage's: every device on fsdp,
-    then tensor axes (2, 4, ...), then remat, then microbatches doubled while the trainer
-    accepts them."""
+def changes(cfg: RunConfig, devices: int) -> List[Tuple[str, Any]]:
+    """The changes to try, in order, as (name, knobs -> changed knobs or None when it does not
+    apply): every device on fsdp; each tensor axis size (2, 4, ...) the model and the code
+    allow; remat; microbatches doubled (up to four times, while the trainer accepts them)."""
     config = model_config(cfg)
-    out = []
-    base = knobs
-    widest = Layout(1, devices // base.layout.tensor, base.layout.tensor)
-    if widest.fsdp > base.layout.fsdp:
-        base = dataclasses.replace(base, layout=widest)
-        out.append(("fsdp", base))
-    for t in _valid_tensors(config, devices):
-        if t > base.layout.tensor:
-            out.append(("tensor", dataclasses.replace(base, layout=Layout(1, devices // t, t))))
-    if not base.remat:
-        base = dataclasses.replace(base, remat=True)
-        out.append(("remat", base))
-    m = base.microbatches * 2
-    while cfg.batch_size % m == 0:
-        k = dataclasses.replace(base, microbatches=m)
-        if trainer_problems(cfg, k):
-            break
-        out.append(("microbatches", k))
-        m *= 2
-    return out
+
+    def fsdp(k: Knobs) -> Optional[Knobs]:
+        widest = Layout(1, devices // k.layout.tensor, k.layout.tensor)
+        return dataclasses.replace(k, layout=widest) if widest.fsdp > k.layout.fsdp else None
+
+    def tensor(t: int):
+        def change(k: Knobs) -> Optional[Knobs]:
+            return (dataclasses.replace(k, layout=Layout(1, devices // t, t))
+                    if t > k.layout.tensor else None)
+        return change
+
+    def remat(k: Knobs) -> Optional[Knobs]:
+        return None if k.remat else dataclasses.replace(k, remat=True)
+
+    def microbatches(k: Knobs) -> Optional[Knobs]:
+        more = dataclasses.replace(k, microbatches=k.microbatches * 2)
+        return None if trainer_problems(cfg, more) else more
+
+    return ([("fsdp", fsdp)] + [(f"tensor={t}", tensor(t)) for t in _valid_tensors(config, devices)]
+            + [("remat", remat)] + [("microbatches", microbatches)] * 4)
 
 
 def run(cfg: RunConfig, target: Target, layout: Optional[Layout] = None, options=None,
         search: bool = True, max_tries: int = 6, log=lambda text: None) -> Verdict:
     """Plans `cfg` on `target` (layout: `default_layout` when None); when it does not fit and
-    `search`, recompiles the `candidates` in order (at most `max_tries`) until one fits."""
+    `search`, looks for the smallest change that does (`find_fit`). options: XLA compiler
+    options for every compile (e.g. {"xla_backend_optimization_level": 0} in CPU tests)."""
     model_config(cfg)  # a model plan cannot build fails before anything compiles
     layout = layout or default_layout(cfg, target.size)
-    knobs = knobs_of(cfg, layout)
     log(f"compiling for {target.name}, mesh {layout}")
-    first = plan_once(cfg, target, knobs, options)
-    tried = [knobs]
+    first = plan_once(cfg, target, knobs_of(cfg, layout), options)
     if first.fits is not False or not search:
-        return Verdict(first, None, tuple(tried))
-    best = None
-    last = first
-    for what, k in candidates(cfg, knobs, target.size)[:max_tries]:
+        return Verdict(first, None, (first.knobs,))
+    return find_fit(cfg, first, options, max_tries, log)
+
+
+def find_fit(cfg: RunConfig, first: Plan, options=None, max_tries: int = 6,
+             log=lambda text: None) -> Verdict:
+    """Tries the `changes` of a plan that does not fit, in order, each recompiled on the same
+    target (at most `max_tries` compiles), until one fits. A change that lowers the peak memory
+    is kept for the next ones; one that does not is dropped, so the answer is the smallest
+    combination found along the way."""
+    best, tried, by_layout = first, [first.knobs], {first.knobs.layout: first}
+    for what, change in changes(cfg, first.target.size):
+        k = change(best.knobs)
+        if k is None or k in tried:
+            continue
+        if len(tried) > max_tries:
+            break
         log(f"does not fit; trying {what}: mesh {k.layout}, remat {k.remat}, "
             f"microbatches {k.microbatches}")
-        reuse = last if last.knobs.layout == k.layout else None
-        p = plan_once(cfg, target, k, options, reuse=reuse)
+        p = plan_once(cfg, first.target, k, options, reuse=by_layout.get(k.layout))
         tried.append(k)
-        last = p
+        by_layout.setdefault(k.layout, p)
         if p.fits:
+            return Verdict(first, p, tuple(tried))
+        if p.peak_bytes < best.peak_bytes and not p.problems:
             best = p
-            break
-    return Verdict(first, best, tuple(tried))
+    return Verdict(first, None, tuple(tried))
 
 
 # --------------------------------------------------------------------------------------------
@@ -792,14 +812,14 @@ def plan_json(p: Plan) -> dict:
         "update_s": p.update_s,
         "rollout_s": p.rollout_s,
         "step_s": None if p.update_s is None or p.rollout_s is None else p.update_s + p.rollout_s,
-        "programs": [_program_json(r) for r in p.programs],
+        "programs": [dict(_program_json(r), fits=p.program_fits(r)) for r in p.programs],
     }
 
 
 def _program_json(r: ProgramReport) -> dict:
     m = r.memory
     return {
-        "name": r.name, "runs_per_step": r.runs_per_step, "fits": r.fits,
+        "name": r.name, "runs_per_step": r.runs_per_step,
         "memory_bytes": {"argument": m.argument, "output": m.output, "temp": m.temp,
                          "alias": m.alias, "code": m.code, "total": m.total,
                          "resident": m.resident, "peak": m.peak},
@@ -840,6 +860,10 @@ def _fmt_s(s: Optional[float]) -> str:
     return f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.2f} s"
 
 
+def _yes_no(v: Optional[bool]) -> str:
+    return "-" if v is None else ("yes" if v else "NO")
+
+
 def format_plan(p: Plan) -> str:
     t = p.target
     lines = [f"{p.model} on {t.name}, {t.chip.name}: mesh {p.knobs.layout}, remat "
@@ -857,7 +881,7 @@ def format_plan(p: Plan) -> str:
         lines.append(
             f"  {r.name:<15} {_fmt_bytes(m.argument):>5} {_fmt_bytes(m.output):>4} "
             f"{_fmt_bytes(m.temp):>5} {_fmt_bytes(m.alias):>5} {_fmt_bytes(m.total):>6} "
-            f"{_fmt_bytes(m.peak):>9}  {'-' if r.fits is None else ('yes' if r.fits else 'NO'):>4}"
+            f"{_fmt_bytes(m.peak):>9}  {_yes_no(p.program_fits(r)):>4}"
             f" {r.flops / 1e12:7.3f} {r.bytes / 1e9:6.2f} {_fmt_s(r.roofline_s):>10}  "
             f"{r.bound or '-':<7} {'-' if r.mfu is None else f'{r.mfu:.2f}':>4}  {coll or '-'}")
     lines.append(f"  per step: update {_fmt_s(p.update_s)}, rollout {_fmt_s(p.rollout_s)} "
@@ -877,7 +901,8 @@ def format_text(v: Verdict) -> str:
     elif v.suggestion is not None:
         out.append("verdict: does not fit; the smallest change that fits:")
         out.append(format_plan(v.suggestion))
-        out.append("  train with: " + " ".join(f"--set {o}" for o in v.suggestion.knobs.overrides()))
+        out.append("  train with: "
+                   + " ".join(f"--set {o}" for o in v.suggestion.knobs.overrides()))
     else:
         out.append(f"verdict: does not fit, and none of the {len(v.tried) - 1} changes tried fits")
     out.append("note: " + NOTES)

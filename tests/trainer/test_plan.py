@@ -1,0 +1,280 @@
+"""`arca-jax plan` on the tiny embedded model for the local CPU devices (8 forced host devices):
+the report's fields, memory against an independent estimate, the loop scaling of the decode loop
+and the microbatch scan, a "does not fit" verdict with the change that fits, the exit-2 paths,
+and (with libtpu) a compile for a TPU slice."""
+
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from arca_jax import cli, config, hlostats, plan, qwen3
+
+FAST = {"xla_backend_optimization_level": 0}  # CPU compile speed; memory and shapes unchanged
+# 4 prompts x 8 = 32 rows of 16 + 16 tokens, two microbatches, on a (data 2, fsdp 4) mesh
+OVERRIDES = ["rollout.prompts_per_step=4", "rollout.group_size=8", "rollout.max_prompt_tokens=16",
+             "rollout.max_new_tokens=16", "train.microbatches=2"]
+LAYOUT = plan.Layout(2, 4, 1)
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return config.load(None, OVERRIDES)
+
+
+@pytest.fixture(scope="module")
+def tiny_plan(cfg):
+    return plan.run(cfg, plan.local_target(), LAYOUT, options=FAST, search=False).plan
+
+
+def _report(p, name):
+    return next(r for r in p.programs if r.name == name)
+
+
+def test_json_fields(tiny_plan):
+    j = json.loads(json.dumps(plan.to_json(plan.Verdict(tiny_plan, None, (tiny_plan.knobs,)))))
+    p = j["plan"]
+    assert p["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert p["global_batch"] == {"rows": 32, "tokens_per_row": 32, "tokens": 1024}
+    assert p["sampler"]["decode_steps"] == 15
+    assert p["target"]["platform"] == "cpu" and p["target"]["devices"] == 8
+    assert p["target"]["peak_flops_per_device"] is None  # no published CPU peak: no roofline
+    assert p["fits"] is True and p["problems"] == []
+    assert "train.microbatches=2" in p["trainer_overrides"]
+    assert [r["name"] for r in p["programs"]] == ["train_step", "prepare_weights", "prefill",
+                                                  "decode"]
+    for r in p["programs"]:
+        mem = r["memory_bytes"]
+        assert set(mem) == {"argument", "output", "temp", "alias", "code", "total", "resident",
+                            "peak"}
+        assert mem["argument"] > 0 and mem["output"] > 0 and mem["total"] > 0
+        assert mem["peak"] == mem["total"] + mem["resident"]
+        assert r["flops"] > 0 and r["bytes"] > 0 and r["fits"] is True
+        assert r["roofline_s"] is None and r["mfu"] is None
+        assert set(r["collectives"]) == set(hlostats.COLLECTIVES)
+    train = p["programs"][0]
+    assert train["collectives"]["all-gather"]["ops"] > 0  # fsdp gathers the base weights
+    assert "once" in train["xla_cost_analysis"]["note"] and "once" in j["notes"]
+    assert "verdict: fits" in plan.format_text(plan.Verdict(tiny_plan, None, ()))
+
+
+def _param_bytes(cfg):
+    shapes = qwen3.param_shapes(plan.model_config(cfg), jnp.dtype(cfg.model.dtype))
+    return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(shapes))
+
+
+def test_memory_against_shapes(cfg, tiny_plan):
+    """The train step's arguments hold each device's share of the base weights (at least
+    1/fsdp of them; replicated leaves in full), the adapter, its two Adam moments and the batch."""
+    params = _param_bytes(cfg)
+    c = plan.model_config(cfg)
+    r, D, I, L = cfg.lora.rank, c.hidden_size, c.intermediate_size, c.num_hidden_layers
+    N, K, H = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    dims = [(D, N * H), (D, K * H), (D, K * H), (N * H, D), (D, I), (D, I), (I, D)]
+    lora = 4 * L * sum(r * (i + o) for i, o in dims)  # float32 A [in, r] and B [r, out]
+    batch = 32 * 32 * (4 * 6)  # 32 rows x 32 tokens: 4 int32 and 2 float32 columns
+    train = _report(tiny_plan, "train_step").memory
+    assert train.argument >= params / LAYOUT.fsdp + 3 * lora + batch / LAYOUT.size
+    assert train.argument <= params + 3 * lora + 2 * batch
+    assert train.alias > 0  # the donated train state
+    decode = _report(tiny_plan, "decode").memory
+    assert decode.resident >= params / LAYOUT.fsdp + 3 * lora  # weights + state stay live
+    assert tiny_plan.peak_bytes == max(r.memory.peak for r in tiny_plan.programs)
+
+
+def test_loop_scaling(cfg, tiny_plan):
+    """XLA counts a loop body once: the decode loop is scaled by its 15 steps, the train step by
+    its layer scans (3 layers) inside the 2-microbatch scan."""
+    decode = _report(tiny_plan, "decode")
+    assert decode.unknown_trip_count == 15 and None in decode.loops
+    assert 0.7 * 15 < decode.flops / decode.xla_flops < 1.3 * 15
+    train = _report(tiny_plan, "train_step")
+    assert 2 in train.loops and 3 in train.loops
+    assert train.flops > 4 * train.xla_flops
+    prefill = _report(tiny_plan, "prefill")  # no loop: the two counts agree
+    assert prefill.flops == pytest.approx(prefill.xla_flops, rel=0.1)
+
+
+def test_does_not_fit_and_the_change_that_fits(monkeypatch, cfg, tiny_plan):
+    """Memory just below the plan's peak: "does not fit". Every device on fsdp does not lower the
+    tiny model's peak (more weight gathering), so it is dropped; remat on the original mesh
+    fits. (No tensor axis here, to keep the test to two compiles.)"""
+    monkeypatch.setattr(plan, "tensor_supported", lambda: False)
+    small = dataclasses.replace(tiny_plan.target, hbm_bytes=tiny_plan.peak_bytes - 1)
+    first = dataclasses.replace(tiny_plan, target=small)
+    assert first.fits is False
+    verdict = plan.find_fit(cfg, first, options=FAST, max_tries=2)
+    assert [k.layout for k in verdict.tried] == [LAYOUT, plan.Layout(1, 8, 1), LAYOUT]
+    assert verdict.suggestion is not None and verdict.suggestion.fits
+    assert verdict.suggestion.knobs == plan.Knobs(LAYOUT, True, 2)
+    assert verdict.suggestion.peak_bytes < tiny_plan.peak_bytes
+    # the sampler's programs did not change: reused, not recompiled
+    assert verdict.suggestion.programs[1:] == tiny_plan.programs[1:]
+    text = plan.format_text(verdict)
+    assert "does not fit" in text and "--set grpo.remat=true" in text
+    j = plan.to_json(verdict)
+    assert j["plan"]["fits"] is False and j["suggestion"]["fits"] is True
+
+
+def test_changes_in_order(cfg):
+    knobs = plan.Knobs(plan.Layout(2, 4, 1), False, 2)
+    got = plan.changes(cfg, 8)
+    names = [w for w, _ in got]
+    assert names[0] == "fsdp" and names[-5:] == ["remat"] + ["microbatches"] * 4
+    changed = dict(got)
+    assert changed["fsdp"](knobs).layout == plan.Layout(1, 8, 1)
+    assert changed["fsdp"](changed["fsdp"](knobs)) is None
+    assert changed["remat"](knobs) == plan.Knobs(plan.Layout(2, 4, 1), True, 2)
+    assert changed["microbatches"](knobs).microbatches == 4
+    assert changed["microbatches"](dataclasses.replace(knobs, microbatches=4)) is None  # 32 / 8
+    if plan.tensor_supported():  # the tiny model has 4 heads: tensor 2 and 4
+        assert "tensor=2" in names and changed["tensor=2"](knobs).layout == plan.Layout(1, 4, 2)
+
+
+def test_trainer_problems(cfg):
+    assert plan.trainer_problems(cfg, plan.Knobs(plan.Layout(1, 8, 1), False, 2)) == []
+    problems = plan.trainer_problems(cfg, plan.Knobs(plan.Layout(1, 8, 1), False, 8))
+    assert "divisible by the 8 devices" in problems[0]
+
+
+def test_layout_and_topology_parsing():
+    assert plan.Layout.parse("1,8,1", 8) == plan.Layout(1, 8, 1)
+    assert plan.Layout.parse("2,4", 8) == plan.Layout(2, 4, 1)
+    for bad in ("2,2,1", "a,b", "0,8,1"):
+        with pytest.raises(plan.PlanError):
+            plan.Layout.parse(bad, 8)
+    assert plan.parse_topology("v5e:4x4") == ("v5e", (4, 4))
+    assert plan.parse_topology("v5p:2x2x4") == ("v5p", (2, 2, 4))
+    for bad in ("v5e", "v5e:4x", "v9:2x2", "cpu:2x2"):
+        with pytest.raises(plan.PlanError):
+            plan.parse_topology(bad)
+
+
+def test_model_from_preset_without_weights():
+    cfg = config.load(None, ["model.path=Qwen/Qwen3-32B-Base"])
+    assert plan.model_config(cfg) == qwen3.preset("Qwen3-32B")
+    with pytest.raises(plan.PlanError, match="no preset"):
+        plan.model_config(config.load(None, ["model.path=Qwen/Qwen3-3B"]))
+
+
+def test_cli_json(monkeypatch, capsys, tiny_plan):
+    """The command prints the verdict's JSON (the compile itself is the fixture's)."""
+    seen = {}
+
+    def fake_run(cfg, target, layout, search, log):
+        seen.update(layout=layout, search=search, rows=cfg.batch_size)
+        return plan.Verdict(tiny_plan, None, (tiny_plan.knobs,))
+
+    monkeypatch.setattr(plan, "run", fake_run)
+    assert cli.main(["plan", "--json", "--mesh", "2,4,1", "--no-search"]
+                    + [a for o in OVERRIDES for a in ("--set", o)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["plan"]["fits"] is True and out["plan"]["mesh"]["fsdp"] == 4
+    assert seen == dict(layout=LAYOUT, search=False, rows=32)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--mesh", "3,3,1"], "--mesh '3,3,1': 9 devices, the target has 8"),
+    (["--set", "model.path=Qwen/Qwen3-3B"], "no preset of that name"),
+    (["--topology", "v5e:4x"], "expected GENERATION:AxB"),
+    (["--hbm", "0"], "--hbm must be a positive"),
+])
+def test_cli_bad_input_exits_2(capsys, argv, message):
+    assert cli.main(["plan"] + argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_without_libtpu_says_how_to_install(monkeypatch, capsys):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "libtpu" else real(name, *a))
+    monkeypatch.delenv(plan.LIBTPU_DIR_ENV, raising=False)
+    monkeypatch.delenv("TPU_LIBRARY_PATH", raising=False)
+    assert cli.main(["plan", "--topology", "v5e:2x2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "pip install 'arca-jax[tpu]'" in err and len(err.splitlines()) == 1
+
+
+def _libtpu_available() -> bool:
+    d = os.environ.get(plan.LIBTPU_DIR_ENV)
+    return (importlib.util.find_spec("libtpu") is not None
+            or bool(d and os.path.isdir(os.path.join(d, "libtpu"))))
+
+
+@pytest.mark.skipif(not _libtpu_available(),
+                    reason="needs libtpu: pip install 'arca-jax[tpu]', or pip install --target "
+                           "DIR libtpu and set ARCA_JAX_LIBTPU_DIR=DIR")
+def test_tpu_topology(cfg):
+    """Compiles the tiny model's programs for a v5e 2x2 slice with libtpu (no TPU needed)."""
+    target = plan.tpu_target("v5e:2x2")
+    assert target.size == 4 and target.chip.name == "TPU v5e"
+    assert target.hbm_bytes == 16 * plan.GiB and target.peak_flops == 197e12
+    p = plan.run(cfg, target, search=False).plan
+    assert p.knobs.layout == plan.Layout(1, 4, 1) and p.fits
+    for r in p.programs:
+        assert r.memory.argument > 0 and r.roofline_s > 0 and r.bound in ("compute", "memory")
+        assert 0 < r.mfu <= 1
+    assert p.update_s > 0 and p.rollout_s > 0
+    decode = _report(p, "decode")
+    assert decode.flops > 10 * decode.xla_flops  # 15 decode steps, counted once by XLA
+
+
+# --------------------------------------------------------------------------------------------
+# hlostats on small programs
+# --------------------------------------------------------------------------------------------
+
+
+def _matmuls(x, w):
+    return jax.lax.scan(lambda c, wi: (jnp.tanh(c @ wi), None), x, w)[0]
+
+
+def _xla_flops(compiled):
+    cost = compiled.cost_analysis()
+    return (cost[0] if isinstance(cost, list) else cost)["flops"]
+
+
+def test_hlostats_scales_scan_bodies():
+    x = jax.ShapeDtypeStruct((64, 128), jnp.float32)
+    w = jax.ShapeDtypeStruct((6, 128, 128), jnp.float32)
+    compiled = jax.jit(_matmuls).lower(x, w).compile()
+    text = compiled.as_text()
+    once = hlostats.analyze(text, scale_loops=False)
+    work = hlostats.analyze(text)
+    assert work.loops == (6,)
+    assert once.flops == pytest.approx(_xla_flops(compiled), rel=0.05)  # XLA: the body once
+    assert work.flops == pytest.approx(6 * once.flops, rel=0.05)
+    assert once.flops >= 2 * 64 * 128 * 128
+
+
+def test_hlostats_unknown_trip_count():
+    def loop(x, n):
+        return jax.lax.while_loop(lambda c: c[1] < n, lambda c: (c[0] @ c[0], c[1] + 1),
+                                  (x, 0))[0]
+
+    x = jax.ShapeDtypeStruct((32, 32), jnp.float32)
+    text = jax.jit(loop).lower(x, jax.ShapeDtypeStruct((), jnp.int32)).compile().as_text()
+    assert hlostats.analyze(text, unknown_trip_count=10).loops == (None,)
+    ten, one = (hlostats.analyze(text, unknown_trip_count=n).flops for n in (10, 1))
+    assert ten == pytest.approx(10 * one, rel=0.05) and one >= 2 * 32 ** 3
+
+
+def test_hlostats_counts_collectives():
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:4]), ("d",))
+    spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("d"))
+    x = jax.ShapeDtypeStruct((8, 16), jnp.float32, sharding=spec)
+    text = jax.jit(lambda a: jnp.sum(a, axis=0)).lower(x).compile().as_text()
+    work = hlostats.analyze(text)
+    assert work.collectives["all-reduce"].ops >= 1 and work.collectives["all-reduce"].runs >= 1
+    assert work.collectives["all-reduce"].bytes >= 16 * 4
+
+
+def test_hlostats_shapes():
+    assert hlostats.type_bytes("(f32[2,3]{1,0}, bf16[4], s32[], pred[8])") == 24 + 8 + 4 + 8
+    assert hlostats.array_shapes("bf16[3,16,64]{2,1,0:T(8,128)(2,1)S(1)}") == [("bf16", (3, 16, 64))]
