@@ -128,8 +128,11 @@ def _parse_instr(line: str) -> Optional[Tuple[bool, Instr]]:
         if depth == 0:
             end = i
             break
-    operands = tuple(_NAME.findall(rest[start + 1:end]))
-    return root, Instr(name, type_text, opcode, operands, rest[end + 1:])
+    inside = rest[start + 1:end]
+    attrs = rest[end + 1:]
+    if opcode == "parameter":  # keep its number: parameter(3)
+        attrs = f"parameter_number={inside.strip()} {attrs}"
+    return root, Instr(name, type_text, opcode, tuple(_NAME.findall(inside)), attrs)
 
 
 @dataclasses.dataclass
@@ -238,16 +241,37 @@ class _Walker:
         return {i.name: i.type for i in self.m.computations[comp]}
 
     def trip_count(self, instr: Instr) -> Optional[int]:
-        """A while loop's trip count: XLA's annotation, else n of a condition `i < n`."""
+        """A while loop's trip count: XLA's annotation, else n of a condition `i < n` with n a
+        constant (the compare may sit inside a fusion); None when the bound is not constant."""
         m = re.search(r'"known_trip_count":\{"n":"(\d+)"', instr.attrs)
         if m:
             return int(m.group(1))
         cond = _called(instr.attrs, "condition")
         root = self.m.roots.get(cond[0]) if cond else None
-        if (root is None or root.opcode != "compare" or "direction=LT" not in root.attrs
-                or len(root.operands) != 2):
+        if root is None or len(root.operands) != 2:
             return None
-        return self.constants.get((cond[0], root.operands[1]))
+        bound = root.operands[1]
+        if root.opcode == "fusion":  # the compare fused: its bound a fused constant or operand
+            fused = _called(root.attrs, "calls")
+            inner = self.m.roots.get(fused[0]) if fused else None
+            if inner is None or inner.opcode != "compare" or len(inner.operands) != 2:
+                return None
+            if "direction=LT" in inner.attrs and (fused[0], inner.operands[1]) in self.constants:
+                return self.constants[(fused[0], inner.operands[1])]
+            index = self._parameter_index(fused[0], inner.operands[1])
+            if index is None or index >= len(root.operands):
+                return None
+            bound, root = root.operands[index], inner
+        if root.opcode != "compare" or "direction=LT" not in root.attrs:
+            return None
+        return self.constants.get((cond[0], bound))
+
+    def _parameter_index(self, comp: str, name: str) -> Optional[int]:
+        for i in self.m.computations[comp]:
+            if i.name == name and i.opcode == "parameter":
+                m = re.match(r"parameter_number=(\d+)", i.attrs)
+                return int(m.group(1)) if m else None
+        return None
 
     def op_flops(self, instr: Instr, shapes: Mapping[str, str]) -> float:
         op = instr.opcode

@@ -278,3 +278,45 @@ def test_hlostats_counts_collectives():
 def test_hlostats_shapes():
     assert hlostats.type_bytes("(f32[2,3]{1,0}, bf16[4], s32[], pred[8])") == 24 + 8 + 4 + 8
     assert hlostats.array_shapes("bf16[3,16,64]{2,1,0:T(8,128)(2,1)S(1)}") == [("bf16", (3, 16, 64))]
+
+
+FUSED_CONDITION = """HloModule m
+
+%body (p: (s32[], f32[4,4])) -> (s32[], f32[4,4]) {
+  %p = (s32[], f32[4,4]) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %x = f32[4,4] get-tuple-element(%p), index=1
+  %one = s32[] constant(1)
+  %next = s32[] add(%i, %one)
+  %y = f32[4,4] dot(%x, %x), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  ROOT %t = (s32[], f32[4,4]) tuple(%next, %y)
+}
+
+%fused_lt (param_0: s32[], param_1: s32[]) -> pred[] {
+  %param_0 = s32[] parameter(0)
+  %param_1 = s32[] parameter(1)
+  ROOT %lt = pred[] compare(%param_0, %param_1), direction=LT
+}
+
+%cond (c: (s32[], f32[4,4])) -> pred[] {
+  %c = (s32[], f32[4,4]) parameter(0)
+  %n = s32[] constant(7)
+  %j = s32[] get-tuple-element(%c), index=0
+  ROOT %f = pred[] fusion(%j, %n), kind=kLoop, calls=%fused_lt
+}
+
+ENTRY %main (a: f32[4,4]) -> f32[4,4] {
+  %a = f32[4,4] parameter(0)
+  %zero = s32[] constant(0)
+  %init = (s32[], f32[4,4]) tuple(%zero, %a)
+  %w = (s32[], f32[4,4]) while(%init), condition=%cond, body=%body
+  ROOT %out = f32[4,4] get-tuple-element(%w), index=1
+}
+"""
+
+
+def test_hlostats_bound_of_a_fused_condition():
+    """TPU's HLO has no known_trip_count: the bound is read from `i < n`, here inside a fusion."""
+    work = hlostats.analyze(FUSED_CONDITION, unknown_trip_count=99)
+    assert work.loops == (7,)
+    assert work.flops == 7 * (2 * 4 * 4 * 4 + 1)  # the dot and the counter's add, 7 times
