@@ -154,6 +154,9 @@ def _add_plan(sub):
                         "$ARCA_JAX_LIBTPU_DIR, else an installed libtpu")
     p.add_argument("--no-search", dest="search", action="store_false",
                    help="report the given setting only, without trying changes that fit")
+    p.add_argument("--max-tries", type=int, default=6, metavar="N",
+                   help="at most N recompiled settings when looking for one that fits "
+                        "(default 6)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
@@ -299,7 +302,10 @@ def cmd_plan(args) -> int:
         target = plan.local_target(args.hbm)
     layout = plan.Layout.parse(args.mesh, target.size) if args.mesh else None
     log = (lambda text: print(f"plan: {text}", file=sys.stderr)) if args.json else print
-    verdict = plan.run(cfg, target, layout, search=args.search, log=log)
+    if args.max_tries < 1:
+        raise config.ConfigError(f"--max-tries must be >= 1, got {args.max_tries}")
+    verdict = plan.run(cfg, target, layout, search=args.search, max_tries=args.max_tries,
+                       log=log)
     if args.json:
         print(json.dumps(plan.to_json(verdict), indent=2))
     else:

@@ -662,7 +662,7 @@ class Plan:
 
 
 def plan_once(cfg: RunConfig, target: Target, knobs: Knobs, options=None,
-              reuse: Optional[Plan] = None) -> Plan:
+              reuse: Optional[Plan] = None, log=lambda text: None) -> Plan:
     """Compiles every program of `knobs` on `target` and reports them. `reuse`: a plan of the
     same layout whose sampler programs are still valid (only remat or microbatches changed)."""
     config = model_config(cfg)
@@ -670,13 +670,16 @@ def plan_once(cfg: RunConfig, target: Target, knobs: Knobs, options=None,
     shapes = Shapes.of(cfg, target.size)
     params, state, optimizer = abstract_model(cfg, config, mesh)
     batch = abstract_batch(cfg, shapes, mesh)
-    reports = [report_program(compile_train_step(cfg, config, mesh, knobs, params, state,
-                                                 optimizer, batch, options), target)]
+    train = compile_train_step(cfg, config, mesh, knobs, params, state, optimizer, batch, options)
+    log(f"compiled train_step in {train.compile_s:.0f} s")
+    reports = [report_program(train, target)]
     if reuse is not None and reuse.knobs.layout == knobs.layout:
         reports += [p for p in reuse.programs if p.name != "train_step"]
     else:
-        reports += [report_program(p, target) for p in compile_sampler(
-            cfg, config, mesh, shapes, params, state, target.platform, options)]
+        sampler = compile_sampler(cfg, config, mesh, shapes, params, state, target.platform,
+                                  options)
+        log("compiled " + ", ".join(f"{p.name} in {p.compile_s:.0f} s" for p in sampler))
+        reports += [report_program(p, target) for p in sampler]
     return Plan(cfg.model.path, target, knobs, shapes, tuple(reports),
                 tuple(trainer_problems(cfg, knobs)))
 
@@ -748,7 +751,7 @@ def run(cfg: RunConfig, target: Target, layout: Optional[Layout] = None, options
     model_config(cfg)  # a model plan cannot build fails before anything compiles
     layout = layout or default_layout(cfg, target.size)
     log(f"compiling for {target.name}, mesh {layout}")
-    first = plan_once(cfg, target, knobs_of(cfg, layout), options)
+    first = plan_once(cfg, target, knobs_of(cfg, layout), options, log=log)
     if first.fits is not False or not search:
         return Verdict(first, None, (first.knobs,))
     return find_fit(cfg, first, options, max_tries, log)
@@ -769,7 +772,7 @@ def find_fit(cfg: RunConfig, first: Plan, options=None, max_tries: int = 6,
             break
         log(f"does not fit; trying {what}: mesh {k.layout}, remat {k.remat}, "
             f"microbatches {k.microbatches}")
-        p = plan_once(cfg, first.target, k, options, reuse=by_layout.get(k.layout))
+        p = plan_once(cfg, first.target, k, options, reuse=by_layout.get(k.layout), log=log)
         tried.append(k)
         by_layout.setdefault(k.layout, p)
         if p.fits:

@@ -167,7 +167,7 @@ def test_cli_json(monkeypatch, capsys, tiny_plan):
     """The command prints the verdict's JSON (the compile itself is the fixture's)."""
     seen = {}
 
-    def fake_run(cfg, target, layout, search, log):
+    def fake_run(cfg, target, layout, search, max_tries, log):
         seen.update(layout=layout, search=search, rows=cfg.batch_size)
         return plan.Verdict(tiny_plan, None, (tiny_plan.knobs,))
 
