@@ -157,6 +157,9 @@ def _add_plan(sub):
     p.add_argument("--max-tries", type=int, default=6, metavar="N",
                    help="at most N recompiled settings when looking for one that fits "
                         "(default 6)")
+    p.add_argument("--eval", dest="evaluation", action="store_true",
+                   help="also compile the evaluation's pass@k sampling (eval_batch_size x pass_k "
+                        "rows; runs every train.eval_every steps)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
@@ -305,7 +308,7 @@ def cmd_plan(args) -> int:
     if args.max_tries < 1:
         raise config.ConfigError(f"--max-tries must be >= 1, got {args.max_tries}")
     verdict = plan.run(cfg, target, layout, search=args.search, max_tries=args.max_tries,
-                       log=log)
+                       log=log, evaluation=args.evaluation)
     if args.json:
         print(json.dumps(plan.to_json(verdict), indent=2))
     else:

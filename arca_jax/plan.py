@@ -391,7 +391,9 @@ def device_bytes(tree) -> int:
 class Shapes:
     """The run's sizes. rows B (completions per step), T = P + N tokens per training row;
     sampler rows B' (B rounded up to the device count), prompt width P' and generation width N'
-    (bucketed to powers of two, at least 16, as `sampling.generate`)."""
+    (bucketed to powers of two, at least 16, as `sampling.generate`); eval_rows: the rows of the
+    evaluation's largest pass@k chunk (min(eval_batch_size, num_eval_problems) x pass_k, rounded
+    up to the device count), 0 when the evaluation is not planned."""
 
     rows: int
     prompt: int
@@ -399,18 +401,22 @@ class Shapes:
     sampler_rows: int
     sampler_prompt: int
     sampler_new_tokens: int
+    eval_rows: int = 0
 
     @property
     def tokens(self) -> int:
         return self.prompt + self.new_tokens
 
     @classmethod
-    def of(cls, cfg: RunConfig, devices: int) -> "Shapes":
-        r = cfg.rollout
+    def of(cls, cfg: RunConfig, devices: int, evaluation: bool = False) -> "Shapes":
+        r, t = cfg.rollout, cfg.train
         rows = cfg.batch_size
-        return cls(rows, r.max_prompt_tokens, r.max_new_tokens, -(-rows // devices) * devices,
+        eval_rows = (min(t.eval_batch_size, cfg.task.num_eval_problems)
+                     * (t.pass_k or r.group_size)) if evaluation else 0
+        up = lambda n: -(-n // devices) * devices  # noqa: E731
+        return cls(rows, r.max_prompt_tokens, r.max_new_tokens, up(rows),
                    sampling.bucket_size(r.max_prompt_tokens, 16),
-                   sampling.bucket_size(r.max_new_tokens, 16))
+                   sampling.bucket_size(r.max_new_tokens, 16), up(eval_rows) if eval_rows else 0)
 
 
 def _state_shardings(state, mesh, config):
@@ -498,7 +504,32 @@ def compile_sampler(cfg: RunConfig, config, mesh, shapes: Shapes, params, state,
                     options=None) -> List[Program]:
     """The sampler's programs as `sampling.generate` calls them in a rollout: weight
     preparation (low-rank adapter, not merged), prefill and the decode loop, each on the
-    previous one's output layout."""
+    previous one's output layout; with `shapes.eval_rows`, also the evaluation's pass@k
+    sampling (its largest chunk), which runs every train.eval_every steps, not every step."""
+    rep = NamedSharding(mesh, P())
+    sd = jax.ShapeDtypeStruct
+    attention = "reduce" if platform == "cpu" else "dot"  # qwen3.default_decode_attention
+    lora = state.lora
+    resident = device_bytes(params) + device_bytes(state)  # live while the sampler runs
+    prep_kw = dict(lora=lora, lora_scale=sd((), jnp.float32, sharding=rep), merge_lora=False,
+                   decode_attention=attention, **_with_mesh(sampling.prepare_weights_jit, mesh))
+    if "decode_attention" not in inspect.signature(sampling.prepare_weights_jit).parameters:
+        prep_kw.pop("decode_attention")
+    prep, t_prep = _compile(sampling.prepare_weights_jit.lower(params, config, **prep_kw), options)
+    weights = _outputs(prep)
+    programs = [Program("prepare_weights", prep, device_bytes(state) - device_bytes(lora), 1, 1,
+                        t_prep)]
+    programs += _generate(cfg, config, mesh, weights, shapes.sampler_rows, shapes, resident, "",
+                          1, options)
+    if shapes.eval_rows:
+        programs += _generate(cfg, config, mesh, weights, shapes.eval_rows, shapes, resident,
+                              "eval_", 0, options)
+    return programs
+
+
+def _generate(cfg: RunConfig, config, mesh, weights, rows: int, shapes: Shapes, resident: int,
+              prefix: str, runs: int, options) -> List[Program]:
+    """Prefill [rows, P'] and the decode loop of N' columns on prepared `weights`."""
     r = cfg.rollout
     eos = config.eos_token_id if config.eos_token_id is not None else 0
     pad = config.pad_token_id if config.pad_token_id is not None else eos
@@ -507,32 +538,18 @@ def compile_sampler(cfg: RunConfig, config, mesh, shapes: Shapes, params, state,
                                        eos_ids=(eos,), pad_id=pad)
     rep = NamedSharding(mesh, P())
     sd = jax.ShapeDtypeStruct
-    attention = "reduce" if platform == "cpu" else "dot"  # qwen3.default_decode_attention
-    lora = state.lora
-    param_bytes, state_bytes = device_bytes(params), device_bytes(state)
-    lora_bytes = device_bytes(lora)
-
-    prep_kw = dict(lora=lora, lora_scale=sd((), jnp.float32, sharding=rep), merge_lora=False,
-                   decode_attention=attention, **_with_mesh(sampling.prepare_weights_jit, mesh))
-    if "decode_attention" not in inspect.signature(sampling.prepare_weights_jit).parameters:
-        prep_kw.pop("decode_attention")
-    prep, t_prep = _compile(sampling.prepare_weights_jit.lower(params, config, **prep_kw), options)
-    weights = _outputs(prep)
-
-    rows = NamedSharding(mesh, parallel.batch_spec(shapes.sampler_rows, mesh))
-    prompts = sd((shapes.sampler_rows, shapes.sampler_prompt), jnp.int32, sharding=rows)
-    key = sd((2,), jnp.uint32, sharding=rep)
+    layout = NamedSharding(mesh, parallel.batch_spec(rows, mesh))
+    prompts = sd((rows, shapes.sampler_prompt), jnp.int32, sharding=layout)
     pre, t_pre = _compile(sampling.prefill_jit.lower(
-        weights, prompts, prompts, config=config, settings=settings, rng=key,
-        limit=sd((), jnp.int32, sharding=rep), **_with_mesh(sampling.prefill, mesh)), options)
-    sampler_state = _outputs(pre)
+        weights, prompts, prompts, config=config, settings=settings,
+        rng=sd((2,), jnp.uint32, sharding=rep), limit=sd((), jnp.int32, sharding=rep),
+        **_with_mesh(sampling.prefill, mesh)), options)
     dec, t_dec = _compile(sampling.decode_jit.lower(
-        weights, sampler_state, config=config, settings=settings,
+        weights, _outputs(pre), config=config, settings=settings,
         **_with_mesh(sampling.decode, mesh)), options)
     steps = max(shapes.new_tokens - 1, 1)  # prefill samples column 0; the loop the rest
-    return [Program("prepare_weights", prep, state_bytes - lora_bytes, 1, 1, t_prep),
-            Program("prefill", pre, param_bytes + state_bytes, 1, 1, t_pre),
-            Program("decode", dec, param_bytes + state_bytes, steps, 1, t_dec)]
+    return [Program(prefix + "prefill", pre, resident, 1, runs, t_pre),
+            Program(prefix + "decode", dec, resident, steps, runs, t_dec)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -656,18 +673,26 @@ class Plan:
         return self.seconds(("train_step",))
 
     @property
+    def eval_chunk_s(self) -> Optional[float]:
+        """Roofline seconds of one evaluation chunk's pass@k sampling (None: not planned)."""
+        times = [p.roofline_s for p in self.programs if p.name.startswith("eval_")]
+        return None if not times or None in times else sum(times)
+
+    @property
     def rollout_s(self) -> Optional[float]:
         """Roofline seconds of one rollout: weight preparation, prefill, max_new_tokens decodes."""
         return self.seconds(("prepare_weights", "prefill", "decode"))
 
 
 def plan_once(cfg: RunConfig, target: Target, knobs: Knobs, options=None,
-              reuse: Optional[Plan] = None, log=lambda text: None) -> Plan:
+              reuse: Optional[Plan] = None, log=lambda text: None,
+              evaluation: bool = False) -> Plan:
     """Compiles every program of `knobs` on `target` and reports them. `reuse`: a plan of the
-    same layout whose sampler programs are still valid (only remat or microbatches changed)."""
+    same layout whose sampler programs are still valid (only remat or microbatches changed).
+    evaluation: also the evaluation's pass@k sampling (`Shapes.eval_rows`)."""
     config = model_config(cfg)
     mesh = make_mesh(knobs.layout, target.devices)
-    shapes = Shapes.of(cfg, target.size)
+    shapes = Shapes.of(cfg, target.size, evaluation)
     params, state, optimizer = abstract_model(cfg, config, mesh)
     batch = abstract_batch(cfg, shapes, mesh)
     train = compile_train_step(cfg, config, mesh, knobs, params, state, optimizer, batch, options)
@@ -744,14 +769,17 @@ def changes(cfg: RunConfig, devices: int) -> List[Tuple[str, Any]]:
 
 
 def run(cfg: RunConfig, target: Target, layout: Optional[Layout] = None, options=None,
-        search: bool = True, max_tries: int = 6, log=lambda text: None) -> Verdict:
+        search: bool = True, max_tries: int = 6, log=lambda text: None,
+        evaluation: bool = False) -> Verdict:
     """Plans `cfg` on `target` (layout: `default_layout` when None); when it does not fit and
     `search`, looks for the smallest change that does (`find_fit`). options: XLA compiler
-    options for every compile (e.g. {"xla_backend_optimization_level": 0} in CPU tests)."""
+    options for every compile (e.g. {"xla_backend_optimization_level": 0} in CPU tests).
+    evaluation: also plan the evaluation's pass@k sampling."""
     model_config(cfg)  # a model plan cannot build fails before anything compiles
     layout = layout or default_layout(cfg, target.size)
     log(f"compiling for {target.name}, mesh {layout}")
-    first = plan_once(cfg, target, knobs_of(cfg, layout), options, log=log)
+    first = plan_once(cfg, target, knobs_of(cfg, layout), options, log=log,
+                      evaluation=evaluation)
     if first.fits is not False or not search:
         return Verdict(first, None, (first.knobs,))
     return find_fit(cfg, first, options, max_tries, log)
@@ -772,7 +800,8 @@ def find_fit(cfg: RunConfig, first: Plan, options=None, max_tries: int = 6,
             break
         log(f"does not fit; trying {what}: mesh {k.layout}, remat {k.remat}, "
             f"microbatches {k.microbatches}")
-        p = plan_once(cfg, first.target, k, options, reuse=by_layout.get(k.layout), log=log)
+        p = plan_once(cfg, first.target, k, options, reuse=by_layout.get(k.layout), log=log,
+                      evaluation=first.shapes.eval_rows > 0)
         tried.append(k)
         by_layout.setdefault(k.layout, p)
         if p.fits:
@@ -807,7 +836,8 @@ def plan_json(p: Plan) -> dict:
                          "tokens": p.shapes.rows * p.shapes.tokens},
         "sampler": {"rows": p.shapes.sampler_rows, "prompt_width": p.shapes.sampler_prompt,
                     "new_tokens_width": p.shapes.sampler_new_tokens,
-                    "decode_steps": p.shapes.new_tokens - 1},
+                    "decode_steps": p.shapes.new_tokens - 1,
+                    "eval_rows": p.shapes.eval_rows},
         "fits": p.fits,
         "problems": list(p.problems),
         "peak_bytes_per_device": p.peak_bytes,
@@ -815,6 +845,7 @@ def plan_json(p: Plan) -> dict:
         "update_s": p.update_s,
         "rollout_s": p.rollout_s,
         "step_s": None if p.update_s is None or p.rollout_s is None else p.update_s + p.rollout_s,
+        "eval_chunk_s": p.eval_chunk_s,
         "programs": [dict(_program_json(r), fits=p.program_fits(r)) for r in p.programs],
     }
 
@@ -888,7 +919,8 @@ def format_plan(p: Plan) -> str:
             f" {r.flops / 1e12:7.3f} {r.bytes / 1e9:6.2f} {_fmt_s(r.roofline_s):>10}  "
             f"{r.bound or '-':<7} {'-' if r.mfu is None else f'{r.mfu:.2f}':>4}  {coll or '-'}")
     lines.append(f"  per step: update {_fmt_s(p.update_s)}, rollout {_fmt_s(p.rollout_s)} "
-                 "(roofline)")
+                 "(roofline)" + (f"; an evaluation chunk of {p.shapes.eval_rows} rows "
+                                 f"{_fmt_s(p.eval_chunk_s)}" if p.shapes.eval_rows else ""))
     for problem in p.problems:
         lines.append(f"  the trainer refuses this: {problem}")
     return "\n".join(lines)

@@ -17,9 +17,11 @@ import pytest
 from arca_jax import cli, config, hlostats, plan, qwen3
 
 FAST = {"xla_backend_optimization_level": 0}  # CPU compile speed; memory and shapes unchanged
-# 4 prompts x 8 = 32 rows of 16 + 16 tokens, two microbatches, on a (data 2, fsdp 4) mesh
+# 4 prompts x 8 = 32 rows of 16 + 16 tokens, two microbatches, on a (data 2, fsdp 4) mesh; the
+# evaluation's pass@k chunk: 5 problems x 2 samples = 10 rows, 16 on 8 devices
 OVERRIDES = ["rollout.prompts_per_step=4", "rollout.group_size=8", "rollout.max_prompt_tokens=16",
-             "rollout.max_new_tokens=16", "train.microbatches=2"]
+             "rollout.max_new_tokens=16", "train.microbatches=2", "train.eval_batch_size=5",
+             "train.pass_k=2"]
 LAYOUT = plan.Layout(2, 4, 1)
 
 
@@ -30,7 +32,8 @@ def cfg():
 
 @pytest.fixture(scope="module")
 def tiny_plan(cfg):
-    return plan.run(cfg, plan.local_target(), LAYOUT, options=FAST, search=False).plan
+    return plan.run(cfg, plan.local_target(), LAYOUT, options=FAST, search=False,
+                    evaluation=True).plan
 
 
 def _report(p, name):
@@ -42,13 +45,14 @@ def test_json_fields(tiny_plan):
     p = j["plan"]
     assert p["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1}
     assert p["global_batch"] == {"rows": 32, "tokens_per_row": 32, "tokens": 1024}
-    assert p["sampler"]["decode_steps"] == 15
+    assert p["sampler"]["decode_steps"] == 15 and p["sampler"]["eval_rows"] == 16
     assert p["target"]["platform"] == "cpu" and p["target"]["devices"] == 8
     assert p["target"]["peak_flops_per_device"] is None  # no published CPU peak: no roofline
     assert p["fits"] is True and p["problems"] == []
     assert "train.microbatches=2" in p["trainer_overrides"]
     assert [r["name"] for r in p["programs"]] == ["train_step", "prepare_weights", "prefill",
-                                                  "decode"]
+                                                  "decode", "eval_prefill", "eval_decode"]
+    assert [r["runs_per_step"] for r in p["programs"]] == [1, 1, 1, 1, 0, 0]
     for r in p["programs"]:
         mem = r["memory_bytes"]
         assert set(mem) == {"argument", "output", "temp", "alias", "code", "total", "resident",
@@ -167,8 +171,8 @@ def test_cli_json(monkeypatch, capsys, tiny_plan):
     """The command prints the verdict's JSON (the compile itself is the fixture's)."""
     seen = {}
 
-    def fake_run(cfg, target, layout, search, max_tries, log):
-        seen.update(layout=layout, search=search, rows=cfg.batch_size)
+    def fake_run(cfg, target, layout, search, max_tries, log, evaluation):
+        seen.update(layout=layout, search=search, rows=cfg.batch_size, evaluation=evaluation)
         return plan.Verdict(tiny_plan, None, (tiny_plan.knobs,))
 
     monkeypatch.setattr(plan, "run", fake_run)
@@ -176,7 +180,7 @@ def test_cli_json(monkeypatch, capsys, tiny_plan):
                     + [a for o in OVERRIDES for a in ("--set", o)]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["plan"]["fits"] is True and out["plan"]["mesh"]["fsdp"] == 4
-    assert seen == dict(layout=LAYOUT, search=False, rows=32)
+    assert seen == dict(layout=LAYOUT, search=False, rows=32, evaluation=False)
 
 
 @pytest.mark.parametrize("argv, message", [
