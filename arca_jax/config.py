@@ -157,7 +157,9 @@ class OptimConfig:
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """steps: GRPO steps (each samples a fresh batch); microbatches: gradient accumulation;
-    mode: "jit" (one device), "pmap" or "mesh" (all devices; mesh_fsdp shards base weights);
+    mode: "jit" (one device), "pmap" or "mesh" (all devices; mesh_fsdp shards base weights,
+    mesh_tensor splits every layer's heads and MLP units, tensor parallelism; the rest of the
+    devices is "data");
     eval_every / save_every / samples_every: in steps (0 = only at the start and end);
     pass_k: k of pass@k at evaluation (None: the group size)."""
 
@@ -166,6 +168,7 @@ class TrainConfig:
     microbatches: int = 1
     mode: Literal["jit", "pmap", "mesh"] = "jit"
     mesh_fsdp: int = 1
+    mesh_tensor: int = 1
     eval_every: int = 0
     pass_k: Optional[int] = None
     save_every: int = 20
@@ -177,7 +180,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.steps < 0:
             raise ValueError(f"steps must be >= 0, got {self.steps}")
-        for name in ("microbatches", "keep_checkpoints", "eval_batch_size", "mesh_fsdp"):
+        for name in ("microbatches", "keep_checkpoints", "eval_batch_size", "mesh_fsdp",
+                     "mesh_tensor"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("eval_every", "save_every", "samples_every", "samples_per_log"):
@@ -223,10 +227,12 @@ def check_environment(cfg: RunConfig, num_devices: int) -> None:
     if rows % cfg.train.microbatches:
         raise ConfigError(f"the batch of {rows} completions (prompts_per_step x group_size) is not "
                           f"divisible by train.microbatches={cfg.train.microbatches}")
-    if cfg.train.mode != "jit" and (rows // cfg.train.microbatches) % num_devices:
+    if cfg.train.mode == "mesh" and num_devices % (cfg.train.mesh_fsdp * cfg.train.mesh_tensor):
+        raise ConfigError(f"train.mesh_fsdp={cfg.train.mesh_fsdp} x train.mesh_tensor="
+                          f"{cfg.train.mesh_tensor} does not divide the device count {num_devices}")
+    # devices holding different rows (a tensor group shares its rows)
+    row_devices = num_devices // (cfg.train.mesh_tensor if cfg.train.mode == "mesh" else 1)
+    if cfg.train.mode != "jit" and (rows // cfg.train.microbatches) % row_devices:
         raise ConfigError(f"each microbatch of {rows // cfg.train.microbatches} completions must "
-                          f"be divisible by the device count ({num_devices}) in mode "
-                          f"{cfg.train.mode!r}")
-    if cfg.train.mode == "mesh" and num_devices % cfg.train.mesh_fsdp:
-        raise ConfigError(f"train.mesh_fsdp={cfg.train.mesh_fsdp} does not divide the device "
-                          f"count {num_devices}")
+                          f"be divisible by the {row_devices} devices that hold different rows in "
+                          f"mode {cfg.train.mode!r}")

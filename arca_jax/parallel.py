@@ -1,16 +1,33 @@
-"""Device layouts: a ("data", "fsdp") mesh with named shardings, pmap helpers, and the rows of a
-batch across the processes of a multi-host run (`RowLayout`).
+"""Device layouts: a ("data", "fsdp", "tensor") mesh with named shardings, pmap helpers, and the
+rows of a batch across the processes of a multi-host run (`RowLayout`).
 
-Mesh layout (``make_train_step(mode="mesh")``):
-- base parameters: each large leaf is sharded over "fsdp" along one dimension, chosen by the
-  dimension letters of ``arca_jax.qwen3`` (embedding [V, D]: V, then D; lm_head [D, V]: V, then
-  D; layer kernels [L, I, O]: I (the input width), then O); a dimension not divisible by the
-  fsdp size is skipped, and a leaf with no divisible candidate (or a norm scale) is replicated.
-  XLA all-gathers each layer's kernels where they are used (FSDP / ZeRO-3 for the frozen base).
-- batch: the leading B axis over ("data", "fsdp") together (each device holds different rows);
-  over "data" alone when B is not divisible by the whole mesh; replicated when not even that.
-- train state (LoRA, optimiser moments, counters): replicated. The adapter is small (69.7M
-  float32 parameters for Qwen3-1.7B, r = 64) next to the base model.
+Mesh layout (``make_train_step(mode="mesh")``, ``sampling.generate(mesh=...)``):
+- "tensor" (Megatron-style tensor parallelism): q/k/v and gate/up kernels [L, I, O] are split by
+  output (heads, intermediate units), o and down by input, so each device computes its heads and
+  its slice of the MLP and one all-reduce per block joins them. k/v are split only when the
+  number of kv heads K is a multiple of the tensor size; with K < tensor they are replicated (the
+  sampler then keeps one copy of each kv head per device that needs it, `kv_layout`). The
+  embedding [V, D] and the head [D, V] are split over V (vocabulary-parallel: the chunked
+  log-probs reduce over V with all-reduces of [B, C] values, no device holds [B, T, V]).
+  The adapters follow their base layer: a column-parallel layer's B [L, R, O] is split by O, a
+  row-parallel layer's A [L, I, R] by I, and the other factor is replicated, so x A B needs no
+  gather of an adapter (row-parallel layers all-reduce the small [B, T, R] product x A).
+- "fsdp": each large base leaf is also sharded over "fsdp" along a dimension tensor does not
+  use (embedding [V, D] and head [D, V]: V, then D; layer kernels [L, I, O]: I, then O); a
+  dimension not divisible by the axis size is skipped (the leaf is then replicated over that
+  axis). XLA all-gathers each layer's kernels over "fsdp" where they are used (ZeRO-3 for the
+  frozen base).
+- batch: the leading B axis over ("data", "fsdp") together (each such device holds different
+  rows, the same rows on every device of one tensor group); over "data" alone when B is not
+  divisible by data x fsdp; replicated when not even that.
+- train state (LoRA, optimiser moments, counters): replicated over "data" and "fsdp", split over
+  "tensor" as the adapters above (`state_shardings`).
+
+Device order (`make_mesh`): on TPU the mesh follows the physical topology
+(`jax.experimental.mesh_utils`), with "tensor" on the innermost, fastest links; over several
+slices the mesh is hybrid, "data" spanning the slices (data-centre network) and "fsdp" and
+"tensor" within each slice (ICI). Elsewhere devices are taken process-major (each process's devices
+form consecutive mesh positions).
 """
 
 from __future__ import annotations
@@ -22,68 +39,247 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-DATA, FSDP = "data", "fsdp"
+DATA, FSDP, TENSOR = "data", "fsdp", "tensor"
+AXES = (DATA, FSDP, TENSOR)
 
-# Dimension letters of each parameter leaf, by its last path key (and parent for lm_head).
-_LAYOUTS = {
-    "embedding": "VD",
-    "lm_head": "DV",
-    "kernel": "LIO",  # layers/<block>/<proj>/kernel [L, in, out]
-}
-# Which letters to shard, in order of preference.
-_PREFERENCE = {"VD": "VD", "DV": "VD", "LIO": "IO"}
+# Projections split by output (column-parallel) and by input (row-parallel) over "tensor".
+COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+ROW_PARALLEL = ("o_proj", "down_proj")
+KV_PROJS = ("k_proj", "v_proj")
 
 
-def make_mesh(data: int = 1, fsdp: Optional[int] = None,
+def make_mesh(data: int = 1, fsdp: Optional[int] = None, tensor: int = 1,
               devices: Optional[Sequence[Any]] = None) -> Mesh:
-    """A Mesh with axes ("data", "fsdp") of shape (data, fsdp); fsdp defaults to the remaining
-    devices (len(devices) // data)."""
+    """A Mesh with axes ("data", "fsdp", "tensor") of shape (data, fsdp, tensor).
+
+    fsdp defaults to the remaining devices (len(devices) // (data * tensor)). The first
+    data x fsdp x tensor devices are used, ordered as the module doc says (physical topology on
+    TPU, hybrid over several slices, process-major elsewhere).
+    """
     devices = list(jax.devices() if devices is None else devices)
+    for name, v in (("data", data), ("tensor", tensor)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"mesh {name} must be a positive int, got {v!r}")
     if fsdp is None:
-        fsdp = len(devices) // data
-    if data * fsdp > len(devices) or data < 1 or fsdp < 1:
-        raise ValueError(f"mesh ({data}, {fsdp}) needs {data * fsdp} devices, have {len(devices)}")
-    return Mesh(np.asarray(devices[: data * fsdp]).reshape(data, fsdp), (DATA, FSDP))
+        fsdp = len(devices) // (data * tensor)
+    n = data * fsdp * tensor
+    if fsdp < 1 or n > len(devices):
+        raise ValueError(f"mesh (data {data}, fsdp {fsdp}, tensor {tensor}) needs {n} devices, "
+                         f"have {len(devices)}")
+    return Mesh(_device_grid(devices[:n], (data, fsdp, tensor)), AXES)
+
+
+def _device_grid(devices: list, shape) -> np.ndarray:
+    """The devices arranged as a [data, fsdp, tensor] array (see the module doc)."""
+    from jax.experimental import mesh_utils
+
+    slices = sorted({getattr(d, "slice_index", 0) or 0 for d in devices})
+    if devices[0].platform == "tpu" and len(slices) > 1:
+        if shape[0] % len(slices):
+            raise ValueError(f"mesh data={shape[0]} must be a multiple of the {len(slices)} "
+                             "slices (data spans the slices)")
+        return mesh_utils.create_hybrid_device_mesh(
+            (shape[0] // len(slices),) + tuple(shape[1:]), (len(slices), 1, 1), devices,
+            allow_split_physical_axes=True)
+    if devices[0].platform == "tpu":
+        return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    ordered = sorted(devices, key=lambda d: (d.process_index, d.id))
+    return np.asarray(ordered, dtype=object).reshape(shape)
+
+
+def axis_size(mesh: Optional[Mesh], axis: str) -> int:
+    """The size of `axis` in `mesh` (1 when the mesh is None or lacks the axis)."""
+    return 1 if mesh is None else int(dict(mesh.shape).get(axis, 1))
+
+
+def check_tensor(config, tensor: int) -> None:
+    """Raises ValueError unless `tensor` splits the model's heads and MLP evenly: N and the
+    intermediate width divisible by it, and K divisible by it or it a multiple of K."""
+    if tensor == 1:
+        return
+    N, K = config.num_attention_heads, config.num_key_value_heads
+    F = config.intermediate_size
+    problems = []
+    if N % tensor:
+        problems.append(f"num_attention_heads {N}")
+    if F % tensor:
+        problems.append(f"intermediate_size {F}")
+    if K % tensor and tensor % K:
+        problems.append(f"num_key_value_heads {K} (neither divides the other)")
+    if problems:
+        raise ValueError(f"tensor={tensor} does not split " + ", ".join(problems))
+
+
+def kv_split(num_kv_heads: Optional[int], tensor: int) -> bool:
+    """Whether k/v projections (and the KV cache) are split over "tensor": K % tensor == 0
+    (unknown K: assumed so)."""
+    return tensor == 1 or num_kv_heads is None or num_kv_heads % tensor == 0
 
 
 def _path_keys(path) -> list:
     return [getattr(k, "key", getattr(k, "name", str(k))) for k in path]
 
 
-def param_partition_spec(path_keys: Sequence[str], shape: Sequence[int], fsdp_size: int) -> P:
-    """PartitionSpec of one base-parameter leaf (see the module doc)."""
-    last = path_keys[-1] if path_keys else ""
-    layout = None
-    if last == "embedding":
-        layout = _LAYOUTS["embedding"]
-    elif last == "kernel" and "lm_head" in path_keys:
-        layout = _LAYOUTS["lm_head"]
-    elif last == "kernel" and len(shape) == 3:
-        layout = _LAYOUTS["kernel"]
-    if layout is None or len(layout) != len(shape) or fsdp_size <= 1:
+def _spec(ndim: int, **dims) -> P:
+    if all(d is None for d in dims.values()):
         return P()
-    for letter in _PREFERENCE[layout]:
-        dim = layout.index(letter)
-        if shape[dim] % fsdp_size == 0:
-            spec = [None] * len(shape)
-            spec[dim] = FSDP
-            return P(*spec)
-    return P()
+    spec = [None] * ndim
+    for axis, dim in dims.items():
+        if dim is not None:
+            spec[dim] = {"data": DATA, "fsdp": FSDP, "tensor": TENSOR}[axis]
+    return P(*spec)
+
+
+def param_partition_spec(path_keys: Sequence[str], shape: Sequence[int], fsdp_size: int,
+                         tensor_size: int = 1, kv_heads: Optional[int] = None) -> P:
+    """PartitionSpec of one base-parameter leaf (see the module doc). kv_heads: K, to decide
+    whether k/v kernels split over "tensor" (`kv_split`)."""
+    last = path_keys[-1] if path_keys else ""
+    proj = path_keys[-2] if len(path_keys) >= 2 else ""
+    if last == "embedding" and len(shape) == 2:
+        layout, tensor_letter = "VD", "V"
+    elif last == "kernel" and "lm_head" in path_keys and len(shape) == 2:
+        layout, tensor_letter = "DV", "V"
+    elif last == "kernel" and len(shape) == 3:
+        layout = "LIO"
+        if proj in COLUMN_PARALLEL and (proj not in KV_PROJS or kv_split(kv_heads, tensor_size)):
+            tensor_letter = "O"
+        elif proj in ROW_PARALLEL:
+            tensor_letter = "I"
+        else:
+            tensor_letter = None
+    else:
+        return P()
+    t_dim = None
+    if tensor_size > 1 and tensor_letter is not None:
+        d = layout.index(tensor_letter)
+        if shape[d] % tensor_size == 0:
+            t_dim = d
+    f_dim = None
+    if fsdp_size > 1:
+        for letter in ("V", "D") if layout != "LIO" else ("I", "O"):
+            d = layout.index(letter)
+            if d != t_dim and shape[d] % fsdp_size == 0:
+                f_dim = d
+                break
+    return _spec(len(shape), tensor=t_dim, fsdp=f_dim)
+
+
+def _kv_heads_of(params) -> Optional[int]:
+    """K from a base parameter tree (k_proj's output width over k_norm's head_dim), if present."""
+    try:
+        attn = params["layers"]["self_attn"]
+        return attn["k_proj"]["kernel"].shape[-1] // attn["k_norm"]["scale"].shape[-1]
+    except (KeyError, TypeError, IndexError, ZeroDivisionError):
+        return None
 
 
 def param_shardings(params, mesh: Mesh):
     """Tree of NamedShardings for the base parameters (works on arrays or ShapeDtypeStructs)."""
-    size = mesh.shape[FSDP]
+    fsdp, tensor = axis_size(mesh, FSDP), axis_size(mesh, TENSOR)
+    kv = _kv_heads_of(params)
     return jax.tree_util.tree_map_with_path(
-        lambda p, x: NamedSharding(mesh, param_partition_spec(_path_keys(p), x.shape, size)),
+        lambda p, x: NamedSharding(mesh, param_partition_spec(_path_keys(p), x.shape, fsdp,
+                                                              tensor, kv)),
         params)
+
+
+def lora_partition_spec(path_keys: Sequence[str], shape: Sequence[int], tensor_size: int,
+                        kv_heads: Optional[int] = None) -> P:
+    """PartitionSpec of one leaf of an adapter-shaped tree (the adapter, its gradient or an
+    optimiser moment): a column-parallel projection's lora_b [L, R, O] split by O, a row-parallel
+    one's lora_a [L, I, R] by I, everything else replicated (see the module doc)."""
+    if tensor_size <= 1 or len(path_keys) < 2 or len(shape) != 3:
+        return P()
+    proj, factor = path_keys[-2], path_keys[-1]
+    if factor == "lora_b" and proj in COLUMN_PARALLEL and shape[2] % tensor_size == 0 and (
+            proj not in KV_PROJS or kv_split(kv_heads, tensor_size)):
+        return P(None, None, TENSOR)
+    if factor == "lora_a" and proj in ROW_PARALLEL and shape[1] % tensor_size == 0:
+        return P(None, TENSOR, None)
+    return P()
+
+
+def state_shardings(tree, mesh: Mesh, kv_heads: Optional[int] = None):
+    """NamedShardings for a train state, an adapter tree, or anything holding adapter-shaped
+    subtrees (optimiser moments): adapter leaves as `lora_partition_spec`, all else replicated.
+    kv_heads: the model's K (`config.num_key_value_heads`)."""
+    tensor = axis_size(mesh, TENSOR)
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: NamedSharding(mesh, lora_partition_spec(_path_keys(p), np.shape(x), tensor,
+                                                             kv_heads)),
+        tree)
+
+
+def shard_lora(lora, mesh: Mesh, kv_heads: Optional[int] = None):
+    """Places an adapter tree (or a train state) on the mesh as `state_shardings`."""
+    return jax.device_put(lora, state_shardings(lora, mesh, kv_heads))
+
+
+# Layouts of the sampler's weights (`qwen3.InferenceWeights`), by field: the dimension split
+# over "tensor" (fused kernels are laid out shard-major for it by `qwen3.inference_weights`).
+_INFERENCE_TENSOR_DIM = {"embed": 0, "lm_head": 1, "qkv": 1, "gate_up": 1, "o": 0, "down": 0,
+                         "qk_norm": 0}
+# Low-rank pairs: which factor is split, and along which dimension.
+_INFERENCE_LOW_RANK = {"qkv_lora": ("b", 1), "gate_up_lora": ("b", 1), "o_lora": ("a", 0),
+                       "down_lora": ("a", 0)}
+
+
+def inference_partition_spec(path_keys: Sequence[str], shape: Sequence[int], fsdp_size: int,
+                             tensor_size: int) -> P:
+    """PartitionSpec of one leaf of `qwen3.InferenceWeights`: the split over "tensor" of the
+    training layout (column-parallel kernels by output, row-parallel by input, vocabulary
+    parallel embedding and head, each low-rank pair's factor as its base layer's adapter), and
+    "fsdp" on the other dimension of a matrix when divisible (as `param_partition_spec`: the
+    sampler then gathers only over "fsdp" where a kernel is used)."""
+    field = next((k for k in reversed(path_keys) if isinstance(k, str)
+                  and (k in _INFERENCE_TENSOR_DIM or k in _INFERENCE_LOW_RANK)), None)
+    t_dim = None
+    if field in _INFERENCE_LOW_RANK:
+        factor, dim = _INFERENCE_LOW_RANK[field]
+        if path_keys[-1] == factor:
+            t_dim = dim
+    elif field is not None:
+        t_dim = _INFERENCE_TENSOR_DIM[field]
+    if t_dim is not None and (tensor_size <= 1 or shape[t_dim] % tensor_size):
+        t_dim = None
+    f_dim = None
+    if fsdp_size > 1 and len(shape) == 2 and field in _INFERENCE_TENSOR_DIM and field != "qk_norm":
+        for d in (0, 1):
+            if d != t_dim and shape[d] % fsdp_size == 0:
+                f_dim = d
+                break
+    return _spec(len(shape), tensor=t_dim, fsdp=f_dim)
+
+
+def inference_shardings(weights, mesh: Mesh):
+    """NamedShardings for a `qwen3.InferenceWeights` laid out for the mesh's tensor size."""
+    fsdp, tensor = axis_size(mesh, FSDP), axis_size(mesh, TENSOR)
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: NamedSharding(mesh, inference_partition_spec(_path_keys(p), np.shape(x),
+                                                                  fsdp, tensor)),
+        weights)
+
+
+def cache_shardings(cache, mesh: Mesh):
+    """NamedShardings for a `qwen3.KVCache`: rows as the batch (`batch_spec`), the kv heads of
+    k, v [B, K', S, H] over "tensor", the write index replicated."""
+    B = cache.valid.shape[0]
+    rows = batch_spec(B, mesh)
+    rows = rows[0] if len(rows) else None
+    tensor = axis_size(mesh, TENSOR)
+    heads = TENSOR if tensor > 1 and cache.k[0].shape[1] % tensor == 0 else None
+    kv = NamedSharding(mesh, P(rows, heads))
+    return type(cache)(k=tuple(kv for _ in cache.k), v=tuple(kv for _ in cache.v),
+                       valid=NamedSharding(mesh, P(rows)), index=NamedSharding(mesh, P()))
 
 
 def batch_spec(batch_size: int, mesh: Mesh) -> P:
     """Spec of the leading batch axis: ("data", "fsdp"), else "data", else replicated."""
-    if batch_size % (mesh.shape[DATA] * mesh.shape[FSDP]) == 0:
+    data, fsdp = axis_size(mesh, DATA), axis_size(mesh, FSDP)
+    if batch_size % (data * fsdp) == 0:
         return P((DATA, FSDP))
-    if batch_size % mesh.shape[DATA] == 0:
+    if batch_size % data == 0:
         return P(DATA)
     return P()
 
@@ -150,7 +346,6 @@ def split_batch(batch, n: int):
     return jax.tree_util.tree_map(split, batch)
 
 
-
 # --------------------------------------------------------------------------------------------
 # Rows of a batch across processes (multi-host runs)
 # --------------------------------------------------------------------------------------------
@@ -189,8 +384,9 @@ class RowLayout:
 
     @classmethod
     def padded(cls, mesh: Optional[Mesh], rows: int) -> "RowLayout":
-        """A layout of `rows` rows rounded up to a multiple of the mesh's device count."""
-        size = 1 if mesh is None else mesh.size
+        """A layout of `rows` rows rounded up to a multiple of the devices that hold different
+        rows (data x fsdp; a tensor group shares its rows)."""
+        size = axis_size(mesh, DATA) * axis_size(mesh, FSDP)
         return cls(mesh, -(-rows // size) * size)
 
     def to_global(self, full) -> jax.Array:

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from arca_jax import qwen3
+from arca_jax import parallel, qwen3
 from arca_jax.batch import Batch
 
 Params = qwen3.Params
@@ -124,6 +124,24 @@ class SamplerState:
     step: jax.Array
     limit: jax.Array
     uniforms: jax.Array
+
+
+def state_shardings(state: SamplerState, mesh) -> SamplerState:
+    """NamedShardings of a `SamplerState` on a mesh: rows as the batch (`parallel.batch_spec`),
+    the cache as `parallel.cache_shardings` (kv heads over "tensor"), counters replicated."""
+    B = state.last.shape[0]
+    spec = parallel.batch_spec(B, mesh)
+    rows = jax.sharding.NamedSharding(mesh, spec)
+    cols = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, *spec))
+    one = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return SamplerState(cache=parallel.cache_shardings(state.cache, mesh), tokens=rows, mask=rows,
+                        logps=rows, sampled_logps=rows, last=rows, position=rows, done=rows,
+                        step=one, limit=one, uniforms=cols)
+
+
+def _constrain(state: SamplerState, mesh) -> SamplerState:
+    return state if mesh is None else jax.lax.with_sharding_constraint(
+        state, state_shardings(state, mesh))
 
 
 @flax.struct.dataclass
@@ -327,7 +345,7 @@ def _record(cols: Columns, step, choice: Choice, done, settings: SamplingConfig)
 
 def prefill(weights: qwen3.InferenceWeights, prompt_ids: jax.Array, prompt_mask: jax.Array, *,
             config: qwen3.Qwen3Config, settings: SamplingConfig, rng: jax.Array,
-            limit: Optional[jax.Array] = None) -> SamplerState:
+            limit: Optional[jax.Array] = None, mesh=None) -> SamplerState:
     """Runs the prompt through the model and samples token 0. Pure; jit with config/settings static.
 
     Args:
@@ -335,6 +353,7 @@ def prefill(weights: qwen3.InferenceWeights, prompt_ids: jax.Array, prompt_mask:
       prompt_ids, prompt_mask: [B, P] left-padded prompts (each row needs at least one real token).
       rng: key of the whole generation; used once, to draw the [N, B] uniforms of all columns.
       limit: [] int, columns to produce (<= settings.max_new_tokens; default all).
+      mesh: lay the state out on this mesh (`state_shardings`; static), or None.
 
     Returns:
       The loop state after one column, with a cache of P + N slots.
@@ -342,7 +361,7 @@ def prefill(weights: qwen3.InferenceWeights, prompt_ids: jax.Array, prompt_mask:
     B, P = prompt_ids.shape
     N = settings.max_new_tokens
     mask = prompt_mask.astype(jnp.int32)
-    cache = qwen3.KVCache.init(config, B, P + N, weights.dtype)
+    cache = qwen3.KVCache.init(config, B, P + N, weights.dtype, tensor=weights.tensor)
     out = qwen3.inference_forward(weights, prompt_ids.astype(jnp.int32), config=config,
                                   positions=qwen3.default_positions(mask), attention_mask=mask,
                                   cache=cache)
@@ -357,14 +376,16 @@ def prefill(weights: qwen3.InferenceWeights, prompt_ids: jax.Array, prompt_mask:
                                  choose_tokens(out.logits, uniforms[0], settings),
                                  jnp.zeros((B,), bool), settings)
     limit = jnp.asarray(N if limit is None else limit, jnp.int32)
-    return SamplerState(cache=out.cache, last=tokens, position=jnp.sum(mask, axis=-1), done=done,
-                        step=jnp.ones((), jnp.int32), limit=jnp.minimum(limit, N),
-                        uniforms=uniforms, **cols._asdict())
+    return _constrain(SamplerState(
+        cache=out.cache, last=tokens, position=jnp.sum(mask, axis=-1), done=done,
+        step=jnp.ones((), jnp.int32), limit=jnp.minimum(limit, N), uniforms=uniforms,
+        **cols._asdict()), mesh)
 
 
 def decode_step(weights: qwen3.InferenceWeights, state: SamplerState, *, config: qwen3.Qwen3Config,
-                settings: SamplingConfig) -> SamplerState:
-    """One token per row: feed `state.last` (T = 1), sample column `state.step`. Pure."""
+                settings: SamplingConfig, mesh=None) -> SamplerState:
+    """One token per row: feed `state.last` (T = 1), sample column `state.step`. Pure. With a
+    `mesh`, the new state keeps `state_shardings` (the loop carry's layout)."""
     B = state.last.shape[0]
     out = qwen3.inference_forward(weights, state.last[:, None], config=config,
                                   positions=state.position[:, None],
@@ -373,8 +394,8 @@ def decode_step(weights: qwen3.InferenceWeights, state: SamplerState, *, config:
     cols = Columns(state.tokens, state.mask, state.logps, state.sampled_logps)
     cols, tokens, done = _record(cols, state.step, choose_tokens(out.logits, u, settings),
                                  state.done, settings)
-    return state.replace(cache=out.cache, last=tokens, position=state.position + 1, done=done,
-                         step=state.step + 1, **cols._asdict())
+    return _constrain(state.replace(cache=out.cache, last=tokens, position=state.position + 1,
+                                    done=done, step=state.step + 1, **cols._asdict()), mesh)
 
 
 def _running(state: SamplerState) -> jax.Array:
@@ -382,10 +403,10 @@ def _running(state: SamplerState) -> jax.Array:
 
 
 def decode(weights: qwen3.InferenceWeights, state: SamplerState, *, config: qwen3.Qwen3Config,
-           settings: SamplingConfig) -> SamplerState:
+           settings: SamplingConfig, mesh=None) -> SamplerState:
     """`decode_step` in a `jax.lax.while_loop` until `state.limit` columns or every row has EOS."""
-    step = functools.partial(decode_step, weights, config=config, settings=settings)
-    return jax.lax.while_loop(_running, step, state)
+    step = functools.partial(decode_step, weights, config=config, settings=settings, mesh=mesh)
+    return jax.lax.while_loop(_running, step, _constrain(state, mesh))
 
 
 def finish(state: SamplerState) -> SampleOutput:
@@ -395,11 +416,28 @@ def finish(state: SamplerState) -> SampleOutput:
                         num_steps=state.step, sampled_logps=state.sampled_logps)
 
 
+def prepare_weights(params: Params, config: qwen3.Qwen3Config, *, lora: Optional[Params] = None,
+                    lora_scale=1.0, merge_lora: bool = False, decode_attention=None,
+                    mesh=None) -> qwen3.InferenceWeights:
+    """`qwen3.inference_weights` for the sampler; with a `mesh` (static), laid out for its tensor
+    size and placed as `parallel.inference_shardings` (tensor-parallel shards used in place by
+    every decode step; "fsdp" as the base parameters)."""
+    tensor = parallel.axis_size(mesh, parallel.TENSOR)
+    weights = qwen3.inference_weights(params, config, lora=lora, lora_scale=lora_scale,
+                                      merge_lora=merge_lora, decode_attention=decode_attention,
+                                      tensor=tensor)
+    if mesh is not None:
+        weights = jax.lax.with_sharding_constraint(weights,
+                                                   parallel.inference_shardings(weights, mesh))
+    return weights
+
+
 # Compiled entry points of `generate` (module level, so their caches live as long as the process).
-prepare_weights_jit = jax.jit(qwen3.inference_weights,
-                              static_argnames=("config", "merge_lora", "decode_attention"))
-prefill_jit = jax.jit(prefill, static_argnames=("config", "settings"))
-decode_jit = jax.jit(decode, static_argnames=("config", "settings"), donate_argnames="state")
+prepare_weights_jit = jax.jit(prepare_weights,
+                              static_argnames=("config", "merge_lora", "decode_attention", "mesh"))
+prefill_jit = jax.jit(prefill, static_argnames=("config", "settings", "mesh"))
+decode_jit = jax.jit(decode, static_argnames=("config", "settings", "mesh"),
+                     donate_argnames="state")
 finish_jit = jax.jit(finish)
 
 
@@ -471,7 +509,8 @@ def generate(params: Params, prompt_ids, prompt_mask, *, config: qwen3.Qwen3Conf
              max_new_tokens: int, lora: Optional[Params] = None, lora_scale: float = 1.0,
              temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
              eos_id: Union[None, int, Sequence[int]] = None, pad_id: int = 0,
-             merge_lora: bool = False, bucket: bool = True, top_k: int = 0) -> SampleOutput:
+             merge_lora: bool = False, bucket: bool = True, top_k: int = 0,
+             mesh=None) -> SampleOutput:
     """Samples completions of left-padded prompts.
 
     Args:
@@ -490,6 +529,10 @@ def generate(params: Params, prompt_ids, prompt_mask, *, config: qwen3.Qwen3Conf
         low-rank side path; the same tokens up to float rounding.
       bucket: pad P and N up to powers of two (at least 16) so that nearby shapes share one compiled
         program; the loop still stops at max_new_tokens, and the result is [B, max_new_tokens].
+      mesh: a ("data", "fsdp", "tensor") mesh (`parallel.make_mesh`), or None for the arrays'
+        own placement. Rows are split as the train step's batch (over "data" and "fsdp"); with
+        tensor > 1 each device holds its heads' and MLP units' slice of every kernel (used in
+        place at every step: no weight gathering over "tensor") and its kv heads of the cache.
 
     Returns:
       SampleOutput(tokens, mask, logps, sampled_logps [B, N], lengths [B], finished [B],
@@ -508,12 +551,16 @@ def generate(params: Params, prompt_ids, prompt_mask, *, config: qwen3.Qwen3Conf
         if width != prompt_ids.shape[1]:
             prompt_ids, prompt_mask = pad_prompts(prompt_ids, prompt_mask, width, pad_id)
         settings = dataclasses.replace(settings, max_new_tokens=bucket_size(max_new_tokens, 16))
+    if mesh is not None:
+        parallel.check_tensor(config, parallel.axis_size(mesh, parallel.TENSOR))
+        rows = jax.sharding.NamedSharding(mesh, parallel.batch_spec(prompt_ids.shape[0], mesh))
+        prompt_ids, prompt_mask = jax.device_put((prompt_ids, prompt_mask), rows)
     weights = prepare_weights_jit(params, config, lora=lora,
                                   lora_scale=jnp.asarray(lora_scale, jnp.float32),
-                                  merge_lora=bool(merge_lora and lora is not None))
+                                  merge_lora=bool(merge_lora and lora is not None), mesh=mesh)
     state = prefill_jit(weights, prompt_ids, prompt_mask, config=config, settings=settings, rng=rng,
-                        limit=jnp.asarray(max_new_tokens, jnp.int32))
-    state = decode_jit(weights, state, config=config, settings=settings)
+                        limit=jnp.asarray(max_new_tokens, jnp.int32), mesh=mesh)
+    state = decode_jit(weights, state, config=config, settings=settings, mesh=mesh)
     out = finish_jit(state)
     if settings.max_new_tokens != max_new_tokens:
         out = out.replace(tokens=out.tokens[:, :max_new_tokens], mask=out.mask[:, :max_new_tokens],

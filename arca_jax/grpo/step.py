@@ -1,5 +1,5 @@
 """The jitted GRPO update: train state, optimiser, and one step on one device, under pmap, or on a
-("data", "fsdp") mesh.
+("data", "fsdp", "tensor") mesh.
 
     optimizer = make_optimizer(5e-6, warmup_steps=10, total_steps=100)
     state = TrainState.create(lora_tree, optimizer, jax.random.PRNGKey(0))
@@ -232,9 +232,11 @@ def make_train_step(config: qwen3.Qwen3Config, grpo_config: GRPOConfig,
               device's loss is normalised by the global denominator), statistics psum-ed. The
               returned state stays replicated; metrics are device 0's (identical on all). Each
               device folds its index into the dropout key.
-      "mesh": jit over ``mesh`` (axes ("data", "fsdp"), see ``parallel.make_mesh``), base params
-              sharded over "fsdp" (place them once with ``parallel.shard_params``), batch over
-              ("data", "fsdp"), state replicated (see ``arca_jax.parallel``).
+      "mesh": jit over ``mesh`` (axes ("data", "fsdp", "tensor"), see ``parallel.make_mesh``):
+              base params sharded over "fsdp" and "tensor" (place them once with
+              ``parallel.shard_params``), batch over ("data", "fsdp"), state replicated over
+              those two and split over "tensor" like the base layers (``parallel.shard_lora``);
+              see ``arca_jax.parallel``.
     microbatches: M; the batch (B rows) is processed as M strided slices of B / M rows under
         ``lax.scan`` and the gradients summed (in float32); the update equals one large-batch
         step (each slice uses the global normaliser). Microbatch i uses dropout key
@@ -258,12 +260,18 @@ def make_train_step(config: qwen3.Qwen3Config, grpo_config: GRPOConfig,
     grads_fn = functools.partial(_loss_and_grads, value_and_grad, microbatches=microbatches,
                                  mesh=mesh)
 
+    kv_heads = config.num_key_value_heads
+    if mesh is not None:
+        parallel.check_tensor(config, parallel.axis_size(mesh, parallel.TENSOR))
+
     def step(state: TrainState, params, batch, axis_name: Optional[str] = None):
         b = as_batch(batch)
         if mesh is not None:
             b = jax.lax.with_sharding_constraint(b, parallel.batch_shardings(b, mesh))
             params = jax.lax.with_sharding_constraint(params,
                                                       parallel.param_shardings(params, mesh))
+            state = jax.lax.with_sharding_constraint(
+                state, parallel.state_shardings(state, mesh, kv_heads))
         key = jax.random.fold_in(state.rng, state.step)
         n_dev = 1
         z = raw_normalizer(completion_valid(b), grpo_config)
@@ -277,14 +285,19 @@ def make_train_step(config: qwen3.Qwen3Config, grpo_config: GRPOConfig,
             grads = jax.lax.pmean(grads, axis_name)
             loss = jax.lax.pmean(loss, axis_name)
             stats = stats.all_reduce(axis_name)
-        return _apply_update(optimizer, state, loss, stats, grads)
+        new_state, metrics = _apply_update(optimizer, state, loss, stats, grads)
+        if mesh is not None:  # the state keeps its layout (donation reuses its buffers)
+            new_state = jax.lax.with_sharding_constraint(
+                new_state, parallel.state_shardings(new_state, mesh, kv_heads))
+            metrics = jax.lax.with_sharding_constraint(metrics, parallel.replicated(metrics, mesh))
+        return new_state, metrics
 
     donate_argnums = (0,) if donate else ()
     if mode == "jit":
         return jax.jit(step, donate_argnums=donate_argnums, compiler_options=compiler_options)
     if mode == "pmap":
         return _pmap_step(step, donate_argnums)
-    return _mesh_step(step, mesh, donate_argnums, compiler_options)
+    return _mesh_step(step, mesh, kv_heads, donate_argnums, compiler_options)
 
 
 def _pmap_step(step, donate_argnums):
@@ -303,15 +316,14 @@ def _pmap_step(step, donate_argnums):
     return train_step
 
 
-def _mesh_step(step, mesh: Mesh, donate_argnums, compiler_options):
-    rep = NamedSharding(mesh, P())
-    jitted = jax.jit(step, out_shardings=rep, donate_argnums=donate_argnums,
-                     compiler_options=compiler_options)
+def _mesh_step(step, mesh: Mesh, kv_heads: int, donate_argnums, compiler_options):
+    jitted = jax.jit(step, donate_argnums=donate_argnums, compiler_options=compiler_options)
 
     def train_step(state, params, batch):
         b = as_batch(batch)
-        state = jax.device_put(state, rep)  # no-op when already replicated on the mesh
-        params = jax.device_put(params, parallel.param_shardings(params, mesh))  # no-op if placed
+        # each a no-op when already placed so
+        state = jax.device_put(state, parallel.state_shardings(state, mesh, kv_heads))
+        params = jax.device_put(params, parallel.param_shardings(params, mesh))
         return jitted(state, params, jax.device_put(b, parallel.batch_shardings(b, mesh)))
 
     train_step.jitted = jitted  # for .lower(...) / memory analysis

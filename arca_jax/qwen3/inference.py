@@ -55,10 +55,10 @@ class InferenceLayer:
     their rows: qkv = diag(input_layernorm) [Wq | Wk | Wv].
     """
 
-    qkv: jax.Array  # [D, (N+2K)*H]
-    qk_norm: jax.Array  # [N+K, H]: q_norm's weight for each query head, then k_norm's per KV head
+    qkv: jax.Array  # [D, t (N/t + 2 Kt) H]: per shard s, its q heads, then k and v (`kv_heads`)
+    qk_norm: jax.Array  # [t, N/t + Kt, H]: q_norm's weight per query head, then k_norm's per kv head
     o: jax.Array  # [N*H, D]
-    gate_up: jax.Array  # [D, 2F]: diag(post_attention_layernorm) [W_gate | W_up]
+    gate_up: jax.Array  # [D, 2F]: diag(post_attention_layernorm), per shard s [W_gate_s | W_up_s]
     down: jax.Array  # [F, D]
     qkv_lora: Optional[LowRank] = None
     o_lora: Optional[LowRank] = None
@@ -77,6 +77,9 @@ class InferenceWeights:
     # How a T = 1 step contracts q with the cache (static): "reduce" (multiply + sum, fused over the
     # cache in its stored layout) or "dot" (batched matmuls). Both compute the same numbers.
     decode_attention: str = flax.struct.field(pytree_node=False, default="reduce")
+    # t, the tensor-parallel shards the fused kernels are laid out for (static; see
+    # `inference_weights`).
+    tensor: int = flax.struct.field(pytree_node=False, default=1)
 
     @property
     def dtype(self):
@@ -96,9 +99,50 @@ _GROUPS = (("qkv", "self_attn", ("q_proj", "k_proj", "v_proj"), "input_layernorm
            ("down", "mlp", ("down_proj",), None))
 
 
+def kv_heads(config: Qwen3Config, tensor: int = 1) -> int:
+    """K', the kv heads the cache holds for `tensor` shards: K when K % tensor == 0, else `tensor`
+    (K < tensor: each shard keeps its own copy of the one kv head its query heads use)."""
+    K = config.num_key_value_heads
+    if K % tensor == 0:
+        return K
+    if tensor % K:
+        raise ValueError(f"tensor={tensor} and num_key_value_heads={K}: neither divides the other")
+    return tensor
+
+
+def _shard_columns(config: Qwen3Config, tensor: int):
+    """Static column orders of the fused kernels for `tensor` shards (numpy index arrays).
+
+    qkv: into the concatenation [Wq | Wk | Wv] ([D, (N + 2K) H]), shard-major: shard s holds its
+    N/t query heads, then its K'/t kv heads of k and of v (`kv_heads`; copies when K < t).
+    qk_heads: into the [N + K] heads of q_norm / k_norm, in the same order.
+    gate_up: into [W_gate | W_up] ([D, 2F]), shard s holding [gate_s | up_s].
+    With tensor = 1 every order is the identity."""
+    import numpy as np
+
+    N, K, H, F = (config.num_attention_heads, config.num_key_value_heads, config.head_dim,
+                  config.intermediate_size)
+    t = tensor
+    if N % t or F % t:
+        raise ValueError(f"tensor={t} must divide num_attention_heads={N} and "
+                         f"intermediate_size={F}")
+    Kp = kv_heads(config, t)
+    Nq, Ks, Fs = N // t, Kp // t, F // t
+    src = np.arange(Kp) * K // Kp  # the kv head each cache head copies
+    heads, cols, gu = [], [], []
+    for s in range(t):
+        q = np.arange(s * Nq, (s + 1) * Nq)
+        kv = src[s * Ks:(s + 1) * Ks]
+        heads += [q, N + kv]
+        for h in (q, N + kv, N + K + kv):
+            cols.append((h[:, None] * H + np.arange(H)[None, :]).reshape(-1))
+        gu += [np.arange(s * Fs, (s + 1) * Fs), F + np.arange(s * Fs, (s + 1) * Fs)]
+    return np.concatenate(cols), np.concatenate(heads), np.concatenate(gu)
+
+
 def inference_weights(params: Params, config: Qwen3Config, *, lora: Optional[Params] = None,
                       lora_scale: Any = 1.0, merge_lora: bool = False,
-                      decode_attention: Optional[str] = None) -> InferenceWeights:
+                      decode_attention: Optional[str] = None, tensor: int = 1) -> InferenceWeights:
     """Rearranges `params` (and an optional LoRA tree) for `inference_forward`. Pure; jit it with
     `config`, `merge_lora` and `decode_attention` static (`lora_scale` may be traced).
 
@@ -107,6 +151,9 @@ def inference_weights(params: Params, config: Qwen3Config, *, lora: Optional[Par
     `merge_lora`, each adapted kernel is W + lora_scale * A B (as `arca_jax.lora.merge`); otherwise
     the adapter stays a low-rank pair per projection group. `decode_attention`: see
     `InferenceWeights`; None picks `default_decode_attention()` for the current backend.
+    `tensor`: t, the tensor-parallel shards to lay the fused kernels out for (`_shard_columns`:
+    columns shard-major, so that splitting qkv and gate_up into t equal column blocks gives each
+    device whole heads and its own MLP units; `parallel.inference_shardings` places them).
     """
     if decode_attention is None:
         decode_attention = default_decode_attention()
@@ -127,12 +174,16 @@ def inference_weights(params: Params, config: Qwen3Config, *, lora: Optional[Par
             return w
         return w + lora_scale * jnp.einsum("LIR,LRO->LIO", ab["lora_a"].astype(f32), ab["lora_b"].astype(f32))
 
+    qkv_cols, qk_heads, gu_cols = _shard_columns(config, tensor)
+    order = {"qkv": qkv_cols, "gate_up": gu_cols} if tensor > 1 else {}
+
     fused, low_rank = {}, {}
     for name, block, projs, norm in _GROUPS:
         dtype = layers_p[block][projs[0]]["kernel"].dtype
         rows = 1.0 if norm is None else layers_p[norm]["scale"].astype(f32)[:, :, None]  # [L, D, 1]
         ws = [kernel(block, p) for p in projs]
-        fused[name] = (rows * (ws[0] if len(ws) == 1 else jnp.concatenate(ws, axis=-1))).astype(dtype)
+        w = rows * (ws[0] if len(ws) == 1 else jnp.concatenate(ws, axis=-1))
+        fused[name] = (w if name not in order else w[..., order[name]]).astype(dtype)
         pairs = {p: adapters.get(block, {}).get(p) for p in projs}
         if merge_lora or all(ab is None for ab in pairs.values()):
             low_rank[name] = None
@@ -147,6 +198,8 @@ def inference_weights(params: Params, config: Qwen3Config, *, lora: Optional[Par
             b_rows.append(jnp.concatenate(cols, axis=-1) if len(cols) > 1 else cols[0])
         a = jnp.concatenate(a_parts, axis=-1)  # [L, in, R']
         b = jnp.concatenate(b_rows, axis=-2)  # [L, R', out]
+        if name in order:
+            b = b[..., order[name]]
         low_rank[name] = ((rows * a.astype(f32)).astype(a.dtype),
                           (lora_scale * b.astype(f32)).astype(b.dtype))
 
@@ -154,6 +207,7 @@ def inference_weights(params: Params, config: Qwen3Config, *, lora: Optional[Par
     qk_norm = jnp.concatenate([  # [L, N+K, H]
         jnp.broadcast_to(attn["q_norm"]["scale"][:, None, :], (config.num_hidden_layers, N, H)),
         jnp.broadcast_to(attn["k_norm"]["scale"][:, None, :], (config.num_hidden_layers, K, H))], axis=1)
+    qk_norm = qk_norm[:, qk_heads].reshape(config.num_hidden_layers, tensor, -1, H)  # [L, t, ., H]
     layers = []
     for i in range(config.num_hidden_layers):
         lr = {f"{name}_lora": None if low_rank[name] is None
@@ -164,7 +218,7 @@ def inference_weights(params: Params, config: Qwen3Config, *, lora: Optional[Par
         embed=params["embed_tokens"]["embedding"], layers=tuple(layers),
         final_norm=params["norm"]["scale"],
         lm_head=None if config.tie_word_embeddings else params["lm_head"]["kernel"],
-        decode_attention=decode_attention)
+        decode_attention=decode_attention, tensor=tensor)
 
 
 @flax.struct.dataclass
@@ -172,7 +226,8 @@ class KVCache:
     """The key/value cache of `inference_forward`: fixed-size buffers, one pair per layer, and the
     next write slot. A pytree; returned, never mutated.
 
-    k, v:  tuples of L arrays [B, K, S, H] in the activation dtype.
+    k, v:  tuples of L arrays [B, K', S, H] in the activation dtype (K' = `kv_heads(config,
+           tensor)`: K, or one copy per tensor shard when K < tensor).
     valid: [B, S] bool, slots holding a real (non-padding) token.
     index: [] int32, the slot the next token is written to (shared by all rows: prompts are
            left-padded, so every row writes the same slot).
@@ -184,8 +239,9 @@ class KVCache:
     index: jax.Array
 
     @classmethod
-    def init(cls, config: Qwen3Config, batch: int, size: int, dtype=jnp.float32) -> "KVCache":
-        shape = (batch, config.num_key_value_heads, size, config.head_dim)
+    def init(cls, config: Qwen3Config, batch: int, size: int, dtype=jnp.float32,
+             tensor: int = 1) -> "KVCache":
+        shape = (batch, kv_heads(config, tensor), size, config.head_dim)
         L = config.num_hidden_layers
         return cls(k=tuple(jnp.zeros(shape, dtype) for _ in range(L)),
                    v=tuple(jnp.zeros(shape, dtype) for _ in range(L)),
@@ -214,7 +270,7 @@ def _project(x, w, low_rank: Optional[LowRank], out_dtype):
     return y.astype(out_dtype)
 
 
-def _attend(q, k, v, bias, config: Qwen3Config, decode_attention: str):
+def _attend(q, k, v, bias, decode_attention: str):
     """Grouped-query attention of q [B, T, N, H] over the cache k, v [B, K, S, H] with an additive
     mask bias [B, T, S] (0 or float32 min); returns [B, T, N*H] in q's dtype. Scores and softmax in
     float32, the probabilities cast to q's dtype before they weight v (as `Attention`).
@@ -224,7 +280,8 @@ def _attend(q, k, v, bias, config: Qwen3Config, decode_attention: str):
     transposes the small operands (on the CPU benchmark model, 140 kernels per decode step instead
     of 110)."""
     B, T, N, H = q.shape
-    K, G = config.num_key_value_heads, config.num_groups
+    K = k.shape[1]
+    G = N // K
     f32 = jnp.float32
     if T == 1 and decode_attention == "reduce":
         q1 = q.reshape(B, K, G, H).astype(f32)
@@ -262,7 +319,10 @@ def inference_forward(weights: InferenceWeights, input_ids: jax.Array, *, config
     """
     c = config
     B, T = input_ids.shape
-    N, K, H, F = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.intermediate_size
+    N, H, F = c.num_attention_heads, c.head_dim, c.intermediate_size
+    t = weights.tensor
+    Kp = kv_heads(c, t)  # cache heads
+    Nq, Ks = N // t, Kp // t  # per shard
     S = cache.size
     dtype = weights.dtype
     f32 = jnp.float32
@@ -280,20 +340,23 @@ def inference_forward(weights: InferenceWeights, input_ids: jax.Array, *, config
     for layer, k_cache, v_cache in zip(weights.layers, cache.k, cache.v):
         # input_layernorm folded into qkv: norm(x) W = (x diag(w) W) / rms(x)
         qkv = _project(x, layer.qkv, layer.qkv_lora, f32) * inv_rms(x, c.rms_norm_eps)
-        qk = qkv[..., :(N + K) * H].reshape(B, T, N + K, H)
-        qk = apply_rope(rms_norm(qk, layer.qk_norm, c.rms_norm_eps, dtype), cos, sin)
-        q, k = qk[:, :, :N], qk[:, :, N:]
-        v = qkv[..., (N + K) * H:].astype(dtype).reshape(B, T, K, H)
+        qkv = qkv.reshape(B, T, t, Nq + 2 * Ks, H)  # shard-major (`_shard_columns`)
+        qk = apply_rope(rms_norm(qkv[:, :, :, :Nq + Ks], layer.qk_norm, c.rms_norm_eps, dtype),
+                        cos[:, :, None], sin[:, :, None])
+        q = qk[:, :, :, :Nq].reshape(B, T, N, H)
+        k = qk[:, :, :, Nq:].reshape(B, T, Kp, H)
+        v = qkv[:, :, :, Nq + Ks:].astype(dtype).reshape(B, T, Kp, H)
         start = (zero, zero, cache.index, zero)
         k_cache = jax.lax.dynamic_update_slice(k_cache, k.transpose(0, 2, 1, 3).astype(k_cache.dtype), start)
         v_cache = jax.lax.dynamic_update_slice(v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype), start)
         new_k.append(k_cache)
         new_v.append(v_cache)
-        attn = _attend(q, k_cache.astype(dtype), v_cache.astype(dtype), bias, c, weights.decode_attention)
+        attn = _attend(q, k_cache.astype(dtype), v_cache.astype(dtype), bias, weights.decode_attention)
         x = x + _project(attn, layer.o, layer.o_lora, dtype)
 
         gu = _project(x, layer.gate_up, layer.gate_up_lora, f32) * inv_rms(x, c.rms_norm_eps)
-        h = (jax.nn.silu(gu[..., :F].astype(dtype)) * gu[..., F:].astype(dtype))
+        gu = gu.reshape(B, T, t, 2, F // t)  # shard-major [gate_s | up_s]
+        h = (jax.nn.silu(gu[:, :, :, 0].astype(dtype)) * gu[:, :, :, 1].astype(dtype)).reshape(B, T, F)
         x = x + _project(h, layer.down, layer.down_lora, dtype)
 
     last = x[:, -1]  # [B, D]

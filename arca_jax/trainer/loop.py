@@ -7,8 +7,8 @@ step `grpo.num_iterations` times. Held-out greedy accuracy and pass@k are measur
 training (the base model), every `train.eval_every` steps and at the end.
 
 Modes: "jit" (one device), "pmap" (data parallel over the local devices) and "mesh" (one global
-("data", "fsdp") mesh over every process's devices, see `arca_jax.distributed`; the base weights
-load straight into their fsdp layout). Only process 0 writes logs, samples and the summary; every
+("data", "fsdp", "tensor") mesh over every process's devices, see `arca_jax.distributed` and
+`arca_jax.parallel`; the base weights load straight into their sharded layout). Only process 0 writes logs, samples and the summary; every
 process takes part in checkpoint saves and restores (Orbax).
 """
 
@@ -23,7 +23,6 @@ from typing import Any, Dict, List, Optional
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
 from arca_jax import credit, distributed, faults, lora, parallel, rundir
 from arca_jax.config import ConfigError, RunConfig, check_environment
@@ -113,7 +112,7 @@ def _start(cfg: RunConfig, run_dir: str, resume: bool, log: Optional[RunLog]) ->
         log.message(cache_note)
     mesh = setup.make_run_mesh(cfg)
     layout = parallel.RowLayout(mesh, cfg.batch_size)
-    model = setup.load_model(cfg, mesh)  # mesh: the base weights are placed fsdp-sharded
+    model = setup.load_model(cfg, mesh)  # mesh: base weights placed sharded (`parallel`)
     train_task = setup.load_train_task(cfg)
     _, eval_problems = setup.load_eval_task(cfg)
     optimizer = setup.build_optimizer(cfg)
@@ -121,8 +120,8 @@ def _start(cfg: RunConfig, run_dir: str, resume: bool, log: Optional[RunLog]) ->
     params_for_step = model.params
     if cfg.train.mode == "pmap":
         params_for_step = parallel.replicate(model.params)
-    elif mesh is not None:  # the state lives replicated on the mesh; restoring keeps that
-        state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
+    elif mesh is not None:  # the state's layout on the mesh; restoring keeps it
+        state = parallel.shard_lora(state, mesh, model.config.num_key_value_heads)
     ckpt = setup.open_checkpoints(cfg, run_dir)
     start_step, record = 0, {}
     if resume:

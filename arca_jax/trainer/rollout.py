@@ -112,7 +112,7 @@ def generate_rows(model: Model, mesh, ids: np.ndarray, mask: np.ndarray, **gen) 
     layout = parallel.RowLayout.padded(mesh, ids.shape[0])
     g_ids, g_mask = layout.to_global(ids), layout.to_global(mask)
     out = sampling.generate(model.params, g_ids, g_mask, config=model.config, eos_id=model.eos_id,
-                            pad_id=model.pad_id, **gen)
+                            pad_id=model.pad_id, mesh=mesh, **gen)
     return Generated(out, layout, g_ids, g_mask)
 
 

@@ -67,7 +67,7 @@ class Model:
 
 def load_model(cfg: RunConfig, mesh=None) -> Model:
     """Loads the base checkpoint and its tokenizer through the Hugging Face code path. With a
-    `mesh`, each weight goes straight to its fsdp layout on the mesh (`parallel.param_shardings`;
+    `mesh`, each weight goes straight to its layout on the mesh (`parallel.param_shardings`;
     no device ever holds the whole model)."""
     from transformers import AutoTokenizer
 
@@ -75,7 +75,9 @@ def load_model(cfg: RunConfig, mesh=None) -> Model:
     dtype = jnp.dtype(cfg.model.dtype)
     shardings = None
     if mesh is not None:
-        shapes = qwen3.param_shapes(qwen3.Qwen3Config.from_hf(path), dtype)
+        model_config = qwen3.Qwen3Config.from_hf(path)
+        check_tensor(cfg, model_config)  # before any weight is read
+        shapes = qwen3.param_shapes(model_config, dtype)
         shardings = parallel.param_shardings(shapes, mesh)
     model_config, params = hf.load_pretrained(path, dtype=dtype, shardings=shardings)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -130,13 +132,22 @@ def init_state(cfg: RunConfig, model_config, optimizer) -> TrainState:
 
 
 def make_run_mesh(cfg: RunConfig):
-    """The ("data", "fsdp") mesh of a `train.mode: mesh` run over every process's devices (None
-    otherwise), in process-major order: each process's devices hold one contiguous block of rows."""
+    """The ("data", "fsdp", "tensor") mesh of a `train.mode: mesh` run over every process's
+    devices (None otherwise): fsdp and tensor from the config, data the rest; device order as
+    `parallel.make_mesh` (physical topology on TPU, process-major elsewhere)."""
     if cfg.train.mode != "mesh":
         return None
-    devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
-    return parallel.make_mesh(data=len(devices) // cfg.train.mesh_fsdp,
-                              fsdp=cfg.train.mesh_fsdp, devices=devices)
+    n, t = len(jax.devices()), cfg.train
+    return parallel.make_mesh(data=n // (t.mesh_fsdp * t.mesh_tensor), fsdp=t.mesh_fsdp,
+                              tensor=t.mesh_tensor)
+
+
+def check_tensor(cfg: RunConfig, model_config) -> None:
+    """ConfigError unless train.mesh_tensor splits the model's heads and MLP evenly."""
+    try:
+        parallel.check_tensor(model_config, cfg.train.mesh_tensor if cfg.train.mode == "mesh" else 1)
+    except ValueError as e:
+        raise ConfigError(f"train.mesh_tensor: {e}") from None
 
 
 def open_checkpoints(cfg: RunConfig, run_dir: str) -> checkpoint.Checkpointer:
