@@ -241,9 +241,10 @@ def prompts():
     return left_padded_batch(CFG.vocab_size, [3, 5, 7, 2, 6, 4, 5, 7], 7, seed=0)
 
 
-@pytest.mark.parametrize("shape", MESHES)
-@pytest.mark.parametrize("merge", [False, True])
+@pytest.mark.parametrize("shape,merge", [(MESHES[0], False), (MESHES[1], True), (MESHES[2], False)])
 def test_sampler_equals_single_device(model, prompts, shape, merge):
+    """Greedy and sampled (top-k) tokens equal, log-probs within 1e-5; the adapter low-rank or
+    merged into the split kernels."""
     params, tree, _ = model
     ids, mask = prompts
     mesh = parallel.make_mesh(*shape)
