@@ -160,6 +160,8 @@ def _add_plan(sub):
     p.add_argument("--eval", dest="evaluation", action="store_true",
                    help="also compile the evaluation's pass@k sampling (eval_batch_size x pass_k "
                         "rows; runs every train.eval_every steps)")
+    p.add_argument("--hlo-dir", metavar="DIR",
+                   help="write each compiled program's HLO text to DIR")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
@@ -308,7 +310,7 @@ def cmd_plan(args) -> int:
     if args.max_tries < 1:
         raise config.ConfigError(f"--max-tries must be >= 1, got {args.max_tries}")
     verdict = plan.run(cfg, target, layout, search=args.search, max_tries=args.max_tries,
-                       log=log, evaluation=args.evaluation)
+                       log=log, evaluation=args.evaluation, hlo_dir=args.hlo_dir)
     if args.json:
         print(json.dumps(plan.to_json(verdict), indent=2))
     else:

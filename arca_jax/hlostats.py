@@ -240,9 +240,11 @@ class _Walker:
     def shapes(self, comp: str) -> Dict[str, str]:
         return {i.name: i.type for i in self.m.computations[comp]}
 
-    def trip_count(self, instr: Instr) -> Optional[int]:
-        """A while loop's trip count: XLA's annotation, else n of a condition `i < n` with n a
-        constant (the compare may sit inside a fusion); None when the bound is not constant."""
+    def trip_count(self, instr: Instr, caller: str) -> Optional[int]:
+        """A while loop's trip count: XLA's annotation (CPU, GPU), else read from the loop
+        (TPU): a condition `i < n` with n a constant (the compare may be fused), i's initial
+        value a constant in the tuple the loop starts from (else 0) and its step the constant
+        the body adds to it (else 1): ceil((n - start) / step). None when n is not constant."""
         m = re.search(r'"known_trip_count":\{"n":"(\d+)"', instr.attrs)
         if m:
             return int(m.group(1))
@@ -250,21 +252,72 @@ class _Walker:
         root = self.m.roots.get(cond[0]) if cond else None
         if root is None or len(root.operands) != 2:
             return None
-        bound = root.operands[1]
-        if root.opcode == "fusion":  # the compare fused: its bound a fused constant or operand
+        counter, bound, where = root.operands[0], root.operands[1], cond[0]
+        if root.opcode == "fusion":  # the compare fused: its operands are the fusion's
             fused = _called(root.attrs, "calls")
             inner = self.m.roots.get(fused[0]) if fused else None
             if inner is None or inner.opcode != "compare" or len(inner.operands) != 2:
                 return None
-            if "direction=LT" in inner.attrs and (fused[0], inner.operands[1]) in self.constants:
-                return self.constants[(fused[0], inner.operands[1])]
-            index = self._parameter_index(fused[0], inner.operands[1])
-            if index is None or index >= len(root.operands):
-                return None
-            bound, root = root.operands[index], inner
+            operands = []
+            for name in inner.operands:
+                index = self._parameter_index(fused[0], name)
+                operands.append((cond[0], root.operands[index]) if index is not None
+                                and index < len(root.operands) else (fused[0], name))
+            (_, counter), (where, bound) = operands
+            root = inner
         if root.opcode != "compare" or "direction=LT" not in root.attrs:
             return None
-        return self.constants.get((cond[0], bound))
+        n = self.constants.get((where, bound))
+        if n is None:
+            return None
+        index = self._tuple_index(cond[0], counter)
+        start = step = None
+        if index is not None:
+            start = self._initial(instr, caller, index)
+            step = self._step(_called(instr.attrs, "body"), index)
+        start, step = start or 0, step or 1
+        return max(-(-(n - start) // step), 0) if step > 0 else None
+
+    def _find(self, comp: str, name: str) -> Optional[Instr]:
+        return next((i for i in self.m.computations.get(comp, []) if i.name == name), None)
+
+    def _tuple_index(self, comp: str, name: str) -> Optional[int]:
+        """k of `get-tuple-element(parameter), index=k` (through copies and conversions)."""
+        i = self._find(comp, name)
+        while i is not None and i.opcode in ("copy", "convert", "bitcast") and i.operands:
+            i = self._find(comp, i.operands[0])
+        if i is None or i.opcode != "get-tuple-element":
+            return None
+        m = re.search(r"index=(\d+)", i.attrs)
+        return int(m.group(1)) if m else None
+
+    def _constant_through(self, comp: str, name: str) -> Optional[int]:
+        i = self._find(comp, name)
+        while i is not None and i.opcode in ("copy", "convert", "bitcast") and i.operands:
+            i = self._find(comp, i.operands[0])
+        return None if i is None else self.constants.get((comp, i.name))
+
+    def _initial(self, instr: Instr, caller: str, index: int) -> Optional[int]:
+        init = self._find(caller, instr.operands[0]) if instr.operands else None
+        if init is None or init.opcode != "tuple" or index >= len(init.operands):
+            return None
+        return self._constant_through(caller, init.operands[index])
+
+    def _step(self, bodies: List[str], index: int) -> Optional[int]:
+        if not bodies:
+            return None
+        root = self.m.roots.get(bodies[0])
+        if root is None or root.opcode != "tuple" or index >= len(root.operands):
+            return None
+        update = self._find(bodies[0], root.operands[index])
+        if update is None or update.opcode != "add" or len(update.operands) != 2:
+            return None
+        a, b = update.operands
+        if self._tuple_index(bodies[0], a) == index:
+            return self._constant_through(bodies[0], b)
+        if self._tuple_index(bodies[0], b) == index:
+            return self._constant_through(bodies[0], a)
+        return None
 
     def _parameter_index(self, comp: str, name: str) -> Optional[int]:
         for i in self.m.computations[comp]:
@@ -370,7 +423,7 @@ class _Walker:
         for instr in self.m.computations[comp]:
             op = instr.opcode
             if op == "while":
-                n = self.trip_count(instr)
+                n = self.trip_count(instr, comp)
                 self.loops.append(n)
                 trips = (self.unknown if n is None else n) if self.scale_loops else 1
                 for body in _called(instr.attrs, "body"):

@@ -612,12 +612,20 @@ def _xla_cost(compiled) -> Tuple[float, float]:
     return float(cost.get("flops", float("nan"))), float(cost.get("bytes accessed", float("nan")))
 
 
-def report_program(program: Program, target: Target) -> ProgramReport:
+def report_program(program: Program, target: Target, hlo_dir: Optional[str] = None,
+                   tag: str = "") -> ProgramReport:
+    """The figures of one compiled program; hlo_dir: also write its compiled HLO text there
+    (`<tag><name>.hlo`), e.g. to read its collectives or rerun `hlostats` on it."""
+    text = program.compiled.as_text()
+    if hlo_dir:
+        os.makedirs(hlo_dir, exist_ok=True)
+        with open(os.path.join(hlo_dir, f"{tag}{program.name}.hlo"), "w") as f:
+            f.write(text)
     m = program.compiled.memory_analysis()
     memory = Memory(int(m.argument_size_in_bytes), int(m.output_size_in_bytes),
                     int(m.temp_size_in_bytes), int(m.alias_size_in_bytes),
                     int(m.generated_code_size_in_bytes), int(program.resident))
-    work = hlostats.analyze(program.compiled.as_text(), program.unknown_trip_count)
+    work = hlostats.analyze(text, program.unknown_trip_count)
     xla_flops, xla_bytes = _xla_cost(program.compiled)
     roofline = bound = mfu = None
     if target.peak_flops and target.hbm_bandwidth:
@@ -686,7 +694,7 @@ class Plan:
 
 def plan_once(cfg: RunConfig, target: Target, knobs: Knobs, options=None,
               reuse: Optional[Plan] = None, log=lambda text: None,
-              evaluation: bool = False) -> Plan:
+              evaluation: bool = False, hlo_dir: Optional[str] = None) -> Plan:
     """Compiles every program of `knobs` on `target` and reports them. `reuse`: a plan of the
     same layout whose sampler programs are still valid (only remat or microbatches changed).
     evaluation: also the evaluation's pass@k sampling (`Shapes.eval_rows`)."""
@@ -697,14 +705,16 @@ def plan_once(cfg: RunConfig, target: Target, knobs: Knobs, options=None,
     batch = abstract_batch(cfg, shapes, mesh)
     train = compile_train_step(cfg, config, mesh, knobs, params, state, optimizer, batch, options)
     log(f"compiled train_step in {train.compile_s:.0f} s")
-    reports = [report_program(train, target)]
+    tag = (f"{knobs.layout.data}-{knobs.layout.fsdp}-{knobs.layout.tensor}"
+           f"_remat-{knobs.remat}_mb-{knobs.microbatches}_")
+    reports = [report_program(train, target, hlo_dir, tag)]
     if reuse is not None and reuse.knobs.layout == knobs.layout:
         reports += [p for p in reuse.programs if p.name != "train_step"]
     else:
         sampler = compile_sampler(cfg, config, mesh, shapes, params, state, target.platform,
                                   options)
         log("compiled " + ", ".join(f"{p.name} in {p.compile_s:.0f} s" for p in sampler))
-        reports += [report_program(p, target) for p in sampler]
+        reports += [report_program(p, target, hlo_dir, tag) for p in sampler]
     return Plan(cfg.model.path, target, knobs, shapes, tuple(reports),
                 tuple(trainer_problems(cfg, knobs)))
 
@@ -770,23 +780,24 @@ def changes(cfg: RunConfig, devices: int) -> List[Tuple[str, Any]]:
 
 def run(cfg: RunConfig, target: Target, layout: Optional[Layout] = None, options=None,
         search: bool = True, max_tries: int = 6, log=lambda text: None,
-        evaluation: bool = False) -> Verdict:
+        evaluation: bool = False, hlo_dir: Optional[str] = None) -> Verdict:
     """Plans `cfg` on `target` (layout: `default_layout` when None); when it does not fit and
     `search`, looks for the smallest change that does (`find_fit`). options: XLA compiler
     options for every compile (e.g. {"xla_backend_optimization_level": 0} in CPU tests).
-    evaluation: also plan the evaluation's pass@k sampling."""
+    evaluation: also plan the evaluation's pass@k sampling. hlo_dir: write every compiled
+    program's HLO text there."""
     model_config(cfg)  # a model plan cannot build fails before anything compiles
     layout = layout or default_layout(cfg, target.size)
     log(f"compiling for {target.name}, mesh {layout}")
     first = plan_once(cfg, target, knobs_of(cfg, layout), options, log=log,
-                      evaluation=evaluation)
+                      evaluation=evaluation, hlo_dir=hlo_dir)
     if first.fits is not False or not search:
         return Verdict(first, None, (first.knobs,))
-    return find_fit(cfg, first, options, max_tries, log)
+    return find_fit(cfg, first, options, max_tries, log, hlo_dir)
 
 
 def find_fit(cfg: RunConfig, first: Plan, options=None, max_tries: int = 6,
-             log=lambda text: None) -> Verdict:
+             log=lambda text: None, hlo_dir: Optional[str] = None) -> Verdict:
     """Tries the `changes` of a plan that does not fit, in order, each recompiled on the same
     target (at most `max_tries` compiles), until one fits. A change that lowers the peak memory
     is kept for the next ones; one that does not is dropped, so the answer is the smallest
@@ -801,7 +812,7 @@ def find_fit(cfg: RunConfig, first: Plan, options=None, max_tries: int = 6,
         log(f"does not fit; trying {what}: mesh {k.layout}, remat {k.remat}, "
             f"microbatches {k.microbatches}")
         p = plan_once(cfg, first.target, k, options, reuse=by_layout.get(k.layout), log=log,
-                      evaluation=first.shapes.eval_rows > 0)
+                      evaluation=first.shapes.eval_rows > 0, hlo_dir=hlo_dir)
         tried.append(k)
         by_layout.setdefault(k.layout, p)
         if p.fits:

@@ -31,9 +31,14 @@ def cfg():
 
 
 @pytest.fixture(scope="module")
-def tiny_plan(cfg):
+def hlo_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("hlo"))
+
+
+@pytest.fixture(scope="module")
+def tiny_plan(cfg, hlo_dir):
     return plan.run(cfg, plan.local_target(), LAYOUT, options=FAST, search=False,
-                    evaluation=True).plan
+                    evaluation=True, hlo_dir=hlo_dir).plan
 
 
 def _report(p, name):
@@ -105,6 +110,14 @@ def test_loop_scaling(cfg, tiny_plan):
     assert prefill.flops == pytest.approx(prefill.xla_flops, rel=0.1)
 
 
+def test_hlo_dir(tiny_plan, hlo_dir):
+    """Each program's compiled HLO is written; hlostats on it gives the report's figures."""
+    for r in tiny_plan.programs:
+        with open(os.path.join(hlo_dir, f"2-4-1_remat-False_mb-2_{r.name}.hlo")) as f:
+            work = hlostats.analyze(f.read(), r.unknown_trip_count)
+        assert (work.flops, work.bytes) == (r.flops, r.bytes)
+
+
 def test_does_not_fit_and_the_change_that_fits(monkeypatch, cfg, tiny_plan):
     """Memory just below the plan's peak: "does not fit". Every device on fsdp does not lower the
     tiny model's peak (more weight gathering), so it is dropped; remat on the original mesh
@@ -171,7 +184,7 @@ def test_cli_json(monkeypatch, capsys, tiny_plan):
     """The command prints the verdict's JSON (the compile itself is the fixture's)."""
     seen = {}
 
-    def fake_run(cfg, target, layout, search, max_tries, log, evaluation):
+    def fake_run(cfg, target, layout, search, max_tries, log, evaluation, hlo_dir):
         seen.update(layout=layout, search=search, rows=cfg.batch_size, evaluation=evaluation)
         return plan.Verdict(tiny_plan, None, (tiny_plan.knobs,))
 
@@ -324,3 +337,26 @@ def test_hlostats_bound_of_a_fused_condition():
     work = hlostats.analyze(FUSED_CONDITION, unknown_trip_count=99)
     assert work.loops == (7,)
     assert work.flops == 7 * (2 * 4 * 4 * 4 + 1)  # the dot and the counter's add, 7 times
+
+
+def test_hlostats_loop_start_and_step():
+    """A TPU windowed-einsum loop: counter in tuple slot 1, starting at 2 (through a copy),
+    stepping by 2 while < 9: ceil((9 - 2) / 2) = 4 trips."""
+    text = (FUSED_CONDITION
+            .replace("(s32[], f32[4,4])", "(f32[4,4], s32[])")
+            .replace("%i = s32[] get-tuple-element(%p), index=0",
+                     "%i = s32[] get-tuple-element(%p), index=1")
+            .replace("%x = f32[4,4] get-tuple-element(%p), index=1",
+                     "%x = f32[4,4] get-tuple-element(%p), index=0")
+            .replace("%one = s32[] constant(1)", "%one = s32[] constant(2)")
+            .replace("tuple(%next, %y)", "tuple(%y, %next)")
+            .replace("%j = s32[] get-tuple-element(%c), index=0",
+                     "%j = s32[] get-tuple-element(%c), index=1")
+            .replace("%n = s32[] constant(7)", "%n = s32[] constant(9)")
+            .replace("%zero = s32[] constant(0)",
+                     "%two = s32[] constant(2)\n  %zero = s32[] copy(%two)")
+            .replace("tuple(%zero, %a)", "tuple(%a, %zero)")
+            .replace("get-tuple-element(%w), index=1", "get-tuple-element(%w), index=0"))
+    work = hlostats.analyze(text)
+    assert work.loops == (4,)
+    assert work.flops == 4 * (2 * 4 * 4 * 4 + 1)
