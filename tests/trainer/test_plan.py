@@ -4,6 +4,7 @@ and the microbatch scan, a "does not fit" verdict with the change that fits, the
 and (with libtpu) a compile for a TPU slice."""
 
 import dataclasses
+import functools
 import importlib.util
 import json
 import math
@@ -116,6 +117,53 @@ def test_hlo_dir(tiny_plan, hlo_dir):
         with open(os.path.join(hlo_dir, f"2-4-1_remat-False_mb-2_{r.name}.hlo")) as f:
             work = hlostats.analyze(f.read(), r.unknown_trip_count)
         assert (work.flops, work.bytes) == (r.flops, r.bytes)
+
+
+def _dot_flops(jaxpr) -> int:
+    """2 x output x contracted size of every dot_general in a jaxpr (sub-jaxprs included, a
+    scan's body times its length): an independent count of the matmul work."""
+    total = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            (contract, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            total += 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in contract)
+        times = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
+        for v in eqn.params.values():
+            for sub in (v if isinstance(v, (tuple, list)) else (v,)):
+                if hasattr(sub, "jaxpr") and hasattr(sub, "consts"):
+                    total += times * _dot_flops(sub.jaxpr)
+                elif hasattr(sub, "eqns"):
+                    total += times * _dot_flops(sub)
+    return total
+
+
+def _reference_flops(cfg, attention: str, devices: int):
+    """(prefill, decode loop of 15 steps): the jaxpr's matmul flops per device (rows split
+    over the devices)."""
+    from arca_jax import lora, sampling
+
+    c = plan.model_config(cfg)
+    params = qwen3.param_shapes(c, jnp.dtype(cfg.model.dtype))
+    adapter = jax.eval_shape(lambda: lora.init_lora(c, cfg.lora, jax.random.PRNGKey(0)))
+    weights = jax.eval_shape(lambda p, a: qwen3.inference_weights(
+        p, c, lora=a, lora_scale=2.0, decode_attention=attention), params, adapter)
+    settings = sampling.SamplingConfig(max_new_tokens=16, eos_ids=(1,))
+    ids = jax.ShapeDtypeStruct((32, 16), jnp.int32)
+    prefill = functools.partial(sampling.prefill, config=c, settings=settings,
+                                rng=jax.random.PRNGKey(0))
+    first = _dot_flops(jax.make_jaxpr(lambda w, i: prefill(w, i, i))(weights, ids).jaxpr)
+    state = jax.eval_shape(lambda w, i: prefill(w, i, i), weights, ids)
+    step = jax.make_jaxpr(lambda w, s: sampling.decode_step(w, s, config=c, settings=settings))
+    return first / devices, 15 * _dot_flops(step(weights, state).jaxpr) / devices
+
+
+def test_flops_against_the_jaxpr(cfg, tiny_plan):
+    """Prefill and the whole decode loop against the jaxpr's matmul flops per device;
+    elementwise work adds a little on top."""
+    prefill, decode = _reference_flops(cfg, "reduce", 8)
+    assert prefill <= _report(tiny_plan, "prefill").flops <= 1.25 * prefill
+    assert decode <= _report(tiny_plan, "decode").flops <= 1.25 * decode
 
 
 def test_does_not_fit_and_the_change_that_fits(monkeypatch, cfg, tiny_plan):
@@ -241,6 +289,9 @@ def test_tpu_topology(cfg):
     assert p.update_s > 0 and p.rollout_s > 0
     decode = _report(p, "decode")
     assert decode.flops > 10 * decode.xla_flops  # 15 decode steps, counted once by XLA
+    prefill_flops, decode_flops = _reference_flops(cfg, "dot", 4)
+    assert 0.9 * prefill_flops <= _report(p, "prefill").flops <= 1.25 * prefill_flops
+    assert 0.9 * decode_flops <= decode.flops <= 1.25 * decode_flops
 
 
 # --------------------------------------------------------------------------------------------
