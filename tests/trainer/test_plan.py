@@ -166,6 +166,24 @@ def test_flops_against_the_jaxpr(cfg, tiny_plan):
     assert decode <= _report(tiny_plan, "decode").flops <= 1.25 * decode
 
 
+def test_train_step_flops_against_the_jaxpr(cfg, tiny_plan):
+    """The train step's loop-scaled flops (2 microbatches x the layer scans) against the
+    jaxpr's matmul flops per device; XLA's own count, each loop body once, is far below."""
+    from arca_jax.grpo.step import make_train_step
+    from arca_jax.trainer import setup
+
+    c = plan.model_config(cfg)
+    mesh = plan.make_mesh(LAYOUT, jax.devices())
+    params, state, optimizer = plan.abstract_model(cfg, c, mesh)
+    batch = plan.abstract_batch(cfg, plan.Shapes.of(cfg, 8), mesh)
+    step = make_train_step(c, setup.objective_config(cfg), optimizer,
+                           lora_scale=cfg.lora.scaling, mode="mesh", mesh=mesh, microbatches=2)
+    want = _dot_flops(jax.make_jaxpr(step.jitted)(state, params, batch).jaxpr) / 8
+    train = _report(tiny_plan, "train_step")
+    assert want <= train.flops <= 1.15 * want
+    assert train.xla_flops < 0.5 * want
+
+
 def test_does_not_fit_and_the_change_that_fits(monkeypatch, cfg, tiny_plan):
     """Memory just below the plan's peak: "does not fit". Every device on fsdp does not lower the
     tiny model's peak (more weight gathering), so it is dropped; remat on the original mesh
