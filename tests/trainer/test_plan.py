@@ -220,6 +220,19 @@ def test_changes_in_order(cfg):
         assert "tensor=2" in names and changed["tensor=2"](knobs).layout == plan.Layout(1, 4, 2)
 
 
+@pytest.mark.skipif(not plan.tensor_supported(), reason="no tensor parallelism in this version")
+def test_tensor_axis(cfg, tiny_plan):
+    """A (fsdp 4, tensor 2) mesh: the base weights and the adapter split over "tensor" as well,
+    so each device holds less of them than on (data 2, fsdp 4); the tensor all-reduces show."""
+    p = plan.run(cfg, plan.local_target(), plan.Layout(1, 4, 2), options=FAST, search=False).plan
+    assert p.fits and p.knobs.overrides()[:3] == ["train.mode=mesh", "train.mesh_fsdp=4",
+                                                  "train.mesh_tensor=2"]
+    train, base = _report(p, "train_step"), _report(tiny_plan, "train_step")
+    assert train.memory.argument < base.memory.argument
+    assert train.collectives["all-reduce"].runs > 0
+    assert [r.name for r in p.programs] == ["train_step", "prepare_weights", "prefill", "decode"]
+
+
 def test_trainer_problems(cfg):
     assert plan.trainer_problems(cfg, plan.Knobs(plan.Layout(1, 8, 1), False, 2)) == []
     problems = plan.trainer_problems(cfg, plan.Knobs(plan.Layout(1, 8, 1), False, 8))
