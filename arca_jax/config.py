@@ -3,7 +3,8 @@
     model:   which checkpoint and dtype
     lora:    `arca_jax.lora.LoraConfig` (rank, alpha, targets, dropout)
     task:    task name, data path, evaluation set
-    rollout: prompts per step, group size G, lengths, temperature, top-p
+    rollout: prompts per step, group size G, lengths, temperature, top-p, DAPO's dynamic
+             sampling and overlong shaping / filtering
     grpo:    `arca_jax.grpo.GRPOConfig` (weighting, sharpening, estimator, clipping, KL, ...)
     optim:   AdamW, warmup + cosine, gradient clipping
     train:   steps, seed, parallelism, evaluation / checkpoint / logging cadence
@@ -110,6 +111,23 @@ class RolloutConfig:
     prompt_truncation: the side cut from a prompt longer than `max_prompt_tokens` (as Hugging
     Face's `truncation_side`): "left" drops its first tokens and keeps the last ones (our
     default); "right" drops its last tokens and keeps the first ones (the paper authors' code).
+
+    DAPO (Yu et al. 2025, arXiv 2503.14476; `arca_jax.trainer.rollout`):
+    dynamic_sampling: drop the groups whose G task rewards are all equal (every advantage 0) and
+        top the batch up with groups of further prompts, each extra round sampling
+        `prompts_per_step` more prompts of the step's seeded prompt stream; the filter reads the
+        task's reward before the overlong penalty (DAPO's accuracy filter).
+    max_resample_rounds: at most this many extra rounds per step; when they are spent and fewer
+        than `prompts_per_step` groups have mixed rewards, the batch is filled with the earliest
+        drawn all-equal groups (advantage 0: no policy gradient; verl's DAPO recipe raises an
+        error here instead), so the batch shape never changes.
+    overlong_buffer: L_cache of the soft overlong punishment, in tokens (0: off). With L_max =
+        `max_new_tokens` and |y| the completion's tokens (EOS included, as verl counts), the
+        reward gets overlong_penalty * min(0, max(-1, (L_max - L_cache - |y|) / L_cache)):
+        0 up to L_max - L_cache tokens, falling linearly to -overlong_penalty at L_max.
+    overlong_penalty: the punishment's scale (DAPO: 1.0).
+    overlong_filtering: completions cut at `max_new_tokens` without EOS are kept out of the loss
+        (completion_mask 0; they still count in their group's advantages).
     """
 
     # deliberate: a field list (resembles other config dataclasses by shape only)
@@ -122,6 +140,11 @@ class RolloutConfig:
     top_k: int = 0
     eos_token: Literal["train", "mask", "mask_if_pad"] = "train"
     prompt_truncation: Literal["left", "right"] = "left"
+    dynamic_sampling: bool = False
+    max_resample_rounds: int = 4
+    overlong_buffer: int = 0
+    overlong_penalty: float = 1.0
+    overlong_filtering: bool = False
 
     def __post_init__(self):
         if self.prompts_per_step < 1:
@@ -136,6 +159,16 @@ class RolloutConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0: off), got {self.top_k}")
+        if self.max_resample_rounds < 0:
+            raise ValueError(f"max_resample_rounds must be >= 0, got {self.max_resample_rounds}")
+        if self.dynamic_sampling and self.group_size < 2:
+            raise ValueError("dynamic_sampling needs group_size >= 2 (a group of one always has "
+                             "equal rewards)")
+        if not 0 <= self.overlong_buffer <= self.max_new_tokens:
+            raise ValueError(f"overlong_buffer must be in [0, max_new_tokens="
+                             f"{self.max_new_tokens}], got {self.overlong_buffer}")
+        if not self.overlong_penalty >= 0:
+            raise ValueError(f"overlong_penalty must be >= 0, got {self.overlong_penalty}")
 
 
 @dataclasses.dataclass(frozen=True)

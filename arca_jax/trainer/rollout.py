@@ -7,15 +7,23 @@ the weights as the train step holds them; the sampler's random numbers do not de
 sharding, so the completions equal a single-device run's). Each process decodes and scores only
 the rows it owns; rewards (a float per row) are all-gathered, so every process computes the same
 advantages.
+
+DAPO's additions (arXiv 2503.14476; settings in `config.RolloutConfig`): dynamic sampling drops
+the groups whose task rewards are all equal and samples further rounds of prompts until the batch
+is full of groups with mixed rewards (``select_groups``; the decision reads only the all-gathered
+rewards, so every process takes the same one and runs the same number of rounds); the soft
+overlong punishment is added to the rewards the advantages read (``overlong_penalty``); overlong
+filtering keeps truncated completions out of the loss (``mask_rows``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Callable, List, NamedTuple, Sequence
+from typing import Any, Callable, List, NamedTuple, Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from arca_jax import distributed, parallel, sampling
@@ -143,26 +151,106 @@ def score_rows(gen: Generated, n: int, problem_of_row: Callable[[int], Any], sco
 
 
 class Rollout(NamedTuple):
-    """One step's rollout: the batch to train on and what the step logs."""
+    """One step's rollout: the batch to train on and what the step logs.
+
+    rewards, problems: the task's rewards [P, G] (before the overlong penalty) and the problems
+    [P] of the batch's groups, in batch order. sampled_rewards [Q, G]: the task's rewards of
+    every group sampled this step (Q = P without dynamic sampling; all rounds with it).
+    """
 
     batch: Batch  # global [P * G, T], advantages set
     rewards: np.ndarray  # [P, G]
-    num_tokens: int  # completion tokens generated
+    num_tokens: int  # completion tokens generated (every round)
     time_sample_s: float
     time_score_s: float
-    num_truncated: int = 0  # completions cut at max_new_tokens (never ended): trained as they are
+    num_truncated: int = 0  # completions cut at max_new_tokens (never ended), in the batch
     num_empty: int = 0  # completions that are only EOS: their text is "", scored as such
     num_invalid_advantages: int = 0  # non-finite advantages (overflowing rewards), set to 0
+    problems: Sequence[Any] = ()
+    sampled_rewards: Optional[np.ndarray] = None  # [Q, G]
+    groups_dropped: int = 0  # all-equal groups sampled and left out of the batch
+    resample_rounds: int = 0  # extra sampling rounds of dynamic sampling
+    groups_zero_kept: int = 0  # all-equal groups in the batch (the bound was hit)
+    overlong_penalised: int = 0  # completions of the batch with a penalty < 0
+    overlong_penalty_mean: float = 0.0  # mean penalty per completion of the batch (<= 0)
+    truncated_masked: int = 0  # truncated completions kept out of the loss
 
 
-def rollout(model: Model, mesh, layout: parallel.RowLayout, problems: Sequence[Any], cfg: RunConfig,
-            *, adapter, key: jax.Array, score: Scorer,
-            beat: Callable[[str], None] = lambda what: None) -> Rollout:
-    """Samples `rollout.group_size` completions of each problem with `adapter`, scores them and
-    builds the batch with group advantages (`grpo.estimator`). `layout` is the train step's
-    row layout of the P * G rows."""
+class RoundRows(NamedTuple):
+    """The rows of one sampling round, Q prompts x G completions (prompt-major), as host arrays
+    that every process holds in full (the dynamic-sampling path assembles its batch from them).
+    W: the round's prompt width, N = max_new_tokens."""
+
+    problems: Sequence[Any]  # [Q]
+    prompt_ids: np.ndarray  # [Q * G, W] int32, left-padded
+    prompt_mask: np.ndarray  # [Q * G, W] int32
+    tokens: np.ndarray  # [Q * G, N] int32
+    mask: np.ndarray  # [Q * G, N] int32
+    logps: np.ndarray  # [Q * G, N] float32
+    sampled_logps: Optional[np.ndarray]  # [Q * G, N] float32
+    scored: Scored  # rewards, lengths, finished [Q * G]
+
+
+class GroupSelection(NamedTuple):
+    """Which sampled groups make the batch (``select_groups``).
+
+    groups: [P] int64 indices into the groups in draw order (every round's, concatenated),
+        ascending. dropped: all-equal groups left out. zero_kept: all-equal groups in the batch.
+    """
+
+    groups: np.ndarray
+    dropped: int
+    zero_kept: int
+
+
+def equal_reward_groups(rewards) -> np.ndarray:
+    """[Q] bool: the groups ([Q, G] rewards) whose rewards are all equal, whose advantages are
+    therefore all 0 under every estimator."""
+    r = np.asarray(rewards)
+    return np.all(r == r[:, :1], axis=1)
+
+
+def select_groups(rewards, count: int) -> GroupSelection:
+    """DAPO's dynamic sampling over groups in draw order ([Q, G] rewards): the first `count`
+    groups with mixed rewards; when fewer exist, the earliest all-equal groups fill the rest
+    (Q >= count). The batch keeps draw order."""
+    equal = equal_reward_groups(rewards)
+    Q = equal.shape[0]
+    if Q < count:
+        raise ValueError(f"{Q} groups cannot fill a batch of {count}")
+    mixed = np.flatnonzero(~equal)[:count]
+    fill = np.flatnonzero(equal)[:count - len(mixed)]
+    groups = np.sort(np.concatenate([mixed, fill]))
+    return GroupSelection(groups.astype(np.int64), int(equal.sum()) - len(fill), len(fill))
+
+
+def overlong_penalty(lengths, max_tokens: int, buffer: int, scale: float = 1.0) -> np.ndarray:
+    """DAPO's soft overlong punishment [n] float32 of completions of `lengths` [n] tokens:
+    scale * min(0, max(-1, (L_max - L_cache - |y|) / L_cache)) with L_max = `max_tokens`,
+    L_cache = `buffer` (0 for |y| <= L_max - L_cache, linear inside the buffer, -scale from
+    L_max on). buffer 0: no penalty."""
+    y = np.asarray(lengths, np.float64)
+    if buffer == 0:
+        return np.zeros(y.shape, np.float32)
+    return (scale * np.clip((max_tokens - buffer - y) / buffer, -1.0, 0.0)).astype(np.float32)
+
+
+def mask_rows(batch: Batch, keep) -> Batch:
+    """`batch` with the rows where `keep` [B] is False out of the loss: their completion_mask and
+    the sampler's log-probs set to 0 (still attended to; their advantage unchanged)."""
+    k = jnp.asarray(keep).astype(bool)[:, None]
+    zero = lambda x: None if x is None else jnp.where(k, x, jnp.zeros((), x.dtype))  # noqa: E731
+    return batch.replace(completion_mask=zero(batch.completion_mask),
+                         sample_logps=zero(batch.sample_logps),
+                         behaviour_logps=zero(batch.behaviour_logps))
+
+
+def _sample_round(model: Model, mesh, problems: Sequence[Any], cfg: RunConfig, *, adapter,
+                  key: jax.Array, score: Scorer, beat):
+    """Samples and scores G completions of each problem: (prompt ids [Q, W], mask, Generated,
+    Scored, seconds sampling, seconds scoring)."""
+    G, r = cfg.rollout.group_size, cfg.rollout
     t0 = time.time()
-    P, G, r = len(problems), cfg.rollout.group_size, cfg.rollout
     ids, mask = encode_prompts(model.tokenizer, [p.prompt for p in problems],
                                r.max_prompt_tokens, model.pad_id, r.prompt_truncation)
     gen = generate_rows(model, mesh, np.repeat(ids, G, axis=0), np.repeat(mask, G, axis=0),
@@ -172,17 +260,137 @@ def rollout(model: Model, mesh, layout: parallel.RowLayout, problems: Sequence[A
     jax.block_until_ready(gen.out.tokens)
     t1 = time.time()
     beat("sampling")
-    scored = score_rows(gen, P * G, lambda i: problems[i // G], score, model.tokenizer)
+    scored = score_rows(gen, len(problems) * G, lambda i: problems[i // G], score,
+                        model.tokenizer)
+    return ids, mask, gen, scored, t1 - t0, time.time() - t1
+
+
+def round_rows(gen: Generated, problems: Sequence[Any], ids, mask, scored: Scored,
+               G: int) -> RoundRows:
+    """The round's rows on every process's host (one all-gather with several processes)."""
+    n = len(problems) * G
+    lay, out = gen.layout, gen.out
+    arrays = {"tokens": out.tokens, "mask": out.mask, "logps": out.logps}
+    if out.sampled_logps is not None:
+        arrays["sampled_logps"] = out.sampled_logps
+    got = lay.combine({k: lay.host(v) for k, v in arrays.items()})
+    return RoundRows(problems=list(problems), prompt_ids=np.repeat(ids, G, axis=0),
+                     prompt_mask=np.repeat(mask, G, axis=0),
+                     tokens=got["tokens"][:n], mask=got["mask"][:n], logps=got["logps"][:n],
+                     sampled_logps=got["sampled_logps"][:n] if "sampled_logps" in got else None,
+                     scored=scored)
+
+
+def assemble_rows(rounds: Sequence[RoundRows], groups, G: int, pad_id: int) -> RoundRows:
+    """The rows of `groups` (indices into the rounds' groups in draw order) as one RoundRows,
+    prompts left-padded to the widest round's width."""
+    width = max(r.prompt_ids.shape[1] for r in rounds)
+
+    def widen(x, fill):
+        return np.pad(x, ((0, 0), (width - x.shape[1], 0)), constant_values=fill)
+
+    def cat(get):
+        return np.concatenate([get(r) for r in rounds])
+
+    rows = (np.asarray(groups)[:, None] * G + np.arange(G)[None, :]).reshape(-1)
+    problems = [p for r in rounds for p in r.problems]
+    with_sampled = all(r.sampled_logps is not None for r in rounds)
+    return RoundRows(
+        problems=[problems[i] for i in groups],
+        prompt_ids=cat(lambda r: widen(r.prompt_ids, pad_id))[rows],
+        prompt_mask=cat(lambda r: widen(r.prompt_mask, 0))[rows],
+        tokens=cat(lambda r: r.tokens)[rows], mask=cat(lambda r: r.mask)[rows],
+        logps=cat(lambda r: r.logps)[rows],
+        sampled_logps=cat(lambda r: r.sampled_logps)[rows] if with_sampled else None,
+        scored=Scored(*(cat(lambda r, i=i: r.scored[i])[rows] for i in range(3))))
+
+
+def _dynamic_rounds(model: Model, mesh, problems, cfg: RunConfig, first: RoundRows, *, adapter,
+                    key, score: Scorer, beat, draw):
+    """Rounds of sampling until `prompts_per_step` groups have mixed rewards or
+    `max_resample_rounds` extra rounds are spent: (rounds, seconds sampling, seconds scoring).
+    Round k >= 1 samples `draw(k)` with key fold_in(key, k); every process decides alike (the
+    rewards are all-gathered)."""
+    P, G, r = len(problems), cfg.rollout.group_size, cfg.rollout
+    rounds, t_sample, t_score = [first], 0.0, 0.0
+    while (sum(int((~equal_reward_groups(x.scored.rewards.reshape(-1, G))).sum())
+               for x in rounds) < P and len(rounds) <= r.max_resample_rounds):
+        k = len(rounds)
+        more = list(draw(k))
+        if len(more) != P:
+            raise ValueError(f"draw({k}) gave {len(more)} problems, expected {P}")
+        ids, mask, gen, scored, ts, tc = _sample_round(model, mesh, more, cfg, adapter=adapter,
+                                                       key=jax.random.fold_in(key, k),
+                                                       score=score, beat=beat)
+        rounds.append(round_rows(gen, more, ids, mask, scored, G))
+        t_sample, t_score = t_sample + ts, t_score + tc
+    return rounds, t_sample, t_score
+
+
+def rollout(model: Model, mesh, layout: parallel.RowLayout, problems: Sequence[Any], cfg: RunConfig,
+            *, adapter, key: jax.Array, score: Scorer,
+            beat: Callable[[str], None] = lambda what: None,
+            draw: Optional[Callable[[int], Sequence[Any]]] = None) -> Rollout:
+    """Samples `rollout.group_size` completions of each problem with `adapter`, scores them and
+    builds the batch with group advantages (`grpo.estimator`). `layout` is the train step's
+    row layout of the P * G rows.
+
+    With `rollout.dynamic_sampling`, groups whose task rewards are all equal are replaced by
+    groups of `draw(k)` (P further problems for extra round k = 1, 2, ...; required then),
+    sampled with key fold_in(key, k) (``select_groups``). The overlong penalty
+    (`rollout.overlong_buffer`) is added to the rewards the advantages read; with
+    `rollout.overlong_filtering` truncated completions are kept out of the loss (``mask_rows``).
+    """
+    P, G, r = len(problems), cfg.rollout.group_size, cfg.rollout
+    ids, mask, gen, scored, t_sample, t_score = _sample_round(
+        model, mesh, problems, cfg, adapter=adapter, key=key, score=score, beat=beat)
+    num_tokens = int(scored.lengths.sum())
+    sampled = scored.rewards.reshape(P, G)
+    dropped = resampled = zero_kept = 0
+    if r.dynamic_sampling:
+        if draw is None:
+            raise ValueError("rollout.dynamic_sampling needs `draw` (the problems of extra rounds)")
+        rounds, ts, tc = _dynamic_rounds(model, mesh, problems, cfg,
+                                         round_rows(gen, problems, ids, mask, scored, G),
+                                         adapter=adapter, key=key, score=score, beat=beat,
+                                         draw=draw)
+        t_sample, t_score = t_sample + ts, t_score + tc
+        num_tokens = sum(int(x.scored.lengths.sum()) for x in rounds)
+        sampled = np.concatenate([x.scored.rewards.reshape(-1, G) for x in rounds])
+        sel = select_groups(sampled, P)
+        dropped, resampled, zero_kept = sel.dropped, len(rounds) - 1, sel.zero_kept
+        rows = assemble_rows(rounds, sel.groups, G, model.pad_id)
+        problems, scored = rows.problems, rows.scored
     rewards = scored.rewards.reshape(P, G)
-    adv, bad_adv = finite_advantages(advantages(rewards, cfg.grpo.estimator, eps=1e-6))
-    batch = sampling.build_batch(gen.ids, gen.mask, gen.out, advantages=layout.to_global(adv),
-                                 mask_tokens=masked_tokens(cfg, model))
+    penalty = overlong_penalty(scored.lengths, r.max_new_tokens, r.overlong_buffer,
+                               r.overlong_penalty)
+    adv, bad_adv = finite_advantages(advantages(rewards + penalty.reshape(P, G),
+                                                cfg.grpo.estimator, eps=1e-6))
+    if r.dynamic_sampling:
+        to = layout.to_global
+        out = sampling.SampleOutput(
+            tokens=to(rows.tokens), mask=to(rows.mask), logps=to(rows.logps),
+            lengths=to(rows.scored.lengths.astype(np.int32)), finished=to(rows.scored.finished),
+            num_steps=jnp.asarray(rows.tokens.shape[1], jnp.int32),
+            sampled_logps=None if rows.sampled_logps is None else to(rows.sampled_logps))
+        batch = sampling.build_batch(to(rows.prompt_ids), to(rows.prompt_mask), out,
+                                     advantages=to(adv), mask_tokens=masked_tokens(cfg, model))
+    else:
+        batch = sampling.build_batch(gen.ids, gen.mask, gen.out, advantages=layout.to_global(adv),
+                                     mask_tokens=masked_tokens(cfg, model))
+    truncated = ~scored.finished
+    if r.overlong_filtering:
+        batch = mask_rows(batch, layout.to_global(scored.finished))
     beat("scoring")
-    return Rollout(batch=batch, rewards=rewards, num_tokens=int(scored.lengths.sum()),
-                   time_sample_s=t1 - t0, time_score_s=time.time() - t1,
-                   num_truncated=int((~scored.finished).sum()),
+    return Rollout(batch=batch, rewards=rewards, num_tokens=num_tokens,
+                   time_sample_s=t_sample, time_score_s=t_score,
+                   num_truncated=int(truncated.sum()),
                    num_empty=int((scored.finished & (scored.lengths <= 1)).sum()),
-                   num_invalid_advantages=bad_adv)
+                   num_invalid_advantages=bad_adv, problems=list(problems),
+                   sampled_rewards=sampled, groups_dropped=dropped, resample_rounds=resampled,
+                   groups_zero_kept=zero_kept, overlong_penalised=int((penalty < 0).sum()),
+                   overlong_penalty_mean=float(penalty.mean()),
+                   truncated_masked=int(truncated.sum()) if r.overlong_filtering else 0)
 
 
 def finite_advantages(adv) -> tuple:
@@ -202,11 +410,16 @@ def masked_tokens(cfg: RunConfig, model: Model) -> tuple:
     return ()
 
 
-def step_prompt_indices(seed: int, step: int, num_problems: int, count: int) -> np.ndarray:
-    """The training problems of `step`: a pure function of (seed, step), the data position."""
-    rng = np.random.default_rng([seed, step])
+def step_prompt_indices(seed: int, step: int, num_problems: int, count: int,
+                        round: int = 0) -> np.ndarray:
+    """The training problems of `step`: a pure function of (seed, step), the data position.
+    `round` k >= 1: the problems of dynamic sampling's extra round k, an independent draw of
+    (seed, step, k) (round 0 is the step's own draw)."""
+    rng = np.random.default_rng([seed, step] if round == 0 else [seed, step, round])
     return rng.choice(num_problems, size=count, replace=count > num_problems)
 
 
-__all__ = ["Generated", "Rollout", "Scored", "Scorer", "detokenize", "encode_prompts", "generate_rows",
-           "finite_advantages", "rollout", "score_rows", "step_prompt_indices"]
+__all__ = ["Generated", "GroupSelection", "Rollout", "RoundRows", "Scored", "Scorer",
+           "assemble_rows", "detokenize", "encode_prompts", "equal_reward_groups",
+           "finite_advantages", "generate_rows", "mask_rows", "overlong_penalty", "rollout",
+           "round_rows", "score_rows", "select_groups", "step_prompt_indices"]

@@ -249,6 +249,27 @@ def test_two_processes_equal_one_process_and_checkpoints_cross(single_run, tmp_p
     assert summary["finished"] and summary["steps"] == 2
 
 
+# DAPO's rollout settings: dynamic sampling decides from the all-gathered rewards, so both
+# processes run the same extra rounds and assemble the same batch (seed 3: step 1 resamples)
+DAPO = TINY[:-1] + ["train.seed=3", "train.steps=1", "train.samples_every=1",
+                    "rollout.dynamic_sampling=true", "rollout.max_resample_rounds=3",
+                    "rollout.overlong_buffer=16", "rollout.overlong_filtering=true",
+                    "grpo.loss_aggregation=token_mean", "grpo.clip_eps_high=0.28"]
+
+
+def test_dapo_rollout_two_processes_equal_one_process(tmp_path, cache_dir):
+    single = tmp_path / "single"
+    _single(single, cache_dir, overrides=DAPO)
+    ref = _rows(single, "metrics.jsonl")
+    assert ref[0]["resample_rounds"] > 0 and ref[0]["groups_dropped"] > 0, ref
+    multi, logs = tmp_path / "multi", tmp_path / "logs"
+    logs.mkdir()
+    assert _wait_all(_two_cli(multi, str(logs), overrides=DAPO)) == [0, 0], _logs(logs)
+    _assert_rows_close(_rows(multi, "metrics.jsonl"), ref)
+    _assert_rows_close(_rows(multi, "samples.jsonl"), _rows(single, "samples.jsonl"))
+    _assert_lora_close(_lora(multi, 1), _lora(single, 1))
+
+
 def _wait_for_line(log_dir, text, procs, timeout=240):
     """Until process 0's log holds `text` (both processes still running)."""
     path = os.path.join(log_dir, "p0.log")
