@@ -1,9 +1,10 @@
 """The training loop: rollout -> update -> log -> evaluate -> checkpoint, resumable.
 
 Each step draws `prompts_per_step` training problems (a pure function of the seed and the step,
-so a resumed run sees exactly the data of an uninterrupted one), rolls out `group_size`
-completions per prompt with the current adapter (`rollout.rollout`), and runs the jitted GRPO
-step `grpo.num_iterations` times. Held-out greedy accuracy and pass@k are measured before
+so a resumed run sees exactly the data of an uninterrupted one; with `rollout.dynamic_sampling`
+the extra rounds' problems are pure functions of (seed, step, round) as well), rolls out
+`group_size` completions per prompt with the current adapter (`rollout.rollout`), and runs the
+jitted GRPO step `grpo.num_iterations` times. Held-out greedy accuracy and pass@k are measured before
 training (the base model), every `train.eval_every` steps and at the end.
 
 Modes: "jit" (one device), "pmap" (data parallel over the local devices) and "mesh" (one global
@@ -167,13 +168,18 @@ def _train_one_step(run: _Run, step: int, totals: Dict[str, int], beat) -> tuple
     `totals` (the running `TOTALS`) is updated in place."""
     cfg = run.cfg
     t0 = time.time()
-    idx = step_prompt_indices(cfg.train.seed, step, len(run.train_task.problems),
-                              cfg.rollout.prompts_per_step)
-    problems = [run.train_task.problems[i] for i in idx]
+    pool = run.train_task.problems
+
+    def draw(round_: int) -> list:  # the step's problems; round >= 1: dynamic sampling's extra
+        idx = step_prompt_indices(cfg.train.seed, step, len(pool), cfg.rollout.prompts_per_step,
+                                  round=round_)
+        return [pool[i] for i in idx]
+
     faults.point("sampling", step + 1)
-    ro = rollout(run.model, run.mesh, run.layout, problems, cfg, adapter=run.adapter(),
+    ro = rollout(run.model, run.mesh, run.layout, draw(0), cfg, adapter=run.adapter(),
                  key=stream_key(cfg, Stream.SAMPLE, step), score=run.score,
-                 beat=_beat_and_mark(beat, step + 1))
+                 beat=_beat_and_mark(beat, step + 1), draw=draw)
+    problems = ro.problems
     totals["reward_timeouts"] += run.score.new_timeouts()
     totals["reward_invalid"] += run.score.new_invalid()
     totals["advantage_invalid"] += ro.num_invalid_advantages
@@ -191,8 +197,9 @@ def _train_one_step(run: _Run, step: int, totals: Dict[str, int], beat) -> tuple
     t3 = time.time()
     beat(f"update of step {step + 1}")
     arca = "residual_norms" in credit.required_inputs(cfg.grpo.weighting)  # reads the residual
-    row = {"step": step + 1, "reward_mean": float(ro.rewards.mean()),
-           "reward_std": float(ro.rewards.std()), **m,
+    # every completion sampled this step (with dynamic sampling: all rounds, not only the batch)
+    row = {"step": step + 1, "reward_mean": float(ro.sampled_rewards.mean()),
+           "reward_std": float(ro.sampled_rewards.std()), **m,
            "residual_norm_mean": m["residual_norm_mean"] if arca else None,
            "residual_norm_max": m["residual_norm_max"] if arca else None,
            **{k: int(totals[k]) for k in TOTALS},
@@ -200,7 +207,26 @@ def _train_one_step(run: _Run, step: int, totals: Dict[str, int], beat) -> tuple
            "time_sample_s": ro.time_sample_s, "time_score_s": ro.time_score_s,
            "time_update_s": t3 - t2, "step_time_s": t3 - t0,
            "tokens_per_s": ro.num_tokens / max(t3 - t0, 1e-9)}
+    row.update(_objective_counts(cfg, ro))
     return row, problems, ro
+
+
+def _objective_counts(cfg: RunConfig, ro) -> Dict[str, Any]:
+    """The logged counts of the DAPO settings that are on (none when all are off, so a default
+    run's metrics.jsonl keeps its keys): dynamic sampling's dropped all-equal groups, extra
+    rounds, all-equal groups kept to fill the batch and the batch's own reward mean; the
+    overlong penalty's penalised completions and mean; truncated completions masked out."""
+    r, out = cfg.rollout, {}
+    if r.dynamic_sampling:
+        out.update(groups_dropped=ro.groups_dropped, resample_rounds=ro.resample_rounds,
+                   groups_zero_kept=ro.groups_zero_kept,
+                   batch_reward_mean=float(ro.rewards.mean()))
+    if r.overlong_buffer:
+        out.update(overlong_penalised=ro.overlong_penalised,
+                   overlong_penalty_mean=ro.overlong_penalty_mean)
+    if r.overlong_filtering:
+        out["truncated_masked"] = ro.truncated_masked
+    return out
 
 
 def train(cfg: RunConfig, run_dir: str, *, resume: bool = False,
