@@ -2,17 +2,22 @@
 
 The files are those of the run-directory contract (`arca_jax.rundir`).
 Only process 0 writes (`enabled=False` elsewhere). Lines are flushed as they are written, so a
-killed run leaves every complete line readable.
+killed run leaves every complete line readable. A resumed run trims what the killed attempt wrote
+after its checkpoint: the JSON-lines logs (`truncate_jsonl`) and the TensorBoard events
+(`truncate_events`), so no step appears twice in either.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
+import socket
+import struct
 import sys
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, NamedTuple, Optional
 
 from arca_jax import rundir
 
@@ -39,13 +44,15 @@ class RunLog:
         self.interactive = (self.stream.isatty() if interactive is None else interactive)
         self._files: Dict[str, Any] = {}
         self._tb = None
+        self._tb_wanted = enabled and tensorboard
         self._bar_open = False
-        if enabled and tensorboard:
-            try:
-                from tensorboardX import SummaryWriter
-                self._tb = SummaryWriter(rundir.path(run_dir, rundir.TENSORBOARD))
-            except ImportError:  # pragma: no cover - tensorboardX is a dependency
-                self._tb = None
+
+    def _events(self) -> Optional["EventFile"]:
+        """The event file, opened at the first scalar (so that a resumed run trims the events of
+        its killed attempt before a new file exists); None when disabled."""
+        if self._tb is None and self._tb_wanted:
+            self._tb = EventFile(rundir.path(self.run_dir, rundir.TENSORBOARD))
+        return self._tb
 
     def _append(self, name: str, record: Dict[str, Any]):
         if not self.enabled:
@@ -58,17 +65,17 @@ class RunLog:
 
     def metrics(self, record: Dict[str, Any]):
         self._append(rundir.METRICS, record)
-        if self._tb is not None:
-            for k, v in _clean(record).items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self._tb.add_scalar(f"train/{k}", v, record["step"])
+        if self._events() is not None:
+            self._events().scalars(record["step"], {
+                f"train/{k}": v for k, v in _clean(record).items()
+                if k != "step" and isinstance(v, (int, float))})
 
     def eval(self, record: Dict[str, Any]):
         self._append(rundir.EVAL, record)
-        if self._tb is not None:
-            for k in ("greedy_accuracy", "pass_at_k"):
-                if record.get(k) is not None:
-                    self._tb.add_scalar(f"eval/{k}", record[k], record["step"])
+        if self._events() is not None:
+            self._events().scalars(record["step"], {
+                f"eval/{k}": record[k] for k in ("greedy_accuracy", "pass_at_k")
+                if record.get(k) is not None})
         self.message(f"eval step {record['step']}: greedy accuracy {record['greedy_accuracy']:.3f}, "
                      f"pass@{record['k']} {record['pass_at_k']:.3f} "
                      f"({record['num_problems']} problems)")
@@ -110,6 +117,15 @@ class RunLog:
         self.stream.write(f"{time.strftime('%H:%M:%S')} {text}\n")
         self.stream.flush()
 
+    def flush(self):
+        """Hands every record written so far to the OS (each is flushed as written already;
+        this makes the guarantee explicit before a checkpoint: a process killed afterwards has
+        logged every step the checkpoint holds)."""
+        for f in self._files.values():
+            f.flush()
+        if self._tb is not None:
+            self._tb.flush()
+
     def close(self):
         if self._bar_open:
             self.stream.write("\n")
@@ -117,6 +133,7 @@ class RunLog:
         for f in self._files.values():
             f.close()
         self._files.clear()
+        self._tb_wanted = False
         if self._tb is not None:
             self._tb.close()
             self._tb = None
@@ -140,3 +157,109 @@ def truncate_jsonl(path: str, last_step: int) -> None:
     with open(tmp, "w") as f:
         f.writelines(keep)
     os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------
+# TensorBoard event files (TFRecord framing: u64 length, u32 masked CRC of it, the serialized
+# `Event`, u32 masked CRC of it; records are copied unchanged, so no CRC is recomputed)
+# --------------------------------------------------------------------------------------------
+
+
+class EventFile:
+    """A TensorBoard event file written synchronously: one record per call, flushed at once (as
+    the JSON lines; tensorboardX's writer queues events in a thread that its flush() does not
+    drain, so a killed process lost scalars of steps its checkpoint held)."""
+
+    def __init__(self, tb_dir: str):
+        os.makedirs(tb_dir, exist_ok=True)
+        name = f"events.out.tfevents.{time.time():.6f}.{socket.gethostname()}.{os.getpid()}"
+        self._file = open(os.path.join(tb_dir, name), "ab")
+        from tensorboardX.proto import event_pb2
+
+        self._write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
+
+    def _write(self, event) -> None:
+        from tensorboardX.record_writer import masked_crc32c
+
+        data = event.SerializeToString()
+        header = struct.pack("<Q", len(data))
+        self._file.write(header + struct.pack("<I", masked_crc32c(header)) + data
+                         + struct.pack("<I", masked_crc32c(data)))
+        self._file.flush()
+
+    def scalars(self, step: int, values: Dict[str, float]) -> None:
+        """One event holding `values` (tag -> number) at `step`."""
+        from tensorboardX.proto import event_pb2, summary_pb2
+
+        if values:
+            summary = summary_pb2.Summary(value=[
+                summary_pb2.Summary.Value(tag=tag, simple_value=float(v)) for tag, v in values.items()])
+            self._write(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class Scalar(NamedTuple):
+    tag: str
+    step: int
+    value: float
+
+
+def _records(path: str):
+    """The raw records of an event file, as bytes with their framing, and their payloads; stops
+    at a torn or corrupted record (length or CRC wrong)."""
+    from tensorboardX.record_writer import masked_crc32c
+
+    with open(path, "rb") as f:
+        data = f.read()
+    pos = 0
+    while pos + 12 <= len(data):
+        header = data[pos:pos + 8]
+        (length,) = struct.unpack("<Q", header)
+        end = pos + 12 + length + 4
+        if end > len(data) or struct.unpack("<I", data[pos + 8:pos + 12])[0] != masked_crc32c(header):
+            break
+        payload = data[pos + 12:pos + 12 + length]
+        if struct.unpack("<I", data[end - 4:end])[0] != masked_crc32c(payload):
+            break
+        yield data[pos:end], payload
+        pos = end
+
+
+def _event_files(tb_dir: str) -> List[str]:
+    return sorted(glob.glob(os.path.join(tb_dir, "events.out.tfevents.*")))
+
+
+def truncate_events(tb_dir: str, last_step: int) -> None:
+    """Drops the summaries of steps after `last_step` (and a torn last record) from every event
+    file in `tb_dir`, rewriting each atomically; bookkeeping events (file version) stay."""
+    from tensorboardX.proto import event_pb2
+
+    for path in _event_files(tb_dir):
+        keep = []
+        for raw, payload in _records(path):
+            event = event_pb2.Event.FromString(payload)
+            if not event.HasField("summary") or event.step <= last_step:
+                keep.append(raw)
+        tmp = path + ".tmp"
+        with open(tmp, "wb") as f:
+            f.writelines(keep)
+        os.replace(tmp, path)
+
+
+def read_scalars(tb_dir: str) -> List[Scalar]:
+    """Every scalar summary in the event files of `tb_dir`, in file and write order."""
+    from tensorboardX.proto import event_pb2
+
+    out = []
+    for path in _event_files(tb_dir):
+        for _, payload in _records(path):
+            event = event_pb2.Event.FromString(payload)
+            for v in event.summary.value:
+                if v.HasField("simple_value"):
+                    out.append(Scalar(v.tag, int(event.step), float(v.simple_value)))
+    return out
