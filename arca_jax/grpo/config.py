@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import jax.numpy as jnp
 
@@ -14,6 +14,7 @@ AGGREGATIONS = ("sequence", "token_mean", "dr_grpo")
 RATIO_LEVELS = ("token", "sequence")
 BEHAVIOUR_CORRECTIONS = ("none", "tis", "mis")
 CORRECTION_LEVELS = ("token", "sequence")
+ARCA_LAYER_SETS = ("final", "all")  # or a tuple of decoder layer indices
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +74,14 @@ class GRPOConfig:
         projection accumulates and returns float32. "bfloat16": the float32 logits are rounded to
         bfloat16 first, then upcast (what transformers' Qwen3 in bfloat16 returns and the
         reference code upcasts: log-probs quantised by ~0.06-0.125 nats for |logit| in 8..32).
+    arca_layers: where ARCA's residual ||h_adapted - h_base||_2 is measured, from the same two
+        forwards: "final" (the paper: the final hidden state, after the final norm), "all" (every
+        decoder layer's output, before the final norm) or a list of decoder layer indices
+        [i, j, ...] (0-based, < num_hidden_layers); over several layers the per-layer residuals
+        (each with the noise floor) are averaged. Layer outputs cost one [L, B, T, D] stacked
+        output per forward (``qwen3.forward(return_layers=True)``); "final" none.
+    arca_relative: divide each layer's residual by ||h_base|| at that token and layer (a
+        scale-free residual; 0 where ||h_base|| is 0).
     """
 
     weighting: str = "arca"
@@ -96,8 +105,22 @@ class GRPOConfig:
     behaviour_correction: str = "none"
     correction_level: str = "token"
     correction_cap: float = 2.0
+    arca_layers: Union[str, Tuple[int, ...]] = "final"
+    arca_relative: bool = False
 
     def __post_init__(self):
+        layers = self.arca_layers
+        if isinstance(layers, (list, tuple)):
+            if not layers or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                     for i in layers) or len(set(layers)) != len(layers):
+                raise ValueError(f"arca_layers must be 'final', 'all' or a non-empty list of "
+                                 f"distinct layer indices >= 0, got {list(layers)!r}")
+            object.__setattr__(self, "arca_layers", tuple(sorted(layers)))  # hashable
+        elif layers not in ARCA_LAYER_SETS:
+            raise ValueError(f"arca_layers {layers!r}; valid: 'final', 'all' or a list of "
+                             "layer indices")
+        if not isinstance(self.arca_relative, bool):
+            raise ValueError(f"arca_relative must be true or false, got {self.arca_relative!r}")
         if not isinstance(self.weighting, str):
             raise ValueError(f"weighting must be a name or 'module:attribute' string, got "
                              f"{self.weighting!r}")

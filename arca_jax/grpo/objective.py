@@ -198,6 +198,8 @@ class LossStats:
     ``is_*``: the behaviour correction's importance ratio (``behaviour_weights``; 0 when
     behaviour_correction is "none"): its sum, max and the count above the cap over ``is_units``
     (completion tokens, or rows at correction_level "sequence").
+    residual_layer_sum: [S] the per-layer ARCA residuals summed over completion tokens
+    (``Signals.residual_layers``; S = 1 for arca_layers "final"; 0 when no residual is read).
     ``metrics`` turns them into means.
     """
 
@@ -217,6 +219,7 @@ class LossStats:
     is_units: Array
     is_capped: Array
     is_ratio_max: Array
+    residual_layer_sum: Array
 
     def combine(self, other: "LossStats") -> "LossStats":
         return jax.tree_util.tree_map(jnp.add, self, other).replace(
@@ -232,7 +235,8 @@ class LossStats:
     def metrics(self) -> dict:
         """Means: mean per-token KL, clip fraction, entropy (nats) and residual norm; mean Gini
         and EffN/T over eligible rows (0 and 1 when none); mean completion length per row; the
-        behaviour ratio's mean, max and fraction above the cap (0 without a correction)."""
+        behaviour ratio's mean, max and fraction above the cap (0 without a correction); the
+        mean residual per measured layer [S] (their mean is residual_norm_mean)."""
         tok = jnp.maximum(self.tokens, 1.0)
         units = jnp.maximum(self.is_units, 1.0)
         return dict(
@@ -248,6 +252,7 @@ class LossStats:
             behaviour_ratio_mean=self.is_ratio_sum / units,
             behaviour_ratio_max=self.is_ratio_max,
             behaviour_capped_fraction=self.is_capped / units,
+            residual_norm_layers=self.residual_layer_sum / tok,
         )
 
 
@@ -327,11 +332,13 @@ def loss_fn(lora, params, batch: Union[Batch, Mapping[str, Any]], *, config: qwe
 
     # Gradient forward (adapter on, dropout here only), then the signals the weighting reads
     # (one shared base forward when any needs it) and the weights: `arca_jax.grpo.signals`.
-    h = signals.policy_hidden(lora, params, b, config=config, lora_scale=lora_scale,
-                              grpo_config=g, lora_dropout=lora_dropout, rng=rng,
-                              remat=g.remat)  # [B, T, D]
     need = signals.signals_needed([g.weighting], kl=g.kl_beta > 0) | {"entropies"}
-    sig = signals.token_signals(params, b, valid, h, config=config, grpo_config=g, need=need)
+    out = signals.policy_forward(lora, params, b, config=config, lora_scale=lora_scale,
+                                 grpo_config=g, lora_dropout=lora_dropout, rng=rng,
+                                 remat=g.remat, layers=signals.needs_layers(g, need))
+    h = out.hidden  # [B, T, D]; out.layers [L, B, T, D] when ARCA reads decoder layers
+    sig = signals.token_signals(params, b, valid, h, config=config, grpo_config=g, need=need,
+                                h_layers=out.layers)
     logps, entropies, ref_logps = sig.logps, sig.entropies, sig.ref_logps  # [B, T]
     weights = signals.method_weights(g.weighting, sig, valid, g)  # [B, T], detached
     sg_logps = jax.lax.stop_gradient(logps)
@@ -369,16 +376,21 @@ def loss_fn(lora, params, batch: Union[Batch, Mapping[str, Any]], *, config: qwe
         if g.kl_beta > 0:
             numerator = numerator + g.kl_beta * jnp.sum(kl_coef * kl)
     z = loss_normalizer(b, g) if normalizer is None else normalizer
+    S = signals.residual_layer_count(g, config.num_hidden_layers)
     return numerator / z, _loss_stats(valid, weights, pg, kl, clipped, entropies,
-                                      sig.residual_norms, is_stats)
+                                      sig.residual_norms, sig.residual_layers, is_stats, S)
 
 
-def _loss_stats(valid, weights, pg, kl, clipped, entropies, residual, is_stats) -> LossStats:
-    """The additive statistics of one loss evaluation (all [B, T], 0 off ``valid``; is_stats:
-    ``behaviour_weights``' statistics or None)."""
+def _loss_stats(valid, weights, pg, kl, clipped, entropies, residual, residual_layers, is_stats,
+                num_layers: int) -> LossStats:
+    """The additive statistics of one loss evaluation (all [B, T], 0 off ``valid``;
+    residual_layers [S, B, T] or None, S = ``num_layers``; is_stats: ``behaviour_weights``'
+    statistics or None)."""
     validf = valid.astype(jnp.float32)
     rows = credit.concentration_per_row(weights, valid)
     res = jnp.zeros_like(pg) if residual is None else residual
+    per_layer = (jnp.zeros((num_layers,), jnp.float32) if residual_layers is None
+                 else jnp.sum(residual_layers, axis=(1, 2)))
     if is_stats is None:
         is_stats = (jnp.zeros((), jnp.float32),) * 4
     return LossStats(
@@ -398,4 +410,5 @@ def _loss_stats(valid, weights, pg, kl, clipped, entropies, residual, is_stats) 
         is_units=is_stats[1],
         is_capped=is_stats[2],
         is_ratio_max=is_stats[3],
+        residual_layer_sum=per_layer,
     )

@@ -5,20 +5,27 @@ report's heatmap) both go through here, so the token alignment, the masks and th
 are spelled once:
 
     valid   = completion_valid(batch)                                  [B, T] bool
-    h       = policy_hidden(lora, params, batch, ...)                  [B, T, D] (adapter on)
-    signals = token_signals(params, batch, valid, h, need=..., ...)    named [B, T] signals
+    out     = policy_forward(lora, params, batch, layers=..., ...)     hidden [B, T, D] (adapter
+                                                                       on), layers [L, B, T, D]
+    signals = token_signals(params, batch, valid, out.hidden, need=..., h_layers=out.layers)
+                                                                       named [B, T] signals
     w       = method_weights(method, signals, valid, grpo_config)      [B, T], rows sum to 1
 
 Every signal is aligned with ``input_ids``: token t is scored by the hidden state at t - 1, and
 each signal is 0 where ``valid`` is False. ``credit.required_inputs(method)`` names the signals a
 method reads (any registered weighting, the paper's five or a user's); the base forward (adapter
 off) runs only when one of them needs it, once for all.
-Dimension letters as in ``arca_jax.qwen3``.
+
+ARCA's residual is measured where ``grpo.arca_layers`` says (``residual_layers``): the final
+hidden state (the paper), or decoder layer outputs that both forwards return alongside it
+(``needs_layers``: no extra forward), averaged over the layers, optionally relative to the base
+norm (``grpo.arca_relative``). Dimension letters as in ``arca_jax.qwen3``; S: the measured
+layers.
 """
 
 from __future__ import annotations
 
-from typing import Dict, FrozenSet, Iterable, Optional, Sequence
+from typing import Dict, FrozenSet, Iterable, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -45,13 +52,17 @@ class Signals:
     entropies: predictive entropy (nats) of the distribution that scored token t (detached).
     ref_logps: log pi_ref(y_t) with the adapter off (detached).
     residual_norms: ||h_adapted - h_base||_2 at the position scoring token t, with the noise
-        floor applied (detached).
+        floor applied (detached); with ``grpo.arca_layers`` / ``arca_relative`` the mean over the
+        measured layers of each layer's (relative) residual.
+    residual_layers: [S, B, T] the per-layer residuals that ``residual_norms`` averages
+        (S = 1 for "final"; detached).
     """
 
     logps: Array
     entropies: Optional[Array] = None
     ref_logps: Optional[Array] = None
     residual_norms: Optional[Array] = None
+    residual_layers: Optional[Array] = None
 
 
 def completion_valid(batch: Batch) -> Array:
@@ -77,17 +88,56 @@ def needs_base_forward(need: Iterable[str]) -> bool:
     return bool(_BASE_SIGNALS & set(need))
 
 
-def policy_hidden(lora, params, batch: Batch, *, config: qwen3.Qwen3Config, lora_scale: float,
-                  grpo_config: GRPOConfig, lora_dropout: float = 0.0,
-                  rng: Optional[Array] = None, remat=False) -> Array:
-    """Final hidden states [B, T, D] of one forward (``lora=None``: the base model), with the
-    objective's execution options (attention implementation, adapter matmul dtype)."""
+def residual_layers(grpo_config: GRPOConfig, num_layers: int) -> Optional[Tuple[int, ...]]:
+    """The decoder layers whose outputs ARCA's residual reads (``grpo.arca_layers``): None for
+    "final" (the final hidden state), (0, ..., L - 1) for "all", else the configured indices,
+    each checked against the model's ``num_layers`` (ValueError)."""
+    layers = grpo_config.arca_layers
+    if layers == "final":
+        return None
+    if layers == "all":
+        return tuple(range(num_layers))
+    bad = [i for i in layers if i >= num_layers]
+    if bad:
+        raise ValueError(f"arca_layers {list(layers)}: the model has {num_layers} decoder layers "
+                         f"(indices 0..{num_layers - 1}), not {bad}")
+    return tuple(layers)
+
+
+def residual_layer_count(grpo_config: GRPOConfig, num_layers: int) -> int:
+    """S, the number of residuals ARCA averages (1 for "final")."""
+    layers = residual_layers(grpo_config, num_layers)
+    return 1 if layers is None else len(layers)
+
+
+def needs_layers(grpo_config: GRPOConfig, need: Iterable[str]) -> bool:
+    """Whether the forwards must return their per-layer outputs: ARCA's residual is read and
+    measured at decoder layers."""
+    return "residual_norms" in set(need) and grpo_config.arca_layers != "final"
+
+
+def policy_forward(lora, params, batch: Batch, *, config: qwen3.Qwen3Config, lora_scale: float,
+                   grpo_config: GRPOConfig, lora_dropout: float = 0.0,
+                   rng: Optional[Array] = None, remat=False,
+                   layers: bool = False) -> qwen3.ModelOutput:
+    """One forward (``lora=None``: the base model) with the objective's execution options
+    (attention implementation, adapter matmul dtype), without logits: hidden [B, T, D] and, when
+    ``layers``, every decoder layer's output [L, B, T, D]."""
     g = grpo_config
     return qwen3.forward(params, batch.input_ids, config=config,
                          attention_mask=batch.attention_mask, positions=batch.positions,
                          lora=lora, lora_scale=lora_scale, lora_dropout=lora_dropout, rng=rng,
                          return_logits=False, remat=remat, attention=g.attention,
-                         lora_dtype=g.lora_dtype).hidden
+                         lora_dtype=g.lora_dtype, return_layers=layers)
+
+
+def policy_hidden(lora, params, batch: Batch, *, config: qwen3.Qwen3Config, lora_scale: float,
+                  grpo_config: GRPOConfig, lora_dropout: float = 0.0,
+                  rng: Optional[Array] = None, remat=False) -> Array:
+    """Final hidden states [B, T, D] of one forward (``policy_forward`` without layers)."""
+    return policy_forward(lora, params, batch, config=config, lora_scale=lora_scale,
+                          grpo_config=grpo_config, lora_dropout=lora_dropout, rng=rng,
+                          remat=remat).hidden
 
 
 def aligned_logprobs(params, h: Array, batch: Batch, valid: Array, *,
@@ -103,17 +153,22 @@ def aligned_logprobs(params, h: Array, batch: Batch, valid: Array, *,
     return jnp.where(valid, lp, 0.0), jnp.where(valid, ent, 0.0)
 
 
-def residual_norms(h: Array, h_base: Array, valid: Array, noise_floor: float) -> Array:
-    """ARCA saliences [B, T] aligned with input_ids: ||h - h_base||_2 at the position whose
-    logits score each token (t - 1), 0 where not ``valid``. Below ``noise_floor * ||h_base||``
-    the two forwards differ only by float rounding (different fusions of the same math), so a
-    zero adapter gives exactly 0, hence uniform weights."""
+def residual_norms(h: Array, h_base: Array, valid: Array, noise_floor: float, *,
+                   relative: bool = False) -> Array:
+    """ARCA saliences [..., B, T] aligned with input_ids from hidden states [..., B, T, D] (any
+    leading axes, e.g. S layers): ||h - h_base||_2 at the position whose logits score each token
+    (t - 1), 0 where not ``valid`` [B, T]. Below ``noise_floor * ||h_base||`` the two forwards
+    differ only by float rounding (different fusions of the same math), so a zero adapter gives
+    exactly 0, hence uniform weights. ``relative``: divided by ||h_base|| (0 where it is 0)."""
     hb32 = h_base.astype(jnp.float32)
     diff = h.astype(jnp.float32) - hb32
-    rn = jnp.sqrt(jnp.sum(diff * diff, axis=-1))  # [B, T] at the scoring position
-    floor = noise_floor * jnp.sqrt(jnp.sum(hb32 * hb32, axis=-1))
-    rn = jnp.where(rn > floor, rn, 0.0)
-    return jnp.where(valid, shift_right(rn), 0.0)
+    rn = jnp.sqrt(jnp.sum(diff * diff, axis=-1))  # [..., B, T] at the scoring position
+    base_norm = jnp.sqrt(jnp.sum(hb32 * hb32, axis=-1))
+    rn = jnp.where(rn > noise_floor * base_norm, rn, 0.0)
+    if relative:
+        rn = jnp.where(base_norm > 0, rn / jnp.where(base_norm > 0, base_norm, 1.0), 0.0)
+    aligned = jnp.concatenate([jnp.zeros_like(rn[..., :1]), rn[..., :-1]], axis=-1)  # over T
+    return jnp.where(valid, aligned, 0.0)
 
 
 def floored_reference(logps: Array, ref_logps: Array, noise_floor: float) -> Array:
@@ -124,26 +179,45 @@ def floored_reference(logps: Array, ref_logps: Array, noise_floor: float) -> Arr
     return jnp.where(close, logps, ref_logps)
 
 
+def _measured(x: Array, layers: Tuple[int, ...]) -> Array:
+    """Layers ``layers`` of per-layer states [L, B, T, D] -> [S, B, T, D]."""
+    return x if layers == tuple(range(x.shape[0])) else x[jnp.asarray(layers)]
+
+
 def token_signals(params, batch: Batch, valid: Array, h: Array, *, config: qwen3.Qwen3Config,
-                  grpo_config: GRPOConfig, need: FrozenSet[str]) -> Signals:
+                  grpo_config: GRPOConfig, need: FrozenSet[str],
+                  h_layers: Optional[Array] = None) -> Signals:
     """The signals in ``need`` from the policy's hidden states ``h`` [B, T, D] (and one base
     forward, adapter off, when a base signal is needed). ``logps`` keeps ``h``'s gradient;
-    every other signal is detached."""
+    every other signal is detached. ``h_layers``: the policy forward's per-layer outputs
+    [L, B, T, D], required when ``needs_layers(grpo_config, need)``."""
     g = grpo_config
     logps, entropies = aligned_logprobs(params, h, batch, valid, config=config, grpo_config=g,
                                         with_entropy="entropies" in need)
-    ref_logps = residual = None
+    ref_logps = residual = per_layer = None
     if needs_base_forward(need):
-        h_base = jax.lax.stop_gradient(policy_hidden(None, params, batch, config=config,
-                                                     lora_scale=1.0, grpo_config=g))
+        layered = needs_layers(g, need)
+        if layered and h_layers is None:
+            raise ValueError(f"arca_layers {g.arca_layers!r} needs the policy forward's layer "
+                             "outputs (policy_forward(..., layers=True)) as h_layers")
+        base = jax.lax.stop_gradient(policy_forward(None, params, batch, config=config,
+                                                    lora_scale=1.0, grpo_config=g,
+                                                    layers=layered))
         if "ref_logps" in need:
-            ref, _ = aligned_logprobs(params, h_base, batch, valid, config=config, grpo_config=g,
-                                      with_entropy=False)
+            ref, _ = aligned_logprobs(params, base.hidden, batch, valid, config=config,
+                                      grpo_config=g, with_entropy=False)
             ref_logps = jax.lax.stop_gradient(ref)
         if "residual_norms" in need:
-            residual = residual_norms(jax.lax.stop_gradient(h), h_base, valid, g.noise_floor)
+            layers = residual_layers(g, config.num_hidden_layers)
+            if layers is None:  # the final hidden state
+                pol, hb = h[None], base.hidden[None]
+            else:
+                pol, hb = _measured(h_layers, layers), _measured(base.layers, layers)
+            per_layer = residual_norms(jax.lax.stop_gradient(pol), hb, valid, g.noise_floor,
+                                       relative=g.arca_relative)  # [S, B, T]
+            residual = jnp.mean(per_layer, axis=0)
     return Signals(logps=logps, entropies=entropies if "entropies" in need else None,
-                   ref_logps=ref_logps, residual_norms=residual)
+                   ref_logps=ref_logps, residual_norms=residual, residual_layers=per_layer)
 
 
 def method_weights(method: str, signals: Signals, valid: Array,
@@ -171,8 +245,9 @@ def all_method_weights(lora, params, batch, *, config: qwen3.Qwen3Config, lora_s
     modes (registered names or "module:attribute" paths); the result is keyed by them."""
     b = as_batch(batch)
     valid = completion_valid(b)
-    h = policy_hidden(lora, params, b, config=config, lora_scale=lora_scale,
-                      grpo_config=grpo_config)
-    sig = token_signals(params, b, valid, h, config=config, grpo_config=grpo_config,
-                        need=signals_needed(methods))
+    need = signals_needed(methods)
+    out = policy_forward(lora, params, b, config=config, lora_scale=lora_scale,
+                         grpo_config=grpo_config, layers=needs_layers(grpo_config, need))
+    sig = token_signals(params, b, valid, out.hidden, config=config, grpo_config=grpo_config,
+                        need=need, h_layers=out.layers)
     return {m: method_weights(m, sig, valid, grpo_config) for m in methods}

@@ -30,7 +30,7 @@ from arca_jax import parallel, qwen3
 from arca_jax.batch import as_batch
 from arca_jax.grpo.config import GRPOConfig
 from arca_jax.grpo.objective import LossStats, loss_fn, raw_normalizer
-from arca_jax.grpo.signals import completion_valid
+from arca_jax.grpo.signals import completion_valid, residual_layer_count
 
 Array = jax.Array
 MODES = ("jit", "pmap", "mesh")
@@ -71,7 +71,10 @@ class StepMetrics:
         ``inject_hyperparams`` learning rate, e.g. a bare optax.adamw).
     weight_gini, effective_token_ratio: mean concentration of the token weights.
     residual_norm_mean, residual_norm_max: ||h_adapted - h_base||_2 over completion tokens
-        (ARCA only; 0 otherwise).
+        (ARCA only; 0 otherwise): ARCA's salience before normalisation (with grpo.arca_layers /
+        arca_relative, the mean over the measured layers of each layer's residual).
+    residual_norm_layers: [S] float32, the mean residual of each measured layer (S = 1 for
+        arca_layers "final"; their mean is residual_norm_mean).
     kl: mean k3 KL to the base model per completion token (0 when no base forward runs).
     clip_fraction: fraction of completion tokens whose PPO ratio was clipped.
     entropy: mean predictive entropy (nats) of the policy at completion tokens.
@@ -99,6 +102,7 @@ class StepMetrics:
     behaviour_ratio_mean: Array
     behaviour_ratio_max: Array
     behaviour_capped_fraction: Array
+    residual_norm_layers: Array
     skipped: Array
     skipped_steps: Array
 
@@ -153,13 +157,15 @@ def _split_microbatches(batch, m: int):
     return jax.tree_util.tree_map(split, batch)
 
 
-def _zero_stats() -> LossStats:
+def _zero_stats(residual_layers: int = 1) -> LossStats:
+    """Zero statistics ([] each; residual_layer_sum [S], S = ``residual_layers``)."""
     z = jnp.zeros((), jnp.float32)
-    return LossStats(*([z] * len(LossStats.__dataclass_fields__)))
+    return LossStats(*([z] * len(LossStats.__dataclass_fields__))).replace(
+        residual_layer_sum=jnp.zeros((residual_layers,), jnp.float32))
 
 
 def _loss_and_grads(value_and_grad, lora, params, b, key, normalizer, *, microbatches: int,
-                    mesh: Optional[Mesh]):
+                    mesh: Optional[Mesh], residual_layers: int = 1):
     """(loss, LossStats, grads) of the batch: one value-and-grad, or a ``lax.scan`` over M strided
     microbatches with gradients summed in float32 (each microbatch uses the global normaliser and
     dropout key fold_in(key, i), so the sum is the large-batch gradient)."""
@@ -184,7 +190,7 @@ def _loss_and_grads(value_and_grad, lora, params, b, key, normalizer, *, microba
 
     # accumulate in float32 whatever the adapter's dtype
     init = (jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, jnp.float32), lora),
-            jnp.zeros((), jnp.float32), _zero_stats())
+            jnp.zeros((), jnp.float32), _zero_stats(residual_layers))
     (grads, loss, stats), _ = jax.lax.scan(body, init, (mbs, jnp.arange(M)))
     return loss, stats, jax.tree_util.tree_map(lambda x, p: x.astype(p.dtype), grads, lora)
 
@@ -257,8 +263,9 @@ def make_train_step(config: qwen3.Qwen3Config, grpo_config: GRPOConfig,
         functools.partial(loss_fn, config=config, lora_scale=float(lora_scale),
                           grpo_config=grpo_config, lora_dropout=float(lora_dropout)),
         has_aux=True)
-    grads_fn = functools.partial(_loss_and_grads, value_and_grad, microbatches=microbatches,
-                                 mesh=mesh)
+    grads_fn = functools.partial(
+        _loss_and_grads, value_and_grad, microbatches=microbatches, mesh=mesh,
+        residual_layers=residual_layer_count(grpo_config, config.num_hidden_layers))
 
     kv_heads = config.num_key_value_heads
     if mesh is not None:

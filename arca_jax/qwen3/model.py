@@ -22,10 +22,13 @@ from arca_jax.qwen3.config import Qwen3Config
 
 @flax.struct.dataclass
 class ModelOutput:
-    """logits [B, T, V] float32 (None when not asked for); hidden [B, T, D] after the final norm."""
+    """logits [B, T, V] float32 (None when not asked for); hidden [B, T, D] after the final norm;
+    layers [L, B, T, D]: each decoder layer's output (the residual stream before the final norm;
+    layers[L - 1] is `hidden` before it), only when asked for (`forward(return_layers=True)`)."""
 
     logits: Optional[jax.Array]
     hidden: jax.Array
+    layers: Optional[jax.Array] = None
 
 
 @flax.struct.dataclass
@@ -235,17 +238,18 @@ class DecoderLayer(nn.Module):
     lora_scale: float = 1.0
     lora_dropout: float = 0.0
     lora_dtype: Any = None
+    return_layers: bool = False
 
     @nn.compact
     def __call__(self, x, ctx: _Context):
-        """(x [B, T, D], ctx) -> (x after the layer, None): the carry and no per-layer output of
-        the scan over layers."""
+        """(x [B, T, D], ctx) -> (x after the layer, the per-layer output of the scan over layers:
+        x again when `return_layers`, else None)."""
         c = self.config
         x = x + Attention(c, self.lora_scale, self.lora_dropout, self.lora_dtype, name="self_attn")(
             RMSNorm(c.rms_norm_eps, name="input_layernorm")(x), ctx)
         x = x + MLP(c, self.lora_scale, self.lora_dropout, self.lora_dtype, name="mlp")(
             RMSNorm(c.rms_norm_eps, name="post_attention_layernorm")(x))
-        return x, None
+        return x, (x if self.return_layers else None)
 
 
 class Qwen3(nn.Module):
@@ -257,9 +261,11 @@ class Qwen3(nn.Module):
     remat: Any = False  # see `remat_policy`
     dtype: Any = None  # activation dtype; None: the embedding's dtype
     lora_dtype: Any = None  # see `LoraLinear`
+    return_layers: bool = False  # also return every layer's output, stacked [L, B, T, D]
 
     @nn.compact
     def __call__(self, input_ids, ctx: _Context):
+        """(hidden [B, T, D] after the final norm, layers [L, B, T, D] or None)."""
         c = self.config
         x = Embed(c.vocab_size, c.hidden_size, self.dtype, name="embed_tokens")(input_ids)  # [B, T, D]
 
@@ -270,8 +276,9 @@ class Qwen3(nn.Module):
         layers = nn.scan(layer, variable_axes={"params": 0, "lora": 0},
                          split_rngs={"params": True, "dropout": True},
                          in_axes=(nn.broadcast,), length=c.num_hidden_layers)
-        x, _ = layers(c, self.lora_scale, self.lora_dropout, self.lora_dtype, name="layers")(x, ctx)
-        return RMSNorm(c.rms_norm_eps, name="norm")(x)
+        x, per_layer = layers(c, self.lora_scale, self.lora_dropout, self.lora_dtype,
+                              self.return_layers, name="layers")(x, ctx)
+        return RMSNorm(c.rms_norm_eps, name="norm")(x), per_layer
 
 
 # --------------------------------------------------------------------------------------------
@@ -313,7 +320,7 @@ def forward(params: Params, input_ids: jax.Array, *, config: Qwen3Config,
             lora: Optional[Params] = None, lora_scale: float = 1.0,
             lora_dropout: float = 0.0, rng: Optional[jax.Array] = None,
             return_logits: bool = True, remat: Any = False, attention: str = "auto",
-            lora_dtype: Any = None) -> ModelOutput:
+            lora_dtype: Any = None, return_layers: bool = False) -> ModelOutput:
     """Runs the model over whole sequences (no cache: for decoding see `inference_forward`).
     Pure: jit it with `config` (and the other Python-valued options) static.
 
@@ -339,9 +346,13 @@ def forward(params: Params, input_ids: jax.Array, *, config: Qwen3Config,
         float rounding; dropout masks are drawn in the rotated layout (same distribution,
         different draw).
       lora_dtype: dtype of the adapter matmuls; None: the activation dtype (see `LoraLinear`).
+      return_layers: also return each decoder layer's output [L, B, T, D] (the scan's stacked
+        per-layer output: L x the hidden states' memory; static). False leaves the program as it
+        was.
 
     Returns:
-      ModelOutput(logits [B, T, V] float32 or None, hidden [B, T, D] after the final RMSNorm).
+      ModelOutput(logits [B, T, V] float32 or None, hidden [B, T, D] after the final RMSNorm,
+      layers [L, B, T, D] or None).
     """
     B, T = input_ids.shape
     if attention_mask is None:
@@ -373,13 +384,17 @@ def forward(params: Params, input_ids: jax.Array, *, config: Qwen3Config,
         rngs = {"dropout": rng}
     model = Qwen3(config, lora_scale=lora_scale,
                   lora_dropout=lora_dropout if lora is not None else 0.0, remat=remat,
-                  lora_dtype=lora_dtype)
-    hidden = model.apply(variables, input_ids, ctx, rngs=rngs)
+                  lora_dtype=lora_dtype, return_layers=return_layers)
+    hidden, layers = model.apply(variables, input_ids, ctx, rngs=rngs)
     if rotated:  # back to the caller's layout; rows whose mask is not one run: NaN
         hidden = jnp.take_along_axis(hidden, back[:, :, None], axis=1)
         hidden = jnp.where(one_run[:, None, None], hidden, jnp.asarray(jnp.nan, hidden.dtype))
+        if layers is not None:
+            layers = jnp.take_along_axis(layers, back[None, :, :, None], axis=2)
+            layers = jnp.where(one_run[None, :, None, None], layers,
+                               jnp.asarray(jnp.nan, layers.dtype))
     logits = compute_logits(params, hidden, config) if return_logits else None
-    return ModelOutput(logits=logits, hidden=hidden)
+    return ModelOutput(logits=logits, hidden=hidden, layers=layers)
 
 
 def init_params(config: Qwen3Config, rng: jax.Array, dtype=jnp.float32) -> Params:
