@@ -28,6 +28,7 @@ import numpy as np
 from arca_jax import credit, distributed, faults, lora, parallel, rundir
 from arca_jax.config import ConfigError, RunConfig, check_environment
 from arca_jax.grpo.objective import policy_logprobs
+from arca_jax.grpo.signals import residual_layers
 from arca_jax.grpo.step import StepMetrics, make_train_step
 from arca_jax.runlog import RunLog
 from arca_jax.trainer import setup
@@ -68,8 +69,10 @@ class _Preemption:
 _old_logps = jax.jit(policy_logprobs, static_argnames=("config", "lora_scale", "grpo_config"))
 
 
-def _host_metrics(m: StepMetrics) -> Dict[str, float]:
-    return {k: float(v) for k, v in dataclasses.asdict(m).items()}
+def _host_metrics(m: StepMetrics) -> Dict[str, Any]:
+    """Scalars as floats, per-layer arrays ([S]) as lists of floats."""
+    return {k: float(v) if np.ndim(v) == 0 else [float(x) for x in np.asarray(v)]
+            for k, v in dataclasses.asdict(m).items()}
 
 
 @dataclasses.dataclass
@@ -114,6 +117,10 @@ def _start(cfg: RunConfig, run_dir: str, resume: bool, log: Optional[RunLog]) ->
     mesh = setup.make_run_mesh(cfg)
     layout = parallel.RowLayout(mesh, cfg.batch_size)
     model = setup.load_model(cfg, mesh)  # mesh: base weights placed sharded (`parallel`)
+    try:
+        residual_layers(cfg.grpo, model.config.num_hidden_layers)
+    except ValueError as e:  # a layer index the model does not have
+        raise ConfigError(f"grpo.{e}") from None
     train_task = setup.load_train_task(cfg)
     _, eval_problems = setup.load_eval_task(cfg)
     optimizer = setup.build_optimizer(cfg)
@@ -197,6 +204,9 @@ def _train_one_step(run: _Run, step: int, totals: Dict[str, int], beat) -> tuple
     t3 = time.time()
     beat(f"update of step {step + 1}")
     arca = "residual_norms" in credit.required_inputs(cfg.grpo.weighting)  # reads the residual
+    per_layer = m.pop("residual_norm_layers")  # logged only for decoder layers (arca_layers)
+    if arca and cfg.grpo.arca_layers != "final":
+        m["residual_norm_layers"] = per_layer
     # every completion sampled this step (with dynamic sampling: all rounds, not only the batch)
     row = {"step": step + 1, "reward_mean": float(ro.sampled_rewards.mean()),
            "reward_std": float(ro.sampled_rewards.std()), **m,
@@ -287,7 +297,6 @@ def train(cfg: RunConfig, run_dir: str, *, resume: bool = False,
             if step == cfg.train.steps or stopping or save_due:
                 if step == cfg.train.steps:
                     run_eval(step)
-                log.flush()  # every record of the steps the checkpoint holds, before it exists
                 run.ckpt.save(step, run.state, {
                     "step": step, "data_position": step, "seed": cfg.train.seed,
                     "evals": [dataclasses.asdict(e) for e in evals], "rewards_seen": rewards_seen,
