@@ -297,6 +297,7 @@ def train(cfg: RunConfig, run_dir: str, *, resume: bool = False,
             if step == cfg.train.steps or stopping or save_due:
                 if step == cfg.train.steps:
                     run_eval(step)
+                log.flush()  # every record of the steps the checkpoint holds, before it exists
                 run.ckpt.save(step, run.state, {
                     "step": step, "data_position": step, "seed": cfg.train.seed,
                     "evals": [dataclasses.asdict(e) for e in evals], "rewards_seen": rewards_seen,
