@@ -44,6 +44,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import inspect
+import itertools
 import math
 import os
 import sys
@@ -727,11 +728,12 @@ def plan_once(cfg: RunConfig, target: Target, knobs: Knobs, options=None,
 @dataclasses.dataclass(frozen=True)
 class Verdict:
     """The plan of the asked setting; when it does not fit, the first change that does (or None)
-    and every setting tried, in order."""
+    and every setting tried, in order, with its peak memory per device."""
 
     plan: Plan
     suggestion: Optional[Plan]
     tried: Tuple[Knobs, ...]
+    peaks: Tuple[int, ...] = ()  # the peak bytes per device of each setting tried
 
 
 def _valid_tensors(config, devices: int) -> List[int]:
@@ -792,7 +794,7 @@ def run(cfg: RunConfig, target: Target, layout: Optional[Layout] = None, options
     first = plan_once(cfg, target, knobs_of(cfg, layout), options, log=log,
                       evaluation=evaluation, hlo_dir=hlo_dir)
     if first.fits is not False or not search:
-        return Verdict(first, None, (first.knobs,))
+        return Verdict(first, None, (first.knobs,), (first.peak_bytes,))
     return find_fit(cfg, first, options, max_tries, log, hlo_dir)
 
 
@@ -803,6 +805,7 @@ def find_fit(cfg: RunConfig, first: Plan, options=None, max_tries: int = 6,
     is kept for the next ones; one that does not is dropped, so the answer is the smallest
     combination found along the way."""
     best, tried, by_layout = first, [first.knobs], {first.knobs.layout: first}
+    peaks = [first.peak_bytes]
     for what, change in changes(cfg, first.target.size):
         k = change(best.knobs)
         if k is None or k in tried:
@@ -814,12 +817,13 @@ def find_fit(cfg: RunConfig, first: Plan, options=None, max_tries: int = 6,
         p = plan_once(cfg, first.target, k, options, reuse=by_layout.get(k.layout), log=log,
                       evaluation=first.shapes.eval_rows > 0, hlo_dir=hlo_dir)
         tried.append(k)
+        peaks.append(p.peak_bytes)
         by_layout.setdefault(k.layout, p)
         if p.fits:
-            return Verdict(first, p, tuple(tried))
+            return Verdict(first, p, tuple(tried), tuple(peaks))
         if p.peak_bytes < best.peak_bytes and not p.problems:
             best = p
-    return Verdict(first, None, tuple(tried))
+    return Verdict(first, None, tuple(tried), tuple(peaks))
 
 
 # --------------------------------------------------------------------------------------------
@@ -883,7 +887,8 @@ def to_json(v: Verdict) -> dict:
         "plan": plan_json(v.plan),
         "suggestion": None if v.suggestion is None else plan_json(v.suggestion),
         "tried": [{"mesh": dataclasses.asdict(k.layout), "remat": k.remat,
-                   "microbatches": k.microbatches} for k in v.tried],
+                   "microbatches": k.microbatches, "peak_gib_per_device": _gib(peak)}
+                  for k, peak in itertools.zip_longest(v.tried, v.peaks)],
         "notes": NOTES,
     }
 
@@ -950,6 +955,9 @@ def format_text(v: Verdict) -> str:
         out.append("  train with: "
                    + " ".join(f"--set {o}" for o in v.suggestion.knobs.overrides()))
     else:
-        out.append(f"verdict: does not fit, and none of the {len(v.tried) - 1} changes tried fits")
+        out.append(f"verdict: does not fit, and none of the {len(v.tried) - 1} changes tried fits:")
+        for k, peak in itertools.zip_longest(v.tried, v.peaks):
+            out.append(f"  mesh {k.layout}, remat {k.remat}, microbatches {k.microbatches}: "
+                       f"peak {_fmt_bytes(peak)} GiB")
     out.append("note: " + NOTES)
     return "\n".join(out)

@@ -197,6 +197,8 @@ def test_does_not_fit_and_the_change_that_fits(monkeypatch, cfg, tiny_plan):
     assert verdict.suggestion is not None and verdict.suggestion.fits
     assert verdict.suggestion.knobs == plan.Knobs(LAYOUT, True, 2)
     assert verdict.suggestion.peak_bytes < tiny_plan.peak_bytes
+    assert verdict.peaks == (tiny_plan.peak_bytes, verdict.peaks[1],
+                             verdict.suggestion.peak_bytes)
     # the sampler's programs did not change: reused, not recompiled
     assert verdict.suggestion.programs[1:] == tiny_plan.programs[1:]
     text = plan.format_text(verdict)
