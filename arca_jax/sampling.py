@@ -345,7 +345,7 @@ def _record(cols: Columns, step, choice: Choice, done, settings: SamplingConfig)
 
 def prefill(weights: qwen3.InferenceWeights, prompt_ids: jax.Array, prompt_mask: jax.Array, *,
             config: qwen3.Qwen3Config, settings: SamplingConfig, rng: jax.Array,
-            limit: Optional[jax.Array] = None, mesh=None) -> SamplerState:
+            limit: Optional[jax.Array] = None, mesh=None, group_size: int = 1) -> SamplerState:
     """Runs the prompt through the model and samples token 0. Pure; jit with config/settings static.
 
     Args:
@@ -354,17 +354,26 @@ def prefill(weights: qwen3.InferenceWeights, prompt_ids: jax.Array, prompt_mask:
       rng: key of the whole generation; used once, to draw the [N, B] uniforms of all columns.
       limit: [] int, columns to produce (<= settings.max_new_tokens; default all).
       mesh: lay the state out on this mesh (`state_shardings`; static), or None.
+      group_size: G (static); rows r G .. r G + G - 1 hold the same prompt (as `repeat_groups`
+        lays GRPO groups out), so only rows 0, G, 2G, ... are run through the model and their
+        keys, values and last logits are copied to the group's other rows (G times less prefill
+        work; the same numbers as prefilling every row). The caller vouches for the repetition.
 
     Returns:
       The loop state after one column, with a cache of P + N slots.
     """
     B, P = prompt_ids.shape
     N = settings.max_new_tokens
+    G = int(group_size)
+    if G < 1 or B % G:
+        raise ValueError(f"group_size {group_size} must be >= 1 and divide the {B} rows")
     mask = prompt_mask.astype(jnp.int32)
-    cache = qwen3.KVCache.init(config, B, P + N, weights.dtype, tensor=weights.tensor)
-    out = qwen3.inference_forward(weights, prompt_ids.astype(jnp.int32), config=config,
-                                  positions=qwen3.default_positions(mask), attention_mask=mask,
-                                  cache=cache)
+    cache = qwen3.KVCache.init(config, B // G, P + N, weights.dtype, tensor=weights.tensor)
+    out = qwen3.inference_forward(weights, prompt_ids[::G].astype(jnp.int32), config=config,
+                                  positions=qwen3.default_positions(mask[::G]),
+                                  attention_mask=mask[::G], cache=cache)
+    if G > 1:  # each prompt's keys, values and logits to its G rows
+        out = jax.tree_util.tree_map(lambda x: jnp.repeat(x, G, axis=0) if x.ndim else x, out)
     if settings.greedy:
         uniforms = jnp.ones((N, B), jnp.float32)  # unused
     else:
@@ -435,7 +444,7 @@ def prepare_weights(params: Params, config: qwen3.Qwen3Config, *, lora: Optional
 # Compiled entry points of `generate` (module level, so their caches live as long as the process).
 prepare_weights_jit = jax.jit(prepare_weights,
                               static_argnames=("config", "merge_lora", "decode_attention", "mesh"))
-prefill_jit = jax.jit(prefill, static_argnames=("config", "settings", "mesh"))
+prefill_jit = jax.jit(prefill, static_argnames=("config", "settings", "mesh", "group_size"))
 decode_jit = jax.jit(decode, static_argnames=("config", "settings", "mesh"),
                      donate_argnames="state")
 finish_jit = jax.jit(finish)
@@ -510,7 +519,7 @@ def generate(params: Params, prompt_ids, prompt_mask, *, config: qwen3.Qwen3Conf
              temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
              eos_id: Union[None, int, Sequence[int]] = None, pad_id: int = 0,
              merge_lora: bool = False, bucket: bool = True, top_k: int = 0,
-             mesh=None) -> SampleOutput:
+             mesh=None, group_size: int = 1) -> SampleOutput:
     """Samples completions of left-padded prompts.
 
     Args:
@@ -533,6 +542,9 @@ def generate(params: Params, prompt_ids, prompt_mask, *, config: qwen3.Qwen3Conf
         own placement. Rows are split as the train step's batch (over "data" and "fsdp"); with
         tensor > 1 each device holds its heads' and MLP units' slice of every kernel (used in
         place at every step: no weight gathering over "tensor") and its kv heads of the cache.
+      group_size: G > 1 when rows come in groups of G consecutive copies of one prompt (GRPO
+        groups, pass@k; `repeat_groups`): each prompt is prefilled once for its G rows (see
+        `prefill`). The tokens and log-probs equal those of group_size=1 for the same key.
 
     Returns:
       SampleOutput(tokens, mask, logps, sampled_logps [B, N], lengths [B], finished [B],
@@ -559,7 +571,8 @@ def generate(params: Params, prompt_ids, prompt_mask, *, config: qwen3.Qwen3Conf
                                   lora_scale=jnp.asarray(lora_scale, jnp.float32),
                                   merge_lora=bool(merge_lora and lora is not None), mesh=mesh)
     state = prefill_jit(weights, prompt_ids, prompt_mask, config=config, settings=settings, rng=rng,
-                        limit=jnp.asarray(max_new_tokens, jnp.int32), mesh=mesh)
+                        limit=jnp.asarray(max_new_tokens, jnp.int32), mesh=mesh,
+                        group_size=int(group_size))
     state = decode_jit(weights, state, config=config, settings=settings, mesh=mesh)
     out = finish_jit(state)
     if settings.max_new_tokens != max_new_tokens:
