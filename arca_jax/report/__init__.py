@@ -54,6 +54,12 @@ Decisions (each also stated where it applies):
   row per run. Intervals and paired comparisons: see ``intervals``.
 - Table order is the paper's: uniform, surprisal, entropy reduction, divergence, ARCA, then any
   other weighting (a user's, by its configured name); by rank within a method, then by run name.
+- Objectives: a run whose config departs from the paper's GRPO in a named way is labelled so
+  everywhere (tables' method column, arm labels in plots and intervals, the heatmap's caption):
+  ``uniform [GSPO]`` (grpo.ratio_level sequence), ``uniform [DAPO]`` (rollout.dynamic_sampling),
+  ``[TIS]`` / ``[MIS]`` (grpo.behaviour_correction), ``ARCA [layers=all]`` / ``[relative]``
+  (grpo.arca_layers, arca_relative; also the heatmap's "arca" row of such a run, whose weights
+  were measured that way). Other setting differences show as before, in the run cell.
 - Heatmap shading is per method row: weight / the row's largest weight, so each row shows where
   *that* method puts its credit; the row label gives the completion's Gini and EffN/T for scale.
 - Plots use matplotlib's Agg canvas directly (``matplotlib.figure.Figure``), never pyplot, so
@@ -86,7 +92,7 @@ from arca_jax.report.compare import comparison_markdown
 from arca_jax.report.figure import ReportError
 from arca_jax.report.heatmap import (HeatmapChoice, HeatmapRow, choose_sample, display_token,
                                      effective_token_ratio, gini, heatmap_rows, plot_heatmap,
-                                     render_heatmap_html, write_heatmap_html)
+                                     render_heatmap_html, row_label, write_heatmap_html)
 from arca_jax.report.intervals import (BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, IntervalRow,
                                        PairedRow, bootstrap_means, interval_table,
                                        intervals_markdown, paired_markdown, paired_table,
@@ -98,7 +104,8 @@ from arca_jax.report.paper import (PAPER_DIAGNOSTICS, PAPER_PERFORMANCE, PAPER_S
 from arca_jax.report.plots import plot_reward_accuracy, plot_weight_diagnostics, trailing_mean
 from arca_jax.report.records import (CONFIG_FILE, EVAL_FILE, METHOD_LABELS, METRICS_FILE, MODES,
                                      SAMPLES_FILE, SUMMARY_FILE, EvalPoint, Metrics, Run, Sample,
-                                     Summary, arm_label, config_get, sort_runs)
+                                     Summary, arm_label, config_get, method_cell, objective_tags,
+                                     sort_runs)
 from arca_jax.report.tables import (DiagnosticsRow, PerformanceRow, consistency_notes,
                                     diagnostics_markdown, diagnostics_row, diagnostics_table,
                                     format_params, markdown_table, performance_markdown,
@@ -122,4 +129,6 @@ __all__ = [
     "performance_table", "plot_heatmap", "plot_reward_accuracy", "plot_weight_diagnostics",
     "render_heatmap_html", "run", "sort_runs", "trailing_mean", "write_csv", "write_heatmap_html",
     "write_report",
+    # objectives (GSPO, DAPO, importance corrections) and ARCA's measurement in labels
+    "method_cell", "objective_tags", "row_label",
 ]

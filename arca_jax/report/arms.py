@@ -2,8 +2,9 @@
 
 An *arm* is the set of runs whose resolved ``config.yaml`` files are identical once ``train.seed``
 is removed (compared key by key on the flattened config, so a key one run has and another lacks
-makes two arms). Its label is ``arm_label(method, rank)`` (``ARCA r16``), followed, when several
-arms would share that label, by the settings in which they differ, e.g. ``uniform r64
+makes two arms). Its label is ``arm_label(method, rank, variant)`` (``ARCA r16``, ``uniform r64
+[GSPO]``, ``ARCA r64 [layers=all]``: ``records.objective_tags``), followed, when several arms
+would share that label, by the settings in which they differ, e.g. ``uniform r64
 (grpo.logits_dtype=bfloat16)``.
 
 With several seeds in an arm the Markdown tables show one row per arm, each value the mean over
@@ -161,7 +162,8 @@ def merge_performance_rows(arm: Arm, rows: Sequence[PerformanceRow]) -> Performa
         steps_done=min(r.steps_done for r in rows),
         steps_planned=_common(r.steps_planned for r in rows),
         finished=all(r.finished for r in rows),
-        model=_common(r.model for r in rows), task=_common(r.task for r in rows), seed=None)
+        model=_common(r.model for r in rows), task=_common(r.task for r in rows), seed=None,
+        variant=rows[0].variant)
 
 
 # deliberate: the per-table counterpart of merge_performance_rows (each row type its own fields)
@@ -176,7 +178,7 @@ def merge_diagnostics_rows(arm: Arm, rows: Sequence[DiagnosticsRow]) -> Diagnost
         residual_norm_mean=_mean(r.residual_norm_mean for r in rows),
         steps_done=min(r.steps_done for r in rows),
         steps_planned=_common(r.steps_planned for r in rows),
-        finished=all(r.finished for r in rows))
+        finished=all(r.finished for r in rows), variant=rows[0].variant)
 
 
 def arm_performance_table(arms: Sequence[Arm]) -> list[PerformanceRow]:

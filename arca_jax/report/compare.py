@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from arca_jax.report.arms import arm_diagnostics_table, arm_performance_table, group_arms
 from arca_jax.report.paper import PAPER_DIAGNOSTICS, PAPER_PERFORMANCE, PAPER_SETTING
-from arca_jax.report.records import Run, method_label, method_order, sort_runs
+from arca_jax.report.records import Run, method_cell, method_order, sort_runs
 from arca_jax.report.tables import _fmt, _pass_header, markdown_table
 
 
@@ -46,14 +46,15 @@ def comparison_markdown(runs: Sequence[Run]) -> str:
         for arm in ours:
             o, d = (perf[arm.label], diag[arm.label]) if arm else (None, None)
             name = o.run if o else "not run"
+            method = method_cell(key[0], arm.runs[0].variant if arm else "")
             perf_rows.append([
-                method_label(key[0]), key[1],
+                method, key[1],
                 _fmt(pp.greedy_accuracy) if pp else "—", _fmt(o.greedy_accuracy) if o else "—",
                 _fmt(pp.pass_at_k) if pp else "—", _fmt(o.pass_at_k) if o else "—",
                 _fmt(pp.mean_train_reward) if pp else "—",
                 _fmt(o.mean_train_reward) if o else "—", name])
             diag_rows.append([
-                method_label(key[0]), key[1],
+                method, key[1],
                 _fmt(pd.gini) if pd else "—", _fmt(d.gini) if d else "—",
                 _fmt(pd.effective_token_ratio) if pd else "—",
                 _fmt(d.effective_token_ratio) if d else "—", name])

@@ -152,8 +152,17 @@ def display_token(tok: str) -> str:
     return shown if shown else "∅"
 
 
-def _row_caption(row: HeatmapRow) -> str:
-    return (f"{METHOD_LABELS.get(row.mode, row.mode)}: Gini {_fmt(row.gini, 2)}, "
+def row_label(mode: str, run: Run | None = None) -> str:
+    """A heatmap row's name: the paper's name of the method; the "arca" row of a run that
+    measures ARCA differently (grpo.arca_layers, arca_relative) says how, e.g.
+    ``ARCA [layers=all]``."""
+    label = METHOD_LABELS.get(mode, mode)
+    variant = run.arca_variant if run is not None and mode == "arca" else ""
+    return f"{label} [{variant}]" if variant else label
+
+
+def _row_caption(row: HeatmapRow, run: Run | None = None) -> str:
+    return (f"{row_label(row.mode, run)}: Gini {_fmt(row.gini, 2)}, "
             f"EffN/T {_fmt(row.effective_token_ratio, 2)}")
 
 
@@ -211,7 +220,7 @@ def plot_heatmap(choice: HeatmapChoice, path: Path, *, max_tokens: int = 256,
     if len(choice.sample.tokens) > max_tokens:
         title.append(f"first {max_tokens} of {len(choice.sample.tokens)} tokens shown")
     title.append("shade = token weight / largest weight of that method on this completion")
-    title += [_row_caption(r) for r in rows]
+    title += [_row_caption(r, choice.run) for r in rows]
     fig.text(0.01, 1 - 0.1 / fig_h, "\n".join(title), va="top", ha="left", fontsize=7.5,
              parse_math=False)
     if not rows:
@@ -220,7 +229,7 @@ def plot_heatmap(choice: HeatmapChoice, path: Path, *, max_tokens: int = 256,
     for li, line in enumerate(lines):
         for ri, row in enumerate(rows):
             y = li * band + ri
-            ax.text(-1.0, y + 0.45, METHOD_LABELS.get(row.mode, row.mode), ha="right",
+            ax.text(-1.0, y + 0.45, row_label(row.mode, choice.run), ha="right",
                     va="center", fontsize=7, parse_math=False, clip_on=False)
             x = 0
             for i in line:
@@ -278,7 +287,7 @@ def render_heatmap_html(choice: HeatmapChoice) -> str:
         "<table>",
     ]
     for row in rows:
-        caption = html.escape(_row_caption(row)).replace(": ", ":<br>", 1)
+        caption = html.escape(_row_caption(row, choice.run)).replace(": ", ":<br>", 1)
         body.append(f'<tr><th>{caption}</th><td class="tokens">{_html_tokens(s.tokens, row)}'
                     "</td></tr>")
     body.append("</table>")

@@ -188,9 +188,21 @@ class Run:
         return int(seed) if _is_int(seed) else None
 
     @property
+    def variant(self) -> str:
+        """The objective's named departures from the paper's GRPO (``objective_tags``), e.g.
+        ``"GSPO"``, ``"DAPO"``, ``"layers=all, relative"``; "" for the paper's objective."""
+        return ", ".join(objective_tags(self.config))
+
+    @property
+    def arca_variant(self) -> str:
+        """The ARCA measurement's tags alone (``objective_tags(..., arca_only=True)``): how this
+        run's "arca" weights (and its samples' "arca" row) were measured."""
+        return ", ".join(objective_tags(self.config, arca_only=True))
+
+    @property
     def label(self) -> str:
-        """Short arm name for plots, e.g. ``ARCA r16``."""
-        return arm_label(self.method, self.rank)
+        """Short arm name for plots, e.g. ``ARCA r16``, ``uniform r64 [GSPO]``."""
+        return arm_label(self.method, self.rank, self.variant)
 
 
 def config_get(config: Mapping[str, Any], dotted: str, default: Any = None) -> Any:
@@ -203,9 +215,39 @@ def config_get(config: Mapping[str, Any], dotted: str, default: Any = None) -> A
     return node
 
 
-def arm_label(method: str, rank: int) -> str:
-    """``ARCA r16``, ``surprisal r64``."""
-    return f"{method_label(method)} r{rank}"
+def objective_tags(config: Mapping[str, Any], *, arca_only: bool = False) -> tuple[str, ...]:
+    """Names of the settings by which a run's objective departs from the paper's GRPO, in this
+    order: "GSPO" (grpo.ratio_level: sequence), "DAPO" (rollout.dynamic_sampling), "TIS" /
+    "MIS" (grpo.behaviour_correction), then ARCA's measurement: "layers=all" or
+    "layers=0,2" (grpo.arca_layers other than "final") and "relative" (grpo.arca_relative).
+    Keys a config lacks count as the defaults. ``arca_only``: only the last two."""
+    tags = []
+    if not arca_only:
+        if config_get(config, "grpo.ratio_level", "token") == "sequence":
+            tags.append("GSPO")
+        if config_get(config, "rollout.dynamic_sampling", False) is True:
+            tags.append("DAPO")
+        correction = config_get(config, "grpo.behaviour_correction", "none")
+        if isinstance(correction, str) and correction != "none":
+            tags.append(correction.upper())
+    layers = config_get(config, "grpo.arca_layers", "final")
+    if isinstance(layers, (list, tuple)):
+        tags.append("layers=" + ",".join(str(i) for i in layers))
+    elif layers != "final":
+        tags.append(f"layers={layers}")
+    if config_get(config, "grpo.arca_relative", False) is True:
+        tags.append("relative")
+    return tuple(tags)
+
+
+def arm_label(method: str, rank: int, variant: str = "") -> str:
+    """``ARCA r16``, ``surprisal r64``; with a variant (``Run.variant``) ``uniform r64 [GSPO]``."""
+    return f"{method_label(method)} r{rank}" + (f" [{variant}]" if variant else "")
+
+
+def method_cell(method: str, variant: str = "") -> str:
+    """A table's method column: ``ARCA``, ``ARCA [layers=all]``, ``uniform [DAPO]``."""
+    return method_label(method) + (f" [{variant}]" if variant else "")
 
 
 def _is_int(x: Any) -> bool:

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from arca_jax.report.records import EvalPoint, Run, method_label, sort_runs
+from arca_jax.report.records import EvalPoint, Run, method_cell, sort_runs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +33,7 @@ class PerformanceRow:
     model: str | None
     task: str | None
     seed: int | None
+    variant: str = ""  # Run.variant: the objective's departures from the paper's GRPO
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +49,7 @@ class DiagnosticsRow:
     steps_done: int
     steps_planned: int | None
     finished: bool
+    variant: str = ""  # Run.variant
 
 
 def _first_known(*values: Any) -> Any:
@@ -98,6 +100,7 @@ def performance_row(run: Run) -> PerformanceRow:
         model=run.model,
         task=run.task,
         seed=run.seed,
+        variant=run.variant,
     )
 
 
@@ -115,6 +118,7 @@ def diagnostics_row(run: Run) -> DiagnosticsRow:
         steps_done=run.steps_done,
         steps_planned=run.steps_planned,
         finished=run.finished,
+        variant=run.variant,
     )
 
 
@@ -215,7 +219,7 @@ def performance_markdown(rows: Sequence[PerformanceRow]) -> str:
         if per_cell_k and r.pass_at_k is not None:
             pass_cell += f" (k={r.k if r.k is not None else '?'})"
         acc_note = "" if r.finished or r.eval_step is None else f" (step {r.eval_step})"
-        body.append([method_label(r.method), r.rank, format_params(r.trainable_params),
+        body.append([method_cell(r.method, r.variant), r.rank, format_params(r.trainable_params),
                      _fmt(r.greedy_accuracy) + acc_note, pass_cell, _fmt(r.mean_train_reward),
                      _status(r.steps_done, r.steps_planned, r.finished), r.run])
     return markdown_table(["method", "rank", "trainable params", "greedy", header,
@@ -224,7 +228,7 @@ def performance_markdown(rows: Sequence[PerformanceRow]) -> str:
 
 def diagnostics_markdown(rows: Sequence[DiagnosticsRow]) -> str:
     """The diagnostics table as Markdown (means over the logged training steps)."""
-    body = [[method_label(r.method), r.rank, _fmt(r.gini), _fmt(r.effective_token_ratio),
+    body = [[method_cell(r.method, r.variant), r.rank, _fmt(r.gini), _fmt(r.effective_token_ratio),
              _status(r.steps_done, r.steps_planned, r.finished), r.run] for r in rows]
     return markdown_table(["method", "rank", "Gini", "EffN/T", "steps", "run"], body)
 

@@ -256,6 +256,49 @@ def test_a_users_weighting_is_a_method_of_its_own(tmp_path):
     assert name in paths.report_md.read_text() and name in paths.heatmap_html.read_text()
 
 
+def _with_settings(run_dir: Path, **sections) -> Path:
+    """Adds settings to a run's config.yaml, e.g. grpo={"ratio_level": "sequence"}."""
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    return run_dir
+
+
+def test_objective_variants_are_named(tmp_path):
+    """GSPO, DAPO and ARCA's layer / relative variants: named in the tables' method column, the
+    arm labels, comparison.md and the heatmap (the "arca" row of a layered run says so)."""
+    sample = _sample(1, 1.0)
+    dirs = [make_run(tmp_path, "uniform", "uniform", 64),
+            _with_settings(make_run(tmp_path, "gspo", "uniform", 64),
+                           grpo={"ratio_level": "sequence", "num_iterations": 2}),
+            _with_settings(make_run(tmp_path, "dapo", "uniform", 64),
+                           grpo={"clip_eps_high": 0.28, "loss_aggregation": "token_mean"},
+                           rollout={"dynamic_sampling": True, "overlong_buffer": 16}),
+            make_run(tmp_path, "arca", "arca", 64),
+            _with_settings(make_run(tmp_path, "arca_all", "arca", 64, samples=[sample]),
+                           grpo={"arca_layers": "all"}),
+            _with_settings(make_run(tmp_path, "arca_rel", "arca", 64),
+                           grpo={"arca_layers": [0, 2], "arca_relative": True})]
+    runs = load_runs(dirs)
+    assert [r.label for r in report.sort_runs(runs)] == [
+        "uniform r64 [DAPO]", "uniform r64 [GSPO]", "uniform r64", "ARCA r64",
+        "ARCA r64 [layers=all]", "ARCA r64 [layers=0,2, relative]"]  # by run name in an arm
+    assert {a.label for a in report.group_arms(runs)} == {r.label for r in runs}  # no extras
+    assert report.objective_tags({"grpo": {"behaviour_correction": "tis"}}) == ("TIS",)
+    md = report.performance_markdown(performance_table(runs))
+    for cell in ("| uniform [GSPO] | 64 |", "| uniform [DAPO] | 64 |", "| ARCA [layers=all] | 64 |",
+                 "| ARCA [layers=0,2, relative] | 64 |", "| ARCA | 64 |", "| uniform | 64 |"):
+        assert cell in md, cell
+    assert "| uniform [DAPO] | 64 |" in report.diagnostics_markdown(diagnostics_table(runs))
+    assert "| ARCA [layers=all] | 64 |" in comparison_markdown(runs)
+    paths = write_report(dirs, tmp_path / "out", heatmap_run="arca_all")
+    html_text = paths.heatmap_html.read_text()
+    assert "ARCA [layers=all]:" in html_text and "(ARCA r64 [layers=all])" in html_text
+    assert "uniform [GSPO]" in paths.report_md.read_text()
+    assert report.row_label("surprisal", runs[4]) == "surprisal"  # only the arca row changes
+
+
 def test_not_a_directory(tmp_path):
     with pytest.raises(ValueError, match="not a directory"):
         load_run(tmp_path / "nope")
@@ -299,6 +342,8 @@ PUBLIC_NAMES = (
     "arm_diagnostics_table", "arm_key", "arm_performance_table", "arm_settings",
     "bootstrap_means", "group_arms", "interval_table", "intervals_markdown", "paired_markdown",
     "paired_table", "percentile_interval", "reference_arm",
+    # objectives and ARCA's measurement in labels
+    "method_cell", "objective_tags", "row_label",
 )
 
 

@@ -42,3 +42,89 @@ def test_paper_settings():
         # EOS outside the loss (Qwen3-Base pads with EOS) and bfloat16 logits, as the authors' code
         assert (c.rollout.eos_token, c.grpo.logits_dtype) == ("mask_if_pad", "bfloat16")
         assert c.rollout.top_k == 50  # transformers generate's default, as the authors sampled
+
+
+# --------------------------------------------------------------------------------------------
+# The objectives' tiny arms (experiments/configs/tiny_objectives/)
+# --------------------------------------------------------------------------------------------
+
+OBJECTIVES = ROOT + "/tiny_objectives"
+# arm -> (its tiny counterpart, the settings it changes)
+OBJECTIVE_ARMS = {
+    "gspo_uniform_r64": ("uniform_r64", {
+        "grpo.ratio_level": "sequence", "grpo.clip_eps": 3e-4, "grpo.clip_eps_high": 4e-4,
+        "grpo.num_iterations": 2}),
+    "dapo_uniform_r64": ("uniform_r64", {  # clip_eps 0.2, 4 extra rounds, penalty 1: defaults
+        "grpo.clip_eps_high": 0.28, "grpo.loss_aggregation": "token_mean",
+        "grpo.num_iterations": 2, "rollout.dynamic_sampling": True,
+        "rollout.overlong_buffer": 16}),
+    "arca_r64_layers_all": ("arca_r64", {"grpo.arca_layers": "all"}),
+    "arca_r64_relative": ("arca_r64", {"grpo.arca_relative": True}),
+}
+LABELS = {"gspo_uniform_r64": "uniform r64 [GSPO]", "dapo_uniform_r64": "uniform r64 [DAPO]",
+          "arca_r64_layers_all": "ARCA r64 [layers=all]",
+          "arca_r64_relative": "ARCA r64 [relative]"}
+
+
+def _flat(cfg) -> dict:
+    from arca_jax import configlib
+    from arca_jax.report.arms import flatten_config
+    return flatten_config(configlib.to_dict(cfg))
+
+
+def test_objective_arms_change_only_their_settings():
+    files = sorted(glob.glob(os.path.join(OBJECTIVES, "*.yaml")))
+    assert [os.path.basename(f)[:-5] for f in files] == sorted(OBJECTIVE_ARMS)
+    for f in files:
+        counterpart, changes = OBJECTIVE_ARMS[os.path.basename(f)[:-5]]
+        arm = _flat(config.load(f))
+        base = _flat(config.load(os.path.join(ROOT, "tiny", counterpart + ".yaml")))
+        differ = {k: arm[k] for k in arm if arm[k] != base[k]}
+        assert differ == changes, (f, differ)
+
+
+# steps, batch and lengths cut down: one step of each arm, with samples and evaluations
+SHORT = ["train.steps=1", "rollout.prompts_per_step=2", "rollout.group_size=4",
+         "rollout.max_new_tokens=48", "task.num_eval_problems=2", "task.max_train_samples=32",
+         "train.samples_every=1", "train.samples_per_log=1", "train.eval_batch_size=2"]
+
+
+@pytest.fixture(scope="module")
+def objective_runs(tmp_path_factory):
+    from arca_jax import train
+    root = tmp_path_factory.mktemp("objectives")
+    dirs = {}
+    for name in sorted(OBJECTIVE_ARMS):
+        dirs[name] = root / name
+        summary = train.train(config.load(os.path.join(OBJECTIVES, name + ".yaml"), SHORT),
+                              str(dirs[name]))
+        assert summary["finished"], name
+    return dirs
+
+
+def test_objective_arms_train_log_and_report(objective_runs, tmp_path):
+    from arca_jax import report
+    from fixtures import read_jsonl
+    rows = {n: read_jsonl(os.path.join(d, "metrics.jsonl")) for n, d in objective_runs.items()}
+    dapo = rows["dapo_uniform_r64"][0]
+    for key in ("groups_dropped", "resample_rounds", "groups_zero_kept", "batch_reward_mean",
+                "overlong_penalised", "overlong_penalty_mean"):
+        assert key in dapo, key
+    assert dapo["resample_rounds"] <= 4 and dapo["overlong_penalty_mean"] <= 0
+    assert "truncated_masked" not in dapo  # overlong filtering is off in DAPO's recipe
+    layers = rows["arca_r64_layers_all"][0]["residual_norm_layers"]
+    assert len(layers) == 3 and abs(sum(layers) / 3 - rows["arca_r64_layers_all"][0][
+        "residual_norm_mean"]) <= 1e-5 * max(1.0, abs(rows["arca_r64_layers_all"][0][
+            "residual_norm_mean"]))
+    for name in ("gspo_uniform_r64", "arca_r64_relative"):
+        assert "residual_norm_layers" not in rows[name][0] and "groups_dropped" not in rows[name][0]
+    for r in rows.values():
+        assert all(v is not None for k, v in r[0].items() if not k.startswith("residual")), r[0]
+    runs = report.load_runs(list(objective_runs.values()))
+    assert {r.name: r.label for r in runs} == LABELS
+    paths = report.write_report(list(objective_runs.values()), tmp_path / "report",
+                                heatmap_run="arca_r64_layers_all")
+    text = paths.report_md.read_text()
+    for label in ("uniform [GSPO]", "uniform [DAPO]", "ARCA [layers=all]", "ARCA [relative]"):
+        assert f"| {label} | 64 |" in text, label
+    assert "ARCA [layers=all]:" in paths.heatmap_html.read_text()
