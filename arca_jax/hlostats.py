@@ -18,7 +18,8 @@ Counted per device (the HLO of an SPMD program is one device's program):
     (XLA's own convention; transcendentals are not flops).
   bytes: HBM bytes read and written by each top-level operation (a fusion reads its operands
     and writes its output once): dynamic slices read only the slice, an in-place
-    dynamic-update-slice writes only the update (as XLA's cost analysis).
+    dynamic-update-slice writes only the update (as XLA's cost analysis); a collective reads
+    its input and writes its result once per run, however many fusions TPU spreads it over.
   collectives: for each kind (all-gather, all-reduce, reduce-scatter, all-to-all,
     collective-permute): the operations in the text, how many run (loop-scaled) and the bytes
     they move (the larger of input and output, per run).
@@ -40,6 +41,10 @@ _DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u1
                 "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8,
                 "c128": 16, "token": 0}
 _ARRAY = re.compile(r"\b([a-z]+[0-9]*(?:e[0-9]m[0-9](?:fn|fnuz|b11fnuz)?)?)\[([0-9,]*)\]")
+_ARRAY_LAYOUT = re.compile(
+    r"\b([a-z]+[0-9]*(?:e[0-9]m[0-9](?:fn|fnuz|b11fnuz)?)?)\[([0-9,]*)\](\{[^}]*\})?")
+# custom calls that move no data (TPU: a concatenation by aliasing, a buffer allocation)
+_NO_TRAFFIC_CALLS = ("ConcatBitcast", "AllocateBuffer", "AssumeGatherIndicesInBound")
 _INSTR = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
 _HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$")
 _NAME = re.compile(r"%([\w.\-]+)")
@@ -47,6 +52,7 @@ _ELEMENTWISE = {"add", "subtract", "multiply", "divide", "maximum", "minimum", "
                 "select", "negate", "abs", "and", "or", "xor", "not", "clamp", "remainder",
                 "sign", "floor", "ceil", "round-nearest-even", "round-nearest-afz",
                 "shift-left", "shift-right-logical", "shift-right-arithmetic", "convert"}
+_ASYNC_COLLECTIVE = re.compile(r'custom_call_target="AsyncCollective(Start|Done)"')
 _NO_TRAFFIC = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast", "while", "call",
                "conditional", "after-all", "partition-id", "replica-id", "opt-barrier",
                "add-dependency", "domain"}
@@ -91,6 +97,42 @@ def array_shapes(type_text: str) -> List[Tuple[str, Tuple[int, ...]]]:
 def type_bytes(type_text: str) -> float:
     """Bytes of an HLO type (the sum over a tuple's arrays)."""
     return sum(_DTYPE_BYTES.get(dt, 1) * math.prod(dims) for dt, dims in array_shapes(type_text))
+
+
+def hbm_bytes(type_text: str) -> float:
+    """Bytes of an HLO type held in device memory: arrays whose layout puts them in another
+    memory space (TPU's on-chip VMEM, "S(1)") are left out."""
+    total = 0.0
+    for dt, dims, layout in _ARRAY_LAYOUT.findall(type_text):
+        if (dt in _DTYPE_BYTES or "f8" in dt) and "S(1)" not in layout:
+            total += _DTYPE_BYTES.get(dt, 1) * math.prod(int(d) for d in dims.split(",") if d)
+    return total
+
+
+def _collective_part(instr: "Instr") -> bool:
+    """A collective, or TPU's start / done of an async one (their data is counted once, as the
+    collective's, not as the fusions' that carry it)."""
+    return (instr.opcode.removesuffix("-start") in COLLECTIVES
+            or (instr.opcode == "custom-call" and bool(_ASYNC_COLLECTIVE.search(instr.attrs))))
+
+
+def _tuple_elements(type_text: str) -> List[str]:
+    """The top-level elements of a tuple type "(a, (b, c), d)" -> ["a", "(b, c)", "d"]."""
+    text = type_text.strip()
+    if not text.startswith("("):
+        return [text]
+    parts, depth, start = [], 0, 1
+    for i, ch in enumerate(text):
+        if ch in "({[":
+            depth += 1
+        elif ch in ")}]":
+            depth -= 1
+            if depth == 0:
+                parts.append(text[start:i].strip())
+        elif ch == "," and depth == 1:
+            parts.append(text[start:i].strip())
+            start = i + 1
+    return [p for p in parts if p]
 
 
 def _elements(type_text: str) -> int:
@@ -343,36 +385,48 @@ class _Walker:
             return float(sum(_elements(shapes.get(o, "")) for o in instr.operands[:1]))
         return 0.0
 
-    def count_collective(self, instr: Instr, shapes: Mapping[str, str], mult: float):
+    def count_collective(self, instr: Instr, shapes: Mapping[str, str], mult: float,
+                         seen: set) -> float:
+        """Counts a collective once per run of the computation that holds it (TPU splits an
+        async collective over several fusions that each show it with the same channel_id);
+        returns the HBM bytes of one run: its input read and its result written."""
         op = instr.opcode.removesuffix("-start")
         if op not in COLLECTIVES:
-            return
+            return 0.0
+        m = re.search(r"channel_id=(\d+)", instr.attrs)
+        key = (op, m.group(1)) if m else (op, instr.name)
+        if key in seen:
+            return 0.0
+        seen.add(key)
         moved = max(type_bytes(instr.type),
                     sum(type_bytes(shapes.get(o, "")) for o in instr.operands))
         c = self.collectives[op]
-        if instr.name not in self._seen_ops:
-            self._seen_ops.add(instr.name)
+        if key not in self._seen_ops:
+            self._seen_ops.add(key)
             c[0] += 1
         c[1] += mult
         c[2] += mult * moved
+        return hbm_bytes(instr.type) + sum(hbm_bytes(shapes.get(o, "")) for o in instr.operands)
 
-    def fused_flops(self, comp: str, mult: float) -> float:
-        """Flops of a fused computation (nested fusions included); counts its collectives."""
+    def fused_flops(self, comp: str, mult: float, seen: set) -> Tuple[float, float]:
+        """(flops, HBM bytes of its collectives) of a fused computation (nested fusions
+        included); counts its collectives."""
         shapes = self.shapes(comp)
-        total = 0.0
+        flops = moved = 0.0
         for instr in self.m.computations[comp]:
-            self.count_collective(instr, shapes, mult)
+            moved += self.count_collective(instr, shapes, mult, seen)
             if instr.opcode == "fusion":
                 for c in _called(instr.attrs, "calls"):
-                    total += self.fused_flops(c, mult)
+                    f, b = self.fused_flops(c, mult, seen)
+                    flops, moved = flops + f, moved + b
             else:
-                total += self.op_flops(instr, shapes)
-        return total
+                flops += self.op_flops(instr, shapes)
+        return flops, moved
 
     def fusion_bytes(self, instr: Instr, shapes: Mapping[str, str]) -> float:
         calls = _called(instr.attrs, "calls")
         if not calls:
-            return type_bytes(instr.type) + sum(type_bytes(shapes.get(o, ""))
+            return hbm_bytes(instr.type) + sum(hbm_bytes(shapes.get(o, ""))
                                                 for o in instr.operands)
         body = self.m.computations[calls[0]]
         params = {i.name: i for i in body if i.opcode == "parameter"}
@@ -383,43 +437,53 @@ class _Walker:
         read = 0.0
         for name, p in params.items():
             us = users.get(name, [])
-            if us and all(u.opcode == "dynamic-slice" and u.operands[0] == name for u in us):
-                read += sum(type_bytes(u.type) for u in us)
+            if all(u.opcode == "tuple" or _collective_part(u) for u in us):
+                continue  # passed through, or a collective's buffer (counted as a collective)
+            if all(u.opcode == "dynamic-slice" and u.operands[0] == name for u in us):
+                read += sum(hbm_bytes(u.type) for u in us)
             elif us and all(u.opcode == "dynamic-update-slice" and u.operands[0] == name
                             for u in us):
                 continue  # updated in place: only the update is written (below)
             else:
-                read += type_bytes(p.type)
+                read += hbm_bytes(p.type)
         root = self.m.roots.get(calls[0])
         body_shapes = {i.name: i.type for i in body}
         outs = [root] if root is not None and root.opcode != "tuple" else [
             next((i for i in body if i.name == o), None) for o in (root.operands if root else ())]
         written = 0.0
         for o in outs:
-            if o is None:
-                continue
+            if o is None or o.opcode == "parameter" or _collective_part(o):
+                continue  # passed through, or a collective's result (counted as a collective)
             if o.opcode == "dynamic-update-slice":
-                written += type_bytes(body_shapes.get(o.operands[1], ""))
+                written += hbm_bytes(body_shapes.get(o.operands[1], ""))
             else:
-                written += type_bytes(o.type)
+                written += hbm_bytes(o.type)
         return read + written
 
     def op_bytes(self, instr: Instr, shapes: Mapping[str, str]) -> float:
         op = instr.opcode
         if op in _NO_TRAFFIC or op.endswith("-done"):
             return 0.0
+        if op == "custom-call" and any(f'"{t}"' in instr.attrs for t in _NO_TRAFFIC_CALLS):
+            return 0.0
         if op == "fusion":
             return self.fusion_bytes(instr, shapes)
         if op == "dynamic-slice":
-            return 2.0 * type_bytes(instr.type)
+            return 2.0 * hbm_bytes(instr.type)
         if op == "dynamic-update-slice":
-            return 2.0 * type_bytes(shapes.get(instr.operands[1], ""))
-        return type_bytes(instr.type) + sum(type_bytes(shapes.get(o, "")) for o in instr.operands)
+            return 2.0 * hbm_bytes(shapes.get(instr.operands[1], ""))
+        if op.endswith("-start"):  # async copy / slice: ((operands), result, context)
+            parts = _tuple_elements(instr.type)
+            result = parts[1] if len(parts) > 1 else instr.type
+            source = sum(hbm_bytes(shapes.get(o, "")) for o in instr.operands)
+            return min(source, type_bytes(result)) + hbm_bytes(result)
+        return hbm_bytes(instr.type) + sum(hbm_bytes(shapes.get(o, "")) for o in instr.operands)
 
     def walk(self, comp: str, mult: float, depth: int = 0) -> Tuple[float, float]:
         """(flops, bytes) of running computation `comp` `mult` times."""
         shapes = self.shapes(comp)
         flops = bytes_ = 0.0
+        seen: set = set()  # collectives counted in this run of `comp`
         for instr in self.m.computations[comp]:
             op = instr.opcode
             if op == "while":
@@ -444,13 +508,16 @@ class _Walker:
                     f, b = max(costs)
                     flops, bytes_ = flops + f, bytes_ + b
                 continue
-            self.count_collective(instr, shapes, mult)
             if op == "fusion":
                 for c in _called(instr.attrs, "calls"):
-                    flops += mult * self.fused_flops(c, mult)
+                    f, b = self.fused_flops(c, mult, seen)
+                    flops, bytes_ = flops + mult * f, bytes_ + mult * b
+                bytes_ += mult * self.op_bytes(instr, shapes)
+            elif _collective_part(instr):
+                bytes_ += mult * self.count_collective(instr, shapes, mult, seen)
             else:
                 flops += mult * self.op_flops(instr, shapes)
-            bytes_ += mult * self.op_bytes(instr, shapes)
+                bytes_ += mult * self.op_bytes(instr, shapes)
         return flops, bytes_
 
 
