@@ -24,7 +24,8 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
 
 # Wall-clock fields of metrics.jsonl rows: the only ones that differ between equal runs.
-TIMING = {"time_sample_s", "time_score_s", "time_update_s", "step_time_s", "tokens_per_s"}
+TIMING = {"time_sample_s", "time_score_s", "time_update_s", "step_time_s", "tokens_per_s",
+          "sample_tokens_per_s"}
 
 
 # ------------------------------------ our tiny models -----------------------------------------

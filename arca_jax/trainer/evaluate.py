@@ -66,7 +66,7 @@ def evaluate(model: Model, adapter, lora_scale: float, problems: Sequence[Any], 
         chunk = problems[start:start + cfg.train.eval_batch_size]
         ids, mask = encode_prompts(model.tokenizer, [p.prompt for p in chunk],
                                    r.max_prompt_tokens, model.pad_id, r.prompt_truncation)
-        gen = generate_rows(model, mesh, np.repeat(ids, k, 0), np.repeat(mask, k, 0),
+        gen = generate_rows(model, mesh, ids, mask, group_size=k,
                             rng=jax.random.fold_in(key, start), temperature=r.temperature,
                             top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens, lora=adapter,
                             lora_scale=lora_scale)

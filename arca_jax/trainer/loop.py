@@ -216,7 +216,9 @@ def _train_one_step(run: _Run, step: int, totals: Dict[str, int], beat) -> tuple
            "completions_truncated": ro.num_truncated, "completions_empty": ro.num_empty,
            "time_sample_s": ro.time_sample_s, "time_score_s": ro.time_score_s,
            "time_update_s": t3 - t2, "step_time_s": t3 - t0,
-           "tokens_per_s": ro.num_tokens / max(t3 - t0, 1e-9)}
+           "tokens_per_s": ro.num_tokens / max(t3 - t0, 1e-9),
+           "sample_tokens_per_s": ro.num_tokens / max(ro.time_sample_s, 1e-9),
+           "slot_utilisation": ro.num_tokens / max(ro.slot_steps, 1)}
     row.update(_objective_counts(cfg, ro))
     return row, problems, ro
 

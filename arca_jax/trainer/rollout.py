@@ -113,14 +113,22 @@ class Generated(NamedTuple):
     mask: jax.Array  # [rows, P]
 
 
-def generate_rows(model: Model, mesh, ids: np.ndarray, mask: np.ndarray, **gen) -> Generated:
-    """Samples the prompts [n, P] (the same host arrays on every process) on `mesh` (None: the
-    default device): rows padded to a multiple of the device count, each process's devices
-    generate its own rows. `gen`: `sampling.generate` keywords."""
+def generate_rows(model: Model, mesh, ids: np.ndarray, mask: np.ndarray, *, group_size: int = 1,
+                  **gen) -> Generated:
+    """Samples `group_size` (G) completions of each of the prompts [n, P] (the same host arrays on
+    every process) on `mesh` (None: the default device): rows r G .. r G + G - 1 are prompt r's,
+    padded to a multiple of the devices holding different rows; each process's devices generate
+    its own rows, and each prompt is prefilled once for its G rows (`sampling.generate`'s
+    `group_size`) whenever the padded rows split into whole groups. `gen`: `sampling.generate`
+    keywords."""
+    G = int(group_size)
+    ids, mask = np.repeat(ids, G, axis=0), np.repeat(mask, G, axis=0)
     layout = parallel.RowLayout.padded(mesh, ids.shape[0])
     g_ids, g_mask = layout.to_global(ids), layout.to_global(mask)
+    # padding repeats the last row (the last prompt): aligned groups of G rows still share one
+    shared = G if layout.batch_size % G == 0 else 1
     out = sampling.generate(model.params, g_ids, g_mask, config=model.config, eos_id=model.eos_id,
-                            pad_id=model.pad_id, mesh=mesh, **gen)
+                            pad_id=model.pad_id, mesh=mesh, group_size=shared, **gen)
     return Generated(out, layout, g_ids, g_mask)
 
 
@@ -161,6 +169,7 @@ class Rollout(NamedTuple):
     batch: Batch  # global [P * G, T], advantages set
     rewards: np.ndarray  # [P, G]
     num_tokens: int  # completion tokens generated (every round)
+    slot_steps: int  # decode slot-steps spent (every round; `slot_steps`)
     time_sample_s: float
     time_score_s: float
     num_truncated: int = 0  # completions cut at max_new_tokens (never ended), in the batch
@@ -189,6 +198,7 @@ class RoundRows(NamedTuple):
     logps: np.ndarray  # [Q * G, N] float32
     sampled_logps: Optional[np.ndarray]  # [Q * G, N] float32
     scored: Scored  # rewards, lengths, finished [Q * G]
+    slot_steps: int = 0  # decode slot-steps of the round (`slot_steps`)
 
 
 class GroupSelection(NamedTuple):
@@ -253,16 +263,22 @@ def _sample_round(model: Model, mesh, problems: Sequence[Any], cfg: RunConfig, *
     t0 = time.time()
     ids, mask = encode_prompts(model.tokenizer, [p.prompt for p in problems],
                                r.max_prompt_tokens, model.pad_id, r.prompt_truncation)
-    gen = generate_rows(model, mesh, np.repeat(ids, G, axis=0), np.repeat(mask, G, axis=0),
-                        rng=key, max_new_tokens=r.max_new_tokens, lora=adapter,
-                        lora_scale=cfg.lora.scaling, temperature=r.temperature, top_p=r.top_p,
-                        top_k=r.top_k)
+    gen = generate_rows(model, mesh, ids, mask, group_size=G, rng=key,
+                        max_new_tokens=r.max_new_tokens, lora=adapter, lora_scale=cfg.lora.scaling,
+                        temperature=r.temperature, top_p=r.top_p, top_k=r.top_k)
     jax.block_until_ready(gen.out.tokens)
     t1 = time.time()
     beat("sampling")
     scored = score_rows(gen, len(problems) * G, lambda i: problems[i // G], score,
                         model.tokenizer)
     return ids, mask, gen, scored, t1 - t0, time.time() - t1
+
+
+def slot_steps(gen: Generated) -> int:
+    """Decode slot-steps of a generation: rows (padding included) x token columns the loop ran;
+    the completion tokens over this are the fraction of slot-steps that did useful work (rows
+    that ended early, and padding rows, idle until the longest row ends)."""
+    return int(gen.out.num_steps) * int(gen.out.tokens.shape[0])
 
 
 def round_rows(gen: Generated, problems: Sequence[Any], ids, mask, scored: Scored,
@@ -278,7 +294,7 @@ def round_rows(gen: Generated, problems: Sequence[Any], ids, mask, scored: Score
                      prompt_mask=np.repeat(mask, G, axis=0),
                      tokens=got["tokens"][:n], mask=got["mask"][:n], logps=got["logps"][:n],
                      sampled_logps=got["sampled_logps"][:n] if "sampled_logps" in got else None,
-                     scored=scored)
+                     scored=scored, slot_steps=slot_steps(gen))
 
 
 def assemble_rows(rounds: Sequence[RoundRows], groups, G: int, pad_id: int) -> RoundRows:
@@ -302,7 +318,8 @@ def assemble_rows(rounds: Sequence[RoundRows], groups, G: int, pad_id: int) -> R
         tokens=cat(lambda r: r.tokens)[rows], mask=cat(lambda r: r.mask)[rows],
         logps=cat(lambda r: r.logps)[rows],
         sampled_logps=cat(lambda r: r.sampled_logps)[rows] if with_sampled else None,
-        scored=Scored(*(cat(lambda r, i=i: r.scored[i])[rows] for i in range(3))))
+        scored=Scored(*(cat(lambda r, i=i: r.scored[i])[rows] for i in range(3))),
+        slot_steps=sum(r.slot_steps for r in rounds))
 
 
 def _dynamic_rounds(model: Model, mesh, problems, cfg: RunConfig, first: RoundRows, *, adapter,
@@ -345,6 +362,7 @@ def rollout(model: Model, mesh, layout: parallel.RowLayout, problems: Sequence[A
     ids, mask, gen, scored, t_sample, t_score = _sample_round(
         model, mesh, problems, cfg, adapter=adapter, key=key, score=score, beat=beat)
     num_tokens = int(scored.lengths.sum())
+    steps = slot_steps(gen)
     sampled = scored.rewards.reshape(P, G)
     dropped = resampled = zero_kept = 0
     if r.dynamic_sampling:
@@ -356,6 +374,7 @@ def rollout(model: Model, mesh, layout: parallel.RowLayout, problems: Sequence[A
                                          draw=draw)
         t_sample, t_score = t_sample + ts, t_score + tc
         num_tokens = sum(int(x.scored.lengths.sum()) for x in rounds)
+        steps = sum(x.slot_steps for x in rounds)
         sampled = np.concatenate([x.scored.rewards.reshape(-1, G) for x in rounds])
         sel = select_groups(sampled, P)
         dropped, resampled, zero_kept = sel.dropped, len(rounds) - 1, sel.zero_kept
@@ -382,7 +401,7 @@ def rollout(model: Model, mesh, layout: parallel.RowLayout, problems: Sequence[A
     if r.overlong_filtering:
         batch = mask_rows(batch, layout.to_global(scored.finished))
     beat("scoring")
-    return Rollout(batch=batch, rewards=rewards, num_tokens=num_tokens,
+    return Rollout(batch=batch, rewards=rewards, num_tokens=num_tokens, slot_steps=steps,
                    time_sample_s=t_sample, time_score_s=t_score,
                    num_truncated=int(truncated.sum()),
                    num_empty=int((scored.finished & (scored.lengths <= 1)).sum()),
@@ -422,4 +441,4 @@ def step_prompt_indices(seed: int, step: int, num_problems: int, count: int,
 __all__ = ["Generated", "GroupSelection", "Rollout", "RoundRows", "Scored", "Scorer",
            "assemble_rows", "detokenize", "encode_prompts", "equal_reward_groups",
            "finite_advantages", "generate_rows", "mask_rows", "overlong_penalty", "rollout",
-           "round_rows", "score_rows", "select_groups", "step_prompt_indices"]
+           "round_rows", "score_rows", "select_groups", "slot_steps", "step_prompt_indices"]

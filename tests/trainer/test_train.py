@@ -47,8 +47,10 @@ def test_run_directory_has_every_output(full_run):
     for key in ("reward_mean", "reward_std", "loss", "grad_norm", "learning_rate", "weight_gini",
                 "effective_token_ratio", "residual_norm_mean", "residual_norm_max", "kl",
                 "completion_length", "time_sample_s", "time_score_s", "time_update_s",
-                "tokens_per_s"):
+                "tokens_per_s", "sample_tokens_per_s", "slot_utilisation"):
         assert key in metrics[-1], key
+    for m in metrics:  # tokens / (rows x columns run): at least mean length / budget, at most 1
+        assert m["completion_length"] / 72 - 1e-6 <= m["slot_utilisation"] <= 1.0
     assert all(np.isfinite(m["loss"]) for m in metrics)
     assert 0.0 < metrics[-1]["weight_gini"] < 1.0
     assert any(m["reward_mean"] > 0 for m in metrics)  # the shipped model solves some problems
