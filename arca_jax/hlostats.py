@@ -6,8 +6,10 @@ its decoder layers under `nn.scan` (one loop forward, one backward), its microba
 `analyze(hlo_text, unknown_trip_count)` walks the module instead and multiplies each loop body
 by its trip count:
 
-  - XLA's `known_trip_count` annotation where the compiler wrote one (CPU, GPU), else the
-    constant bound of the loop condition `i < n` (scans and fori loops count from 0; TPU);
+  - XLA's `known_trip_count` annotation where the compiler wrote one (CPU, GPU), else, on TPU,
+    read from the loop: a condition `i < n` with n constant, i's start in the tuple the loop
+    begins from and the step its body adds (TPU's windowed-einsum loops over a sharded matmul
+    start at 2 or step by 2; scans count 0, 1, ...);
   - `unknown_trip_count` for a loop whose bound is not a constant (the sampler's decode loop
     stops at a traced limit or when every row has produced EOS: pass the worst case, the number
     of decode steps).
@@ -19,13 +21,16 @@ Counted per device (the HLO of an SPMD program is one device's program):
   bytes: HBM bytes read and written by each top-level operation (a fusion reads its operands
     and writes its output once): dynamic slices read only the slice, an in-place
     dynamic-update-slice writes only the update (as XLA's cost analysis); a collective reads
-    its input and writes its result once per run, however many fusions TPU spreads it over.
+    its input and writes its result once per run, however many fusions TPU spreads it over;
+    arrays TPU keeps in on-chip memory (layout "S(1)") and no-copy custom calls do not count.
   collectives: for each kind (all-gather, all-reduce, reduce-scatter, all-to-all,
     collective-permute): the operations in the text, how many run (loop-scaled) and the bytes
     they move (the larger of input and output, per run).
 
 A conditional counts its most expensive branch. The result is an estimate for a roofline, not
-a profile: it ignores caches, overlap and scheduling.
+a profile: it ignores caches, overlap and scheduling. Checked (tests/trainer/test_plan.py): the
+flops of the train step, prefill and decode loop against the jaxpr's matmul flops (within 15%
+on CPU and on a v5e compile), loop bodies against XLA's own count.
 """
 
 from __future__ import annotations
