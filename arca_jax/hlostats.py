@@ -29,7 +29,7 @@ Counted per device (the HLO of an SPMD program is one device's program):
 
 A conditional counts its most expensive branch. The result is an estimate for a roofline, not
 a profile: it ignores caches, overlap and scheduling. Checked (tests/trainer/test_plan.py): the
-flops of the train step, prefill and decode loop against the jaxpr's matmul flops (within 15%
+flops of the train step, prefill and decode loop against the jaxpr's matmul flops (within 25%
 on CPU and on a v5e compile), loop bodies against XLA's own count.
 """
 
@@ -242,7 +242,8 @@ def _window(attrs: str, rank: int) -> List[Dict[str, Tuple[int, ...]]]:
         return [tuple(int(v) for v in part.split("_")) for part in fields[key].split("x")]
 
     size, stride = per_dim("size", (1,)), per_dim("stride", (1,))
-    pad, lhs_d, rhs_d = per_dim("pad", (0, 0)), per_dim("lhs_dilate", (1,)), per_dim("rhs_dilate", (1,))
+    pad = per_dim("pad", (0, 0))
+    lhs_d, rhs_d = per_dim("lhs_dilate", (1,)), per_dim("rhs_dilate", (1,))
     return [dict(size=size[d][0], stride=stride[d][0], pad=pad[d], lhs_dilate=lhs_d[d][0],
                  rhs_dilate=rhs_d[d][0]) for d in range(rank)]
 
@@ -547,8 +548,8 @@ def _constants_from_text(text: str) -> Dict[Tuple[str, str], int]:
         if m:
             current = m.group(2)
             continue
-        c = re.match(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*[su](?:32|64)\[\]\S*\s+constant\((-?\d+)\)",
-                     line)
+        c = re.match(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*[su](?:32|64)\[\]\S*\s+"
+                     r"constant\((-?\d+)\)", line)
         if c and current is not None:
             out[(current, c.group(1))] = int(c.group(2))
     return out

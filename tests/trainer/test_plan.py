@@ -378,7 +378,9 @@ def test_hlostats_counts_collectives():
 
 def test_hlostats_shapes():
     assert hlostats.type_bytes("(f32[2,3]{1,0}, bf16[4], s32[], pred[8])") == 24 + 8 + 4 + 8
-    assert hlostats.array_shapes("bf16[3,16,64]{2,1,0:T(8,128)(2,1)S(1)}") == [("bf16", (3, 16, 64))]
+    tpu = "bf16[3,16,64]{2,1,0:T(8,128)(2,1)S(1)}"  # in on-chip memory: no HBM bytes
+    assert hlostats.array_shapes(tpu) == [("bf16", (3, 16, 64))]
+    assert hlostats.type_bytes(tpu) == 2 * 3 * 16 * 64 and hlostats.hbm_bytes(tpu) == 0
 
 
 FUSED_CONDITION = """HloModule m
