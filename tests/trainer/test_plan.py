@@ -185,26 +185,54 @@ def test_train_step_flops_against_the_jaxpr(cfg, tiny_plan):
 
 
 def test_does_not_fit_and_the_change_that_fits(monkeypatch, cfg, tiny_plan):
-    """Memory just below the plan's peak: "does not fit". Every device on fsdp does not lower the
-    tiny model's peak (more weight gathering), so it is dropped; remat on the original mesh
-    fits. (No tensor axis here, to keep the test to two compiles.)"""
-    monkeypatch.setattr(plan, "tensor_supported", lambda: False)
+    """Memory just below the plan's peak: "does not fit"; remat (recompiled) fits. The mesh
+    changes are left out here to keep it to one compile (`test_find_fit_order` covers them)."""
+    real = plan.changes
+    monkeypatch.setattr(plan, "changes", lambda c, n: [x for x in real(c, n)
+                                                       if x[0] in ("remat", "microbatches")])
     small = dataclasses.replace(tiny_plan.target, hbm_bytes=tiny_plan.peak_bytes - 1)
     first = dataclasses.replace(tiny_plan, target=small)
     assert first.fits is False
-    verdict = plan.find_fit(cfg, first, options=FAST, max_tries=2)
-    assert [k.layout for k in verdict.tried] == [LAYOUT, plan.Layout(1, 8, 1), LAYOUT]
+    verdict = plan.find_fit(cfg, first, options=FAST, max_tries=1)
+    assert verdict.tried == (tiny_plan.knobs, plan.Knobs(LAYOUT, True, 2))
     assert verdict.suggestion is not None and verdict.suggestion.fits
-    assert verdict.suggestion.knobs == plan.Knobs(LAYOUT, True, 2)
     assert verdict.suggestion.peak_bytes < tiny_plan.peak_bytes
-    assert verdict.peaks == (tiny_plan.peak_bytes, verdict.peaks[1],
-                             verdict.suggestion.peak_bytes)
+    assert verdict.peaks == (tiny_plan.peak_bytes, verdict.suggestion.peak_bytes)
     # the sampler's programs did not change: reused, not recompiled
     assert verdict.suggestion.programs[1:] == tiny_plan.programs[1:]
     text = plan.format_text(verdict)
     assert "does not fit" in text and "--set grpo.remat=true" in text
     j = plan.to_json(verdict)
     assert j["plan"]["fits"] is False and j["suggestion"]["fits"] is True
+
+
+def test_find_fit_order(monkeypatch, cfg, tiny_plan):
+    """The search on made-up peaks: every device on fsdp makes it worse (dropped), a tensor
+    axis too, remat helps but is not enough (kept), two microbatches on top of remat fit."""
+    peaks = {plan.Knobs(LAYOUT, False, 2): 100, plan.Knobs(plan.Layout(1, 8, 1), False, 2): 120,
+             plan.Knobs(plan.Layout(1, 4, 2), False, 2): 110, plan.Knobs(LAYOUT, True, 2): 90,
+             plan.Knobs(LAYOUT, True, 4): 60}
+    target = dataclasses.replace(tiny_plan.target, hbm_bytes=80)
+    train = tiny_plan.programs[0]
+
+    def fake(cfg, target, knobs, options=None, reuse=None, log=None, evaluation=False,
+             hlo_dir=None):
+        memory = plan.Memory(0, 0, 0, 0, 0, peaks[knobs])
+        report = dataclasses.replace(train, memory=memory)
+        return dataclasses.replace(tiny_plan, target=target, knobs=knobs, programs=(report,),
+                                   problems=tuple(plan.trainer_problems(cfg, knobs)))
+
+    monkeypatch.setattr(plan, "plan_once", fake)
+    monkeypatch.setattr(plan, "_valid_tensors", lambda config, devices: [2])
+    first = fake(cfg, target, plan.Knobs(LAYOUT, False, 2))
+    verdict = plan.find_fit(cfg, first)
+    assert [(k.layout, k.remat, k.microbatches) for k in verdict.tried] == [
+        (LAYOUT, False, 2), (plan.Layout(1, 8, 1), False, 2), (plan.Layout(1, 4, 2), False, 2),
+        (LAYOUT, True, 2), (LAYOUT, True, 4)]
+    assert verdict.peaks == (100, 120, 110, 90, 60)
+    assert verdict.suggestion.knobs == plan.Knobs(LAYOUT, True, 4)
+    verdict = plan.find_fit(cfg, first, max_tries=2)  # stops after two compiles
+    assert len(verdict.tried) == 3 and verdict.suggestion is None
 
 
 def test_changes_in_order(cfg):
