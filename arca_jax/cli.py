@@ -9,8 +9,8 @@
     arca-jax plan [--config FILE] [--set key=value]... [--topology v5e:4x4] [--mesh D,F,T] [--json]
 
 Bad input (a config, a path, a run directory, a damaged checkpoint) ends with a one-line
-message and exit code 2; a checkpoint that cannot be written (a full disk) with one line and
-exit code 5 (the latest complete checkpoint stays loadable: continue with --resume).
+message and exit code 2; a checkpoint or a log that cannot be written (a full disk) with one
+line and exit code 5 (the latest complete checkpoint stays loadable: continue with --resume).
 """
 
 from __future__ import annotations
@@ -334,7 +334,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return EXIT_USAGE
     except BaseException as e:
         ckpt = sys.modules.get("arca_jax.checkpoint")  # imported by any command that saves
-        if ckpt is not None and isinstance(e, ckpt.CheckpointSaveError):
+        runlog = sys.modules.get("arca_jax.runlog")  # imported by any command that logs
+        if (ckpt is not None and isinstance(e, ckpt.CheckpointSaveError)) or (
+                runlog is not None and isinstance(e, runlog.LogWriteError)):
             print(f"arca-jax {args.command}: error: {_one_line(e)}", file=sys.stderr)
             _exit_now_if_multiprocess(EXIT_SAVE_FAILED)
             return EXIT_SAVE_FAILED

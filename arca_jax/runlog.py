@@ -22,6 +22,18 @@ from typing import Any, Dict, List, NamedTuple, Optional
 from arca_jax import rundir
 
 
+class LogWriteError(RuntimeError):
+    """A run-directory log could not be written (a full disk, a lost mount, ...). What was
+    written before stays readable (a torn last line or record is dropped on resume), and the
+    checkpoints are untouched: free the space and continue with --resume."""
+
+    def __init__(self, path: str, cause: OSError):
+        self.path = path
+        reason = getattr(cause, "strerror", None) or str(cause)
+        super().__init__(f"cannot write {path} ({reason}); the run stopped, its checkpoints are "
+                         "intact: free space and continue with --resume")
+
+
 def _clean(value: Any) -> Any:
     """JSON-safe: numpy/JAX scalars to Python numbers, NaN/inf to None."""
     if isinstance(value, dict):
@@ -57,11 +69,15 @@ class RunLog:
     def _append(self, name: str, record: Dict[str, Any]):
         if not self.enabled:
             return
-        f = self._files.get(name)
-        if f is None:
-            f = self._files[name] = open(os.path.join(self.run_dir, name), "a")
-        f.write(json.dumps(_clean(record)) + "\n")
-        f.flush()
+        path = os.path.join(self.run_dir, name)
+        try:
+            f = self._files.get(name)
+            if f is None:
+                f = self._files[name] = open(path, "a")
+            f.write(json.dumps(_clean(record)) + "\n")
+            f.flush()
+        except OSError as e:
+            raise LogWriteError(path, e) from e
 
     def metrics(self, record: Dict[str, Any]):
         self._append(rundir.METRICS, record)
@@ -87,9 +103,12 @@ class RunLog:
         if not self.enabled:
             return
         tmp = os.path.join(self.run_dir, "summary.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(_clean(record), f, indent=2)
-        os.replace(tmp, rundir.path(self.run_dir, rundir.SUMMARY))
+        try:
+            with open(tmp, "w") as f:
+                json.dump(_clean(record), f, indent=2)
+            os.replace(tmp, rundir.path(self.run_dir, rundir.SUMMARY))
+        except OSError as e:
+            raise LogWriteError(rundir.path(self.run_dir, rundir.SUMMARY), e) from e
 
     def progress(self, step: int, total: int, m: Dict[str, Any]):
         """A live line on a terminal, a plain log line otherwise."""
@@ -173,7 +192,11 @@ class EventFile:
     def __init__(self, tb_dir: str):
         os.makedirs(tb_dir, exist_ok=True)
         name = f"events.out.tfevents.{time.time():.6f}.{socket.gethostname()}.{os.getpid()}"
-        self._file = open(os.path.join(tb_dir, name), "ab")
+        self.path = os.path.join(tb_dir, name)
+        try:
+            self._file = open(self.path, "ab")
+        except OSError as e:
+            raise LogWriteError(self.path, e) from e
         from tensorboardX.proto import event_pb2
 
         self._write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
@@ -183,9 +206,12 @@ class EventFile:
 
         data = event.SerializeToString()
         header = struct.pack("<Q", len(data))
-        self._file.write(header + struct.pack("<I", masked_crc32c(header)) + data
-                         + struct.pack("<I", masked_crc32c(data)))
-        self._file.flush()
+        try:
+            self._file.write(header + struct.pack("<I", masked_crc32c(header)) + data
+                             + struct.pack("<I", masked_crc32c(data)))
+            self._file.flush()
+        except OSError as e:
+            raise LogWriteError(self.path, e) from e
 
     def scalars(self, step: int, values: Dict[str, float]) -> None:
         """One event holding `values` (tag -> number) at `step`."""

@@ -314,6 +314,41 @@ def test_tensorboard_events_trimmed_like_the_json_logs(tmp_path):
     assert runlog.read_scalars(other) == [runlog.Scalar("a/b", 7, 1.5)]
 
 
+def test_disk_full_while_writing_logs(reference, tmp_path, monkeypatch, capsys):
+    """ENOSPC while appending to metrics.jsonl at step 3 (after the checkpoint of step 2): one
+    line, exit code 5, no traceback; the checkpoint stays, and --resume after freeing space ends
+    as the uninterrupted run (the torn line is dropped)."""
+    run_dir = str(tmp_path / "run")
+    original = runlog.RunLog.metrics
+
+    def metrics(self, record):
+        if record["step"] == 3:
+            with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
+                f.write('{"step": 3, "rew')  # what a full disk leaves
+            raise runlog.LogWriteError(os.path.join(self.run_dir, "metrics.jsonl"),
+                                       OSError(errno.ENOSPC, "No space left on device"))
+        return original(self, record)
+
+    monkeypatch.setattr(runlog.RunLog, "metrics", metrics)
+    assert _cli_train(run_dir) == cli.EXIT_SAVE_FAILED
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert "Traceback" not in err and last.startswith("arca-jax train: error: cannot write ")
+    assert "metrics.jsonl (No space left on device)" in last and "--resume" in last
+    assert _step_dirs(run_dir)[-1] == "2"
+    monkeypatch.undo()
+    assert _cli_train(run_dir, "--resume") == 0
+    assert _logs(run_dir) == _logs(reference)
+
+
+def test_log_write_errors_name_the_file(tmp_path):
+    """A real OSError from the file system becomes a LogWriteError naming the file."""
+    log = runlog.RunLog(str(tmp_path / "missing-dir"), stream=open(os.devnull, "w"),
+                        tensorboard=False)
+    with pytest.raises(runlog.LogWriteError, match="missing-dir/metrics.jsonl"):
+        log.metrics({"step": 1, "loss": 0.0})
+
+
 # --------------------------------------------------------------------------------------------
 # 4: YAML errors in one line
 # --------------------------------------------------------------------------------------------
