@@ -391,10 +391,10 @@ def device_bytes(tree) -> int:
 @dataclasses.dataclass(frozen=True)
 class Shapes:
     """The run's sizes. rows B (completions per step), T = P + N tokens per training row;
-    sampler rows B' (B rounded up to the device count), prompt width P' and generation width N'
-    (bucketed to powers of two, at least 16, as `sampling.generate`); eval_rows: the rows of the
-    evaluation's largest pass@k chunk (min(eval_batch_size, num_eval_problems) x pass_k, rounded
-    up to the device count), 0 when the evaluation is not planned."""
+    sampler rows B' (B rounded up to the devices holding different rows), prompt width P' and
+    generation width N' (bucketed to powers of two, at least 16, as `sampling.generate`);
+    eval_rows: the rows of the evaluation's largest pass@k chunk (min(eval_batch_size,
+    num_eval_problems) x pass_k, rounded up likewise), 0 when the evaluation is not planned."""
 
     rows: int
     prompt: int
@@ -410,6 +410,7 @@ class Shapes:
 
     @classmethod
     def of(cls, cfg: RunConfig, devices: int, evaluation: bool = False) -> "Shapes":
+        """devices: those holding different rows (data x fsdp)."""
         r, t = cfg.rollout, cfg.train
         rows = cfg.batch_size
         eval_rows = (min(t.eval_batch_size, cfg.task.num_eval_problems)
@@ -521,16 +522,19 @@ def compile_sampler(cfg: RunConfig, config, mesh, shapes: Shapes, params, state,
     programs = [Program("prepare_weights", prep, device_bytes(state) - device_bytes(lora), 1, 1,
                         t_prep)]
     programs += _generate(cfg, config, mesh, weights, shapes.sampler_rows, shapes, resident, "",
-                          1, options)
+                          1, cfg.rollout.group_size, options)
     if shapes.eval_rows:
+        k = cfg.train.pass_k or cfg.rollout.group_size
         programs += _generate(cfg, config, mesh, weights, shapes.eval_rows, shapes, resident,
-                              "eval_", 0, options)
+                              "eval_", 0, k, options)
     return programs
 
 
 def _generate(cfg: RunConfig, config, mesh, weights, rows: int, shapes: Shapes, resident: int,
-              prefix: str, runs: int, options) -> List[Program]:
-    """Prefill [rows, P'] and the decode loop of N' columns on prepared `weights`."""
+              prefix: str, runs: int, group_size: int, options) -> List[Program]:
+    """Prefill [rows, P'] and the decode loop of N' columns on prepared `weights`; rows come in
+    groups of `group_size` copies of a prompt, each prefilled once, as `trainer.generate_rows`
+    asks `sampling.generate` (when the rows split into whole groups and the sampler can)."""
     r = cfg.rollout
     eos = config.eos_token_id if config.eos_token_id is not None else 0
     pad = config.pad_token_id if config.pad_token_id is not None else eos
@@ -541,10 +545,13 @@ def _generate(cfg: RunConfig, config, mesh, weights, rows: int, shapes: Shapes, 
     sd = jax.ShapeDtypeStruct
     layout = NamedSharding(mesh, parallel.batch_spec(rows, mesh))
     prompts = sd((rows, shapes.sampler_prompt), jnp.int32, sharding=layout)
+    extra = _with_mesh(sampling.prefill, mesh)
+    if "group_size" in inspect.signature(sampling.prefill).parameters:
+        extra["group_size"] = group_size if rows % group_size == 0 else 1
     pre, t_pre = _compile(sampling.prefill_jit.lower(
         weights, prompts, prompts, config=config, settings=settings,
         rng=sd((2,), jnp.uint32, sharding=rep), limit=sd((), jnp.int32, sharding=rep),
-        **_with_mesh(sampling.prefill, mesh)), options)
+        **extra), options)
     dec, t_dec = _compile(sampling.decode_jit.lower(
         weights, _outputs(pre), config=config, settings=settings,
         **_with_mesh(sampling.decode, mesh)), options)
@@ -701,7 +708,7 @@ def plan_once(cfg: RunConfig, target: Target, knobs: Knobs, options=None,
     evaluation: also the evaluation's pass@k sampling (`Shapes.eval_rows`)."""
     config = model_config(cfg)
     mesh = make_mesh(knobs.layout, target.devices)
-    shapes = Shapes.of(cfg, target.size, evaluation)
+    shapes = Shapes.of(cfg, knobs.layout.row_shards, evaluation)
     params, state, optimizer = abstract_model(cfg, config, mesh)
     batch = abstract_batch(cfg, shapes, mesh)
     train = compile_train_step(cfg, config, mesh, knobs, params, state, optimizer, batch, options)
