@@ -266,6 +266,8 @@ def check_environment(cfg: RunConfig, num_devices: int) -> None:
     # devices holding different rows (a tensor group shares its rows)
     row_devices = num_devices // (cfg.train.mesh_tensor if cfg.train.mode == "mesh" else 1)
     if cfg.train.mode != "jit" and (rows // cfg.train.microbatches) % row_devices:
+        per = "" if row_devices == num_devices else (
+            f" over train.mesh_tensor={cfg.train.mesh_tensor}, i.e. {row_devices} row groups")
         raise ConfigError(f"each microbatch of {rows // cfg.train.microbatches} completions must "
-                          f"be divisible by the {row_devices} devices that hold different rows in "
-                          f"mode {cfg.train.mode!r}")
+                          f"be divisible by the device count ({num_devices}){per} in mode "
+                          f"{cfg.train.mode!r}")

@@ -530,7 +530,8 @@ def test_bad_model_output_has_defined_results(tmp_path, monkeypatch):
     def generate_rows(model, mesh, ids, mask, **gen):
         g = generate(model, mesh, ids, mask, **gen)
         g = _craft_rows(model, g)
-        truncated.append(int((~np.asarray(g.out.finished)[:ids.shape[0]]).sum()))
+        rows = ids.shape[0] * gen.get("group_size", 1)  # the prompts' completions (no padding)
+        truncated.append(int((~np.asarray(g.out.finished)[:rows]).sum()))
         return g
 
     monkeypatch.setattr(setup, "load_train_task", lambda cfg: _InvalidRewards(load_train_task(cfg)))
