@@ -56,6 +56,38 @@ def random_params(config, seed: int = 0, scale: float = 1.0):
     return jax.tree_util.tree_map(lambda x: x * scale if x.ndim > 1 else x, params)
 
 
+def grad_recorder():
+    """An optax transformation: SGD with learning rate 1 whose state is the last gradient (read
+    back exactly), to compare gradients through a full train step."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    return optax.GradientTransformation(
+        lambda p: jax.tree_util.tree_map(jnp.zeros_like, p),
+        lambda g, state, params=None: (jax.tree_util.tree_map(jnp.negative, g), g))
+
+
+def ragged_batch(vocab: int, B: int = 16, T: int = 10, seed: int = 0):
+    """A GRPO ``Batch`` [B, T]: random tokens, 4 prompt tokens, then 1-5 completion tokens per row
+    and padding after them; advantages ~ N(0, 1)."""
+    import jax.numpy as jnp
+
+    from arca_jax.batch import Batch
+
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1, vocab, (B, T)).astype(np.int32)
+    am = np.ones((B, T), np.int32)
+    cm = np.zeros((B, T), np.int32)
+    for b in range(B):
+        n = int(rng.integers(1, 6))
+        cm[b, 4:4 + n] = 1
+        am[b, 4 + n:] = 0
+    adv = rng.normal(size=B).astype(np.float32)
+    return Batch(input_ids=jnp.asarray(ids), attention_mask=jnp.asarray(am),
+                 completion_mask=jnp.asarray(cm), advantages=jnp.asarray(adv))
+
+
 def _path_length_key(path) -> int:
     return len(str(path))
 

@@ -11,7 +11,6 @@ t scored at t - 1) and the weights (a + eps)^s / sum in numpy loops. Then the lo
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 import torch
 
@@ -20,8 +19,9 @@ from arca_jax import lora, qwen3
 from arca_jax.grpo import (Batch, GRPOConfig, TrainState, all_method_weights, loss_fn, make_mesh,
                            make_train_step, replicate, shard_params, unreplicate)
 from arca_jax.grpo.signals import residual_layer_count, residual_layers
-from fixtures import (positions_of, random_adapter, random_checkpoint, random_params,
-                      random_peft_model, rel_err, tiny_config, tiny_hf_config)
+from fixtures import (grad_recorder, positions_of, ragged_batch, random_adapter,
+                      random_checkpoint, random_params, random_peft_model, rel_err, tiny_config,
+                      tiny_hf_config)
 
 FAST = {"xla_backend_optimization_level": 0}
 R, ALPHA = 4, 8.0
@@ -247,12 +247,6 @@ CFG = tiny_config(vocab_size=60, tie_word_embeddings=True, num_hidden_layers=LAY
 LCFG = lora.LoraConfig(rank=4, alpha=8.0)
 
 
-def grad_recorder():
-    """SGD with learning rate 1 whose state is the last gradient (read back exactly)."""
-    return optax.GradientTransformation(
-        lambda p: jax.tree_util.tree_map(jnp.zeros_like, p),
-        lambda g, state, params=None: (jax.tree_util.tree_map(jnp.negative, g), g))
-
 
 def test_train_step_jit_microbatches_pmap_mesh_agree():
     """Layered, relative ARCA with a KL term (the base forward serves both): gradients,
@@ -260,18 +254,7 @@ def test_train_step_jit_microbatches_pmap_mesh_agree():
     8-device mesh."""
     params, tree = jax.jit(lambda: (random_params(CFG, seed=0, scale=2.0),
                                     random_adapter(CFG, LCFG, seed=1, scale=0.2)))()
-    B, T = 16, 10
-    rng = np.random.default_rng(0)
-    ids = rng.integers(1, CFG.vocab_size, (B, T)).astype(np.int32)
-    am = np.ones((B, T), np.int32)
-    cm = np.zeros((B, T), np.int32)
-    for b in range(B):
-        n = int(rng.integers(1, 6))
-        cm[b, 4:4 + n] = 1
-        am[b, 4 + n:] = 0
-    batch = Batch(input_ids=jnp.asarray(ids), attention_mask=jnp.asarray(am),
-                  completion_mask=jnp.asarray(cm),
-                  advantages=jnp.asarray(rng.normal(size=B).astype(np.float32)))
+    batch = ragged_batch(CFG.vocab_size)
     g = GRPOConfig(weighting="arca", sharpening=2.0, arca_layers=(0, 2), arca_relative=True,
                    kl_beta=0.05, loss_aggregation="token_mean")
     opt = grad_recorder()

@@ -8,10 +8,10 @@ import optax
 import pytest
 
 from arca_jax import lora
-from arca_jax.grpo import (Batch, GRPOConfig, StepMetrics, TrainState, loss_fn, make_mesh,
+from arca_jax.grpo import (GRPOConfig, StepMetrics, TrainState, loss_fn, make_mesh,
                            make_optimizer, make_train_step, param_partition_spec, replicate,
                            shard_params, unreplicate)
-from fixtures import random_adapter, random_params, tiny_config
+from fixtures import grad_recorder, ragged_batch, random_adapter, random_params, tiny_config
 
 FAST = {"xla_backend_optimization_level": 0}
 # vocab 60: divisible by fsdp = 4 but not by 8; tied embeddings
@@ -28,18 +28,7 @@ def model():
         return params, tree
 
     params, tree = init()
-    B, T = 16, 10
-    rng = np.random.default_rng(0)
-    ids = rng.integers(1, CFG.vocab_size, (B, T)).astype(np.int32)
-    am = np.ones((B, T), np.int32)
-    cm = np.zeros((B, T), np.int32)
-    for b in range(B):
-        n = int(rng.integers(1, 6))
-        cm[b, 4:4 + n] = 1
-        am[b, 4 + n:] = 0
-    adv = rng.normal(size=B).astype(np.float32)
-    batch = Batch(input_ids=jnp.asarray(ids), attention_mask=jnp.asarray(am),
-                  completion_mask=jnp.asarray(cm), advantages=jnp.asarray(adv))
+    batch = ragged_batch(CFG.vocab_size)
     return params, tree, batch
 
 
@@ -52,12 +41,6 @@ def _max_diff(a, b):
     return max(float(jnp.linalg.norm(x - y) / jnp.maximum(jnp.linalg.norm(y), 1e-30))
                for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
 
-
-def grad_recorder():
-    """SGD with learning rate 1 whose state is the last gradient (read back exactly)."""
-    return optax.GradientTransformation(
-        lambda p: jax.tree_util.tree_map(jnp.zeros_like, p),
-        lambda g, state, params=None: (jax.tree_util.tree_map(jnp.negative, g), g))
 
 
 def test_jit_pmap_mesh_agree(model):

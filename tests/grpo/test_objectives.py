@@ -15,7 +15,6 @@ microbatching equal to one batch.
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from arca_jax import credit, lora
@@ -23,7 +22,7 @@ from arca_jax.grpo import (Batch, GRPOConfig, LossStats, TrainState, all_method_
                            behaviour_weights, clipped_policy_loss, completion_valid, loss_fn,
                            make_mesh, make_train_step, policy_logprobs, replicate, shard_params,
                            unreplicate)
-from fixtures import random_adapter, random_params, tiny_config
+from fixtures import grad_recorder, random_adapter, random_params, tiny_config
 
 FAST = {"xla_backend_optimization_level": 0}
 CFG = tiny_config(vocab_size=60, tie_word_embeddings=True)
@@ -334,12 +333,6 @@ def test_settings_are_validated(model):
 
 # ------------------------------------ the train step ------------------------------------------
 
-
-def grad_recorder():
-    """SGD with learning rate 1 whose state is the last gradient (read back exactly)."""
-    return optax.GradientTransformation(
-        lambda p: jax.tree_util.tree_map(jnp.zeros_like, p),
-        lambda g, state, params=None: (jax.tree_util.tree_map(jnp.negative, g), g))
 
 
 def _copy(tree):

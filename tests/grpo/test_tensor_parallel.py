@@ -13,8 +13,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from arca_jax import credit, lora, parallel, qwen3, sampling
-from arca_jax.grpo import Batch, GRPOConfig, TrainState, loss_fn, make_train_step
-from fixtures import left_padded_batch, random_adapter, random_params, tiny_config
+from arca_jax.grpo import GRPOConfig, TrainState, loss_fn, make_train_step
+from fixtures import grad_recorder, ragged_batch, left_padded_batch, random_adapter, random_params, tiny_config
 
 FAST = {"xla_backend_optimization_level": 0}
 # N = 4 query heads over K = 2 kv heads: tensor 2 splits kv heads, tensor 4 copies them; vocab 64
@@ -29,18 +29,7 @@ KV = CFG.num_key_value_heads
 def model():
     params = random_params(CFG, seed=0, scale=2.0)
     tree = random_adapter(CFG, LCFG, seed=1, scale=0.2)
-    B, T = 16, 10
-    rng = np.random.default_rng(0)
-    ids = rng.integers(1, CFG.vocab_size, (B, T)).astype(np.int32)
-    am = np.ones((B, T), np.int32)
-    cm = np.zeros((B, T), np.int32)
-    for b in range(B):
-        n = int(rng.integers(1, 6))
-        cm[b, 4:4 + n] = 1
-        am[b, 4 + n:] = 0
-    batch = Batch(input_ids=jnp.asarray(ids), attention_mask=jnp.asarray(am),
-                  completion_mask=jnp.asarray(cm),
-                  advantages=jnp.asarray(rng.normal(size=B).astype(np.float32)))
+    batch = ragged_batch(CFG.vocab_size)
     return params, tree, batch
 
 
@@ -62,12 +51,6 @@ def _close(a, b, tol=1e-5):
 # optimisation level 0 against the default), so that is its bar, not 1e-5.
 TOLERANCE = {"entropy_reduction": 1e-3}
 
-
-def _grad_recorder():
-    """SGD with learning rate 1 whose state is the last gradient."""
-    return optax.GradientTransformation(
-        lambda p: jax.tree_util.tree_map(jnp.zeros_like, p),
-        lambda g, state, params=None: (jax.tree_util.tree_map(jnp.negative, g), g))
 
 
 def _spec(x) -> tuple:
@@ -151,7 +134,7 @@ def test_state_shardings_cover_optimizer_moments(model):
 def single_device_step(model):
     params, tree, batch = model
     g = GRPOConfig(weighting="arca", sharpening=2.0, kl_beta=0.05)
-    opt = _grad_recorder()
+    opt = grad_recorder()
     step = make_train_step(CFG, g, opt, lora_scale=LCFG.scaling, compiler_options=FAST)
     s, m = step(TrainState.create(_copy(tree), opt, jax.random.PRNGKey(3)), params, batch)
     return g, opt, s, m
