@@ -172,3 +172,38 @@ def save_pretrained(path: str, config: qwen3.Qwen3Config, params: Params,
     d["torch_dtype"] = d["dtype"] = str(np.dtype(jnp.dtype(dtype or params["norm"]["scale"].dtype)))
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(d, f, indent=2)
+
+
+def load_tokenizer(path: str):
+    """The tokenizer of a local checkpoint directory, as ``transformers.AutoTokenizer`` loads it,
+    without importing torch.
+
+    ``AutoTokenizer``'s module imports transformers' model configuration code, which imports torch
+    whenever torch is installed (~350 MB of resident memory a JAX run never uses). When
+    ``tokenizer_config.json`` names its ``tokenizer_class`` (Hub checkpoints do: Qwen3's is
+    "Qwen2Tokenizer"), that class is taken straight from ``transformers`` (a "...Fast" name as
+    transformers 5 resolves it: the class without the suffix, which is the fast one). Anything
+    else goes through ``AutoTokenizer``.
+    """
+    import transformers
+
+    name = None
+    try:
+        with open(os.path.join(path, "tokenizer_config.json")) as f:
+            name = json.load(f).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):
+        pass
+    cls = None
+    if isinstance(name, str) and name:
+        candidates = [name] + ([name[:-4]] if name.endswith("Fast") else [])
+        if name == "PreTrainedTokenizerFast":
+            candidates = [name]
+        for cand in candidates:
+            try:
+                cls = getattr(transformers, cand)
+                break
+            except (AttributeError, ImportError):
+                continue
+    if cls is None:
+        cls = transformers.AutoTokenizer
+    return cls.from_pretrained(path)

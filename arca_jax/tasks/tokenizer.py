@@ -72,7 +72,8 @@ def save_char_tokenizer(directory: str | os.PathLike, model_max_length: int = DE
 
 
 def load_char_tokenizer(directory: str | os.PathLike):
-    """``transformers.AutoTokenizer.from_pretrained(directory)``."""
-    from transformers import AutoTokenizer
+    """The tokenizer as ``transformers.AutoTokenizer.from_pretrained(directory)`` loads it
+    (``arca_jax.hf.load_tokenizer``: without importing torch)."""
+    from arca_jax import hf
 
-    return AutoTokenizer.from_pretrained(os.fspath(directory))
+    return hf.load_tokenizer(os.fspath(directory))

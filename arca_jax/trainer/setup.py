@@ -69,8 +69,6 @@ def load_model(cfg: RunConfig, mesh=None) -> Model:
     """Loads the base checkpoint and its tokenizer through the Hugging Face code path. With a
     `mesh`, each weight goes straight to its layout on the mesh (`parallel.param_shardings`;
     no device ever holds the whole model)."""
-    from transformers import AutoTokenizer
-
     path = cfg.model.local_dir()
     dtype = jnp.dtype(cfg.model.dtype)
     shardings = None
@@ -80,7 +78,7 @@ def load_model(cfg: RunConfig, mesh=None) -> Model:
         shapes = qwen3.param_shapes(model_config, dtype)
         shardings = parallel.param_shardings(shapes, mesh)
     model_config, params = hf.load_pretrained(path, dtype=dtype, shardings=shardings)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = hf.load_tokenizer(path)
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model_config.eos_token_id
     if eos is None:
         raise ConfigError(f"model.path: {path} defines no EOS token (tokenizer or config.json)")
