@@ -133,6 +133,42 @@ class RMSNorm(nn.Module):
         return rms_norm(x, scale, self.eps)
 
 
+def _rows(x):
+    return x.reshape(-1, x.shape[-1])
+
+
+@jax.custom_vjp
+def lora_delta(x, a, b):
+    """The adapter's update (x A) B: x [..., I], a [I, R], b [R, O] -> [..., O].
+
+    Its backward pass is written out so that every matmul contracts the long token axis in
+    place: dB = (x A)^T dy and dA = x^T (dy B^T) as dot_generals over the flattened tokens
+    [N, .]. Left to autodiff, XLA:CPU materialised dy transposed ([O, N], the size of the
+    projection output) for dB in every adapted layer: a third of the embedded demo's update step.
+    The values are the same matmuls either way."""
+    xa = checkpoint_name(jnp.einsum("...i,ir->...r", x, a), "lora_xa")
+    return jnp.einsum("...r,ro->...o", xa, b)
+
+
+def _lora_delta_fwd(x, a, b):
+    xa = checkpoint_name(jnp.einsum("...i,ir->...r", x, a), "lora_xa")
+    return jnp.einsum("...r,ro->...o", xa, b), (x, xa, a, b)
+
+
+def _lora_delta_bwd(res, dy):
+    x, xa, a, b = res
+    tokens = (((0,), (0,)), ((), ()))  # contract the flattened token axis of both operands
+    dy2 = _rows(dy)  # [N, O]
+    db = jax.lax.dot_general(_rows(xa), dy2, tokens)  # [R, O]
+    dxa = dy2 @ b.T  # [N, R]
+    da = jax.lax.dot_general(_rows(x), dxa, tokens)  # [I, R]
+    dx = (dxa @ a.T).reshape(x.shape)  # [..., I]
+    return dx.astype(x.dtype), da.astype(a.dtype), db.astype(b.dtype)
+
+
+lora_delta.defvjp(_lora_delta_fwd, _lora_delta_bwd)
+
+
 class LoraLinear(nn.Module):
     """y = x W (+ lora_scale * dropout(x) A B when the 'lora' collection holds lora_a/lora_b).
 
@@ -159,8 +195,7 @@ class LoraLinear(nn.Module):
             xa = x.astype(dtype)
             if self.lora_dropout > 0.0:
                 xa = nn.Dropout(self.lora_dropout, deterministic=False)(xa)
-            xa = checkpoint_name(jnp.einsum("...i,ir->...r", xa, a.astype(dtype)), "lora_xa")
-            delta = jnp.einsum("...r,ro->...o", xa, b.astype(dtype))
+            delta = lora_delta(xa, a.astype(dtype), b.astype(dtype))
             y = y + (self.lora_scale * delta).astype(y.dtype)
         return checkpoint_name(y, "proj_out")
 

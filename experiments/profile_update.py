@@ -1,0 +1,193 @@
+"""Where the update step's time goes on CPU, for the embedded demo's training batch (issue 19).
+
+The batch is the shape `arca-jax train` builds in `experiments/bench_vs_trl.py`'s setting: the
+tiny arithmetic model (arca_jax/assets/tiny-arith), LoRA r=8 alpha 16 on the seven projections
+(B random, so the adapter acts), 16 prompts x 8 completions = 128 rows, prompts left-padded to
+their bucket, completions right-padded to the generation budget (80) with lengths drawn around
+the demo's mean (41 tokens), float32. Each variant is one jitted program timed on the same
+batch, warmed up, rounds interleaved; medians reported, with the PyTorch + PEFT forward +
+backward + AdamW of the same batch (what TRL's update runs) in the same process.
+
+    python experiments/profile_update.py [--rounds 7] [--variants a,b,...]
+
+Not a test: times only. Variants (name: what differs from "uniform"):
+  uniform        the trainer's train step, grpo.weighting=uniform (the default program)
+  arca           grpo.weighting=arca (adds the no-grad base forward)
+  fwd            uniform's loss only (no gradient, no optimiser)
+  width_trim     uniform on a batch cut to the longest completion (what TRL pads to)
+  chunk_all      logits_chunk = T (one chunk)
+  xnn / onednn / fastmath   XLA CPU compiler options
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from arca_jax import hf, lora, qwen3  # noqa: E402
+from arca_jax.config import ModelConfig  # noqa: E402
+from arca_jax.grpo import (Batch, GRPOConfig, TrainState, make_optimizer,  # noqa: E402
+                           make_train_step)
+from arca_jax.grpo.objective import loss_fn  # noqa: E402
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def demo_batch(B=128, prompt=32, new=80, mean_len=41, seed=0):
+    rng = np.random.default_rng(seed)
+    T = prompt + new
+    ids = rng.integers(3, 99, (B, T)).astype(np.int32)
+    am = np.zeros((B, T), np.int32)
+    cm = np.zeros((B, T), np.int32)
+    lens = np.clip(rng.normal(mean_len, 12, B).round().astype(int), 8, new)
+    for b in range(B):
+        p = int(rng.integers(12, 20))
+        am[b, prompt - p:prompt + lens[b]] = 1
+        cm[b, prompt:prompt + lens[b]] = 1
+    ids = np.where(am == 1, ids, 0)
+    adv = rng.normal(size=B).astype(np.float32)
+    return Batch(input_ids=jnp.asarray(ids), attention_mask=jnp.asarray(am),
+                 completion_mask=jnp.asarray(cm), advantages=jnp.asarray(adv)), int(prompt + lens.max())
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--variants", default=None)
+    ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--trace", default=None,
+                    help="capture a profiler trace of 3 calls of this variant and print the "
+                         "XLA operations taking the most time")
+    args = ap.parse_args()
+
+    path = ModelConfig().resolved_path()
+    config, params = hf.load_pretrained(path, dtype=jnp.float32)
+    lcfg = lora.LoraConfig(rank=8, alpha=16, targets=TARGETS)
+    key = jax.random.PRNGKey(0)
+    tree = lora.init_lora(config, lcfg, key)
+    tree = jax.tree_util.tree_map_with_path(
+        lambda p, x: 0.05 * jax.random.normal(jax.random.fold_in(key, len(str(p))), x.shape)
+        if "lora_b" in str(p) else x, tree)
+    batch, trim = demo_batch()
+    opt = make_optimizer(2e-3, warmup_steps=5, total_steps=20)
+
+    def step_variant(g, b, opts=None):
+        fn = make_train_step(config, g, opt, lora_scale=lcfg.scaling, donate=False,
+                             compiler_options=opts)
+        state = TrainState.create(jax.tree_util.tree_map(jnp.copy, tree), opt, key)
+        return lambda: jax.block_until_ready(fn(state, params, b))
+
+    uni = GRPOConfig(weighting="uniform")
+    cut = jax.tree_util.tree_map(lambda x: x[:, :trim] if x.ndim == 2 else x, batch)
+    fwd_jit = jax.jit(lambda l, p, b: loss_fn(l, p, b, config=config, lora_scale=lcfg.scaling,
+                                              grpo_config=uni))
+    variants = {
+        "uniform": lambda: step_variant(uni, batch),
+        "arca": lambda: step_variant(GRPOConfig(weighting="arca"), batch),
+        "fwd": lambda: (lambda: jax.block_until_ready(fwd_jit(tree, params, batch))),
+        "width_trim": lambda: step_variant(uni, cut),
+        "chunk_all": lambda: step_variant(GRPOConfig(weighting="uniform", logits_chunk=256), batch),
+        "xnn": lambda: step_variant(uni, batch, {"xla_cpu_use_xnnpack": True}),
+        "onednn": lambda: step_variant(uni, batch, {"xla_cpu_use_onednn": True}),
+        "fastmath": lambda: step_variant(uni, batch, {"xla_cpu_enable_fast_math": True}),
+    }
+    names = args.variants.split(",") if args.variants else list(variants)
+    fns = {}
+    for n in names:
+        t0 = time.perf_counter()
+        try:
+            f = variants[n]()
+            f()
+            fns[n] = f
+            print(f"{n}: compiled + first call {time.perf_counter() - t0:.1f}s", flush=True)
+        except Exception as e:  # noqa: BLE001 - report and go on
+            print(f"{n}: failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+    if args.trace:
+        print_trace(fns[args.trace])
+        return
+    if not args.no_torch:
+        fns["torch"] = torch_step(config, params, tree, lcfg, batch)
+        fns["torch_trim"] = torch_step(config, params, tree, lcfg, cut)
+    times = {n: [] for n in fns}
+    for _ in range(args.rounds):
+        for n, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[n].append(time.perf_counter() - t0)
+    print(f"batch {tuple(batch.input_ids.shape)}, trimmed width {trim}; load {os.getloadavg()[0]:.2f}")
+    for n, ts in times.items():
+        print(f"{n:12s} median {statistics.median(ts) * 1e3:8.1f} ms   best {min(ts) * 1e3:8.1f} ms")
+
+
+def print_trace(fn, top=40):
+    """Runs fn 3 times under jax.profiler and prints the XLA ops by total time (perfetto JSON)."""
+    import collections
+    import glob
+    import gzip
+    import json
+    import tempfile
+
+    d = tempfile.mkdtemp()
+    with jax.profiler.trace(d, create_perfetto_trace=True):
+        for _ in range(3):
+            fn()
+    path = glob.glob(os.path.join(d, "**", "*.trace.json.gz"), recursive=True)[0]
+    events = json.load(gzip.open(path))["traceEvents"]
+    tot = collections.Counter()
+    cnt = collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and "dur" in e:
+            tot[e["name"]] += e["dur"]
+            cnt[e["name"]] += 1
+    all_us = sum(tot.values())
+    for name, us in tot.most_common(top):
+        print(f"{us / 3e3:9.2f} ms/call  x{cnt[name] // 3:5d}  {name[:110]}")
+    print(f"trace: {path}")
+
+
+def torch_step(config, params, tree, lcfg, batch):
+    import tempfile
+
+    import peft
+    import torch
+    import transformers
+
+    tmp = tempfile.mkdtemp()
+    hf.save_pretrained(tmp, config, params)
+    model = transformers.Qwen3ForCausalLM.from_pretrained(tmp, dtype=torch.float32)
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=lcfg.rank, lora_alpha=lcfg.alpha,
+                                                    target_modules=list(lcfg.targets),
+                                                    lora_dropout=0.0))
+    pm.train()
+    params_t = [p for p in pm.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params_t, lr=2e-3, weight_decay=0.0)
+    ids = torch.as_tensor(np.asarray(batch.input_ids)).long()
+    am = torch.as_tensor(np.asarray(batch.attention_mask)).long()
+    cm = torch.as_tensor(np.asarray(batch.completion_mask)).float()
+    adv = torch.as_tensor(np.asarray(batch.advantages))[:, None]
+
+    def step():
+        out = pm(input_ids=ids, attention_mask=am)
+        logp = torch.log_softmax(out.logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None])[..., 0]
+        m = cm[:, 1:]
+        loss = -((adv * logp * m).sum(1) / m.sum(1).clamp(min=1)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params_t, 1.0)
+        opt.step()
+
+    step()
+    return step
+
+
+if __name__ == "__main__":
+    main()
