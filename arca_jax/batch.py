@@ -36,6 +36,8 @@ class Batch:
     behaviour_logps: [B, T] float32 the log-probs under the distribution the sampler drew from
                      (temperature, top-k, top-p, renormalised), 0 where completion_mask is 0, or
                      None: the behaviour policy of importance corrections.
+    packing:         an ``arca_jax.packing.Packing`` of these rows into fewer lines, or None: the
+                     train step's forwards then run on the real tokens only (``packing.pack``).
 
     Indexable by field name (``batch["input_ids"]``); ``as_batch`` accepts a dict.
     """
@@ -48,6 +50,7 @@ class Batch:
     old_logps: Optional[Array] = None
     sample_logps: Optional[Array] = None
     behaviour_logps: Optional[Array] = None
+    packing: Any = None
 
     def __getitem__(self, key: str):
         return getattr(self, key)

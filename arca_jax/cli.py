@@ -327,6 +327,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     from arca_jax.errors import ConfigError
 
     try:
+        if args.command in ("train", "eval", "sweep"):
+            from arca_jax.trainer import setup
+            setup.use_compilation_cache()  # before anything compiles (off: ARCA_JAX_COMPILATION_CACHE=0)
         return COMMANDS[args.command](args)
     except ConfigError as e:
         print(f"arca-jax {args.command}: error: {_one_line(e)}", file=sys.stderr)

@@ -194,7 +194,9 @@ class TrainConfig:
     mesh_tensor splits every layer's heads and MLP units, tensor parallelism; the rest of the
     devices is "data");
     eval_every / save_every / samples_every: in steps (0 = only at the start and end);
-    pass_k: k of pass@k at evaluation (None: the group size)."""
+    pass_k: k of pass@k at evaluation (None: the group size); pack: the train step's forwards
+    run on the batch's real tokens only, rows packed into fewer lines (`arca_jax.packing`; same
+    results up to float rounding; mode "jit" with microbatches 1, else rows stay padded)."""
 
     steps: int = 60
     seed: int = 0
@@ -209,6 +211,7 @@ class TrainConfig:
     samples_every: int = 10
     samples_per_log: int = 2
     eval_batch_size: int = 256
+    pack: bool = True
 
     def __post_init__(self):
         if self.steps < 0:

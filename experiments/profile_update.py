@@ -15,6 +15,7 @@ Not a test: times only. Variants (name: what differs from "uniform"):
   arca           grpo.weighting=arca (adds the no-grad base forward)
   fwd            uniform's loss only (no gradient, no optimiser)
   width_trim     uniform on a batch cut to the longest completion (what TRL pads to)
+  packed, packed_arca   uniform / arca on the batch packed into lines (`arca_jax.packing`)
   chunk_all      logits_chunk = T (one chunk)
   xnn / onednn / fastmath   XLA CPU compiler options
 """
@@ -33,7 +34,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from arca_jax import hf, lora, qwen3  # noqa: E402
+from arca_jax import hf, lora, packing, qwen3  # noqa: E402
 from arca_jax.config import ModelConfig  # noqa: E402
 from arca_jax.grpo import (Batch, GRPOConfig, TrainState, make_optimizer,  # noqa: E402
                            make_train_step)
@@ -95,6 +96,9 @@ def main():
         "arca": lambda: step_variant(GRPOConfig(weighting="arca"), batch),
         "fwd": lambda: (lambda: jax.block_until_ready(fwd_jit(tree, params, batch))),
         "width_trim": lambda: step_variant(uni, cut),
+        "packed": lambda: step_variant(uni, packing.pack(batch, multiple=16)),
+        "packed_arca": lambda: step_variant(GRPOConfig(weighting="arca"),
+                                            packing.pack(batch, multiple=16)),
         "chunk_all": lambda: step_variant(GRPOConfig(weighting="uniform", logits_chunk=256), batch),
         "xnn": lambda: step_variant(uni, batch, {"xla_cpu_use_xnnpack": True}),
         "onednn": lambda: step_variant(uni, batch, {"xla_cpu_use_onednn": True}),

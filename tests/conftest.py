@@ -14,6 +14,9 @@ if "xla_force_host_platform_device_count" not in _flags:
     os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The CLI's persistent compilation cache stays off in tests (each test compiles what it checks);
+# tests/trainer/test_compilation_cache.py turns it on where it is the subject.
+os.environ["ARCA_JAX_COMPILATION_CACHE"] = "off"
 
 import jax  # noqa: E402
 

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from arca_jax import credit, qwen3
+from arca_jax import credit, packing, qwen3
 from arca_jax.batch import Batch, as_batch
 from arca_jax.grpo.config import GRPOConfig
 from arca_jax.grpo.logprobs import shift_right, token_logprobs
@@ -124,6 +124,20 @@ def policy_forward(lora, params, batch: Batch, *, config: qwen3.Qwen3Config, lor
     (attention implementation, adapter matmul dtype), without logits: hidden [B, T, D] and, when
     ``layers``, every decoder layer's output [L, B, T, D]."""
     g = grpo_config
+    pk = batch.packing
+    if pk is not None and g.attention in ("auto", "einsum") and qwen3.resolve_attention(
+            g.attention, params["embed_tokens"]["embedding"].dtype) == "einsum":
+        positions = batch.positions
+        if positions is None:
+            positions = qwen3.default_positions(batch.attention_mask)
+        out = qwen3.forward(params, packing.to_lines(pk, batch.input_ids), config=config,
+                            segment_ids=pk.segments, positions=packing.to_lines(pk, positions),
+                            lora=lora, lora_scale=lora_scale, lora_dropout=lora_dropout, rng=rng,
+                            return_logits=False, remat=remat, attention="einsum",
+                            lora_dtype=g.lora_dtype, return_layers=layers)
+        return qwen3.ModelOutput(
+            logits=None, hidden=packing.from_lines(pk, out.hidden),
+            layers=None if out.layers is None else packing.from_lines(pk, out.layers, axis=1))
     return qwen3.forward(params, batch.input_ids, config=config,
                          attention_mask=batch.attention_mask, positions=batch.positions,
                          lora=lora, lora_scale=lora_scale, lora_dropout=lora_dropout, rng=rng,

@@ -251,7 +251,9 @@ def make_train_step(config: qwen3.Qwen3Config, grpo_config: GRPOConfig,
     compiler_options: XLA options for ``jax.jit`` ("jit" and "mesh" modes; pmap takes none),
         e.g. {"xla_backend_optimization_level": 0} to compile faster in CPU tests.
 
-    The batch is a ``Batch`` or a dict with its fields (``objective.Batch``).
+    The batch is a ``Batch`` or a dict with its fields (``objective.Batch``). A packed batch
+    (``arca_jax.packing.pack``: the forwards run on the real tokens only) needs mode "jit" and
+    microbatches=1 (ValueError otherwise).
     """
     if mode not in MODES:
         raise ValueError(f"mode {mode!r}; valid: {', '.join(MODES)}")
@@ -273,6 +275,9 @@ def make_train_step(config: qwen3.Qwen3Config, grpo_config: GRPOConfig,
 
     def step(state: TrainState, params, batch, axis_name: Optional[str] = None):
         b = as_batch(batch)
+        if b.packing is not None and (mode != "jit" or microbatches > 1):
+            raise ValueError(f"a packed batch (batch.packing) runs in mode 'jit' with one "
+                             f"microbatch, not mode {mode!r} with {microbatches}")
         if mesh is not None:
             b = jax.lax.with_sharding_constraint(b, parallel.batch_shardings(b, mesh))
             params = jax.lax.with_sharding_constraint(params,
@@ -315,6 +320,9 @@ def _pmap_step(step, donate_argnums):
     def train_step(state, params, batch):
         # via the host: a batch produced under another sharding (e.g. a sampler's mesh) is
         # re-laid out by pmap's own device split instead of clashing with it
+        if as_batch(batch).packing is not None:
+            raise ValueError("a packed batch (batch.packing) runs in mode 'jit' with one "
+                             "microbatch, not mode 'pmap'")
         host = jax.tree_util.tree_map(np.asarray, as_batch(batch))
         new_state, metrics = pstep(state, params, parallel.split_batch(host, n))
         return new_state, parallel.unreplicate(metrics)

@@ -355,7 +355,8 @@ def forward(params: Params, input_ids: jax.Array, *, config: Qwen3Config,
             lora: Optional[Params] = None, lora_scale: float = 1.0,
             lora_dropout: float = 0.0, rng: Optional[jax.Array] = None,
             return_logits: bool = True, remat: Any = False, attention: str = "auto",
-            lora_dtype: Any = None, return_layers: bool = False) -> ModelOutput:
+            lora_dtype: Any = None, return_layers: bool = False,
+            segment_ids: Optional[jax.Array] = None) -> ModelOutput:
     """Runs the model over whole sequences (no cache: for decoding see `inference_forward`).
     Pure: jit it with `config` (and the other Python-valued options) static.
 
@@ -384,6 +385,11 @@ def forward(params: Params, input_ids: jax.Array, *, config: Qwen3Config,
       return_layers: also return each decoder layer's output [L, B, T, D] (the scan's stacked
         per-layer output: L x the hidden states' memory; static). False leaves the program as it
         was.
+      segment_ids: [B, T] int, packed sequences (`arca_jax.packing`): slot t of line b holds a
+        token of sequence segment_ids[b, t] (0: an empty slot); attention is causal within each
+        segment and never crosses segments. Give `positions` (each sequence's own); the
+        attention mask defaults to segment_ids > 0. "einsum" attention only ("auto" resolves to
+        it; a fused kernel is refused).
 
     Returns:
       ModelOutput(logits [B, T, V] float32 or None, hidden [B, T, D] after the final RMSNorm,
@@ -391,11 +397,17 @@ def forward(params: Params, input_ids: jax.Array, *, config: Qwen3Config,
     """
     B, T = input_ids.shape
     if attention_mask is None:
-        attention_mask = jnp.ones((B, T), jnp.int32)
+        attention_mask = (jnp.ones((B, T), jnp.int32) if segment_ids is None
+                          else segment_ids > 0)
     attention_mask = attention_mask.astype(bool)
     if positions is None:
         positions = default_positions(attention_mask)
-    impl = resolve_attention(attention, params["embed_tokens"]["embedding"].dtype)
+    if segment_ids is None:
+        impl = resolve_attention(attention, params["embed_tokens"]["embedding"].dtype)
+    elif attention in ("auto", "einsum"):
+        impl = "einsum"
+    else:
+        raise ValueError(f"segment_ids (packed sequences) need attention 'einsum', not {attention!r}")
     remat_policy(remat)  # validates
     rotated = impl != "einsum"
     if rotated:  # rows rotated left so that each row's tokens occupy slots [0, n)
@@ -407,6 +419,8 @@ def forward(params: Params, input_ids: jax.Array, *, config: Qwen3Config,
         ctx = _Context(cos=cos, sin=sin, visible=None, lengths=jnp.maximum(lengths, 1), attention=impl)
     else:
         visible = jnp.tril(jnp.ones((T, T), bool))[None] & attention_mask[:, None, :]
+        if segment_ids is not None:
+            visible = visible & (segment_ids[:, :, None] == segment_ids[:, None, :])
         ctx = _Context(cos=cos, sin=sin, visible=visible)
 
     variables = {"params": params}

@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional
 import jax
 import numpy as np
 
-from arca_jax import credit, distributed, faults, lora, parallel, rundir
+from arca_jax import credit, distributed, faults, lora, packing, parallel, rundir
 from arca_jax.config import ConfigError, RunConfig, check_environment
 from arca_jax.grpo.objective import policy_logprobs
 from arca_jax.grpo.signals import residual_layers
@@ -94,6 +94,8 @@ class _Run:
     ckpt: Any
     start_step: int
     record: dict
+    packs: bool = False
+    pack_lines: int = 0
 
     def adapter(self):
         """The current adapter, unreplicated."""
@@ -151,9 +153,14 @@ def _start(cfg: RunConfig, run_dir: str, resume: bool, log: Optional[RunLog]) ->
                                  lora_dropout=cfg.lora.dropout)
     if cfg.train.mode == "pmap":
         state = parallel.replicate(state)
+    packs = cfg.train.pack and cfg.train.mode == "jit" and cfg.train.microbatches == 1
+    if cfg.train.pack and not packs:
+        log.message(f"train.pack applies to train.mode=jit with train.microbatches=1; this run "
+                    f"(mode {cfg.train.mode}, {cfg.train.microbatches} microbatches) trains on "
+                    "padded rows")
     return _Run(cfg, run_dir, log, model, mesh, layout, train_task, eval_problems,
                 Scorer(train_task, cfg.task.reward_timeout_s), state, params_for_step,
-                train_step, ckpt, start_step, record)
+                train_step, ckpt, start_step, record, packs=packs)
 
 
 # Running totals of the run (kept in the checkpoint record, so a resumed run logs what an
@@ -192,6 +199,9 @@ def _train_one_step(run: _Run, step: int, totals: Dict[str, int], beat) -> tuple
     totals["advantage_invalid"] += ro.num_invalid_advantages
     faults.point("update", step + 1)
     batch = ro.batch
+    if run.packs:  # the forwards run on the real tokens only (`arca_jax.packing`)
+        batch = packing.pack(batch, lines=run.pack_lines, multiple=max(1, cfg.batch_size // 8))
+        run.pack_lines = batch.packing.lines  # never shrinks: one compiled step per size reached
     if cfg.grpo.num_iterations > 1:  # the policy before this batch's updates, as the step scores it
         batch = batch.replace(old_logps=_old_logps(run.adapter(), run.model.params, batch,
                                                    config=run.model.config,

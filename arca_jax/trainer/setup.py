@@ -216,6 +216,44 @@ def resume_state(ckpt: checkpoint.Checkpointer, like, log) -> tuple:
 # --------------------------------------------------------------------------------------------
 
 SHARED_CACHE_ENV = "ARCA_JAX_MULTIPROCESS_COMPILATION_CACHE"
+CACHE_ENV = "ARCA_JAX_COMPILATION_CACHE"
+CACHE_MAX_BYTES = 4 << 30
+_OFF = ("0", "off", "false", "no", "none")
+
+
+def default_cache_dir(environ=os.environ) -> str:
+    """$XDG_CACHE_HOME/arca-jax/xla (default ~/.cache/arca-jax/xla)."""
+    base = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "arca-jax", "xla")
+
+
+def use_compilation_cache(environ=os.environ) -> Optional[str]:
+    """Turns on JAX's persistent compilation cache for this process unless the user configured
+    one (`JAX_COMPILATION_CACHE_DIR`, kept as is) or turned it off (`ARCA_JAX_COMPILATION_CACHE=0`).
+    `ARCA_JAX_COMPILATION_CACHE=DIR` picks the directory; the default is `default_cache_dir()`.
+    Returns the directory in use (None: off). Call it before anything compiles.
+
+    A second run of the same config then loads its sampler, train step and evaluation programs
+    instead of compiling them. Every program is cached (no minimum compile time). The cache is
+    bounded (`CACHE_MAX_BYTES`, least recently used entries evicted), which also makes JAX take a
+    file lock around every read and write, so concurrent runs on one machine share it safely. A
+    run of several processes turns it off again (`check_compilation_cache`)."""
+    if jax.config.jax_compilation_cache_dir:
+        return jax.config.jax_compilation_cache_dir
+    choice = environ.get(CACHE_ENV, "").strip()
+    if choice.lower() in _OFF:
+        return None
+    path = os.path.abspath(os.path.expanduser(choice)) if choice else default_cache_dir(environ)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError:
+        return None  # an unwritable location: run without the cache rather than fail
+    if not os.access(path, os.W_OK):
+        return None
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
+    return path
 
 
 def check_compilation_cache(nproc: int, environ=os.environ) -> Optional[str]:
@@ -312,6 +350,6 @@ def trim_step_logs(run_dir: str, last_step: int) -> None:
 __all__: List[str] = [
     "Model", "RunDirError", "Stream", "build_optimizer", "init_state", "load_eval_task",
     "load_model", "load_run", "load_train_task", "make_run_mesh", "objective_config",
-    "open_checkpoints", "check_compilation_cache",
+    "open_checkpoints", "check_compilation_cache", "use_compilation_cache", "default_cache_dir",
     "prepare_run_dir", "resume_state", "stream_key", "trim_step_logs",
 ]

@@ -15,8 +15,18 @@ def golden():
         return json.load(f)
 
 
+# The demo trains on packed rows (train.pack, the default; the golden run predates it and was
+# padded): the same math in other shapes, so float rounding differs. Tokens, rewards and
+# evaluations stay identical and the step metrics within 1e-5, but the per-method weights of the
+# samples log after an update are differences of nearly equal quantities under a tiny adapter
+# (entropy reduction, divergence, ARCA's residual) that amplify that rounding: measured up to
+# 1.0e-3 relative on this run, against 0 with train.pack=false.
+LOOSE = ("/weights/", 2e-3)
+
+
 def _close(a, b, path=""):
-    """Recursive equality: ints/strings/bools exact, floats within 1e-5 relative."""
+    """Recursive equality: ints/strings/bools exact, floats within 1e-5 relative (`LOOSE`: the
+    samples' per-method weights)."""
     if isinstance(b, dict):
         assert isinstance(a, dict) and set(a) == set(b), (path, sorted(a), sorted(b))
         for k in b:
@@ -26,7 +36,8 @@ def _close(a, b, path=""):
         for i, (x, y) in enumerate(zip(a, b)):
             _close(x, y, f"{path}[{i}]")
     elif isinstance(b, float):
-        assert a is not None and np.isclose(a, b, rtol=1e-5, atol=2e-6), (path, a, b)
+        rtol = LOOSE[1] if LOOSE[0] in path else 1e-5
+        assert a is not None and np.isclose(a, b, rtol=rtol, atol=2e-6), (path, a, b)
     else:
         assert a == b, (path, a, b)
 

@@ -1,0 +1,157 @@
+"""Packed training forwards (`arca_jax.packing`): the plan puts every real token in exactly one
+slot; a packed forward equals the padded one at every real token; the loss, gradient and
+statistics of every weighting (KL, ARCA over decoder layers) and a whole train step equal the
+padded batch's; packed batches refuse the modes that would split them."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from arca_jax import credit, lora, packing, qwen3
+from arca_jax.batch import Batch
+from arca_jax.grpo import GRPOConfig, TrainState, loss_fn, make_train_step
+from fixtures import grad_recorder, random_adapter, random_params, tiny_config
+
+CFG = tiny_config(vocab_size=64)
+LCFG = lora.LoraConfig(rank=4, alpha=8.0)
+TOL = {"entropy_reduction": 1e-3}  # a difference of nearly equal entropies (see test_tensor_parallel)
+
+
+def grpo_batch(B=16, P=6, N=10, seed=0, hole=False):
+    """Left-padded prompts of 1..P tokens, completions of 1..N tokens then padding; with `hole`,
+    one row also has a masked token inside its completion."""
+    rng = np.random.default_rng(seed)
+    T = P + N
+    ids = rng.integers(1, CFG.vocab_size, (B, T)).astype(np.int32)
+    am = np.zeros((B, T), np.int32)
+    cm = np.zeros((B, T), np.int32)
+    for b in range(B):
+        p, n = int(rng.integers(1, P + 1)), int(rng.integers(1, N + 1))
+        am[b, P - p:P + n] = 1
+        cm[b, P:P + n] = 1
+    if hole:
+        am[0, P + 1] = cm[0, P + 1] = 0
+        am[0, P + 2:P + 4] = cm[0, P + 2:P + 4] = 1
+    ids = np.where(am == 1, ids, 0)
+    pos = np.maximum(np.cumsum(am, axis=1) - 1, 0).astype(np.int32)
+    return Batch(input_ids=jnp.asarray(ids), attention_mask=jnp.asarray(am),
+                 completion_mask=jnp.asarray(cm),
+                 advantages=jnp.asarray(rng.normal(size=B).astype(np.float32)),
+                 positions=jnp.asarray(pos))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_params(CFG, seed=0, scale=2.0), random_adapter(CFG, LCFG, seed=1, scale=0.2)
+
+
+def _close(a, b, tol=1e-5):
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        assert x.shape == y.shape
+        assert np.array_equal(np.isnan(x), np.isnan(y))  # e.g. no injected learning rate
+        x, y = np.nan_to_num(x), np.nan_to_num(y)
+        assert np.linalg.norm(x - y) <= tol * max(1.0, np.linalg.norm(y)), (x, y)
+
+
+@pytest.mark.parametrize("seed,hole", [(0, False), (1, True), (2, False)])
+def test_plan_places_every_real_token_once(seed, hole):
+    b = grpo_batch(B=24, seed=seed, hole=hole)
+    mask = np.asarray(b.attention_mask) != 0
+    B, T = mask.shape
+    pk = packing.plan(mask, multiple=4)
+    src, seg, dst = (np.asarray(x) for x in (pk.src, pk.segments, pk.dst))
+    L = src.shape[0]
+    assert L % 4 == 0 and L <= B and src.shape == seg.shape == (L, T)
+    assert L < B  # these rows are about half padding: they share lines
+    filled = seg > 0
+    # every real token exactly once, in a slot of its own row's segment, in order
+    assert filled.sum() == mask.sum()
+    assert sorted(src[filled].tolist()) == sorted(np.flatnonzero(mask.reshape(-1)).tolist())
+    assert np.array_equal(seg[filled] - 1, src[filled] // T)
+    assert (dst[~mask] == -1).all()
+    assert np.array_equal(src.reshape(-1)[dst[mask]], np.flatnonzero(mask.reshape(-1)))  # inverse
+    for line in range(L):  # each row's tokens are one contiguous run, in order
+        for r in set(seg[line][filled[line]].tolist()):
+            slots = np.flatnonzero(seg[line] == r)
+            assert np.array_equal(slots, np.arange(slots[0], slots[0] + slots.size))
+            assert (np.diff(src[line, slots]) > 0).all()
+    # at least as many lines as the tokens need; `lines` is a floor
+    assert L >= -(-mask.sum() // T)
+    assert packing.plan(mask, lines=L + 3).src.shape[0] == L + 3
+
+
+def test_plan_skips_empty_rows():
+    mask = np.zeros((4, 5), np.int32)
+    mask[1, 1:4] = 1
+    pk = packing.plan(mask)
+    assert pk.lines == 1 and (np.asarray(pk.dst)[[0, 2, 3]] == -1).all()
+
+
+@pytest.mark.parametrize("hole", [False, True])
+def test_packed_forward_equals_padded_at_real_tokens(model, hole):
+    params, tree = model
+    b = grpo_batch(hole=hole)
+    pk = packing.plan(b.attention_mask)
+    ref = qwen3.forward(params, b.input_ids, config=CFG, attention_mask=b.attention_mask,
+                        positions=b.positions, lora=tree, lora_scale=LCFG.scaling,
+                        return_logits=False, return_layers=True, attention="einsum")
+    out = qwen3.forward(params, packing.to_lines(pk, b.input_ids), config=CFG,
+                        segment_ids=pk.segments, positions=packing.to_lines(pk, b.positions),
+                        lora=tree, lora_scale=LCFG.scaling, return_logits=False,
+                        return_layers=True)
+    m = np.asarray(b.attention_mask, bool)
+    got = np.asarray(packing.from_lines(pk, out.hidden))
+    np.testing.assert_allclose(got[m], np.asarray(ref.hidden)[m], rtol=1e-5, atol=1e-5)
+    assert (got[~m] == 0).all()
+    layers = np.asarray(packing.from_lines(pk, out.layers, axis=1))
+    np.testing.assert_allclose(layers[:, m], np.asarray(ref.layers)[:, m], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="einsum"):
+        qwen3.forward(params, b.input_ids, config=CFG, segment_ids=pk.segments[:1],
+                      attention="sdpa-xla")
+
+
+def _all(tree, params, batch):
+    out = {}
+    for name in credit.registered():
+        g = GRPOConfig(weighting=name, kl_beta=0.02)
+        out[name] = jax.value_and_grad(
+            lambda t: loss_fn(t, params, batch, config=CFG, lora_scale=LCFG.scaling,
+                              grpo_config=g), has_aux=True)(tree)
+    g = GRPOConfig(weighting="arca", arca_layers="all", arca_relative=True)
+    out["arca_layers"] = jax.value_and_grad(
+        lambda t: loss_fn(t, params, batch, config=CFG, lora_scale=LCFG.scaling, grpo_config=g),
+        has_aux=True)(tree)
+    return out
+
+
+def test_every_weighting_equals_padded(model):
+    params, tree = model
+    b = grpo_batch(seed=3)
+    ref = jax.jit(_all)(tree, params, b)
+    got = jax.jit(_all)(tree, params, packing.pack(b, multiple=4))
+    assert set(got) == set(credit.registered()) | {"arca_layers"}
+    for name in got:
+        _close(got[name], ref[name], TOL.get(name, 1e-5))
+    assert float(ref["arca"][0][1].residual_norm_max) > 0
+
+
+def test_train_step_equals_padded_and_refuses_split_modes(model):
+    params, tree = model
+    b = grpo_batch(seed=4)
+    opt = grad_recorder()
+    g = GRPOConfig(weighting="arca", sharpening=2.0)
+    step = make_train_step(CFG, g, opt, lora_scale=LCFG.scaling, donate=False)
+    key = jax.random.PRNGKey(0)
+    s_ref, m_ref = step(TrainState.create(tree, opt, key), params, b)
+    s_got, m_got = step(TrainState.create(tree, opt, key), params, packing.pack(b))
+    _close(s_got.opt_state, s_ref.opt_state)  # the gradient
+    _close(m_got, m_ref)
+    for mode, mb in (("pmap", 1), ("jit", 2)):
+        bad = make_train_step(CFG, g, optax.sgd(0.1), lora_scale=LCFG.scaling, mode=mode,
+                              microbatches=mb, donate=False)
+        state = TrainState.create(tree, optax.sgd(0.1), key)
+        with pytest.raises(ValueError, match="packed batch"):
+            bad(state, params, packing.pack(b))
