@@ -270,6 +270,30 @@ def _project(x, w, low_rank: Optional[LowRank], out_dtype):
     return y.astype(out_dtype)
 
 
+# Decode steps attend over the filled prefix of the cache, rounded up to a multiple of this many
+# slots (`_attend_filled`): one compiled branch per multiple.
+DECODE_BLOCK = 32
+
+
+def _attend_filled(q, k, v, bias, decode_attention: str, filled):
+    """`_attend` of one new token (T = 1) over the first ceil(filled / DECODE_BLOCK) blocks of the
+    cache only: a `lax.switch` over the block counts, each branch reading a static prefix. Slots
+    at or beyond `filled` [] int32 are masked anyway (their bias is float32 min, so their
+    softmax weight is exactly 0): the result equals attention over the whole cache."""
+    S = k.shape[2]
+    blocks = -(-S // DECODE_BLOCK)
+    if blocks <= 1:
+        return _attend(q, k, v, bias, decode_attention)
+
+    def branch(j):
+        n = min((j + 1) * DECODE_BLOCK, S)
+        return lambda q, k, v, bias: _attend(q, k[:, :, :n], v[:, :, :n], bias[..., :n],
+                                             decode_attention)
+
+    index = jnp.clip((filled + DECODE_BLOCK - 1) // DECODE_BLOCK - 1, 0, blocks - 1)
+    return jax.lax.switch(index, [branch(j) for j in range(blocks)], q, k, v, bias)
+
+
 def _attend(q, k, v, bias, decode_attention: str):
     """Grouped-query attention of q [B, T, N, H] over the cache k, v [B, K, S, H] with an additive
     mask bias [B, T, S] (0 or float32 min); returns [B, T, N*H] in q's dtype. Scores and softmax in
@@ -351,7 +375,12 @@ def inference_forward(weights: InferenceWeights, input_ids: jax.Array, *, config
         v_cache = jax.lax.dynamic_update_slice(v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype), start)
         new_k.append(k_cache)
         new_v.append(v_cache)
-        attn = _attend(q, k_cache.astype(dtype), v_cache.astype(dtype), bias, weights.decode_attention)
+        if T == 1:  # a decode step: only the filled part of the cache
+            attn = _attend_filled(q, k_cache.astype(dtype), v_cache.astype(dtype), bias,
+                                  weights.decode_attention, cache.index + 1)
+        else:
+            attn = _attend(q, k_cache.astype(dtype), v_cache.astype(dtype), bias,
+                           weights.decode_attention)
         x = x + _project(attn, layer.o, layer.o_lora, dtype)
 
         gu = _project(x, layer.gate_up, layer.gate_up_lora, f32) * inv_rms(x, c.rms_norm_eps)
