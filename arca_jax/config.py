@@ -196,7 +196,8 @@ class TrainConfig:
     eval_every / save_every / samples_every: in steps (0 = only at the start and end);
     pass_k: k of pass@k at evaluation (None: the group size); pack: the train step's forwards
     run on the batch's real tokens only, rows packed into fewer lines (`arca_jax.packing`; same
-    results up to float rounding; mode "jit" with microbatches 1, else rows stay padded)."""
+    results up to float rounding; line counts in quarters of the batch, so at most four compiled
+    steps; mode "jit" with microbatches 1, else rows stay padded)."""
 
     steps: int = 60
     seed: int = 0

@@ -95,7 +95,6 @@ class _Run:
     start_step: int
     record: dict
     packs: bool = False
-    pack_lines: int = 0
 
     def adapter(self):
         """The current adapter, unreplicated."""
@@ -200,8 +199,9 @@ def _train_one_step(run: _Run, step: int, totals: Dict[str, int], beat) -> tuple
     faults.point("update", step + 1)
     batch = ro.batch
     if run.packs:  # the forwards run on the real tokens only (`arca_jax.packing`)
-        batch = packing.pack(batch, lines=run.pack_lines, multiple=max(1, cfg.batch_size // 8))
-        run.pack_lines = batch.packing.lines  # never shrinks: one compiled step per size reached
+        # line counts in quarters of the batch: at most four compiled steps per run, and each
+        # step's count depends on its batch alone (a resumed run packs as an uninterrupted one)
+        batch = packing.pack(batch, multiple=max(1, cfg.batch_size // 4))
     if cfg.grpo.num_iterations > 1:  # the policy before this batch's updates, as the step scores it
         batch = batch.replace(old_logps=_old_logps(run.adapter(), run.model.params, batch,
                                                    config=run.model.config,
