@@ -336,6 +336,9 @@ def _mesh_step(step, mesh: Mesh, kv_heads: int, donate_argnums, compiler_options
 
     def train_step(state, params, batch):
         b = as_batch(batch)
+        if b.packing is not None:
+            raise ValueError("a packed batch (batch.packing) runs in mode 'jit' with one "
+                             "microbatch, not mode 'mesh'")
         # each a no-op when already placed so
         state = jax.device_put(state, parallel.state_shardings(state, mesh, kv_heads))
         params = jax.device_put(params, parallel.param_shardings(params, mesh))

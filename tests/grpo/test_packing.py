@@ -149,9 +149,11 @@ def test_train_step_equals_padded_and_refuses_split_modes(model):
     s_got, m_got = step(TrainState.create(tree, opt, key), params, packing.pack(b))
     _close(s_got.opt_state, s_ref.opt_state)  # the gradient
     _close(m_got, m_ref)
-    for mode, mb in (("pmap", 1), ("jit", 2)):
+    from arca_jax import parallel
+    for mode, mb in (("pmap", 1), ("jit", 2), ("mesh", 1)):
+        mesh = parallel.make_mesh(data=1, fsdp=1, tensor=1, devices=jax.devices()[:1])
         bad = make_train_step(CFG, g, optax.sgd(0.1), lora_scale=LCFG.scaling, mode=mode,
-                              microbatches=mb, donate=False)
+                              microbatches=mb, donate=False, mesh=mesh if mode == "mesh" else None)
         state = TrainState.create(tree, optax.sgd(0.1), key)
         with pytest.raises(ValueError, match="packed batch"):
             bad(state, params, packing.pack(b))
