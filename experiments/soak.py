@@ -18,6 +18,7 @@ import json
 import os
 import sys
 import time
+import tracemalloc
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -52,6 +53,21 @@ class SoakLog(RunLog):
         self.rows.append({"step": record["step"], "rss_mib": round(rss_mib(), 1),
                           "compiles": _compiles, "step_time_s": round(record["step_time_s"], 3),
                           "wall_s": round(time.time() - T0, 1)})
+        if TRACE.get("from_step") == record["step"]:
+            TRACE["first"] = tracemalloc.take_snapshot()
+        if TRACE.get("to_step") == record["step"]:
+            TRACE["last"] = tracemalloc.take_snapshot()
+
+
+TRACE = {}  # --tracemalloc: Python-heap snapshots at two steps
+
+
+def python_heap_growth(first, last, top: int = 20) -> list:
+    """The Python allocation sites whose live bytes grew most between two snapshots."""
+    stats = last.compare_to(first, "lineno")
+    return [{"site": str(s.traceback[0]), "grew_kib": round(s.size_diff / 1024, 1),
+             "live_kib": round(s.size / 1024, 1), "blocks_grew": s.count_diff}
+            for s in stats[:top]]
 
 
 def main(argv=None) -> int:
@@ -60,7 +76,13 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="directory for the run, soak.csv, soak.json")
     p.add_argument("--fixed-width", action="store_true", help="one prompt width for every step")
     p.add_argument("--set", dest="overrides", action="append", default=[])
+    p.add_argument("--tracemalloc", type=int, nargs=2, metavar=("FROM", "TO"), default=None,
+                   help="trace Python allocations and report the sites whose live bytes grew "
+                        "between steps FROM and TO (Python's heap only, not XLA's buffers)")
     args = p.parse_args(argv)
+    if args.tracemalloc:
+        tracemalloc.start(1)
+        TRACE.update(from_step=args.tracemalloc[0], to_step=args.tracemalloc[1])
     overrides = [f"train.steps={args.steps}", "rollout.prompts_per_step=2",
                  "rollout.group_size=4", "rollout.max_new_tokens=48", "train.save_every=50",
                  "train.samples_every=25", "train.samples_per_log=1", "train.eval_every=0",
@@ -82,6 +104,14 @@ def main(argv=None) -> int:
                "rss_mib_at_half": tail[0]["rss_mib"], "rss_mib_last": rows[-1]["rss_mib"],
                "compiles_after_step_1": rows[0]["compiles"],
                "compiles_at_half": tail[0]["compiles"], "compiles_last": rows[-1]["compiles"]}
+    if "first" in TRACE and "last" in TRACE:
+        steps = TRACE["to_step"] - TRACE["from_step"]
+        growth = python_heap_growth(TRACE["first"], TRACE["last"])
+        total = sum(s.size_diff for s in TRACE["last"].compare_to(TRACE["first"], "filename"))
+        summary["python_heap"] = {"from_step": TRACE["from_step"], "to_step": TRACE["to_step"],
+                                  "grew_kib_total": round(total / 1024, 1),
+                                  "grew_kib_per_step": round(total / 1024 / max(steps, 1), 2),
+                                  "top_sites": growth}
     with open(os.path.join(args.out, "soak.json"), "w") as f:
         json.dump(summary, f, indent=1)
     print(json.dumps(summary, indent=1))
