@@ -122,7 +122,9 @@ def policy_forward(lora, params, batch: Batch, *, config: qwen3.Qwen3Config, lor
                    layers: bool = False) -> qwen3.ModelOutput:
     """One forward (``lora=None``: the base model) with the objective's execution options
     (attention implementation, adapter matmul dtype), without logits: hidden [B, T, D] and, when
-    ``layers``, every decoder layer's output [L, B, T, D]."""
+    ``layers``, every decoder layer's output [L, B, T, D]. A packed batch (``batch.packing``)
+    runs on its lines and comes back in the [B, T] layout (0 at padding) when the attention
+    resolves to "einsum"; a fused kernel runs the padded rows instead (same values)."""
     g = grpo_config
     pk = batch.packing
     if pk is not None and g.attention in ("auto", "einsum") and qwen3.resolve_attention(
