@@ -195,10 +195,7 @@ def load_tokenizer(path: str):
         pass
     cls = None
     if isinstance(name, str) and name:
-        candidates = [name] + ([name[:-4]] if name.endswith("Fast") else [])
-        if name == "PreTrainedTokenizerFast":
-            candidates = [name]
-        for cand in candidates:
+        for cand in [name] + ([name[:-4]] if name.endswith("Fast") else []):
             try:
                 cls = getattr(transformers, cand)
                 break

@@ -74,7 +74,7 @@ def plan(attention_mask, *, lines: Optional[int] = None, multiple: int = 1) -> P
     Each row's real tokens (mask 1, in order; padding anywhere is dropped) go into one line;
     lines are filled first-fit decreasing. The number of lines is the count needed rounded up to
     a multiple of ``multiple`` (nearby batches share one compiled step), and at least ``lines``
-    when given (a caller that keeps the count from growing back and forth passes its last one).
+    when given (``lines=B``: one line count, so one compiled step, for every batch).
     """
     mask = np.asarray(attention_mask) != 0
     B, T = mask.shape

@@ -127,7 +127,7 @@ def policy_forward(lora, params, batch: Batch, *, config: qwen3.Qwen3Config, lor
     resolves to "einsum"; a fused kernel runs the padded rows instead (same values)."""
     g = grpo_config
     pk = batch.packing
-    if pk is not None and g.attention in ("auto", "einsum") and qwen3.resolve_attention(
+    if pk is not None and qwen3.resolve_attention(
             g.attention, params["embed_tokens"]["embedding"].dtype) == "einsum":
         positions = batch.positions
         if positions is None:

@@ -275,9 +275,7 @@ def make_train_step(config: qwen3.Qwen3Config, grpo_config: GRPOConfig,
 
     def step(state: TrainState, params, batch, axis_name: Optional[str] = None):
         b = as_batch(batch)
-        if b.packing is not None and (mode != "jit" or microbatches > 1):
-            raise ValueError(f"a packed batch (batch.packing) runs in mode 'jit' with one "
-                             f"microbatch, not mode {mode!r} with {microbatches}")
+        _check_packed(b, mode, microbatches)
         if mesh is not None:
             b = jax.lax.with_sharding_constraint(b, parallel.batch_shardings(b, mesh))
             params = jax.lax.with_sharding_constraint(params,
@@ -312,6 +310,14 @@ def make_train_step(config: qwen3.Qwen3Config, grpo_config: GRPOConfig,
     return _mesh_step(step, mesh, kv_heads, donate_argnums, compiler_options)
 
 
+def _check_packed(b, mode: str, microbatches: int) -> None:
+    """A packed batch's index maps hold whole-batch positions: splitting its rows over devices
+    or microbatches would break them (ValueError)."""
+    if b.packing is not None and (mode != "jit" or microbatches > 1):
+        raise ValueError(f"a packed batch (batch.packing) runs in mode 'jit' with one "
+                         f"microbatch, not mode {mode!r} with {microbatches}")
+
+
 def _pmap_step(step, donate_argnums):
     n = jax.local_device_count()
     pstep = jax.pmap(functools.partial(step, axis_name="data"), axis_name="data",
@@ -320,9 +326,7 @@ def _pmap_step(step, donate_argnums):
     def train_step(state, params, batch):
         # via the host: a batch produced under another sharding (e.g. a sampler's mesh) is
         # re-laid out by pmap's own device split instead of clashing with it
-        if as_batch(batch).packing is not None:
-            raise ValueError("a packed batch (batch.packing) runs in mode 'jit' with one "
-                             "microbatch, not mode 'pmap'")
+        _check_packed(as_batch(batch), "pmap", 1)  # before the host split would cut it up
         host = jax.tree_util.tree_map(np.asarray, as_batch(batch))
         new_state, metrics = pstep(state, params, parallel.split_batch(host, n))
         return new_state, parallel.unreplicate(metrics)
@@ -336,9 +340,7 @@ def _mesh_step(step, mesh: Mesh, kv_heads: int, donate_argnums, compiler_options
 
     def train_step(state, params, batch):
         b = as_batch(batch)
-        if b.packing is not None:
-            raise ValueError("a packed batch (batch.packing) runs in mode 'jit' with one "
-                             "microbatch, not mode 'mesh'")
+        _check_packed(b, "mesh", 1)  # before placement would shard it by rows
         # each a no-op when already placed so
         state = jax.device_put(state, parallel.state_shardings(state, mesh, kv_heads))
         params = jax.device_put(params, parallel.param_shardings(params, mesh))
