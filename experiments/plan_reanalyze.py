@@ -1,7 +1,8 @@
 """Recomputes the work figures of `arca-jax plan --json` output from the HLO it wrote with
---hlo-dir, with the current `arca_jax.hlostats` (no recompiling: compiling the big models for a
-TPU slice takes tens of minutes on a small machine). Memory figures are XLA's and stay as they
-are; flops, bytes, collectives, roofline seconds, MFU and the per-step totals are rewritten.
+--hlo-dir, with the current `arca_jax.plan.hlostats` (no recompiling: compiling the big models
+for a TPU slice takes tens of minutes on a small machine). Memory figures are XLA's and stay as
+they are; flops, bytes, collectives, roofline seconds, MFU and the per-step totals are
+rewritten.
 
     python experiments/plan_reanalyze.py PLAN.json HLO_DIR [OUT.json]
 """
@@ -13,7 +14,7 @@ import json
 import os
 import sys
 
-from arca_jax import hlostats
+from arca_jax.plan import hlostats
 
 
 def _hlo_file(hlo_dir: str, plan: dict, name: str) -> str:

@@ -6,7 +6,6 @@ and (with libtpu) a compile for a TPU slice."""
 import dataclasses
 import functools
 import importlib.util
-import inspect
 import json
 import math
 import os
@@ -16,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from arca_jax import cli, config, hlostats, plan, qwen3
+from arca_jax import cli, config, plan, qwen3
+from arca_jax.plan import hlostats, search
 
 FAST = {"xla_backend_optimization_level": 0}  # CPU compile speed; memory and shapes unchanged
 # 4 prompts x 8 = 32 rows of 16 + 16 tokens, two microbatches, on a (data 2, fsdp 4) mesh; the
@@ -152,14 +152,13 @@ def _reference_flops(cfg, attention: str, devices: int):
         p, c, lora=a, lora_scale=2.0, decode_attention=attention), params, adapter)
     settings = sampling.SamplingConfig(max_new_tokens=16, eos_ids=(1,))
     ids = jax.ShapeDtypeStruct((32, 16), jnp.int32)
-    shared = ({"group_size": cfg.rollout.group_size}  # each prompt prefilled once for its group
-              if "group_size" in inspect.signature(sampling.prefill).parameters else {})
     prefill = functools.partial(sampling.prefill, config=c, settings=settings,
-                                rng=jax.random.PRNGKey(0), **shared)
+                                rng=jax.random.PRNGKey(0),
+                                group_size=cfg.rollout.group_size)  # a prompt once per group
     first = _dot_flops(jax.make_jaxpr(lambda w, i: prefill(w, i, i))(weights, ids).jaxpr)
     state = jax.eval_shape(lambda w, i: prefill(w, i, i), weights, ids)
     step = jax.make_jaxpr(lambda w, s: sampling.decode_step(w, s, config=c, settings=settings))
-    prompts = 32 // cfg.rollout.group_size if shared else 32
+    prompts = 32 // cfg.rollout.group_size
     return (first / devices, first / min(devices, prompts),
             15 * _dot_flops(step(weights, state).jaxpr) / devices)
 
@@ -193,9 +192,9 @@ def test_train_step_flops_against_the_jaxpr(cfg, tiny_plan):
 def test_does_not_fit_and_the_change_that_fits(monkeypatch, cfg, tiny_plan):
     """Memory just below the plan's peak: "does not fit"; remat (recompiled) fits. The mesh
     changes are left out here to keep it to one compile (`test_find_fit_order` covers them)."""
-    real = plan.changes
-    monkeypatch.setattr(plan, "changes", lambda c, n: [x for x in real(c, n)
-                                                       if x[0] in ("remat", "microbatches")])
+    real = search.changes
+    monkeypatch.setattr(search, "changes", lambda c, n: [x for x in real(c, n)
+                                                         if x[0] in ("remat", "microbatches")])
     small = dataclasses.replace(tiny_plan.target, hbm_bytes=tiny_plan.peak_bytes - 1)
     first = dataclasses.replace(tiny_plan, target=small)
     assert first.fits is False
@@ -228,8 +227,8 @@ def test_find_fit_order(monkeypatch, cfg, tiny_plan):
         return dataclasses.replace(tiny_plan, target=target, knobs=knobs, programs=(report,),
                                    problems=tuple(plan.trainer_problems(cfg, knobs)))
 
-    monkeypatch.setattr(plan, "plan_once", fake)
-    monkeypatch.setattr(plan, "_valid_tensors", lambda config, devices: [2])
+    monkeypatch.setattr(search, "plan_once", fake)
+    monkeypatch.setattr(search, "_valid_tensors", lambda config, devices: [2])
     first = fake(cfg, target, plan.Knobs(LAYOUT, False, 2))
     verdict = plan.find_fit(cfg, first)
     assert [(k.layout, k.remat, k.microbatches) for k in verdict.tried] == [
@@ -252,11 +251,10 @@ def test_changes_in_order(cfg):
     assert changed["remat"](knobs) == plan.Knobs(plan.Layout(2, 4, 1), True, 2)
     assert changed["microbatches"](knobs).microbatches == 4
     assert changed["microbatches"](dataclasses.replace(knobs, microbatches=4)) is None  # 32 / 8
-    if plan.tensor_supported():  # the tiny model has 4 heads: tensor 2 and 4
-        assert "tensor=2" in names and changed["tensor=2"](knobs).layout == plan.Layout(1, 4, 2)
+    # the tiny model has 4 heads: tensor 2 and 4
+    assert "tensor=2" in names and changed["tensor=2"](knobs).layout == plan.Layout(1, 4, 2)
 
 
-@pytest.mark.skipif(not plan.tensor_supported(), reason="no tensor parallelism in this version")
 def test_tensor_axis(cfg, tiny_plan):
     """A (fsdp 4, tensor 2) mesh: the base weights and the adapter split over "tensor" as well,
     so each device holds less of them than on (data 2, fsdp 4); the tensor all-reduces show."""

@@ -1,0 +1,153 @@
+"""The figures of compiled programs, per device: memory (`Memory`), loop-scaled work and
+roofline time (`ProgramReport`), and a setting's programs together (`Plan`: whether they fit,
+seconds per step)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Dict, Optional, Sequence, Tuple
+
+from arca_jax.plan import hlostats
+from arca_jax.plan.knobs import Knobs
+from arca_jax.plan.programs import Program
+from arca_jax.plan.shapes import Shapes
+from arca_jax.plan.targets import Target
+
+
+@dataclasses.dataclass(frozen=True)
+class Memory:
+    """Bytes per device of one program (`compiled.memory_analysis()`), and `resident`: the
+    buffers live during it that are not its arguments."""
+
+    argument: int
+    output: int
+    temp: int
+    alias: int
+    code: int
+    resident: int
+
+    @property
+    def total(self) -> int:
+        """What the program itself needs: arguments + outputs + temporaries - aliased + code."""
+        return self.argument + self.output + self.temp - self.alias + self.code
+
+    @property
+    def peak(self) -> int:
+        return self.total + self.resident
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgramReport:
+    """One program's figures per device. xla_flops / xla_bytes: XLA's cost analysis (each loop
+    body counted once); flops / bytes / collectives: loop-scaled (`hlostats`); loops: their trip
+    counts (None: the assumed unknown_trip_count); roofline_s, bound ("compute" or "memory") and
+    mfu: None without the chip's figures."""
+
+    name: str
+    runs_per_step: int
+    memory: Memory
+    xla_flops: float
+    xla_bytes: float
+    flops: float
+    bytes: float
+    loops: Tuple[Optional[int], ...]
+    unknown_trip_count: int
+    collectives: Dict[str, hlostats.Collective]
+    roofline_s: Optional[float]
+    bound: Optional[str]
+    mfu: Optional[float]
+    compile_s: float
+
+
+def _xla_cost(compiled) -> Tuple[float, float]:
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001 - a backend without cost analysis
+        return float("nan"), float("nan")
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    return float(cost.get("flops", float("nan"))), float(cost.get("bytes accessed", float("nan")))
+
+
+def report_program(program: Program, target: Target, hlo_dir: Optional[str] = None,
+                   tag: str = "") -> ProgramReport:
+    """The figures of one compiled program; hlo_dir: also write its compiled HLO text there
+    (`<tag><name>.hlo`), e.g. to read its collectives or rerun `hlostats` on it."""
+    text = program.compiled.as_text()
+    if hlo_dir:
+        os.makedirs(hlo_dir, exist_ok=True)
+        with open(os.path.join(hlo_dir, f"{tag}{program.name}.hlo"), "w") as f:
+            f.write(text)
+    m = program.compiled.memory_analysis()
+    memory = Memory(int(m.argument_size_in_bytes), int(m.output_size_in_bytes),
+                    int(m.temp_size_in_bytes), int(m.alias_size_in_bytes),
+                    int(m.generated_code_size_in_bytes), int(program.resident))
+    work = hlostats.analyze(text, program.unknown_trip_count)
+    xla_flops, xla_bytes = _xla_cost(program.compiled)
+    roofline = bound = mfu = None
+    if target.peak_flops and target.hbm_bandwidth:
+        t_flops, t_bytes = work.flops / target.peak_flops, work.bytes / target.hbm_bandwidth
+        roofline = max(t_flops, t_bytes)
+        bound = "compute" if t_flops >= t_bytes else "memory"
+        mfu = t_flops / roofline if roofline > 0 else None
+    return ProgramReport(program.name, program.runs_per_step, memory, xla_flops, xla_bytes,
+                         work.flops, work.bytes, work.loops, program.unknown_trip_count,
+                         dict(work.collectives), roofline, bound, mfu, program.compile_s)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The programs of one setting on one target.
+
+    rows: completions per step (the global batch); tokens: T per row; problems: what the trainer
+    would refuse about the setting (the programs compile anyway)."""
+
+    model: str
+    target: Target
+    knobs: Knobs
+    shapes: Shapes
+    programs: Tuple[ProgramReport, ...]
+    problems: Tuple[str, ...]
+
+    def program_fits(self, report: ProgramReport) -> Optional[bool]:
+        """Whether the program's peak fits in the target's memory per device (None: unknown)."""
+        hbm = self.target.hbm_bytes
+        return None if hbm is None else report.memory.peak <= hbm
+
+    @property
+    def fits(self) -> Optional[bool]:
+        """Every program fits and the trainer accepts the setting (None: no memory figure)."""
+        verdicts = [self.program_fits(p) for p in self.programs]
+        if any(v is False for v in verdicts) or self.problems:
+            return False
+        return None if any(v is None for v in verdicts) else True
+
+    @property
+    def peak_bytes(self) -> int:
+        """The largest peak of the programs, bytes per device."""
+        return max(p.memory.peak for p in self.programs)
+
+    def seconds(self, names: Sequence[str]) -> Optional[float]:
+        """Roofline seconds of the named programs, each times its runs per step (None: a figure
+        is missing)."""
+        times = [p.roofline_s for p in self.programs if p.name in names]
+        if not times or any(t is None for t in times):
+            return None
+        return sum(p.roofline_s * p.runs_per_step for p in self.programs if p.name in names)
+
+    @property
+    def update_s(self) -> Optional[float]:
+        """Roofline seconds of one step's updates (train_step x num_iterations)."""
+        return self.seconds(("train_step",))
+
+    @property
+    def eval_chunk_s(self) -> Optional[float]:
+        """Roofline seconds of one evaluation chunk's pass@k sampling (None: not planned)."""
+        times = [p.roofline_s for p in self.programs if p.name.startswith("eval_")]
+        return None if not times or None in times else sum(times)
+
+    @property
+    def rollout_s(self) -> Optional[float]:
+        """Roofline seconds of one rollout: weight preparation, prefill, max_new_tokens decodes."""
+        return self.seconds(("prepare_weights", "prefill", "decode"))

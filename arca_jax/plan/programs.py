@@ -1,0 +1,110 @@
+"""The run's programs lowered on the mesh and compiled for the target from abstract inputs:
+the train step and the sampler's weight preparation, prefill and decode loop (`Program`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, List
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from arca_jax import parallel, sampling
+from arca_jax.config import RunConfig
+from arca_jax.plan.knobs import Knobs
+from arca_jax.plan.shapes import Shapes, device_bytes
+
+
+def _outputs(compiled):
+    """A compiled program's outputs as ShapeDtypeStructs with their shardings."""
+    return jax.tree_util.tree_map(
+        lambda o: jax.ShapeDtypeStruct(o.shape, o.dtype, sharding=o.sharding), compiled.out_info)
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """One compiled program: its name, the compiled executable, the bytes per device that stay
+    live while it runs without being its arguments, the trip count to assume for loops whose
+    bound is not a constant, how many times a training step runs it, and compile seconds."""
+
+    name: str
+    compiled: Any
+    resident: int
+    unknown_trip_count: int
+    runs_per_step: int
+    compile_s: float
+
+
+def _compile(lowered, options):
+    """(the compiled program, compile seconds); options: XLA compiler options or None."""
+    t = time.time()
+    compiled = lowered.compile(compiler_options=options) if options else lowered.compile()
+    return compiled, time.time() - t
+
+
+def compile_train_step(cfg: RunConfig, config, mesh, knobs: Knobs, params, state, optimizer,
+                       batch, options=None) -> Program:
+    """The trainer's update (`make_train_step(mode="mesh")`) on the abstract inputs."""
+    from arca_jax.grpo.step import make_train_step
+    from arca_jax.trainer import setup
+
+    grpo = dataclasses.replace(setup.objective_config(cfg), remat=knobs.remat)
+    step = make_train_step(config, grpo, optimizer, lora_scale=cfg.lora.scaling, mode="mesh",
+                           mesh=mesh, microbatches=knobs.microbatches,
+                           lora_dropout=cfg.lora.dropout)
+    compiled, seconds = _compile(step.jitted.lower(state, params, batch), options)
+    return Program("train_step", compiled, 0, 1, cfg.grpo.num_iterations, seconds)
+
+
+def compile_sampler(cfg: RunConfig, config, mesh, shapes: Shapes, params, state, platform: str,
+                    options=None) -> List[Program]:
+    """The sampler's programs as `sampling.generate` calls them in a rollout: weight
+    preparation (low-rank adapter, not merged), prefill and the decode loop, each on the
+    previous one's output layout; with `shapes.eval_rows`, also the evaluation's pass@k
+    sampling (its largest chunk), which runs every train.eval_every steps, not every step."""
+    rep = NamedSharding(mesh, P())
+    sd = jax.ShapeDtypeStruct
+    attention = "reduce" if platform == "cpu" else "dot"  # qwen3.default_decode_attention
+    lora = state.lora
+    resident = device_bytes(params) + device_bytes(state)  # live while the sampler runs
+    prep, t_prep = _compile(sampling.prepare_weights_jit.lower(
+        params, config, lora=lora, lora_scale=sd((), jnp.float32, sharding=rep),
+        merge_lora=False, decode_attention=attention, mesh=mesh), options)
+    weights = _outputs(prep)
+    programs = [Program("prepare_weights", prep, device_bytes(state) - device_bytes(lora), 1, 1,
+                        t_prep)]
+    programs += _generate(cfg, config, mesh, weights, shapes.sampler_rows, shapes, resident, "",
+                          1, cfg.rollout.group_size, options)
+    if shapes.eval_rows:
+        k = cfg.train.pass_k or cfg.rollout.group_size
+        programs += _generate(cfg, config, mesh, weights, shapes.eval_rows, shapes, resident,
+                              "eval_", 0, k, options)
+    return programs
+
+
+def _generate(cfg: RunConfig, config, mesh, weights, rows: int, shapes: Shapes, resident: int,
+              prefix: str, runs: int, group_size: int, options) -> List[Program]:
+    """Prefill [rows, P'] and the decode loop of N' columns on prepared `weights`; rows come in
+    groups of `group_size` copies of a prompt, each prefilled once, as `trainer.generate_rows`
+    asks `sampling.generate` (when the rows split into whole groups)."""
+    r = cfg.rollout
+    eos = config.eos_token_id if config.eos_token_id is not None else 0
+    pad = config.pad_token_id if config.pad_token_id is not None else eos
+    settings = sampling.SamplingConfig(max_new_tokens=shapes.sampler_new_tokens,
+                                       temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                                       eos_ids=(eos,), pad_id=pad)
+    rep = NamedSharding(mesh, P())
+    sd = jax.ShapeDtypeStruct
+    layout = NamedSharding(mesh, parallel.batch_spec(rows, mesh))
+    prompts = sd((rows, shapes.sampler_prompt), jnp.int32, sharding=layout)
+    pre, t_pre = _compile(sampling.prefill_jit.lower(
+        weights, prompts, prompts, config=config, settings=settings,
+        rng=sd((2,), jnp.uint32, sharding=rep), limit=sd((), jnp.int32, sharding=rep),
+        mesh=mesh, group_size=group_size if rows % group_size == 0 else 1), options)
+    dec, t_dec = _compile(sampling.decode_jit.lower(
+        weights, _outputs(pre), config=config, settings=settings, mesh=mesh), options)
+    steps = max(shapes.new_tokens - 1, 1)  # prefill samples column 0; the loop the rest
+    return [Program(prefix + "prefill", pre, resident, 1, runs, t_pre),
+            Program(prefix + "decode", dec, resident, steps, runs, t_dec)]

@@ -1,0 +1,147 @@
+"""A verdict as JSON (`to_json`) and as a table (`format_text`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Optional
+
+from arca_jax.plan.figures import Plan, ProgramReport
+from arca_jax.plan.search import Verdict
+from arca_jax.plan.targets import GiB
+
+
+def _gib(n: Optional[float]) -> Optional[float]:
+    return None if n is None else round(n / GiB, 3)
+
+
+def plan_json(p: Plan) -> dict:
+    """One plan as JSON-ready values (bytes, seconds, FLOP counts per device)."""
+    t = p.target
+    return {
+        "model": p.model,
+        "target": {"name": t.name, "platform": t.platform, "chip": t.chip.name, "chips": t.chips,
+                   "devices": t.size, "hbm_bytes_per_device": t.hbm_bytes,
+                   "peak_flops_per_device": t.peak_flops,
+                   "hbm_bandwidth_per_device": t.hbm_bandwidth, "chip_source": t.chip.source},
+        "mesh": dataclasses.asdict(p.knobs.layout),
+        "remat": p.knobs.remat,
+        "microbatches": p.knobs.microbatches,
+        "trainer_overrides": p.knobs.overrides(),
+        "global_batch": {"rows": p.shapes.rows, "tokens_per_row": p.shapes.tokens,
+                         "tokens": p.shapes.rows * p.shapes.tokens},
+        "sampler": {"rows": p.shapes.sampler_rows, "prompt_width": p.shapes.sampler_prompt,
+                    "new_tokens_width": p.shapes.sampler_new_tokens,
+                    "decode_steps": p.shapes.new_tokens - 1,
+                    "eval_rows": p.shapes.eval_rows},
+        "fits": p.fits,
+        "problems": list(p.problems),
+        "peak_bytes_per_device": p.peak_bytes,
+        "peak_gib_per_device": _gib(p.peak_bytes),
+        "update_s": p.update_s,
+        "rollout_s": p.rollout_s,
+        "step_s": None if p.update_s is None or p.rollout_s is None else p.update_s + p.rollout_s,
+        "eval_chunk_s": p.eval_chunk_s,
+        "programs": [dict(_program_json(r), fits=p.program_fits(r)) for r in p.programs],
+    }
+
+
+def _program_json(r: ProgramReport) -> dict:
+    m = r.memory
+    return {
+        "name": r.name, "runs_per_step": r.runs_per_step,
+        "memory_bytes": {"argument": m.argument, "output": m.output, "temp": m.temp,
+                         "alias": m.alias, "code": m.code, "total": m.total,
+                         "resident": m.resident, "peak": m.peak},
+        "xla_cost_analysis": {"flops": r.xla_flops, "bytes_accessed": r.xla_bytes,
+                              "note": "each while-loop / scan body counted once"},
+        "flops": r.flops, "bytes": r.bytes,
+        "loops": list(r.loops), "unknown_trip_count": r.unknown_trip_count,
+        "collectives": {k: dataclasses.asdict(v) for k, v in r.collectives.items()},
+        "roofline_s": r.roofline_s, "bound": r.bound, "mfu": r.mfu,
+        "compile_s": round(r.compile_s, 2),
+    }
+
+
+def to_json(v: Verdict) -> dict:
+    """The verdict as JSON-ready values: the plan, the suggestion and every setting tried."""
+    return {
+        "plan": plan_json(v.plan),
+        "suggestion": None if v.suggestion is None else plan_json(v.suggestion),
+        "tried": [{"mesh": dataclasses.asdict(k.layout), "remat": k.remat,
+                   "microbatches": k.microbatches, "peak_gib_per_device": _gib(peak)}
+                  for k, peak in itertools.zip_longest(v.tried, v.peaks)],
+        "notes": NOTES,
+    }
+
+
+NOTES = ("Per device. XLA's cost analysis counts each while-loop or scan body once; flops, bytes "
+         "and collectives here multiply every loop body by its trip count (decoder layers, "
+         "microbatches, and the decode loop's max_new_tokens - 1 steps, its worst case). Roofline "
+         "seconds = max(flops / peak, bytes / HBM bandwidth); interconnect time is not included.")
+
+
+def _fmt_bytes(n: Optional[float]) -> str:
+    """GiB with three significant digits."""
+    return "-" if n is None else f"{n / GiB:.3g}"
+
+
+def _fmt_s(s: Optional[float]) -> str:
+    if s is None:
+        return "-"
+    return f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.2f} s"
+
+
+def _yes_no(v: Optional[bool]) -> str:
+    return "-" if v is None else ("yes" if v else "NO")
+
+
+def format_plan(p: Plan) -> str:
+    """One plan as a table: a row per program, memory in GiB per device."""
+    t = p.target
+    lines = [f"{p.model} on {t.name}, {t.chip.name}: mesh {p.knobs.layout}, remat "
+             f"{p.knobs.remat}, microbatches {p.knobs.microbatches}",
+             f"  batch {p.shapes.rows} rows x {p.shapes.tokens} tokens; sampler "
+             f"{p.shapes.sampler_rows} rows, prompt {p.shapes.sampler_prompt}, "
+             f"{p.shapes.sampler_new_tokens} new tokens",
+             f"  HBM per device: {_fmt_bytes(t.hbm_bytes)} GiB"
+             + ("" if t.peak_flops else f" ({t.chip.source})"),
+             "  program          args  out  temp alias  total  peak GiB  fits   TFLOP   GB"
+             "     roofline  bound    MFU  collectives (runs)"]
+    for r in p.programs:
+        m = r.memory
+        coll = ", ".join(f"{k} {c.runs:g}" for k, c in r.collectives.items() if c.runs)
+        lines.append(
+            f"  {r.name:<15} {_fmt_bytes(m.argument):>5} {_fmt_bytes(m.output):>4} "
+            f"{_fmt_bytes(m.temp):>5} {_fmt_bytes(m.alias):>5} {_fmt_bytes(m.total):>6} "
+            f"{_fmt_bytes(m.peak):>9}  {_yes_no(p.program_fits(r)):>4}"
+            f" {r.flops / 1e12:7.3f} {r.bytes / 1e9:6.2f} {_fmt_s(r.roofline_s):>10}  "
+            f"{r.bound or '-':<7} {'-' if r.mfu is None else f'{r.mfu:.2f}':>4}  {coll or '-'}")
+    lines.append(f"  per step: update {_fmt_s(p.update_s)}, rollout {_fmt_s(p.rollout_s)} "
+                 "(roofline)" + (f"; an evaluation chunk of {p.shapes.eval_rows} rows "
+                                 f"{_fmt_s(p.eval_chunk_s)}" if p.shapes.eval_rows else ""))
+    for problem in p.problems:
+        lines.append(f"  the trainer refuses this: {problem}")
+    return "\n".join(lines)
+
+
+def format_text(v: Verdict) -> str:
+    """The verdict as text: the plan's table, the verdict, the change that fits or those tried."""
+    out = [format_plan(v.plan)]
+    fits = v.plan.fits
+    if fits:
+        out.append("verdict: fits")
+    elif fits is None:
+        out.append("verdict: unknown (no memory figure for this device; pass --hbm GIB)")
+    elif v.suggestion is not None:
+        out.append("verdict: does not fit; the smallest change that fits:")
+        out.append(format_plan(v.suggestion))
+        out.append("  train with: "
+                   + " ".join(f"--set {o}" for o in v.suggestion.knobs.overrides()))
+    else:
+        out.append(f"verdict: does not fit, and none of the {len(v.tried) - 1} changes tried fits:")
+        for k, peak in itertools.zip_longest(v.tried, v.peaks):
+            out.append(f"  mesh {k.layout}, remat {k.remat}, microbatches {k.microbatches}: "
+                       f"peak {_fmt_bytes(peak)} GiB")
+    out.append("note: " + NOTES)
+    return "\n".join(out)

@@ -1,0 +1,142 @@
+"""The verdict: one setting compiled and measured (`plan_once`), and when it does not fit,
+the search for the smallest change that does (`changes`, `find_fit`); `run` does both."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, List, Optional, Tuple
+
+from arca_jax import parallel
+from arca_jax.config import RunConfig
+from arca_jax.plan.figures import Plan, report_program
+from arca_jax.plan.knobs import (Knobs, Layout, default_layout, knobs_of, make_mesh,
+                                 trainer_problems)
+from arca_jax.plan.programs import compile_sampler, compile_train_step
+from arca_jax.plan.shapes import Shapes, abstract_batch, abstract_model, model_config
+from arca_jax.plan.targets import Target
+
+
+def plan_once(cfg: RunConfig, target: Target, knobs: Knobs, options=None,
+              reuse: Optional[Plan] = None, log=lambda text: None,
+              evaluation: bool = False, hlo_dir: Optional[str] = None) -> Plan:
+    """Compiles every program of `knobs` on `target` and reports them. `reuse`: a plan of the
+    same layout whose sampler programs are still valid (only remat or microbatches changed).
+    evaluation: also the evaluation's pass@k sampling (`Shapes.eval_rows`)."""
+    config = model_config(cfg)
+    mesh = make_mesh(knobs.layout, target.devices)
+    shapes = Shapes.of(cfg, knobs.layout.row_shards, evaluation)
+    params, state, optimizer = abstract_model(cfg, config, mesh)
+    batch = abstract_batch(cfg, shapes, mesh)
+    train = compile_train_step(cfg, config, mesh, knobs, params, state, optimizer, batch, options)
+    log(f"compiled train_step in {train.compile_s:.0f} s")
+    tag = (f"{knobs.layout.data}-{knobs.layout.fsdp}-{knobs.layout.tensor}"
+           f"_remat-{knobs.remat}_mb-{knobs.microbatches}_")
+    reports = [report_program(train, target, hlo_dir, tag)]
+    if reuse is not None and reuse.knobs.layout == knobs.layout:
+        reports += [p for p in reuse.programs if p.name != "train_step"]
+    else:
+        sampler = compile_sampler(cfg, config, mesh, shapes, params, state, target.platform,
+                                  options)
+        log("compiled " + ", ".join(f"{p.name} in {p.compile_s:.0f} s" for p in sampler))
+        reports += [report_program(p, target, hlo_dir, tag) for p in sampler]
+    return Plan(cfg.model.path, target, knobs, shapes, tuple(reports),
+                tuple(trainer_problems(cfg, knobs)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    """The plan of the asked setting; when it does not fit, the first change that does (or None)
+    and every setting tried, in order, with its peak memory per device."""
+
+    plan: Plan
+    suggestion: Optional[Plan]
+    tried: Tuple[Knobs, ...]
+    peaks: Tuple[int, ...] = ()  # the peak bytes per device of each setting tried
+
+
+def _valid_tensors(config, devices: int) -> List[int]:
+    """The tensor axis sizes (2, 4, 8, 16) that divide the devices and split the model evenly."""
+    out = []
+    for t in (2, 4, 8, 16):
+        if devices % t or config.num_attention_heads % t or config.intermediate_size % t:
+            continue
+        try:
+            parallel.check_tensor(config, t)
+        except ValueError:
+            continue
+        out.append(t)
+    return out
+
+
+def changes(cfg: RunConfig, devices: int) -> List[Tuple[str, Any]]:
+    """The changes to try, in order, as (name, knobs -> changed knobs or None when it does not
+    apply): every device on fsdp; each tensor axis size (2, 4, ...) the model allows
+    (`parallel.check_tensor`); remat; microbatches doubled (up to four times, while the trainer
+    accepts them)."""
+    config = model_config(cfg)
+
+    def fsdp(k: Knobs) -> Optional[Knobs]:
+        widest = Layout(1, devices // k.layout.tensor, k.layout.tensor)
+        return dataclasses.replace(k, layout=widest) if widest.fsdp > k.layout.fsdp else None
+
+    def tensor(t: int):
+        def change(k: Knobs) -> Optional[Knobs]:
+            return (dataclasses.replace(k, layout=Layout(1, devices // t, t))
+                    if t > k.layout.tensor else None)
+        return change
+
+    def remat(k: Knobs) -> Optional[Knobs]:
+        return None if k.remat else dataclasses.replace(k, remat=True)
+
+    def microbatches(k: Knobs) -> Optional[Knobs]:
+        more = dataclasses.replace(k, microbatches=k.microbatches * 2)
+        return None if trainer_problems(cfg, more) else more
+
+    return ([("fsdp", fsdp)] + [(f"tensor={t}", tensor(t)) for t in _valid_tensors(config, devices)]
+            + [("remat", remat)] + [("microbatches", microbatches)] * 4)
+
+
+def run(cfg: RunConfig, target: Target, layout: Optional[Layout] = None, options=None,
+        search: bool = True, max_tries: int = 6, log=lambda text: None,
+        evaluation: bool = False, hlo_dir: Optional[str] = None) -> Verdict:
+    """Plans `cfg` on `target` (layout: `default_layout` when None); when it does not fit and
+    `search`, looks for the smallest change that does (`find_fit`). options: XLA compiler
+    options for every compile (e.g. {"xla_backend_optimization_level": 0} in CPU tests).
+    evaluation: also plan the evaluation's pass@k sampling. hlo_dir: write every compiled
+    program's HLO text there."""
+    model_config(cfg)  # a model plan cannot build fails before anything compiles
+    layout = layout or default_layout(cfg, target.size)
+    log(f"compiling for {target.name}, mesh {layout}")
+    first = plan_once(cfg, target, knobs_of(cfg, layout), options, log=log,
+                      evaluation=evaluation, hlo_dir=hlo_dir)
+    if first.fits is not False or not search:
+        return Verdict(first, None, (first.knobs,), (first.peak_bytes,))
+    return find_fit(cfg, first, options, max_tries, log, hlo_dir)
+
+
+def find_fit(cfg: RunConfig, first: Plan, options=None, max_tries: int = 6,
+             log=lambda text: None, hlo_dir: Optional[str] = None) -> Verdict:
+    """Tries the `changes` of a plan that does not fit, in order, each recompiled on the same
+    target (at most `max_tries` compiles), until one fits. A change that lowers the peak memory
+    is kept for the next ones; one that does not is dropped, so the answer is the smallest
+    combination found along the way."""
+    best, tried, by_layout = first, [first.knobs], {first.knobs.layout: first}
+    peaks = [first.peak_bytes]
+    for what, change in changes(cfg, first.target.size):
+        k = change(best.knobs)
+        if k is None or k in tried:
+            continue
+        if len(tried) > max_tries:
+            break
+        log(f"does not fit; trying {what}: mesh {k.layout}, remat {k.remat}, "
+            f"microbatches {k.microbatches}")
+        p = plan_once(cfg, first.target, k, options, reuse=by_layout.get(k.layout), log=log,
+                      evaluation=first.shapes.eval_rows > 0, hlo_dir=hlo_dir)
+        tried.append(k)
+        peaks.append(p.peak_bytes)
+        by_layout.setdefault(k.layout, p)
+        if p.fits:
+            return Verdict(first, p, tuple(tried), tuple(peaks))
+        if p.peak_bytes < best.peak_bytes and not p.problems:
+            best = p
+    return Verdict(first, None, tuple(tried), tuple(peaks))
