@@ -1,5 +1,6 @@
 """Token-level credit assignment: the token weightings (a registry holding the paper's five and
-any user-defined ones) and their diagnostics.
+any user-defined ones) and their normalisation. Their Gini / EffN/T diagnostics are in
+``arca_jax.diagnostics``.
 
 A trajectory's scalar advantage A is spread over its completion tokens with weights w_t >= 0 that
 sum to 1 per row; the policy-gradient estimate is A * sum_t w_t grad log pi(y_t). Every scheme
@@ -15,7 +16,7 @@ A weighting is a ``Weighting``: a pure function from named per-token signals to 
 reference log-probs (adapter off), ``entropies``, ``residual_norms`` (ARCA's ||h_adapted - h_base||),
 ``mask``). The training step runs only the forwards those signals need. Everything after the
 salience is shared by every weighting: the clamp to [0, float32 max], the eps floor, sharpening,
-normalisation, the uniform fallback and the Gini / EffN/T diagnostics::
+normalisation and the uniform fallback (and the diagnostics measure any weighting's weights)::
 
     @credit.register("arca_x_surprisal", needs=("residual_norms", "logps"))
     def arca_x_surprisal(residual_norms, logps):
@@ -66,14 +67,13 @@ from typing import Any, Union
 
 import jax
 import jax.numpy as jnp
-from flax import struct
 
 Array = jax.Array
 
 _F32_MAX = float(jnp.finfo(jnp.float32).max)
 
 
-def _divide_by_row(x: Array, d: Array) -> Array:
+def divide_by_row(x: Array, d: Array) -> Array:
     """x / d for d > 0 broadcast along T, safe for d near the float32 maximum.
 
     XLA turns a division by a broadcast row value into a multiplication by its reciprocal, and
@@ -86,64 +86,6 @@ def _divide_by_row(x: Array, d: Array) -> Array:
 
 def _is_concrete_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-class _KeyAccess:
-    """Mapping-style read access (``r["gini"]``, ``dict(r)``) for the result dataclasses."""
-
-    def keys(self) -> tuple[str, ...]:
-        return tuple(f.name for f in dataclasses.fields(self))  # type: ignore[arg-type]
-
-    def __getitem__(self, key: str) -> Array:
-        if key not in self.keys():
-            raise KeyError(f"{key!r}; available: {', '.join(self.keys())}")
-        return getattr(self, key)
-
-    def __iter__(self):
-        return iter(self.keys())
-
-    def items(self):
-        return tuple((k, getattr(self, k)) for k in self.keys())
-
-
-@struct.dataclass
-class Concentration(_KeyAccess):
-    """Batch means of the concentration diagnostics (a frozen pytree; ``c["gini"]`` also works).
-
-    gini: [] float32, mean Gini coefficient over the rows with >= 2 valid tokens (and positive
-        total weight); 0 when no row qualifies.
-    effective_token_ratio: [] float32, mean EffN/T over the rows with >= 1 valid token (and
-        positive total weight); 1 when no row qualifies.
-    gini_rows: [] int32, number of rows that entered ``gini``.
-    effective_token_ratio_rows: [] int32, number of rows that entered ``effective_token_ratio``.
-
-    The empty-batch values (0, 1) are those of uniform weights, so a batch without measurable rows
-    reads as "no concentration" rather than as NaN; the counts tell the two cases apart and let
-    callers combine means across micro-batches exactly (weight each mean by its count).
-    """
-
-    gini: Array
-    effective_token_ratio: Array
-    gini_rows: Array
-    effective_token_ratio_rows: Array
-
-
-@struct.dataclass
-class RowConcentration(_KeyAccess):
-    """Per-row concentration diagnostics (a frozen pytree; ``r["gini"]`` also works).
-
-    gini: [B] float32, Gini coefficient of the row's weights over its valid tokens; 0 where
-        ``gini_valid`` is False.
-    effective_token_ratio: [B] float32, EffN/T of the row; 0 where ``effective_token_ratio_valid``
-        is False.
-    gini_valid: [B] bool, row has >= 2 valid tokens and positive total weight.
-    effective_token_ratio_valid: [B] bool, row has >= 1 valid token and positive total weight.
-    """
-
-    gini: Array
-    effective_token_ratio: Array
-    gini_valid: Array
-    effective_token_ratio_valid: Array
 
 
 # --------------------------------------------------------------------------------------------
@@ -473,7 +415,7 @@ def normalize_saliences(alpha: Array, mask: Array, *, eps: float = 1e-8,
         xq = x_safe ** q
     xq = jnp.where(positive, xq, 0.0)
     mq = jnp.max(xq, axis=-1, keepdims=True)  # m^q; 0 for rows without a positive entry
-    t = _divide_by_row(xq, jnp.where(mq > 0, mq, 1.0))  # in [0, ~1], row maximum ~1
+    t = divide_by_row(xq, jnp.where(mq > 0, mq, 1.0))  # in [0, ~1], row maximum ~1
     if _is_concrete_number(sharpening) and sharpening <= 1:
         r = t
     else:
@@ -530,79 +472,3 @@ def token_weights(
         n = jnp.sum(valid, axis=-1, keepdims=True)
         return valid / jnp.maximum(n, 1).astype(jnp.float32)
     return normalize_saliences(alpha, mask, eps=eps, sharpening=sharpening)
-
-
-# --------------------------------------------------------------------------------------------
-# Diagnostics
-# --------------------------------------------------------------------------------------------
-
-
-def concentration_per_row(weights: Array, mask: Array) -> RowConcentration:
-    """Gini coefficient and EffN/T of each row's weights over its valid tokens.
-
-    weights: [B, T] non-negative weights (any float dtype, upcast to float32); invalid positions are
-        never read.
-    mask: [B, T], nonzero = valid.
-    Returns: ``RowConcentration`` of [B] arrays (see there).
-
-    With n valid tokens, S = sum_i w_i and w_(1) <= ... <= w_(n) the valid weights sorted ascending
-    (invalid positions are sorted to the end as +inf and never enter the sum):
-        G = sum_i (2i - n - 1) w_(i) / (n S)                      (rows with n >= 2)
-        EffN/T = S^2 / (n sum_i w_i^2)                            (rows with n >= 1)
-    T in EffN/T is the row's number of valid tokens n, so uniform weights give G = 0, EffN/T = 1
-    and all weight on one of n tokens gives G = (n-1)/n, EffN/T = 1/n. For weights summing to 1 (as
-    ``token_weights`` returns) EffN/T is the paper's 1 / (T sum w^2); the S^2 factor makes it
-    scale-invariant for unnormalised inputs. Rows whose valid weights sum to 0 have no defined
-    concentration and are marked invalid; NaN weights at valid positions give NaN for that row.
-    """
-    valid = jnp.asarray(mask) != 0
-    w = jnp.asarray(weights).astype(jnp.float32)
-    if w.shape != valid.shape:
-        raise ValueError(f"weights has shape {w.shape}, mask has shape {valid.shape}")
-    w = jnp.where(valid, w, 0.0)
-    n = jnp.sum(valid, axis=-1)  # [B]
-    nf = n.astype(jnp.float32)
-    total = jnp.sum(w, axis=-1)  # [B]
-    positive = ~(total <= 0)  # NaN weights stay eligible so that the NaN shows in the logs
-
-    # Rescale each row to sum 1 first (no-op up to rounding for token_weights' output), so that
-    # neither S^2 nor n S can overflow for unnormalised inputs.
-    u = _divide_by_row(w, jnp.where(positive, total, 1.0)[..., None])  # [B, T]
-
-    gini_valid = (n >= 2) & positive
-    srt = jnp.sort(jnp.where(valid, u, jnp.inf), axis=-1)  # valid weights first, ascending
-    rank = jnp.arange(1, w.shape[-1] + 1, dtype=jnp.float32)  # [T], i = 1..T
-    in_row = rank <= nf[..., None]
-    coef = 2.0 * rank - nf[..., None] - 1.0
-    num = jnp.sum(jnp.where(in_row, coef * jnp.where(in_row, srt, 0.0), 0.0), axis=-1)
-    has_nan = jnp.any(valid & jnp.isnan(w), axis=-1)  # explicit: sort/sum NaN order varies
-    # clamp: float rounding can give -1e-9 for exactly uniform weights (G is in [0, 1))
-    gini = jnp.where(gini_valid, jnp.maximum(num / jnp.maximum(nf, 1.0), 0.0), 0.0)
-    gini = jnp.where(gini_valid & has_nan, jnp.nan, gini)
-
-    eff_valid = (n >= 1) & positive
-    eff_den = nf * jnp.sum(u * u, axis=-1)  # n sum u^2 >= 1 for a valid row
-    eff = jnp.where(eff_valid, 1.0 / jnp.where(eff_valid, eff_den, 1.0), 0.0)
-    eff = jnp.where(eff_valid & has_nan, jnp.nan, eff)
-    return RowConcentration(gini=gini, effective_token_ratio=eff, gini_valid=gini_valid,
-                            effective_token_ratio_valid=eff_valid)
-
-
-def concentration(weights: Array, mask: Array) -> Concentration:
-    """Batch means of the per-row Gini and EffN/T (see ``concentration_per_row``).
-
-    weights, mask: [B, T]. Returns ``Concentration`` of scalars: ``c["gini"]`` averages the rows
-    with >= 2 valid tokens, ``c["effective_token_ratio"]`` the rows with >= 1 valid token (rows
-    with zero total weight are excluded from both); ineligible rows are skipped, not counted as 0.
-    With no eligible row the mean is 0 for gini and 1 for effective_token_ratio (the uniform
-    values), and the matching ``*_rows`` count is 0. Under pmap/shard_map the mean is per shard;
-    combine shards with the counts. With jit over sharded inputs it is the global batch mean.
-    """
-    rows = concentration_per_row(weights, mask)
-    g_cnt = jnp.sum(rows.gini_valid, dtype=jnp.int32)
-    e_cnt = jnp.sum(rows.effective_token_ratio_valid, dtype=jnp.int32)
-    g_mean = jnp.sum(rows.gini) / jnp.maximum(g_cnt, 1).astype(jnp.float32)
-    e_sum = jnp.sum(rows.effective_token_ratio)
-    e_mean = jnp.where(e_cnt > 0, e_sum / jnp.maximum(e_cnt, 1).astype(jnp.float32), 1.0)
-    return Concentration(gini=g_mean, effective_token_ratio=e_mean, gini_rows=g_cnt,
-                         effective_token_ratio_rows=e_cnt)

@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from arca_jax import credit, qwen3
+from arca_jax import diagnostics, qwen3
 from arca_jax.batch import Batch, as_batch
 from arca_jax.grpo import signals
 from arca_jax.grpo.config import ESTIMATORS, GRPOConfig
@@ -387,7 +387,7 @@ def _loss_stats(valid, weights, pg, kl, clipped, entropies, residual, residual_l
     residual_layers [S, B, T] or None, S = ``num_layers``; is_stats: ``behaviour_weights``'
     statistics or None)."""
     validf = valid.astype(jnp.float32)
-    rows = credit.concentration_per_row(weights, valid)
+    rows = diagnostics.concentration_per_row(weights, valid)
     res = jnp.zeros_like(pg) if residual is None else residual
     per_layer = (jnp.zeros((num_layers,), jnp.float32) if residual_layers is None
                  else jnp.sum(residual_layers, axis=(1, 2)))

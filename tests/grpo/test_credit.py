@@ -1,4 +1,4 @@
-"""Tests for arca_jax.credit: token weightings and concentration diagnostics.
+"""Tests for arca_jax.credit (token weightings) and arca_jax.diagnostics (their concentration).
 
 The oracle below is written from the paper's definitions with plain numpy loops over rows and
 float64 arithmetic; it shares no code or tricks (max scaling, scans, sorting with +inf) with the
@@ -18,14 +18,13 @@ from jax.sharding import PartitionSpec as P
 from arca_jax.credit import (
     MODES,
     REQUIRED_INPUTS,
-    concentration,
-    concentration_per_row,
     next_valid_index,
     normalize_saliences,
     required_inputs,
     saliences,
     token_weights,
 )
+from arca_jax.diagnostics import concentration, concentration_per_row
 
 INPUT_NAMES = ("logps", "ref_logps", "entropies", "residual_norms")
 

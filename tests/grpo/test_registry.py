@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from arca_jax import config as run_config
-from arca_jax import credit, lora
+from arca_jax import credit, diagnostics, lora
 from arca_jax.configlib import ConfigError
 from arca_jax.grpo import (Batch, GRPOConfig, all_method_weights, completion_valid,
                            forwards_needed, loss_fn, policy_logprobs, token_signals)
@@ -154,7 +154,7 @@ def test_user_weighting_token_weights_against_numpy(user):
             np.testing.assert_allclose(np.asarray(got), want, rtol=2e-6, atol=1e-7)
     # the diagnostics apply as to the paper's weightings
     w = credit.token_weights(USER, valid, logps=logps, residual_norms=res)
-    c = credit.concentration(w, valid)
+    c = diagnostics.concentration(w, valid)
     assert 0 < float(c.gini) < 1 and 0 < float(c.effective_token_ratio) < 1
     with pytest.raises(ValueError, match="logps"):
         credit.token_weights(USER, valid, residual_norms=res)
@@ -203,7 +203,7 @@ def test_user_weighting_in_all_method_weights_and_loss_fn(model, user):
     rows = v.any(1)
     want_loss = -np.sum(adv[:, None] * want * np.where(v, logps, 0.0)) / rows.sum()
     np.testing.assert_allclose(float(loss), want_loss, rtol=1e-5)
-    rc = credit.concentration_per_row(jnp.asarray(want, jnp.float32), valid)
+    rc = diagnostics.concentration_per_row(jnp.asarray(want, jnp.float32), valid)
     np.testing.assert_allclose(float(stats.gini_sum), float(jnp.sum(rc.gini)), rtol=1e-4)
     assert float(stats.residual_sum) > 0  # ARCA's residuals were computed and logged
 

@@ -512,10 +512,10 @@ def test_comparison_puts_paper_numbers_beside_ours(sweep):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_gini_and_effn_match_the_credit_module():
+def test_gini_and_effn_match_the_diagnostics_module():
     import jax.numpy as jnp
 
-    from arca_jax.credit import concentration_per_row
+    from arca_jax.diagnostics import concentration_per_row
 
     w = np.random.default_rng(0).random((3, 9)) ** 4
     rows = concentration_per_row(jnp.asarray(w), jnp.ones_like(jnp.asarray(w)))
