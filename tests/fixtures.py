@@ -6,6 +6,8 @@ puts tests/ on sys.path):
 - random tiny Qwen3 models made with transformers (PyTorch, CPU), the parity oracle:
   ``tiny_hf_config``, ``random_hf_model``, ``random_checkpoint``, ``random_peft_model``,
   ``left_padded_batch``, ``positions_of``, ``hf_forward``, ``rel_err``;
+- the GRPO oracles' shared case, a PEFT model beside its JAX copy and a ragged batch:
+  ``LORA_TARGETS``, ``lora_block``, ``peft_adapter_tree``, ``PeftCase``, ``peft_case``;
 - run directories: ``TIMING``, ``read_jsonl``, ``write_jsonl``.
 
 Every builder is deterministic in its arguments (seeds, scales, shapes), so a test that calls one
@@ -15,8 +17,10 @@ computes exactly what it computed when it built the object itself. The jax build
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+from typing import Any
 
 import numpy as np
 
@@ -214,6 +218,78 @@ def rel_err(a, b, mask=None) -> float:
         m = np.asarray(mask, bool)
         a, b = a[m], b[m]
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+# ------------------------------ the GRPO oracles' shared case ---------------------------------
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def lora_block(proj: str) -> str:
+    """The decoder-layer block holding a projection: "self_attn" or "mlp"."""
+    return "self_attn" if proj in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+
+
+def peft_adapter_tree(pm, targets=LORA_TARGETS):
+    """A PEFT model's adapter as our LoRA tree: {"layers": {block: {proj: {"lora_a": [L, in, r],
+    "lora_b": [L, r, out]}}}} float32 (PEFT's [r, in] / [out, r] weights transposed), L the
+    decoder layers."""
+    import jax
+    import jax.numpy as jnp
+
+    tree = {}
+    for layer in pm.base_model.model.model.layers:
+        for proj in targets:
+            block = lora_block(proj)
+            mod = getattr(getattr(layer, block), proj)
+            leaf = tree.setdefault("layers", {}).setdefault(block, {}).setdefault(
+                proj, {"lora_a": [], "lora_b": []})
+            leaf["lora_a"].append(mod.lora_A["default"].weight.detach().numpy().T)
+            leaf["lora_b"].append(mod.lora_B["default"].weight.detach().numpy().T)
+    return jax.tree_util.tree_map(lambda x: jnp.asarray(np.stack(x)), tree,
+                                  is_leaf=lambda x: isinstance(x, list))
+
+
+@dataclasses.dataclass(frozen=True)
+class PeftCase:
+    """A random tiny Qwen3 (transformers) with a random PEFT adapter on `LORA_TARGETS`, the same
+    model and adapter as ours, and a ragged batch of B = 5 rows of T = 14 tokens: left-padded
+    prompts in [0, 6), completions from 6, right-padded.
+
+    pm: the PEFT model; config, params: ours (float32); tree: the adapter (`peft_adapter_tree`);
+    ids, attention_mask, completion_mask: [B, T] int64 numpy (ids 0 on padding);
+    advantages: [B] float32 numpy."""
+
+    pm: Any
+    config: Any
+    params: Any
+    tree: Any
+    ids: np.ndarray
+    attention_mask: np.ndarray
+    completion_mask: np.ndarray
+    advantages: np.ndarray
+
+
+def peft_case(*, layers: int, seed: int, path, r: int, alpha: float) -> PeftCase:
+    """The `PeftCase` of a model with `layers` decoder layers (hidden 32, 4 heads, 2 KV heads,
+    head_dim 16, vocab 97, untied) drawn with `seed` and saved under `path`; the adapter of rank
+    `r` and `alpha` drawn with seed 5 (lora_B scale 0.3); the batch from numpy seed 0."""
+    cfg = tiny_hf_config(hidden=32, heads=4, kv_heads=2, head_dim=16, layers=layers, vocab=97,
+                         tied=False)
+    model, config, params = random_checkpoint(cfg, seed=seed, path=path)
+    pm = random_peft_model(model, r=r, alpha=alpha, targets=list(LORA_TARGETS), seed=5,
+                           scale=0.3)
+    B, T, P = 5, 14, 6
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, cfg.vocab_size, (B, T))
+    am = np.zeros((B, T), np.int64)
+    cm = np.zeros((B, T), np.int64)
+    for b, (plen, clen) in enumerate([(6, 8), (4, 5), (3, 1), (5, 3), (2, 7)]):
+        am[b, P - plen:P + clen] = 1
+        cm[b, P:P + clen] = 1
+    ids = np.where(am == 1, ids, 0)
+    adv = rng.normal(size=B).astype(np.float32)
+    return PeftCase(pm, config, params, peft_adapter_tree(pm), ids, am, cm, adv)
 
 
 # ------------------------------------ run directories -----------------------------------------

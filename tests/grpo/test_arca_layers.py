@@ -19,46 +19,23 @@ from arca_jax import lora, qwen3
 from arca_jax.grpo import (Batch, GRPOConfig, TrainState, all_method_weights, loss_fn, make_mesh,
                            make_train_step, replicate, shard_params, unreplicate)
 from arca_jax.grpo.signals import residual_layer_count, residual_layers
-from fixtures import (grad_recorder, positions_of, ragged_batch, random_adapter,
-                      random_checkpoint, random_params, random_peft_model, rel_err, tiny_config,
-                      tiny_hf_config)
+from fixtures import (grad_recorder, peft_case, positions_of, ragged_batch, random_adapter,
+                      random_params, rel_err, tiny_config)
 
 FAST = {"xla_backend_optimization_level": 0}
 R, ALPHA = 4, 8.0
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LAYERS = 3
 
 
 @pytest.fixture(scope="module")
 def oracle(tmp_path_factory):
-    cfg = tiny_hf_config(hidden=32, heads=4, kv_heads=2, head_dim=16, layers=LAYERS, vocab=97,
-                         tied=False)
-    model, config, params = random_checkpoint(cfg, seed=13, path=tmp_path_factory.mktemp("arca"))
-    pm = random_peft_model(model, r=R, alpha=ALPHA, targets=TARGETS, seed=5, scale=0.3)
-    tree = {}
-    for layer in range(LAYERS):
-        for proj in TARGETS:
-            block = "self_attn" if proj in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-            mod = getattr(getattr(pm.base_model.model.model.layers[layer], block), proj)
-            leaf = tree.setdefault("layers", {}).setdefault(block, {}).setdefault(
-                proj, {"lora_a": [], "lora_b": []})
-            leaf["lora_a"].append(mod.lora_A["default"].weight.detach().numpy().T)
-            leaf["lora_b"].append(mod.lora_B["default"].weight.detach().numpy().T)
-    tree = jax.tree_util.tree_map(lambda x: jnp.asarray(np.stack(x)), tree,
-                                  is_leaf=lambda x: isinstance(x, list))
-    B, T, P = 5, 14, 6  # left-padded prompts in [0, 6), completions from 6, right-padded
-    rng = np.random.default_rng(0)
-    ids = rng.integers(1, cfg.vocab_size, (B, T))
-    am = np.zeros((B, T), np.int64)
-    cm = np.zeros((B, T), np.int64)
-    for b, (plen, clen) in enumerate([(6, 8), (4, 5), (3, 1), (5, 3), (2, 7)]):
-        am[b, P - plen:P + clen] = 1
-        cm[b, P:P + clen] = 1
-    ids = np.where(am == 1, ids, 0)
-    batch = Batch(input_ids=jnp.asarray(ids, jnp.int32), attention_mask=jnp.asarray(am),
-                  completion_mask=jnp.asarray(cm),
-                  advantages=jnp.asarray(rng.normal(size=B).astype(np.float32)))
-    return pm, config, params, tree, batch
+    case = peft_case(layers=LAYERS, seed=13, path=tmp_path_factory.mktemp("arca"), r=R,
+                     alpha=ALPHA)
+    batch = Batch(input_ids=jnp.asarray(case.ids, jnp.int32),
+                  attention_mask=jnp.asarray(case.attention_mask),
+                  completion_mask=jnp.asarray(case.completion_mask),
+                  advantages=jnp.asarray(case.advantages))
+    return case.pm, case.config, case.params, case.tree, batch
 
 
 def torch_states(pm, batch, adapter: bool):

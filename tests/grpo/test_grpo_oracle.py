@@ -13,44 +13,18 @@ import pytest
 import torch
 
 from arca_jax.grpo import Batch, GRPOConfig, loss_fn
-from fixtures import positions_of, random_checkpoint, random_peft_model, rel_err, tiny_hf_config
+from fixtures import LORA_TARGETS, lora_block, peft_case, positions_of, rel_err
 
 R, ALPHA = 4, 8.0
 FAST_COMPILE = {"xla_backend_optimization_level": 0}  # CPU test speed; numerics unchanged
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    cfg = tiny_hf_config(hidden=32, heads=4, kv_heads=2, head_dim=16, layers=2, vocab=97,
-                         tied=False)
-    model, config, params = random_checkpoint(cfg, seed=11, path=tmp_path_factory.mktemp("grpo_base"))
-    pm = random_peft_model(model, r=R, alpha=ALPHA, targets=TARGETS, seed=5, scale=0.3)
-
-    tree = {}
-    for layer in range(cfg.num_hidden_layers):
-        for proj in TARGETS:
-            block = "self_attn" if proj in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-            mod = getattr(getattr(pm.base_model.model.model.layers[layer], block), proj)
-            leaf = tree.setdefault("layers", {}).setdefault(block, {}).setdefault(
-                proj, {"lora_a": [], "lora_b": []})
-            leaf["lora_a"].append(mod.lora_A["default"].weight.detach().numpy().T)
-            leaf["lora_b"].append(mod.lora_B["default"].weight.detach().numpy().T)
-    tree = jax.tree_util.tree_map(lambda x: jnp.asarray(np.stack(x)), tree,
-                                  is_leaf=lambda x: isinstance(x, list))
-
-    # 5 rows of 14 tokens: left-padded prompts in [0, 6), completions from 6, right-padded.
-    B, T, P = 5, 14, 6
-    rng = np.random.default_rng(0)
-    ids = rng.integers(1, cfg.vocab_size, (B, T))
-    am = np.zeros((B, T), np.int64)
-    cm = np.zeros((B, T), np.int64)
-    for b, (plen, clen) in enumerate([(6, 8), (4, 5), (3, 1), (5, 3), (2, 7)]):
-        am[b, P - plen:P + clen] = 1
-        cm[b, P:P + clen] = 1
-    ids = np.where(am == 1, ids, 0)
-    adv = rng.normal(size=B).astype(np.float32)
-    return pm, config, params, tree, (ids, am, cm, adv)
+    case = peft_case(layers=2, seed=11, path=tmp_path_factory.mktemp("grpo_base"), r=R,
+                     alpha=ALPHA)
+    return (case.pm, case.config, case.params, case.tree,
+            (case.ids, case.attention_mask, case.completion_mask, case.advantages))
 
 
 # ------------------------------ the oracle (torch, loops) -------------------------------------
@@ -128,9 +102,8 @@ def torch_objective(pm, data, *, mode, sharpening, eps=1e-8, kl_beta=0.0, old_lo
     loss.backward()
     grads = {}
     for layer, blk in enumerate(pm.base_model.model.model.layers):
-        for proj in TARGETS:
-            mod = getattr(blk.self_attn if proj in ("q_proj", "k_proj", "v_proj", "o_proj")
-                          else blk.mlp, proj)
+        for proj in LORA_TARGETS:
+            mod = getattr(getattr(blk, lora_block(proj)), proj)
             grads[(layer, proj, "lora_a")] = mod.lora_A["default"].weight.grad.numpy().T
             grads[(layer, proj, "lora_b")] = mod.lora_B["default"].weight.grad.numpy().T
     return float(loss.detach()), grads
@@ -155,8 +128,7 @@ def _jax(setup, grpo_config, old_logps=None):
 def _compare(jloss, jgrads, tloss, tgrads):
     assert abs(jloss - tloss) <= 1e-4 * max(abs(tloss), 1e-6), (jloss, tloss)
     for (layer, proj, part), g in tgrads.items():
-        block = "self_attn" if proj in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-        ours = np.asarray(jgrads["layers"][block][proj][part][layer])
+        ours = np.asarray(jgrads["layers"][lora_block(proj)][proj][part][layer])
         assert np.linalg.norm(g) > 0
         assert rel_err(ours, g) < 1e-4, (layer, proj, part, rel_err(ours, g))
 
