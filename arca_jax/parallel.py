@@ -20,8 +20,14 @@ Mesh layout (``make_train_step(mode="mesh")``, ``sampling.generate(mesh=...)``):
 - batch: the leading B axis over ("data", "fsdp") together (each such device holds different
   rows, the same rows on every device of one tensor group); over "data" alone when B is not
   divisible by data x fsdp; replicated when not even that.
-- train state (LoRA, optimiser moments, counters): replicated over "data" and "fsdp", split over
-  "tensor" as the adapters above (`state_shardings`).
+- train state (LoRA, optimiser moments, counters) and the step's gradient, ZeRO-style: every
+  factor is split over "tensor" as the adapters above and over "fsdp" along its wide dimension
+  (A's I, B's O; jointly with "tensor" where tensor splits it; else the rank R; else replicated
+  over "fsdp", `lora_partition_spec`), replicated over "data"; counters and the PRNG key
+  replicated (`state_shardings`). Each device owns 1 / fsdp of every factor and of its Adam
+  moments: the gradient is reduce-scattered onto that slice, the update applied there, and XLA
+  all-gathers a factor over "fsdp" where the forward uses it. Per-device bytes:
+  `train_state_bytes` (fsdp=False: the layout replicated over "fsdp", for comparison).
 
 Device order (`make_mesh`): on TPU the mesh follows the physical topology
 (`jax.experimental.mesh_utils`), with "tensor" on the innermost, fastest links; over several
@@ -32,6 +38,7 @@ form consecutive mesh positions).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Optional, Sequence
 
 import jax
@@ -185,35 +192,95 @@ def param_shardings(params, mesh: Mesh):
 
 
 def lora_partition_spec(path_keys: Sequence[str], shape: Sequence[int], tensor_size: int,
-                        kv_heads: Optional[int] = None) -> P:
+                        kv_heads: Optional[int] = None, fsdp_size: int = 1) -> P:
     """PartitionSpec of one leaf of an adapter-shaped tree (the adapter, its gradient or an
-    optimiser moment): a column-parallel projection's lora_b [L, R, O] split by O, a row-parallel
-    one's lora_a [L, I, R] by I, everything else replicated (see the module doc)."""
-    if tensor_size <= 1 or len(path_keys) < 2 or len(shape) != 3:
+    optimiser moment; see the module doc).
+
+    "tensor": a column-parallel projection's lora_b [L, R, O] split by O, a row-parallel one's
+    lora_a [L, I, R] by I (the other factor stays whole over "tensor").
+    "fsdp" (fsdp_size > 1, ZeRO): each factor's wide dimension W (A's I, B's O) is split over
+    "fsdp" as well; where "tensor" already splits W, over ("tensor", "fsdp") together,
+    tensor-major, so that gathering over "fsdp" gives each device its tensor shard. When W is not
+    divisible by that (tensor x fsdp, or fsdp) the rank R is split over "fsdp" instead; when R
+    is not divisible either, the leaf is replicated over "fsdp". Leaves that are not [L, ., .]
+    lora_a / lora_b arrays are replicated.
+    """
+    if len(path_keys) < 2 or len(shape) != 3 or path_keys[-1] not in ("lora_a", "lora_b"):
         return P()
     proj, factor = path_keys[-2], path_keys[-1]
-    if factor == "lora_b" and proj in COLUMN_PARALLEL and shape[2] % tensor_size == 0 and (
-            proj not in KV_PROJS or kv_split(kv_heads, tensor_size)):
-        return P(None, None, TENSOR)
-    if factor == "lora_a" and proj in ROW_PARALLEL and shape[1] % tensor_size == 0:
-        return P(None, TENSOR, None)
-    return P()
+    wide, rank = (1, 2) if factor == "lora_a" else (2, 1)
+    split_by_tensor = tensor_size > 1 and shape[wide] % tensor_size == 0 and (
+        (factor == "lora_b" and proj in COLUMN_PARALLEL
+         and (proj not in KV_PROJS or kv_split(kv_heads, tensor_size)))
+        or (factor == "lora_a" and proj in ROW_PARALLEL))
+    spec = [None, None, None]
+    if split_by_tensor:
+        spec[wide] = TENSOR
+    if fsdp_size > 1:
+        if shape[wide] % (fsdp_size * (tensor_size if split_by_tensor else 1)) == 0:
+            spec[wide] = (TENSOR, FSDP) if split_by_tensor else FSDP
+        elif shape[rank] % fsdp_size == 0:
+            spec[rank] = FSDP
+    return P(*spec) if any(spec) else P()
 
 
-def state_shardings(tree, mesh: Mesh, kv_heads: Optional[int] = None):
+def state_shardings(tree, mesh: Mesh, kv_heads: Optional[int] = None, *, fsdp: bool = True):
     """NamedShardings for a train state, an adapter tree, or anything holding adapter-shaped
-    subtrees (optimiser moments): adapter leaves as `lora_partition_spec`, all else replicated.
-    kv_heads: the model's K (`config.num_key_value_heads`)."""
+    subtrees (optimiser moments, gradients): adapter leaves as `lora_partition_spec`, all else
+    (counters, the PRNG key, learning rate) replicated. kv_heads: the model's K
+    (`config.num_key_value_heads`). fsdp=False: the adapter leaves replicated over "fsdp" (split
+    over "tensor" only; the layout before ZeRO sharding, for comparisons)."""
     tensor = axis_size(mesh, TENSOR)
+    fsdp_size = axis_size(mesh, FSDP) if fsdp else 1
     return jax.tree_util.tree_map_with_path(
         lambda p, x: NamedSharding(mesh, lora_partition_spec(_path_keys(p), np.shape(x), tensor,
-                                                             kv_heads)),
+                                                             kv_heads, fsdp_size)),
         tree)
 
 
 def shard_lora(lora, mesh: Mesh, kv_heads: Optional[int] = None):
     """Places an adapter tree (or a train state) on the mesh as `state_shardings`."""
     return jax.device_put(lora, state_shardings(lora, mesh, kv_heads))
+
+
+@dataclasses.dataclass(frozen=True)
+class StateBytes:
+    """Bytes one device holds of a train state (`grpo.TrainState`), by part.
+
+    adapter: the LoRA factors. optimizer: the optimiser state (Adam's two moments, counters,
+    hyperparameters). gradient: the adapter's gradient inside the step (adapter-shaped, in the
+    adapter's dtype; transient, not part of the state). other: step, PRNG key, skipped_steps.
+    """
+
+    adapter: int
+    optimizer: int
+    gradient: int
+    other: int
+
+    @property
+    def total(self) -> int:
+        return self.adapter + self.optimizer + self.gradient + self.other
+
+
+def train_state_bytes(state, mesh: Mesh, kv_heads: Optional[int] = None, *,
+                      fsdp: bool = True) -> StateBytes:
+    """Per-device bytes of `state` (a TrainState of arrays or `jax.ShapeDtypeStruct`s, e.g.
+    ``jax.eval_shape`` of ``TrainState.create``) laid out as `state_shardings` (fsdp=True, the
+    train step's layout) or replicated over "fsdp" (fsdp=False, the layout before ZeRO
+    sharding). From shapes and dtypes alone (nothing is placed): each leaf's shard shape under
+    its sharding. With the factors' wide dimensions divisible by tensor x fsdp, the adapter,
+    optimiser and gradient parts shrink by the fsdp size."""
+
+    def nbytes(tree) -> int:
+        shardings = state_shardings(tree, mesh, kv_heads, fsdp=fsdp)
+        return sum(int(np.prod(s.shard_shape(tuple(x.shape)))) * np.dtype(x.dtype).itemsize
+                   for x, s in zip(jax.tree_util.tree_leaves(tree),
+                                   jax.tree_util.tree_leaves(shardings)))
+
+    adapter, optimizer = nbytes(state.lora), nbytes(state.opt_state)
+    everything = nbytes(state)
+    return StateBytes(adapter=adapter, optimizer=optimizer, gradient=adapter,
+                      other=everything - adapter - optimizer)
 
 
 # Layouts of the sampler's weights (`qwen3.InferenceWeights`), by field: the dimension split
@@ -263,7 +330,7 @@ def inference_shardings(weights, mesh: Mesh):
 
 def cache_shardings(cache, mesh: Mesh):
     """NamedShardings for a `qwen3.KVCache`: rows as the batch (`batch_spec`), the kv heads of
-    k, v [B, K', S, H] over "tensor", the write index replicated."""
+    k, v [B, K', S, H] over "tensor", the per-row write index [B] as the rows."""
     B = cache.valid.shape[0]
     rows = batch_spec(B, mesh)
     rows = rows[0] if len(rows) else None
@@ -271,7 +338,7 @@ def cache_shardings(cache, mesh: Mesh):
     heads = TENSOR if tensor > 1 and cache.k[0].shape[1] % tensor == 0 else None
     kv = NamedSharding(mesh, P(rows, heads))
     return type(cache)(k=tuple(kv for _ in cache.k), v=tuple(kv for _ in cache.v),
-                       valid=NamedSharding(mesh, P(rows)), index=NamedSharding(mesh, P()))
+                       valid=NamedSharding(mesh, P(rows)), index=NamedSharding(mesh, P(rows)))
 
 
 def batch_spec(batch_size: int, mesh: Mesh) -> P:

@@ -165,14 +165,22 @@ def _zero_stats(residual_layers: int = 1) -> LossStats:
 
 
 def _loss_and_grads(value_and_grad, lora, params, b, key, normalizer, *, microbatches: int,
-                    mesh: Optional[Mesh], residual_layers: int = 1):
+                    mesh: Optional[Mesh], residual_layers: int = 1, grad_shardings=None):
     """(loss, LossStats, grads) of the batch: one value-and-grad, or a ``lax.scan`` over M strided
     microbatches with gradients summed in float32 (each microbatch uses the global normaliser and
-    dropout key fold_in(key, i), so the sum is the large-batch gradient)."""
+    dropout key fold_in(key, i), so the sum is the large-batch gradient).
+
+    grad_shardings: on a mesh, the adapter's layout (``parallel.state_shardings``): each
+    (microbatch's) gradient is constrained to it, so the devices' partial gradients are
+    reduce-scattered onto the slices they own rather than all-reduced whole."""
     M = microbatches
+
+    def owned(g):
+        return g if grad_shardings is None else jax.lax.with_sharding_constraint(g, grad_shardings)
+
     if M == 1:
         (loss, stats), grads = value_and_grad(lora, params, b, rng=key, normalizer=normalizer)
-        return loss, stats, grads
+        return loss, stats, owned(grads)
     mbs = _split_microbatches(b, M)
     if mesh is not None:
         spec = parallel.batch_spec(b.input_ids.shape[0] // M, mesh)
@@ -185,11 +193,12 @@ def _loss_and_grads(value_and_grad, lora, params, b, key, normalizer, *, microba
         mb, i = xs
         (mb_loss, s), gr = value_and_grad(lora, params, mb, rng=jax.random.fold_in(key, i),
                                           normalizer=normalizer)
-        g_acc = jax.tree_util.tree_map(lambda a, x: a + x.astype(jnp.float32), g_acc, gr)
+        g_acc = owned(jax.tree_util.tree_map(lambda a, x: a + x.astype(jnp.float32), g_acc,
+                                             owned(gr)))
         return (g_acc, l_acc + mb_loss, s_acc.combine(s)), None
 
-    # accumulate in float32 whatever the adapter's dtype
-    init = (jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, jnp.float32), lora),
+    # accumulate in float32 whatever the adapter's dtype (on a mesh: each device its own slice)
+    init = (owned(jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, jnp.float32), lora)),
             jnp.zeros((), jnp.float32), _zero_stats(residual_layers))
     (grads, loss, stats), _ = jax.lax.scan(body, init, (mbs, jnp.arange(M)))
     return loss, stats, jax.tree_util.tree_map(lambda x, p: x.astype(p.dtype), grads, lora)
@@ -240,9 +249,12 @@ def make_train_step(config: qwen3.Qwen3Config, grpo_config: GRPOConfig,
               device folds its index into the dropout key.
       "mesh": jit over ``mesh`` (axes ("data", "fsdp", "tensor"), see ``parallel.make_mesh``):
               base params sharded over "fsdp" and "tensor" (place them once with
-              ``parallel.shard_params``), batch over ("data", "fsdp"), state replicated over
-              those two and split over "tensor" like the base layers (``parallel.shard_lora``);
-              see ``arca_jax.parallel``.
+              ``parallel.shard_params``), batch over ("data", "fsdp"), state (adapter and
+              optimiser moments) split over "tensor" like the base layers and over "fsdp"
+              ZeRO-style (``parallel.shard_lora``, ``parallel.state_shardings``): gradients
+              reduce-scattered onto each device's slice, the update applied there, factors
+              all-gathered where the forward uses them; the state keeps that layout. See
+              ``arca_jax.parallel``.
     microbatches: M; the batch (B rows) is processed as M strided slices of B / M rows under
         ``lax.scan`` and the gradients summed (in float32); the update equals one large-batch
         step (each slice uses the global normaliser). Microbatch i uses dropout key
@@ -290,7 +302,14 @@ def make_train_step(config: qwen3.Qwen3Config, grpo_config: GRPOConfig,
             n_dev = jax.lax.psum(1, axis_name)
             z = jax.lax.psum(z, axis_name)
         # each device normalises by its share of the global denominator: pmean then adds up
-        loss, stats, grads = grads_fn(state.lora, params, b, key, jnp.maximum(z, 1.0) / n_dev)
+        lora_in, grad_shardings = state.lora, None
+        if mesh is not None:  # ZeRO: gather each factor over "fsdp" for the forward, and
+            # reduce-scatter its gradient back onto the slices the devices own
+            lora_in = jax.lax.with_sharding_constraint(
+                state.lora, parallel.state_shardings(state.lora, mesh, kv_heads, fsdp=False))
+            grad_shardings = parallel.state_shardings(state.lora, mesh, kv_heads)
+        loss, stats, grads = grads_fn(lora_in, params, b, key, jnp.maximum(z, 1.0) / n_dev,
+                                      grad_shardings=grad_shardings)
         if axis_name is not None:
             grads = jax.lax.pmean(grads, axis_name)
             loss = jax.lax.pmean(loss, axis_name)
