@@ -25,9 +25,12 @@ Mesh layout (``make_train_step(mode="mesh")``, ``sampling.generate(mesh=...)``):
   (A's I, B's O; jointly with "tensor" where tensor splits it; else the rank R; else replicated
   over "fsdp", `lora_partition_spec`), replicated over "data"; counters and the PRNG key
   replicated (`state_shardings`). Each device owns 1 / fsdp of every factor and of its Adam
-  moments: the gradient is reduce-scattered onto that slice, the update applied there, and XLA
-  all-gathers a factor over "fsdp" where the forward uses it. Per-device bytes:
-  `train_state_bytes` (fsdp=False: the layout replicated over "fsdp", for comparison).
+  moments. The step all-gathers the factors over "fsdp" for the forward (one whole adapter per
+  device while the step runs), constrains the gradient to the owned layout (XLA reduces the
+  devices' contributions onto each slice: a reduce-scatter, or on XLA:CPU, which computes each
+  layer's adapter gradient from activations it gathers over "fsdp" for the base layers, just the
+  slice) and applies the update to the owned slice. Per-device bytes: `train_state_bytes`
+  (fsdp=False: the layout replicated over "fsdp", for comparison).
 
 Device order (`make_mesh`): on TPU the mesh follows the physical topology
 (`jax.experimental.mesh_utils`), with "tensor" on the innermost, fastest links; over several

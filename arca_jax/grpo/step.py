@@ -171,8 +171,9 @@ def _loss_and_grads(value_and_grad, lora, params, b, key, normalizer, *, microba
     dropout key fold_in(key, i), so the sum is the large-batch gradient).
 
     grad_shardings: on a mesh, the adapter's layout (``parallel.state_shardings``): each
-    (microbatch's) gradient is constrained to it, so the devices' partial gradients are
-    reduce-scattered onto the slices they own rather than all-reduced whole."""
+    (microbatch's) gradient and the float32 sum are constrained to it, so every device holds
+    only the slices it owns (the devices' contributions reduced onto them, not all-reduced
+    whole)."""
     M = microbatches
 
     def owned(g):
@@ -251,9 +252,9 @@ def make_train_step(config: qwen3.Qwen3Config, grpo_config: GRPOConfig,
               base params sharded over "fsdp" and "tensor" (place them once with
               ``parallel.shard_params``), batch over ("data", "fsdp"), state (adapter and
               optimiser moments) split over "tensor" like the base layers and over "fsdp"
-              ZeRO-style (``parallel.shard_lora``, ``parallel.state_shardings``): gradients
-              reduce-scattered onto each device's slice, the update applied there, factors
-              all-gathered where the forward uses them; the state keeps that layout. See
+              ZeRO-style (``parallel.shard_lora``, ``parallel.state_shardings``): factors
+              all-gathered over "fsdp" for the forward, gradients reduced onto each device's
+              slice, the update applied there; the state keeps that layout. See
               ``arca_jax.parallel``.
     microbatches: M; the batch (B rows) is processed as M strided slices of B / M rows under
         ``lax.scan`` and the gradients summed (in float32); the update equals one large-batch
@@ -304,7 +305,7 @@ def make_train_step(config: qwen3.Qwen3Config, grpo_config: GRPOConfig,
         # each device normalises by its share of the global denominator: pmean then adds up
         lora_in, grad_shardings = state.lora, None
         if mesh is not None:  # ZeRO: gather each factor over "fsdp" for the forward, and
-            # reduce-scatter its gradient back onto the slices the devices own
+            # reduce its gradient onto the slices the devices own
             lora_in = jax.lax.with_sharding_constraint(
                 state.lora, parallel.state_shardings(state.lora, mesh, kv_heads, fsdp=False))
             grad_shardings = parallel.state_shardings(state.lora, mesh, kv_heads)
