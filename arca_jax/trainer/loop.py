@@ -102,6 +102,21 @@ class _Run:
         return parallel.unreplicate(self.state.lora) if pmap else self.state.lora
 
 
+def _state_memory(state, mesh, kv_heads: int) -> str:
+    """One line: the train state's bytes per device on the mesh (`parallel.train_state_bytes`),
+    and what they would be replicated over fsdp."""
+    split = parallel.train_state_bytes(state, mesh, kv_heads)
+    mib = 2.0 ** 20
+    line = (f"train state per device: {split.total / mib:.2f} MiB (adapter "
+            f"{split.adapter / mib:.2f}, optimiser {split.optimizer / mib:.2f}, gradient "
+            f"{split.gradient / mib:.2f})")
+    fsdp = parallel.axis_size(mesh, parallel.FSDP)
+    if fsdp == 1:
+        return line
+    whole = parallel.train_state_bytes(state, mesh, kv_heads, fsdp=False)
+    return f"{line}, split over fsdp {fsdp} ({whole.total / mib:.2f} MiB if replicated)"
+
+
 def _start(cfg: RunConfig, run_dir: str, resume: bool, log: Optional[RunLog]) -> _Run:
     """Checks the run directory, loads model and tasks, builds (or restores) the train state and
     compiles nothing yet."""
@@ -129,8 +144,9 @@ def _start(cfg: RunConfig, run_dir: str, resume: bool, log: Optional[RunLog]) ->
     params_for_step = model.params
     if cfg.train.mode == "pmap":
         params_for_step = parallel.replicate(model.params)
-    elif mesh is not None:  # the state's layout on the mesh; restoring keeps it
+    elif mesh is not None:  # the state's layout on the mesh (ZeRO over fsdp); restoring keeps it
         state = parallel.shard_lora(state, mesh, model.config.num_key_value_heads)
+        log.message(_state_memory(state, mesh, model.config.num_key_value_heads))
     ckpt = setup.open_checkpoints(cfg, run_dir)
     start_step, record = 0, {}
     if resume:

@@ -307,6 +307,25 @@ def prepare_run_dir(run_dir: str, cfg: RunConfig, resume: bool) -> None:
     os.makedirs(run_dir, exist_ok=True)
 
 
+# Settings a resumed run may change: how the run is laid out over the devices, not what it computes
+# (a checkpoint restores onto any mesh, `checkpoint.Checkpointer.restore`, and the mesh step's
+# results equal one device's to float rounding). A run saved with fsdp 8 on 8 devices resumes
+# with fsdp 4 on 4, or on one device with both 1.
+LAYOUT_SETTINGS = ("train.mesh_fsdp", "train.mesh_tensor")
+
+
+def _without_layout(config_dict: Any) -> Any:
+    """A config dict (`configlib.to_dict`) without the `LAYOUT_SETTINGS`."""
+    if not isinstance(config_dict, dict):
+        return config_dict
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in config_dict.items()}
+    for key in LAYOUT_SETTINGS:
+        section, name = key.split(".")
+        if isinstance(out.get(section), dict):
+            out[section].pop(name, None)
+    return out
+
+
 def _check_run_dir(run_dir: str, cfg: RunConfig, resume: bool) -> None:
     ckpt = rundir.path(run_dir, rundir.CHECKPOINTS)
     config_path = rundir.path(run_dir, rundir.CONFIG)
@@ -331,9 +350,10 @@ def _check_run_dir(run_dir: str, cfg: RunConfig, resume: bool) -> None:
         saved = configlib.read_yaml(config_path)
     except ConfigError as e:  # a RunDirError: process 0's verdict is shared with the others
         raise RunDirError(str(e)) from None
-    if saved != configlib.to_dict(cfg):
+    if _without_layout(saved) != _without_layout(configlib.to_dict(cfg)):
         raise RunDirError(f"--resume: the config differs from {config_path}; resume with "
-                          "the same config (or start a new run directory)")
+                          f"the same config (only {' and '.join(LAYOUT_SETTINGS)} may change) "
+                          "or start a new run directory")
 
 
 def trim_step_logs(run_dir: str, last_step: int) -> None:
@@ -348,7 +368,7 @@ def trim_step_logs(run_dir: str, last_step: int) -> None:
 
 
 __all__: List[str] = [
-    "Model", "RunDirError", "Stream", "build_optimizer", "init_state", "load_eval_task",
+    "LAYOUT_SETTINGS", "Model", "RunDirError", "Stream", "build_optimizer", "init_state", "load_eval_task",
     "load_model", "load_run", "load_train_task", "make_run_mesh", "objective_config",
     "open_checkpoints", "check_compilation_cache", "use_compilation_cache", "default_cache_dir",
     "prepare_run_dir", "resume_state", "stream_key", "trim_step_logs",
