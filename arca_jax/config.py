@@ -128,6 +128,11 @@ class RolloutConfig:
     overlong_penalty: the punishment's scale (DAPO: 1.0).
     overlong_filtering: completions cut at `max_new_tokens` without EOS are kept out of the loss
         (completion_mask 0; they still count in their group's advantages).
+
+    max_batch: completions decoded at once in a training rollout (None: all P * G). Fewer slots
+        than completions: a completion that ends hands its slot to the next waiting one
+        (continuous refill, `sampling.generate(max_batch=...)`), bounding the KV cache to
+        max_batch rows; rounded up to whole groups. The completions are the same either way.
     """
 
     # deliberate: a field list (resembles other config dataclasses by shape only)
@@ -145,6 +150,7 @@ class RolloutConfig:
     overlong_buffer: int = 0
     overlong_penalty: float = 1.0
     overlong_filtering: bool = False
+    max_batch: Optional[int] = None
 
     def __post_init__(self):
         if self.prompts_per_step < 1:
@@ -169,6 +175,8 @@ class RolloutConfig:
                              f"{self.max_new_tokens}], got {self.overlong_buffer}")
         if not self.overlong_penalty >= 0:
             raise ValueError(f"overlong_penalty must be >= 0, got {self.overlong_penalty}")
+        if self.max_batch is not None and self.max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1 or None, got {self.max_batch}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,7 +205,10 @@ class TrainConfig:
     pass_k: k of pass@k at evaluation (None: the group size); pack: the train step's forwards
     run on the batch's real tokens only, rows packed into fewer lines (`arca_jax.packing`; same
     results up to float rounding; line counts in quarters of the batch, so at most four compiled
-    steps; mode "jit" with microbatches 1, else rows stay padded)."""
+    steps; mode "jit" with microbatches 1, else rows stay padded);
+    eval_batch_size: problems whose completions decode at once in an evaluation (its KV cache
+    holds eval_batch_size x pass_k rows; the problems beyond wait for a free slot: continuous
+    refill)."""
 
     steps: int = 60
     seed: int = 0

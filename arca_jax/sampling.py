@@ -4,21 +4,25 @@
                    lora=adapter, lora_scale=lora_config.scaling, eos_id=config.eos_token_id)
     batch = build_batch(prompt_ids, prompt_mask, out, advantages=adv)   # what the step trains on
 
-How it runs (B rows, P prompt width, N new tokens, S = P + N cache slots, V vocabulary):
+How it runs (B rows, S slots, P prompt width, N new tokens, V vocabulary):
   1. `qwen3.inference_weights` rearranges the parameters once (fused q/k/v and gate/up kernels,
      per-layer arrays; a LoRA adapter kept low-rank or merged).
-  2. `prefill` runs the whole left-padded prompt in one forward, writes its keys/values into the
-     cache, and samples token 0 from the last position's logits.
-  3. `decode` runs `jax.lax.while_loop(cond, step, state)`: each `decode_step` feeds the previous
-     token (T = 1), samples the next, and writes it; the loop stops after N tokens or as soon as
-     every row has produced EOS. The state (cache included) is donated, so buffers are reused.
+  2. `prefill` admits the first S rows (S = B unless `max_batch` is set): their left-padded
+     prompts run in one forward (once per GRPO group), their keys/values fill the slots' caches
+     (P + N positions each), and token 0 is sampled from the last position's logits.
+  3. `decode` runs `jax.lax.while_loop(cond, body, state)`: each `decode_step` feeds every slot's
+     previous token (T = 1), samples the next, and writes it at its row's column; a row ends at
+     EOS or after N tokens. With rows still waiting (S < B), an iteration that finds enough slots
+     free admits the next rows into them instead (`admit`: continuous refill). The loop ends
+     when every row has ended. The state (cache included) is donated, so buffers are reused.
   4. `SampleOutput` holds tokens, mask and log-probabilities [B, N].
 
 Randomness: each token is drawn by inverse-CDF search with one uniform number per row (no noise
 over the whole vocabulary). `prefill` draws the uniforms of all N columns, [N, B], in one call of
-`rng` (used once, never again), and step i reads row i: no key is reused, the same `rng` gives the
-same samples, and the loop body holds no PRNG (on CPU threefry lowers to a rolled 5-round loop:
-fold_in then uniform inside the loop cost ~185 kernels per step, more than the model's 4 layers).
+`rng` (used once, never again), and row b's column i reads entry [i, b] wherever and whenever
+the row runs: no key is reused, the same `rng` gives the same samples with or without refill,
+and the loop body holds no PRNG (on CPU threefry lowers to a rolled 5-round loop: fold_in then
+uniform inside the loop cost ~185 kernels per step, more than the model's 4 layers).
 
 Shapes: `generate` pads prompt widths and generation lengths up to powers of two (`bucket_size`),
 so a training run compiles a handful of programs, not one per batch. The true `max_new_tokens` is a
@@ -98,45 +102,80 @@ class SamplingConfig:
 
 @flax.struct.dataclass
 class SamplerState:
-    """The decode loop's carry. B rows, N token columns.
+    """The decode loop's carry: S slots decoding B rows (B prompts, N token columns each).
 
-    cache:    `qwen3.KVCache` holding the prompt and the tokens fed so far.
+    Without refill S = B and slot s decodes row s. With S < B (`generate(max_batch=S)`) a slot
+    whose row has ended takes the next waiting row (`admit`), so every slot keeps working until
+    the rows run out; each row's tokens depend only on its prompt and its own uniforms, not on the
+    slot or the step it ran in.
+
+    Per slot [S]:
+    cache:    `qwen3.KVCache` of S rows of P + N positions (the prompt, then the tokens fed).
+    row:      [S] int32 the row the slot decodes (B: none yet).
+    column:   [S] int32 tokens its row has so far = the column its next token goes to.
+    last:     [S] int32 the newest token, fed at the next step.
+    position: [S] int32 rotary position of `last` (the row's count of real tokens before it).
+    done:     [S] bool, no running row (EOS, `limit` columns, or none given yet).
+    Per row:
+    prompt_ids, prompt_mask: [B, P] the left-padded prompts (read when a row is admitted).
     tokens:   [B, N] int32 sampled tokens; `pad_id` after a row's EOS and in unsampled columns.
     mask:     [B, N] int32, 1 for tokens up to and including the row's EOS.
     logps:    [B, N] float32 log-probability of each token under the plain softmax (0 where mask 0).
     sampled_logps: [B, N] float32 log-probability under the distribution sampled from.
-    last:     [B] int32 the newest token, fed at the next step.
-    position: [B] int32 rotary position of `last` (each row's count of real tokens before it).
-    done:     [B] bool, the row has produced EOS.
-    step:     [] int32 tokens sampled so far = the column the next token goes to.
-    limit:    [] int32 stop after this many columns (<= N).
-    uniforms: [N, B] float32 in (0, 1]: row i draws column i's tokens (see `choose_tokens`).
+    finished: [B] bool, the row produced EOS.
+    uniforms: [B, N] float32 in (0, 1]: column i of row b is drawn with uniforms[b, i].
+    Counters []:
+    admitted: rows given a slot so far (rows are admitted in order).
+    limit:    columns per row (<= N).
+    slot_steps: (slot, column) pairs computed: S per decode step plus one per admitted row.
+    Static:
+    group_size: G; rows come in groups of G copies of one prompt, prefilled once per group.
+    admit_rows: rows admitted together once that many slots are free (a multiple of G).
     """
 
     cache: qwen3.KVCache
+    row: jax.Array
+    column: jax.Array
+    last: jax.Array
+    position: jax.Array
+    done: jax.Array
+    prompt_ids: jax.Array
+    prompt_mask: jax.Array
     tokens: jax.Array
     mask: jax.Array
     logps: jax.Array
     sampled_logps: jax.Array
-    last: jax.Array
-    position: jax.Array
-    done: jax.Array
-    step: jax.Array
-    limit: jax.Array
+    finished: jax.Array
     uniforms: jax.Array
+    admitted: jax.Array
+    limit: jax.Array
+    slot_steps: jax.Array
+    group_size: int = flax.struct.field(pytree_node=False, default=1)
+    admit_rows: int = flax.struct.field(pytree_node=False, default=1)
+
+    @property
+    def slots(self) -> int:
+        """S."""
+        return self.row.shape[0]
+
+    @property
+    def rows(self) -> int:
+        """B."""
+        return self.tokens.shape[0]
 
 
 def state_shardings(state: SamplerState, mesh) -> SamplerState:
-    """NamedShardings of a `SamplerState` on a mesh: rows as the batch (`parallel.batch_spec`),
-    the cache as `parallel.cache_shardings` (kv heads over "tensor"), counters replicated."""
-    B = state.last.shape[0]
-    spec = parallel.batch_spec(B, mesh)
-    rows = jax.sharding.NamedSharding(mesh, spec)
-    cols = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, *spec))
+    """NamedShardings of a `SamplerState` on a mesh: slots as the batch (`parallel.batch_spec`),
+    the cache as `parallel.cache_shardings` (kv heads over "tensor"); the per-row buffers
+    ([B, ...]: small, written at rows chosen at run time) and the counters replicated."""
+    slots = jax.sharding.NamedSharding(mesh, parallel.batch_spec(state.slots, mesh))
     one = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    return SamplerState(cache=parallel.cache_shardings(state.cache, mesh), tokens=rows, mask=rows,
-                        logps=rows, sampled_logps=rows, last=rows, position=rows, done=rows,
-                        step=one, limit=one, uniforms=cols)
+    per_slot = dict(row=slots, column=slots, last=slots, position=slots, done=slots)
+    replicated = {f.name: one for f in dataclasses.fields(state)
+                  if f.metadata.get("pytree_node", True) and f.name not in per_slot
+                  and f.name != "cache"}
+    return state.replace(cache=parallel.cache_shardings(state.cache, mesh), **per_slot,
+                         **replicated)
 
 
 def _constrain(state: SamplerState, mesh) -> SamplerState:
@@ -157,7 +196,9 @@ class SampleOutput:
                0): the behaviour policy of importance corrections.
     lengths:   [B] int32 tokens per row (= mask.sum(-1), EOS included).
     finished:  [B] bool, the row ended with EOS (False: cut at max_new_tokens).
-    num_steps: [] int32 token columns the sampler produced (< N when every row stopped early).
+    num_steps: [] int32 columns of the longest row (< N when every row stopped early).
+    slot_steps: [] int32 (slot, column) pairs the sampler computed; lengths.sum() / slot_steps is
+               the fraction of that work that produced a kept token.
     """
 
     tokens: jax.Array
@@ -167,6 +208,7 @@ class SampleOutput:
     finished: jax.Array
     num_steps: jax.Array
     sampled_logps: Optional[jax.Array] = None
+    slot_steps: Optional[jax.Array] = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -314,115 +356,207 @@ def choose_tokens(logits: jax.Array, u: jax.Array, settings: SamplingConfig) -> 
 # --------------------------------------------------------------------------------------------
 
 
-class Columns(NamedTuple):
-    """The per-column buffers [B, N] the loop writes: tokens, mask and both log-probabilities."""
+class Written(NamedTuple):
+    """What `_write` changed: the per-row buffers and, per slot, the token fed next and whether
+    the slot's row ended."""
 
-    tokens: jax.Array
-    mask: jax.Array
-    logps: jax.Array
-    sampled_logps: jax.Array
+    state: "SamplerState"
+    tokens: jax.Array  # [S'] the written tokens (pad where the slot was not running)
+    ended: jax.Array  # [S'] bool
 
 
-def _record(cols: Columns, step, choice: Choice, done, settings: SamplingConfig):
-    """Writes column `step`: the token where the row is still running, else pad (mask 0).
-    Returns (columns, the tokens fed next, done)."""
-    alive = ~done
-    tokens = jnp.where(alive, choice.tokens, settings.pad_id).astype(jnp.int32)
-    zero = jnp.zeros((), jnp.int32)
+def _write(state: SamplerState, rows, columns, choice: Choice, running,
+           settings: SamplingConfig) -> Written:
+    """Writes `choice` [S'] at (rows, columns) of the per-row buffers where `running` [S'];
+    elsewhere nothing (a scatter that drops them). A row ends at EOS or at `limit` columns."""
+    B = state.rows
+    r = jnp.where(running, rows, B)  # B: dropped
+    tokens = jnp.where(running, choice.tokens, settings.pad_id).astype(jnp.int32)
 
-    def put(buf, col):
-        return jax.lax.dynamic_update_slice(buf, col.astype(buf.dtype)[:, None], (zero, step))
+    def put(buf, val):
+        return buf.at[r, columns].set(val.astype(buf.dtype), mode="drop")
 
-    cols = Columns(tokens=put(cols.tokens, tokens), mask=put(cols.mask, alive),
-                   logps=put(cols.logps, jnp.where(alive, choice.logps, 0.0)),
-                   sampled_logps=put(cols.sampled_logps,
-                                     jnp.where(alive, choice.sampled_logps, 0.0)))
     if settings.eos_ids:
-        hit = functools.reduce(jnp.logical_or, [tokens == e for e in settings.eos_ids])
-        done = done | (alive & hit)
-    return cols, tokens, done
+        hit = running & functools.reduce(jnp.logical_or, [tokens == e for e in settings.eos_ids])
+    else:
+        hit = jnp.zeros_like(running)
+    state = state.replace(tokens=put(state.tokens, tokens), mask=put(state.mask, running),
+                          logps=put(state.logps, choice.logps),
+                          sampled_logps=put(state.sampled_logps, choice.sampled_logps),
+                          finished=state.finished.at[r].set(hit, mode="drop"))
+    return Written(state, tokens, hit | (columns + 1 >= state.limit))
+
+
+def _free_slots(done: jax.Array, n: int) -> jax.Array:
+    """The first n slots with done set, in slot order, [n] int32 (S where fewer are free)."""
+    S = done.shape[0]
+    rank = jnp.cumsum(done.astype(jnp.int32)) - 1
+    target = jnp.where(done & (rank < n), rank, n)
+    return jnp.full((n,), S, jnp.int32).at[target].set(jnp.arange(S, dtype=jnp.int32), mode="drop")
+
+
+def admit(weights: qwen3.InferenceWeights, state: SamplerState, *, config: qwen3.Qwen3Config,
+          settings: SamplingConfig, count: int) -> SamplerState:
+    """Gives the next min(count, waiting) rows the first free slots: their prompts run through
+    the model (each group of G copies once), their keys and values replace the slot's cache,
+    and their token 0 is sampled. `count` (static) is a multiple of G; the caller makes sure
+    that many slots are free. Pure."""
+    S, B = state.slots, state.rows
+    P = state.prompt_ids.shape[1]
+    G = state.group_size
+    j = jnp.arange(count, dtype=jnp.int32)
+    rows = state.admitted + j  # [count]
+    take = rows < B
+    slots = jnp.where(take, _free_slots(state.done, count), S)  # S: dropped
+    src = jnp.minimum(rows[::G], B - 1)  # one prompt per group
+    ids, mask = state.prompt_ids[src], state.prompt_mask[src]  # [count / G, P]
+    fresh = qwen3.KVCache.init(config, count // G, P, weights.dtype, tensor=weights.tensor)
+    out = qwen3.inference_forward(weights, ids, config=config,
+                                  positions=qwen3.default_positions(mask),
+                                  attention_mask=mask, cache=fresh)
+    if G > 1:  # each prompt's keys, values and logits to its G rows
+        out = jax.tree_util.tree_map(lambda x: jnp.repeat(x, G, axis=0) if x.ndim else x, out)
+        mask = jnp.repeat(mask, G, axis=0)
+    cache = state.cache
+
+    def put(buf, new):  # [S, K', P + N, H] <- [count, K', P, H] at the admitted slots
+        return buf.at[slots, :, :P].set(new.astype(buf.dtype), mode="drop")
+
+    cache = cache.replace(
+        k=tuple(map(put, cache.k, out.cache.k)), v=tuple(map(put, cache.v, out.cache.v)),
+        valid=cache.valid.at[slots].set(
+            jnp.pad(mask.astype(bool), ((0, 0), (0, cache.size - P))), mode="drop"),
+        index=cache.index.at[slots].set(P, mode="drop"))
+    u = state.uniforms[jnp.minimum(rows, B - 1), 0]
+    zero = jnp.zeros_like(rows)
+    w = _write(state, rows, zero, choose_tokens(out.logits, u, settings), take, settings)
+    set_ = lambda buf, val: buf.at[slots].set(val.astype(buf.dtype), mode="drop")
+    return w.state.replace(
+        cache=cache, row=set_(w.state.row, rows), column=set_(w.state.column, zero + 1),
+        last=set_(w.state.last, w.tokens), position=set_(w.state.position, jnp.sum(mask, -1)),
+        done=set_(w.state.done, w.ended),
+        admitted=jnp.minimum(state.admitted + count, B),
+        slot_steps=state.slot_steps + jnp.sum(take))
 
 
 def prefill(weights: qwen3.InferenceWeights, prompt_ids: jax.Array, prompt_mask: jax.Array, *,
             config: qwen3.Qwen3Config, settings: SamplingConfig, rng: jax.Array,
-            limit: Optional[jax.Array] = None, mesh=None, group_size: int = 1) -> SamplerState:
-    """Runs the prompt through the model and samples token 0. Pure; jit with config/settings static.
+            limit: Optional[jax.Array] = None, mesh=None, group_size: int = 1,
+            slots: Optional[int] = None, admit_rows: Optional[int] = None) -> SamplerState:
+    """The loop state with the first S rows admitted (prompt forward, token 0 sampled). Pure;
+    jit with config, settings, mesh, group_size, slots and admit_rows static.
 
     Args:
       weights: `qwen3.inference_weights(params, config, ...)`.
       prompt_ids, prompt_mask: [B, P] left-padded prompts (each row needs at least one real token).
-      rng: key of the whole generation; used once, to draw the [N, B] uniforms of all columns.
+      rng: key of the whole generation; used once, to draw the uniforms of all B x N tokens
+        (`jax.random.uniform(rng, (N, B))`, row b reading column b: the same key gives every row
+        the same numbers whatever S is).
       limit: [] int, columns to produce (<= settings.max_new_tokens; default all).
       mesh: lay the state out on this mesh (`state_shardings`; static), or None.
-      group_size: G (static); rows r G .. r G + G - 1 hold the same prompt (as `repeat_groups`
-        lays GRPO groups out), so only rows 0, G, 2G, ... are run through the model and their
-        keys, values and last logits are copied to the group's other rows (G times less prefill
-        work; the same numbers as prefilling every row). The caller vouches for the repetition.
+      group_size: G; rows r G .. r G + G - 1 hold the same prompt (as `repeat_groups` lays GRPO
+        groups out), so each group's prompt runs through the model once and its keys, values and
+        last logits serve its G rows (the same numbers as prefilling every row). The caller
+        vouches for the repetition.
+      slots: S, rows decoded at once (default B); the others wait for a free slot (`decode`).
+      admit_rows: rows admitted together during `decode` once that many slots are free (a
+        multiple of G, <= S; default max(G, S / 8 rounded down to a multiple of G)).
 
     Returns:
-      The loop state after one column, with a cache of P + N slots.
+      The loop state, a cache of P + N positions per slot.
     """
     B, P = prompt_ids.shape
     N = settings.max_new_tokens
     G = int(group_size)
-    if G < 1 or B % G:
-        raise ValueError(f"group_size {group_size} must be >= 1 and divide the {B} rows")
-    mask = prompt_mask.astype(jnp.int32)
-    cache = qwen3.KVCache.init(config, B // G, P + N, weights.dtype, tensor=weights.tensor)
-    out = qwen3.inference_forward(weights, prompt_ids[::G].astype(jnp.int32), config=config,
-                                  positions=qwen3.default_positions(mask[::G]),
-                                  attention_mask=mask[::G], cache=cache)
-    if G > 1:  # each prompt's keys, values and logits to its G rows
-        out = jax.tree_util.tree_map(lambda x: jnp.repeat(x, G, axis=0) if x.ndim else x, out)
+    S = B if slots is None else int(slots)
+    if G < 1 or B % G or S % G:
+        raise ValueError(f"group_size {group_size} must be >= 1 and divide the {B} rows and the "
+                         f"{S} slots")
+    if not 0 < S <= B:
+        raise ValueError(f"slots must be in [1, {B}] (the rows), got {slots}")
+    F = max(G, S // 8 // G * G) if admit_rows is None else int(admit_rows)
+    if F % G or not G <= F <= S:
+        raise ValueError(f"admit_rows {admit_rows} must be a multiple of group_size {G} in "
+                         f"[{G}, {S}]")
     if settings.greedy:
-        uniforms = jnp.ones((N, B), jnp.float32)  # unused
+        uniforms = jnp.ones((B, N), jnp.float32)  # unused
     else:
-        uniforms = 1.0 - jax.random.uniform(rng, (N, B), jnp.float32)  # (0, 1]
+        uniforms = (1.0 - jax.random.uniform(rng, (N, B), jnp.float32)).T  # (0, 1]
+    limit = jnp.minimum(jnp.asarray(N if limit is None else limit, jnp.int32), N)
     zeros = jnp.zeros((B, N), jnp.float32)
-    cols = Columns(tokens=jnp.full((B, N), settings.pad_id, jnp.int32),
-                   mask=jnp.zeros((B, N), jnp.int32), logps=zeros, sampled_logps=zeros)
-    cols, tokens, done = _record(cols, jnp.zeros((), jnp.int32),
-                                 choose_tokens(out.logits, uniforms[0], settings),
-                                 jnp.zeros((B,), bool), settings)
-    limit = jnp.asarray(N if limit is None else limit, jnp.int32)
-    return _constrain(SamplerState(
-        cache=out.cache, last=tokens, position=jnp.sum(mask, axis=-1), done=done,
-        step=jnp.ones((), jnp.int32), limit=jnp.minimum(limit, N), uniforms=uniforms,
-        **cols._asdict()), mesh)
+    i32 = lambda n: jnp.zeros((n,), jnp.int32)
+    state = SamplerState(
+        cache=qwen3.KVCache.init(config, S, P + N, weights.dtype, tensor=weights.tensor),
+        row=jnp.full((S,), B, jnp.int32), column=i32(S), last=i32(S), position=i32(S),
+        done=jnp.ones((S,), bool), prompt_ids=prompt_ids.astype(jnp.int32),
+        prompt_mask=prompt_mask.astype(jnp.int32),
+        tokens=jnp.full((B, N), settings.pad_id, jnp.int32), mask=jnp.zeros((B, N), jnp.int32),
+        logps=zeros, sampled_logps=zeros, finished=jnp.zeros((B,), bool), uniforms=uniforms,
+        admitted=jnp.zeros((), jnp.int32), limit=limit, slot_steps=jnp.zeros((), jnp.int32),
+        group_size=G, admit_rows=F)
+    return _constrain(admit(weights, state, config=config, settings=settings, count=S), mesh)
 
 
 def decode_step(weights: qwen3.InferenceWeights, state: SamplerState, *, config: qwen3.Qwen3Config,
                 settings: SamplingConfig, mesh=None) -> SamplerState:
-    """One token per row: feed `state.last` (T = 1), sample column `state.step`. Pure. With a
-    `mesh`, the new state keeps `state_shardings` (the loop carry's layout)."""
-    B = state.last.shape[0]
+    """One token per slot: feed `state.last` (T = 1), sample the running rows' next column.
+    Pure. With a `mesh`, the new state keeps `state_shardings` (the loop carry's layout)."""
+    S, B, N = state.slots, state.rows, state.tokens.shape[1]
     out = qwen3.inference_forward(weights, state.last[:, None], config=config,
                                   positions=state.position[:, None],
-                                  attention_mask=jnp.ones((B, 1), jnp.int32), cache=state.cache)
-    u = jax.lax.dynamic_index_in_dim(state.uniforms, state.step, axis=0, keepdims=False)  # [B]
-    cols = Columns(state.tokens, state.mask, state.logps, state.sampled_logps)
-    cols, tokens, done = _record(cols, state.step, choose_tokens(out.logits, u, settings),
-                                 state.done, settings)
-    return _constrain(state.replace(cache=out.cache, last=tokens, position=state.position + 1,
-                                    done=done, step=state.step + 1, **cols._asdict()), mesh)
+                                  attention_mask=jnp.ones((S, 1), jnp.int32), cache=state.cache)
+    running = ~state.done
+    column = jnp.minimum(state.column, N - 1)
+    u = state.uniforms[jnp.minimum(state.row, B - 1), column]  # [S]
+    w = _write(state, state.row, column, choose_tokens(out.logits, u, settings), running,
+               settings)
+    done = state.done | w.ended
+    # a slot without a running row writes its (ignored) keys at slot 0 until it is refilled, so
+    # the longest running row alone bounds the cache blocks a step reads
+    cache = out.cache.replace(index=jnp.where(done, 0, out.cache.index))
+    return _constrain(w.state.replace(
+        cache=cache, last=w.tokens, position=state.position + 1, done=done,
+        column=state.column + running, slot_steps=state.slot_steps + S), mesh)
+
+
+def _waiting(state: SamplerState) -> jax.Array:
+    return state.admitted < state.rows
 
 
 def _running(state: SamplerState) -> jax.Array:
-    return (state.step < state.limit) & ~jnp.all(state.done)
+    return ~jnp.all(state.done) | _waiting(state)
+
+
+def _admit_now(state: SamplerState) -> jax.Array:
+    """Rows wait and enough slots are free: `admit_rows`, or all the remaining rows."""
+    need = jnp.minimum(state.admit_rows, state.rows - state.admitted)
+    return _waiting(state) & (jnp.sum(state.done) >= need)
 
 
 def decode(weights: qwen3.InferenceWeights, state: SamplerState, *, config: qwen3.Qwen3Config,
            settings: SamplingConfig, mesh=None) -> SamplerState:
-    """`decode_step` in a `jax.lax.while_loop` until `state.limit` columns or every row has EOS."""
+    """`decode_step` in a `jax.lax.while_loop` until every row has ended (EOS or `limit`); with
+    waiting rows (S < B), an iteration that finds `admit_rows` slots free admits the next rows
+    (`admit`) instead of decoding."""
     step = functools.partial(decode_step, weights, config=config, settings=settings, mesh=mesh)
-    return jax.lax.while_loop(_running, step, _constrain(state, mesh))
+    refill = functools.partial(admit, weights, config=config, settings=settings,
+                               count=state.admit_rows)
+
+    def body(s):
+        if state.slots == state.rows:  # nothing ever waits
+            return step(s)
+        return jax.lax.cond(_admit_now(s), lambda s: _constrain(refill(s), mesh), step, s)
+
+    return jax.lax.while_loop(_running, body, _constrain(state, mesh))
 
 
 def finish(state: SamplerState) -> SampleOutput:
     """The loop state as a `SampleOutput` (all N columns)."""
+    lengths = jnp.sum(state.mask, axis=-1)
     return SampleOutput(tokens=state.tokens, mask=state.mask, logps=state.logps,
-                        lengths=jnp.sum(state.mask, axis=-1), finished=state.done,
-                        num_steps=state.step, sampled_logps=state.sampled_logps)
+                        lengths=lengths, finished=state.finished,
+                        num_steps=jnp.max(lengths), sampled_logps=state.sampled_logps,
+                        slot_steps=state.slot_steps)
 
 
 def prepare_weights(params: Params, config: qwen3.Qwen3Config, *, lora: Optional[Params] = None,
@@ -444,7 +578,8 @@ def prepare_weights(params: Params, config: qwen3.Qwen3Config, *, lora: Optional
 # Compiled entry points of `generate` (module level, so their caches live as long as the process).
 prepare_weights_jit = jax.jit(prepare_weights,
                               static_argnames=("config", "merge_lora", "decode_attention", "mesh"))
-prefill_jit = jax.jit(prefill, static_argnames=("config", "settings", "mesh", "group_size"))
+prefill_jit = jax.jit(prefill, static_argnames=("config", "settings", "mesh", "group_size", "slots",
+                                                "admit_rows"))
 decode_jit = jax.jit(decode, static_argnames=("config", "settings", "mesh"),
                      donate_argnames="state")
 finish_jit = jax.jit(finish)
@@ -519,7 +654,8 @@ def generate(params: Params, prompt_ids, prompt_mask, *, config: qwen3.Qwen3Conf
              temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
              eos_id: Union[None, int, Sequence[int]] = None, pad_id: int = 0,
              merge_lora: bool = False, bucket: bool = True, top_k: int = 0,
-             mesh=None, group_size: int = 1) -> SampleOutput:
+             mesh=None, group_size: int = 1, max_batch: Optional[int] = None,
+             admit_rows: Optional[int] = None) -> SampleOutput:
     """Samples completions of left-padded prompts.
 
     Args:
@@ -545,10 +681,16 @@ def generate(params: Params, prompt_ids, prompt_mask, *, config: qwen3.Qwen3Conf
       group_size: G > 1 when rows come in groups of G consecutive copies of one prompt (GRPO
         groups, pass@k; `repeat_groups`): each prompt is prefilled once for its G rows (see
         `prefill`). The tokens and log-probs equal those of group_size=1 for the same key.
+      max_batch: S, rows decoded at once (None or >= B: all). With S < B the cache holds S rows;
+        when a row ends, the next waiting row takes its slot (continuous refill: `admit_rows` at
+        a time, default S / 8), so no slot idles while rows wait. Each row's tokens and log-probs
+        are those of a one-batch run with the same key (up to float rounding of the batch's
+        matmuls). A multiple of group_size; with a mesh, of the devices the rows split over.
+      admit_rows: see `prefill`.
 
     Returns:
       SampleOutput(tokens, mask, logps, sampled_logps [B, N], lengths [B], finished [B],
-      num_steps []).
+      num_steps [], slot_steps []).
     """
     settings = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                               greedy=greedy, eos_ids=_eos_tuple(eos_id), pad_id=pad_id,
@@ -570,9 +712,12 @@ def generate(params: Params, prompt_ids, prompt_mask, *, config: qwen3.Qwen3Conf
     weights = prepare_weights_jit(params, config, lora=lora,
                                   lora_scale=jnp.asarray(lora_scale, jnp.float32),
                                   merge_lora=bool(merge_lora and lora is not None), mesh=mesh)
+    B = prompt_ids.shape[0]
+    slots = None if max_batch is None or int(max_batch) >= B else int(max_batch)
     state = prefill_jit(weights, prompt_ids, prompt_mask, config=config, settings=settings, rng=rng,
                         limit=jnp.asarray(max_new_tokens, jnp.int32), mesh=mesh,
-                        group_size=int(group_size))
+                        group_size=int(group_size), slots=slots,
+                        admit_rows=None if slots is None else admit_rows)
     state = decode_jit(weights, state, config=config, settings=settings, mesh=mesh)
     out = finish_jit(state)
     if settings.max_new_tokens != max_new_tokens:

@@ -9,6 +9,14 @@ compiled loop body).
 
     python experiments/bench_sampling.py [--runs 7]
 
+CPU, GRPO groups (`--groups`): 16 prompts x G = 8 completions of up to 128 tokens, the model's
+EOS token made likely enough (about 2% per token) that completions end at varied lengths:
+transformers' `generate` on the 128 rows against `sampling.generate` in one batch (each prompt
+prefilled once per group) and with continuous refill (64 slots). Tokens/s counts the kept
+completion tokens.
+
+    python experiments/bench_sampling.py --groups [--runs 5]
+
 GPU (`--gpu`): Qwen3-1.7B shapes, random bfloat16 weights, batch 64, prompt 128, 512 new tokens:
 prefill and decode tokens/s, against the memory-bandwidth bound (bytes of weights plus KV cache
 read per decode step over the HBM bandwidth measured in the same run by a large device-to-device
@@ -185,7 +193,7 @@ def cpu_bench(args):
         t2 = now()
         st = block(sampling.decode_jit(w, st, config=config, settings=settings))
         t3 = now()
-        assert int(st.step) == N
+        assert int(jnp.max(st.column)) == N
         return t1 - t0, t2 - t1, t3 - t2
 
     threads = sorted({1, torch.get_num_threads()})
@@ -252,6 +260,108 @@ def cpu_bench(args):
     print(f"one decode step: {eqns} jaxpr equations; {sum(kernels.values())} kernels in the "
           f"compiled loop body {dict(kernels.most_common())}")
     result.update(speedup=speedup, step=dict(jaxpr_equations=eqns, kernels=sum(kernels.values())))
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# CPU: GRPO groups with EOS at varied lengths (shared prefill, continuous refill)
+# --------------------------------------------------------------------------------------------
+
+
+def eos_biased_params(config: qwen3.Qwen3Config, params, eos: int, p_eos: float, key):
+    """The CPU model with token `eos`'s (tied) embedding row set so that its logit is about
+    log(p_eos / (1 - p_eos) x V) on typical final hidden states: EOS comes with probability about
+    p_eos per token at temperature 1, so completions end at geometric, varied lengths."""
+    V = config.vocab_size
+    ids = jax.random.randint(key, (8, 64), 1, V)
+    out = qwen3.forward(params, ids, config=config, return_logits=False)
+    h = out.hidden.reshape(-1, config.hidden_size)  # after the final norm
+    m = jnp.mean(h, axis=0)
+    c = float(np.log(p_eos / (1 - p_eos) * V))
+    emb = params["embed_tokens"]["embedding"].at[eos].set(c * m / jnp.sum(m * m))
+    return {**params, "embed_tokens": {"embedding": emb}}
+
+
+def groups_bench(args):
+    """One GRPO rollout on the CPU model: Q prompts x G completions, EOS at varied lengths, up
+    to N new tokens. transformers' `generate` (the prompts repeated G times, as TRL's
+    GRPOTrainer calls it; it stops when every row has ended) against `sampling.generate` as one
+    batch with the prompt shared per group, and with continuous refill (`max_batch` slots)."""
+    import torch
+    import transformers
+
+    from arca_jax import hf
+
+    Q, G, P, N = args.prompts, args.group, args.prompt, args.group_new_tokens
+    B = Q * G
+    EOS = 2
+    config = qwen3.Qwen3Config(**CPU_MODEL, eos_token_id=EOS, pad_token_id=0)
+    params = qwen3.init_params(config, jax.random.PRNGKey(0), jnp.float32)
+    params = eos_biased_params(config, params, EOS, args.p_eos, jax.random.PRNGKey(1))
+    with tempfile.TemporaryDirectory() as d:
+        hf.save_pretrained(d, config, params)
+        model = transformers.Qwen3ForCausalLM.from_pretrained(d, torch_dtype=torch.float32).eval()
+    rs = np.random.default_rng(0)
+    prompts = rs.integers(3, config.vocab_size, (Q, P)).astype(np.int64)
+    ids = np.repeat(prompts, G, axis=0)
+    mask = np.ones_like(ids)
+    t_ids, t_mask = torch.as_tensor(ids), torch.as_tensor(mask)
+    j_ids, j_mask = jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32)
+    print(f"jax {jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+          f"transformers {transformers.__version__}, {os.cpu_count()} CPUs, load average "
+          f"{os.getloadavg()[0]:.2f}")
+    print(f"model: {CPU_MODEL}\n{Q} prompts x G={G} = {B} rows, prompt {P}, up to {N} new "
+          f"tokens, EOS probability about {args.p_eos} per token, float32")
+
+    def hf_run(seed):
+        torch.manual_seed(seed)
+        t = now()
+        with torch.no_grad():
+            out = model.generate(input_ids=t_ids, attention_mask=t_mask, do_sample=True, top_k=0,
+                                 top_p=1.0, temperature=1.0, max_new_tokens=N, use_cache=True,
+                                 eos_token_id=EOS, pad_token_id=0)
+        dt = now() - t
+        new = out[:, P:].numpy()
+        ended = new == EOS
+        lengths = np.where(ended.any(1), ended.argmax(1) + 1, N)
+        return dt, lengths, int(new.shape[1]) * B
+
+    def jax_run(seed, **kw):
+        t = now()
+        out = sampling.generate(params, j_ids, j_mask, config=config, rng=jax.random.PRNGKey(seed),
+                                max_new_tokens=N, eos_id=EOS, bucket=False, **kw)
+        block(out.tokens)
+        return now() - t, np.asarray(out.lengths), int(out.slot_steps)
+
+    arms = {"transformers": hf_run,
+            "arca_jax one batch": functools.partial(jax_run, group_size=G),
+            f"arca_jax refill {args.max_batch} slots": functools.partial(
+                jax_run, group_size=G, max_batch=args.max_batch)}
+    t = now()
+    for name, fn in arms.items():  # warm up (compiles)
+        fn(0)
+    print(f"warm-up (compiles) {now() - t:.1f} s")
+    runs = {name: [] for name in arms}
+    for r in range(args.runs):  # interleaved, so all see the same machine load
+        for name, fn in arms.items():
+            runs[name].append(fn(r + 1))
+    result = {"machine": f"{os.cpu_count()} CPUs", "prompts": Q, "group": G, "prompt": P,
+              "max_new_tokens": N, "p_eos": args.p_eos, "max_batch": args.max_batch,
+              "runs": args.runs, "load_average": os.getloadavg()[0]}
+    print(f"\nmedian of {args.runs} interleaved runs; tokens = completion tokens kept (EOS "
+          "included); slot use = those over the (row, column) pairs computed")
+    print(f"{'':28s} {'seconds':>8s} {'tokens':>7s} {'tok/s':>8s} {'mean len':>9s} {'slot use':>9s}")
+    for name, rs_ in runs.items():
+        s = statistics.median(x[0] for x in rs_)
+        tokens = statistics.median(int(x[1].sum()) for x in rs_)
+        use = statistics.median(float(x[1].sum()) / x[2] for x in rs_)
+        print(f"{name:28s} {s:8.3f} {tokens:7.0f} {tokens / s:8.0f} {tokens / B:9.1f} {use:9.2f}")
+        result[name] = dict(seconds=s, tokens=tokens, tokens_per_s=tokens / s,
+                            slot_use=use, raw_seconds=[x[0] for x in rs_])
+    base = result["transformers"]["tokens_per_s"]
+    for name in list(arms)[1:]:
+        print(f"{name}: {result[name]['tokens_per_s'] / base:.2f}x transformers' tokens/s")
+        result[name]["speedup_tokens_per_s"] = result[name]["tokens_per_s"] / base
     return result
 
 
@@ -344,7 +454,7 @@ def gpu_bench(args):
         t2 = now()
         st = block(sampling.decode_jit(w, st, config=config, settings=settings))
         t3 = now()
-        steps = int(st.step)
+        steps = int(jnp.max(st.column))
         assert steps == N, steps
         weight_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(w))
         return weight_bytes, (t1 - t0, t2 - t1, t3 - t2)
@@ -407,6 +517,13 @@ def main():
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--groups", action="store_true",
+                    help="CPU: a GRPO rollout with EOS (shared prefill, continuous refill)")
+    ap.add_argument("--prompts", type=int, default=16, help="--groups: prompts")
+    ap.add_argument("--group", type=int, default=8, help="--groups: completions per prompt")
+    ap.add_argument("--group-new-tokens", type=int, default=128, help="--groups: at most")
+    ap.add_argument("--p-eos", type=float, default=0.02, help="--groups: EOS per token")
+    ap.add_argument("--max-batch", type=int, default=64, help="--groups: refill slots")
     ap.add_argument("--gpu-batch", type=int, default=64)
     ap.add_argument("--gpu-prompt", type=int, default=128)
     ap.add_argument("--gpu-new-tokens", type=int, default=512)
@@ -419,7 +536,7 @@ def main():
     args = ap.parse_args()
     if args.runs is None:
         args.runs = 3 if args.gpu else 7
-    res = gpu_bench(args) if args.gpu else cpu_bench(args)
+    res = gpu_bench(args) if args.gpu else groups_bench(args) if args.groups else cpu_bench(args)
     path = args.json
     if path is None and args.gpu and os.environ.get("OUT"):
         path = os.path.join(os.environ["OUT"], "bench_sampling_gpu.json")

@@ -50,8 +50,10 @@ class Shapes:
     """The run's sizes. rows B (completions per step), T = P + N tokens per training row;
     sampler rows B' (B rounded up to the devices holding different rows), prompt width P' and
     generation width N' (bucketed to powers of two, at least 16, as `sampling.generate`);
-    eval_rows: the rows of the evaluation's largest pass@k chunk (min(eval_batch_size,
-    num_eval_problems) x pass_k, rounded up likewise), 0 when the evaluation is not planned."""
+    eval_rows: the evaluation's pass@k decoding slots (min(eval_batch_size, num_eval_problems) x
+    pass_k, rounded up likewise), 0 when the evaluation is not planned; compiled as one batch of
+    that many rows (the same cache and decode step as the refilling evaluation; its admissions of
+    the waiting problems are not compiled)."""
 
     rows: int
     prompt: int

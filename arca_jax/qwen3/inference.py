@@ -230,8 +230,8 @@ class KVCache:
     k, v:  tuples of L arrays [B, K', S, H] in the activation dtype (K' = `kv_heads(config,
            tensor)`: K, or one copy per tensor shard when K < tensor).
     valid: [B, S] bool, slots holding a real (non-padding) token.
-    index: [] int32, the slot the next token is written to (shared by all rows: prompts are
-           left-padded, so every row writes the same slot).
+    index: [B] int32, the slot each row's next token is written to (rows advance on their own:
+           the sampler refills a row's cache with a new prompt while the others decode).
     """
 
     k: tuple
@@ -246,7 +246,7 @@ class KVCache:
         L = config.num_hidden_layers
         return cls(k=tuple(jnp.zeros(shape, dtype) for _ in range(L)),
                    v=tuple(jnp.zeros(shape, dtype) for _ in range(L)),
-                   valid=jnp.zeros((batch, size), bool), index=jnp.zeros((), jnp.int32))
+                   valid=jnp.zeros((batch, size), bool), index=jnp.zeros((batch,), jnp.int32))
 
     @property
     def size(self) -> int:
@@ -271,6 +271,17 @@ def _project(x, w, low_rank: Optional[LowRank], out_dtype):
     return y.astype(out_dtype)
 
 
+def _write_rows(buf: jax.Array, new: jax.Array, index: jax.Array, axis: int) -> jax.Array:
+    """buf [B, ..., S, ...] with row b's `new` [B, ..., T, ...] written at slots index[b] ..
+    index[b] + T - 1 along `axis` (the slot axis, counted with B). One scatter of the new values
+    (in place on a donated loop carry); the caller keeps index[b] + T <= S."""
+    def put(b, x, i):
+        start = [jnp.zeros((), jnp.int32)] * b.ndim
+        start[axis - 1] = i
+        return jax.lax.dynamic_update_slice(b, x, start)
+    return jax.vmap(put)(buf, new, index)
+
+
 # Decode steps attend over the filled prefix of the cache, rounded up to a multiple of this many
 # slots (`_attend_filled`): one compiled branch per multiple.
 DECODE_BLOCK = 32
@@ -279,7 +290,7 @@ DECODE_BLOCK = 32
 def _attend_filled(q, k, v, bias, decode_attention: str, filled):
     """`_attend` of one new token (T = 1) over the first ceil(filled / DECODE_BLOCK) blocks of the
     cache only: a `lax.switch` over the block counts, each branch reading a static prefix. Slots
-    at or beyond `filled` [] int32 are masked anyway (their bias is float32 min, so their
+    at or beyond `filled` [] int32 (the longest row's) are masked anyway (their bias is float32 min, so their
     softmax weight is exactly 0): the result equals attention over the whole cache."""
     S = k.shape[2]
     blocks = -(-S // DECODE_BLOCK)
@@ -336,7 +347,7 @@ def inference_forward(weights: InferenceWeights, input_ids: jax.Array, *, config
       positions: [B, T] int rotary positions (`default_positions` of the prompt mask; then each
         row's running count).
       attention_mask: [B, T] 1 for real tokens; 0 slots are never attended to.
-      cache: `KVCache` with at least cache.index + T slots.
+      cache: `KVCache` with at least max(cache.index) + T slots.
 
     Returns:
       InferenceOutput(logits [B, V] float32 for the token at T - 1, cache with the T tokens written
@@ -351,11 +362,10 @@ def inference_forward(weights: InferenceWeights, input_ids: jax.Array, *, config
     S = cache.size
     dtype = weights.dtype
     f32 = jnp.float32
-    zero = jnp.zeros((), jnp.int32)
-
-    valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask.astype(bool), (zero, cache.index))
-    query_slot = cache.index + jnp.arange(T, dtype=jnp.int32)  # [T]
-    visible = valid[:, None, :] & (jnp.arange(S, dtype=jnp.int32)[None, :] <= query_slot[:, None])[None]
+    index = cache.index  # [B]
+    valid = _write_rows(cache.valid, attention_mask.astype(bool), index, axis=1)
+    query_slot = index[:, None] + jnp.arange(T, dtype=jnp.int32)  # [B, T]
+    visible = valid[:, None, :] & (jnp.arange(S, dtype=jnp.int32)[None, None, :] <= query_slot[:, :, None])
     bias = jnp.where(visible, 0.0, jnp.finfo(f32).min).astype(f32)  # [B, T, S]
     cos, sin = rope_tables(positions, H, c.rope_theta)  # [B, T, H]
     cos, sin = per_head(cos, dtype), per_head(sin, dtype)
@@ -371,14 +381,13 @@ def inference_forward(weights: InferenceWeights, input_ids: jax.Array, *, config
         q = qk[:, :, :, :Nq].reshape(B, T, N, H)
         k = qk[:, :, :, Nq:].reshape(B, T, Kp, H)
         v = qkv[:, :, :, Nq + Ks:].astype(dtype).reshape(B, T, Kp, H)
-        start = (zero, zero, cache.index, zero)
-        k_cache = jax.lax.dynamic_update_slice(k_cache, k.transpose(0, 2, 1, 3).astype(k_cache.dtype), start)
-        v_cache = jax.lax.dynamic_update_slice(v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype), start)
+        k_cache = _write_rows(k_cache, k.transpose(0, 2, 1, 3).astype(k_cache.dtype), index, axis=2)
+        v_cache = _write_rows(v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype), index, axis=2)
         new_k.append(k_cache)
         new_v.append(v_cache)
         if T == 1:  # a decode step: only the filled part of the cache
             attn = _attend_filled(q, k_cache.astype(dtype), v_cache.astype(dtype), bias,
-                                  weights.decode_attention, cache.index + 1)
+                                  weights.decode_attention, jnp.max(index) + 1)
         else:
             attn = _attend(q, k_cache.astype(dtype), v_cache.astype(dtype), bias,
                            weights.decode_attention)
@@ -395,5 +404,5 @@ def inference_forward(weights: InferenceWeights, input_ids: jax.Array, *, config
         logits = jnp.einsum("BD,VD->BV", last, weights.embed.astype(dtype), preferred_element_type=f32)
     else:
         logits = jnp.einsum("BD,DV->BV", last, weights.lm_head.astype(dtype), preferred_element_type=f32)
-    new_cache = KVCache(k=tuple(new_k), v=tuple(new_v), valid=valid, index=cache.index + T)
+    new_cache = KVCache(k=tuple(new_k), v=tuple(new_v), valid=valid, index=index + T)
     return InferenceOutput(logits=logits, cache=new_cache)

@@ -31,28 +31,27 @@ class EvalResult:
 
 def greedy_rewards(model: Model, adapter, lora_scale: float, problems: Sequence[Any],
                    score: Scorer, cfg: RunConfig, key: jax.Array, mesh=None) -> np.ndarray:
-    """Reward [n] of each problem's greedy completion, in chunks of `train.eval_batch_size`."""
-    out = np.zeros(len(problems), np.float32)
+    """Reward [n] of each problem's greedy completion: one generation of `train.eval_batch_size`
+    slots (a finished row hands its slot to the next problem)."""
     r = cfg.rollout
-    for start in range(0, len(problems), cfg.train.eval_batch_size):
-        chunk = problems[start:start + cfg.train.eval_batch_size]
-        ids, mask = encode_prompts(model.tokenizer, [p.prompt for p in chunk],
-                                   r.max_prompt_tokens, model.pad_id, r.prompt_truncation)
-        gen = generate_rows(model, mesh, ids, mask, rng=key, greedy=True,
-                            max_new_tokens=r.max_new_tokens, lora=adapter, lora_scale=lora_scale)
-        out[start:start + len(chunk)] = score_rows(gen, len(chunk), chunk.__getitem__, score,
-                                                   model.tokenizer)[0]
-    return out
+    ids, mask = encode_prompts(model.tokenizer, [p.prompt for p in problems],
+                               r.max_prompt_tokens, model.pad_id, r.prompt_truncation)
+    gen = generate_rows(model, mesh, ids, mask, rng=key, greedy=True,
+                        max_new_tokens=r.max_new_tokens, lora=adapter, lora_scale=lora_scale,
+                        max_batch=cfg.train.eval_batch_size)
+    return score_rows(gen, len(problems), problems.__getitem__, score, model.tokenizer)[0]
 
 
 def evaluate(model: Model, adapter, lora_scale: float, problems: Sequence[Any], score: Scorer,
              cfg: RunConfig, step: int, key: jax.Array, mesh=None) -> EvalResult:
     """Greedy accuracy and pass@k (k = `train.pass_k`, default the group size; k samples per
-    problem at the rollout temperature / top-p) of `adapter` (None: the base model).
+    problem at the rollout temperature / top-k / top-p) of `adapter` (None: the base model).
 
-    The problems run in chunks of `train.eval_batch_size`; chunk c's samples use the key
-    fold_in(key, c's first problem index). With a `mesh` (model.params placed on it, every
-    process calling this alike) each chunk is sampled on the whole mesh and each process scores
+    Each runs as one generation over all problems with `train.eval_batch_size` problems' rows
+    decoding at once (continuous refill: a row that ends hands its slot to the next waiting
+    one; the cache holds eval_batch_size x k rows). The samples use the key fold_in(key, 0),
+    row by row as one batch of all problems would. With a `mesh` (model.params placed on it,
+    every process calling this alike) the slots split over the mesh and each process scores
     its own rows.
     """
     k = cfg.train.pass_k or cfg.rollout.group_size
@@ -60,19 +59,15 @@ def evaluate(model: Model, adapter, lora_scale: float, problems: Sequence[Any], 
     if not problems:
         return EvalResult(step, float("nan"), float("nan"), k, 0)
     greedy_r = greedy_rewards(model, adapter, lora_scale, problems, score, cfg, key, mesh)
-    sampled_r = np.zeros((n, k), np.float32)
     r = cfg.rollout
-    for start in range(0, n, cfg.train.eval_batch_size):
-        chunk = problems[start:start + cfg.train.eval_batch_size]
-        ids, mask = encode_prompts(model.tokenizer, [p.prompt for p in chunk],
-                                   r.max_prompt_tokens, model.pad_id, r.prompt_truncation)
-        gen = generate_rows(model, mesh, ids, mask, group_size=k,
-                            rng=jax.random.fold_in(key, start), temperature=r.temperature,
-                            top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens, lora=adapter,
-                            lora_scale=lora_scale)
-        sampled_r[start:start + len(chunk)] = score_rows(
-            gen, len(chunk) * k, lambda i: chunk[i // k], score,
-            model.tokenizer)[0].reshape(len(chunk), k)
+    ids, mask = encode_prompts(model.tokenizer, [p.prompt for p in problems],
+                               r.max_prompt_tokens, model.pad_id, r.prompt_truncation)
+    gen = generate_rows(model, mesh, ids, mask, group_size=k, rng=jax.random.fold_in(key, 0),
+                        temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                        max_new_tokens=r.max_new_tokens, lora=adapter, lora_scale=lora_scale,
+                        max_batch=cfg.train.eval_batch_size * k)
+    sampled_r = score_rows(gen, n * k, lambda i: problems[i // k], score,
+                           model.tokenizer)[0].reshape(n, k)
     correct = sampled_r > 0.5
     return EvalResult(step=step, greedy_accuracy=float(greedy_r.mean()),
                       pass_at_k=float(mean_pass_at_k(correct, k)), k=k, num_problems=n,

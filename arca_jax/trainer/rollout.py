@@ -131,13 +131,17 @@ def generate_rows(model: Model, mesh, ids: np.ndarray, mask: np.ndarray, *, grou
     padded to a multiple of the devices holding different rows; each process's devices generate
     its own rows, and each prompt is prefilled once for its G rows (`sampling.generate`'s
     `group_size`) whenever the padded rows split into whole groups. `gen`: `sampling.generate`
-    keywords."""
+    keywords; a `max_batch` is rounded up to whole groups spread evenly over the devices."""
     G = int(group_size)
     ids, mask = np.repeat(ids, G, axis=0), np.repeat(mask, G, axis=0)
     layout = parallel.RowLayout.padded(mesh, ids.shape[0])
     g_ids, g_mask = layout.to_global(ids), layout.to_global(mask)
     # padding repeats the last row (the last prompt): aligned groups of G rows still share one
     shared = G if layout.batch_size % G == 0 else 1
+    if gen.get("max_batch") is not None:  # slots: whole groups, split evenly over the devices
+        unit = int(np.lcm(shared, parallel.axis_size(mesh, parallel.DATA)
+                          * parallel.axis_size(mesh, parallel.FSDP)))
+        gen["max_batch"] = -(-int(gen["max_batch"]) // unit) * unit
     out = sampling.generate(model.params, g_ids, g_mask, config=model.config, eos_id=model.eos_id,
                             pad_id=model.pad_id, mesh=mesh, group_size=shared, **gen)
     return Generated(out, layout, g_ids, g_mask)
@@ -276,7 +280,7 @@ def _sample_round(model: Model, mesh, problems: Sequence[Any], cfg: RunConfig, *
                                                r.max_prompt_tokens, model.pad_id,
                                                r.prompt_truncation),
                                r.max_prompt_tokens, model.pad_id)
-    gen = generate_rows(model, mesh, ids, mask, group_size=G, rng=key,
+    gen = generate_rows(model, mesh, ids, mask, group_size=G, rng=key, max_batch=r.max_batch,
                         max_new_tokens=r.max_new_tokens, lora=adapter, lora_scale=cfg.lora.scaling,
                         temperature=r.temperature, top_p=r.top_p, top_k=r.top_k)
     jax.block_until_ready(gen.out.tokens)
@@ -288,10 +292,11 @@ def _sample_round(model: Model, mesh, problems: Sequence[Any], cfg: RunConfig, *
 
 
 def slot_steps(gen: Generated) -> int:
-    """Decode slot-steps of a generation: rows (padding included) x token columns the loop ran;
-    the completion tokens over this are the fraction of slot-steps that did useful work (rows
-    that ended early, and padding rows, idle until the longest row ends)."""
-    return int(gen.out.num_steps) * int(gen.out.tokens.shape[0])
+    """Decode slot-steps of a generation (`SampleOutput.slot_steps`: padding rows included); the
+    completion tokens over this are the fraction of slot-steps that did useful work (in one
+    batch, rows that ended early idle until the longest row ends; with `rollout.max_batch`, a
+    free slot takes the next waiting row)."""
+    return int(gen.out.slot_steps)
 
 
 def round_rows(gen: Generated, problems: Sequence[Any], ids, mask, scored: Scored,

@@ -1,0 +1,86 @@
+"""Continuous refill (`generate(max_batch=S)`): S slots decode B > S rows, a row that ends hands
+its slot to the next waiting row. Each row's completion equals that of one batch of all B rows
+for the same key, whatever the slot count, the admission width, the groups or the mesh."""
+
+import jax
+import numpy as np
+import pytest
+
+from arca_jax import lora, parallel, sampling
+from fixtures import left_padded_batch, random_adapter, random_params, tiny_config
+
+CFG = tiny_config(vocab_size=64, eos_token_id=38)  # a frequent token: rows end at 2..16
+LCFG = lora.LoraConfig(rank=4, alpha=8.0)
+G = 4
+N = 16
+
+
+@pytest.fixture(scope="module")
+def setup():
+    params = random_params(CFG, seed=0, scale=2.0)
+    tree = random_adapter(CFG, LCFG, seed=1, scale=0.2)
+    ids, mask = left_padded_batch(CFG.vocab_size, [3, 5, 7, 2], 7, seed=0)
+    ids, mask = sampling.repeat_groups(ids, mask, G)  # 16 rows
+    gen = dict(config=CFG, max_new_tokens=N, lora=tree, lora_scale=LCFG.scaling, eos_id=38)
+    return params, ids, mask, gen
+
+
+def _same_rows(refill, plain):
+    for name in ("tokens", "mask", "lengths", "finished"):
+        np.testing.assert_array_equal(np.asarray(getattr(refill, name)),
+                                      np.asarray(getattr(plain, name)), err_msg=name)
+    for name in ("logps", "sampled_logps"):
+        np.testing.assert_allclose(np.asarray(getattr(refill, name)),
+                                   np.asarray(getattr(plain, name)), atol=1e-5, err_msg=name)
+    assert int(refill.num_steps) == int(plain.num_steps)
+
+
+SAMPLED = dict(temperature=1.0, top_k=20)
+
+
+@pytest.mark.parametrize("kw, slots, admit, group", [
+    (SAMPLED, 4, 1, 1),         # admitted one row at a time
+    (SAMPLED, 8, 4, G),         # whole groups, each prompt prefilled once per admission
+    (SAMPLED, 2, 2, 1),         # two slots for sixteen rows
+    (dict(greedy=True), 4, 4, G),
+], ids=["one-at-a-time", "groups", "two-slots", "greedy"])
+def test_refill_equals_one_batch(setup, kw, slots, admit, group):
+    params, ids, mask, gen = setup
+    rng = jax.random.PRNGKey(3)
+    plain = sampling.generate(params, ids, mask, rng=rng, **gen, **kw)
+    refill = sampling.generate(params, ids, mask, rng=rng, max_batch=slots, admit_rows=admit,
+                               group_size=group, **gen, **kw)
+    _same_rows(refill, plain)
+    lengths = np.asarray(plain.lengths)
+    if "temperature" in kw:  # a real test: rows end at different steps, some at the limit
+        assert len(set(lengths.tolist())) > 3 and lengths.min() < N
+        assert np.asarray(plain.finished).any() and not np.asarray(plain.finished).all()
+    # one batch: every slot runs to the longest row; refill: rows wait for a slot instead
+    B = ids.shape[0]
+    assert int(plain.slot_steps) == B * int(plain.num_steps)
+    assert lengths.sum() <= int(refill.slot_steps)
+    if admit == 1 or slots == 2:  # slots refilled as soon as they free: less idle work
+        assert int(refill.slot_steps) < int(plain.slot_steps)
+
+
+def test_refill_on_a_mesh(setup):
+    """Slots over ("data", "fsdp"), kv heads over "tensor"; rows admitted across devices."""
+    params, ids, mask, gen = setup
+    mesh = parallel.make_mesh(data=2, fsdp=2, tensor=2)
+    rng = jax.random.PRNGKey(7)
+    plain = sampling.generate(params, ids, mask, rng=rng, **gen, **SAMPLED)
+    refill = sampling.generate(params, ids, mask, rng=rng, mesh=mesh, max_batch=8, admit_rows=4,
+                               group_size=G, **gen, **SAMPLED)
+    _same_rows(refill, plain)
+
+
+def test_refill_settings_are_checked(setup):
+    params, ids, mask, gen = setup
+    rng = jax.random.PRNGKey(0)
+    with pytest.raises(ValueError, match="divide the 16 rows and the 6 slots"):
+        sampling.generate(params, ids, mask, rng=rng, max_batch=6, group_size=G, **gen)
+    with pytest.raises(ValueError, match="admit_rows 3 must be a multiple of group_size 1"):
+        sampling.generate(params, ids, mask, rng=rng, max_batch=2, admit_rows=3, **gen)
+    # max_batch >= B is one batch
+    one = sampling.generate(params, ids, mask, rng=rng, max_batch=64, **gen)
+    assert int(one.slot_steps) == ids.shape[0] * int(one.num_steps)
