@@ -218,6 +218,31 @@ def test_pmap_mode_trains(tmp_path):
     assert all(np.isfinite(m["loss"]) and m["skipped"] == 0 for m in metrics)
 
 
+def test_refilling_rollouts_and_evaluation_log_the_same_run(tmp_path):
+    """rollout.max_batch (one group of 3 rows decoding at a time, the other group waiting for
+    its slots) and train.eval_batch_size=1 (one problem's rows at a time, the others refilled)
+    sample the same completions as one batch: identical rewards, lengths and evaluations, and
+    the same losses; only the slot accounting differs."""
+    overrides = [o for o in TINY if not o.startswith(("train.steps", "train.save_every",
+                                                       "train.samples_every"))]
+    overrides += ["train.steps=2", "train.save_every=0", "train.samples_every=0"]
+    runs = {}
+    for name, extra in (("one_batch", []),
+                        ("refill", ["rollout.max_batch=3", "train.eval_batch_size=1"])):
+        run_dir = str(tmp_path / name)
+        assert train.train(config.load(None, overrides + extra), run_dir)["finished"]
+        runs[name] = (_rows(run_dir, "metrics.jsonl"), _rows(run_dir, "eval.jsonl"))
+    (m1, e1), (m2, e2) = runs["one_batch"], runs["refill"]
+    assert len(m1) == len(m2) == 2
+    for a, b in zip(m1, m2):
+        for key in ("reward_mean", "reward_std", "completion_length"):
+            assert a[key] == b[key], key
+        for key in ("loss", "grad_norm", "weight_gini", "effective_token_ratio"):
+            assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(b[key])), (key, a[key], b[key])
+        assert 0 < a["slot_utilisation"] <= 1 and 0 < b["slot_utilisation"] <= 1
+    assert _strip_timing(e1) == _strip_timing(e2)
+
+
 def test_mesh_tensor_2_run_equals_tensor_1(tmp_path):
     """train.mode=mesh on 8 devices: tensor 2 (heads and MLP split over pairs of devices, data 4)
     logs the same run as tensor 1 (data 8): the same sampled tokens, hence rewards, and losses,
