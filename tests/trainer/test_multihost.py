@@ -5,7 +5,8 @@ The runs are subprocesses (`python -m arca_jax train ...` and, for `stop_after`,
 calling the library); the one-process runs share a persistent compilation cache (see `_env`).
 Compared: every metric of every step, the evaluations, the logged samples, and the final LoRA
 parameters (within 1e-5); checkpoints cross from the two-process run to the one-process run and
-back. Failures: a signal on one process stops both at the same step, a killed process ends the
+back. A train state split over fsdp across both processes is saved and restored onto other
+meshes, in two processes and in one, shard for shard. Failures: a signal on one process stops both at the same step, a killed process ends the
 other with an error in bounded time and leaves a loadable checkpoint, an unreachable coordinator
 ends with a clear message. About 3 to 4 minutes on two busy CPU cores.
 """
@@ -38,6 +39,63 @@ HEARTBEAT_S = 5
 DIST_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "WORLD_SIZE",
             "RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_NTASKS", "SLURM_PROCID",
             "SLURM_STEP_NODELIST", "OMPI_COMM_WORLD_SIZE", "JAX_LOCAL_DEVICE_IDS")
+
+# A train state with known values (every float leaf distinct, Adam's moments non-zero), the same
+# in every process: the tiny model's adapter at rank 4 and its AdamW state.
+KNOWN_STATE = textwrap.dedent("""
+    import jax, numpy as np
+    from arca_jax import lora, parallel, qwen3
+    from arca_jax.grpo import TrainState, make_optimizer
+
+    CONFIG = qwen3.Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=48,
+                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                               head_dim=8)
+
+    def known_state():
+        tree = lora.init_lora(CONFIG, lora.LoraConfig(rank=4, alpha=8.0), jax.random.PRNGKey(1))
+        state = TrainState.create(tree, make_optimizer(1e-3), jax.random.PRNGKey(2))
+        leaves, treedef = jax.tree_util.tree_flatten(state)
+        leaves = [np.asarray(x) if np.ndim(x) < 3 else
+                  (np.arange(np.size(x)).reshape(np.shape(x)) * 1e-3 + i).astype(np.float32)
+                  for i, x in enumerate(leaves)]
+        return jax.tree_util.tree_unflatten(treedef, leaves)
+
+    def placed(state, mesh):
+        # the global arrays laid out as the mesh step holds them (`parallel.state_shardings`)
+        shardings = parallel.state_shardings(state, mesh, CONFIG.num_key_value_heads)
+        return jax.tree_util.tree_map(
+            lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda i: np.asarray(x)[i]),
+            state, shardings)
+
+    def check(got, want, like):
+        # each addressable shard holds exactly the known values, in the target's layout
+        for g, w, t in zip(*(jax.tree_util.tree_leaves(x) for x in (got, want, like))):
+            assert g.sharding.is_equivalent_to(t.sharding, g.ndim), (g.sharding, t.sharding)
+            for shard in g.addressable_shards:
+                np.testing.assert_array_equal(np.asarray(shard.data), np.asarray(w)[shard.index])
+""")
+
+# Two processes: save the known state split over fsdp 4 (both processes' devices: each process
+# owns half of every factor and moment), then restore it onto (data 2, fsdp 2).
+CKPT_DRIVER = KNOWN_STATE + textwrap.dedent("""
+    import json, sys
+    from arca_jax import distributed
+    from arca_jax.checkpoint import Checkpointer
+    a = json.loads(sys.argv[1])
+    distributed.initialize(distributed.Settings(**a["dist"]))
+    known = known_state()
+    state = placed(known, parallel.make_mesh(1, 4, 1))
+    mu = state.opt_state[1].inner_state[0].mu["layers"]["mlp"]["up_proj"]["lora_b"]  # [2, 4, 48]
+    assert not mu.is_fully_addressable and mu.addressable_shards[0].data.shape == (2, 4, 12)
+    ckpt = Checkpointer(a["directory"])
+    ckpt.save(1, state, {"step": 1})
+    like = placed(jax.tree_util.tree_map(np.zeros_like, known), parallel.make_mesh(2, 2, 1))
+    got, record, step = ckpt.restore(like)
+    assert (record["step"], step) == (1, 1)
+    check(got, known, like)
+    ckpt.close()
+    print("restored on (data 2, fsdp 2)", flush=True)
+""")
 
 DRIVER = textwrap.dedent("""
     import json, sys
@@ -247,6 +305,35 @@ def test_two_processes_equal_one_process_and_checkpoints_cross(single_run, tmp_p
     _assert_lora_close(_lora(back, 2), step2)
     summary = json.load(open(back / "summary.json"))
     assert summary["finished"] and summary["steps"] == 2
+
+
+def test_split_state_checkpoint_crosses_processes_and_meshes(tmp_path):
+    """The train state split over fsdp 4 across two processes (each owns half of every factor and
+    Adam moment) is saved by both and restored onto (data 2, fsdp 2) across them, then in one
+    process onto fsdp 8 and onto one device: every shard exactly as saved."""
+    directory, logs = str(tmp_path / "ckpt"), tmp_path / "logs"
+    logs.mkdir()
+    port = _free_port()
+    cmds = [[sys.executable, "-c", CKPT_DRIVER, json.dumps({
+        "dist": {"coordinator_address": f"127.0.0.1:{port}", "num_processes": 2,
+                 "process_id": i, "initialization_timeout": 120, "heartbeat_timeout": 30},
+        "directory": directory})] for i in range(2)]
+    assert _wait_all(_spawn_two(cmds, str(logs))) == [0, 0], _logs(logs)
+    assert "restored on (data 2, fsdp 2)" in _logs(logs)
+    from arca_jax.checkpoint import Checkpointer
+
+    space = {}
+    exec(KNOWN_STATE, space)
+    known = space["known_state"]()
+    ckpt = Checkpointer(directory)
+    try:
+        for like in (space["placed"](known, space["parallel"].make_mesh(1, 8, 1)),
+                     jax.device_put(known, jax.devices()[0])):
+            got, _, step = ckpt.restore(like)
+            assert step == 1
+            space["check"](got, known, like)
+    finally:
+        ckpt.close()
 
 
 # DAPO's rollout settings: dynamic sampling decides from the all-gathered rewards, so both
