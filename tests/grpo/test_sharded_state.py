@@ -4,8 +4,6 @@ optimiser state equal the single-device run's for every weighting, the state sta
 checkpoint of the split state restores onto other meshes (4 devices, 1 device) and continues as
 the uninterrupted run. The per-device byte count against the issue's Qwen3-32B figures."""
 
-import re
-
 import jax
 import jax.numpy as jnp
 import numpy as np
