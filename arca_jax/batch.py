@@ -1,6 +1,6 @@
 """The training batch: the one layout the sampler produces and the GRPO step consumes.
 
-    batch = sampling.build_batch(prompt_ids, prompt_mask, out, advantages=adv)   # [B, T]
+    batch = build_batch(prompt_ids, prompt_mask, out, advantages=adv)   # [B, T]
     state, metrics = train_step(state, params, batch)
 
 Prompt and completion are one sequence of T = P + N tokens (prompts left-padded, completions
@@ -10,10 +10,16 @@ right-padded). Dimension letters as in ``arca_jax.qwen3``.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Optional, Union
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence, Union
 
 import jax
+import jax.numpy as jnp
 from flax import struct
+
+from arca_jax.qwen3.common import default_positions
+
+if TYPE_CHECKING:
+    from arca_jax.sampling import SampleOutput
 
 Array = jax.Array
 
@@ -65,3 +71,34 @@ def as_batch(batch: Union[Batch, Mapping[str, Any]]) -> Batch:
     if extra:
         raise ValueError(f"unknown batch keys {sorted(extra)}; expected {sorted(names)}")
     return Batch(**dict(batch))
+
+
+def build_batch(prompt_ids, prompt_mask, out: "SampleOutput", advantages=None, *,
+                mask_tokens: Sequence[int] = ()) -> Batch:
+    """Concatenates prompts [B, P] and a `SampleOutput` [B, N] into the training `Batch` [B, P + N].
+
+    advantages: [B] one scalar per row (``grpo.advantages(...).reshape(-1)``); None leaves zeros,
+    to be set with ``batch.replace(advantages=...)``. ``sample_logps`` and ``behaviour_logps``
+    hold the sampler's two log-probs aligned with input_ids; positions are cumsum(attention_mask) - 1, as sampled.
+    mask_tokens: generated tokens with these ids do not count (0 in completion_mask and
+    sample_logps) but stay attended to, e.g. ``(eos_id,)`` to keep the EOS token out of the loss.
+    """
+    prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
+    prompt_mask = jnp.asarray(prompt_mask, jnp.int32)
+    zeros = jnp.zeros_like(prompt_mask)
+    attention_mask = jnp.concatenate([prompt_mask, out.mask], axis=1)
+    counted = out.mask
+    for t in mask_tokens:
+        counted = jnp.where(out.tokens == int(t), 0, counted)
+    B = prompt_ids.shape[0]
+    adv = jnp.zeros((B,), jnp.float32) if advantages is None else jnp.asarray(advantages, jnp.float32)
+    return Batch(
+        input_ids=jnp.concatenate([prompt_ids, out.tokens], axis=1),
+        attention_mask=attention_mask,
+        completion_mask=jnp.concatenate([zeros, counted], axis=1),
+        advantages=adv,
+        positions=default_positions(attention_mask),
+        sample_logps=jnp.concatenate([zeros.astype(jnp.float32),
+                                      jnp.where(counted != 0, out.logps, 0.0)], axis=1),
+        behaviour_logps=None if out.sampled_logps is None else jnp.concatenate(
+            [zeros.astype(jnp.float32), jnp.where(counted != 0, out.sampled_logps, 0.0)], axis=1))

@@ -1,8 +1,8 @@
-"""Rollouts: a jitted KV-cache sampler for the Qwen3 port, and the GRPO batch layout.
+"""Rollouts: a jitted KV-cache sampler for the Qwen3 port.
 
     out = generate(params, prompt_ids, prompt_mask, config=config, rng=key, max_new_tokens=512,
                    lora=adapter, lora_scale=lora_config.scaling, eos_id=config.eos_token_id)
-    batch = build_batch(prompt_ids, prompt_mask, out, advantages=adv)   # what the step trains on
+    batch = arca_jax.batch.build_batch(prompt_ids, prompt_mask, out, advantages=adv)
 
 How it runs (B rows, S slots, P prompt width, N new tokens, V vocabulary):
   1. `qwen3.inference_weights` rearranges the parameters once (fused q/k/v and gate/up kernels,
@@ -41,7 +41,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from arca_jax import parallel, qwen3
-from arca_jax.batch import Batch
 
 Params = qwen3.Params
 
@@ -725,51 +724,3 @@ def generate(params: Params, prompt_ids, prompt_mask, *, config: qwen3.Qwen3Conf
                           logps=out.logps[:, :max_new_tokens],
                           sampled_logps=out.sampled_logps[:, :max_new_tokens])
     return out
-
-
-# --------------------------------------------------------------------------------------------
-# The training batch
-# --------------------------------------------------------------------------------------------
-
-
-def build_batch(prompt_ids, prompt_mask, out: SampleOutput, advantages=None, *,
-                mask_tokens: Sequence[int] = ()) -> Batch:
-    """Concatenates prompts [B, P] and a `SampleOutput` [B, N] into the training `Batch` [B, P + N].
-
-    advantages: [B] one scalar per row (``grpo.advantages(...).reshape(-1)``); None leaves zeros,
-    to be set with ``batch.replace(advantages=...)``. ``sample_logps`` and ``behaviour_logps``
-    hold the sampler's two log-probs aligned with input_ids; positions are cumsum(attention_mask) - 1, as sampled.
-    mask_tokens: generated tokens with these ids do not count (0 in completion_mask and
-    sample_logps) but stay attended to, e.g. ``(eos_id,)`` to keep the EOS token out of the loss.
-    """
-    prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
-    prompt_mask = jnp.asarray(prompt_mask, jnp.int32)
-    zeros = jnp.zeros_like(prompt_mask)
-    attention_mask = jnp.concatenate([prompt_mask, out.mask], axis=1)
-    counted = out.mask
-    for t in mask_tokens:
-        counted = jnp.where(out.tokens == int(t), 0, counted)
-    B = prompt_ids.shape[0]
-    adv = jnp.zeros((B,), jnp.float32) if advantages is None else jnp.asarray(advantages, jnp.float32)
-    return Batch(
-        input_ids=jnp.concatenate([prompt_ids, out.tokens], axis=1),
-        attention_mask=attention_mask,
-        completion_mask=jnp.concatenate([zeros, counted], axis=1),
-        advantages=adv,
-        positions=qwen3.default_positions(attention_mask),
-        sample_logps=jnp.concatenate([zeros.astype(jnp.float32),
-                                      jnp.where(counted != 0, out.logps, 0.0)], axis=1),
-        behaviour_logps=None if out.sampled_logps is None else jnp.concatenate(
-            [zeros.astype(jnp.float32), jnp.where(counted != 0, out.sampled_logps, 0.0)], axis=1))
-
-
-def sequence_logps(params: Params, batch: Batch, *, config: qwen3.Qwen3Config,
-                   lora: Optional[Params] = None, lora_scale: float = 1.0) -> jax.Array:
-    """Teacher-forced log p(input_ids[:, t] | input_ids[:, :t]) [B, T] float32 (0 at t = 0), from one
-    `qwen3.forward` over the whole batch. Materialises [B, T, V] logits: a reference for tests and
-    small batches (a training step over a large vocabulary computes this in chunks)."""
-    out = qwen3.forward(params, batch.input_ids, config=config, attention_mask=batch.attention_mask,
-                        positions=batch.positions, lora=lora, lora_scale=lora_scale)
-    logp = jax.nn.log_softmax(out.logits[:, :-1], axis=-1)
-    picked = jnp.take_along_axis(logp, batch.input_ids[:, 1:, None], axis=-1)[..., 0]
-    return jnp.pad(picked, ((0, 0), (1, 0)))

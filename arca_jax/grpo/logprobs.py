@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from arca_jax import qwen3
+from arca_jax.batch import Batch
 
 Array = jax.Array
 
@@ -149,3 +150,15 @@ def shift_right(x: Array, fill=0) -> Array:
 def next_tokens(input_ids: Array) -> Array:
     """[B, T] ids -> [B, T] targets: position t scores input_ids[:, t + 1]; the last gets 0."""
     return jnp.concatenate([input_ids[:, 1:], jnp.zeros_like(input_ids[:, :1])], axis=1)
+
+
+def sequence_logps(params: qwen3.Params, batch: Batch, *, config: qwen3.Qwen3Config,
+                   lora: Optional[qwen3.Params] = None, lora_scale: float = 1.0) -> jax.Array:
+    """Teacher-forced log p(input_ids[:, t] | input_ids[:, :t]) [B, T] float32 (0 at t = 0), from one
+    `qwen3.forward` over the whole batch. Materialises [B, T, V] logits: a reference for tests and
+    small batches (a training step over a large vocabulary computes this in chunks)."""
+    out = qwen3.forward(params, batch.input_ids, config=config, attention_mask=batch.attention_mask,
+                        positions=batch.positions, lora=lora, lora_scale=lora_scale)
+    logp = jax.nn.log_softmax(out.logits[:, :-1], axis=-1)
+    picked = jnp.take_along_axis(logp, batch.input_ids[:, 1:, None], axis=-1)[..., 0]
+    return jnp.pad(picked, ((0, 0), (1, 0)))

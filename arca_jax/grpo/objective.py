@@ -325,7 +325,7 @@ def loss_fn(lora, params, batch: Union[Batch, Mapping[str, Any]], *, config: qwe
         raise ValueError("num_iterations > 1 needs batch.old_logps (see policy_logprobs)")
     if g.behaviour_correction != "none" and b.behaviour_logps is None:
         raise ValueError(f"behaviour_correction {g.behaviour_correction!r} needs "
-                         "batch.behaviour_logps (sampling.build_batch)")
+                         "batch.behaviour_logps (batch.build_batch)")
     B, T = b.input_ids.shape
     valid = completion_valid(b)  # [B, T] aligned with input_ids
     validf = valid.astype(jnp.float32)

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from arca_jax import parallel, qwen3, sampling
+from arca_jax.batch import build_batch
 from arca_jax.config import RunConfig
 from arca_jax.plan.errors import PlanError
 
@@ -94,7 +95,7 @@ def abstract_model(cfg: RunConfig, config: qwen3.Qwen3Config, mesh):
 
 
 def abstract_batch(cfg: RunConfig, shapes: Shapes, mesh):
-    """The rollout's training `Batch` [B, T] as `sampling.build_batch` makes it (old_logps too
+    """The rollout's training `Batch` [B, T] as `batch.build_batch` makes it (old_logps too
     when grpo.num_iterations > 1), sharded as the train step takes it."""
     B, Pw, N = shapes.rows, shapes.prompt, shapes.new_tokens
     i32, f32 = jnp.int32, jnp.float32
@@ -103,7 +104,7 @@ def abstract_batch(cfg: RunConfig, shapes: Shapes, mesh):
                                 logps=sd((B, N), f32), lengths=sd((B,), i32),
                                 finished=sd((B,), jnp.bool_), num_steps=sd((), i32),
                                 sampled_logps=sd((B, N), f32))
-    batch = jax.eval_shape(lambda ids, o, a: sampling.build_batch(ids, ids, o, a),
+    batch = jax.eval_shape(lambda ids, o, a: build_batch(ids, ids, o, a),
                            sd((B, Pw), i32), out, sd((B,), f32))
     if cfg.grpo.num_iterations > 1:
         batch = batch.replace(old_logps=batch.sample_logps)

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from arca_jax import distributed, parallel, sampling
-from arca_jax.batch import Batch
+from arca_jax.batch import Batch, build_batch
 from arca_jax.config import RunConfig
 from arca_jax.grpo.objective import advantages
 from arca_jax.trainer.setup import Model
@@ -410,10 +410,10 @@ def rollout(model: Model, mesh, layout: parallel.RowLayout, problems: Sequence[A
             lengths=to(rows.scored.lengths.astype(np.int32)), finished=to(rows.scored.finished),
             num_steps=jnp.asarray(rows.tokens.shape[1], jnp.int32),
             sampled_logps=None if rows.sampled_logps is None else to(rows.sampled_logps))
-        batch = sampling.build_batch(to(rows.prompt_ids), to(rows.prompt_mask), out,
+        batch = build_batch(to(rows.prompt_ids), to(rows.prompt_mask), out,
                                      advantages=to(adv), mask_tokens=masked_tokens(cfg, model))
     else:
-        batch = sampling.build_batch(gen.ids, gen.mask, gen.out, advantages=layout.to_global(adv),
+        batch = build_batch(gen.ids, gen.mask, gen.out, advantages=layout.to_global(adv),
                                      mask_tokens=masked_tokens(cfg, model))
     truncated = ~scored.finished
     if r.overlong_filtering:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from arca_jax import config, lora, qwen3, sampling, trainer
+from arca_jax.batch import build_batch
 from arca_jax.grpo import (Batch, GRPOConfig, loss_fn, policy_logprobs, raw_normalizer,
                            token_logprobs)
 from arca_jax.grpo.signals import completion_valid
@@ -87,8 +88,8 @@ def test_build_batch_masks_eos_out_of_the_loss_only():
     eos = 7
     out = _sample_output([[5, 6, eos], [4, 4, 4]], [[1, 1, 1], [1, 1, 1]])
     pid, pmask = jnp.array([[1, 2], [0, 3]]), jnp.array([[1, 1], [0, 1]])
-    kept = sampling.build_batch(pid, pmask, out)
-    masked = sampling.build_batch(pid, pmask, out, mask_tokens=(eos,))
+    kept = build_batch(pid, pmask, out)
+    masked = build_batch(pid, pmask, out, mask_tokens=(eos,))
     np.testing.assert_array_equal(kept.completion_mask, [[0, 0, 1, 1, 1], [0, 0, 1, 1, 1]])
     np.testing.assert_array_equal(masked.completion_mask, [[0, 0, 1, 1, 0], [0, 0, 1, 1, 1]])
     np.testing.assert_array_equal(masked.attention_mask, kept.attention_mask)  # still attended

@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from arca_jax import lora, qwen3, sampling
+from arca_jax.batch import build_batch
+from arca_jax.grpo.logprobs import sequence_logps
 from fixtures import left_padded_batch, random_checkpoint, shifted_adapter, tiny_hf_config
 
 MODELS = {
@@ -135,8 +137,8 @@ def test_logps_equal_teacher_forced_forward(tiny):
     eos = int(np.asarray(free.tokens)[0, 3])
     out = sampling.generate(params, ids, mask, config=config, rng=jax.random.PRNGKey(11),
                             max_new_tokens=10, eos_id=eos)
-    batch = sampling.build_batch(ids, mask, out)
-    ref = np.asarray(sampling.sequence_logps(params, batch, config=config))
+    batch = build_batch(ids, mask, out)
+    ref = np.asarray(sequence_logps(params, batch, config=config))
     cm = np.asarray(batch.completion_mask).astype(bool)
     np.testing.assert_allclose(np.asarray(batch.sample_logps)[cm], ref[cm], atol=1e-4, rtol=0)
     assert np.all(np.asarray(out.logps)[np.asarray(out.mask) == 0] == 0)
@@ -156,8 +158,8 @@ def test_bfloat16_params_sample_in_bfloat16(tiny):
     assert all(k.dtype == jnp.bfloat16 for k in state.cache.k)
     out = sampling.finish(sampling.decode_jit(weights, state, config=config, settings=settings))
     assert out.logps.dtype == jnp.float32 and int(out.num_steps) == 8
-    batch = sampling.build_batch(ids, mask, out)
-    ref = np.asarray(sampling.sequence_logps(params, batch, config=config))
+    batch = build_batch(ids, mask, out)
+    ref = np.asarray(sequence_logps(params, batch, config=config))
     cm = np.asarray(batch.completion_mask).astype(bool)
     np.testing.assert_allclose(np.asarray(batch.sample_logps)[cm], ref[cm], atol=0.1)
 
@@ -231,7 +233,7 @@ def test_top_p_never_leaves_the_nucleus(tiny):
     ids, mask = sampling.repeat_groups(ids, mask, 128)
     out = sampling.generate(params, ids, mask, config=config, rng=jax.random.PRNGKey(3),
                             max_new_tokens=4, top_p=top_p)
-    batch = sampling.build_batch(ids, mask, out)
+    batch = build_batch(ids, mask, out)
     logits = np.asarray(qwen3.forward(params, batch.input_ids, config=config,
                                       attention_mask=batch.attention_mask).logits)
     P = ids.shape[1]
@@ -280,8 +282,8 @@ def test_merged_adapter_samples_the_same_tokens(tiny):
     np.testing.assert_array_equal(np.asarray(side.tokens), np.asarray(premerged.tokens))
     np.testing.assert_allclose(np.asarray(side.logps), np.asarray(merged.logps), atol=1e-4)
     assert (np.asarray(side.tokens) != np.asarray(base.tokens)).any()  # the adapter matters
-    batch = sampling.build_batch(ids, mask, side)
-    ref = np.asarray(sampling.sequence_logps(params, batch, config=config, lora=tree,
+    batch = build_batch(ids, mask, side)
+    ref = np.asarray(sequence_logps(params, batch, config=config, lora=tree,
                                              lora_scale=lcfg.scaling))
     cm = np.asarray(batch.completion_mask).astype(bool)
     np.testing.assert_allclose(np.asarray(batch.sample_logps)[cm], ref[cm], atol=1e-4, rtol=0)
@@ -345,7 +347,7 @@ def test_build_batch_layout():
         tokens=jnp.array([[9, 2, 0], [7, 8, 6]]), mask=jnp.array([[1, 1, 0], [1, 1, 1]]),
         logps=jnp.array([[-1.0, -2.0, 0.0], [-3.0, -4.0, -5.0]]), lengths=jnp.array([2, 3]),
         finished=jnp.array([True, False]), num_steps=jnp.array(3))
-    b = sampling.build_batch(prompt_ids, prompt_mask, out)
+    b = build_batch(prompt_ids, prompt_mask, out)
     np.testing.assert_array_equal(b.input_ids, [[0, 0, 4, 5, 9, 2, 0], [1, 2, 3, 4, 7, 8, 6]])
     np.testing.assert_array_equal(b.attention_mask, [[0, 0, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1, 1]])
     np.testing.assert_array_equal(b.positions, [[0, 0, 0, 1, 2, 3, 3], [0, 1, 2, 3, 4, 5, 6]])

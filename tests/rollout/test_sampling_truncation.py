@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from arca_jax import sampling
+from arca_jax.batch import build_batch
 from fixtures import random_params, tiny_config
 
 
@@ -101,5 +102,5 @@ def test_generate_returns_both_logps_and_the_batch_carries_them():
                             max_new_tokens=5, top_k=3)
     lp, slp = np.asarray(out.logps), np.asarray(out.sampled_logps)
     assert slp.shape == (3, 5) and (slp >= lp - 1e-6).all() and (slp < 0).any()
-    batch = sampling.build_batch(ids, mask, out)
+    batch = build_batch(ids, mask, out)
     np.testing.assert_allclose(np.asarray(batch.behaviour_logps)[:, 4:], slp * np.asarray(out.mask))

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from arca_jax import checkpoint, cli, config, faults, runlog, train
+from arca_jax.batch import build_batch
 from arca_jax.checkpoint import Checkpointer, CheckpointError, CheckpointSaveError
 from arca_jax.trainer import loop, setup
 rollout_mod = importlib.import_module("arca_jax.trainer.rollout")  # the package exports rollout()
@@ -580,7 +581,7 @@ def test_non_finite_advantages_are_zeroed_and_a_nan_update_is_skipped(reference)
         mask=jnp.ones((B, N), jnp.int32), logps=jnp.full((B, N), -1.0, jnp.float32),
         lengths=jnp.full((B,), N, jnp.int32), finished=jnp.zeros((B,), bool),
         num_steps=jnp.asarray(N, jnp.int32), sampled_logps=jnp.full((B, N), -1.0, jnp.float32))
-    batch = sampling.build_batch(jnp.asarray(rng.integers(3, 20, (B, P)), jnp.int32),
+    batch = build_batch(jnp.asarray(rng.integers(3, 20, (B, P)), jnp.int32),
                                  jnp.ones((B, P), jnp.int32), out,
                                  advantages=np.asarray([np.nan, 1.0, -1.0, 0.0], np.float32))
     before = jax.tree_util.tree_map(np.asarray, (state.lora, state.opt_state))
