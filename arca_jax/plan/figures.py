@@ -8,6 +8,7 @@ import dataclasses
 import os
 from typing import Dict, Optional, Sequence, Tuple
 
+from arca_jax import parallel
 from arca_jax.plan import hlostats
 from arca_jax.plan.knobs import Knobs
 from arca_jax.plan.programs import Program
@@ -101,7 +102,10 @@ class Plan:
     """The programs of one setting on one target.
 
     rows: completions per step (the global batch); tokens: T per row; problems: what the trainer
-    would refuse about the setting (the programs compile anyway)."""
+    would refuse about the setting (the programs compile anyway). state: the train state's bytes
+    per device as the trainer lays it out (`parallel.train_state_bytes`: adapter, Adam moments
+    and the step's gradient split over "fsdp"); replicated_state: the same replicated over "fsdp"
+    (the layout before ZeRO sharding, for the saving). None: not computed."""
 
     model: str
     target: Target
@@ -109,6 +113,8 @@ class Plan:
     shapes: Shapes
     programs: Tuple[ProgramReport, ...]
     problems: Tuple[str, ...]
+    state: Optional[parallel.StateBytes] = None
+    replicated_state: Optional[parallel.StateBytes] = None
 
     def program_fits(self, report: ProgramReport) -> Optional[bool]:
         """Whether the program's peak fits in the target's memory per device (None: unknown)."""
@@ -127,6 +133,11 @@ class Plan:
     def peak_bytes(self) -> int:
         """The largest peak of the programs, bytes per device."""
         return max(p.memory.peak for p in self.programs)
+
+    @property
+    def state_share(self) -> Optional[float]:
+        """The train state's bytes per device over the peak (None: no state figure)."""
+        return None if self.state is None else self.state.total / self.peak_bytes
 
     def seconds(self, names: Sequence[str]) -> Optional[float]:
         """Roofline seconds of the named programs, each times its runs per step (None: a figure

@@ -42,8 +42,21 @@ def plan_json(p: Plan) -> dict:
         "rollout_s": p.rollout_s,
         "step_s": None if p.update_s is None or p.rollout_s is None else p.update_s + p.rollout_s,
         "eval_chunk_s": p.eval_chunk_s,
+        "train_state": _state_json(p),
         "programs": [dict(_program_json(r), fits=p.program_fits(r)) for r in p.programs],
     }
+
+
+def _state_json(p: Plan) -> Optional[dict]:
+    """The train state's bytes per device (split over fsdp as the trainer lays it out), the same
+    replicated over fsdp, the saving, and the state's share of the plan's peak."""
+    s, r = p.state, p.replicated_state
+    if s is None or r is None:
+        return None
+    return {"adapter_bytes": s.adapter, "optimizer_bytes": s.optimizer,
+            "gradient_bytes": s.gradient, "other_bytes": s.other, "total_bytes": s.total,
+            "replicated_total_bytes": r.total, "saving_bytes": r.total - s.total,
+            "share_of_peak": p.state_share}
 
 
 def _program_json(r: ProgramReport) -> dict:
@@ -120,6 +133,12 @@ def format_plan(p: Plan) -> str:
     lines.append(f"  per step: update {_fmt_s(p.update_s)}, rollout {_fmt_s(p.rollout_s)} "
                  "(roofline)" + (f"; an evaluation chunk of {p.shapes.eval_rows} rows "
                                  f"{_fmt_s(p.eval_chunk_s)}" if p.shapes.eval_rows else ""))
+    if p.state is not None and p.replicated_state is not None:
+        s = p.state
+        lines.append(f"  train state per device: {_fmt_bytes(s.total)} GiB (adapter "
+                     f"{_fmt_bytes(s.adapter)}, Adam {_fmt_bytes(s.optimizer)}, gradient "
+                     f"{_fmt_bytes(s.gradient)}), {p.state_share:.1%} of the peak; replicated "
+                     f"over fsdp it would be {_fmt_bytes(p.replicated_state.total)} GiB")
     for problem in p.problems:
         lines.append(f"  the trainer refuses this: {problem}")
     return "\n".join(lines)

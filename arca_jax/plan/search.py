@@ -21,7 +21,9 @@ def plan_once(cfg: RunConfig, target: Target, knobs: Knobs, options=None,
               evaluation: bool = False, hlo_dir: Optional[str] = None) -> Plan:
     """Compiles every program of `knobs` on `target` and reports them. `reuse`: a plan of the
     same layout whose sampler programs are still valid (only remat or microbatches changed).
-    evaluation: also the evaluation's pass@k sampling (`Shapes.eval_rows`)."""
+    evaluation: also the evaluation's pass@k sampling (`Shapes.eval_rows`). The plan carries the
+    train state's bytes per device, split over fsdp and replicated over it
+    (`parallel.train_state_bytes`)."""
     config = model_config(cfg)
     mesh = make_mesh(knobs.layout, target.devices)
     shapes = Shapes.of(cfg, knobs.layout.row_shards, evaluation)
@@ -39,8 +41,10 @@ def plan_once(cfg: RunConfig, target: Target, knobs: Knobs, options=None,
                                   options)
         log("compiled " + ", ".join(f"{p.name} in {p.compile_s:.0f} s" for p in sampler))
         reports += [report_program(p, target, hlo_dir, tag) for p in sampler]
+    kv = config.num_key_value_heads
     return Plan(cfg.model.path, target, knobs, shapes, tuple(reports),
-                tuple(trainer_problems(cfg, knobs)))
+                tuple(trainer_problems(cfg, knobs)), parallel.train_state_bytes(state, mesh, kv),
+                parallel.train_state_bytes(state, mesh, kv, fsdp=False))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from arca_jax import cli, config, plan, qwen3
+from arca_jax import cli, config, parallel, plan, qwen3
 from arca_jax.plan import hlostats, search
 
 FAST = {"xla_backend_optimization_level": 0}  # CPU compile speed; memory and shapes unchanged
@@ -56,6 +56,7 @@ def test_json_fields(tiny_plan):
     assert p["target"]["platform"] == "cpu" and p["target"]["devices"] == 8
     assert p["target"]["peak_flops_per_device"] is None  # no published CPU peak: no roofline
     assert p["fits"] is True and p["problems"] == []
+    assert p["train_state"]["total_bytes"] < p["train_state"]["replicated_total_bytes"]
     assert "train.microbatches=2" in p["trainer_overrides"]
     assert [r["name"] for r in p["programs"]] == ["train_step", "prepare_weights", "prefill",
                                                   "decode", "eval_prefill", "eval_decode"]
@@ -100,6 +101,31 @@ def test_memory_against_shapes(cfg, tiny_plan):
     decode = _report(tiny_plan, "decode").memory
     assert decode.resident >= params / LAYOUT.fsdp + state  # weights + state stay live
     assert tiny_plan.peak_bytes == max(r.memory.peak for r in tiny_plan.programs)
+
+
+def test_train_state_bytes(cfg, tiny_plan):
+    """The report's train state: `parallel.train_state_bytes` of the abstract state, and the same
+    replicated over fsdp. Every factor's wide dimension of the tiny model divides by fsdp 4
+    (tensor 1), so the adapter, its gradient and its two Adam moments (adapter-shaped, float32)
+    are exactly 1/4 of their replicated bytes; the step, key and optimiser counters are not
+    split."""
+    c = plan.model_config(cfg)
+    mesh = plan.make_mesh(LAYOUT, plan.local_target().devices)
+    state = plan.abstract_model(cfg, c, mesh)[1]
+    s = parallel.train_state_bytes(state, mesh, c.num_key_value_heads)
+    r = parallel.train_state_bytes(state, mesh, c.num_key_value_heads, fsdp=False)
+    assert tiny_plan.state == s and tiny_plan.replicated_state == r
+    f = LAYOUT.fsdp
+    assert r.adapter == f * s.adapter and r.gradient == f * s.gradient and r.other == s.other
+    assert r.optimizer - s.optimizer == (f - 1) * 2 * s.adapter  # Adam's mu and nu
+    j = plan.plan_json(tiny_plan)["train_state"]
+    assert j == {"adapter_bytes": s.adapter, "optimizer_bytes": s.optimizer,
+                 "gradient_bytes": s.gradient, "other_bytes": s.other, "total_bytes": s.total,
+                 "replicated_total_bytes": r.total, "saving_bytes": r.total - s.total,
+                 "share_of_peak": s.total / tiny_plan.peak_bytes}
+    assert j["saving_bytes"] == (f - 1) * 4 * s.adapter  # adapter, two moments, gradient
+    assert 0 < j["share_of_peak"] < 1
+    assert "train state per device:" in plan.format_plan(tiny_plan)
 
 
 def test_loop_scaling(cfg, tiny_plan):
