@@ -394,12 +394,24 @@ def _free_slots(done: jax.Array, n: int) -> jax.Array:
     return jnp.full((n,), S, jnp.int32).at[target].set(jnp.arange(S, dtype=jnp.int32), mode="drop")
 
 
+def _spread(n: int, mesh) -> jax.sharding.PartitionSpec:
+    """Spec of n rows over as many of the mesh's row devices as divide them: ("data", "fsdp"),
+    else "fsdp", else "data", else replicated (the admitted prompts: each device runs its own)."""
+    P = jax.sharding.PartitionSpec
+    data, fsdp = parallel.axis_size(mesh, parallel.DATA), parallel.axis_size(mesh, parallel.FSDP)
+    for axes, size in (((parallel.DATA, parallel.FSDP), data * fsdp), (parallel.FSDP, fsdp),
+                       (parallel.DATA, data)):
+        if size > 1 and n % size == 0:
+            return P(axes)
+    return P()
+
+
 def admit(weights: qwen3.InferenceWeights, state: SamplerState, *, config: qwen3.Qwen3Config,
-          settings: SamplingConfig, count: int) -> SamplerState:
+          settings: SamplingConfig, count: int, mesh=None) -> SamplerState:
     """Gives the next min(count, waiting) rows the first free slots: their prompts run through
-    the model (each group of G copies once), their keys and values replace the slot's cache,
-    and their token 0 is sampled. `count` (static) is a multiple of G; the caller makes sure
-    that many slots are free. Pure."""
+    the model (each group of G copies once; with a `mesh`, split over its row devices), their
+    keys and values replace the slot's cache, and their token 0 is sampled. `count` (static) is
+    a multiple of G; the caller makes sure that many slots are free. Pure."""
     S, B = state.slots, state.rows
     P = state.prompt_ids.shape[1]
     G = state.group_size
@@ -409,10 +421,17 @@ def admit(weights: qwen3.InferenceWeights, state: SamplerState, *, config: qwen3
     slots = jnp.where(take, _free_slots(state.done, count), S)  # S: dropped
     src = jnp.minimum(rows[::G], B - 1)  # one prompt per group
     ids, mask = state.prompt_ids[src], state.prompt_mask[src]  # [count / G, P]
+    if mesh is not None:
+        spread = jax.sharding.NamedSharding(mesh, _spread(count // G, mesh))
+        ids, mask = jax.lax.with_sharding_constraint((ids, mask), spread)
     fresh = qwen3.KVCache.init(config, count // G, P, weights.dtype, tensor=weights.tensor)
     out = qwen3.inference_forward(weights, ids, config=config,
                                   positions=qwen3.default_positions(mask),
                                   attention_mask=mask, cache=fresh)
+    if mesh is not None:  # keep the prompts' work split by prompt, not replicated
+        out = jax.lax.with_sharding_constraint(out, jax.tree_util.tree_map(
+            lambda x: jax.sharding.NamedSharding(mesh, spread.spec if x.ndim else
+                                                 jax.sharding.PartitionSpec()), out))
     if G > 1:  # each prompt's keys, values and logits to its G rows
         out = jax.tree_util.tree_map(lambda x: jnp.repeat(x, G, axis=0) if x.ndim else x, out)
         mask = jnp.repeat(mask, G, axis=0)
@@ -493,7 +512,8 @@ def prefill(weights: qwen3.InferenceWeights, prompt_ids: jax.Array, prompt_mask:
         logps=zeros, sampled_logps=zeros, finished=jnp.zeros((B,), bool), uniforms=uniforms,
         admitted=jnp.zeros((), jnp.int32), limit=limit, slot_steps=jnp.zeros((), jnp.int32),
         group_size=G, admit_rows=F)
-    return _constrain(admit(weights, state, config=config, settings=settings, count=S), mesh)
+    return _constrain(admit(weights, state, config=config, settings=settings, count=S,
+                            mesh=mesh), mesh)
 
 
 def decode_step(weights: qwen3.InferenceWeights, state: SamplerState, *, config: qwen3.Qwen3Config,
@@ -539,7 +559,7 @@ def decode(weights: qwen3.InferenceWeights, state: SamplerState, *, config: qwen
     (`admit`) instead of decoding."""
     step = functools.partial(decode_step, weights, config=config, settings=settings, mesh=mesh)
     refill = functools.partial(admit, weights, config=config, settings=settings,
-                               count=state.admit_rows)
+                               count=state.admit_rows, mesh=mesh)
 
     def body(s):
         if state.slots == state.rows:  # nothing ever waits

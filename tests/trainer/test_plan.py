@@ -194,9 +194,12 @@ def _reference_flops(cfg, attention: str, devices: int):
 
 def test_flops_against_the_jaxpr(cfg, tiny_plan):
     """Prefill and the whole decode loop against the jaxpr's matmul flops per device;
-    elementwise work adds a little on top."""
+    elementwise work adds a little on top. The prefill admits its rows into the slots as the
+    refill does (prompt rows gathered by index): on this 8-device mesh XLA splits the prompt
+    forward's large matmuls 8 ways over their contracting dimension and keeps smaller parts
+    whole, 1.30 x the ideal split over the 4 prompts (measured), so its bound is 1.4 x."""
     low, high, decode = _reference_flops(cfg, "reduce", 8)
-    assert low <= _report(tiny_plan, "prefill").flops <= 1.25 * high
+    assert low <= _report(tiny_plan, "prefill").flops <= 1.4 * high
     assert decode <= _report(tiny_plan, "decode").flops <= 1.25 * decode
 
 
