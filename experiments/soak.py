@@ -2,6 +2,7 @@
 step, which should stay flat after the first steps. A benchmark script, not a test.
 
     python experiments/soak.py --steps 300 --out /tmp/soak        # writes soak.csv + summary
+    python experiments/soak.py --steps 300 --fixed-width --malloc-trim --out /tmp/soak_trim
 
 Each training step logs its row through a `RunLog` subclass that also records the process's
 resident memory (/proc/self/statm) and the number of XLA compilations so far (JAX's
@@ -50,6 +51,8 @@ class SoakLog(RunLog):
 
     def metrics(self, record):
         super().metrics(record)
+        if TRIM:  # hand the allocator's free pages back before reading the resident size
+            TRIM[0](0)
         self.rows.append({"step": record["step"], "rss_mib": round(rss_mib(), 1),
                           "compiles": _compiles, "step_time_s": round(record["step_time_s"], 3),
                           "wall_s": round(time.time() - T0, 1)})
@@ -60,6 +63,7 @@ class SoakLog(RunLog):
 
 
 TRACE = {}  # --tracemalloc: Python-heap snapshots at two steps
+TRIM = []  # --malloc-trim: glibc's malloc_trim
 
 
 def python_heap_growth(first, last, top: int = 20) -> list:
@@ -79,7 +83,15 @@ def main(argv=None) -> int:
     p.add_argument("--tracemalloc", type=int, nargs=2, metavar=("FROM", "TO"), default=None,
                    help="trace Python allocations and report the sites whose live bytes grew "
                         "between steps FROM and TO (Python's heap only, not XLA's buffers)")
+    p.add_argument("--malloc-trim", action="store_true",
+                   help="call glibc's malloc_trim(0) after every step, before reading the "
+                        "resident size: memory the allocator merely keeps is released, so what "
+                        "still grows is live (a leak), not allocator retention")
     args = p.parse_args(argv)
+    if args.malloc_trim:
+        import ctypes
+
+        TRIM.append(ctypes.CDLL("libc.so.6").malloc_trim)
     if args.tracemalloc:
         tracemalloc.start(1)
         TRACE.update(from_step=args.tracemalloc[0], to_step=args.tracemalloc[1])
