@@ -13,6 +13,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from arca_jax import parallel, sampling
 from arca_jax.config import RunConfig
+from arca_jax.plan.errors import PlanError
 from arca_jax.plan.knobs import Knobs
 from arca_jax.plan.shapes import Shapes, device_bytes
 
@@ -38,9 +39,20 @@ class Program:
 
 
 def _compile(lowered, options):
-    """(the compiled program, compile seconds); options: XLA compiler options or None."""
+    """(the compiled program, compile seconds); options: XLA compiler options or None. A
+    program the compiler refuses for lack of device memory (libtpu checks it against the
+    chip's HBM) raises PlanError with the compiler's figure: it does not fit."""
     t = time.time()
-    compiled = lowered.compile(compiler_options=options) if options else lowered.compile()
+    try:
+        compiled = lowered.compile(compiler_options=options) if options else lowered.compile()
+    except Exception as e:  # noqa: BLE001 - jax.errors.JaxRuntimeError and its backends' kin
+        text = str(e)
+        if "RESOURCE_EXHAUSTED" not in text:
+            raise
+        first = next((line for line in text.splitlines() if "RESOURCE_EXHAUSTED" in line), text)
+        raise PlanError(f"does not fit: the compiler refused a program for lack of device "
+                        f"memory ({first.strip()}); try more microbatches, a larger tensor "
+                        "axis or remat (--mesh, --set train.microbatches=...)") from None
     return compiled, time.time() - t
 
 

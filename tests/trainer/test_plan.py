@@ -510,3 +510,25 @@ def test_hlostats_loop_start_and_step():
     work = hlostats.analyze(text)
     assert work.loops == (4,)
     assert work.flops == 4 * (2 * 4 * 4 * 4 + 1)
+
+
+def test_a_program_the_compiler_refuses_for_memory_does_not_fit():
+    """libtpu refuses to compile a program whose temporaries exceed the chip's HBM
+    (RESOURCE_EXHAUSTED): plan reports it as not fitting, one line, not a traceback; other
+    compiler errors pass through."""
+    from arca_jax.plan import programs
+
+    class Refused:
+        def __init__(self, message):
+            self.message = message
+
+        def compile(self, **_):
+            raise RuntimeError(self.message)
+
+    oom = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+           "temporaries (34.83G) exceeds available HBM (15.75G).")
+    with pytest.raises(plan.PlanError, match=r"does not fit: .*34\.83G.*15\.75G") as e:
+        programs._compile(Refused("XlaRuntimeError\n" + oom), None)
+    assert "\n" not in str(e.value)
+    with pytest.raises(RuntimeError, match="INTERNAL"):
+        programs._compile(Refused("INTERNAL: something else"), None)
