@@ -15,13 +15,15 @@ float32 at every decode step) with fewer, larger operations:
     as one low-rank pair per group: A's side by side, B's block-diagonal, `lora_scale` folded in;
   - layers are unrolled over per-layer weight and cache arrays, so a step never slices a stacked
     [L, ...] array (on GPU such a dynamic slice feeding a matmul is a copy of the operand);
-  - the cache is [B, K, S, H] per layer, written in place (dynamic_update_slice on the loop
-    carry) and read in that layout, the padding mask is one additive bias per call;
+  - the cache is [B, K, S, H] per layer, each row written in place at its own position (one
+    scatter on the loop carry, `_write_rows`) and read in that layout, the padding mask is one
+    additive bias per call;
   - the final norm and the head run on the last position only.
 
 Measured on the CPU benchmark model (experiments/NOTES_sampling.md): one decode step of the
 sampler went from 406 kernels (the first version, since removed: the linen forward over a stacked
-[L, ...] cache, threefry per step) to 110.
+[L, ...] cache, threefry per step) to 110; filled-block attention made it 137, and the per-row
+write positions continuous refill needs 155 (2026-11-30).
 """
 
 from __future__ import annotations

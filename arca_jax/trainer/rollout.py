@@ -128,10 +128,12 @@ def generate_rows(model: Model, mesh, ids: np.ndarray, mask: np.ndarray, *, grou
                   **gen) -> Generated:
     """Samples `group_size` (G) completions of each of the prompts [n, P] (the same host arrays on
     every process) on `mesh` (None: the default device): rows r G .. r G + G - 1 are prompt r's,
-    padded to a multiple of the devices holding different rows; each process's devices generate
-    its own rows, and each prompt is prefilled once for its G rows (`sampling.generate`'s
-    `group_size`) whenever the padded rows split into whole groups. `gen`: `sampling.generate`
-    keywords; a `max_batch` is rounded up to whole groups spread evenly over the devices."""
+    padded to a multiple of the devices holding different rows; each process's devices decode
+    their own slots (with `max_batch`, a row waiting for a slot takes whichever frees first; the
+    outputs are replicated), and each prompt is prefilled once for its G rows
+    (`sampling.generate`'s `group_size`) whenever the padded rows split into whole groups.
+    `gen`: `sampling.generate` keywords; a `max_batch` is rounded up to whole groups spread
+    evenly over the devices."""
     G = int(group_size)
     ids, mask = np.repeat(ids, G, axis=0), np.repeat(mask, G, axis=0)
     layout = parallel.RowLayout.padded(mesh, ids.shape[0])
