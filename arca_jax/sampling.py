@@ -481,7 +481,7 @@ def prefill(weights: qwen3.InferenceWeights, prompt_ids: jax.Array, prompt_mask:
         multiple of G, <= S; default max(G, S / 8 rounded down to a multiple of G)).
 
     Returns:
-      The loop state, a cache of P + N positions per slot.
+      The loop state, a cache of P + N positions per slot (`qwen3.cache_size`).
     """
     B, P = prompt_ids.shape
     N = settings.max_new_tokens
@@ -504,7 +504,8 @@ def prefill(weights: qwen3.InferenceWeights, prompt_ids: jax.Array, prompt_mask:
     zeros = jnp.zeros((B, N), jnp.float32)
     i32 = lambda n: jnp.zeros((n,), jnp.int32)
     state = SamplerState(
-        cache=qwen3.KVCache.init(config, S, P + N, weights.dtype, tensor=weights.tensor),
+        cache=qwen3.KVCache.init(config, S, qwen3.cache_size(P + N, weights.decode_attention),
+                                 weights.dtype, tensor=weights.tensor),
         row=jnp.full((S,), B, jnp.int32), column=i32(S), last=i32(S), position=i32(S),
         done=jnp.ones((S,), bool), prompt_ids=prompt_ids.astype(jnp.int32),
         prompt_mask=prompt_mask.astype(jnp.int32),
@@ -583,7 +584,11 @@ def prepare_weights(params: Params, config: qwen3.Qwen3Config, *, lora: Optional
                     mesh=None) -> qwen3.InferenceWeights:
     """`qwen3.inference_weights` for the sampler; with a `mesh` (static), laid out for its tensor
     size and placed as `parallel.inference_shardings` (tensor-parallel shards used in place by
-    every decode step; "fsdp" as the base parameters)."""
+    every decode step; "fsdp" as the base parameters). decode_attention="pallas" (a GPU kernel
+    per device) runs without a mesh only."""
+    if mesh is not None and decode_attention == "pallas":
+        raise ValueError("decode_attention='pallas' runs on one device: sample without a mesh, or "
+                         "use 'dot'")
     tensor = parallel.axis_size(mesh, parallel.TENSOR)
     weights = qwen3.inference_weights(params, config, lora=lora, lora_scale=lora_scale,
                                       merge_lora=merge_lora, decode_attention=decode_attention,
@@ -674,7 +679,8 @@ def generate(params: Params, prompt_ids, prompt_mask, *, config: qwen3.Qwen3Conf
              eos_id: Union[None, int, Sequence[int]] = None, pad_id: int = 0,
              merge_lora: bool = False, bucket: bool = True, top_k: int = 0,
              mesh=None, group_size: int = 1, max_batch: Optional[int] = None,
-             admit_rows: Optional[int] = None) -> SampleOutput:
+             admit_rows: Optional[int] = None,
+             decode_attention: Optional[str] = None) -> SampleOutput:
     """Samples completions of left-padded prompts.
 
     Args:
@@ -706,6 +712,8 @@ def generate(params: Params, prompt_ids, prompt_mask, *, config: qwen3.Qwen3Conf
         are those of a one-batch run with the same key (up to float rounding of the batch's
         matmuls). A multiple of group_size; with a mesh, of the devices the rows split over.
       admit_rows: see `prefill`.
+      decode_attention: how decode steps read the cache (`qwen3.InferenceWeights`; None: the
+        backend's default, `qwen3.default_decode_attention`).
 
     Returns:
       SampleOutput(tokens, mask, logps, sampled_logps [B, N], lengths [B], finished [B],
@@ -730,7 +738,8 @@ def generate(params: Params, prompt_ids, prompt_mask, *, config: qwen3.Qwen3Conf
         prompt_ids, prompt_mask = jax.device_put((prompt_ids, prompt_mask), rows)
     weights = prepare_weights_jit(params, config, lora=lora,
                                   lora_scale=jnp.asarray(lora_scale, jnp.float32),
-                                  merge_lora=bool(merge_lora and lora is not None), mesh=mesh)
+                                  merge_lora=bool(merge_lora and lora is not None),
+                                  decode_attention=decode_attention, mesh=mesh)
     B = prompt_ids.shape[0]
     slots = None if max_batch is None or int(max_batch) >= B else int(max_batch)
     state = prefill_jit(weights, prompt_ids, prompt_mask, config=config, settings=settings, rng=rng,

@@ -37,8 +37,9 @@ sees only the adapter.
 from arca_jax.qwen3.common import (ATTN_PROJS, MLP_PROJS, PROJ_BLOCK, Params, default_positions,
                                    rope_tables)
 from arca_jax.qwen3.config import ConfigError, Qwen3Config, preset
-from arca_jax.qwen3.inference import (InferenceLayer, InferenceOutput, InferenceWeights, KVCache,
-                                      LowRank, default_decode_attention, inference_forward,
+from arca_jax.qwen3.inference import (DECODE_ATTENTION, InferenceLayer, InferenceOutput,
+                                      InferenceWeights, KVCache, LowRank, cache_size,
+                                      default_decode_attention, inference_forward,
                                       inference_weights)
 from arca_jax.qwen3.model import (ATTENTION_IMPLS, MLP, REMAT_OPTIONS, Attention, DecoderLayer, Embed,
                                   LoraLinear, ModelOutput, Qwen3, RMSNorm, compute_logits, forward,
@@ -55,6 +56,7 @@ __all__ = [
     "Embed", "RMSNorm", "LoraLinear", "Attention", "MLP", "DecoderLayer", "Qwen3", "ModelOutput",
     "lm_head_kernel", "compute_logits", "forward", "init_params", "param_shapes",
     # decode path
-    "LowRank", "InferenceLayer", "InferenceWeights", "default_decode_attention",
+    "LowRank", "InferenceLayer", "InferenceWeights", "DECODE_ATTENTION", "default_decode_attention",
+    "cache_size",
     "inference_weights", "KVCache", "InferenceOutput", "inference_forward",
 ]

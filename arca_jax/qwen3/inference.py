@@ -28,6 +28,7 @@ write positions continuous refill needs 155 (2026-11-30).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional
 
 import flax.struct
@@ -77,7 +78,9 @@ class InferenceWeights:
     final_norm: jax.Array  # [D]
     lm_head: Optional[jax.Array] = None  # [D, V]; None when tied (then the head is `embed`, [V, D])
     # How a T = 1 step contracts q with the cache (static): "reduce" (multiply + sum, fused over the
-    # cache in its stored layout) or "dot" (batched matmuls). Both compute the same numbers.
+    # cache in its stored layout), "dot" (batched matmuls), both over the filled cache blocks
+    # (`_attend_filled`), or "pallas" (`_attend_pallas`: a GPU kernel reading each row's own
+    # filled slots). All compute the same function.
     decode_attention: str = flax.struct.field(pytree_node=False, default="reduce")
     # t, the tensor-parallel shards the fused kernels are laid out for (static; see
     # `inference_weights`).
@@ -87,6 +90,9 @@ class InferenceWeights:
     def dtype(self):
         """Activation (and cache) dtype: the embedding's, as in `forward`."""
         return self.embed.dtype
+
+
+DECODE_ATTENTION = ("reduce", "dot", "pallas")
 
 
 def default_decode_attention() -> str:
@@ -160,8 +166,9 @@ def inference_weights(params: Params, config: Qwen3Config, *, lora: Optional[Par
     """
     if decode_attention is None:
         decode_attention = default_decode_attention()
-    if decode_attention not in ("reduce", "dot"):
-        raise ValueError(f"decode_attention must be 'reduce' or 'dot', got {decode_attention!r}")
+    if decode_attention not in DECODE_ATTENTION:
+        raise ValueError(f"decode_attention must be one of {DECODE_ATTENTION}, got "
+                         f"{decode_attention!r}")
     layers_p = params["layers"]
     adapters = (lora or {}).get("layers", {})
     N, K, H = config.num_attention_heads, config.num_key_value_heads, config.head_dim
@@ -308,6 +315,47 @@ def _attend_filled(q, k, v, bias, decode_attention: str, filled):
     return jax.lax.switch(index, [branch(j) for j in range(blocks)], q, k, v, bias)
 
 
+# The Pallas decode kernel splits the cache into chunks of a power-of-two length (at least 16,
+# at most this) and loops over blocks of at most PALLAS_BLOCK slots inside each chunk.
+PALLAS_CHUNK = 128
+PALLAS_BLOCK = 64
+
+
+def cache_size(needed: int, decode_attention: str) -> int:
+    """Slots to allocate for `needed` positions: "pallas" needs a multiple of 16 (its chunks);
+    the extra slots are never valid, so never attended to."""
+    return -(-needed // 16) * 16 if decode_attention == "pallas" else needed
+
+
+def _attend_pallas(q, k, v, valid, index):
+    """Attention of one new token (T = 1) with jax's Pallas GPU decode kernel
+    (`jax.experimental.pallas.ops.gpu.decode_attention`), run per (row, kv head) on the cache in
+    its stored layout: row b reads slots first[b] .. index[b] only (first: its first valid slot),
+    in blocks of `PALLAS_BLOCK`, split into chunks the GPU runs in parallel and combines.
+    Equals `_attend` when each row's valid slots are one run ending at `index` (left-padded
+    prompt, then the row's tokens: what the sampler writes). q [B, 1, N, H]; k, v [B, K, S, H]
+    with S a multiple of 16 (`cache_size`); valid [B, S] bool; index [B] the new token's slot.
+    Off GPU the kernel runs in Pallas' interpreter (slow; for tests). Returns [B, 1, N*H]."""
+    from jax.experimental.pallas.ops.gpu import decode_attention as kernel
+
+    B, _, N, H = q.shape
+    K, S = k.shape[1], k.shape[2]
+    if S % 16:
+        raise ValueError(f"decode_attention='pallas' needs a cache of a multiple of 16 slots, "
+                         f"got {S} (allocate `cache_size(...)` slots)")
+    chunk = min(PALLAS_CHUNK, S & -S)  # the largest power of two dividing S, capped
+    one = functools.partial(kernel.decode_attn_unbatched, sm_scale=H ** -0.5, block_h=16,
+                            block_k=min(chunk, PALLAS_BLOCK), k_splits=S // chunk,
+                            num_warps=None, num_stages=2, grid=None,
+                            interpret=jax.default_backend() != "gpu", debug=False,
+                            return_residuals=False, normalize_output=True)
+    first = jnp.argmax(valid, axis=1).astype(jnp.int32)  # [B]
+    each_head = lambda x: jnp.broadcast_to(x[:, None], (B, K))
+    out = jax.vmap(jax.vmap(one))(q.reshape(B, K, N // K, H), k, v, each_head(first),
+                                  each_head(index + 1))  # [B, K, G, H]
+    return out.reshape(B, 1, N * H)
+
+
 def _attend(q, k, v, bias, decode_attention: str):
     """Grouped-query attention of q [B, T, N, H] over the cache k, v [B, K, S, H] with an additive
     mask bias [B, T, S] (0 or float32 min); returns [B, T, N*H] in q's dtype. Scores and softmax in
@@ -387,11 +435,14 @@ def inference_forward(weights: InferenceWeights, input_ids: jax.Array, *, config
         v_cache = _write_rows(v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype), index, axis=2)
         new_k.append(k_cache)
         new_v.append(v_cache)
-        if T == 1:  # a decode step: only the filled part of the cache
+        if T == 1 and weights.decode_attention == "pallas":
+            attn = _attend_pallas(q, k_cache.astype(dtype), v_cache.astype(dtype), valid, index)
+        elif T == 1:  # a decode step: only the filled part of the cache
             attn = _attend_filled(q, k_cache.astype(dtype), v_cache.astype(dtype), bias,
                                   weights.decode_attention, jnp.max(index) + 1)
         else:
             attn = _attend(q, k_cache.astype(dtype), v_cache.astype(dtype), bias,
+                           "dot" if weights.decode_attention == "pallas" else
                            weights.decode_attention)
         x = x + _project(attn, layer.o, layer.o_lora, dtype)
 

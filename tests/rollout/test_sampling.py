@@ -88,13 +88,15 @@ def test_greedy_matches_transformers_with_left_padding_and_eos(model):
 
 @pytest.mark.parametrize("adapter,attention,block", [
     ("none", "reduce", None), ("lora", "reduce", None), ("none", "dot", None),
-    ("lora", "reduce", 4), ("none", "dot", 4)])
+    ("lora", "reduce", 4), ("none", "dot", 4), ("lora", "pallas", None)])
 def test_cached_decoding_equals_uncached_forward_at_every_step(tiny, adapter, attention, block,
                                                                 monkeypatch):
     """Prefill, then one token at a time through the cache, against one uncached causal forward
     over the whole sequence (whose logits at t are those of the prefix up to t). With `block`, the
     decode steps attend over the filled blocks of 4 slots only (`inference.DECODE_BLOCK`) of a
-    cache with spare slots, crossing block boundaries as the cache fills."""
+    cache with spare slots, crossing block boundaries as the cache fills. "pallas": the GPU
+    decode kernel (here in Pallas' interpreter) reading each row's own slots, left padding
+    excluded."""
     if block is not None:
         monkeypatch.setattr(qwen3.inference, "DECODE_BLOCK", block)
     _, config, params = tiny
@@ -117,7 +119,8 @@ def test_cached_decoding_equals_uncached_forward_at_every_step(tiny, adapter, at
                                       decode_attention=attention)
     out = step(weights, jnp.asarray(ids), config=config,
                positions=qwen3.default_positions(jnp.asarray(mask)), attention_mask=jnp.asarray(mask),
-               cache=qwen3.KVCache.init(config, B, P + steps + (9 if block else 0)))
+               cache=qwen3.KVCache.init(config, B, qwen3.cache_size(P + steps + (9 if block else 0),
+                                                                    attention)))
     for i in range(steps + 1):
         np.testing.assert_allclose(np.asarray(out.logits), ref[:, P - 1 + i], atol=1e-4, rtol=0)
         if i == steps:
