@@ -37,10 +37,14 @@ exposes two):
 
 The verdict: fits when every program's peak fits in HBM; otherwise the smallest change that fits,
 trying in order a larger fsdp axis, a tensor axis, remat, more microbatches (each recompiled).
+A program the compiler refuses for lack of memory (libtpu's RESOURCE_EXHAUSTED, "Used 34.83G of
+15.75G hbm") does not fit: the setting is recorded with the compiler's figure as its peak
+(`Plan.refused`, "refused" in the JSON) and the search goes on; other compiler errors raise.
 
 Modules, one job each (the public names are re-exported here; the functions call each other
 through their own modules, so a test replaces one there, e.g. `search.plan_once`):
-    errors    `PlanError`
+    errors    `PlanError`; `RefusedError` and its `Refusal` (the compiler refused a program for
+              lack of memory)
     targets   the chips' published figures and the devices to compile for (`Target`,
               `local_target`, `tpu_target`, libtpu)
     knobs     what a plan may change (`Layout`, `Knobs`), the mesh, the trainer's refusals
@@ -53,7 +57,7 @@ through their own modules, so a test replaces one there, e.g. `search.plan_once`
     report    the verdict as JSON (`to_json`) and text (`format_text`)
 """
 
-from arca_jax.plan.errors import PlanError
+from arca_jax.plan.errors import PlanError, Refusal, RefusedError
 from arca_jax.plan.figures import Memory, Plan, ProgramReport, report_program
 from arca_jax.plan.knobs import (Knobs, Layout, default_layout, knobs_of, make_mesh,
                                  trainer_problems)
@@ -68,7 +72,8 @@ from arca_jax.plan.targets import (CHIPS, GiB, INSTALL_HINT, LIBTPU_DIR_ENV, Chi
 
 __all__ = [
     "CHIPS", "Chip", "GiB", "INSTALL_HINT", "Knobs", "LIBTPU_DIR_ENV", "Layout", "Memory", "NOTES",
-    "Plan", "PlanError", "Program", "ProgramReport", "Shapes", "Target", "Verdict",
+    "Plan", "PlanError", "Program", "ProgramReport", "Refusal", "RefusedError", "Shapes", "Target",
+    "Verdict",
     "abstract_batch", "abstract_model", "changes", "chip_of", "compile_sampler",
     "compile_train_step", "default_layout", "device_bytes", "ensure_tpu_compiler", "find_fit",
     "format_plan", "format_text", "knobs_of", "local_target", "make_mesh", "model_config",

@@ -10,6 +10,7 @@ from typing import Dict, Optional, Sequence, Tuple
 
 from arca_jax import parallel
 from arca_jax.plan import hlostats
+from arca_jax.plan.errors import Refusal
 from arca_jax.plan.knobs import Knobs
 from arca_jax.plan.programs import Program
 from arca_jax.plan.shapes import Shapes
@@ -115,6 +116,7 @@ class Plan:
     problems: Tuple[str, ...]
     state: Optional[parallel.StateBytes] = None
     replicated_state: Optional[parallel.StateBytes] = None
+    refused: Optional[Refusal] = None
 
     def program_fits(self, report: ProgramReport) -> Optional[bool]:
         """Whether the program's peak fits in the target's memory per device (None: unknown)."""
@@ -123,21 +125,29 @@ class Plan:
 
     @property
     def fits(self) -> Optional[bool]:
-        """Every program fits and the trainer accepts the setting (None: no memory figure)."""
+        """Every program compiles and fits and the trainer accepts the setting (None: no memory
+        figure)."""
         verdicts = [self.program_fits(p) for p in self.programs]
-        if any(v is False for v in verdicts) or self.problems:
+        if self.refused is not None or any(v is False for v in verdicts) or self.problems:
             return False
         return None if any(v is None for v in verdicts) else True
 
     @property
-    def peak_bytes(self) -> int:
-        """The largest peak of the programs, bytes per device."""
-        return max(p.memory.peak for p in self.programs)
+    def peak_bytes(self) -> Optional[int]:
+        """The largest peak of the programs, bytes per device; with a refusal, at least the
+        compiler's figure for the refused program (None: a refusal without a figure)."""
+        peaks = [p.memory.peak for p in self.programs]
+        if self.refused is not None:
+            if self.refused.used_bytes is None:
+                return None
+            peaks.append(self.refused.used_bytes)
+        return max(peaks)
 
     @property
     def state_share(self) -> Optional[float]:
-        """The train state's bytes per device over the peak (None: no state figure)."""
-        return None if self.state is None else self.state.total / self.peak_bytes
+        """The train state's bytes per device over the peak (None: no state or peak figure)."""
+        peak = self.peak_bytes
+        return None if self.state is None or not peak else self.state.total / peak
 
     def seconds(self, names: Sequence[str]) -> Optional[float]:
         """Roofline seconds of the named programs, each times its runs per step (None: a figure

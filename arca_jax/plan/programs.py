@@ -4,8 +4,9 @@ the train step and the sampler's weight preparation, prefill and decode loop (`P
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
-from typing import Any, List
+from typing import Any, List, Optional
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +14,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from arca_jax import parallel, sampling
 from arca_jax.config import RunConfig
-from arca_jax.plan.errors import PlanError
+from arca_jax.plan.errors import Refusal, RefusedError
 from arca_jax.plan.knobs import Knobs
 from arca_jax.plan.shapes import Shapes, device_bytes
 
@@ -38,21 +39,43 @@ class Program:
     compile_s: float
 
 
-def _compile(lowered, options):
-    """(the compiled program, compile seconds); options: XLA compiler options or None. A
-    program the compiler refuses for lack of device memory (libtpu checks it against the
-    chip's HBM) raises PlanError with the compiler's figure: it does not fit."""
+_UNITS = "BKMGTPE"
+_USED = re.compile(r"Used\s+([0-9.]+)([KMGTPE]?)i?B?\s+of\s+([0-9.]+)([KMGTPE]?)i?B?\s+hbm")
+
+
+def _bytes(number: str, unit: str) -> int:
+    """XLA's human-readable size ("34.83G": binary units, as `HumanReadableNumBytes` writes
+    them) in bytes."""
+    return round(float(number) * 1024 ** _UNITS.index(unit or "B"))
+
+
+def refusal_of(text: str, program: str) -> Optional[Refusal]:
+    """The compiler's refusal of `program` for lack of device memory read from its error text
+    (None: not a RESOURCE_EXHAUSTED error): the first RESOURCE_EXHAUSTED line, and the figures of
+    libtpu's "Used 34.83G of 15.75G hbm" where the text has them."""
+    if "RESOURCE_EXHAUSTED" not in text:
+        return None
+    line = next((x for x in text.splitlines() if "RESOURCE_EXHAUSTED" in x), text).strip()
+    used = _USED.search(text)
+    if used is None:
+        return Refusal(program, line, None, None)
+    return Refusal(program, line, _bytes(used.group(1), used.group(2)),
+                   _bytes(used.group(3), used.group(4)))
+
+
+def _compile(lowered, options, name: str):
+    """(the compiled program, compile seconds); options: XLA compiler options or None; name:
+    the program's, for a refusal. A program the compiler refuses for lack of device memory
+    (libtpu checks it against the chip's HBM) raises `RefusedError`: it does not fit. Any other
+    compiler error passes through."""
     t = time.time()
     try:
         compiled = lowered.compile(compiler_options=options) if options else lowered.compile()
     except Exception as e:  # noqa: BLE001 - jax.errors.JaxRuntimeError and its backends' kin
-        text = str(e)
-        if "RESOURCE_EXHAUSTED" not in text:
+        refusal = refusal_of(str(e), name)
+        if refusal is None:
             raise
-        first = next((line for line in text.splitlines() if "RESOURCE_EXHAUSTED" in line), text)
-        raise PlanError(f"does not fit: the compiler refused a program for lack of device "
-                        f"memory ({first.strip()}); try more microbatches, a larger tensor "
-                        "axis or remat (--mesh, --set train.microbatches=...)") from None
+        raise RefusedError(refusal) from None
     return compiled, time.time() - t
 
 
@@ -66,7 +89,8 @@ def compile_train_step(cfg: RunConfig, config, mesh, knobs: Knobs, params, state
     step = make_train_step(config, grpo, optimizer, lora_scale=cfg.lora.scaling, mode="mesh",
                            mesh=mesh, microbatches=knobs.microbatches,
                            lora_dropout=cfg.lora.dropout)
-    compiled, seconds = _compile(step.jitted.lower(state, params, batch), options)
+    compiled, seconds = _compile(step.jitted.lower(state, params, batch), options,
+                                "train_step")
     return Program("train_step", compiled, 0, 1, cfg.grpo.num_iterations, seconds)
 
 
@@ -83,7 +107,7 @@ def compile_sampler(cfg: RunConfig, config, mesh, shapes: Shapes, params, state,
     resident = device_bytes(params) + device_bytes(state)  # live while the sampler runs
     prep, t_prep = _compile(sampling.prepare_weights_jit.lower(
         params, config, lora=lora, lora_scale=sd((), jnp.float32, sharding=rep),
-        merge_lora=False, decode_attention=attention, mesh=mesh), options)
+        merge_lora=False, decode_attention=attention, mesh=mesh), options, "prepare_weights")
     weights = _outputs(prep)
     programs = [Program("prepare_weights", prep, device_bytes(state) - device_bytes(lora), 1, 1,
                         t_prep)]
@@ -114,9 +138,11 @@ def _generate(cfg: RunConfig, config, mesh, weights, rows: int, shapes: Shapes, 
     pre, t_pre = _compile(sampling.prefill_jit.lower(
         weights, prompts, prompts, config=config, settings=settings,
         rng=sd((2,), jnp.uint32, sharding=rep), limit=sd((), jnp.int32, sharding=rep),
-        mesh=mesh, group_size=group_size if rows % group_size == 0 else 1), options)
+        mesh=mesh, group_size=group_size if rows % group_size == 0 else 1), options,
+        prefix + "prefill")
     dec, t_dec = _compile(sampling.decode_jit.lower(
-        weights, _outputs(pre), config=config, settings=settings, mesh=mesh), options)
+        weights, _outputs(pre), config=config, settings=settings, mesh=mesh), options,
+        prefix + "decode")
     steps = max(shapes.new_tokens - 1, 1)  # prefill samples column 0; the loop the rest
     return [Program(prefix + "prefill", pre, resident, 1, runs, t_pre),
             Program(prefix + "decode", dec, resident, steps, runs, t_dec)]

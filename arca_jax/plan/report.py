@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import Optional
+from typing import List, Optional
 
+from arca_jax.plan.errors import Refusal
 from arca_jax.plan.figures import Plan, ProgramReport
 from arca_jax.plan.search import Verdict
 from arca_jax.plan.targets import GiB
@@ -35,6 +36,7 @@ def plan_json(p: Plan) -> dict:
                     "decode_steps": p.shapes.new_tokens - 1,
                     "eval_rows": p.shapes.eval_rows},
         "fits": p.fits,
+        "refused": _refusal_json(p.refused),
         "problems": list(p.problems),
         "peak_bytes_per_device": p.peak_bytes,
         "peak_gib_per_device": _gib(p.peak_bytes),
@@ -45,6 +47,15 @@ def plan_json(p: Plan) -> dict:
         "train_state": _state_json(p),
         "programs": [dict(_program_json(r), fits=p.program_fits(r)) for r in p.programs],
     }
+
+
+def _refusal_json(r: Optional[Refusal]) -> Optional[dict]:
+    """A refusal for lack of device memory: the program, the compiler's line and its figures."""
+    if r is None:
+        return None
+    return {"program": r.program, "message": r.message, "used_bytes": r.used_bytes,
+            "available_bytes": r.available_bytes, "used_gib": _gib(r.used_bytes),
+            "available_gib": _gib(r.available_bytes)}
 
 
 def _state_json(p: Plan) -> Optional[dict]:
@@ -77,13 +88,16 @@ def _program_json(r: ProgramReport) -> dict:
 
 
 def to_json(v: Verdict) -> dict:
-    """The verdict as JSON-ready values: the plan, the suggestion and every setting tried."""
+    """The verdict as JSON-ready values: the plan, the suggestion and every setting tried
+    ("refused": the compiler's RESOURCE_EXHAUSTED line when it refused one of its programs)."""
     return {
         "plan": plan_json(v.plan),
         "suggestion": None if v.suggestion is None else plan_json(v.suggestion),
         "tried": [{"mesh": dataclasses.asdict(k.layout), "remat": k.remat,
-                   "microbatches": k.microbatches, "peak_gib_per_device": _gib(peak)}
-                  for k, peak in itertools.zip_longest(v.tried, v.peaks)],
+                   "microbatches": k.microbatches, "peak_gib_per_device": _gib(peak),
+                   "refused": None if r is None else r.message,
+                   "refused_program": None if r is None else r.program}
+                  for k, peak, r in itertools.zip_longest(v.tried, v.peaks, v.refusals)],
         "notes": NOTES,
     }
 
@@ -135,13 +149,30 @@ def format_plan(p: Plan) -> str:
                                  f"{_fmt_s(p.eval_chunk_s)}" if p.shapes.eval_rows else ""))
     if p.state is not None and p.replicated_state is not None:
         s = p.state
+        share = "" if p.state_share is None else f", {p.state_share:.1%} of the peak"
         lines.append(f"  train state per device: {_fmt_bytes(s.total)} GiB (adapter "
                      f"{_fmt_bytes(s.adapter)}, Adam {_fmt_bytes(s.optimizer)}, gradient "
-                     f"{_fmt_bytes(s.gradient)}), {p.state_share:.1%} of the peak; replicated "
+                     f"{_fmt_bytes(s.gradient)}){share}; replicated "
                      f"over fsdp it would be {_fmt_bytes(p.replicated_state.total)} GiB")
+    if p.refused is not None:
+        lines.append("  " + _refusal_text(p.refused))
     for problem in p.problems:
         lines.append(f"  the trainer refuses this: {problem}")
     return "\n".join(lines)
+
+
+def _refusal_text(r: Refusal) -> str:
+    """One line: the program the compiler refused for lack of memory, its figures and line."""
+    figure = ("" if r.used_bytes is None else f", {_fmt_bytes(r.used_bytes)} GiB of "
+              f"{_fmt_bytes(r.available_bytes)} GiB per device")
+    return f"REFUSED by the compiler for lack of memory: {r.program}{figure} ({r.message})"
+
+
+def _tried_lines(v: Verdict) -> List[str]:
+    """A line per setting tried: its knobs and peak, or the compiler's refusal."""
+    return [f"  mesh {k.layout}, remat {k.remat}, microbatches {k.microbatches}: peak "
+            f"{_fmt_bytes(peak)} GiB" + ("" if r is None else "; " + _refusal_text(r))
+            for k, peak, r in itertools.zip_longest(v.tried, v.peaks, v.refusals)]
 
 
 def format_text(v: Verdict) -> str:
@@ -153,14 +184,15 @@ def format_text(v: Verdict) -> str:
     elif fits is None:
         out.append("verdict: unknown (no memory figure for this device; pass --hbm GIB)")
     elif v.suggestion is not None:
+        if any(r is not None for r in v.refusals):
+            out.append("settings tried:")
+            out += _tried_lines(v)
         out.append("verdict: does not fit; the smallest change that fits:")
         out.append(format_plan(v.suggestion))
         out.append("  train with: "
                    + " ".join(f"--set {o}" for o in v.suggestion.knobs.overrides()))
     else:
         out.append(f"verdict: does not fit, and none of the {len(v.tried) - 1} changes tried fits:")
-        for k, peak in itertools.zip_longest(v.tried, v.peaks):
-            out.append(f"  mesh {k.layout}, remat {k.remat}, microbatches {k.microbatches}: "
-                       f"peak {_fmt_bytes(peak)} GiB")
+        out += _tried_lines(v)
     out.append("note: " + NOTES)
     return "\n".join(out)

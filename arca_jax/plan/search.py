@@ -4,11 +4,12 @@ the search for the smallest change that does (`changes`, `find_fit`); `run` does
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, List, Optional, Tuple
+from typing import Any, Iterator, List, Optional, Tuple
 
 from arca_jax import parallel
 from arca_jax.config import RunConfig
-from arca_jax.plan.figures import Plan, report_program
+from arca_jax.plan.errors import Refusal, RefusedError
+from arca_jax.plan.figures import Plan, ProgramReport, report_program
 from arca_jax.plan.knobs import (Knobs, Layout, default_layout, knobs_of, make_mesh,
                                  trainer_problems)
 from arca_jax.plan.programs import compile_sampler, compile_train_step
@@ -16,11 +17,33 @@ from arca_jax.plan.shapes import Shapes, abstract_batch, abstract_model, model_c
 from arca_jax.plan.targets import Target
 
 
+def _program_reports(cfg: RunConfig, target: Target, knobs: Knobs, config, mesh, shapes: Shapes,
+                     abstract, options, reuse: Optional[Plan], log,
+                     hlo_dir: Optional[str]) -> Iterator[ProgramReport]:
+    """The reports of `knobs`' programs, each as soon as it is compiled: the train step, then
+    the sampler's (those of `reuse` when it has the same layout). abstract: (params, state,
+    optimizer, batch)."""
+    params, state, optimizer, batch = abstract
+    tag = (f"{knobs.layout.data}-{knobs.layout.fsdp}-{knobs.layout.tensor}"
+           f"_remat-{knobs.remat}_mb-{knobs.microbatches}_")
+    train = compile_train_step(cfg, config, mesh, knobs, params, state, optimizer, batch, options)
+    log(f"compiled train_step in {train.compile_s:.0f} s")
+    yield report_program(train, target, hlo_dir, tag)
+    if reuse is not None and reuse.knobs.layout == knobs.layout:
+        yield from (p for p in reuse.programs if p.name != "train_step")
+        return
+    sampler = compile_sampler(cfg, config, mesh, shapes, params, state, target.platform, options)
+    log("compiled " + ", ".join(f"{p.name} in {p.compile_s:.0f} s" for p in sampler))
+    yield from (report_program(p, target, hlo_dir, tag) for p in sampler)
+
+
 def plan_once(cfg: RunConfig, target: Target, knobs: Knobs, options=None,
               reuse: Optional[Plan] = None, log=lambda text: None,
               evaluation: bool = False, hlo_dir: Optional[str] = None) -> Plan:
     """Compiles every program of `knobs` on `target` and reports them. `reuse`: a plan of the
     same layout whose sampler programs are still valid (only remat or microbatches changed).
+    A program the compiler refuses for lack of device memory ends the plan there: it does not
+    fit (`Plan.refused`, with the compiler's figure); any other compiler error passes through.
     evaluation: also the evaluation's pass@k sampling (`Shapes.eval_rows`). The plan carries the
     train state's bytes per device, split over fsdp and replicated over it
     (`parallel.train_state_bytes`)."""
@@ -28,34 +51,33 @@ def plan_once(cfg: RunConfig, target: Target, knobs: Knobs, options=None,
     mesh = make_mesh(knobs.layout, target.devices)
     shapes = Shapes.of(cfg, knobs.layout.row_shards, evaluation)
     params, state, optimizer = abstract_model(cfg, config, mesh)
-    batch = abstract_batch(cfg, shapes, mesh)
-    train = compile_train_step(cfg, config, mesh, knobs, params, state, optimizer, batch, options)
-    log(f"compiled train_step in {train.compile_s:.0f} s")
-    tag = (f"{knobs.layout.data}-{knobs.layout.fsdp}-{knobs.layout.tensor}"
-           f"_remat-{knobs.remat}_mb-{knobs.microbatches}_")
-    reports = [report_program(train, target, hlo_dir, tag)]
-    if reuse is not None and reuse.knobs.layout == knobs.layout:
-        reports += [p for p in reuse.programs if p.name != "train_step"]
-    else:
-        sampler = compile_sampler(cfg, config, mesh, shapes, params, state, target.platform,
-                                  options)
-        log("compiled " + ", ".join(f"{p.name} in {p.compile_s:.0f} s" for p in sampler))
-        reports += [report_program(p, target, hlo_dir, tag) for p in sampler]
+    abstract = (params, state, optimizer, abstract_batch(cfg, shapes, mesh))
+    reports: List[ProgramReport] = []
+    refused = None
+    try:
+        for report in _program_reports(cfg, target, knobs, config, mesh, shapes, abstract,
+                                       options, reuse, log, hlo_dir):
+            reports.append(report)
+    except RefusedError as e:
+        refused = e.refusal
+        log(f"does not fit: the compiler refused {refused.program} ({refused.message})")
     kv = config.num_key_value_heads
     return Plan(cfg.model.path, target, knobs, shapes, tuple(reports),
                 tuple(trainer_problems(cfg, knobs)), parallel.train_state_bytes(state, mesh, kv),
-                parallel.train_state_bytes(state, mesh, kv, fsdp=False))
+                parallel.train_state_bytes(state, mesh, kv, fsdp=False), refused)
 
 
 @dataclasses.dataclass(frozen=True)
 class Verdict:
     """The plan of the asked setting; when it does not fit, the first change that does (or None)
-    and every setting tried, in order, with its peak memory per device."""
+    and every setting tried, in order, with its peak memory per device (`Plan.peak_bytes`) and
+    the compiler's refusal for lack of memory (None: it compiled)."""
 
     plan: Plan
     suggestion: Optional[Plan]
     tried: Tuple[Knobs, ...]
-    peaks: Tuple[int, ...] = ()  # the peak bytes per device of each setting tried
+    peaks: Tuple[Optional[int], ...] = ()
+    refusals: Tuple[Optional[Refusal], ...] = ()
 
 
 def _valid_tensors(config, devices: int) -> List[int]:
@@ -114,8 +136,14 @@ def run(cfg: RunConfig, target: Target, layout: Optional[Layout] = None, options
     first = plan_once(cfg, target, knobs_of(cfg, layout), options, log=log,
                       evaluation=evaluation, hlo_dir=hlo_dir)
     if first.fits is not False or not search:
-        return Verdict(first, None, (first.knobs,), (first.peak_bytes,))
+        return Verdict(first, None, (first.knobs,), (first.peak_bytes,), (first.refused,))
     return find_fit(cfg, first, options, max_tries, log, hlo_dir)
+
+
+def _lower(p: Plan, best: Plan) -> bool:
+    """Whether `p`'s peak is known and below `best`'s (a refusal without a figure: unknown)."""
+    return p.peak_bytes is not None and (best.peak_bytes is None
+                                         or p.peak_bytes < best.peak_bytes)
 
 
 def find_fit(cfg: RunConfig, first: Plan, options=None, max_tries: int = 6,
@@ -123,9 +151,12 @@ def find_fit(cfg: RunConfig, first: Plan, options=None, max_tries: int = 6,
     """Tries the `changes` of a plan that does not fit, in order, each recompiled on the same
     target (at most `max_tries` compiles), until one fits. A change that lowers the peak memory
     is kept for the next ones; one that does not is dropped, so the answer is the smallest
-    combination found along the way."""
-    best, tried, by_layout = first, [first.knobs], {first.knobs.layout: first}
-    peaks = [first.peak_bytes]
+    combination found along the way. A setting the compiler refuses for lack of memory does not
+    fit (its peak: the compiler's figure) and the search goes on."""
+    best, tried, by_layout = first, [first.knobs], {}
+    peaks, refusals = [first.peak_bytes], [first.refused]
+    if first.refused is None:
+        by_layout[first.knobs.layout] = first
     for what, change in changes(cfg, first.target.size):
         k = change(best.knobs)
         if k is None or k in tried:
@@ -138,9 +169,11 @@ def find_fit(cfg: RunConfig, first: Plan, options=None, max_tries: int = 6,
                       evaluation=first.shapes.eval_rows > 0, hlo_dir=hlo_dir)
         tried.append(k)
         peaks.append(p.peak_bytes)
-        by_layout.setdefault(k.layout, p)
+        refusals.append(p.refused)
+        if p.refused is None:
+            by_layout.setdefault(k.layout, p)
         if p.fits:
-            return Verdict(first, p, tuple(tried), tuple(peaks))
-        if p.peak_bytes < best.peak_bytes and not p.problems:
+            return Verdict(first, p, tuple(tried), tuple(peaks), tuple(refusals))
+        if _lower(p, best) and not p.problems:
             best = p
-    return Verdict(first, None, tuple(tried), tuple(peaks))
+    return Verdict(first, None, tuple(tried), tuple(peaks), tuple(refusals))

@@ -512,23 +512,134 @@ def test_hlostats_loop_start_and_step():
     assert work.flops == 4 * (2 * 4 * 4 * 4 + 1)
 
 
+class _Refused:
+    """A lowered program whose compile fails with `message`, as libtpu's XlaRuntimeError does."""
+
+    def __init__(self, message):
+        self.message = message
+
+    def compile(self, **_):
+        raise RuntimeError(self.message)
+
+
+# libtpu's message (its format string: "Ran out of memory in memory space hbm. Used $1 of $2 hbm.")
+LIBTPU_OOM = ("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory "
+              "space hbm. Used 34.83G of 15.75G hbm. Exceeded hbm capacity by 19.08G.\n\n"
+              "Total hbm usage >= 35.08G:\n    reserved        258.00M \n"
+              "    program          34.83G \n")
+
+
 def test_a_program_the_compiler_refuses_for_memory_does_not_fit():
     """libtpu refuses to compile a program whose temporaries exceed the chip's HBM
-    (RESOURCE_EXHAUSTED): plan reports it as not fitting, one line, not a traceback; other
-    compiler errors pass through."""
+    (RESOURCE_EXHAUSTED): plan reports it as not fitting, one line, not a traceback, with the
+    compiler's figures where its message has them; other compiler errors pass through."""
     from arca_jax.plan import programs
-
-    class Refused:
-        def __init__(self, message):
-            self.message = message
-
-        def compile(self, **_):
-            raise RuntimeError(self.message)
 
     oom = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
            "temporaries (34.83G) exceeds available HBM (15.75G).")
     with pytest.raises(plan.PlanError, match=r"does not fit: .*34\.83G.*15\.75G") as e:
-        programs._compile(Refused("XlaRuntimeError\n" + oom), None)
+        programs._compile(_Refused("XlaRuntimeError\n" + oom), None, "train_step")
     assert "\n" not in str(e.value)
+    assert e.value.refusal == plan.Refusal("train_step", oom, None, None)
+    with pytest.raises(plan.RefusedError) as e:
+        programs._compile(_Refused(LIBTPU_OOM), None, "decode")
+    assert e.value.refusal == plan.Refusal("decode", LIBTPU_OOM.splitlines()[0],
+                                           round(34.83 * 2 ** 30), round(15.75 * 2 ** 30))
     with pytest.raises(RuntimeError, match="INTERNAL"):
-        programs._compile(Refused("INTERNAL: something else"), None)
+        programs._compile(_Refused("INTERNAL: something else"), None, "train_step")
+
+
+def _fake_compiles(monkeypatch, tiny_plan, peaks, errors):
+    """Replaces the compiles of `plan_once` (the real one runs): the train step of the knobs in
+    `errors` fails with that compiler message (through `programs._compile`); any other reports
+    `peaks[knobs]` bytes; no sampler programs; one tensor axis size, 2."""
+    from arca_jax.plan import programs
+
+    train = tiny_plan.programs[0]
+
+    def compile_train_step(cfg, config, mesh, knobs, *args):
+        if knobs in errors:
+            programs._compile(_Refused(errors[knobs]), None, "train_step")
+        return plan.Program("train_step", knobs, 0, 1, 1, 0.0)
+
+    def report(program, target, hlo_dir=None, tag=""):
+        memory = plan.Memory(0, 0, 0, 0, 0, peaks[program.compiled])
+        return dataclasses.replace(train, memory=memory)
+
+    monkeypatch.setattr(search, "compile_train_step", compile_train_step)
+    monkeypatch.setattr(search, "compile_sampler", lambda *args: [])
+    monkeypatch.setattr(search, "report_program", report)
+    monkeypatch.setattr(search, "_valid_tensors", lambda config, devices: [2])
+
+
+def test_search_goes_on_past_settings_the_compiler_refuses(monkeypatch, cfg, tiny_plan):
+    """The asked setting is refused (libtpu's figure, 34.83 GiB, is its peak), every device on
+    fsdp is refused without a figure: both are recorded as tried and do not fit; the tensor
+    axis compiles (100 bytes, over the 80 the device has) and is kept; remat on top fits."""
+    asked, wide = plan.Knobs(LAYOUT, False, 2), plan.Knobs(plan.Layout(1, 8, 1), False, 2)
+    tensor = plan.Knobs(plan.Layout(1, 4, 2), False, 2)
+    remat = dataclasses.replace(tensor, remat=True)
+    bare = "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 123456 bytes."
+    _fake_compiles(monkeypatch, tiny_plan, {tensor: 100, remat: 60},
+                   {asked: LIBTPU_OOM, wide: "XlaRuntimeError\n" + bare})
+    target = dataclasses.replace(tiny_plan.target, hbm_bytes=80)
+    logged = []
+    verdict = plan.run(cfg, target, LAYOUT, log=logged.append)
+    used = round(34.83 * 2 ** 30)
+    assert verdict.plan.fits is False and verdict.plan.programs == ()
+    assert verdict.plan.refused == plan.Refusal("train_step", LIBTPU_OOM.splitlines()[0], used,
+                                                round(15.75 * 2 ** 30))
+    assert verdict.tried == (asked, wide, tensor, remat)
+    assert verdict.peaks == (used, None, 100, 60)
+    assert [r and r.message for r in verdict.refusals] == [LIBTPU_OOM.splitlines()[0], bare,
+                                                           None, None]
+    assert verdict.suggestion.knobs == remat and verdict.suggestion.fits
+    assert sum("the compiler refused train_step" in line for line in logged) == 2
+
+    j = json.loads(json.dumps(plan.to_json(verdict)))
+    assert j["plan"]["fits"] is False and j["plan"]["peak_gib_per_device"] == 34.83
+    assert j["plan"]["refused"] == {"program": "train_step", "message": LIBTPU_OOM.splitlines()[0],
+                                    "used_bytes": used, "available_bytes": round(15.75 * 2 ** 30),
+                                    "used_gib": 34.83, "available_gib": 15.75}
+    assert [t["refused"] for t in j["tried"]] == [LIBTPU_OOM.splitlines()[0], bare, None, None]
+    assert [t["refused_program"] for t in j["tried"]] == ["train_step", "train_step", None, None]
+    assert j["tried"][1]["peak_gib_per_device"] is None
+    assert j["suggestion"]["fits"] is True and j["suggestion"]["refused"] is None
+
+    text = plan.format_text(verdict)
+    assert ("REFUSED by the compiler for lack of memory: train_step, 34.8 GiB of 15.8 GiB per "
+            "device") in text
+    assert "settings tried:" in text and text.count("REFUSED") == 3  # the plan, two tried
+    assert "--set train.mesh_tensor=2 --set grpo.remat=true" in text
+
+
+def test_a_broken_compile_in_the_search_is_an_error(monkeypatch, cfg, tiny_plan):
+    """A compiler error other than lack of memory is not taken for "does not fit": it ends the
+    search, for the asked setting as for a change tried."""
+    asked, wide = plan.Knobs(LAYOUT, False, 2), plan.Knobs(plan.Layout(1, 8, 1), False, 2)
+    target = dataclasses.replace(tiny_plan.target, hbm_bytes=80)
+    _fake_compiles(monkeypatch, tiny_plan, {asked: 100}, {wide: "INTERNAL: Mosaic failed"})
+    with pytest.raises(RuntimeError, match="INTERNAL: Mosaic failed"):
+        plan.run(cfg, target, LAYOUT)
+    _fake_compiles(monkeypatch, tiny_plan, {}, {asked: "INVALID_ARGUMENT: bad sharding"})
+    with pytest.raises(RuntimeError, match="INVALID_ARGUMENT"):
+        plan.run(cfg, target, LAYOUT)
+
+
+def test_cli_reports_a_refused_setting(monkeypatch, capsys, tiny_plan):
+    """`arca-jax plan --no-search` on a setting the compiler refuses: the verdict (exit 0) says it
+    does not fit, with the compiler's line and figures, as JSON and as text."""
+    asked = plan.Knobs(LAYOUT, False, 2)
+    _fake_compiles(monkeypatch, tiny_plan, {}, {asked: LIBTPU_OOM})
+    argv = ["plan", "--mesh", "2,4,1", "--no-search"] + [a for o in OVERRIDES for a in ("--set", o)]
+    assert cli.main(argv + ["--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["plan"]["fits"] is False and out["suggestion"] is None
+    assert out["plan"]["refused"]["used_gib"] == 34.83
+    assert out["tried"] == [dict(mesh={"data": 2, "fsdp": 4, "tensor": 1}, remat=False,
+                                 microbatches=2, peak_gib_per_device=34.83,
+                                 refused=LIBTPU_OOM.splitlines()[0], refused_program="train_step")]
+    assert cli.main(argv) == 0
+    text = capsys.readouterr().out
+    assert "REFUSED by the compiler for lack of memory: train_step, 34.8 GiB" in text
+    assert "verdict: does not fit" in text
