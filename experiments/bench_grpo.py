@@ -298,7 +298,76 @@ GPU_VARIANTS = [
     ("uniform+remat_proj", dict(weighting="uniform", remat="projections"), {}),
     ("all+remat_proj+chunk256", dict(remat="projections", logits_chunk=256), {}),
     ("all+remat_proj+dropout", dict(remat="projections"), dict(lora_dropout=0.05)),
+    ("all+remat_proj+cublas", dict(remat="projections"), {}),
 ]
+# XLA options of a variant's compile (`Lowered.compile(compiler_options=...)`): "+cublas" leaves
+# every matmul to cuBLAS instead of XLA's Triton GEMM fusions.
+GPU_COMPILER_OPTIONS = {"all+remat_proj+cublas": {"xla_gpu_enable_triton_gemm": False}}
+
+# Kernel-name fragments of the profile account's categories, first match wins.
+KERNEL_CATEGORIES = (
+    ("attention (cuDNN / flash)", ("sdpa", "flash", "fmha", "cudnn")),
+    ("matmul (cuBLAS / CUTLASS / Triton GEMM)", ("gemm", "nvjet", "cutlass", "xmma", "cublas",
+                                                 "sm90_", "dot")),
+    ("copies and memsets", ("memcpy", "memset", "copy", "transpose")),
+    ("fusions (elementwise, reductions)", ("fusion", "loop_", "reduce", "triton", "convert",
+                                          "concatenate", "scatter", "gather", "select")),
+)
+
+
+def kernel_account(xplane_path: str, steps: int, wall_s: float) -> dict:
+    """Where the device time of `steps` traced steps goes, from a profiler trace
+    (`jax.profiler.trace`): the GPU planes' kernel events grouped by `KERNEL_CATEGORIES`, the
+    time the device was busy (union of kernel intervals) and idle, per step, and the kernels
+    that took the most time. `wall_s`: host wall time of the traced steps."""
+    data = jax.profiler.ProfileData.from_file(xplane_path)
+    by_name, intervals = {}, []
+    for plane in data.planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        for line in plane.lines:
+            if "stream" not in line.name.lower():  # kernels and copies run on the streams
+                continue
+            for e in line.events:
+                by_name[e.name] = by_name.get(e.name, 0.0) + e.duration_ns
+                intervals.append((e.start_ns, e.start_ns + e.duration_ns))
+    intervals.sort()
+    busy, end = 0.0, -1.0
+    for a, b in intervals:  # union length
+        if b > end:
+            busy += b - max(a, end)
+            end = b
+    cats = {}
+    for name, ns in by_name.items():
+        low = name.lower()
+        cat = next((c for c, keys in KERNEL_CATEGORIES if any(k in low for k in keys)), "other")
+        cats[cat] = cats.get(cat, 0.0) + ns
+    per = 1e6 * steps  # ns -> ms per step
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:25]
+    return dict(steps=steps, wall_ms_per_step=1e3 * wall_s / steps,
+                kernel_ms_per_step=sum(by_name.values()) / per, busy_ms_per_step=busy / per,
+                idle_ms_per_step=1e3 * wall_s / steps - busy / per,
+                categories_ms_per_step={c: ns / per for c, ns in
+                                        sorted(cats.items(), key=lambda kv: -kv[1])},
+                top_kernels_ms_per_step=[(n[:160], ns / per) for n, ns in top],
+                kernels=len(by_name))
+
+
+def profile_steps(compiled, state, params, batch, steps: int = 2):
+    """Traces `steps` calls of `compiled` and returns (state, `kernel_account`)."""
+    import glob
+
+    with tempfile.TemporaryDirectory() as d:
+        t = now()
+        with jax.profiler.trace(d):
+            for _ in range(steps):
+                state, m = compiled(state, params, batch)
+            jax.block_until_ready((state, m))
+        wall = now() - t
+        paths = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
+        if not paths:
+            raise RuntimeError("the profiler wrote no trace")
+        return state, kernel_account(paths[0], steps, wall)
 
 
 def _cudnn_version():
@@ -382,6 +451,7 @@ def bench_gpu(args):
     unknown = [n for n in wanted if n not in table]
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; known: {list(table)}")
+    profiled = set(args.profile.split(",")) if args.profile else set()
     cost_s = []  # wall time of each finished variant (compile + runs)
     for name in wanted:
         overrides, step_kw = table[name]
@@ -408,7 +478,8 @@ def bench_gpu(args):
             state = TrainState.create(jax.tree_util.tree_map(jnp.array, tree), opt,
                                       jax.random.PRNGKey(2))
             t = now()
-            compiled = step.lower(state, params, batch).compile()
+            compiled = step.lower(state, params, batch).compile(
+                compiler_options=GPU_COMPILER_OPTIONS.get(name) if cuda else None)
             v["compile_s"] = now() - t
             cost = compiled.cost_analysis()
             cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -437,6 +508,13 @@ def bench_gpu(args):
                 v["mfu"] = fl["total"] / v["step_s"] / peak
                 v["mfu_6n_convention"] = fl["six_n_convention"] / v["step_s"] / peak
                 v["mfu_causal_attention"] = fl["total_causal_attention"] / v["step_s"] / peak
+            if name in profiled:
+                state, v["profile"] = profile_steps(compiled, state, params, batch)
+                acc = v["profile"]
+                print(f"  profile of {name}: {acc['wall_ms_per_step']:.1f} ms/step traced, device "
+                      f"busy {acc['busy_ms_per_step']:.1f} ms, idle {acc['idle_ms_per_step']:.1f} "
+                      "ms; " + ", ".join(f"{c} {ms:.1f} ms" for c, ms in
+                                         acc["categories_ms_per_step"].items()), flush=True)
             print(f"{name:26s} [{v['attention_impl']}] compile {v['compile_s']:.0f} s, "
                   f"step {1e3 * v['step_s']:.1f} ms, MFU {100 * v.get('mfu', float('nan')):.1f}%, "
                   f"peak {v.get('xla_peak_gib', float('nan')):.2f} GiB, "
@@ -478,6 +556,8 @@ def main():
                          + ", ".join(n for n, _, _ in GPU_VARIANTS))
     ap.add_argument("--peak-tflops", type=float, default=None,
                     help="GPU: dense bf16 peak of the device (default: by device kind)")
+    ap.add_argument("--profile", default="all,all+remat_proj",
+                    help="GPU: variants whose two extra steps are traced (`kernel_account`)")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args()
     if args.gpu:

@@ -396,104 +396,209 @@ def copy_bandwidth(nbytes: int, repeats: int = 20) -> dict:
     return out
 
 
-def gpu_bench(args):
-    # One straight-line benchmark (setup, bandwidth, timed variants, report), as `cpu_bench`.
-    dev = jax.devices()[0]
-    tiny = args.tiny
-    if tiny:
-        config = qwen3.Qwen3Config(vocab_size=512, hidden_size=64, intermediate_size=128,
-                                   num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, head_dim=16)
-        B, P, N, copy_bytes = 4, 8, 16, 1 << 24
-    else:
-        config = qwen3.preset("Qwen3-1.7B")
-        B, P, N, copy_bytes = args.gpu_batch, args.gpu_prompt, args.gpu_new_tokens, 2 << 30
-    dtype = jnp.bfloat16
-    print(f"device: {dev.device_kind} ({dev.platform}), jax {jax.__version__}")
-    print(f"model: {'tiny' if tiny else 'Qwen3-1.7B shapes'}, random bfloat16 weights; batch {B}, "
-          f"prompt {P}, new tokens {N} (no EOS)")
+# Nominal HBM bandwidth by device kind (vendors' datasheets), bytes/s.
+NOMINAL_HBM = {"NVIDIA H200": 4.8e12, "NVIDIA H100 80GB HBM3": 3.35e12, "NVIDIA H100": 3.35e12}
 
-    bw = copy_bandwidth(copy_bytes)
-    print(f"HBM bandwidth: copy {bw['copy'] / 1e12:.3f} TB/s (read + write), "
-          f"read-only {bw['read'] / 1e12:.3f} TB/s   [{now() - T_START:.0f} s]")
+GPU_TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16)
 
-    params = block(random_params(config, jax.random.PRNGKey(0), dtype))
+
+def _variant(name: str):
+    """(decode_attention, cache block) of a benchmark variant: "dot" and "reduce" read the filled
+    cache blocks (`qwen3.inference.DECODE_BLOCK`), "dot_full" the whole cache, "pallas" each
+    row's own filled slots."""
+    if name == "dot_full":
+        return "dot", 1 << 30
+    return name, qwen3.inference.DECODE_BLOCK
+
+
+def _kv_read_slots(name: str, P: int, N: int, S: int) -> float:
+    """Cache slots per row a decode step of variant `name` reads, averaged over the N - 1 steps
+    (step i attends over P + i filled slots)."""
+    filled = np.arange(1, N) + P
+    if name == "dot_full":
+        return float(S)
+    block = qwen3.inference.PALLAS_BLOCK if name == "pallas" else qwen3.inference.DECODE_BLOCK
+    return float(np.mean(-(-filled // block) * block))
+
+
+def gpu_decode(args, params, config, dtype, B, P, N, nominal, copy_bw) -> dict:
+    """Decode throughput at batch B (prompt P, N new tokens, no EOS) for each variant of
+    `args.attention`, against two bounds: the nominal HBM bandwidth over the bytes a step must
+    read (weights + the filled cache), and the copy bandwidth measured in this run over the bytes
+    the variant reads (weights + the cache slots it touches)."""
     ids = jax.random.randint(jax.random.PRNGKey(1), (B, P), 1, config.vocab_size, jnp.int32)
     mask = jnp.ones((B, P), jnp.int32)
     settings = sampling.SamplingConfig(max_new_tokens=N)
-    itemsize = jnp.dtype(dtype).itemsize
-    S = P + N
-    kv_slot = 2 * config.num_hidden_layers * B * config.num_key_value_heads * config.head_dim * itemsize
-    kv_full = kv_slot * S  # what each step reads: attention runs over every slot, masked
-    kv_valid = kv_slot * (P + N / 2)  # mean over the steps of the slots holding tokens
-    res = dict(device=dev.device_kind, platform=dev.platform, jax=jax.__version__, tiny=tiny,
-               batch=B, prompt=P, new_tokens=N, cache_slots=S,
-               hbm_copy_bytes_per_s=bw["copy"], hbm_read_bytes_per_s=bw["read"],
-               kv_bytes_per_step_full=kv_full, kv_bytes_per_step_valid=kv_valid, variants={})
+    kv_slot = (2 * config.num_hidden_layers * B * config.num_key_value_heads * config.head_dim
+               * jnp.dtype(dtype).itemsize)  # bytes of one cache position over all rows
+    kv_filled = kv_slot * (P + N / 2)  # mean over the steps of the filled positions
+    out = dict(batch=B, prompt=P, new_tokens=N, kv_bytes_per_step_filled=kv_filled, variants={})
 
     def run(attention, seed):
         t0 = now()
-        w = block(sampling.prepare_weights_jit(params, config, lora=None, lora_scale=jnp.float32(1.0),
-                                               merge_lora=False, decode_attention=attention))
+        w = block(sampling.prepare_weights_jit(params, config, lora=None,
+                                               lora_scale=jnp.float32(1.0), merge_lora=False,
+                                               decode_attention=attention))
         t1 = now()
         st = block(sampling.prefill_jit(w, ids, mask, config=config, settings=settings,
                                         rng=jax.random.PRNGKey(seed)))
         t2 = now()
         st = block(sampling.decode_jit(w, st, config=config, settings=settings))
         t3 = now()
-        steps = int(jnp.max(st.column))
-        assert steps == N, steps
-        weight_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(w))
-        return weight_bytes, (t1 - t0, t2 - t1, t3 - t2)
+        assert int(jnp.max(st.column)) == N
+        return sum(x.nbytes for x in jax.tree_util.tree_leaves(w)), (t1 - t0, t2 - t1, t3 - t2)
 
-    budget = args.time_budget
-    first_cost = None
-    for attention in args.attention:
-        if first_cost is not None and now() - T_START + 1.3 * first_cost > budget:
-            print(f"skipping decode_attention={attention!r}: not enough of the time budget left")
+    for name in args.attention:
+        if now() - T_START > args.time_budget:
+            print(f"[B={B} {name}] skipped: past the time budget")
             continue
-        t = now()
-        weight_bytes, _ = run(attention, 0)
-        compile_s = now() - t
-        print(f"\n[decode_attention={attention!r}] compile + first run: {compile_s:.1f} s   "
-              f"[{now() - T_START:.0f} s]")
-        times = []
-        for r in range(args.runs):
-            if times and now() - T_START + 1.5 * sum(times[-1]) > budget:
-                print("stopping early to stay inside the time budget")
-                break
-            times.append(run(attention, r + 1)[1])
-        if first_cost is None:
-            first_cost = compile_s + sum(sum(t) for t in times)
-        prep = statistics.median(t[0] for t in times)
-        pre = statistics.median(t[1] for t in times)
-        dec = statistics.median(t[2] for t in times)
+        attention, cache_block = _variant(name)
+        saved = qwen3.inference.DECODE_BLOCK
+        qwen3.inference.DECODE_BLOCK = cache_block
+        jax.clear_caches()
+        try:
+            t = now()
+            weight_bytes, _ = run(attention, 0)
+            compile_s = now() - t
+            times = [run(attention, r + 1)[1] for r in range(args.runs)]
+        except Exception as e:  # a kernel the device refuses: record it, go on
+            out["variants"][name] = dict(error=f"{type(e).__name__}: {str(e)[:400]}")
+            print(f"[B={B} {name}] failed: {type(e).__name__}: {str(e)[:200]}")
+            continue
+        finally:
+            qwen3.inference.DECODE_BLOCK = saved
+        S = qwen3.cache_size(P + N, attention)
+        prep, pre, dec = (statistics.median(t[i] for t in times) for i in range(3))
         step_s = dec / (N - 1)
-        bound_step = (weight_bytes + kv_full) / bw["copy"]
-        bound_valid = (weight_bytes + kv_valid) / bw["copy"]
+        must = weight_bytes + kv_filled
+        read = weight_bytes + kv_slot * _kv_read_slots(name, P, N, S)
         v = dict(compile_and_first_run_s=compile_s, runs=len(times), weights_prepare_s=prep,
                  prefill_s=pre, decode_s=dec, decode_step_ms=step_s * 1e3,
                  prompt_tokens_per_s=B * P / pre, decode_tokens_per_s=B * (N - 1) / dec,
-                 tokens_per_s=B * N / (prep + pre + dec), weight_bytes=weight_bytes,
-                 bound_step_ms=bound_step * 1e3, bound_decode_tokens_per_s=B / bound_step,
-                 fraction_of_bound=bound_step / step_s, bound_valid_step_ms=bound_valid * 1e3,
-                 fraction_of_valid_bound=bound_valid / step_s,
-                 achieved_bytes_per_s=(weight_bytes + kv_full) / step_s)
-        res["variants"][attention] = v
-        print(f"weights prepare {prep * 1e3:.1f} ms; prefill {pre * 1e3:.1f} ms "
-              f"({v['prompt_tokens_per_s']:.0f} prompt tok/s); decode {dec * 1e3:.0f} ms for "
-              f"{N - 1} steps = {step_s * 1e3:.3f} ms/step ({v['decode_tokens_per_s']:.0f} tok/s)")
-        print(f"bytes per decode step: weights {weight_bytes / 1e6:.1f} MB + KV cache "
-              f"{kv_full / 1e6:.1f} MB (all {S} slots; {kv_valid / 1e6:.1f} MB hold tokens on average)")
-        print(f"bandwidth bound: {bound_step * 1e3:.3f} ms/step = {B / bound_step:.0f} tok/s; measured "
-              f"{v['fraction_of_bound']:.2f} of it ({v['achieved_bytes_per_s'] / 1e12:.2f} TB/s "
-              f"effective); against the valid-slot bound {v['fraction_of_valid_bound']:.2f}")
-    best = max(res["variants"], key=lambda a: res["variants"][a]["decode_tokens_per_s"])
-    res["best"] = best
-    print(f"\nbest: decode_attention={best!r}, {res['variants'][best]['decode_tokens_per_s']:.0f} "
-          f"decode tok/s, {res['variants'][best]['fraction_of_bound']:.2f} of the bandwidth bound; "
-          f"total {now() - T_START:.0f} s")
+                 weight_bytes=weight_bytes, bytes_must_read=must, bytes_read=read,
+                 nominal_bound_step_ms=must / nominal * 1e3,
+                 fraction_of_nominal_bound=must / nominal / step_s,
+                 copy_bound_step_ms=read / copy_bw * 1e3,
+                 fraction_of_copy_bound=read / copy_bw / step_s,
+                 effective_bytes_per_s=read / step_s)
+        out["variants"][name] = v
+        print(f"[B={B} {name}] compile + first run {compile_s:.1f} s; prefill {pre * 1e3:.1f} ms; "
+              f"decode {step_s * 1e3:.3f} ms/step = {v['decode_tokens_per_s']:.0f} tok/s; "
+              f"{v['fraction_of_nominal_bound']:.2f} of the nominal bound ({nominal / 1e12:.2f} "
+              f"TB/s over weights {weight_bytes / 1e9:.2f} GB + filled cache {kv_filled / 1e9:.2f} "
+              f"GB = {v['nominal_bound_step_ms']:.3f} ms); {v['fraction_of_copy_bound']:.2f} of "
+              f"the copy bound ({copy_bw / 1e12:.2f} TB/s over the {read / 1e9:.2f} GB it reads)"
+              f"   [{now() - T_START:.0f} s]")
+    ok = {k: v for k, v in out["variants"].items() if "error" not in v}
+    if ok:
+        out["best"] = max(ok, key=lambda k: ok[k]["decode_tokens_per_s"])
+    return out
+
+
+def gpu_rollout(args, params, config, attention: str) -> dict:
+    """The paper's rollout: 8 prompts x G = 4 completions, prompts of 100-400 tokens (left-padded
+    to 512), up to 512 new tokens, temperature 1, top-k 50, top-p 0.95 (`sampling.generate`, each
+    prompt prefilled once per group). Random weights never choose a real EOS, so the first
+    `p_eos` of the vocabulary ends a completion: lengths near-geometric, mean ~1 / p_eos."""
+    Q, G, P, N = 8, 4, 512, 512
+    rs = np.random.default_rng(0)
+    eos = tuple(range(1, 1 + max(1, round(args.paper_p_eos * config.vocab_size))))
+    lengths = rs.integers(100, 401, Q)
+    ids = np.zeros((Q, P), np.int32)
+    mask = np.zeros((Q, P), np.int32)
+    for i, n in enumerate(lengths):
+        ids[i, P - n:] = rs.integers(len(eos) + 1, config.vocab_size, n)
+        mask[i, P - n:] = 1
+    ids, mask = np.repeat(ids, G, 0), np.repeat(mask, G, 0)
+
+    def run(seed):
+        t = now()
+        out = sampling.generate(params, ids, mask, config=config, rng=jax.random.PRNGKey(seed),
+                                max_new_tokens=N, temperature=1.0, top_k=50, top_p=0.95,
+                                eos_id=eos, group_size=G, decode_attention=attention)
+        block(out.tokens)
+        return now() - t, np.asarray(out.lengths), int(out.num_steps), int(out.slot_steps)
+
+    t = now()
+    run(0)
+    compile_s = now() - t
+    runs = [run(r + 1) for r in range(args.runs)]
+    sec = statistics.median(r[0] for r in runs)
+    kept = statistics.median(int(r[1].sum()) for r in runs)
+    res = dict(decode_attention=attention, prompts=Q, group=G, prompt_width=P,
+               max_new_tokens=N, p_eos=args.paper_p_eos, compile_and_first_run_s=compile_s,
+               seconds=sec, raw_seconds=[r[0] for r in runs], tokens_kept=kept,
+               tokens_per_s=kept / sec, mean_length=kept / (Q * G),
+               steps=[r[2] for r in runs], slot_use=statistics.median(
+                   float(r[1].sum()) / r[3] for r in runs))
+    print(f"[paper rollout, {attention}] {Q} x {G} rows, {sec:.2f} s (median of {len(runs)}), "
+          f"mean length {res['mean_length']:.0f} of {N}, {res['tokens_per_s']:.0f} kept tok/s, "
+          f"slot use {res['slot_use']:.2f}; compile + first run {compile_s:.1f} s")
     return res
+
+
+def gpu_bench(args):
+    """Qwen3-1.7B shapes (or tiny with --tiny), random bfloat16 weights: HBM bandwidth, decode
+    throughput per batch size and variant (`gpu_decode`), then the paper's rollout per variant
+    (`gpu_rollout`)."""
+    dev = jax.devices()[0]
+    if args.tiny:
+        config = qwen3.Qwen3Config(**GPU_TINY)
+        batches, P, N, copy_bytes = [4, 8], 8, 16, 1 << 24
+    else:
+        config = qwen3.preset("Qwen3-1.7B")
+        batches, P, N, copy_bytes = args.gpu_batch, args.gpu_prompt, args.gpu_new_tokens, 2 << 30
+    dtype = jnp.bfloat16
+    bw = copy_bandwidth(copy_bytes)
+    nominal = args.nominal_tbps * 1e12 if args.nominal_tbps else NOMINAL_HBM.get(dev.device_kind)
+    print(f"device: {dev.device_kind} ({dev.platform}), jax {jax.__version__}")
+    print(f"HBM bandwidth measured: copy {bw['copy'] / 1e12:.3f} TB/s (read + write), read-only "
+          f"{bw['read'] / 1e12:.3f} TB/s; nominal "
+          f"{'unknown: the copy figure stands in' if nominal is None else f'{nominal / 1e12:.2f} TB/s'}"
+          f"   [{now() - T_START:.0f} s]")
+    nominal = nominal or bw["copy"]
+    params = block(random_params(config, jax.random.PRNGKey(0), dtype))
+    res = dict(device=dev.device_kind, platform=dev.platform, jax=jax.__version__, tiny=args.tiny,
+               model="tiny" if args.tiny else "Qwen3-1.7B shapes, random bfloat16 weights",
+               hbm_nominal_bytes_per_s=nominal, hbm_copy_bytes_per_s=bw["copy"],
+               hbm_read_bytes_per_s=bw["read"],
+               bounds=("nominal: the nominal HBM bandwidth over the bytes a decode step must read "
+                       "(weights + the filled cache, mean over the steps); copy: the copy "
+                       "bandwidth measured in this run over the bytes the variant reads"),
+               decode=[], rollout=[])
+    for B in batches:
+        res["decode"].append(gpu_decode(args, params, config, dtype, B, P, N, nominal, bw["copy"]))
+        write_json(args, res)
+    if not args.tiny or args.paper_rollout:
+        for attention in args.rollout_attention:
+            if now() - T_START > args.time_budget:
+                print(f"[paper rollout, {attention}] skipped: past the time budget")
+                continue
+            try:
+                res["rollout"].append(gpu_rollout(args, params, config, attention))
+            except Exception as e:
+                res["rollout"].append(dict(decode_attention=attention,
+                                           error=f"{type(e).__name__}: {str(e)[:400]}"))
+                print(f"[paper rollout, {attention}] failed: {type(e).__name__}: {str(e)[:200]}")
+            write_json(args, res)
+    print(f"total {now() - T_START:.0f} s")
+    return res
+
+
+def json_path(args):
+    if args.json:
+        return args.json
+    if args.gpu and os.environ.get("OUT"):
+        return os.path.join(os.environ["OUT"], "bench_sampling_gpu.json")
+    return None
+
+
+def write_json(args, res):
+    path = json_path(args)
+    if path:
+        with open(path, "w") as f:
+            json.dump(res, f, indent=2)
 
 
 def main():
@@ -512,11 +617,19 @@ def main():
     ap.add_argument("--p-eos", type=float, default=0.02,
                     help="--groups: the fraction of the vocabulary that ends a completion")
     ap.add_argument("--max-batch", type=int, default=64, help="--groups: refill slots")
-    ap.add_argument("--gpu-batch", type=int, default=64)
+    ap.add_argument("--gpu-batch", type=int, nargs="+", default=[64, 256])
     ap.add_argument("--gpu-prompt", type=int, default=128)
     ap.add_argument("--gpu-new-tokens", type=int, default=512)
-    ap.add_argument("--attention", nargs="+", default=["reduce", "dot"], choices=["reduce", "dot"],
+    ap.add_argument("--attention", nargs="+", default=["dot", "dot_full", "pallas"],
+                    choices=["reduce", "dot", "dot_full", "pallas"],
                     help="GPU: decode_attention variants to time, in order (see qwen3.InferenceWeights)")
+    ap.add_argument("--rollout-attention", nargs="+", default=["dot", "pallas"],
+                    choices=["reduce", "dot", "pallas"], help="GPU: variants of the paper rollout")
+    ap.add_argument("--paper-rollout", action="store_true", help="with --tiny: run it too")
+    ap.add_argument("--paper-p-eos", type=float, default=0.003,
+                    help="GPU paper rollout: fraction of the vocabulary that ends a completion")
+    ap.add_argument("--nominal-tbps", type=float, default=None,
+                    help="GPU: nominal HBM TB/s (default: from the device kind)")
     ap.add_argument("--time-budget", type=float, default=200.0,
                     help="GPU: seconds after which no further timed run starts")
     ap.add_argument("--json", default=None,
@@ -525,12 +638,9 @@ def main():
     if args.runs is None:
         args.runs = 3 if args.gpu else 7
     res = gpu_bench(args) if args.gpu else groups_bench(args) if args.groups else cpu_bench(args)
-    path = args.json
-    if path is None and args.gpu and os.environ.get("OUT"):
-        path = os.path.join(os.environ["OUT"], "bench_sampling_gpu.json")
+    path = json_path(args)
     if path:
-        with open(path, "w") as f:
-            json.dump(res, f, indent=2)
+        write_json(args, res)
         print(f"wrote {path}")
 
 
