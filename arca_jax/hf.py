@@ -2,14 +2,21 @@
 
 `load_pretrained` reads a local directory (config.json + model.safetensors, or a sharded
 model.safetensors.index.json) tensor by tensor into the stacked tree of `arca_jax.qwen3`;
-`save_pretrained` writes one that `transformers.Qwen3ForCausalLM.from_pretrained` loads.
+`save_pretrained` writes one that `transformers.Qwen3ForCausalLM.from_pretrained` (or
+`Qwen3MoeForCausalLM`'s) loads.
+
+Mixture-of-experts checkpoints (model_type "qwen3_moe", see `arca_jax.qwen3.moe`): the Hub layout
+holds one tensor per expert and projection (`mlp.experts.{e}.gate_proj.weight` [I, D], ...) and
+the router as `mlp.gate.weight` [E, D]; they are stacked into [Ls, E, ...] on load and split on
+save (what transformers' save_pretrained writes too). The layout transformers holds in memory
+(`mlp.experts.gate_up_proj` [E, 2I, D], `mlp.experts.down_proj` [E, D, I]) is read as well.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import Any, Dict, Iterator, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -24,20 +31,78 @@ Params = Dict[str, Any]
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def hf_tensor_names(config: qwen3.Qwen3Config) -> Iterator[Tuple[Tuple[str, ...], Optional[int], str, bool]]:
-    """Yields (tree path, layer index or None, HF tensor name, transpose?) for every parameter."""
-    yield ("embed_tokens", "embedding"), None, "model.embed_tokens.weight", False
-    yield ("norm", "scale"), None, "model.norm.weight", False
+class TensorEntry(NamedTuple):
+    """Where one HF tensor (or a part of one) goes in the parameter tree.
+
+    path: the tree path of the stacked leaf; index: the leaf's index of this tensor (() for an
+    unstacked leaf, (l,) a layer, (l, e) a layer's expert); name: the HF tensor name; transpose:
+    the HF tensor is the last two axes swapped ([out, in] for our [in, out]); rows: (start, stop,
+    total) when the leaf holds rows [start, stop) of the HF tensor's axis -2 of length total
+    (transformers' fused `experts.gate_up_proj`), else None."""
+
+    path: Tuple[str, ...]
+    index: Tuple[int, ...]
+    name: str
+    transpose: bool
+    rows: Optional[Tuple[int, int, int]] = None
+
+
+def hf_tensor_names(config: qwen3.Qwen3Config, fused_experts: bool = False) -> Iterator[TensorEntry]:
+    """Yields a `TensorEntry` for every parameter (an MoE model's experts per expert, the Hub
+    layout, or with `fused_experts` as transformers holds them in memory: [E, 2I, D], [E, D, I])."""
+    yield TensorEntry(("embed_tokens", "embedding"), (), "model.embed_tokens.weight", False)
+    yield TensorEntry(("norm", "scale"), (), "model.norm.weight", False)
     if not config.tie_word_embeddings:
-        yield ("lm_head", "kernel"), None, "lm_head.weight", True
+        yield TensorEntry(("lm_head", "kernel"), (), "lm_head.weight", True)
+    sparse = getattr(config, "sparse_layers", (False,) * config.num_hidden_layers)
+    seen = {True: 0, False: 0}
     for layer in range(config.num_hidden_layers):
         pre = f"model.layers.{layer}"
         for norm in ("input_layernorm", "post_attention_layernorm"):
-            yield ("layers", norm, "scale"), layer, f"{pre}.{norm}.weight", False
+            yield TensorEntry(("layers", norm, "scale"), (layer,), f"{pre}.{norm}.weight", False)
         for norm in ("q_norm", "k_norm"):
-            yield ("layers", "self_attn", norm, "scale"), layer, f"{pre}.self_attn.{norm}.weight", False
-        for proj, block in qwen3.PROJ_BLOCK.items():
-            yield ("layers", block, proj, "kernel"), layer, f"{pre}.{block}.{proj}.weight", True
+            yield TensorEntry(("layers", "self_attn", norm, "scale"), (layer,),
+                              f"{pre}.self_attn.{norm}.weight", False)
+        for proj in qwen3.ATTN_PROJS:
+            yield TensorEntry(("layers", "self_attn", proj, "kernel"), (layer,),
+                              f"{pre}.self_attn.{proj}.weight", True)
+        kind = sparse[layer]
+        j = seen[kind]
+        seen[kind] += 1
+        if not kind:
+            for proj in qwen3.MLP_PROJS:
+                yield TensorEntry(("layers", "mlp", proj, "kernel"), (j,), f"{pre}.mlp.{proj}.weight",
+                                  True)
+            continue
+        yield TensorEntry(("layers", "mlp", "router", "kernel"), (j,), f"{pre}.mlp.gate.weight", True)
+        experts = ("layers", "mlp", "experts")
+        if fused_experts:
+            I = config.moe_intermediate_size
+            for proj, rows in (("gate_proj", (0, I, 2 * I)), ("up_proj", (I, 2 * I, 2 * I))):
+                yield TensorEntry(experts + (proj, "kernel"), (j,), f"{pre}.mlp.experts.gate_up_proj",
+                                  True, rows)
+            yield TensorEntry(experts + ("down_proj", "kernel"), (j,), f"{pre}.mlp.experts.down_proj",
+                              True)
+            continue
+        for e in range(config.num_experts):
+            for proj in qwen3.MLP_PROJS:
+                yield TensorEntry(experts + (proj, "kernel"), (j, e),
+                                  f"{pre}.mlp.experts.{e}.{proj}.weight", True)
+
+
+def _hf_shape(entry: TensorEntry, leaf_shape) -> Tuple[int, ...]:
+    shape = list(leaf_shape[len(entry.index):])
+    if entry.transpose:
+        shape[-2:] = shape[-1], shape[-2]
+    if entry.rows is not None:
+        shape[-2] = entry.rows[2]
+    return tuple(shape)
+
+
+def _from_hf(entry: TensorEntry, t: np.ndarray) -> np.ndarray:
+    if entry.rows is not None:
+        t = t[..., entry.rows[0]:entry.rows[1], :]
+    return np.swapaxes(t, -1, -2) if entry.transpose else t
 
 
 def _get(tree, path):
@@ -94,9 +159,10 @@ def load_pretrained(path: str, dtype=jnp.bfloat16,
     shapes = qwen3.param_shapes(config, dtype)
     np_dtype = np.dtype(jnp.dtype(dtype))
 
-    expected = {}
-    for tree_path, layer, name, transpose in hf_tensor_names(config):
-        expected[name] = (tree_path, layer, transpose)
+    fused = isinstance(config, qwen3.Qwen3MoeConfig) and any(
+        n.endswith(".mlp.experts.gate_up_proj") for n in files)
+    entries = list(hf_tensor_names(config, fused_experts=fused))
+    expected = dict.fromkeys(entry.name for entry in entries)
     missing = [n for n in expected if n not in files]
     if missing:
         where = files[next(iter(files))] if files else path
@@ -110,32 +176,27 @@ def load_pretrained(path: str, dtype=jnp.bfloat16,
 
     # Group HF tensors by destination leaf so each leaf is assembled once, then placed.
     by_leaf: Dict[Tuple[str, ...], list] = {}
-    for name, (tree_path, layer, transpose) in expected.items():
-        by_leaf.setdefault(tree_path, []).append((name, layer, transpose))
+    for entry in entries:
+        by_leaf.setdefault(entry.path, []).append(entry)
     open_files: Dict[str, SafetensorsFile] = {}
     params: Params = {}
     try:
-        for tree_path, entries in by_leaf.items():
+        for tree_path, leaf_entries in by_leaf.items():
             leaf = _get(shapes, tree_path)
             buf = np.empty(leaf.shape, np_dtype)
-            for name, layer, transpose in entries:
+            for entry in leaf_entries:
+                name = entry.name
                 fname = files[name]
                 if fname not in open_files:
                     open_files[fname] = SafetensorsFile(fname)
                 f = open_files[fname]
                 if name not in f.keys():
                     raise CheckpointError(f"{fname}: missing tensor {name!r} (listed in the index)")
-                target_shape = leaf.shape[1:] if layer is not None else leaf.shape
-                hf_shape = tuple(reversed(target_shape)) if transpose else tuple(target_shape)
+                hf_shape = _hf_shape(entry, leaf.shape)
                 if f.shape(name) != hf_shape:
                     raise CheckpointError(f"{fname}: tensor {name!r} has shape {f.shape(name)}, "
                                           f"config.json implies {hf_shape}")
-                t = f.get(name)
-                t = t.T if transpose else t
-                if layer is None:
-                    buf[...] = t.astype(np_dtype)
-                else:
-                    buf[layer] = t.astype(np_dtype)
+                buf[entry.index] = _from_hf(entry, f.get(name)).astype(np_dtype)
             sharding = _get(shardings, tree_path) if shardings is not None else None
             _set(params, tree_path, jax.device_put(buf, sharding) if sharding is not None
                  else jnp.asarray(buf))
@@ -156,17 +217,15 @@ def save_pretrained(path: str, config: qwen3.Qwen3Config, params: Params,
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     tensors: Dict[str, Any] = {}
-    for tree_path, layer, name, transpose in hf_tensor_names(config):
-        leaf = _get(params, tree_path)
+    for entry in hf_tensor_names(config):
+        leaf = _get(params, entry.path)
         out_dtype = np.dtype(jnp.dtype(dtype or leaf.dtype))
-        shape = leaf.shape[1:] if layer is not None else leaf.shape
-        shape = tuple(reversed(shape)) if transpose else tuple(shape)
 
-        def produce(leaf=leaf, layer=layer, transpose=transpose, out_dtype=out_dtype):
-            t = np.asarray(leaf[layer] if layer is not None else leaf)
-            return (t.T if transpose else t).astype(out_dtype)
+        def produce(leaf=leaf, entry=entry, out_dtype=out_dtype):
+            t = np.asarray(leaf[entry.index])
+            return (np.swapaxes(t, -1, -2) if entry.transpose else t).astype(out_dtype)
 
-        tensors[name] = Lazy(produce, shape, out_dtype)
+        tensors[entry.name] = Lazy(produce, _hf_shape(entry, leaf.shape), out_dtype)
     save_file(os.path.join(path, "model.safetensors"), tensors, {"format": "pt"})
     d = config.to_dict()
     d["torch_dtype"] = d["dtype"] = str(np.dtype(jnp.dtype(dtype or params["norm"]["scale"].dtype)))

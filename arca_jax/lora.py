@@ -69,10 +69,22 @@ def _proj_dims(config: qwen3.Qwen3Config, proj: str) -> Tuple[int, int]:
             "gate_proj": (D, F), "up_proj": (D, F), "down_proj": (F, D)}[proj]
 
 
+def check_targets(config: qwen3.Qwen3Config, targets, error=ValueError) -> None:
+    """Raises `error` when `targets` are not adaptable on this model: a mixture-of-experts model
+    (`qwen3.Qwen3MoeConfig`) takes adapters on its attention projections only, for now."""
+    mlp = [t for t in targets if t in qwen3.MLP_PROJS]
+    if isinstance(config, qwen3.Qwen3MoeConfig) and mlp:
+        raise error(f"LoRA targets {mlp}: LoRA on the MLP of a mixture-of-experts model (experts, "
+                    f"router, dense MLP layers) is not implemented; target the attention "
+                    f"projections {list(qwen3.ATTN_PROJS)}")
+
+
 def init_lora(config: qwen3.Qwen3Config, lora_config: LoraConfig, rng: jax.Array,
               dtype=jnp.float32) -> Params:
     """A fresh adapter: A ~ U(-1/sqrt(in), 1/sqrt(in)) (PEFT's default kaiming-uniform, a=sqrt(5)),
-    B = 0, so the adapted model equals the base model at step 0."""
+    B = 0, so the adapted model equals the base model at step 0. ValueError for targets the model
+    cannot take (`check_targets`)."""
+    check_targets(config, lora_config.targets)
     L, R = config.num_hidden_layers, lora_config.rank
     tree: Params = {}
     for i, proj in enumerate(lora_config.targets):
@@ -158,6 +170,7 @@ def load_peft(path: str, config: qwen3.Qwen3Config, dtype=jnp.float32) -> Tuple[
                              targets=_peft_targets(c.get("target_modules"), cfg_path),
                              dropout=float(c.get("lora_dropout") or 0.0),
                              use_rslora=bool(c.get("use_rslora", False)))
+    check_targets(config, lora_config.targets, lambda msg: CheckpointError(f"{cfg_path}: {msg}"))
     L = config.num_hidden_layers
     tree: Params = {}
     with SafetensorsFile(w_path) as f:

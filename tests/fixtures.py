@@ -4,8 +4,9 @@ puts tests/ on sys.path):
 - paths: ``TESTS``, ``REPO``;
 - our own tiny models: ``tiny_config``, ``random_params``, ``random_adapter``, ``shifted_adapter``;
 - random tiny Qwen3 models made with transformers (PyTorch, CPU), the parity oracle:
-  ``tiny_hf_config``, ``random_hf_model``, ``random_checkpoint``, ``random_peft_model``,
-  ``left_padded_batch``, ``positions_of``, ``hf_forward``, ``rel_err``;
+  ``tiny_hf_config``, ``tiny_moe_hf_config`` (mixture of experts), ``random_hf_model``,
+  ``random_checkpoint``, ``random_peft_model``, ``left_padded_batch``, ``positions_of``,
+  ``hf_forward``, ``rel_err``;
 - the GRPO oracles' shared case, a PEFT model beside its JAX copy and a ragged batch:
   ``LORA_TARGETS``, ``lora_block``, ``peft_adapter_tree``, ``PeftCase``, ``peft_case``;
 - run directories: ``TIMING``, ``read_jsonl``, ``write_jsonl``.
@@ -139,14 +140,35 @@ def tiny_hf_config(*, hidden=32, heads=4, kv_heads=2, head_dim=16, layers=2, voc
     return cfg
 
 
+def tiny_moe_hf_config(*, experts=4, top_k=2, norm_topk=True, mlp_only=(), sparse_step=1,
+                       hidden=32, heads=4, kv_heads=2, head_dim=16, layers=2, vocab=97,
+                       intermediate=48, expert_intermediate=24, tied=False, theta=10000.0):
+    """A tiny ``transformers.Qwen3MoeConfig`` (eager attention): `experts` experts of width
+    `expert_intermediate`, `top_k` routed per token, dense layers `mlp_only` (MLP width
+    `intermediate`) and per `sparse_step`."""
+    import transformers
+
+    cfg = transformers.Qwen3MoeConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+        moe_intermediate_size=expert_intermediate, num_experts=experts, num_experts_per_tok=top_k,
+        norm_topk_prob=norm_topk, mlp_only_layers=list(mlp_only), decoder_sparse_step=sparse_step,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        head_dim=head_dim, rms_norm_eps=1e-6, max_position_embeddings=256,
+        tie_word_embeddings=tied, attn_implementation="eager")
+    cfg.rope_parameters = {"rope_type": "default", "rope_theta": theta}
+    return cfg
+
+
 def random_hf_model(cfg, seed: int = 0):
-    """A float32 ``transformers.Qwen3ForCausalLM`` with every weight random, norm weights included
-    (not all ones)."""
+    """A float32 ``transformers.Qwen3ForCausalLM`` (``Qwen3MoeForCausalLM`` for a qwen3_moe
+    config) with every weight random, norm weights included (not all ones)."""
     import torch
     import transformers
 
     torch.manual_seed(seed)
-    model = transformers.Qwen3ForCausalLM(cfg).eval()
+    cls = (transformers.Qwen3MoeForCausalLM if cfg.model_type == "qwen3_moe"
+           else transformers.Qwen3ForCausalLM)
+    model = cls(cfg).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:

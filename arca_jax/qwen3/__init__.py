@@ -2,17 +2,21 @@
 decode path `inference_forward` over the `KVCache`, on one parameter tree.
 
 Modules (every public name is re-exported here, so `from arca_jax import qwen3; qwen3.X`):
-  config     `Qwen3Config` (transformers' field names, config.json in both rope layouts), `preset`.
+  config     `Qwen3Config` (transformers' field names, config.json in both rope layouts), its
+             mixture-of-experts subclass `Qwen3MoeConfig` (model_type "qwen3_moe"), `preset`.
   model      the linen modules behind the pure `forward` (whole sequences, no cache; attention
              kernels and rematerialisation options), `init_params`, `param_shapes`, `compute_logits`.
   inference  `inference_weights` (fused, norm-folded, per-layer kernels; LoRA merged or low-rank),
              `KVCache`, `inference_forward` (T new tokens into the cache; logits at the last one).
+  moe        the sparse MLP block (router, top-k, experts by `jax.lax.ragged_dot`), its routing
+             statistics and load-balancing losses, the segments of a sparse/dense layer stack.
   common     what both use: parameter-tree names, rotary tables, `default_positions`, RMS norm.
 
 Dimension letters (used in every einsum, shape comment and sharding spec of the project):
 B batch, T query time, S key time (cache slots), D model width, F MLP width, N query heads,
 K key/value heads, G query heads per KV head (N = K * G), H head width, V vocabulary, L layers,
-R LoRA rank.
+R LoRA rank; mixture of experts: E experts, I expert width, k experts routed per token, Ls / Ld
+the sparse / dense layers.
 
 Parameter tree (plain nested dict; per-layer leaves are stacked on a leading L axis and the layers
 of `forward` run under `nn.scan`, so compile time does not grow with depth). Kernels are stored
@@ -29,6 +33,11 @@ of `forward` run under `nn.scan`, so compile time does not grow with depth). Ker
     norm/scale                              [D]
     lm_head/kernel                          [D, V]   (absent when tie_word_embeddings)
 
+A `Qwen3MoeConfig` model keeps attention and norms stacked over all L layers; its MLPs are
+stacked per kind (see `moe`): the sparse layers' `layers/mlp/router/kernel` [Ls, D, E],
+`layers/mlp/experts/{gate,up}_proj/kernel` [Ls, E, D, I], `layers/mlp/experts/down_proj/kernel`
+[Ls, E, I, D]; the dense layers' (`mlp_only_layers`, `decoder_sparse_step`) MLP as above over Ld.
+
 The LoRA tree (see `arca_jax.lora`) mirrors the projections: `layers/<block>/<proj>/{lora_a [L, in, R],
 lora_b [L, R, out]}`. It is passed as a separate Flax collection, so `jax.grad` with respect to it
 sees only the adapter.
@@ -36,24 +45,26 @@ sees only the adapter.
 
 from arca_jax.qwen3.common import (ATTN_PROJS, MLP_PROJS, PROJ_BLOCK, Params, default_positions,
                                    rope_tables)
-from arca_jax.qwen3.config import ConfigError, Qwen3Config, preset
+from arca_jax.qwen3 import moe
+from arca_jax.qwen3.config import ConfigError, Qwen3Config, Qwen3MoeConfig, preset
 from arca_jax.qwen3.inference import (DECODE_ATTENTION, InferenceLayer, InferenceOutput,
                                       InferenceWeights, KVCache, LowRank, cache_size,
                                       default_decode_attention, inference_forward,
                                       inference_weights)
 from arca_jax.qwen3.model import (ATTENTION_IMPLS, MLP, REMAT_OPTIONS, Attention, DecoderLayer, Embed,
-                                  LoraLinear, ModelOutput, Qwen3, RMSNorm, compute_logits, forward,
+                                  LayerRun, LoraLinear, ModelOutput, Qwen3, RMSNorm, compute_logits, forward,
                                   init_params, lm_head_kernel, on_cuda, param_shapes, remat_policy,
                                   resolve_attention)
 
 __all__ = [
     # config
-    "ConfigError", "Qwen3Config", "preset",
+    "ConfigError", "Qwen3Config", "Qwen3MoeConfig", "preset", "moe",
     # parameter tree, positions
     "Params", "ATTN_PROJS", "MLP_PROJS", "PROJ_BLOCK", "default_positions", "rope_tables",
     # training / scoring model
     "ATTENTION_IMPLS", "REMAT_OPTIONS", "on_cuda", "resolve_attention", "remat_policy",
-    "Embed", "RMSNorm", "LoraLinear", "Attention", "MLP", "DecoderLayer", "Qwen3", "ModelOutput",
+    "Embed", "RMSNorm", "LoraLinear", "Attention", "MLP", "DecoderLayer", "LayerRun", "Qwen3",
+    "ModelOutput",
     "lm_head_kernel", "compute_logits", "forward", "init_params", "param_shapes",
     # decode path
     "LowRank", "InferenceLayer", "InferenceWeights", "DECODE_ATTENTION", "default_decode_attention",

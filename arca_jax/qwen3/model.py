@@ -2,7 +2,9 @@
 
 The whole sequence runs at once, without a KV cache (the sampler decodes with `inference`); layers
 run under `nn.scan` over the stacked parameter tree, with optional rematerialisation
-(`remat_policy`) and a choice of attention kernel (`resolve_attention`).
+(`remat_policy`) and a choice of attention kernel (`resolve_attention`). A `Qwen3MoeConfig` model
+runs its layers as `moe.segments` (one scan per run of sparse or dense layers; one scan in all for
+the released models) and also returns its routing statistics.
 """
 
 from __future__ import annotations
@@ -16,19 +18,28 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from arca_jax.qwen3 import moe
 from arca_jax.qwen3.common import Params, apply_rope, default_positions, per_head, rms_norm, rope_tables
-from arca_jax.qwen3.config import Qwen3Config
+from arca_jax.qwen3.config import Qwen3Config, Qwen3MoeConfig
 
 
 @flax.struct.dataclass
 class ModelOutput:
     """logits [B, T, V] float32 (None when not asked for); hidden [B, T, D] after the final norm;
     layers [L, B, T, D]: each decoder layer's output (the residual stream before the final norm;
-    layers[L - 1] is `hidden` before it), only when asked for (`forward(return_layers=True)`)."""
+    layers[L - 1] is `hidden` before it), only when asked for (`forward(return_layers=True)`).
+
+    Mixture-of-experts models only (None for dense ones), per sparse layer over the real tokens:
+    aux_loss [Ls] the Switch load-balancing loss (`moe.aux_loss`; `moe.load_balancing_loss` of
+    expert_load and router_prob is transformers' `aux_loss`), expert_load [Ls, E] the fraction of
+    routed (token, expert) pairs per expert, router_prob [Ls, E] the mean router probability."""
 
     logits: Optional[jax.Array]
     hidden: jax.Array
     layers: Optional[jax.Array] = None
+    aux_loss: Optional[jax.Array] = None
+    expert_load: Optional[jax.Array] = None
+    router_prob: Optional[jax.Array] = None
 
 
 @flax.struct.dataclass
@@ -41,6 +52,8 @@ class _Context:
     # "cudnn" / "sdpa-xla" only: [B] int32 tokens per row; each row's tokens occupy slots
     # [0, lengths) (`forward` rotates the rows so), attention is causal within them.
     lengths: Optional[jax.Array] = None
+    # mixture-of-experts models: [B, T] bool, the real tokens (routing statistics count only them)
+    token_mask: Optional[jax.Array] = None
     attention: str = flax.struct.field(pytree_node=False, default="einsum")
 
 
@@ -273,17 +286,33 @@ class DecoderLayer(nn.Module):
     lora_dropout: float = 0.0
     lora_dtype: Any = None
     return_layers: bool = False
+    sparse: bool = False  # the mixture-of-experts MLP (`moe.SparseMoeBlock`) instead of `MLP`
 
     @nn.compact
     def __call__(self, x, ctx: _Context):
         """(x [B, T, D], ctx) -> (x after the layer, the per-layer output of the scan over layers:
-        x again when `return_layers`, else None)."""
+        x again when `return_layers`, else None; a sparse layer's is (that, `moe.RouterStats`))."""
         c = self.config
         x = x + Attention(c, self.lora_scale, self.lora_dropout, self.lora_dtype, name="self_attn")(
             RMSNorm(c.rms_norm_eps, name="input_layernorm")(x), ctx)
-        x = x + MLP(c, self.lora_scale, self.lora_dropout, self.lora_dtype, name="mlp")(
-            RMSNorm(c.rms_norm_eps, name="post_attention_layernorm")(x))
+        h = RMSNorm(c.rms_norm_eps, name="post_attention_layernorm")(x)
+        if self.sparse:
+            y, stats = moe.SparseMoeBlock(c, name="mlp")(h, ctx.token_mask)
+            x = x + y
+            return x, ((x if self.return_layers else None), stats)
+        x = x + MLP(c, self.lora_scale, self.lora_dropout, self.lora_dtype, name="mlp")(h)
         return x, (x if self.return_layers else None)
+
+
+def _scanned_layers(remat, length: int):
+    """`DecoderLayer` under `nn.scan` over `length` stacked layers (and `nn.remat` per `remat`)."""
+    layer = DecoderLayer
+    policy = remat_policy(remat)
+    if policy is not None:
+        layer = nn.remat(layer, prevent_cse=False, policy=policy)
+    return nn.scan(layer, variable_axes={"params": 0, "lora": 0},
+                   split_rngs={"params": True, "dropout": True},
+                   in_axes=(nn.broadcast,), length=length)
 
 
 class Qwen3(nn.Module):
@@ -303,16 +332,64 @@ class Qwen3(nn.Module):
         c = self.config
         x = Embed(c.vocab_size, c.hidden_size, self.dtype, name="embed_tokens")(input_ids)  # [B, T, D]
 
-        layer = DecoderLayer
-        policy = remat_policy(self.remat)
-        if policy is not None:
-            layer = nn.remat(layer, prevent_cse=False, policy=policy)
-        layers = nn.scan(layer, variable_axes={"params": 0, "lora": 0},
-                         split_rngs={"params": True, "dropout": True},
-                         in_axes=(nn.broadcast,), length=c.num_hidden_layers)
+        layers = _scanned_layers(self.remat, c.num_hidden_layers)
         x, per_layer = layers(c, self.lora_scale, self.lora_dropout, self.lora_dtype,
                               self.return_layers, name="layers")(x, ctx)
         return RMSNorm(c.rms_norm_eps, name="norm")(x), per_layer
+
+
+class LayerRun(nn.Module):
+    """One `moe.Segment` of a mixture-of-experts model: its `length` layers of one kind, scanned.
+    Applied to a `layers` subtree cut by `moe.segment_tree` (see `_moe_layers`)."""
+
+    config: Qwen3MoeConfig
+    length: int
+    sparse: bool
+    lora_scale: float = 1.0
+    lora_dropout: float = 0.0
+    remat: Any = False
+    lora_dtype: Any = None
+    return_layers: bool = False
+
+    @nn.compact
+    def __call__(self, x, ctx: _Context):
+        """x [B, T, D] -> (x after the run, (layers [n, B, T, D] or None, `moe.RouterStats` [n, E]
+        when sparse))."""
+        layers = _scanned_layers(self.remat, self.length)
+        return layers(self.config, self.lora_scale, self.lora_dropout, self.lora_dtype,
+                      self.return_layers, self.sparse, name="layers")(x, ctx)
+
+
+def _moe_layers(params: Params, lora: Optional[Params], x, ctx: _Context,
+                config: Qwen3MoeConfig, rng: Optional[jax.Array], **options):
+    """The decoder layers of a mixture-of-experts model, one `LayerRun` per `moe.segments` run:
+    x [B, T, D] -> (x, layers [L, B, T, D] or None, moe.RouterStats [Ls, E])."""
+    per_layer, load, prob = [], [], []
+    for i, segment in enumerate(moe.segments(config)):
+        variables = {"params": {"layers": moe.segment_tree(params["layers"], segment, config)}}
+        if lora is not None:
+            variables["lora"] = {"layers": moe.segment_tree(lora["layers"], segment, config)}
+        rngs = None if rng is None else {"dropout": jax.random.fold_in(rng, i)}
+        run = LayerRun(config, segment.stop - segment.start, segment.sparse, **options)
+        x, out = run.apply(variables, x, ctx, rngs=rngs)
+        if segment.sparse:
+            out, stats = out
+            load.append(stats.load)
+            prob.append(stats.prob)
+        per_layer.append(out)
+    E = config.num_experts
+    stats = moe.RouterStats(
+        load=jnp.concatenate(load) if load else jnp.zeros((0, E), jnp.float32),
+        prob=jnp.concatenate(prob) if prob else jnp.zeros((0, E), jnp.float32))
+    layers = None if per_layer[0] is None else jnp.concatenate(per_layer)
+    return x, layers, stats
+
+
+def _check_moe_lora(lora: Optional[Params]) -> None:
+    if lora is not None and "mlp" in lora.get("layers", {}):
+        raise ValueError("LoRA on the MLP of a mixture-of-experts model (experts, router, dense "
+                         "MLP layers) is not implemented; target the attention projections "
+                         "(q_proj, k_proj, v_proj, o_proj)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -392,7 +469,9 @@ def forward(params: Params, input_ids: jax.Array, *, config: Qwen3Config,
 
     Returns:
       ModelOutput(logits [B, T, V] float32 or None, hidden [B, T, D] after the final RMSNorm,
-      layers [L, B, T, D] or None).
+      layers [L, B, T, D] or None; for a `Qwen3MoeConfig` also aux_loss [Ls], expert_load and
+      router_prob [Ls, E] over the tokens of attention_mask). A mixture-of-experts model takes
+      LoRA on its attention projections only (ValueError for MLP targets).
     """
     B, T = input_ids.shape
     if attention_mask is None:
@@ -414,13 +493,19 @@ def forward(params: Params, input_ids: jax.Array, *, config: Qwen3Config,
         input_ids = jnp.take_along_axis(input_ids, src, axis=1)
         positions = jnp.take_along_axis(positions, src, axis=1)
     cos, sin = rope_tables(positions, config.head_dim, config.rope_theta)
+    is_moe = isinstance(config, Qwen3MoeConfig)
+    token_mask = None
+    if is_moe:
+        _check_moe_lora(lora)
+        token_mask = jnp.take_along_axis(attention_mask, src, axis=1) if rotated else attention_mask
     if rotated:
-        ctx = _Context(cos=cos, sin=sin, visible=None, lengths=jnp.maximum(lengths, 1), attention=impl)
+        ctx = _Context(cos=cos, sin=sin, visible=None, lengths=jnp.maximum(lengths, 1),
+                       token_mask=token_mask, attention=impl)
     else:
         visible = jnp.tril(jnp.ones((T, T), bool))[None] & attention_mask[:, None, :]
         if segment_ids is not None:
             visible = visible & (segment_ids[:, :, None] == segment_ids[:, None, :])
-        ctx = _Context(cos=cos, sin=sin, visible=visible)
+        ctx = _Context(cos=cos, sin=sin, visible=visible, token_mask=token_mask)
 
     variables = {"params": params}
     if lora is not None:
@@ -430,10 +515,19 @@ def forward(params: Params, input_ids: jax.Array, *, config: Qwen3Config,
         if rng is None:
             raise ValueError("lora_dropout > 0 needs an `rng` key")
         rngs = {"dropout": rng}
-    model = Qwen3(config, lora_scale=lora_scale,
-                  lora_dropout=lora_dropout if lora is not None else 0.0, remat=remat,
-                  lora_dtype=lora_dtype, return_layers=return_layers)
-    hidden, layers = model.apply(variables, input_ids, ctx, rngs=rngs)
+    stats = None
+    if is_moe:
+        x = jnp.take(params["embed_tokens"]["embedding"], input_ids, axis=0)
+        x, layers, stats = _moe_layers(
+            params, lora, x, ctx, config, None if rngs is None else rng, lora_scale=lora_scale,
+            lora_dropout=lora_dropout if lora is not None else 0.0, remat=remat,
+            lora_dtype=lora_dtype, return_layers=return_layers)
+        hidden = rms_norm(x, params["norm"]["scale"], config.rms_norm_eps)
+    else:
+        model = Qwen3(config, lora_scale=lora_scale,
+                      lora_dropout=lora_dropout if lora is not None else 0.0, remat=remat,
+                      lora_dtype=lora_dtype, return_layers=return_layers)
+        hidden, layers = model.apply(variables, input_ids, ctx, rngs=rngs)
     if rotated:  # back to the caller's layout; rows whose mask is not one run: NaN
         hidden = jnp.take_along_axis(hidden, back[:, :, None], axis=1)
         hidden = jnp.where(one_run[:, None, None], hidden, jnp.asarray(jnp.nan, hidden.dtype))
@@ -442,7 +536,11 @@ def forward(params: Params, input_ids: jax.Array, *, config: Qwen3Config,
             layers = jnp.where(one_run[None, :, None, None], layers,
                                jnp.asarray(jnp.nan, layers.dtype))
     logits = compute_logits(params, hidden, config) if return_logits else None
-    return ModelOutput(logits=logits, hidden=hidden, layers=layers)
+    if stats is None:
+        return ModelOutput(logits=logits, hidden=hidden, layers=layers)
+    return ModelOutput(logits=logits, hidden=hidden, layers=layers,
+                       aux_loss=moe.aux_loss(stats.load, stats.prob, config.num_experts_per_tok),
+                       expert_load=stats.load, router_prob=stats.prob)
 
 
 def init_params(config: Qwen3Config, rng: jax.Array, dtype=jnp.float32) -> Params:
@@ -451,11 +549,31 @@ def init_params(config: Qwen3Config, rng: jax.Array, dtype=jnp.float32) -> Param
     ctx = _Context(cos=jnp.zeros((1, 1, config.head_dim)), sin=jnp.zeros((1, 1, config.head_dim)),
                    visible=jnp.ones((1, 1, 1), bool))
     body_rng, head_rng = jax.random.split(rng)
-    params = flax.core.unfreeze(Qwen3(config).init(body_rng, jnp.zeros((1, 1), jnp.int32), ctx)["params"])
+    if isinstance(config, Qwen3MoeConfig):
+        params = _init_moe(config, body_rng, ctx)
+    else:
+        params = flax.core.unfreeze(
+            Qwen3(config).init(body_rng, jnp.zeros((1, 1), jnp.int32), ctx)["params"])
     if not config.tie_word_embeddings:  # read by `compute_logits`, outside the module
         params["lm_head"] = {"kernel": 0.02 * jax.random.normal(
             head_rng, (config.hidden_size, config.vocab_size), jnp.float32)}
     return jax.tree_util.tree_map(lambda x: x.astype(dtype), params)
+
+
+def _init_moe(config: Qwen3MoeConfig, rng: jax.Array, ctx: _Context) -> Params:
+    """A mixture-of-experts model's random tree: each `moe.segments` run initialised as its
+    `LayerRun`, joined into the `layers` tree (see `moe`)."""
+    x = jnp.zeros((1, 1, config.hidden_size), jnp.float32)
+    parts = []
+    for i, segment in enumerate(moe.segments(config)):
+        run = LayerRun(config, segment.stop - segment.start, segment.sparse)
+        tree = flax.core.unfreeze(run.init(jax.random.fold_in(rng, i), x, ctx)["params"])
+        parts.append((segment, tree["layers"]))
+    embed_rng = jax.random.fold_in(rng, len(parts))
+    return {"embed_tokens": {"embedding": 0.02 * jax.random.normal(
+                embed_rng, (config.vocab_size, config.hidden_size), jnp.float32)},
+            "layers": moe.join_layers(parts, config),
+            "norm": {"scale": jnp.ones((config.hidden_size,), jnp.float32)}}
 
 
 def param_shapes(config: Qwen3Config, dtype=jnp.float32) -> Params:

@@ -1,0 +1,230 @@
+"""Qwen3 mixture of experts: the sparse MLP block, its routing statistics, and how a stack of
+sparse and dense decoder layers is split into scanned segments.
+
+Dimension letters as in `arca_jax.qwen3`, plus E experts, I expert width, k experts routed per
+token, M = B * T token rows, Ls / Ld the sparse / dense layers.
+
+The block (transformers' `Qwen3MoeSparseMoeBlock`): router logits x Wr in the activation dtype,
+softmax in float32, the top k probabilities (renormalised to sum 1 when `norm_topk_prob`) weight
+the k experts' SwiGLU outputs. No token is dropped: the M * k (token, expert) pairs are sorted by
+expert and each expert's projection is one group of `jax.lax.ragged_dot` over its contiguous run
+of rows, so the work is the routed rows' only (on TPU and GPU, where XLA has a ragged dot; XLA:CPU
+has none and jax's CPU rollout masks the rows per group, which is fine at test sizes).
+
+Parameter tree of a sparse layer (stacked on a leading Ls axis under `layers/mlp`):
+
+    router/kernel                   [D, E]
+    experts/{gate,up}_proj/kernel   [E, D, I]
+    experts/down_proj/kernel        [E, I, D]
+
+Heterogeneous stacks (`mlp_only_layers`, `decoder_sparse_step` > 1): attention and norms stay
+stacked over all L layers (`layers/self_attn/...` [L, ...], so attention LoRA trees and PEFT
+adapters are exactly the dense model's), the dense layers' MLPs are stacked [Ld, ...] under
+`layers/mlp/{gate,up,down}_proj` and the sparse layers' [Ls, ...] under `layers/mlp/{router,
+experts}`. `segments` cuts the layers into maximal runs of one kind, in layer order; the forward
+scans each run over its slice of the stacks. The released models (every layer sparse) are one
+segment: one scan, no slicing, compile time independent of depth; a run-per-kind layout costs one
+compiled scan body per run, the least that keeps both kinds scanned.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, NamedTuple, Optional, Tuple
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from arca_jax.qwen3.config import Qwen3MoeConfig
+
+SPARSE_MLP = ("router", "experts")
+DENSE_MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+@flax.struct.dataclass
+class RouterStats:
+    """One layer's routing over the real tokens (attention-mask weighted), or [Ls, ...] stacked.
+
+    load [E]: fraction of the routed (token, expert) pairs sent to each expert (sums to 1).
+    prob [E]: the router's softmax probability of each expert, averaged over tokens (sums to 1).
+    """
+
+    load: jax.Array
+    prob: jax.Array
+
+
+def aux_loss(load: jax.Array, prob: jax.Array, k: int) -> jax.Array:
+    """The Switch load-balancing loss of each layer, E * sum_e f_e P_e with f_e = k * load_e the
+    pairs routed to e per token and P_e = prob_e: load, prob [..., E] -> [...]. k at perfect
+    balance. For a model with one sparse layer it is transformers' `aux_loss`; for several,
+    `load_balancing_loss`."""
+    E = load.shape[-1]
+    return E * k * jnp.sum(load * prob, axis=-1)
+
+
+def load_balancing_loss(load: jax.Array, prob: jax.Array, k: int) -> jax.Array:
+    """transformers' `aux_loss` (`load_balancing_loss_func`) over the sparse layers: load, prob
+    [Ls, E] -> scalar E * sum_e mean_l(f_le) mean_l(P_le): the product of the layer means (not the
+    mean of the per-layer `aux_loss`)."""
+    return aux_loss(jnp.mean(load, axis=0), jnp.mean(prob, axis=0), k)
+
+
+def route(logits: jax.Array, k: int, normalize: bool):
+    """logits [M, E] -> (probs [M, E] float32, weights [M, k] float32, experts [M, k] int32): the
+    softmax, its k largest probabilities (divided by their sum when `normalize`) and their experts."""
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    weights, experts = jax.lax.top_k(probs, k)
+    if normalize:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return probs, weights, experts.astype(jnp.int32)
+
+
+def sort_by_expert(experts: jax.Array, num_experts: int):
+    """experts [M, k] -> (order [M * k]: the flattened (token, slot) pairs sorted by expert, stable,
+    so that each expert's pairs are one contiguous run; group_sizes [E] int32: the runs' lengths)."""
+    flat = experts.reshape(-1)
+    order = jnp.argsort(flat, stable=True).astype(jnp.int32)
+    group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+    return order, group_sizes
+
+
+def router_stats(probs: jax.Array, experts: jax.Array, token_mask: Optional[jax.Array]) -> RouterStats:
+    """probs [M, E], experts [M, k], token_mask [M] (None: every row a token) -> RouterStats [E]."""
+    M, E = probs.shape
+    k = experts.shape[-1]
+    m = jnp.ones((M,), jnp.float32) if token_mask is None else token_mask.astype(jnp.float32)
+    n = jnp.maximum(jnp.sum(m), 1.0)
+    counts = jnp.bincount(experts.reshape(-1), weights=jnp.repeat(m, k), length=E)
+    return RouterStats(load=jax.lax.stop_gradient(counts / (n * k)),
+                       prob=jnp.sum(probs * m[:, None], axis=0) / n)
+
+
+class Router(nn.Module):
+    """x [M, D] -> logits [M, E] in x's dtype (as transformers: softmax later, in float32)."""
+
+    num_experts: int
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", nn.initializers.normal(0.02), (x.shape[-1], self.num_experts),
+                            jnp.float32)
+        return jnp.einsum("MD,DE->ME", x, kernel.astype(x.dtype))
+
+
+class GroupedLinear(nn.Module):
+    """rows [P, in] sorted by expert, group_sizes [E] -> [P, out]: row p times its expert's
+    kernel [E, in, out] (`jax.lax.ragged_dot`)."""
+
+    num_experts: int
+    features: int
+
+    @nn.compact
+    def __call__(self, rows, group_sizes):
+        kernel = self.param("kernel", nn.initializers.normal(0.02),
+                            (self.num_experts, rows.shape[-1], self.features), jnp.float32)
+        return jax.lax.ragged_dot(rows, kernel.astype(rows.dtype), group_sizes)
+
+
+class Experts(nn.Module):
+    """E SwiGLU MLPs of width I over rows sorted by expert: [P, D] -> [P, D]."""
+
+    config: Qwen3MoeConfig
+
+    @nn.compact
+    def __call__(self, rows, group_sizes):
+        c = self.config
+        E, I = c.num_experts, c.moe_intermediate_size
+        gate = GroupedLinear(E, I, name="gate_proj")(rows, group_sizes)
+        up = GroupedLinear(E, I, name="up_proj")(rows, group_sizes)
+        return GroupedLinear(E, c.hidden_size, name="down_proj")(nn.silu(gate) * up, group_sizes)
+
+
+class SparseMoeBlock(nn.Module):
+    """The sparse MLP: (x [B, T, D], token_mask [B, T] or None) -> (y [B, T, D], RouterStats [E])."""
+
+    config: Qwen3MoeConfig
+
+    @nn.compact
+    def __call__(self, x, token_mask=None):
+        c = self.config
+        B, T, D = x.shape
+        k = c.num_experts_per_tok
+        rows = x.reshape(B * T, D)
+        probs, weights, experts = route(Router(c.num_experts, name="router")(rows), k,
+                                        c.norm_topk_prob)
+        order, group_sizes = sort_by_expert(experts, c.num_experts)
+        out = Experts(c, name="experts")(rows[order // k], group_sizes)  # [M * k, D]
+        inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+        out = out[inverse].reshape(B * T, k, D) * weights.astype(x.dtype)[:, :, None]
+        mask = None if token_mask is None else token_mask.reshape(B * T)
+        return jnp.sum(out, axis=1).reshape(B, T, D), router_stats(probs, experts, mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Heterogeneous stacks
+# --------------------------------------------------------------------------------------------
+
+
+class Segment(NamedTuple):
+    """A maximal run of layers of one kind: layers [start, stop) of the L, the kind's own stack
+    (the [Ls] or [Ld] MLP stack) from `offset`."""
+
+    sparse: bool
+    start: int
+    stop: int
+    offset: int
+
+
+def segments(config: Qwen3MoeConfig) -> Tuple[Segment, ...]:
+    """The layers cut into maximal runs of one kind, in layer order."""
+    out = []
+    seen = {True: 0, False: 0}
+    for i, sparse in enumerate(config.sparse_layers):
+        if out and out[-1].sparse == sparse:
+            out[-1] = out[-1]._replace(stop=i + 1)
+        else:
+            out.append(Segment(sparse, i, i + 1, seen[sparse]))
+        seen[sparse] += 1
+    return tuple(out)
+
+
+def _slice(tree, start: int, stop: int, length: int):
+    if start == 0 and stop == length:
+        return tree
+    return jax.tree_util.tree_map(lambda x: x[start:stop], tree)
+
+
+def segment_tree(layers: Any, segment: Segment, config: Qwen3MoeConfig) -> dict:
+    """The `layers` subtree (params or LoRA) of one segment: attention and norms [L] sliced to
+    [start, stop), the segment kind's MLP stack sliced from `offset`, the other kind's left out."""
+    L = config.num_hidden_layers
+    n = segment.stop - segment.start
+    kinds = config.sparse_layers
+    total = sum(1 for s in kinds if s == segment.sparse)
+    keep = SPARSE_MLP if segment.sparse else DENSE_MLP
+    out = {}
+    for key, sub in layers.items():
+        if key == "mlp":
+            mlp = {name: v for name, v in sub.items() if name in keep}
+            if mlp:
+                out[key] = _slice(mlp, segment.offset, segment.offset + n, total)
+        else:
+            out[key] = _slice(sub, segment.start, segment.stop, L)
+    return out
+
+
+def join_layers(parts: Iterator[Tuple[Segment, Any]], config: Qwen3MoeConfig) -> dict:
+    """The inverse of `segment_tree` over every segment: (segment, its subtree) pairs -> the
+    `layers` tree (attention and norms concatenated in layer order, each kind's MLP stack)."""
+    shared, mlp = [], {True: [], False: []}
+    for segment, tree in parts:
+        shared.append({k: v for k, v in tree.items() if k != "mlp"})
+        mlp[segment.sparse].append(tree.get("mlp", {}))
+    cat = lambda trees: jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs, axis=0), *trees)  # noqa: E731
+    out = cat(shared)
+    out["mlp"] = {}
+    for kind in (False, True):
+        if mlp[kind]:
+            out["mlp"].update(cat(mlp[kind]))
+    return out
