@@ -301,8 +301,8 @@ def policy_logprobs(lora, params, batch: Union[Batch, Mapping[str, Any]], *,
 
 def loss_fn(lora, params, batch: Union[Batch, Mapping[str, Any]], *, config: qwen3.Qwen3Config,
             lora_scale: float, grpo_config: GRPOConfig, lora_dropout: float = 0.0,
-            rng: Optional[Array] = None, normalizer: Optional[Array] = None
-            ) -> Tuple[Array, LossStats]:
+            rng: Optional[Array] = None, normalizer: Optional[Array] = None,
+            mesh=None) -> Tuple[Array, LossStats]:
     """The GRPO loss of one batch (see the module doc) and its statistics.
 
     lora: adapter tree (``arca_jax.lora``), the argument to differentiate.
@@ -316,6 +316,8 @@ def loss_fn(lora, params, batch: Union[Batch, Mapping[str, Any]], *, config: qwe
     normalizer: the aggregation's denominator; None computes it from this batch
         (``loss_normalizer``). The train step passes the global batch's value so that
         microbatches and devices add up to the large-batch loss.
+    mesh: the mesh of a "mesh" train step (static): both forwards keep each device's rows
+        (``signals.policy_forward``).
 
     Returns: (loss [] float32, ``LossStats``).
     """
@@ -335,10 +337,10 @@ def loss_fn(lora, params, batch: Union[Batch, Mapping[str, Any]], *, config: qwe
     need = signals.signals_needed([g.weighting], kl=g.kl_beta > 0) | {"entropies"}
     out = signals.policy_forward(lora, params, b, config=config, lora_scale=lora_scale,
                                  grpo_config=g, lora_dropout=lora_dropout, rng=rng,
-                                 remat=g.remat, layers=signals.needs_layers(g, need))
+                                 remat=g.remat, layers=signals.needs_layers(g, need), mesh=mesh)
     h = out.hidden  # [B, T, D]; out.layers [L, B, T, D] when ARCA reads decoder layers
     sig = signals.token_signals(params, b, valid, h, config=config, grpo_config=g, need=need,
-                                h_layers=out.layers)
+                                h_layers=out.layers, mesh=mesh)
     logps, entropies, ref_logps = sig.logps, sig.entropies, sig.ref_logps  # [B, T]
     weights = signals.method_weights(g.weighting, sig, valid, g)  # [B, T], detached
     sg_logps = jax.lax.stop_gradient(logps)

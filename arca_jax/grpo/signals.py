@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from arca_jax import credit, packing, qwen3
+from arca_jax import credit, packing, parallel, qwen3
 from arca_jax.batch import Batch, as_batch
 from arca_jax.grpo.config import GRPOConfig
 from arca_jax.grpo.logprobs import shift_right, token_logprobs
@@ -119,13 +119,24 @@ def needs_layers(grpo_config: GRPOConfig, need: Iterable[str]) -> bool:
 def policy_forward(lora, params, batch: Batch, *, config: qwen3.Qwen3Config, lora_scale: float,
                    grpo_config: GRPOConfig, lora_dropout: float = 0.0,
                    rng: Optional[Array] = None, remat=False,
-                   layers: bool = False) -> qwen3.ModelOutput:
+                   layers: bool = False, mesh=None) -> qwen3.ModelOutput:
     """One forward (``lora=None``: the base model) with the objective's execution options
     (attention implementation, adapter matmul dtype), without logits: hidden [B, T, D] and, when
     ``layers``, every decoder layer's output [L, B, T, D]. A packed batch (``batch.packing``)
     runs on its lines and comes back in the [B, T] layout (0 at padding) when the attention
-    resolves to "einsum"; a fused kernel runs the padded rows instead (same values)."""
+    resolves to "einsum"; a fused kernel runs the padded rows instead (same values). ``mesh``:
+    the mesh a "mesh" train step runs on; the inputs and outputs keep their rows on their devices
+    (`parallel.constrain_rows`)."""
     g = grpo_config
+    if mesh is not None:
+        batch = batch.replace(input_ids=parallel.constrain_rows(batch.input_ids, mesh),
+                              attention_mask=parallel.constrain_rows(batch.attention_mask, mesh))
+        out = policy_forward(lora, params, batch, config=config, lora_scale=lora_scale,
+                             grpo_config=grpo_config, lora_dropout=lora_dropout, rng=rng,
+                             remat=remat, layers=layers)
+        return qwen3.ModelOutput(
+            logits=None, hidden=parallel.constrain_rows(out.hidden, mesh),
+            layers=None if out.layers is None else parallel.constrain_rows(out.layers, mesh, 1))
     pk = batch.packing
     if pk is not None and qwen3.resolve_attention(
             g.attention, params["embed_tokens"]["embedding"].dtype) == "einsum":
@@ -202,11 +213,12 @@ def _measured(x: Array, layers: Tuple[int, ...]) -> Array:
 
 def token_signals(params, batch: Batch, valid: Array, h: Array, *, config: qwen3.Qwen3Config,
                   grpo_config: GRPOConfig, need: FrozenSet[str],
-                  h_layers: Optional[Array] = None) -> Signals:
+                  h_layers: Optional[Array] = None, mesh=None) -> Signals:
     """The signals in ``need`` from the policy's hidden states ``h`` [B, T, D] (and one base
     forward, adapter off, when a base signal is needed). ``logps`` keeps ``h``'s gradient;
     every other signal is detached. ``h_layers``: the policy forward's per-layer outputs
-    [L, B, T, D], required when ``needs_layers(grpo_config, need)``."""
+    [L, B, T, D], required when ``needs_layers(grpo_config, need)``. ``mesh``: as
+    ``policy_forward``'s, for the base forward."""
     g = grpo_config
     logps, entropies = aligned_logprobs(params, h, batch, valid, config=config, grpo_config=g,
                                         with_entropy="entropies" in need)
@@ -218,7 +230,7 @@ def token_signals(params, batch: Batch, valid: Array, h: Array, *, config: qwen3
                              "outputs (policy_forward(..., layers=True)) as h_layers")
         base = jax.lax.stop_gradient(policy_forward(None, params, batch, config=config,
                                                     lora_scale=1.0, grpo_config=g,
-                                                    layers=layered))
+                                                    layers=layered, mesh=mesh))
         if "ref_logps" in need:
             ref, _ = aligned_logprobs(params, base.hidden, batch, valid, config=config,
                                       grpo_config=g, with_entropy=False)

@@ -276,7 +276,8 @@ def make_train_step(config: qwen3.Qwen3Config, grpo_config: GRPOConfig,
         raise ValueError(f"microbatches must be an int >= 1, got {microbatches!r}")
     value_and_grad = jax.value_and_grad(
         functools.partial(loss_fn, config=config, lora_scale=float(lora_scale),
-                          grpo_config=grpo_config, lora_dropout=float(lora_dropout)),
+                          grpo_config=grpo_config, lora_dropout=float(lora_dropout),
+                          mesh=mesh if mode == "mesh" else None),
         has_aux=True)
     grads_fn = functools.partial(
         _loss_and_grads, value_and_grad, microbatches=microbatches, mesh=mesh,
