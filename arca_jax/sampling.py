@@ -688,7 +688,9 @@ def generate(params: Params, prompt_ids, prompt_mask, *, config: qwen3.Qwen3Conf
         dtype (bfloat16 for rollouts, float32 for exact tests).
       prompt_ids, prompt_mask: [B, P] int, left-padded; positions follow cumsum(mask) - 1, as the
         model's forward. Every row needs at least one real token.
-      config: the model's `Qwen3Config`.
+      config: the model's `Qwen3Config`, or `Qwen3MoeConfig` for a mixture of experts (every
+        token routed at prefill and decode as in the training forward; attention adapters
+        only; a mesh without tensor parallelism: its experts are replicated).
       rng: a PRNG key; the same key gives the same samples.
       max_new_tokens: N, columns of the result.
       lora, lora_scale: an adapter tree (`arca_jax.lora`) and its scaling (alpha / rank).

@@ -18,12 +18,18 @@ float32 at every decode step) with fewer, larger operations:
   - the cache is [B, K, S, H] per layer, each row written in place at its own position (one
     scatter on the loop carry, `_write_rows`) and read in that layout, the padding mask is one
     additive bias per call;
-  - the final norm and the head run on the last position only.
+  - the final norm and the head run on the last position only;
+  - a mixture-of-experts layer (`SparseMlp`) normalises x, routes every token as `forward` does
+    (`moe.mixture`: router, float32 softmax, top-k, pairs sorted by expert; at prefill and at
+    T = 1 alike) and runs its experts as two `jax.lax.ragged_dot`s (gate and up fused, [E, D, 2I],
+    then down); its dense layers (`mlp_only_layers`) run as a dense model's. Sampling one takes
+    attention adapters only and tensor = 1 (ValueError otherwise).
 
 Measured on the CPU benchmark model (experiments/NOTES_sampling.md): one decode step of the
 sampler went from 406 kernels (the first version, since removed: the linen forward over a stacked
 [L, ...] cache, threefry per step) to 110; filled-block attention made it 137, and the per-row
-write positions continuous refill needs 155 (2026-11-30).
+write positions continuous refill needs 155 (2026-11-30). The mixture-of-experts branch left the
+dense model's compiled programs unchanged (same HLO, 2026-12).
 """
 
 from __future__ import annotations
@@ -35,8 +41,11 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+import numpy as np
+
+from arca_jax.qwen3 import moe
 from arca_jax.qwen3.common import Params, apply_rope, inv_rms, per_head, rms_norm, rope_tables
-from arca_jax.qwen3.config import Qwen3Config
+from arca_jax.qwen3.config import Qwen3Config, Qwen3MoeConfig
 
 
 @flax.struct.dataclass
@@ -51,22 +60,40 @@ class LowRank:
 
 
 @flax.struct.dataclass
+class SparseMlp:
+    """A mixture-of-experts layer's MLP for `inference_forward` (see `moe`): the tokens are
+    normalised by `norm` and routed as in `forward` (`moe.mixture`), and the experts run as two
+    grouped matmuls over the (token, expert) pairs sorted by expert.
+
+    norm: [D] post_attention_layernorm's weight (not folded: the router reads the normalised x).
+    router: [D, E]. gate_up: [E, D, 2I], per expert [W_gate | W_up]. down: [E, I, D].
+    """
+
+    norm: jax.Array
+    router: jax.Array
+    gate_up: jax.Array
+    down: jax.Array
+
+
+@flax.struct.dataclass
 class InferenceLayer:
     """One decoder layer's weights for `inference_forward` (no leading L axis).
 
     The kernels after a norm (qkv, gate_up, and their LoRA `a`) have that norm's weight folded into
-    their rows: qkv = diag(input_layernorm) [Wq | Wk | Wv].
+    their rows: qkv = diag(input_layernorm) [Wq | Wk | Wv]. A mixture-of-experts model's sparse
+    layers hold `sparse_mlp` instead of gate_up and down (None there).
     """
 
     qkv: jax.Array  # [D, t (N/t + 2 Kt) H]: per shard s, its q heads, then k and v (`kv_heads`)
     qk_norm: jax.Array  # [t, N/t + Kt, H]: q_norm's weight per query head, then k_norm's per kv head
     o: jax.Array  # [N*H, D]
-    gate_up: jax.Array  # [D, 2F]: diag(post_attention_layernorm), per shard s [W_gate_s | W_up_s]
-    down: jax.Array  # [F, D]
+    gate_up: Optional[jax.Array]  # [D, 2F]: diag(post_attention_layernorm), per shard s [W_gate_s | W_up_s]
+    down: Optional[jax.Array]  # [F, D]
     qkv_lora: Optional[LowRank] = None
     o_lora: Optional[LowRank] = None
     gate_up_lora: Optional[LowRank] = None
     down_lora: Optional[LowRank] = None
+    sparse_mlp: Optional[SparseMlp] = None
 
 
 @flax.struct.dataclass
@@ -163,12 +190,18 @@ def inference_weights(params: Params, config: Qwen3Config, *, lora: Optional[Par
     `tensor`: t, the tensor-parallel shards to lay the fused kernels out for (`_shard_columns`:
     columns shard-major, so that splitting qkv and gate_up into t equal column blocks gives each
     device whole heads and its own MLP units; `parallel.inference_shardings` places them).
+    A `Qwen3MoeConfig` model's sparse layers get a `SparseMlp` (experts' gate and up concatenated,
+    a second copy as the fused dense kernels are); ValueError for an adapter on any MLP or
+    tensor > 1 (`_check_moe`).
     """
     if decode_attention is None:
         decode_attention = default_decode_attention()
     if decode_attention not in DECODE_ATTENTION:
         raise ValueError(f"decode_attention must be one of {DECODE_ATTENTION}, got "
                          f"{decode_attention!r}")
+    is_moe = isinstance(config, Qwen3MoeConfig)
+    if is_moe:
+        _check_moe(lora, tensor)
     layers_p = params["layers"]
     adapters = (lora or {}).get("layers", {})
     N, K, H = config.num_attention_heads, config.num_key_value_heads, config.head_dim
@@ -187,10 +220,16 @@ def inference_weights(params: Params, config: Qwen3Config, *, lora: Optional[Par
     qkv_cols, qk_heads, gu_cols = _shard_columns(config, tensor)
     order = {"qkv": qkv_cols, "gate_up": gu_cols} if tensor > 1 else {}
 
+    kinds = _mlp_kinds(config)
     fused, low_rank = {}, {}
     for name, block, projs, norm in _GROUPS:
+        if projs[0] not in layers_p[block]:  # a mixture of experts without dense MLP layers
+            fused[name] = low_rank[name] = None
+            continue
         dtype = layers_p[block][projs[0]]["kernel"].dtype
         rows = 1.0 if norm is None else layers_p[norm]["scale"].astype(f32)[:, :, None]  # [L, D, 1]
+        if is_moe and block == "mlp" and norm is not None:  # [Ld, D, 1]: the dense layers' norms
+            rows = rows[np.asarray([i for i, sparse in enumerate(kinds) if not sparse])]
         ws = [kernel(block, p) for p in projs]
         w = rows * (ws[0] if len(ws) == 1 else jnp.concatenate(ws, axis=-1))
         fused[name] = (w if name not in order else w[..., order[name]]).astype(dtype)
@@ -218,17 +257,65 @@ def inference_weights(params: Params, config: Qwen3Config, *, lora: Optional[Par
         jnp.broadcast_to(attn["q_norm"]["scale"][:, None, :], (config.num_hidden_layers, N, H)),
         jnp.broadcast_to(attn["k_norm"]["scale"][:, None, :], (config.num_hidden_layers, K, H))], axis=1)
     qk_norm = qk_norm[:, qk_heads].reshape(config.num_hidden_layers, tensor, -1, H)  # [L, t, ., H]
+    sparse = _sparse_mlps(params, config) if is_moe else None
+    index = _kind_index(kinds)
     layers = []
     for i in range(config.num_hidden_layers):
-        lr = {f"{name}_lora": None if low_rank[name] is None
+        j = index[i]  # the layer's place in its kind's MLP stack (i for a dense model)
+        mlp = {"gate_up": None, "down": None, "sparse_mlp": None}
+        if kinds[i]:
+            mlp["sparse_mlp"] = jax.tree_util.tree_map(lambda w: w[j], sparse)
+        else:
+            mlp.update(gate_up=fused["gate_up"][j], down=fused["down"][j])
+        lr = {f"{name}_lora": None if low_rank[name] is None  # MLP adapters: dense models only
               else LowRank(a=low_rank[name][0][i], b=low_rank[name][1][i]) for name, *_ in _GROUPS}
         layers.append(InferenceLayer(qkv=fused["qkv"][i], qk_norm=qk_norm[i], o=fused["o"][i],
-                                     gate_up=fused["gate_up"][i], down=fused["down"][i], **lr))
+                                     **mlp, **lr))
     return InferenceWeights(
         embed=params["embed_tokens"]["embedding"], layers=tuple(layers),
         final_norm=params["norm"]["scale"],
         lm_head=None if config.tie_word_embeddings else params["lm_head"]["kernel"],
         decode_attention=decode_attention, tensor=tensor)
+
+
+def _check_moe(lora: Optional[Params], tensor: int) -> None:
+    """What the decode path does not do for a mixture-of-experts model: ValueError."""
+    moe.check_lora(lora)
+    if tensor != 1:
+        raise ValueError(f"tensor={tensor}: tensor-parallel sampling of a mixture-of-experts "
+                         "model is not implemented (experts are not split over devices); "
+                         "sample with tensor=1 (a mesh whose 'tensor' axis has size 1)")
+
+
+def _mlp_kinds(config: Qwen3Config) -> tuple:
+    """Per layer: True where the MLP is sparse (a mixture of experts); all False when dense."""
+    if isinstance(config, Qwen3MoeConfig):
+        return config.sparse_layers
+    return (False,) * config.num_hidden_layers
+
+
+def _kind_index(kinds: tuple) -> tuple:
+    """Per layer, its index in the MLP stack of its kind ([Ls] sparse or [Ld] dense)."""
+    seen = {True: 0, False: 0}
+    out = []
+    for sparse in kinds:
+        out.append(seen[sparse])
+        seen[sparse] += 1
+    return tuple(out)
+
+
+def _sparse_mlps(params: Params, config: Qwen3MoeConfig) -> SparseMlp:
+    """The sparse layers' `SparseMlp`s stacked [Ls, ...] (gate and up concatenated per expert,
+    in the parameters' dtype)."""
+    mlp = params["layers"]["mlp"]
+    experts = mlp["experts"]
+    at = np.asarray([i for i, sparse in enumerate(config.sparse_layers) if sparse])
+    return SparseMlp(
+        norm=params["layers"]["post_attention_layernorm"]["scale"][at],
+        router=mlp["router"]["kernel"],
+        gate_up=jnp.concatenate([experts["gate_proj"]["kernel"], experts["up_proj"]["kernel"]],
+                                axis=-1),
+        down=experts["down_proj"]["kernel"])
 
 
 @flax.struct.dataclass
@@ -382,6 +469,25 @@ def _attend(q, k, v, bias, decode_attention: str):
     return jnp.einsum("BKGTS,BKSH->BTKGH", probs, v).reshape(B, T, N * H)
 
 
+def _grouped_swiglu(w: SparseMlp, rows: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """The experts' SwiGLU over (token, expert) pair rows [P, D] sorted by expert, group_sizes
+    [E] -> [P, D]: two `jax.lax.ragged_dot`s (gate and up in one, [E, D, 2I]; then down)."""
+    gu = jax.lax.ragged_dot(rows, w.gate_up.astype(rows.dtype), group_sizes)  # [P, 2I]
+    I = w.down.shape[1]
+    h = jax.nn.silu(gu[:, :I]) * gu[:, I:]
+    return jax.lax.ragged_dot(h, w.down.astype(rows.dtype), group_sizes)
+
+
+def _sparse_mlp(x: jax.Array, w: SparseMlp, config: Qwen3MoeConfig) -> jax.Array:
+    """A sparse layer's MLP update of x [B, T, D] (each of the B T tokens routed on its own, as in
+    `forward`: `moe.mixture`) -> [B, T, D] in x's dtype."""
+    B, T, D = x.shape
+    rows = rms_norm(x, w.norm, config.rms_norm_eps).reshape(B * T, D)
+    mix = moe.mixture(rows, moe.router_logits(rows, w.router),
+                      functools.partial(_grouped_swiglu, w), config)
+    return mix.y.reshape(B, T, D)
+
+
 def inference_forward(weights: InferenceWeights, input_ids: jax.Array, *, config: Qwen3Config,
                       positions: jax.Array, attention_mask: jax.Array,
                       cache: KVCache) -> InferenceOutput:
@@ -446,6 +552,9 @@ def inference_forward(weights: InferenceWeights, input_ids: jax.Array, *, config
                            weights.decode_attention)
         x = x + _project(attn, layer.o, layer.o_lora, dtype)
 
+        if layer.sparse_mlp is not None:
+            x = x + _sparse_mlp(x, layer.sparse_mlp, c)
+            continue
         gu = _project(x, layer.gate_up, layer.gate_up_lora, f32) * inv_rms(x, c.rms_norm_eps)
         gu = gu.reshape(B, T, t, 2, F // t)  # shard-major [gate_s | up_s]
         h = (jax.nn.silu(gu[:, :, :, 0].astype(dtype)) * gu[:, :, :, 1].astype(dtype)).reshape(B, T, F)

@@ -385,13 +385,6 @@ def _moe_layers(params: Params, lora: Optional[Params], x, ctx: _Context,
     return x, layers, stats
 
 
-def _check_moe_lora(lora: Optional[Params]) -> None:
-    if lora is not None and "mlp" in lora.get("layers", {}):
-        raise ValueError("LoRA on the MLP of a mixture-of-experts model (experts, router, dense "
-                         "MLP layers) is not implemented; target the attention projections "
-                         "(q_proj, k_proj, v_proj, o_proj)")
-
-
 # --------------------------------------------------------------------------------------------
 # Pure functions
 # --------------------------------------------------------------------------------------------
@@ -496,7 +489,7 @@ def forward(params: Params, input_ids: jax.Array, *, config: Qwen3Config,
     is_moe = isinstance(config, Qwen3MoeConfig)
     token_mask = None
     if is_moe:
-        _check_moe_lora(lora)
+        moe.check_lora(lora)
         token_mask = jnp.take_along_axis(attention_mask, src, axis=1) if rotated else attention_mask
     if rotated:
         ctx = _Context(cos=cos, sin=sin, visible=None, lengths=jnp.maximum(lengths, 1),

@@ -25,11 +25,14 @@ experts}`. `segments` cuts the layers into maximal runs of one kind, in layer or
 scans each run over its slice of the stacks. The released models (every layer sparse) are one
 segment: one scan, no slicing, compile time independent of depth; a run-per-kind layout costs one
 compiled scan body per run, the least that keeps both kinds scanned.
+
+`mixture` is the one routing: the training block and the decode path (`qwen3.inference`, which
+fuses each expert's gate and up kernels into one grouped matmul) both call it.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterator, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Iterator, NamedTuple, Optional, Tuple
 
 import flax.linen as nn
 import flax.struct
@@ -89,6 +92,52 @@ def sort_by_expert(experts: jax.Array, num_experts: int):
     return order, group_sizes
 
 
+class Mixture(NamedTuple):
+    """What `mixture` returns: y [M, D] the tokens' outputs; probs [M, E] float32 the router's
+    softmax; experts [M, k] int32 the experts each token was routed to."""
+
+    y: jax.Array
+    probs: jax.Array
+    experts: jax.Array
+
+
+def router_logits(rows: jax.Array, kernel: jax.Array) -> jax.Array:
+    """rows [M, D], kernel [D, E] -> logits [M, E] in rows' dtype (as transformers: the softmax
+    comes later, in float32)."""
+    return jnp.einsum("MD,DE->ME", rows, kernel.astype(rows.dtype))
+
+
+def combine(out: jax.Array, order: jax.Array, weights: jax.Array) -> jax.Array:
+    """out [M * k, D]: the (token, slot) pairs' outputs in `sort_by_expert` order; order [M * k];
+    weights [M, k] -> [M, D]: each token's k outputs weighted (in out's dtype) and summed."""
+    M, k = weights.shape
+    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+    out = out[inverse].reshape(M, k, out.shape[-1]) * weights.astype(out.dtype)[:, :, None]
+    return jnp.sum(out, axis=1)
+
+
+def mixture(rows: jax.Array, logits: jax.Array, experts: Callable, config: Qwen3MoeConfig
+            ) -> Mixture:
+    """The sparse MLP of rows [M, D] given their router logits [M, E]: `route`, the M * k
+    (token, expert) pairs sorted by expert (`sort_by_expert`), `experts(pair_rows [M * k, D],
+    group_sizes [E]) -> [M * k, D]` over them, `combine`. The one routing of the training forward
+    (`SparseMoeBlock`) and the decode path (`qwen3.inference`)."""
+    k = config.num_experts_per_tok
+    probs, weights, chosen = route(logits, k, config.norm_topk_prob)
+    order, group_sizes = sort_by_expert(chosen, config.num_experts)
+    out = experts(rows[order // k], group_sizes)
+    return Mixture(y=combine(out, order, weights), probs=probs, experts=chosen)
+
+
+def check_lora(lora: Optional[Any]) -> None:
+    """ValueError when an adapter tree of a mixture-of-experts model adapts any MLP (experts,
+    router or the dense MLP layers): only the attention projections take LoRA, for now."""
+    if lora is not None and "mlp" in lora.get("layers", {}):
+        raise ValueError("LoRA on the MLP of a mixture-of-experts model (experts, router, dense "
+                         "MLP layers) is not implemented; target the attention projections "
+                         "(q_proj, k_proj, v_proj, o_proj)")
+
+
 def router_stats(probs: jax.Array, experts: jax.Array, token_mask: Optional[jax.Array]) -> RouterStats:
     """probs [M, E], experts [M, k], token_mask [M] (None: every row a token) -> RouterStats [E]."""
     M, E = probs.shape
@@ -109,7 +158,7 @@ class Router(nn.Module):
     def __call__(self, x):
         kernel = self.param("kernel", nn.initializers.normal(0.02), (x.shape[-1], self.num_experts),
                             jnp.float32)
-        return jnp.einsum("MD,DE->ME", x, kernel.astype(x.dtype))
+        return router_logits(x, kernel)
 
 
 class GroupedLinear(nn.Module):
@@ -149,16 +198,11 @@ class SparseMoeBlock(nn.Module):
     def __call__(self, x, token_mask=None):
         c = self.config
         B, T, D = x.shape
-        k = c.num_experts_per_tok
         rows = x.reshape(B * T, D)
-        probs, weights, experts = route(Router(c.num_experts, name="router")(rows), k,
-                                        c.norm_topk_prob)
-        order, group_sizes = sort_by_expert(experts, c.num_experts)
-        out = Experts(c, name="experts")(rows[order // k], group_sizes)  # [M * k, D]
-        inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
-        out = out[inverse].reshape(B * T, k, D) * weights.astype(x.dtype)[:, :, None]
+        mix = mixture(rows, Router(c.num_experts, name="router")(rows),
+                      Experts(c, name="experts"), c)
         mask = None if token_mask is None else token_mask.reshape(B * T)
-        return jnp.sum(out, axis=1).reshape(B, T, D), router_stats(probs, experts, mask)
+        return mix.y.reshape(B, T, D), router_stats(mix.probs, mix.experts, mask)
 
 
 # --------------------------------------------------------------------------------------------
