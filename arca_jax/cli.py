@@ -222,7 +222,8 @@ def cmd_export(args) -> int:
 
     cfg, model, adapter, step = trainer.load_run(args.run, args.checkpoint)
     base = cfg.model.path if not cfg.model.path.startswith("embedded:") else cfg.model.resolved_path()
-    lora.save_peft(args.peft, cfg.lora, adapter, base_model_name_or_path=base)
+    lora.save_peft(args.peft, trainer.lora_config(cfg, model.config), adapter,
+                   base_model_name_or_path=base)
     print(f"wrote the adapter of step {step} to {args.peft} (PEFT format)")
     return 0
 

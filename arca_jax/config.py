@@ -1,7 +1,11 @@
 """The training program's configuration: one frozen dataclass per section, loaded from YAML.
 
     model:   which checkpoint and dtype
-    lora:    `arca_jax.lora.LoraConfig` (rank, alpha, targets, dropout)
+    lora:    `arca_jax.lora.LoraConfig` (rank, alpha, targets, dropout); on a mixture-of-experts
+             checkpoint (Qwen3-30B-A3B, model_type qwen3_moe) only the attention projections
+             take adapters: the default targets (all seven projections, "every projection")
+             adapt q_proj, k_proj, v_proj and o_proj there, and an explicit list naming some MLP
+             projections is a ConfigError (`trainer.setup.lora_config`)
     task:    task name, data path, evaluation set
     rollout: prompts per step, group size G, lengths, temperature, top-p, DAPO's dynamic
              sampling and overlong shaping / filtering
@@ -31,8 +35,9 @@ ASSETS = os.path.join(os.path.dirname(__file__), "assets")
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """path: a local Hugging Face Qwen3 directory (config.json, safetensors, tokenizer files), or
-    "embedded:tiny-arith" for the model shipped in arca_jax/assets/. dtype of the base weights."""
+    """path: a local Hugging Face Qwen3 directory (config.json, safetensors, tokenizer files;
+    dense or mixture-of-experts, model_type qwen3 or qwen3_moe), or "embedded:tiny-arith" for the
+    model shipped in arca_jax/assets/. dtype of the base weights."""
 
     path: str = EMBEDDED_MODEL
     dtype: Literal["float32", "bfloat16"] = "float32"

@@ -82,6 +82,15 @@ class GRPOConfig:
         output per forward (``qwen3.forward(return_layers=True)``); "final" none.
     arca_relative: divide each layer's residual by ||h_base|| at that token and layer (a
         scale-free residual; 0 where ||h_base|| is 0).
+    router_aux_loss_coef: mixture-of-experts models (``qwen3.Qwen3MoeConfig``) only: c, the weight
+        of the router's load-balancing loss in the objective, loss += c * aux with aux
+        transformers' ``aux_loss`` of the gradient forward (``qwen3.moe.load_balancing_loss``
+        over the sparse layers and the batch's real tokens; k at perfect balance). 0 (default):
+        off, as the router is frozen (its gradient reaches only the attention adapters, through
+        the hidden states the router reads). Over microbatches and devices the term is the mean
+        of each part's aux weighted by its share of the aggregation's denominator
+        (``objective.raw_normalizer``). The value is logged either way (``aux_loss``), with each
+        sparse layer's expert load; a dense model ignores the option and logs null.
     """
 
     weighting: str = "arca"
@@ -107,6 +116,7 @@ class GRPOConfig:
     correction_cap: float = 2.0
     arca_layers: Union[str, Tuple[int, ...]] = "final"
     arca_relative: bool = False
+    router_aux_loss_coef: float = 0.0
 
     def __post_init__(self):
         layers = self.arca_layers
@@ -146,6 +156,8 @@ class GRPOConfig:
             raise ValueError(f"eps must be >= 0, got {self.eps}")
         if not self.kl_beta >= 0:
             raise ValueError(f"kl_beta must be >= 0, got {self.kl_beta}")
+        if not self.router_aux_loss_coef >= 0:
+            raise ValueError(f"router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef}")
         if not self.clip_eps > 0 or (self.clip_eps_high is not None and not self.clip_eps_high > 0):
             raise ValueError("clip_eps and clip_eps_high must be > 0")
         if not (isinstance(self.num_iterations, int) and self.num_iterations >= 1):

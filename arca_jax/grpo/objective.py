@@ -30,6 +30,11 @@ without changing its total. The KL term is a regulariser, not credit: it is alwa
 uniformly over a row's tokens. With the defaults (no old_logps, kl_beta = 0, "sequence") the loss
 is -mean_b A_b sum_t w_bt log pi(y_bt), the paper's.
 
+A mixture-of-experts model adds router_aux_loss_coef * aux * raw / z when that coefficient is
+> 0 (``router_terms``: aux the gradient forward's load-balancing loss, raw this part's
+``raw_normalizer`` and z the whole batch's, so that microbatches and devices add up to the mean
+of their aux weighted by their share).
+
 The forwards: one gradient forward with the adapter (LoRA dropout there only), and, only when
 some term needs it, one shared base forward (lora=None, stop_gradient) that serves ARCA's
 h_base, divergence's reference log-probs and the KL term together (``arca_jax.grpo.signals``,
@@ -38,7 +43,7 @@ the pipeline the trainer's per-method logging shares). ``forwards_needed`` says 
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Tuple, Union
+from typing import Any, Mapping, NamedTuple, Optional, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -200,6 +205,10 @@ class LossStats:
     (completion tokens, or rows at correction_level "sequence").
     residual_layer_sum: [S] the per-layer ARCA residuals summed over completion tokens
     (``Signals.residual_layers``; S = 1 for arca_layers "final"; 0 when no residual is read).
+    Mixture-of-experts models only (None for dense ones; see ``router_shape``), from the
+    gradient forward: aux_sum, the load-balancing loss times ``aux_weight``, the part's share of
+    the aggregation's denominator (``raw_normalizer``); expert_load_sum [Ls, E], each sparse
+    layer's expert load times ``router_tokens``, the real tokens routed.
     ``metrics`` turns them into means.
     """
 
@@ -220,6 +229,10 @@ class LossStats:
     is_capped: Array
     is_ratio_max: Array
     residual_layer_sum: Array
+    aux_sum: Optional[Array] = None
+    aux_weight: Optional[Array] = None
+    expert_load_sum: Optional[Array] = None
+    router_tokens: Optional[Array] = None
 
     def combine(self, other: "LossStats") -> "LossStats":
         return jax.tree_util.tree_map(jnp.add, self, other).replace(
@@ -236,9 +249,16 @@ class LossStats:
         """Means: mean per-token KL, clip fraction, entropy (nats) and residual norm; mean Gini
         and EffN/T over eligible rows (0 and 1 when none); mean completion length per row; the
         behaviour ratio's mean, max and fraction above the cap (0 without a correction); the
-        mean residual per measured layer [S] (their mean is residual_norm_mean)."""
+        mean residual per measured layer [S] (their mean is residual_norm_mean); a
+        mixture-of-experts model's load-balancing loss (``aux_loss``, the value the objective
+        weighs by ``router_aux_loss_coef``) and each sparse layer's expert load [Ls, E] (rows sum
+        to 1), None for a dense model."""
         tok = jnp.maximum(self.tokens, 1.0)
         units = jnp.maximum(self.is_units, 1.0)
+        router = {"aux_loss": None, "expert_load": None}
+        if self.aux_sum is not None:
+            router = {"aux_loss": self.aux_sum / jnp.maximum(self.aux_weight, 1e-30),
+                      "expert_load": self.expert_load_sum / jnp.maximum(self.router_tokens, 1.0)}
         return dict(
             kl=self.kl_sum / tok,
             clip_fraction=self.clip_count / tok,
@@ -253,7 +273,41 @@ class LossStats:
             behaviour_ratio_max=self.is_ratio_max,
             behaviour_capped_fraction=self.is_capped / units,
             residual_norm_layers=self.residual_layer_sum / tok,
+            **router,
         )
+
+
+def router_shape(config: qwen3.Qwen3Config) -> Optional[Tuple[int, int]]:
+    """(Ls, E) of a mixture-of-experts model with sparse layers: the shape of its per-layer
+    expert load; None for a dense model (no routing statistics)."""
+    if not isinstance(config, qwen3.Qwen3MoeConfig) or not any(config.sparse_layers):
+        return None
+    return sum(config.sparse_layers), config.num_experts
+
+
+class RouterTerms(NamedTuple):
+    """The gradient forward's routing of one part of the batch: aux [] the load-balancing loss
+    (transformers' ``aux_loss``), weight [] the part's ``raw_normalizer``, load [Ls, E] the
+    sparse layers' expert load, tokens [] the real tokens routed."""
+
+    aux: Array
+    weight: Array
+    load: Array
+    tokens: Array
+
+
+def router_terms(out: qwen3.ModelOutput, batch: Batch, valid: Array, *,
+                 config: qwen3.Qwen3Config, grpo_config: GRPOConfig) -> Optional[RouterTerms]:
+    """`RouterTerms` of a forward's output (None for a dense model)."""
+    if router_shape(config) is None:
+        return None
+    b = batch
+    tokens = (jnp.asarray(b.input_ids.size, jnp.float32) if b.attention_mask is None
+              else jnp.sum(b.attention_mask != 0).astype(jnp.float32))
+    aux = qwen3.moe.load_balancing_loss(out.expert_load, out.router_prob,
+                                        config.num_experts_per_tok)
+    return RouterTerms(aux=aux, weight=raw_normalizer(valid, grpo_config),
+                       load=out.expert_load, tokens=tokens)
 
 
 def raw_normalizer(valid: Array, grpo_config: GRPOConfig) -> Array:
@@ -377,17 +431,21 @@ def loss_fn(lora, params, batch: Union[Batch, Mapping[str, Any]], *, config: qwe
         kl = jnp.where(valid, k3_kl(logps, ref_logps), 0.0)
         if g.kl_beta > 0:
             numerator = numerator + g.kl_beta * jnp.sum(kl_coef * kl)
+    router = router_terms(out, b, valid, config=config, grpo_config=g)
+    if router is not None and g.router_aux_loss_coef > 0:
+        numerator = numerator + g.router_aux_loss_coef * router.weight * router.aux
     z = loss_normalizer(b, g) if normalizer is None else normalizer
     S = signals.residual_layer_count(g, config.num_hidden_layers)
     return numerator / z, _loss_stats(valid, weights, pg, kl, clipped, entropies,
-                                      sig.residual_norms, sig.residual_layers, is_stats, S)
+                                      sig.residual_norms, sig.residual_layers, is_stats, S,
+                                      router)
 
 
 def _loss_stats(valid, weights, pg, kl, clipped, entropies, residual, residual_layers, is_stats,
-                num_layers: int) -> LossStats:
+                num_layers: int, router: Optional[RouterTerms] = None) -> LossStats:
     """The additive statistics of one loss evaluation (all [B, T], 0 off ``valid``;
     residual_layers [S, B, T] or None, S = ``num_layers``; is_stats: ``behaviour_weights``'
-    statistics or None)."""
+    statistics or None; router: a mixture-of-experts model's ``router_terms``, or None)."""
     validf = valid.astype(jnp.float32)
     rows = diagnostics.concentration_per_row(weights, valid)
     res = jnp.zeros_like(pg) if residual is None else residual
@@ -413,4 +471,7 @@ def _loss_stats(valid, weights, pg, kl, clipped, entropies, residual, residual_l
         is_capped=is_stats[2],
         is_ratio_max=is_stats[3],
         residual_layer_sum=per_layer,
+        **({} if router is None else dict(
+            aux_sum=jax.lax.stop_gradient(router.aux * router.weight), aux_weight=router.weight,
+            expert_load_sum=router.load * router.tokens, router_tokens=router.tokens)),
     )

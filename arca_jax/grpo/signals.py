@@ -126,7 +126,8 @@ def policy_forward(lora, params, batch: Batch, *, config: qwen3.Qwen3Config, lor
     runs on its lines and comes back in the [B, T] layout (0 at padding) when the attention
     resolves to "einsum"; a fused kernel runs the padded rows instead (same values). ``mesh``:
     the mesh a "mesh" train step runs on; the inputs and outputs keep their rows on their devices
-    (`parallel.constrain_rows`)."""
+    (`parallel.constrain_rows`). A mixture-of-experts model's routing statistics (aux_loss,
+    expert_load, router_prob over the real tokens) come back as `qwen3.forward` returns them."""
     g = grpo_config
     if mesh is not None:
         batch = batch.replace(input_ids=parallel.constrain_rows(batch.input_ids, mesh),
@@ -134,8 +135,8 @@ def policy_forward(lora, params, batch: Batch, *, config: qwen3.Qwen3Config, lor
         out = policy_forward(lora, params, batch, config=config, lora_scale=lora_scale,
                              grpo_config=grpo_config, lora_dropout=lora_dropout, rng=rng,
                              remat=remat, layers=layers)
-        return qwen3.ModelOutput(
-            logits=None, hidden=parallel.constrain_rows(out.hidden, mesh),
+        return out.replace(
+            hidden=parallel.constrain_rows(out.hidden, mesh),
             layers=None if out.layers is None else parallel.constrain_rows(out.layers, mesh, 1))
     pk = batch.packing
     if pk is not None and qwen3.resolve_attention(
@@ -148,8 +149,8 @@ def policy_forward(lora, params, batch: Batch, *, config: qwen3.Qwen3Config, lor
                             lora=lora, lora_scale=lora_scale, lora_dropout=lora_dropout, rng=rng,
                             return_logits=False, remat=remat, attention="einsum",
                             lora_dtype=g.lora_dtype, return_layers=layers)
-        return qwen3.ModelOutput(
-            logits=None, hidden=packing.from_lines(pk, out.hidden),
+        return out.replace(
+            hidden=packing.from_lines(pk, out.hidden),
             layers=None if out.layers is None else packing.from_lines(pk, out.layers, axis=1))
     return qwen3.forward(params, batch.input_ids, config=config,
                          attention_mask=batch.attention_mask, positions=batch.positions,

@@ -29,7 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from arca_jax import parallel, qwen3
 from arca_jax.batch import as_batch
 from arca_jax.grpo.config import GRPOConfig
-from arca_jax.grpo.objective import LossStats, loss_fn, raw_normalizer
+from arca_jax.grpo.objective import LossStats, loss_fn, raw_normalizer, router_shape
 from arca_jax.grpo.signals import completion_valid, residual_layer_count
 
 Array = jax.Array
@@ -86,6 +86,11 @@ class StepMetrics:
         behaviour_correction is "none".
     skipped: [] int32, 1 if this step's update was skipped (non-finite loss or gradient).
     skipped_steps: [] int32, the running count.
+    aux_loss: mixture-of-experts models: the router's load-balancing loss of the gradient forward
+        (transformers' ``aux_loss``; weighted into the loss by grpo.router_aux_loss_coef, logged
+        whether or not); None for a dense model.
+    expert_load: [Ls, E] float32, each sparse layer's fraction of routed (token, expert) pairs
+        per expert over the batch's real tokens (rows sum to 1); None for a dense model.
     """
 
     loss: Array
@@ -105,6 +110,8 @@ class StepMetrics:
     residual_norm_layers: Array
     skipped: Array
     skipped_steps: Array
+    aux_loss: Optional[Array] = None
+    expert_load: Optional[Array] = None
 
 
 def make_schedule(learning_rate: float = 5e-6, *, warmup_steps: int = 10, total_steps: int = 100,
@@ -157,15 +164,22 @@ def _split_microbatches(batch, m: int):
     return jax.tree_util.tree_map(split, batch)
 
 
-def _zero_stats(residual_layers: int = 1) -> LossStats:
-    """Zero statistics ([] each; residual_layer_sum [S], S = ``residual_layers``)."""
+def _zero_stats(residual_layers: int = 1, router: Optional[tuple] = None) -> LossStats:
+    """Zero statistics ([] each; residual_layer_sum [S], S = ``residual_layers``; the routing
+    fields None, or zeros with expert_load_sum [Ls, E] for ``router`` = (Ls, E), as
+    ``objective.router_shape``)."""
     z = jnp.zeros((), jnp.float32)
-    return LossStats(*([z] * len(LossStats.__dataclass_fields__))).replace(
+    stats = LossStats(*([z] * len(LossStats.__dataclass_fields__))).replace(
         residual_layer_sum=jnp.zeros((residual_layers,), jnp.float32))
+    if router is None:
+        return stats.replace(aux_sum=None, aux_weight=None, expert_load_sum=None,
+                             router_tokens=None)
+    return stats.replace(expert_load_sum=jnp.zeros(router, jnp.float32))
 
 
 def _loss_and_grads(value_and_grad, lora, params, b, key, normalizer, *, microbatches: int,
-                    mesh: Optional[Mesh], residual_layers: int = 1, grad_shardings=None):
+                    mesh: Optional[Mesh], residual_layers: int = 1, router=None,
+                    grad_shardings=None):
     """(loss, LossStats, grads) of the batch: one value-and-grad, or a ``lax.scan`` over M strided
     microbatches with gradients summed in float32 (each microbatch uses the global normaliser and
     dropout key fold_in(key, i), so the sum is the large-batch gradient).
@@ -200,7 +214,7 @@ def _loss_and_grads(value_and_grad, lora, params, b, key, normalizer, *, microba
 
     # accumulate in float32 whatever the adapter's dtype (on a mesh: each device its own slice)
     init = (owned(jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, jnp.float32), lora)),
-            jnp.zeros((), jnp.float32), _zero_stats(residual_layers))
+            jnp.zeros((), jnp.float32), _zero_stats(residual_layers, router))
     (grads, loss, stats), _ = jax.lax.scan(body, init, (mbs, jnp.arange(M)))
     return loss, stats, jax.tree_util.tree_map(lambda x, p: x.astype(p.dtype), grads, lora)
 
@@ -281,7 +295,8 @@ def make_train_step(config: qwen3.Qwen3Config, grpo_config: GRPOConfig,
         has_aux=True)
     grads_fn = functools.partial(
         _loss_and_grads, value_and_grad, microbatches=microbatches, mesh=mesh,
-        residual_layers=residual_layer_count(grpo_config, config.num_hidden_layers))
+        residual_layers=residual_layer_count(grpo_config, config.num_hidden_layers),
+        router=router_shape(config))
 
     kv_heads = config.num_key_value_heads
     if mesh is not None:

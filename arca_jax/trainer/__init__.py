@@ -16,11 +16,11 @@ from arca_jax.trainer.rollout import (Rollout, Scorer, detokenize, encode_prompt
                                       rollout, score_rows, step_prompt_indices)
 from arca_jax.trainer.setup import (Model, RunDirError, Stream, build_optimizer, init_state,
                                     load_eval_task, load_model, load_run, load_train_task,
-                                    objective_config, prepare_run_dir, stream_key)
+                                    lora_config, objective_config, prepare_run_dir, stream_key)
 
 __all__ = [
     "EvalResult", "Model", "Rollout", "RunDirError", "Scorer", "Stream", "build_optimizer",
     "detokenize", "encode_prompts", "evaluate", "generate_rows", "greedy_rewards", "init_state",
-    "load_eval_task", "load_model", "objective_config", "load_run", "load_train_task", "prepare_run_dir", "rollout", "score_rows",
+    "load_eval_task", "load_model", "lora_config", "objective_config", "load_run", "load_train_task", "prepare_run_dir", "rollout", "score_rows",
     "step_prompt_indices", "stream_key", "train",
 ]

@@ -70,8 +70,10 @@ _old_logps = jax.jit(policy_logprobs, static_argnames=("config", "lora_scale", "
 
 
 def _host_metrics(m: StepMetrics) -> Dict[str, Any]:
-    """Scalars as floats, per-layer arrays ([S]) as lists of floats."""
-    return {k: float(v) if np.ndim(v) == 0 else [float(x) for x in np.asarray(v)]
+    """Scalars as floats, per-layer arrays ([S], [Ls, E]) as (nested) lists of floats, None (a
+    dense model's routing fields) as None."""
+    return {k: None if v is None else float(v) if np.ndim(v) == 0
+            else np.asarray(v, np.float64).tolist()
             for k, v in dataclasses.asdict(m).items()}
 
 
@@ -133,6 +135,10 @@ def _start(cfg: RunConfig, run_dir: str, resume: bool, log: Optional[RunLog]) ->
     mesh = setup.make_run_mesh(cfg)
     layout = parallel.RowLayout(mesh, cfg.batch_size)
     model = setup.load_model(cfg, mesh)  # mesh: base weights placed sharded (`parallel`)
+    adapted = setup.lora_config(cfg, model.config).targets  # ConfigError for MLP targets on MoE
+    if adapted != cfg.lora.targets:
+        log.message(f"lora.targets: a mixture-of-experts model takes adapters on its attention "
+                    f"projections only; adapting {list(adapted)}")
     try:
         residual_layers(cfg.grpo, model.config.num_hidden_layers)
     except ValueError as e:  # a layer index the model does not have

@@ -123,9 +123,30 @@ def build_optimizer(cfg: RunConfig) -> optax.GradientTransformation:
                           weight_decay=o.weight_decay, max_grad_norm=o.max_grad_norm)
 
 
+def lora_config(cfg: RunConfig, model_config) -> lora.LoraConfig:
+    """The run's adapter settings on this model: `cfg.lora`, except on a mixture-of-experts model
+    (`qwen3.Qwen3MoeConfig`), whose MLP (experts, router) takes no adapter yet. There the full
+    target list (`lora.ALL_TARGETS`, the default: "every projection", as PEFT's "all-linear")
+    becomes every projection the model can adapt, the attention projections q, k, v, o; a list
+    that names some MLP projections but not all of them is an explicit choice the model cannot
+    honour: ConfigError naming the attention targets. Dense models: `cfg.lora` unchanged."""
+    c = cfg.lora
+    if not isinstance(model_config, qwen3.Qwen3MoeConfig):
+        return c
+    if set(c.targets) == set(lora.ALL_TARGETS):
+        return dataclasses.replace(c, targets=qwen3.ATTN_PROJS)
+    try:
+        lora.check_targets(model_config, c.targets)
+    except ValueError as e:
+        raise ConfigError(f"lora.targets: {e} (set lora.targets={list(qwen3.ATTN_PROJS)}, or a "
+                          "subset of them)") from None
+    return c
+
+
 def init_state(cfg: RunConfig, model_config, optimizer) -> TrainState:
     """The step-0 train state: a fresh adapter (B = 0) and its optimiser state."""
-    adapter = lora.init_lora(model_config, cfg.lora, stream_key(cfg, Stream.INIT))
+    adapter = lora.init_lora(model_config, lora_config(cfg, model_config),
+                             stream_key(cfg, Stream.INIT))
     return TrainState.create(adapter, optimizer, stream_key(cfg, Stream.STATE))
 
 
@@ -141,9 +162,16 @@ def make_run_mesh(cfg: RunConfig):
 
 
 def check_tensor(cfg: RunConfig, model_config) -> None:
-    """ConfigError unless train.mesh_tensor splits the model's heads and MLP evenly."""
+    """ConfigError unless train.mesh_tensor splits the model's heads and MLP evenly; a
+    mixture-of-experts model samples without tensor parallelism (`qwen3.inference_weights`), so
+    it takes mesh_tensor 1 only."""
+    tensor = cfg.train.mesh_tensor if cfg.train.mode == "mesh" else 1
+    if tensor > 1 and isinstance(model_config, qwen3.Qwen3MoeConfig):
+        raise ConfigError(f"train.mesh_tensor={tensor}: tensor parallelism for a "
+                          "mixture-of-experts model is not implemented (the sampler keeps its "
+                          "experts whole); use train.mesh_tensor=1 (rows over data and fsdp)")
     try:
-        parallel.check_tensor(model_config, cfg.train.mesh_tensor if cfg.train.mode == "mesh" else 1)
+        parallel.check_tensor(model_config, tensor)
     except ValueError as e:
         raise ConfigError(f"train.mesh_tensor: {e}") from None
 
