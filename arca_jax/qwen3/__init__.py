@@ -6,8 +6,9 @@ Modules (every public name is re-exported here, so `from arca_jax import qwen3; 
              mixture-of-experts subclass `Qwen3MoeConfig` (model_type "qwen3_moe"), `preset`.
   model      the linen modules behind the pure `forward` (whole sequences, no cache; attention
              kernels and rematerialisation options), `init_params`, `param_shapes`, `compute_logits`.
-  inference  `inference_weights` (fused, norm-folded, per-layer kernels; LoRA merged or low-rank),
-             `KVCache`, `inference_forward` (T new tokens into the cache; logits at the last one).
+  inference  `inference_weights` (fused, norm-folded, per-layer kernels; LoRA merged or low-rank;
+             a mixture of experts' sparse layers as `SparseMlp`), `KVCache`, `inference_forward`
+             (T new tokens into the cache, every token routed as in `forward`; logits at the last).
   moe        the sparse MLP block (router, top-k, experts by `jax.lax.ragged_dot`), its routing
              statistics and load-balancing losses, the segments of a sparse/dense layer stack.
   common     what both use: parameter-tree names, rotary tables, `default_positions`, RMS norm.
@@ -48,7 +49,7 @@ from arca_jax.qwen3.common import (ATTN_PROJS, MLP_PROJS, PROJ_BLOCK, Params, de
 from arca_jax.qwen3 import moe
 from arca_jax.qwen3.config import ConfigError, Qwen3Config, Qwen3MoeConfig, preset
 from arca_jax.qwen3.inference import (DECODE_ATTENTION, InferenceLayer, InferenceOutput,
-                                      InferenceWeights, KVCache, LowRank, cache_size,
+                                      InferenceWeights, KVCache, LowRank, SparseMlp, cache_size,
                                       default_decode_attention, inference_forward,
                                       inference_weights)
 from arca_jax.qwen3.model import (ATTENTION_IMPLS, MLP, REMAT_OPTIONS, Attention, DecoderLayer, Embed,
@@ -67,7 +68,7 @@ __all__ = [
     "ModelOutput",
     "lm_head_kernel", "compute_logits", "forward", "init_params", "param_shapes",
     # decode path
-    "LowRank", "InferenceLayer", "InferenceWeights", "DECODE_ATTENTION", "default_decode_attention",
+    "LowRank", "SparseMlp", "InferenceLayer", "InferenceWeights", "DECODE_ATTENTION", "default_decode_attention",
     "cache_size",
     "inference_weights", "KVCache", "InferenceOutput", "inference_forward",
 ]
