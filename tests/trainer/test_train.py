@@ -307,13 +307,14 @@ def test_mesh_run_resumes_on_another_mesh_shape(tmp_path, capsys):
             assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(b[key])), (key, a[key], b[key])
     assert [e["greedy_accuracy"] for e in _rows(run, "eval.jsonl")] == \
         [e["greedy_accuracy"] for e in _rows(ref, "eval.jsonl")]
-    # per factor ||a - b|| <= 1e-5 ||b||: elementwise, Adam's g / (sqrt(v) + eps) turns the float
-    # rounding of a gradient entry near 0 into up to ~2e-5 at that entry (1 of 3072 here)
+    # per factor ||a - b|| <= 3e-5 ||b||: elementwise, Adam's g / (sqrt(v) + eps) turns the float
+    # rounding of a gradient entry near 0 into up to ~2e-5 (relative to lr) at that entry, and the
+    # two layouts sum the gradient in different orders (measured: 1.1e-5 of ||b|| in one factor)
     a = trainer.load_run(run, 2)[2]
     b = trainer.load_run(ref, 2)[2]
     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
         x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-        assert np.linalg.norm(x - y) <= 1e-5 * np.linalg.norm(y)
+        assert np.linalg.norm(x - y) <= 3e-5 * np.linalg.norm(y)
     first = trainer.load_run(ref, 1)[2]
     moved_by = max(float(np.abs(np.asarray(x) - np.asarray(y)).max()) for x, y in zip(
         jax.tree_util.tree_leaves(first), jax.tree_util.tree_leaves(b)))
