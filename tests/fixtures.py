@@ -301,9 +301,15 @@ def peft_case(*, layers: int, seed: int, path, r: int, alpha: float) -> PeftCase
     model, config, params = random_checkpoint(cfg, seed=seed, path=path)
     pm = random_peft_model(model, r=r, alpha=alpha, targets=list(LORA_TARGETS), seed=5,
                            scale=0.3)
+    return PeftCase(pm, config, params, peft_adapter_tree(pm), *completion_batch(cfg.vocab_size))
+
+
+def completion_batch(vocab: int, seed: int = 0):
+    """(ids, attention_mask, completion_mask, advantages) of 5 rows x 14 tokens: left-padded
+    prompts in [0, 6), completions from 6, right-padded; ids 0 outside the attention mask."""
     B, T, P = 5, 14, 6
-    rng = np.random.default_rng(0)
-    ids = rng.integers(1, cfg.vocab_size, (B, T))
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1, vocab, (B, T))
     am = np.zeros((B, T), np.int64)
     cm = np.zeros((B, T), np.int64)
     for b, (plen, clen) in enumerate([(6, 8), (4, 5), (3, 1), (5, 3), (2, 7)]):
@@ -311,7 +317,21 @@ def peft_case(*, layers: int, seed: int, path, r: int, alpha: float) -> PeftCase
         cm[b, P:P + clen] = 1
     ids = np.where(am == 1, ids, 0)
     adv = rng.normal(size=B).astype(np.float32)
-    return PeftCase(pm, config, params, peft_adapter_tree(pm), ids, am, cm, adv)
+    return ids, am, cm, adv
+
+
+def hf_greedy(model, ids, mask, n: int, eos, pad: int = 0) -> np.ndarray:
+    """transformers' greedy `generate` of n tokens after [B, P] left-padded prompts: [B, n],
+    `pad` after a row's EOS and after the loop stopped early (every row ended)."""
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.as_tensor(ids, dtype=torch.long),
+                             attention_mask=torch.as_tensor(mask, dtype=torch.long),
+                             do_sample=False, max_new_tokens=n, eos_token_id=eos,
+                             pad_token_id=pad, top_k=None, top_p=None, temperature=None)
+    new = out[:, ids.shape[1]:].numpy()
+    return np.pad(new, ((0, 0), (0, n - new.shape[1])), constant_values=pad)
 
 
 # ------------------------------------ run directories -----------------------------------------

@@ -15,9 +15,9 @@ from arca_jax.grpo import GRPOConfig
 from arca_jax.grpo.objective import loss_fn
 from arca_jax.grpo.signals import all_method_weights
 from arca_jax.grpo.step import TrainState, make_train_step
-from fixtures import (grad_recorder, peft_adapter_tree, positions_of, ragged_batch,
-                      random_checkpoint, random_params, random_peft_model, rel_err, tiny_config,
-                      tiny_moe_hf_config)
+from fixtures import (completion_batch, grad_recorder, peft_adapter_tree, positions_of,
+                      ragged_batch, random_checkpoint, random_params, random_peft_model, rel_err,
+                      tiny_config, tiny_moe_hf_config)
 
 ATTN = list(qwen3.ATTN_PROJS)
 COEF = 0.3
@@ -31,16 +31,7 @@ def case(tmp_path_factory):
     cfg = tiny_moe_hf_config(experts=8, top_k=3, norm_topk=False, layers=3, mlp_only=(1,))
     model, config, params = random_checkpoint(cfg, seed=2, path=tmp_path_factory.mktemp("moe"))
     pm = random_peft_model(model, r=4, alpha=8.0, targets=ATTN, seed=5, scale=0.3)
-    B, T, P = 5, 14, 6
-    rng = np.random.default_rng(0)
-    ids = rng.integers(1, cfg.vocab_size, (B, T))
-    am = np.zeros((B, T), np.int64)
-    cm = np.zeros((B, T), np.int64)
-    for b, (plen, clen) in enumerate([(6, 8), (4, 5), (3, 1), (5, 3), (2, 7)]):
-        am[b, P - plen:P + clen] = 1
-        cm[b, P:P + clen] = 1
-    ids = np.where(am == 1, ids, 0)
-    adv = rng.normal(size=B).astype(np.float32)
+    ids, am, cm, adv = completion_batch(cfg.vocab_size)
     batch = Batch(input_ids=jnp.asarray(ids, jnp.int32), attention_mask=jnp.asarray(am, jnp.int32),
                   completion_mask=jnp.asarray(cm, jnp.int32), advantages=jnp.asarray(adv))
     return pm, config, params, peft_adapter_tree(pm, targets=ATTN), batch

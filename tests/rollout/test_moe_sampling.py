@@ -6,11 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 from arca_jax import lora, parallel, qwen3, sampling
-from fixtures import (left_padded_batch, random_checkpoint, random_params, shifted_adapter,
-                      tiny_moe_hf_config)
+from fixtures import (hf_greedy, left_padded_batch, random_checkpoint, random_params,
+                      shifted_adapter, tiny_moe_hf_config)
 
 MODELS = {
     # 4 experts, top-2 renormalised, every layer sparse, untied
@@ -35,14 +34,6 @@ def _prompts(vocab):
     return ids.astype(np.int32), mask.astype(np.int32)
 
 
-def _hf_greedy(m, ids, mask, n, eos):
-    with torch.no_grad():
-        out = m.generate(input_ids=torch.as_tensor(ids, dtype=torch.long),
-                         attention_mask=torch.as_tensor(mask, dtype=torch.long), do_sample=False,
-                         max_new_tokens=n, eos_token_id=eos, pad_token_id=PAD, top_k=None,
-                         top_p=None, temperature=None)
-    new = out[:, ids.shape[1]:].numpy()
-    return np.pad(new, ((0, 0), (0, n - new.shape[1])), constant_values=PAD)
 
 
 def _mask_through_eos(tokens, eos):
@@ -56,9 +47,9 @@ def test_greedy_matches_transformers_with_left_padding_and_eos(model):
     assert isinstance(config, qwen3.Qwen3MoeConfig)
     ids, mask = _prompts(config.vocab_size)
     n = 12
-    free = _hf_greedy(m, ids, mask, n, eos=None)
+    free = hf_greedy(m, ids, mask, n, eos=None, pad=PAD)
     eos = next(int(t) for t in free[0, 2:8] if not (free[1:] == t).any(axis=1).all())
-    ref = _hf_greedy(m, ids, mask, n, eos=eos)
+    ref = hf_greedy(m, ids, mask, n, eos=eos, pad=PAD)
     ref_mask = _mask_through_eos(ref, eos)
     assert 0 < ref_mask.sum(1).min() < n and ref_mask.sum(1).max() == n
 
