@@ -63,6 +63,14 @@ class RunLog:
         """The event file, opened at the first scalar (so that a resumed run trims the events of
         its killed attempt before a new file exists); None when disabled."""
         if self._tb is None and self._tb_wanted:
+            try:
+                import tensorboardX  # noqa: F401  (the event protobufs and CRC)
+            except ImportError:
+                self._tb_wanted = False
+                self.message("tensorboardX is not installed: no TensorBoard events for this run "
+                             "(metrics.jsonl and eval.jsonl are written as usual; "
+                             "pip install tensorboardX)")
+                return None
             self._tb = EventFile(rundir.path(self.run_dir, rundir.TENSORBOARD))
         return self._tb
 

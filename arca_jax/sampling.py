@@ -584,11 +584,15 @@ def prepare_weights(params: Params, config: qwen3.Qwen3Config, *, lora: Optional
                     mesh=None) -> qwen3.InferenceWeights:
     """`qwen3.inference_weights` for the sampler; with a `mesh` (static), laid out for its tensor
     size and placed as `parallel.inference_shardings` (tensor-parallel shards used in place by
-    every decode step; "fsdp" as the base parameters). decode_attention="pallas" (a GPU kernel
-    per device) runs without a mesh only."""
-    if mesh is not None and decode_attention == "pallas":
-        raise ValueError("decode_attention='pallas' runs on one device: sample without a mesh, or "
-                         "use 'dot'")
+    every decode step; "fsdp" as the base parameters). decode_attention None: the default for
+    the backend and the mesh's size (`qwen3.default_decode_attention`); "pallas" (a GPU kernel
+    per device) runs without a mesh or on a mesh of one device only."""
+    devices = 1 if mesh is None else int(mesh.devices.size)
+    if decode_attention is None:
+        decode_attention = qwen3.default_decode_attention(devices=devices)
+    if decode_attention == "pallas" and devices > 1:
+        raise ValueError(f"decode_attention='pallas' runs on one device, not a mesh of {devices}: "
+                         "sample without a mesh, or use 'dot'")
     tensor = parallel.axis_size(mesh, parallel.TENSOR)
     weights = qwen3.inference_weights(params, config, lora=lora, lora_scale=lora_scale,
                                       merge_lora=merge_lora, decode_attention=decode_attention,

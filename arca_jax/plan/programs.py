@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from arca_jax import parallel, sampling
+from arca_jax import parallel, qwen3, sampling
 from arca_jax.config import RunConfig
 from arca_jax.plan.errors import Refusal, RefusedError
 from arca_jax.plan.knobs import Knobs
@@ -102,7 +102,7 @@ def compile_sampler(cfg: RunConfig, config, mesh, shapes: Shapes, params, state,
     sampling (its largest chunk), which runs every train.eval_every steps, not every step."""
     rep = NamedSharding(mesh, P())
     sd = jax.ShapeDtypeStruct
-    attention = "reduce" if platform == "cpu" else "dot"  # qwen3.default_decode_attention
+    attention = qwen3.default_decode_attention(platform, int(mesh.devices.size))
     lora = state.lora
     resident = device_bytes(params) + device_bytes(state)  # live while the sampler runs
     prep, t_prep = _compile(sampling.prepare_weights_jit.lower(

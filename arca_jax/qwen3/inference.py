@@ -122,11 +122,17 @@ class InferenceWeights:
 DECODE_ATTENTION = ("reduce", "dot", "pallas")
 
 
-def default_decode_attention() -> str:
-    """"reduce" on CPU (fewer kernels per decode step), "dot" elsewhere: on an H200 the sampler's
-    decode took 3.13 ms per step with "dot" against 4.01 ms with "reduce" (Qwen3-1.7B shapes,
-    batch 64; experiments/NOTES_sampling.md)."""
-    return "reduce" if jax.default_backend() == "cpu" else "dot"
+def default_decode_attention(platform: Optional[str] = None, devices: int = 1) -> str:
+    """The decode attention for `platform` (None: jax's default backend) with the sampler on
+    `devices` devices: "reduce" on CPU (fewer kernels per step); "pallas" on one GPU; "dot"
+    elsewhere (TPU, or a GPU mesh, where the Pallas kernel does not run). On an H200 (Qwen3-1.7B
+    shapes, 128 + 512 tokens, 2026-12-01) a decode step took 2.73 ms with "pallas" against 5.20 ms
+    with "dot" at batch 64, 6.09 against 13.04 ms at batch 256 ("dot"'s switch over filled
+    blocks costs more there than it saves; experiments/NOTES_sampling.md)."""
+    platform = platform or jax.default_backend()
+    if platform == "cpu":
+        return "reduce"
+    return "pallas" if platform in ("gpu", "cuda", "rocm") and devices == 1 else "dot"
 
 
 _GROUPS = (("qkv", "self_attn", ("q_proj", "k_proj", "v_proj"), "input_layernorm"),

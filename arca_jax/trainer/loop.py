@@ -70,11 +70,11 @@ _old_logps = jax.jit(policy_logprobs, static_argnames=("config", "lora_scale", "
 
 
 def _host_metrics(m: StepMetrics) -> Dict[str, Any]:
-    """Scalars as floats, per-layer arrays ([S], [Ls, E]) as (nested) lists of floats, None (a
-    dense model's routing fields) as None."""
-    return {k: None if v is None else float(v) if np.ndim(v) == 0
-            else np.asarray(v, np.float64).tolist()
-            for k, v in dataclasses.asdict(m).items()}
+    """Scalars as floats, per-layer arrays ([S], [Ls, E]) as (nested) lists of floats; fields a
+    model does not have (a dense model's aux_loss and expert_load, None) are left out, so that
+    null in metrics.jsonl keeps its one meaning: a NaN or inf value."""
+    return {k: float(v) if np.ndim(v) == 0 else np.asarray(v, np.float64).tolist()
+            for k, v in dataclasses.asdict(m).items() if v is not None}
 
 
 @dataclasses.dataclass

@@ -84,6 +84,9 @@ def test_pallas_decode_attention_gives_the_same_rows(setup):
     pallas = sampling.generate(params, ids, mask, rng=rng, decode_attention="pallas", **kw)
     _same_rows(pallas, dot)
     assert len(set(np.asarray(dot.lengths).tolist())) > 3
+    one = parallel.make_mesh(data=1, devices=jax.devices()[:1])  # the trainer's single-GPU mesh
+    _same_rows(sampling.generate(params, ids, mask, rng=rng, decode_attention="pallas", mesh=one,
+                                 **kw), dot)
     with pytest.raises(ValueError, match="runs on one device"):
         sampling.generate(params, ids, mask, rng=rng, decode_attention="pallas",
                           mesh=parallel.make_mesh(data=2), **gen)

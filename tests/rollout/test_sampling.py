@@ -364,7 +364,11 @@ def test_inverse_cdf_never_picks_zero_weight_and_settings_are_checked():
 
 
 def test_decode_attention_default_follows_backend(tiny):
-    """"reduce" on CPU (fewer kernels per step), "dot" on GPU/TPU (the HBM-bound choice there)."""
+    """"reduce" on CPU (fewer kernels per step), "pallas" on one GPU (measured fastest on an
+    H200), "dot" on TPU and on a GPU mesh (where the Pallas kernel does not run)."""
     _, config, params = tiny
-    assert qwen3.default_decode_attention() == ("reduce" if jax.default_backend() == "cpu" else "dot")
+    assert [qwen3.default_decode_attention(p, n) for p, n in (
+        ("cpu", 1), ("cpu", 8), ("gpu", 1), ("gpu", 8), ("tpu", 1), ("tpu", 8))] == [
+        "reduce", "reduce", "pallas", "dot", "dot", "dot"]
+    assert qwen3.default_decode_attention() == qwen3.default_decode_attention(jax.default_backend())
     assert qwen3.inference_weights(params, config).decode_attention == qwen3.default_decode_attention()

@@ -8,6 +8,7 @@ prompt, so every batch has one shape and each program compiles once) to stay sma
 
 import errno
 import importlib
+import io
 import json
 import os
 import random
@@ -313,6 +314,31 @@ def test_tensorboard_events_trimmed_like_the_json_logs(tmp_path):
     writer.add_scalar("a/b", 1.5, 7)
     writer.close()
     assert runlog.read_scalars(other) == [runlog.Scalar("a/b", 7, 1.5)]
+
+
+def test_without_tensorboardx_the_json_logs_are_written(tmp_path, monkeypatch):
+    """An environment without tensorboardX (an accelerator image with its own packages): one
+    message, no event files, the JSON logs as usual, no exception."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_tensorboardx(name, *args, **kwargs):
+        if name.split(".")[0] == "tensorboardX":
+            raise ImportError("No module named 'tensorboardX'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboardx)
+    stream = io.StringIO()
+    log = runlog.RunLog(str(tmp_path), stream=stream)
+    log.metrics({"step": 1, "loss": 0.5})
+    log.eval({"step": 1, "greedy_accuracy": 0.5, "pass_at_k": 0.75, "k": 2, "num_problems": 4})
+    log.metrics({"step": 2, "loss": 0.25})
+    log.close()
+    assert [m["loss"] for m in read_jsonl(str(tmp_path / "metrics.jsonl"))] == [0.5, 0.25]
+    assert read_jsonl(str(tmp_path / "eval.jsonl"))[0]["pass_at_k"] == 0.75
+    assert not os.path.exists(tmp_path / "tb")
+    assert stream.getvalue().count("tensorboardX is not installed") == 1
 
 
 def test_disk_full_while_writing_logs(reference, tmp_path, monkeypatch, capsys):
