@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from arca_jax import lora, qwen3, sampling
+from arca_jax import draw, lora, qwen3, sampling
 from arca_jax.batch import build_batch
 from arca_jax.grpo.logprobs import sequence_logps
 from fixtures import (hf_greedy, left_padded_batch, random_checkpoint, shifted_adapter,
@@ -353,9 +353,9 @@ def test_build_batch_layout():
 def test_inverse_cdf_never_picks_zero_weight_and_settings_are_checked():
     w = jnp.array([[0.0, 1.0, 0.0, 0.0, 2.0, 0.0]] * 4 + [[0.0] * 5 + [3.0]])
     u = jnp.array([1e-9, 0.33, 0.34, 1.0, 0.5])
-    draw = sampling.inverse_cdf(jnp.log(w), u, block=4)  # 2 blocks, the second padded
-    np.testing.assert_array_equal(draw.index, [1, 1, 4, 4, 5])
-    np.testing.assert_allclose(draw.total, [3.0] * 5, rtol=1e-6)
+    drawn = draw.inverse_cdf(jnp.log(w), u, block=4)  # 2 blocks, the second padded
+    np.testing.assert_array_equal(drawn.index, [1, 1, 4, 4, 5])
+    np.testing.assert_allclose(drawn.total, [3.0] * 5, rtol=1e-6)
     for bad in (dict(max_new_tokens=0), dict(max_new_tokens=4, temperature=0.0),
                 dict(max_new_tokens=4, top_p=0.0), dict(max_new_tokens=4, top_p=1.5)):
         with pytest.raises(ValueError):

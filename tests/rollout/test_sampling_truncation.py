@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from arca_jax import sampling
+from arca_jax import draw, sampling
 from arca_jax.batch import build_batch
 from fixtures import random_params, tiny_config
 
@@ -44,7 +44,7 @@ def test_sampled_logps_are_the_truncated_renormalised_distribution(temperature, 
     settings = sampling.SamplingConfig(max_new_tokens=1, temperature=temperature, top_k=top_k,
                                        top_p=top_p)
     u = jnp.asarray(1.0 - rng.random(B), jnp.float32)
-    choice = jax.jit(sampling.choose_tokens, static_argnums=2)(jnp.asarray(logits), u, settings)
+    choice = jax.jit(draw.choose_tokens, static_argnums=2)(jnp.asarray(logits), u, settings)
     ref = _reference_dist(logits, temperature, top_k, top_p)
     tok = np.asarray(choice.tokens)
     assert (ref[np.arange(B), tok] > 0).all()  # never a truncated-away token
@@ -65,7 +65,7 @@ def test_draws_follow_the_truncated_distribution(temperature, top_k, top_p):
     settings = sampling.SamplingConfig(max_new_tokens=1, temperature=temperature, top_k=top_k,
                                        top_p=top_p)
     u = jnp.asarray(1.0 - rng.random(n), jnp.float32)
-    tok = np.asarray(jax.jit(sampling.choose_tokens, static_argnums=2)(
+    tok = np.asarray(jax.jit(draw.choose_tokens, static_argnums=2)(
         jnp.broadcast_to(jnp.asarray(logits), (n, V)), u, settings).tokens)
     emp = np.bincount(tok, minlength=V) / n
     ref = _reference_dist(logits, temperature, top_k, top_p)[0]
@@ -78,14 +78,14 @@ def test_top_k_keeps_ties_with_the_kth_token():
     settings = sampling.SamplingConfig(max_new_tokens=1, top_k=2)
     seen = set()
     for u in np.linspace(0.01, 1.0, 50):
-        seen.add(int(sampling.choose_tokens(logits, jnp.asarray([u], jnp.float32),
+        seen.add(int(draw.choose_tokens(logits, jnp.asarray([u], jnp.float32),
                                             settings).tokens[0]))
     assert seen == {0, 1, 2, 3}  # the three tokens tied at the 2nd value stay, as transformers
 
 
 def test_greedy_sampled_logps_are_zero_and_bad_top_k_refused():
     logits = jnp.asarray([[0.0, 2.0, 1.0]])
-    c = sampling.choose_tokens(logits, jnp.ones((1,)), sampling.SamplingConfig(1, greedy=True))
+    c = draw.choose_tokens(logits, jnp.ones((1,)), sampling.SamplingConfig(1, greedy=True))
     assert int(c.tokens[0]) == 1 and float(c.sampled_logps[0]) == 0.0
     with pytest.raises(ValueError, match="top_k"):
         sampling.SamplingConfig(1, top_k=-1)

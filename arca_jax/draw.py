@@ -1,0 +1,156 @@
+"""Choosing one token per row from logits [B, V]: greedy, or a draw from softmax(logits /
+temperature), optionally truncated to the top-k tokens and then the top-p nucleus, by inverse-CDF
+search with one uniform number per row (no noise over the vocabulary). `choose_tokens` returns
+the tokens with their log-probabilities under the full untempered distribution and under the
+distribution actually sampled. Pure functions of arrays; `sampling` calls them in every prefill
+and decode step.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+if TYPE_CHECKING:
+    from arca_jax.sampling import SamplingConfig
+
+# Inverse-CDF sampling searches the vocabulary in blocks of this many tokens: block sums first,
+# then one block (two short cumulative sums instead of one over V).
+CDF_BLOCK = 128
+
+
+def _inclusive_cumsum(x: jax.Array) -> jax.Array:
+    """Cumulative sum over the last axis of a short [..., M] array as one matmul with a triangular
+    0/1 matrix (one operation; `jnp.cumsum` lowers to several on CPU). Exact float32 products."""
+    m = x.shape[-1]
+    upper = jnp.triu(jnp.ones((m, m), x.dtype))  # upper[i, j] = 1 for i <= j
+    return jnp.einsum("...i,ij->...j", x, upper, precision=jax.lax.Precision.HIGHEST)
+
+
+class Draw(NamedTuple):
+    """index [B] int32 drawn; total [B] float32, the sum of exp(log_weights) over the row."""
+
+    index: jax.Array
+    total: jax.Array
+
+
+def inverse_cdf(log_weights: jax.Array, u: jax.Array, block: int = CDF_BLOCK) -> Draw:
+    """Index drawn with probability exp(log_weights) / sum(exp(log_weights)), one uniform u per row.
+
+    Finds the first index whose cumulative weight reaches u * total: first among block sums, then
+    inside the chosen block. The work is one fused exp-and-sum pass over [B, V] plus two short
+    cumulative sums ([B, V / block] and [B, block]); the weights are never written out. Never
+    returns an index of zero weight.
+
+    Args:
+      log_weights: [B, V] float32, at most ~80 (e.g. logits minus their max); -inf for weight 0.
+      u: [B] float32 in (0, 1].
+
+    Returns:
+      Draw(index [B] int32, total [B] float32).
+    """
+    B, V = log_weights.shape
+    C = -(-V // block)  # number of blocks
+    if C * block != V:
+        log_weights = jnp.pad(log_weights, ((0, 0), (0, C * block - V)), constant_values=-jnp.inf)
+    blocks = log_weights.reshape(B, C, block)
+    block_cdf = _inclusive_cumsum(jnp.sum(jnp.exp(blocks), axis=-1))  # [B, C]
+    total = block_cdf[:, -1]
+    target = u * total  # (0, total]
+    c = jnp.minimum(jnp.sum(block_cdf < target[:, None], axis=-1), C - 1)  # [B] chosen block
+    before = jnp.where(c > 0, jnp.take_along_axis(block_cdf, jnp.maximum(c - 1, 0)[:, None], 1)[:, 0], 0.0)
+    inner_cdf = _inclusive_cumsum(jnp.exp(jnp.take_along_axis(blocks, c[:, None, None], 1)[:, 0]))
+    # the residual lies in (0, block mass]; clamp it there against rounding between the two sums
+    rest = jnp.clip(target - before, jnp.finfo(jnp.float32).tiny, inner_cdf[:, -1])
+    j = jnp.sum(inner_cdf < rest[:, None], axis=-1)
+    return Draw(index=(c * block + j).astype(jnp.int32), total=total)
+
+
+def _nucleus_draw(weights: jax.Array, u: jax.Array, top_p: float) -> Draw:
+    """Draws from the top-p nucleus of unnormalised weights [B, V] with uniforms u [B] in (0, 1].
+
+    The nucleus is the shortest prefix of the tokens sorted by decreasing weight whose mass reaches
+    top_p * total (a token is kept when the mass strictly before it is below that). Returns
+    Draw(index [B] int32, total [B] = the nucleus mass).
+    """
+    B, V = weights.shape
+    neg_sorted, order = jax.lax.sort((-weights, jnp.broadcast_to(jnp.arange(V, dtype=jnp.int32), (B, V))),
+                                     dimension=1, num_keys=1)
+    j, mass = _truncated_draw(-neg_sorted, u, top_p)
+    return Draw(index=jnp.take_along_axis(order, j[:, None], 1)[:, 0], total=mass)
+
+
+def _truncated_draw(sorted_w: jax.Array, u: jax.Array, top_p: float) -> Draw:
+    """Position drawn among weights [B, M] sorted in decreasing order, truncated to the top-p
+    nucleus (top_p = 1: all positions with weight > 0); Draw(index, total = the kept mass)."""
+    cdf = jnp.cumsum(sorted_w, axis=-1)
+    keep = (cdf - sorted_w) < top_p * cdf[:, -1:]
+    if top_p >= 1.0:
+        keep = sorted_w > 0
+    mass = jnp.max(jnp.where(keep, cdf, 0.0), axis=-1)
+    j = jnp.sum(cdf < (u * mass)[:, None], axis=-1)
+    j = jnp.minimum(j, jnp.sum(keep, axis=-1) - 1)  # rounding guard: stay inside the kept set
+    return Draw(index=j.astype(jnp.int32), total=mass)
+
+
+def _top_k_draw(scaled: jax.Array, u: jax.Array, top_k: int, top_p: float) -> Draw:
+    """Draw from softmax(scaled [B, V]) truncated to the top-k tokens (ties with the k-th kept,
+    up to 2k candidates), then to the top-p nucleus of those. Works on [B, 2k] candidates only
+    (no sort over the vocabulary). Draw(index [B] token ids, total [B] = kept mass, relative to
+    the largest weight)."""
+    V = scaled.shape[-1]
+    k = min(top_k, V)
+    vals, ids = jax.lax.top_k(scaled, min(2 * k, V))  # [B, 2k] decreasing
+    w = jnp.exp(vals - vals[:, :1])
+    w = jnp.where(vals >= vals[:, k - 1:k], w, 0.0)  # the k-th value's ties stay
+    j, mass = _truncated_draw(w, u, top_p)
+    return Draw(index=jnp.take_along_axis(ids, j[:, None], 1)[:, 0], total=mass)
+
+
+class Choice(NamedTuple):
+    """tokens [B] int32; logps [B]: log-probability under softmax(logits) (temperature 1, full
+    vocabulary); sampled_logps [B]: under the distribution actually sampled (0 when greedy)."""
+
+    tokens: jax.Array
+    logps: jax.Array
+    sampled_logps: jax.Array
+
+
+def choose_tokens(logits: jax.Array, u: jax.Array, settings: SamplingConfig) -> Choice:
+    """One token per row from logits [B, V] float32, with its log-probabilities.
+
+    u: [B] float32 uniforms in (0, 1], one per row (unused when greedy).
+    Greedy: the first maximal logit (as argmax). Otherwise softmax(logits / temperature),
+    optionally truncated to the top-k tokens and then the top-p nucleus, renormalised, by
+    inverse CDF (`inverse_cdf`, `_top_k_draw`, `_nucleus_draw`).
+    """
+    V = logits.shape[-1]
+    m = jnp.max(logits, axis=-1, keepdims=True)
+    shifted = logits - m  # <= 0
+    total = None  # sum(exp(shifted)) when the draw computes it anyway
+    t = settings.temperature
+    if settings.greedy:
+        # one fused compare-and-min instead of argmax's (value, index) reduction
+        iota = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1)
+        tokens = jnp.min(jnp.where(shifted == 0.0, iota, V), axis=-1)
+        sampled_total = None
+    elif settings.top_k > 0:
+        tokens, sampled_total = _top_k_draw(shifted / t, u, settings.top_k, settings.top_p)
+    elif settings.top_p < 1.0:
+        tokens, sampled_total = _nucleus_draw(jnp.exp(shifted / t), u, settings.top_p)
+    elif t == 1.0:
+        tokens, total = inverse_cdf(shifted, u)
+        sampled_total = total
+    else:
+        tokens, sampled_total = inverse_cdf(shifted / t, u)
+    if total is None:
+        total = jnp.sum(jnp.exp(shifted), axis=-1)
+    picked = jnp.take_along_axis(shifted, tokens[:, None], 1)[:, 0]  # <= 0
+    logps = picked - jnp.log(total)
+    if sampled_total is None:
+        sampled = jnp.zeros_like(logps)
+    else:  # every draw's weights are exp(shifted / t) (top-k: relative to its max, also 0 here)
+        sampled = picked / t - jnp.log(sampled_total)
+    return Choice(tokens, logps, sampled)
