@@ -452,7 +452,7 @@ def prepare_weights(params: Params, config: qwen3.Qwen3Config, *, lora: Optional
     tensor = parallel.axis_size(mesh, parallel.TENSOR)
     weights = qwen3.inference_weights(params, config, lora=lora, lora_scale=lora_scale,
                                       merge_lora=merge_lora, decode_attention=decode_attention,
-                                      tensor=tensor, mesh=mesh)
+                                      tensor=tensor)
     if mesh is not None:
         weights = jax.lax.with_sharding_constraint(weights,
                                                    parallel.inference_shardings(weights, mesh))
