@@ -17,6 +17,12 @@ Mesh layout (``make_train_step(mode="mesh")``, ``sampling.generate(mesh=...)``):
   dimension not divisible by the axis size is skipped (the leaf is then replicated over that
   axis). XLA all-gathers each layer's kernels over "fsdp" where they are used (ZeRO-3 for the
   frozen base).
+- experts (mixture-of-experts models): the stacked expert kernels [Ls, E, in, out] (training
+  tree) and [E, in, out] (the sampler's `SparseMlp`) are split on E over "fsdp" when E is a
+  multiple of its size (expert parallelism: each device holds E / fsdp experts and computes
+  them, the tokens travel to them, `qwen3.moe.expert_parallel`), replicated over "data" and
+  "tensor"; otherwise replicated (each device runs every expert on its own rows). The router
+  [D, E] is a layer kernel as above, not split over "tensor".
 - batch: the leading B axis over ("data", "fsdp") together (each such device holds different
   rows, the same rows on every device of one tensor group); over "data" alone when B is not
   divisible by data x fsdp; replicated when not even that.
@@ -146,6 +152,8 @@ def param_partition_spec(path_keys: Sequence[str], shape: Sequence[int], fsdp_si
     whether k/v kernels split over "tensor" (`kv_split`)."""
     last = path_keys[-1] if path_keys else ""
     proj = path_keys[-2] if len(path_keys) >= 2 else ""
+    if last == "kernel" and "experts" in path_keys and len(shape) == 4:  # [Ls, E, in, out]
+        return expert_spec(shape, 1, fsdp_size)
     if last == "embedding" and len(shape) == 2:
         layout, tensor_letter = "VD", "V"
     elif last == "kernel" and "lm_head" in path_keys and len(shape) == 2:
@@ -173,6 +181,14 @@ def param_partition_spec(path_keys: Sequence[str], shape: Sequence[int], fsdp_si
                 f_dim = d
                 break
     return _spec(len(shape), tensor=t_dim, fsdp=f_dim)
+
+
+def expert_spec(shape: Sequence[int], dim: int, fsdp_size: int) -> P:
+    """An expert stack's spec: its E dimension `dim` over "fsdp" when divisible, else replicated
+    (see the module doc)."""
+    if fsdp_size > 1 and shape[dim] % fsdp_size == 0:
+        return _spec(len(shape), fsdp=dim)
+    return P()
 
 
 def _kv_heads_of(params) -> Optional[int]:
@@ -301,7 +317,12 @@ def inference_partition_spec(path_keys: Sequence[str], shape: Sequence[int], fsd
     training layout (column-parallel kernels by output, row-parallel by input, vocabulary
     parallel embedding and head, each low-rank pair's factor as its base layer's adapter), and
     "fsdp" on the other dimension of a matrix when divisible (as `param_partition_spec`: the
-    sampler then gathers only over "fsdp" where a kernel is used)."""
+    sampler then gathers only over "fsdp" where a kernel is used). A `SparseMlp`'s expert stacks
+    (gate_up, down [E, ., .]) over "fsdp" on E (`expert_spec`); its router and norm replicated."""
+    if "sparse_mlp" in path_keys:
+        if path_keys[-1] in ("gate_up", "down") and len(shape) == 3:
+            return expert_spec(shape, 0, fsdp_size)
+        return P()
     field = next((k for k in reversed(path_keys) if isinstance(k, str)
                   and (k in _INFERENCE_TENSOR_DIM or k in _INFERENCE_LOW_RANK)), None)
     t_dim = None

@@ -452,7 +452,7 @@ def prepare_weights(params: Params, config: qwen3.Qwen3Config, *, lora: Optional
     tensor = parallel.axis_size(mesh, parallel.TENSOR)
     weights = qwen3.inference_weights(params, config, lora=lora, lora_scale=lora_scale,
                                       merge_lora=merge_lora, decode_attention=decode_attention,
-                                      tensor=tensor)
+                                      tensor=tensor, mesh=mesh)
     if mesh is not None:
         weights = jax.lax.with_sharding_constraint(weights,
                                                    parallel.inference_shardings(weights, mesh))
@@ -550,7 +550,7 @@ def generate(params: Params, prompt_ids, prompt_mask, *, config: qwen3.Qwen3Conf
         model's forward. Every row needs at least one real token.
       config: the model's `Qwen3Config`, or `Qwen3MoeConfig` for a mixture of experts (every
         token routed at prefill and decode as in the training forward; attention adapters
-        only; a mesh without tensor parallelism: its experts are replicated).
+        only; on a mesh the experts run expert-parallel over "fsdp", `qwen3.moe.mixture`).
       rng: a PRNG key; the same key gives the same samples.
       max_new_tokens: N, columns of the result.
       lora, lora_scale: an adapter tree (`arca_jax.lora`) and its scaling (alpha / rank).

@@ -126,18 +126,27 @@ def policy_forward(lora, params, batch: Batch, *, config: qwen3.Qwen3Config, lor
     runs on its lines and comes back in the [B, T] layout (0 at padding) when the attention
     resolves to "einsum"; a fused kernel runs the padded rows instead (same values). ``mesh``:
     the mesh a "mesh" train step runs on; the inputs and outputs keep their rows on their devices
-    (`parallel.constrain_rows`). A mixture-of-experts model's routing statistics (aux_loss,
-    expert_load, router_prob over the real tokens) come back as `qwen3.forward` returns them."""
+    (`parallel.constrain_rows`), and a mixture-of-experts model's experts run expert-parallel
+    on it (`qwen3.forward(mesh=...)`). Its routing statistics (aux_loss, expert_load, router_prob
+    over the real tokens) come back as `qwen3.forward` returns them."""
     g = grpo_config
-    if mesh is not None:
-        batch = batch.replace(input_ids=parallel.constrain_rows(batch.input_ids, mesh),
-                              attention_mask=parallel.constrain_rows(batch.attention_mask, mesh))
-        out = policy_forward(lora, params, batch, config=config, lora_scale=lora_scale,
-                             grpo_config=grpo_config, lora_dropout=lora_dropout, rng=rng,
-                             remat=remat, layers=layers)
-        return out.replace(
-            hidden=parallel.constrain_rows(out.hidden, mesh),
-            layers=None if out.layers is None else parallel.constrain_rows(out.layers, mesh, 1))
+    kw = dict(config=config, lora_scale=lora_scale, grpo_config=g, lora_dropout=lora_dropout,
+              rng=rng, remat=remat, layers=layers, mesh=mesh)
+    if mesh is None:
+        return _forward(lora, params, batch, **kw)
+    batch = batch.replace(input_ids=parallel.constrain_rows(batch.input_ids, mesh),
+                          attention_mask=parallel.constrain_rows(batch.attention_mask, mesh))
+    out = _forward(lora, params, batch, **kw)
+    return out.replace(
+        hidden=parallel.constrain_rows(out.hidden, mesh),
+        layers=None if out.layers is None else parallel.constrain_rows(out.layers, mesh, 1))
+
+
+def _forward(lora, params, batch: Batch, *, config: qwen3.Qwen3Config, lora_scale: float,
+             grpo_config: GRPOConfig, lora_dropout: float, rng: Optional[Array], remat,
+             layers: bool, mesh) -> qwen3.ModelOutput:
+    """`policy_forward`'s model call (packed lines or the [B, T] batch as it comes)."""
+    g = grpo_config
     pk = batch.packing
     if pk is not None and qwen3.resolve_attention(
             g.attention, params["embed_tokens"]["embedding"].dtype) == "einsum":
@@ -148,7 +157,7 @@ def policy_forward(lora, params, batch: Batch, *, config: qwen3.Qwen3Config, lor
                             segment_ids=pk.segments, positions=packing.to_lines(pk, positions),
                             lora=lora, lora_scale=lora_scale, lora_dropout=lora_dropout, rng=rng,
                             return_logits=False, remat=remat, attention="einsum",
-                            lora_dtype=g.lora_dtype, return_layers=layers)
+                            lora_dtype=g.lora_dtype, return_layers=layers, mesh=mesh)
         return out.replace(
             hidden=packing.from_lines(pk, out.hidden),
             layers=None if out.layers is None else packing.from_lines(pk, out.layers, axis=1))
@@ -156,7 +165,7 @@ def policy_forward(lora, params, batch: Batch, *, config: qwen3.Qwen3Config, lor
                          attention_mask=batch.attention_mask, positions=batch.positions,
                          lora=lora, lora_scale=lora_scale, lora_dropout=lora_dropout, rng=rng,
                          return_logits=False, remat=remat, attention=g.attention,
-                         lora_dtype=g.lora_dtype, return_layers=layers)
+                         lora_dtype=g.lora_dtype, return_layers=layers, mesh=mesh)
 
 
 def policy_hidden(lora, params, batch: Batch, *, config: qwen3.Qwen3Config, lora_scale: float,

@@ -26,8 +26,9 @@ def model_config(cfg: RunConfig) -> qwen3.Qwen3Config:
     try:
         return qwen3.preset(cfg.model.path)
     except KeyError:
+        known = sorted(qwen3.config._PRESETS) + sorted(qwen3.config._MOE_PRESETS)
         raise PlanError(f"model.path {cfg.model.path!r}: no local config.json and no preset of "
-                        f"that name (known: {', '.join(sorted(qwen3.config._PRESETS))}); plan "
+                        f"that name (known: {', '.join(known)}); plan "
                         "loads no weights, so a released model's name is enough") from None
 
 

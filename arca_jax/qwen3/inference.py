@@ -22,8 +22,9 @@ float32 at every decode step) with fewer, larger operations:
   - a mixture-of-experts layer (`SparseMlp`) normalises x, routes every token as `forward` does
     (`moe.mixture`: router, float32 softmax, top-k, pairs sorted by expert; at prefill and at
     T = 1 alike) and runs its experts as two `jax.lax.ragged_dot`s (gate and up fused, [E, D, 2I],
-    then down); its dense layers (`mlp_only_layers`) run as a dense model's. Sampling one takes
-    attention adapters only and tensor = 1 (ValueError otherwise).
+    then down), expert-parallel over the mesh's "fsdp" axis (`experts_mesh`, `moe.mixture`); its
+    dense layers (`mlp_only_layers`) run as a dense model's. Sampling one takes attention
+    adapters only (ValueError otherwise).
 
 Measured on the CPU benchmark model (experiments/NOTES_sampling.md): one decode step of the
 sampler went from 406 kernels (the first version, since removed: the linen forward over a stacked
@@ -112,6 +113,9 @@ class InferenceWeights:
     # t, the tensor-parallel shards the fused kernels are laid out for (static; see
     # `inference_weights`).
     tensor: int = flax.struct.field(pytree_node=False, default=1)
+    # A mixture-of-experts model's sparse layers run expert-parallel over this mesh's "fsdp" axis
+    # (static; `moe.mixture`), or None: on the device(s) holding the rows. None for dense models.
+    experts_mesh: Any = flax.struct.field(pytree_node=False, default=None)
 
     @property
     def dtype(self):
@@ -184,7 +188,8 @@ def _shard_columns(config: Qwen3Config, tensor: int):
 
 def inference_weights(params: Params, config: Qwen3Config, *, lora: Optional[Params] = None,
                       lora_scale: Any = 1.0, merge_lora: bool = False,
-                      decode_attention: Optional[str] = None, tensor: int = 1) -> InferenceWeights:
+                      decode_attention: Optional[str] = None, tensor: int = 1,
+                      mesh: Any = None) -> InferenceWeights:
     """Rearranges `params` (and an optional LoRA tree) for `inference_forward`. Pure; jit it with
     `config`, `merge_lora` and `decode_attention` static (`lora_scale` may be traced).
 
@@ -197,8 +202,11 @@ def inference_weights(params: Params, config: Qwen3Config, *, lora: Optional[Par
     columns shard-major, so that splitting qkv and gate_up into t equal column blocks gives each
     device whole heads and its own MLP units; `parallel.inference_shardings` places them).
     A `Qwen3MoeConfig` model's sparse layers get a `SparseMlp` (experts' gate and up concatenated,
-    a second copy as the fused dense kernels are); ValueError for an adapter on any MLP or
-    tensor > 1 (`_check_moe`).
+    a second copy as the fused dense kernels are; with tensor > 1 its attention and dense MLP
+    layers are laid out as a dense model's, its experts whole on every "tensor" device);
+    ValueError for an adapter on any MLP (`_check_moe`). `mesh`: the sampler's mesh (static), kept by a mixture-of-experts
+    model's weights so that its experts run expert-parallel over "fsdp" (`experts_mesh`); ignored
+    for a dense model.
     """
     if decode_attention is None:
         decode_attention = default_decode_attention()
@@ -207,7 +215,7 @@ def inference_weights(params: Params, config: Qwen3Config, *, lora: Optional[Par
                          f"{decode_attention!r}")
     is_moe = isinstance(config, Qwen3MoeConfig)
     if is_moe:
-        _check_moe(lora, tensor)
+        _check_moe(lora)
     layers_p = params["layers"]
     adapters = (lora or {}).get("layers", {})
     N, K, H = config.num_attention_heads, config.num_key_value_heads, config.head_dim
@@ -281,16 +289,13 @@ def inference_weights(params: Params, config: Qwen3Config, *, lora: Optional[Par
         embed=params["embed_tokens"]["embedding"], layers=tuple(layers),
         final_norm=params["norm"]["scale"],
         lm_head=None if config.tie_word_embeddings else params["lm_head"]["kernel"],
-        decode_attention=decode_attention, tensor=tensor)
+        decode_attention=decode_attention, tensor=tensor,
+        experts_mesh=mesh if is_moe else None)
 
 
-def _check_moe(lora: Optional[Params], tensor: int) -> None:
+def _check_moe(lora: Optional[Params]) -> None:
     """What the decode path does not do for a mixture-of-experts model: ValueError."""
     moe.check_lora(lora)
-    if tensor != 1:
-        raise ValueError(f"tensor={tensor}: tensor-parallel sampling of a mixture-of-experts "
-                         "model is not implemented (experts are not split over devices); "
-                         "sample with tensor=1 (a mesh whose 'tensor' axis has size 1)")
 
 
 def _mlp_kinds(config: Qwen3Config) -> tuple:
@@ -475,22 +480,24 @@ def _attend(q, k, v, bias, decode_attention: str):
     return jnp.einsum("BKGTS,BKSH->BTKGH", probs, v).reshape(B, T, N * H)
 
 
-def _grouped_swiglu(w: SparseMlp, rows: jax.Array, group_sizes: jax.Array) -> jax.Array:
-    """The experts' SwiGLU over (token, expert) pair rows [P, D] sorted by expert, group_sizes
-    [E] -> [P, D]: two `jax.lax.ragged_dot`s (gate and up in one, [E, D, 2I]; then down)."""
-    gu = jax.lax.ragged_dot(rows, w.gate_up.astype(rows.dtype), group_sizes)  # [P, 2I]
-    I = w.down.shape[1]
+def _grouped_swiglu(kernels, rows: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """The experts' SwiGLU over (token, expert) pair rows [P, D] sorted by expert: kernels
+    (gate_up [E', D, 2I], down [E', I, D]), group_sizes [E'] -> [P, D]: two
+    `jax.lax.ragged_dot`s (gate and up in one; then down)."""
+    gate_up, down = kernels
+    gu = jax.lax.ragged_dot(rows, gate_up.astype(rows.dtype), group_sizes)  # [P, 2I]
+    I = down.shape[1]
     h = jax.nn.silu(gu[:, :I]) * gu[:, I:]
-    return jax.lax.ragged_dot(h, w.down.astype(rows.dtype), group_sizes)
+    return jax.lax.ragged_dot(h, down.astype(rows.dtype), group_sizes)
 
 
-def _sparse_mlp(x: jax.Array, w: SparseMlp, config: Qwen3MoeConfig) -> jax.Array:
+def _sparse_mlp(x: jax.Array, w: SparseMlp, config: Qwen3MoeConfig, mesh=None) -> jax.Array:
     """A sparse layer's MLP update of x [B, T, D] (each of the B T tokens routed on its own, as in
-    `forward`: `moe.mixture`) -> [B, T, D] in x's dtype."""
+    `forward`: `moe.mixture`, expert-parallel on `mesh`) -> [B, T, D] in x's dtype."""
     B, T, D = x.shape
     rows = rms_norm(x, w.norm, config.rms_norm_eps).reshape(B * T, D)
-    mix = moe.mixture(rows, moe.router_logits(rows, w.router),
-                      functools.partial(_grouped_swiglu, w), config)
+    mix = moe.mixture(rows, moe.router_logits(rows, w.router), (w.gate_up, w.down),
+                      _grouped_swiglu, config, mesh)
     return mix.y.reshape(B, T, D)
 
 
@@ -559,7 +566,7 @@ def inference_forward(weights: InferenceWeights, input_ids: jax.Array, *, config
         x = x + _project(attn, layer.o, layer.o_lora, dtype)
 
         if layer.sparse_mlp is not None:
-            x = x + _sparse_mlp(x, layer.sparse_mlp, c)
+            x = x + _sparse_mlp(x, layer.sparse_mlp, c, weights.experts_mesh)
             continue
         gu = _project(x, layer.gate_up, layer.gate_up_lora, f32) * inv_rms(x, c.rms_norm_eps)
         gu = gu.reshape(B, T, t, 2, F // t)  # shard-major [gate_s | up_s]

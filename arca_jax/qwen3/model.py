@@ -287,6 +287,7 @@ class DecoderLayer(nn.Module):
     lora_dtype: Any = None
     return_layers: bool = False
     sparse: bool = False  # the mixture-of-experts MLP (`moe.SparseMoeBlock`) instead of `MLP`
+    mesh: Any = None  # sparse layers: run the experts expert-parallel on this mesh (`moe.mixture`)
 
     @nn.compact
     def __call__(self, x, ctx: _Context):
@@ -297,7 +298,7 @@ class DecoderLayer(nn.Module):
             RMSNorm(c.rms_norm_eps, name="input_layernorm")(x), ctx)
         h = RMSNorm(c.rms_norm_eps, name="post_attention_layernorm")(x)
         if self.sparse:
-            y, stats = moe.SparseMoeBlock(c, name="mlp")(h, ctx.token_mask)
+            y, stats = moe.SparseMoeBlock(c, self.mesh, name="mlp")(h, ctx.token_mask)
             x = x + y
             return x, ((x if self.return_layers else None), stats)
         x = x + MLP(c, self.lora_scale, self.lora_dropout, self.lora_dtype, name="mlp")(h)
@@ -350,6 +351,7 @@ class LayerRun(nn.Module):
     remat: Any = False
     lora_dtype: Any = None
     return_layers: bool = False
+    mesh: Any = None  # see `DecoderLayer`
 
     @nn.compact
     def __call__(self, x, ctx: _Context):
@@ -357,7 +359,7 @@ class LayerRun(nn.Module):
         when sparse))."""
         layers = _scanned_layers(self.remat, self.length)
         return layers(self.config, self.lora_scale, self.lora_dropout, self.lora_dtype,
-                      self.return_layers, self.sparse, name="layers")(x, ctx)
+                      self.return_layers, self.sparse, self.mesh, name="layers")(x, ctx)
 
 
 def _moe_layers(params: Params, lora: Optional[Params], x, ctx: _Context,
@@ -425,7 +427,7 @@ def forward(params: Params, input_ids: jax.Array, *, config: Qwen3Config,
             lora_dropout: float = 0.0, rng: Optional[jax.Array] = None,
             return_logits: bool = True, remat: Any = False, attention: str = "auto",
             lora_dtype: Any = None, return_layers: bool = False,
-            segment_ids: Optional[jax.Array] = None) -> ModelOutput:
+            segment_ids: Optional[jax.Array] = None, mesh: Any = None) -> ModelOutput:
     """Runs the model over whole sequences (no cache: for decoding see `inference_forward`).
     Pure: jit it with `config` (and the other Python-valued options) static.
 
@@ -459,6 +461,10 @@ def forward(params: Params, input_ids: jax.Array, *, config: Qwen3Config,
         segment and never crosses segments. Give `positions` (each sequence's own); the
         attention mask defaults to segment_ids > 0. "einsum" attention only ("auto" resolves to
         it; a fused kernel is refused).
+      mesh: the ("data", "fsdp", "tensor") mesh the call runs on (static), or None. A
+        mixture-of-experts model then runs its experts expert-parallel over "fsdp"
+        (`moe.expert_parallel`: each device computes the experts it holds, the tokens sent to
+        them); a dense model ignores it.
 
     Returns:
       ModelOutput(logits [B, T, V] float32 or None, hidden [B, T, D] after the final RMSNorm,
@@ -514,7 +520,7 @@ def forward(params: Params, input_ids: jax.Array, *, config: Qwen3Config,
         x, layers, stats = _moe_layers(
             params, lora, x, ctx, config, None if rngs is None else rng, lora_scale=lora_scale,
             lora_dropout=lora_dropout if lora is not None else 0.0, remat=remat,
-            lora_dtype=lora_dtype, return_layers=return_layers)
+            lora_dtype=lora_dtype, return_layers=return_layers, mesh=mesh)
         hidden = rms_norm(x, params["norm"]["scale"], config.rms_norm_eps)
     else:
         model = Qwen3(config, lora_scale=lora_scale,

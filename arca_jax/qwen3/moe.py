@@ -28,10 +28,24 @@ compiled scan body per run, the least that keeps both kinds scanned.
 
 `mixture` is the one routing: the training block and the decode path (`qwen3.inference`, which
 fuses each expert's gate and up kernels into one grouped matmul) both call it.
+
+Expert parallelism (`expert_shards`, `expert_parallel`): on a mesh whose "fsdp" axis F divides E,
+each device holds E / F experts of every sparse layer (the [.., E, ..] kernels split on E,
+`parallel.param_partition_spec`), and the tokens travel to their experts instead of the experts
+to the tokens: per "fsdp" group, each device routes its own rows, sends each (token, expert)
+pair's row to the device holding that expert (one ragged all-to-all), runs its experts over what
+it received and sends the outputs back (a second one), where they are weighted and summed. No pair
+is dropped: the receive buffers are sized for the worst case (every pair of every device to one
+device's experts, F * m * min(k, E / F) rows for m rows per device), as MaxText's ragged path.
+XLA:CPU has no ragged all-to-all; there the exchange is an `all_to_all` of fixed [F, m * min(k,
+E / F), D] chunks (`_exchange`, same result, more bytes). E not divisible by F: the experts stay
+replicated and each device runs every expert over its own rows (the layout before expert
+parallelism).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Iterator, NamedTuple, Optional, Tuple
 
 import flax.linen as nn
@@ -39,6 +53,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from jax.sharding import Mesh, PartitionSpec as P
+
+from arca_jax import parallel
 from arca_jax.qwen3.config import Qwen3MoeConfig
 
 SPARSE_MLP = ("router", "experts")
@@ -116,17 +133,114 @@ def combine(out: jax.Array, order: jax.Array, weights: jax.Array) -> jax.Array:
     return jnp.sum(out, axis=1)
 
 
-def mixture(rows: jax.Array, logits: jax.Array, experts: Callable, config: Qwen3MoeConfig
-            ) -> Mixture:
+def mixture(rows: jax.Array, logits: jax.Array, kernels: Any, apply: Callable,
+            config: Qwen3MoeConfig, mesh: Optional[Mesh] = None) -> Mixture:
     """The sparse MLP of rows [M, D] given their router logits [M, E]: `route`, the M * k
-    (token, expert) pairs sorted by expert (`sort_by_expert`), `experts(pair_rows [M * k, D],
-    group_sizes [E]) -> [M * k, D]` over them, `combine`. The one routing of the training forward
-    (`SparseMoeBlock`) and the decode path (`qwen3.inference`)."""
+    (token, expert) pairs sorted by expert (`sort_by_expert`), `apply(kernels, pair_rows [P, D],
+    group_sizes [E']) -> [P, D]` over them (kernels: a tree of [E', ...] expert stacks, E' = E
+    here), `combine`. With a `mesh` whose "fsdp" axis splits the experts (`expert_shards` > 1),
+    the pairs run where their experts are (`expert_parallel`); the result is the same. The one
+    routing of the training forward (`SparseMoeBlock`) and the decode path (`qwen3.inference`)."""
     k = config.num_experts_per_tok
     probs, weights, chosen = route(logits, k, config.norm_topk_prob)
-    order, group_sizes = sort_by_expert(chosen, config.num_experts)
-    out = experts(rows[order // k], group_sizes)
-    return Mixture(y=combine(out, order, weights), probs=probs, experts=chosen)
+    if expert_shards(config.num_experts, mesh) > 1:
+        y = expert_parallel(rows, weights, chosen, kernels, apply, config.num_experts, mesh)
+    else:
+        order, group_sizes = sort_by_expert(chosen, config.num_experts)
+        y = combine(apply(kernels, rows[order // k], group_sizes), order, weights)
+    return Mixture(y=y, probs=probs, experts=chosen)
+
+
+# --------------------------------------------------------------------------------------------
+# Expert parallelism
+# --------------------------------------------------------------------------------------------
+
+
+def expert_shards(num_experts: int, mesh: Optional[Mesh]) -> int:
+    """F, the devices each sparse layer's experts are split over: the mesh's "fsdp" size when it
+    divides E (each device holds E / F experts), else 1 (experts replicated)."""
+    f = parallel.axis_size(mesh, parallel.FSDP)
+    return f if f > 1 and num_experts % f == 0 else 1
+
+
+def _native_ragged(mesh: Mesh) -> bool:
+    """Whether the mesh's backend has XLA's ragged all-to-all (TPU, GPU; not XLA:CPU)."""
+    return mesh.devices.flat[0].platform != "cpu"
+
+
+def _exchange(x, out, in_off, send, out_off, recv, cap: int, native: bool):
+    """`jax.lax.ragged_all_to_all` over "fsdp" (inside `shard_map`): x [n, D] rows
+    [in_off[j], in_off[j] + send[j]) go to device j, at its rows [out_off[j], ...) of out [n', D];
+    recv [F] the rows each device sends here. native=False (XLA:CPU): the same result from a
+    dense `all_to_all` of [F, cap, D] chunks (cap >= every send and recv size)."""
+    if native:
+        return jax.lax.ragged_all_to_all(x, out, in_off, send, out_off, recv,
+                                         axis_name=parallel.FSDP)
+    r = jnp.arange(cap, dtype=jnp.int32)
+    take = jnp.clip(in_off[:, None] + r, 0, x.shape[0] - 1)  # [F, cap]
+    chunks = jnp.where((r < send[:, None])[..., None], x[take], jnp.zeros((), x.dtype))
+    got = jax.lax.all_to_all(chunks, parallel.FSDP, 0, 0, tiled=True)  # [F sources, cap, D]
+    at = jax.lax.all_to_all(out_off, parallel.FSDP, 0, 0, tiled=True)  # [F]: where each lands
+    dest = jnp.where(r < recv[:, None], at[:, None] + r, out.shape[0])  # out of range: dropped
+    return out.at[dest.reshape(-1)].set(got.reshape(-1, x.shape[-1]), mode="drop")
+
+
+def _exclusive_cumsum(x, axis: int):
+    return jnp.cumsum(x, axis=axis) - x
+
+
+def _dispatch(rows, weights, chosen, kernels, *, apply: Callable, num_experts: int,
+              shards: int, native: bool):
+    """One device's part of `expert_parallel` (inside `shard_map`): its rows [m, D], weights and
+    chosen [m, k], its experts' kernels [E / F, ...] -> its rows' outputs [m, D]."""
+    m, D = rows.shape
+    k = chosen.shape[1]
+    F, El = shards, num_experts // shards
+    me = jax.lax.axis_index(parallel.FSDP)
+    order, group_sizes = sort_by_expert(chosen, num_experts)
+    pairs = rows[order // k]  # [m k, D] sorted by expert, so by destination device
+    counts = jax.lax.all_gather(group_sizes, parallel.FSDP).reshape(F, F, El)  # [src, dst, El]
+    totals = jnp.sum(counts, axis=-1)  # [src, dst] pairs
+    starts = _exclusive_cumsum(totals, 1)  # [src, dst]: a destination's run in src's pairs
+    lands = _exclusive_cumsum(totals, 0)  # [src, dst]: where src's run lands at dst
+    cap = m * min(k, El)  # most pairs one device sends another (a token's k experts differ)
+    received = _exchange(pairs, jnp.zeros((F * cap, D), rows.dtype), starts[me], totals[me],
+                         lands[me], totals[:, me], cap, native)  # [F cap, D], source-major
+    # each source's run is sorted by expert: the local expert of every received row
+    mine = counts[:, me, :]  # [src, El]
+    run = jnp.searchsorted(jnp.cumsum(mine.reshape(-1)), jnp.arange(F * cap), side="right")
+    local = jnp.where(run < F * El, run % El, El).astype(jnp.int32)  # El: an unused row
+    perm = jnp.argsort(local, stable=True).astype(jnp.int32)
+    out = apply(kernels, received[perm], jnp.sum(mine, axis=0))  # [F cap, D] by local expert
+    out = jnp.zeros_like(out).at[perm].set(out)  # back to the received order
+    back = _exchange(out, jnp.zeros((m * k, D), out.dtype), lands[:, me], totals[:, me],
+                     starts[:, me], totals[me], cap, native)  # [m k, D] in `order`
+    return combine(back, order, weights)
+
+
+def expert_parallel(rows: jax.Array, weights: jax.Array, chosen: jax.Array, kernels: Any,
+                    apply: Callable, num_experts: int, mesh: Mesh) -> jax.Array:
+    """The experts' weighted outputs [M, D] of rows [M, D] routed to `chosen` [M, k] with
+    `weights` [M, k], each pair run on the device holding its expert (see the module doc):
+    `shard_map` over the mesh, rows split over ("data", "fsdp") (padded to a multiple of their
+    product; the padding's outputs are dropped), the kernels' [E, ...] stacks over "fsdp",
+    replicated over "data" and "tensor". Equals the single-device `mixture` exactly up to float
+    rounding (each pair's row meets its expert's kernels in one `apply` either way)."""
+    F = expert_shards(num_experts, mesh)
+    M, k = chosen.shape
+    R = parallel.axis_size(mesh, parallel.DATA) * F
+    pad = -M % R
+    if pad:
+        rows = jnp.pad(rows, ((0, pad), (0, 0)))
+        weights = jnp.pad(weights, ((0, pad), (0, 0)))
+        chosen = jnp.concatenate(
+            [chosen, jnp.broadcast_to(jnp.arange(k, dtype=chosen.dtype), (pad, k))])
+    split = P((parallel.DATA, parallel.FSDP))
+    run = jax.shard_map(
+        functools.partial(_dispatch, apply=apply, num_experts=num_experts, shards=F,
+                          native=_native_ragged(mesh)),
+        mesh=mesh, in_specs=(split, split, split, P(parallel.FSDP)), out_specs=split)
+    return run(rows, weights, chosen, kernels)[:M]
 
 
 def check_lora(lora: Optional[Any]) -> None:
@@ -161,38 +275,47 @@ class Router(nn.Module):
         return router_logits(x, kernel)
 
 
-class GroupedLinear(nn.Module):
-    """rows [P, in] sorted by expert, group_sizes [E] -> [P, out]: row p times its expert's
-    kernel [E, in, out] (`jax.lax.ragged_dot`)."""
+class GroupedKernel(nn.Module):
+    """One expert projection's stacked kernel [E, in, out] (the parameter `kernel`)."""
 
-    num_experts: int
-    features: int
+    shape: Tuple[int, int, int]
 
     @nn.compact
-    def __call__(self, rows, group_sizes):
-        kernel = self.param("kernel", nn.initializers.normal(0.02),
-                            (self.num_experts, rows.shape[-1], self.features), jnp.float32)
-        return jax.lax.ragged_dot(rows, kernel.astype(rows.dtype), group_sizes)
+    def __call__(self):
+        return self.param("kernel", nn.initializers.normal(0.02), self.shape, jnp.float32)
+
+
+def swiglu(kernels: Tuple[jax.Array, jax.Array, jax.Array], rows: jax.Array,
+           group_sizes: jax.Array) -> jax.Array:
+    """The experts' SwiGLU over pair rows [P, D] sorted by expert: kernels (gate, up [E', D, I],
+    down [E', I, D]), group_sizes [E'] -> [P, D] (three `jax.lax.ragged_dot`s; rows past
+    sum(group_sizes) give 0)."""
+    gate, up, down = (w.astype(rows.dtype) for w in kernels)
+    h = jax.nn.silu(jax.lax.ragged_dot(rows, gate, group_sizes)) * jax.lax.ragged_dot(
+        rows, up, group_sizes)
+    return jax.lax.ragged_dot(h, down, group_sizes)
 
 
 class Experts(nn.Module):
-    """E SwiGLU MLPs of width I over rows sorted by expert: [P, D] -> [P, D]."""
+    """E SwiGLU MLPs of width I: their kernels (gate, up [E, D, I], down [E, I, D])."""
 
     config: Qwen3MoeConfig
 
     @nn.compact
-    def __call__(self, rows, group_sizes):
+    def __call__(self):
         c = self.config
-        E, I = c.num_experts, c.moe_intermediate_size
-        gate = GroupedLinear(E, I, name="gate_proj")(rows, group_sizes)
-        up = GroupedLinear(E, I, name="up_proj")(rows, group_sizes)
-        return GroupedLinear(E, c.hidden_size, name="down_proj")(nn.silu(gate) * up, group_sizes)
+        E, D, I = c.num_experts, c.hidden_size, c.moe_intermediate_size
+        return (GroupedKernel((E, D, I), name="gate_proj")(),
+                GroupedKernel((E, D, I), name="up_proj")(),
+                GroupedKernel((E, I, D), name="down_proj")())
 
 
 class SparseMoeBlock(nn.Module):
-    """The sparse MLP: (x [B, T, D], token_mask [B, T] or None) -> (y [B, T, D], RouterStats [E])."""
+    """The sparse MLP: (x [B, T, D], token_mask [B, T] or None) -> (y [B, T, D], RouterStats [E]).
+    mesh: run the experts expert-parallel over its "fsdp" axis (`mixture`), or None."""
 
     config: Qwen3MoeConfig
+    mesh: Optional[Mesh] = None
 
     @nn.compact
     def __call__(self, x, token_mask=None):
@@ -200,7 +323,7 @@ class SparseMoeBlock(nn.Module):
         B, T, D = x.shape
         rows = x.reshape(B * T, D)
         mix = mixture(rows, Router(c.num_experts, name="router")(rows),
-                      Experts(c, name="experts"), c)
+                      Experts(c, name="experts")(), swiglu, c, self.mesh)
         mask = None if token_mask is None else token_mask.reshape(B * T)
         return mix.y.reshape(B, T, D), router_stats(mix.probs, mix.experts, mask)
 

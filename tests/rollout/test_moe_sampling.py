@@ -97,8 +97,6 @@ def test_cached_decoding_equals_uncached_forward_at_every_step(model, adapter):
 
 def test_decode_path_refusals(model):
     _, config, params = model
-    with pytest.raises(ValueError, match="tensor-parallel sampling of a mixture-of-experts"):
-        qwen3.inference_weights(params, config, tensor=2)
     mlp = {"layers": {"mlp": {"up_proj": {"lora_a": jnp.zeros((1, 32, 2)),
                                           "lora_b": jnp.zeros((1, 2, 24))}}}}
     with pytest.raises(ValueError, match="attention projections"):
@@ -106,8 +104,8 @@ def test_decode_path_refusals(model):
 
 
 def test_mesh_sampling_equals_one_device():
-    """Rows split over "data" and "fsdp" (experts replicated) sample what one device does;
-    tensor parallelism is refused."""
+    """Rows split over "data" and "fsdp" (experts split over "fsdp": expert-parallel) sample what
+    one device does (more meshes: tests/grpo/test_moe_expert_parallel.py)."""
     config = qwen3.Qwen3Config.from_hf(tiny_moe_hf_config(experts=4, top_k=2, layers=1))
     params = random_params(config, scale=3.0)
     ids, mask = _prompts(config.vocab_size)
@@ -117,6 +115,3 @@ def test_mesh_sampling_equals_one_device():
                             **kw)
     np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(one.tokens))
     np.testing.assert_allclose(np.asarray(out.logps), np.asarray(one.logps), atol=1e-5)
-    with pytest.raises(ValueError, match="tensor-parallel sampling"):
-        sampling.generate(params, ids, mask, mesh=parallel.make_mesh(data=1, fsdp=2, tensor=2),
-                          **kw)
