@@ -337,6 +337,18 @@ def hf_greedy(model, ids, mask, n: int, eos, pad: int = 0) -> np.ndarray:
 # ------------------------------------ run directories -----------------------------------------
 
 
+def trees_close(a, b, tol: float = 1e-5):
+    """Asserts per leaf of two pytrees of one structure: ||a - b||_2 <= tol * max(1, ||b||_2)."""
+    import jax
+
+    la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+    assert len(la) == len(lb) > 0
+    for x, y in zip(la, lb):
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        assert x.shape == y.shape
+        assert np.linalg.norm(x - y) <= tol * max(1.0, np.linalg.norm(y)), (x, y)
+
+
 def read_jsonl(path) -> list:
     """Every line of a JSON-lines file, parsed."""
     with open(path) as f:

@@ -17,7 +17,7 @@ from arca_jax import lora, parallel, qwen3, sampling
 from arca_jax.grpo import GRPOConfig, TrainState, make_train_step
 from arca_jax.qwen3 import moe
 from fixtures import (grad_recorder, left_padded_batch, ragged_batch, random_adapter,
-                      random_params, tiny_moe_hf_config)
+                      random_params, tiny_moe_hf_config, trees_close)
 
 FAST = {"xla_backend_optimization_level": 0}
 # 8 experts of width 24, top-3 raw probabilities, layer 1 dense (mlp_only_layers): E splits over
@@ -55,16 +55,6 @@ def _spec(x) -> tuple:
     while spec and spec[-1] is None:
         spec = spec[:-1]
     return spec
-
-
-def _close(a, b, tol=1e-5):
-    """Per leaf: ||a - b||_2 <= tol * max(1, ||b||_2)."""
-    la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
-    assert len(la) == len(lb) > 0
-    for x, y in zip(la, lb):
-        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-        assert x.shape == y.shape
-        assert np.linalg.norm(x - y) <= tol * max(1.0, np.linalg.norm(y)), (x, y)
 
 
 def _exchanges(hlo: str, rows: int, shape, config=CFG) -> int:
@@ -131,7 +121,7 @@ def test_forward_equals_one_device_by_all_to_all(model, shape):
     out = _forward(placed, batch.input_ids, mesh=mesh, **kw)
     for a, b in ((out.logits, one.logits), (out.expert_load, one.expert_load),
                  (out.aux_loss, one.aux_loss)):
-        _close(a, b)
+        trees_close(a, b)
     hlo = _forward.lower(placed, batch.input_ids, mesh=mesh, **kw).compile().as_text()
     assert _exchanges(hlo, batch.input_ids.size, shape) >= 2  # there and back, per sparse layer
     assert _expert_gathers(hlo, CFG.num_experts) == []
@@ -148,7 +138,7 @@ def test_forward_when_fsdp_does_not_divide_experts(shape):
     placed = parallel.shard_params(params, mesh)
     split = moe.expert_shards(6, mesh) > 1
     assert _spec(_leaf(placed, STACK)) == ((None, "fsdp") if split else ())
-    _close(_forward(placed, batch.input_ids, mesh=mesh, **kw).logits, one.logits)
+    trees_close(_forward(placed, batch.input_ids, mesh=mesh, **kw).logits, one.logits)
     hlo = _forward.lower(placed, batch.input_ids, mesh=mesh, **kw).compile().as_text()
     assert (_exchanges(hlo, batch.input_ids.size, shape, CFG6) > 0) == split
 
@@ -161,8 +151,8 @@ def test_rows_not_divisible_by_devices(model):
     one = _forward(params, ids, config=CFG, attention_mask=mask)
     out = _forward(parallel.shard_params(params, mesh), ids, config=CFG, attention_mask=mask,
                    mesh=mesh)
-    _close(out.logits, one.logits)
-    _close(out.expert_load, one.expert_load)
+    trees_close(out.logits, one.logits)
+    trees_close(out.expert_load, one.expert_load)
 
 
 # ------------------------------------------ train step ----------------------------------------
@@ -189,9 +179,9 @@ def test_train_step_equals_one_device(model, shape):
     got, gm, step = _step(parallel.shard_params(params, mesh), tree, batch, mode="mesh", mesh=mesh)
     for a, b in ((got.loss, one.loss), (got.aux_loss, one.aux_loss),
                  (got.expert_load, one.expert_load)):
-        _close(a, b)
+        trees_close(a, b)
     assert np.linalg.norm(np.asarray(jax.tree_util.tree_leaves(g1)[0])) > 0
-    _close(gm, g1)
+    trees_close(gm, g1)
     state = TrainState.create(tree, grad_recorder(), jax.random.PRNGKey(0))
     hlo = step.jitted.lower(parallel.shard_lora(state, mesh, CFG.num_key_value_heads),
                             parallel.shard_params(params, mesh),

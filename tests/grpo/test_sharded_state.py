@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec as P
 from arca_jax import credit, lora, parallel, qwen3
 from arca_jax.checkpoint import Checkpointer
 from arca_jax.grpo import GRPOConfig, TrainState, make_optimizer, make_train_step
-from fixtures import ragged_batch, random_adapter, random_params, tiny_config
+from fixtures import ragged_batch, random_adapter, random_params, tiny_config, trees_close
 
 FAST = {"xla_backend_optimization_level": 0}
 CFG = tiny_config(vocab_size=64)  # D 32, N H 32, K H 16, F 48: every wide dimension splits 8 ways
@@ -47,16 +47,6 @@ def model():
 def _state(tree):
     return TrainState.create(jax.tree_util.tree_map(jnp.array, tree), _optimizer(),
                              jax.random.PRNGKey(3))
-
-
-def _close(a, b, tol=1e-5):
-    """Per leaf: ||a - b||_2 <= tol * max(1, ||b||_2)."""
-    la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
-    assert len(la) == len(lb) > 0
-    for x, y in zip(la, lb):
-        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-        assert x.shape == y.shape
-        assert np.linalg.norm(x - y) <= tol * max(1.0, np.linalg.norm(y)), (x, y)
 
 
 def _two_steps_of_every_weighting(mode, mesh=None, microbatches=1):
@@ -182,8 +172,8 @@ def test_two_steps_equal_single_device_for_every_weighting(model, single_device,
     got = run(states, parallel.shard_params(params, mesh), parallel.shard_batch(batch, mesh))
     for w in WEIGHTINGS:
         tol = TOLERANCE.get(w, 1e-5)
-        _close(got[w].lora, single_device[w].lora, tol)
-        _close(got[w].opt_state, single_device[w].opt_state, tol)
+        trees_close(got[w].lora, single_device[w].lora, tol)
+        trees_close(got[w].opt_state, single_device[w].opt_state, tol)
         assert int(got[w].step) == 2
         moved = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(
             jax.tree_util.tree_leaves(got[w].lora), jax.tree_util.tree_leaves(tree)))
@@ -238,8 +228,8 @@ def test_checkpoint_of_the_split_state_resumes_on_4_and_on_1_device(model, tmp_p
             (2, 4, 48 // 4) if mesh is not None else (2, 4, 48)), name
         p = params if mesh is None else parallel.shard_params(params, mesh)
         resumed, _ = stepper(mesh)(state, p, batch)
-        _close(resumed.lora, uninterrupted.lora)
-        _close(resumed.opt_state, uninterrupted.opt_state)
+        trees_close(resumed.lora, uninterrupted.lora)
+        trees_close(resumed.opt_state, uninterrupted.opt_state)
         assert int(resumed.step) == 2
     ckpt.close()
 
