@@ -35,7 +35,8 @@ TINY = ["train.steps=2", "train.mode=mesh", "rollout.prompts_per_step=2", "rollo
         "optim.learning_rate=1e-2", "optim.warmup_steps=0",
         "train.seed=2"]  # seed 2: the first step has mixed rewards on the re-pretrained model
 RUN_TIMEOUT = 300
-HEARTBEAT_S = 5
+HEARTBEAT_S = 5  # the killed-process test: how fast a dead peer ends the survivor
+HEARTBEAT_OK_S = 120  # runs that must finish: a loaded CI machine has stalled both for 30 s
 DIST_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "WORLD_SIZE",
             "RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_NTASKS", "SLURM_PROCID",
             "SLURM_STEP_NODELIST", "OMPI_COMM_WORLD_SIZE", "JAX_LOCAL_DEVICE_IDS")
@@ -126,7 +127,10 @@ def _env(devices: int, cache=None) -> dict:
     multi-process runs compile everything themselves."""
     env = {k: v for k, v in os.environ.items()
            if k not in DIST_ENV and not k.startswith("JAX_COMPILATION_CACHE")}
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()  # conftest's, device count
+             if not f.startswith("--xla_force_host_platform_device_count")]
+    flags.append(f"--xla_force_host_platform_device_count={devices}")
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(flags),
                TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     if cache:
         env.update(JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
@@ -184,12 +188,12 @@ def _logs(log_dir):
     return "\n".join(open(os.path.join(log_dir, f"p{i}.log")).read()[-4000:] for i in range(2))
 
 
-def _dist_flags(port, i, heartbeat=30):
+def _dist_flags(port, i, heartbeat=HEARTBEAT_OK_S):
     return ["--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2",
             "--process-id", str(i), "--init-timeout", "120", "--heartbeat-timeout", str(heartbeat)]
 
 
-def _two_cli(run_dir, log_dir, overrides=TINY, extra=(), heartbeat=30):
+def _two_cli(run_dir, log_dir, overrides=TINY, extra=(), heartbeat=HEARTBEAT_OK_S):
     port = _free_port()
     return _spawn_two([_train_cmd(run_dir, overrides, list(extra) + _dist_flags(port, i, heartbeat))
                        for i in range(2)], log_dir)
@@ -200,7 +204,8 @@ def _two_driver(run_dir, log_dir, stop_after=None, resume=False):
     cmds = []
     for i in range(2):
         arg = {"dist": {"coordinator_address": f"127.0.0.1:{port}", "num_processes": 2,
-                        "process_id": i, "initialization_timeout": 120, "heartbeat_timeout": 30},
+                        "process_id": i, "initialization_timeout": 120,
+                        "heartbeat_timeout": HEARTBEAT_OK_S},
                "overrides": TINY, "run_dir": str(run_dir), "resume": resume,
                "stop_after": stop_after}
         cmds.append([sys.executable, "-c", DRIVER, json.dumps(arg)])
@@ -316,7 +321,8 @@ def test_split_state_checkpoint_crosses_processes_and_meshes(tmp_path):
     port = _free_port()
     cmds = [[sys.executable, "-c", CKPT_DRIVER, json.dumps({
         "dist": {"coordinator_address": f"127.0.0.1:{port}", "num_processes": 2,
-                 "process_id": i, "initialization_timeout": 120, "heartbeat_timeout": 30},
+                 "process_id": i, "initialization_timeout": 120,
+                 "heartbeat_timeout": HEARTBEAT_OK_S},
         "directory": directory})] for i in range(2)]
     assert _wait_all(_spawn_two(cmds, str(logs))) == [0, 0], _logs(logs)
     assert "restored on (data 2, fsdp 2)" in _logs(logs)
