@@ -223,7 +223,7 @@ def cmd_export(args) -> int:
     cfg, model, adapter, step = trainer.load_run(args.run, args.checkpoint)
     base = cfg.model.path if not cfg.model.path.startswith("embedded:") else cfg.model.resolved_path()
     lora.save_peft(args.peft, trainer.lora_config(cfg, model.config), adapter,
-                   base_model_name_or_path=base)
+                   base_model_name_or_path=base, config=model.config)
     print(f"wrote the adapter of step {step} to {args.peft} (PEFT format)")
     return 0
 

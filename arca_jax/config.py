@@ -2,10 +2,10 @@
 
     model:   which checkpoint and dtype
     lora:    `arca_jax.lora.LoraConfig` (rank, alpha, targets, dropout); on a mixture-of-experts
-             checkpoint (Qwen3-30B-A3B, model_type qwen3_moe) only the attention projections
-             take adapters: the default targets (all seven projections, "every projection")
-             adapt q_proj, k_proj, v_proj and o_proj there, and an explicit list naming some MLP
-             projections is a ConfigError (`trainer.setup.lora_config`)
+             checkpoint (Qwen3-30B-A3B, model_type qwen3_moe) the default targets (all seven
+             projections, "every projection") adapt q_proj, k_proj, v_proj and o_proj; any
+             other list is taken as written: MLP projections adapt every expert, "gate" the
+             router (`trainer.setup.lora_config`)
     task:    task name, data path, evaluation set
     rollout: prompts per step, group size G, lengths, temperature, top-p, DAPO's dynamic
              sampling and overlong shaping / filtering

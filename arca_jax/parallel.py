@@ -30,8 +30,10 @@ Mesh layout (``make_train_step(mode="mesh")``, ``sampling.generate(mesh=...)``):
   factor is split over "tensor" as the adapters above and over "fsdp" along its wide dimension
   (A's I, B's O; jointly with "tensor" where tensor splits it; else the rank R; else replicated
   over "fsdp", `lora_partition_spec`), replicated over "data"; counters and the PRNG key
-  replicated (`state_shardings`). Each device owns 1 / fsdp of every factor and of its Adam
-  moments. The step all-gathers the factors over "fsdp" for the forward (one whole adapter per
+  replicated (`state_shardings`). A mixture of experts' expert adapters [Ls, E, ., .] follow
+  their expert kernels instead: split on E over "fsdp" when divisible, in both layouts (the
+  forward finds each expert's factors where the expert is). Each device owns 1 / fsdp of every
+  factor and of its Adam moments. The step all-gathers the factors over "fsdp" for the forward (one whole adapter per
   device while the step runs), constrains the gradient to the owned layout (XLA reduces the
   devices' contributions onto each slice: a reduce-scatter, or on XLA:CPU, which computes each
   layer's adapter gradient from activations it gathers over "fsdp" for the base layers, just the
@@ -211,7 +213,8 @@ def param_shardings(params, mesh: Mesh):
 
 
 def lora_partition_spec(path_keys: Sequence[str], shape: Sequence[int], tensor_size: int,
-                        kv_heads: Optional[int] = None, fsdp_size: int = 1) -> P:
+                        kv_heads: Optional[int] = None, fsdp_size: int = 1,
+                        experts_size: int = 1) -> P:
     """PartitionSpec of one leaf of an adapter-shaped tree (the adapter, its gradient or an
     optimiser moment; see the module doc).
 
@@ -223,7 +226,12 @@ def lora_partition_spec(path_keys: Sequence[str], shape: Sequence[int], tensor_s
     divisible by that (tensor x fsdp, or fsdp) the rank R is split over "fsdp" instead; when R
     is not divisible either, the leaf is replicated over "fsdp". Leaves that are not [L, ., .]
     lora_a / lora_b arrays are replicated.
+    Expert adapters (lora_a / lora_b [Ls, E, ., .] under "experts"): E over "fsdp" as their
+    kernels (`expert_spec` with experts_size, the mesh's fsdp size), nothing else split.
     """
+    if path_keys and path_keys[-1] in ("lora_a", "lora_b") and "experts" in path_keys \
+            and len(shape) == 4:
+        return expert_spec(shape, 1, experts_size)
     if len(path_keys) < 2 or len(shape) != 3 or path_keys[-1] not in ("lora_a", "lora_b"):
         return P()
     proj, factor = path_keys[-2], path_keys[-1]
@@ -253,7 +261,8 @@ def state_shardings(tree, mesh: Mesh, kv_heads: Optional[int] = None, *, fsdp: b
     fsdp_size = axis_size(mesh, FSDP) if fsdp else 1
     return jax.tree_util.tree_map_with_path(
         lambda p, x: NamedSharding(mesh, lora_partition_spec(_path_keys(p), np.shape(x), tensor,
-                                                             kv_heads, fsdp_size)),
+                                                             kv_heads, fsdp_size,
+                                                             axis_size(mesh, FSDP))),
         tree)
 
 

@@ -23,8 +23,8 @@ float32 at every decode step) with fewer, larger operations:
     (`moe.mixture`: router, float32 softmax, top-k, pairs sorted by expert; at prefill and at
     T = 1 alike) and runs its experts as two `jax.lax.ragged_dot`s (gate and up fused, [E, D, 2I],
     then down), expert-parallel over the mesh's "fsdp" axis (`experts_mesh`, `moe.mixture`); its
-    dense layers (`mlp_only_layers`) run as a dense model's. Sampling one takes attention
-    adapters only (ValueError otherwise).
+    dense layers (`mlp_only_layers`) run as a dense model's. Adapters on its experts and router
+    are always merged into the `SparseMlp` kernels (a copy anyway: W_e + lora_scale A_e B_e).
 
 Measured on the CPU benchmark model (experiments/NOTES_sampling.md): one decode step of the
 sampler went from 406 kernels (the first version, since removed: the linen forward over a stacked
@@ -67,7 +67,8 @@ class SparseMlp:
     grouped matmuls over the (token, expert) pairs sorted by expert.
 
     norm: [D] post_attention_layernorm's weight (not folded: the router reads the normalised x).
-    router: [D, E]. gate_up: [E, D, 2I], per expert [W_gate | W_up]. down: [E, I, D].
+    router: [D, E]. gate_up: [E, D, 2I], per expert [W_gate | W_up]. down: [E, I, D]. Each with
+    its adapter merged in (`_sparse_mlps`).
     """
 
     norm: jax.Array
@@ -203,8 +204,9 @@ def inference_weights(params: Params, config: Qwen3Config, *, lora: Optional[Par
     device whole heads and its own MLP units; `parallel.inference_shardings` places them).
     A `Qwen3MoeConfig` model's sparse layers get a `SparseMlp` (experts' gate and up concatenated,
     a second copy as the fused dense kernels are; with tensor > 1 its attention and dense MLP
-    layers are laid out as a dense model's, its experts whole on every "tensor" device);
-    ValueError for an adapter on any MLP (`_check_moe`). `mesh`: the sampler's mesh (static), kept by a mixture-of-experts
+    layers are laid out as a dense model's, its experts whole on every "tensor" device), whose
+    router and expert adapters are merged in whatever `merge_lora` says (`_sparse_mlps`).
+    `mesh`: the sampler's mesh (static), kept by a mixture-of-experts
     model's weights so that its experts run expert-parallel over "fsdp" (`experts_mesh`); ignored
     for a dense model.
     """
@@ -214,8 +216,6 @@ def inference_weights(params: Params, config: Qwen3Config, *, lora: Optional[Par
         raise ValueError(f"decode_attention must be one of {DECODE_ATTENTION}, got "
                          f"{decode_attention!r}")
     is_moe = isinstance(config, Qwen3MoeConfig)
-    if is_moe:
-        _check_moe(lora)
     layers_p = params["layers"]
     adapters = (lora or {}).get("layers", {})
     N, K, H = config.num_attention_heads, config.num_key_value_heads, config.head_dim
@@ -271,7 +271,7 @@ def inference_weights(params: Params, config: Qwen3Config, *, lora: Optional[Par
         jnp.broadcast_to(attn["q_norm"]["scale"][:, None, :], (config.num_hidden_layers, N, H)),
         jnp.broadcast_to(attn["k_norm"]["scale"][:, None, :], (config.num_hidden_layers, K, H))], axis=1)
     qk_norm = qk_norm[:, qk_heads].reshape(config.num_hidden_layers, tensor, -1, H)  # [L, t, ., H]
-    sparse = _sparse_mlps(params, config) if is_moe else None
+    sparse = _sparse_mlps(params, config, adapters.get("mlp", {}), lora_scale) if is_moe else None
     index = _kind_index(kinds)
     layers = []
     for i in range(config.num_hidden_layers):
@@ -293,11 +293,6 @@ def inference_weights(params: Params, config: Qwen3Config, *, lora: Optional[Par
         experts_mesh=mesh if is_moe else None)
 
 
-def _check_moe(lora: Optional[Params]) -> None:
-    """What the decode path does not do for a mixture-of-experts model: ValueError."""
-    moe.check_lora(lora)
-
-
 def _mlp_kinds(config: Qwen3Config) -> tuple:
     """Per layer: True where the MLP is sparse (a mixture of experts); all False when dense."""
     if isinstance(config, Qwen3MoeConfig):
@@ -315,18 +310,29 @@ def _kind_index(kinds: tuple) -> tuple:
     return tuple(out)
 
 
-def _sparse_mlps(params: Params, config: Qwen3MoeConfig) -> SparseMlp:
+def _sparse_mlps(params: Params, config: Qwen3MoeConfig, adapters: Params,
+                 lora_scale: Any) -> SparseMlp:
     """The sparse layers' `SparseMlp`s stacked [Ls, ...] (gate and up concatenated per expert,
-    in the parameters' dtype)."""
+    in the parameters' dtype), each kernel with its adapter in `adapters` (the LoRA tree's
+    `layers/mlp`: `router`, `experts/<proj>`) merged in: W + lora_scale A B, per expert for the
+    [Ls, E, in, out] stacks, computed in float32."""
     mlp = params["layers"]["mlp"]
-    experts = mlp["experts"]
+
+    def kernel(w, ab):
+        if ab is None:
+            return w
+        delta = jnp.einsum("...IR,...RO->...IO", ab["lora_a"].astype(jnp.float32),
+                           ab["lora_b"].astype(jnp.float32))
+        return (w.astype(jnp.float32) + lora_scale * delta).astype(w.dtype)
+
+    expert = lambda p: kernel(mlp["experts"][p]["kernel"],  # noqa: E731
+                              adapters.get("experts", {}).get(p))
     at = np.asarray([i for i, sparse in enumerate(config.sparse_layers) if sparse])
     return SparseMlp(
         norm=params["layers"]["post_attention_layernorm"]["scale"][at],
-        router=mlp["router"]["kernel"],
-        gate_up=jnp.concatenate([experts["gate_proj"]["kernel"], experts["up_proj"]["kernel"]],
-                                axis=-1),
-        down=experts["down_proj"]["kernel"])
+        router=kernel(mlp["router"]["kernel"], adapters.get("router")),
+        gate_up=jnp.concatenate([expert("gate_proj"), expert("up_proj")], axis=-1),
+        down=expert("down_proj"))
 
 
 @flax.struct.dataclass

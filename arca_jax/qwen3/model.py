@@ -298,7 +298,8 @@ class DecoderLayer(nn.Module):
             RMSNorm(c.rms_norm_eps, name="input_layernorm")(x), ctx)
         h = RMSNorm(c.rms_norm_eps, name="post_attention_layernorm")(x)
         if self.sparse:
-            y, stats = moe.SparseMoeBlock(c, self.mesh, name="mlp")(h, ctx.token_mask)
+            y, stats = moe.SparseMoeBlock(c, self.mesh, self.lora_scale, self.lora_dtype,
+                                          name="mlp")(h, ctx.token_mask)
             x = x + y
             return x, ((x if self.return_layers else None), stats)
         x = x + MLP(c, self.lora_scale, self.lora_dropout, self.lora_dtype, name="mlp")(h)
@@ -469,8 +470,8 @@ def forward(params: Params, input_ids: jax.Array, *, config: Qwen3Config,
     Returns:
       ModelOutput(logits [B, T, V] float32 or None, hidden [B, T, D] after the final RMSNorm,
       layers [L, B, T, D] or None; for a `Qwen3MoeConfig` also aux_loss [Ls], expert_load and
-      router_prob [Ls, E] over the tokens of attention_mask). A mixture-of-experts model takes
-      LoRA on its attention projections only (ValueError for MLP targets).
+      router_prob [Ls, E] over the tokens of attention_mask). A mixture-of-experts model's
+      adapters on its experts and router take no dropout (ValueError, `moe.check_lora`).
     """
     B, T = input_ids.shape
     if attention_mask is None:
@@ -495,7 +496,7 @@ def forward(params: Params, input_ids: jax.Array, *, config: Qwen3Config,
     is_moe = isinstance(config, Qwen3MoeConfig)
     token_mask = None
     if is_moe:
-        moe.check_lora(lora)
+        moe.check_lora(lora, lora_dropout)
         token_mask = jnp.take_along_axis(attention_mask, src, axis=1) if rotated else attention_mask
     if rotated:
         ctx = _Context(cos=cos, sin=sin, visible=None, lengths=jnp.maximum(lengths, 1),

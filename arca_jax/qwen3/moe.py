@@ -11,11 +11,18 @@ expert and each expert's projection is one group of `jax.lax.ragged_dot` over it
 of rows, so the work is the routed rows' only (on TPU and GPU, where XLA has a ragged dot; XLA:CPU
 has none and jax's CPU rollout masks the rows per group, which is fine at test sizes).
 
-Parameter tree of a sparse layer (stacked on a leading Ls axis under `layers/mlp`):
+Parameter tree of a sparse layer (stacked on a leading Ls axis under `layers/mlp`), and its
+optional LoRA tree (`arca_jax.lora`, targets "gate" and "gate_proj" / "up_proj" / "down_proj"):
 
-    router/kernel                   [D, E]
-    experts/{gate,up}_proj/kernel   [E, D, I]
-    experts/down_proj/kernel        [E, I, D]
+    router/kernel                   [D, E]         router/{lora_a [D, R], lora_b [R, E]}
+    experts/{gate,up}_proj/kernel   [E, D, I]      experts/{gate,up}_proj/{lora_a [E, D, R],
+                                                                           lora_b [E, R, I]}
+    experts/down_proj/kernel        [E, I, D]      experts/down_proj/{lora_a [E, I, R], lora_b [E, R, D]}
+
+The router's adapter adds lora_scale (x A) B to the logits; each expert's adapter is applied
+inside the grouped matmul, to the rows routed to that expert only (`grouped_project`: two more
+`ragged_dot`s, through A_e to [P, R] and back through B_e). No adapter input dropout there (as
+PEFT's adapters on transformers' fused expert parameters: `check_lora`).
 
 Heterogeneous stacks (`mlp_only_layers`, `decoder_sparse_step` > 1): attention and norms stay
 stacked over all L layers (`layers/self_attn/...` [L, ...], so attention LoRA trees and PEFT
@@ -243,13 +250,15 @@ def expert_parallel(rows: jax.Array, weights: jax.Array, chosen: jax.Array, kern
     return run(rows, weights, chosen, kernels)[:M]
 
 
-def check_lora(lora: Optional[Any]) -> None:
-    """ValueError when an adapter tree of a mixture-of-experts model adapts any MLP (experts,
-    router or the dense MLP layers): only the attention projections take LoRA, for now."""
-    if lora is not None and "mlp" in lora.get("layers", {}):
-        raise ValueError("LoRA on the MLP of a mixture-of-experts model (experts, router, dense "
-                         "MLP layers) is not implemented; target the attention projections "
-                         "(q_proj, k_proj, v_proj, o_proj)")
+def check_lora(lora: Optional[Any], lora_dropout: float = 0.0) -> None:
+    """ValueError when an adapter tree of a mixture-of-experts model adapts the experts or the
+    router and lora_dropout > 0: their adapters take no input dropout (see the module doc)."""
+    mlp = (lora or {}).get("layers", {}).get("mlp", {})
+    adapted = [name for name in SPARSE_MLP if name in mlp]
+    if adapted and lora_dropout > 0.0:
+        raise ValueError(f"lora_dropout={lora_dropout}: the adapters on the {' and '.join(adapted)} "
+                         "of a mixture-of-experts model take no dropout (as PEFT's on "
+                         "transformers' fused experts); use lora dropout 0")
 
 
 def router_stats(probs: jax.Array, experts: jax.Array, token_mask: Optional[jax.Array]) -> RouterStats:
@@ -263,41 +272,77 @@ def router_stats(probs: jax.Array, experts: jax.Array, token_mask: Optional[jax.
                        prob=jnp.sum(probs * m[:, None], axis=0) / n)
 
 
+def _lora_dtype(x: jax.Array, lora_dtype: Any):
+    return x.dtype if lora_dtype is None else jnp.dtype(lora_dtype)
+
+
 class Router(nn.Module):
-    """x [M, D] -> logits [M, E] in x's dtype (as transformers: softmax later, in float32)."""
+    """x [M, D] -> logits [M, E] in x's dtype (as transformers: softmax later, in float32), plus
+    lora_scale (x A) B when the 'lora' collection holds lora_a [D, R], lora_b [R, E] (matmuls in
+    `lora_dtype`, None: x's, as `LoraLinear`)."""
 
     num_experts: int
+    lora_scale: float = 1.0
+    lora_dtype: Any = None
 
     @nn.compact
     def __call__(self, x):
         kernel = self.param("kernel", nn.initializers.normal(0.02), (x.shape[-1], self.num_experts),
                             jnp.float32)
-        return router_logits(x, kernel)
+        logits = router_logits(x, kernel)
+        if self.has_variable("lora", "lora_a"):
+            dtype = _lora_dtype(x, self.lora_dtype)
+            a = self.get_variable("lora", "lora_a").astype(dtype)
+            b = self.get_variable("lora", "lora_b").astype(dtype)
+            delta = jnp.einsum("MR,RE->ME", jnp.einsum("MD,DR->MR", x.astype(dtype), a), b)
+            logits = logits + (self.lora_scale * delta).astype(logits.dtype)
+        return logits
 
 
 class GroupedKernel(nn.Module):
-    """One expert projection's stacked kernel [E, in, out] (the parameter `kernel`)."""
+    """One expert projection: {'kernel' [E, in, out]}, with 'lora_a' [E, in, R] and 'lora_b'
+    [E, R, out] when the 'lora' collection holds an adapter for it (see `grouped_project`)."""
 
     shape: Tuple[int, int, int]
 
     @nn.compact
     def __call__(self):
-        return self.param("kernel", nn.initializers.normal(0.02), self.shape, jnp.float32)
+        w = {"kernel": self.param("kernel", nn.initializers.normal(0.02), self.shape, jnp.float32)}
+        if self.has_variable("lora", "lora_a"):
+            w.update(lora_a=self.get_variable("lora", "lora_a"),
+                     lora_b=self.get_variable("lora", "lora_b"))
+        return w
 
 
-def swiglu(kernels: Tuple[jax.Array, jax.Array, jax.Array], rows: jax.Array,
-           group_sizes: jax.Array) -> jax.Array:
-    """The experts' SwiGLU over pair rows [P, D] sorted by expert: kernels (gate, up [E', D, I],
-    down [E', I, D]), group_sizes [E'] -> [P, D] (three `jax.lax.ragged_dot`s; rows past
-    sum(group_sizes) give 0)."""
-    gate, up, down = (w.astype(rows.dtype) for w in kernels)
-    h = jax.nn.silu(jax.lax.ragged_dot(rows, gate, group_sizes)) * jax.lax.ragged_dot(
-        rows, up, group_sizes)
-    return jax.lax.ragged_dot(h, down, group_sizes)
+def grouped_project(rows: jax.Array, w: Any, group_sizes: jax.Array, lora_scale: float = 1.0,
+                    lora_dtype: Any = None) -> jax.Array:
+    """Pair rows [P, in] sorted by expert through their experts' projection w ({'kernel'
+    [E', in, out]} and optionally {'lora_a' [E', in, R], 'lora_b' [E', R, out]}), group_sizes
+    [E'] -> [P, out] in rows' dtype: x W_e + lora_scale (x A_e) B_e for each row's expert e, as
+    `jax.lax.ragged_dot`s over the routed rows only (the adapter's in `lora_dtype`; None: rows')."""
+    y = jax.lax.ragged_dot(rows, w["kernel"].astype(rows.dtype), group_sizes)
+    if "lora_a" in w:
+        dtype = _lora_dtype(rows, lora_dtype)
+        xa = jax.lax.ragged_dot(rows.astype(dtype), w["lora_a"].astype(dtype), group_sizes)
+        delta = jax.lax.ragged_dot(xa, w["lora_b"].astype(dtype), group_sizes)  # [P, out]
+        y = y + (lora_scale * delta).astype(y.dtype)
+    return y
+
+
+def swiglu(kernels: Any, rows: jax.Array, group_sizes: jax.Array, lora_scale: float = 1.0,
+           lora_dtype: Any = None) -> jax.Array:
+    """The experts' SwiGLU over pair rows [P, D] sorted by expert: kernels {'gate_proj',
+    'up_proj' ({'kernel' [E', D, I]}, adapters), 'down_proj' ([E', I, D])} as `Experts` returns,
+    group_sizes [E'] -> [P, D] (`grouped_project` each; rows past sum(group_sizes) give 0)."""
+    proj = lambda name, x: grouped_project(x, kernels[name], group_sizes, lora_scale,  # noqa: E731
+                                           lora_dtype)
+    h = jax.nn.silu(proj("gate_proj", rows)) * proj("up_proj", rows)
+    return proj("down_proj", h)
 
 
 class Experts(nn.Module):
-    """E SwiGLU MLPs of width I: their kernels (gate, up [E, D, I], down [E, I, D])."""
+    """E SwiGLU MLPs of width I: their projections {'gate_proj', 'up_proj' ([E, D, I]),
+    'down_proj' ([E, I, D])}, each a `GroupedKernel` (kernel and optional adapter)."""
 
     config: Qwen3MoeConfig
 
@@ -305,25 +350,30 @@ class Experts(nn.Module):
     def __call__(self):
         c = self.config
         E, D, I = c.num_experts, c.hidden_size, c.moe_intermediate_size
-        return (GroupedKernel((E, D, I), name="gate_proj")(),
-                GroupedKernel((E, D, I), name="up_proj")(),
-                GroupedKernel((E, I, D), name="down_proj")())
+        return {"gate_proj": GroupedKernel((E, D, I), name="gate_proj")(),
+                "up_proj": GroupedKernel((E, D, I), name="up_proj")(),
+                "down_proj": GroupedKernel((E, I, D), name="down_proj")()}
 
 
 class SparseMoeBlock(nn.Module):
     """The sparse MLP: (x [B, T, D], token_mask [B, T] or None) -> (y [B, T, D], RouterStats [E]).
-    mesh: run the experts expert-parallel over its "fsdp" axis (`mixture`), or None."""
+    mesh: run the experts expert-parallel over its "fsdp" axis (`mixture`), or None.
+    lora_scale, lora_dtype: for the router's and the experts' adapters (when the 'lora'
+    collection holds them)."""
 
     config: Qwen3MoeConfig
     mesh: Optional[Mesh] = None
+    lora_scale: float = 1.0
+    lora_dtype: Any = None
 
     @nn.compact
     def __call__(self, x, token_mask=None):
         c = self.config
         B, T, D = x.shape
         rows = x.reshape(B * T, D)
-        mix = mixture(rows, Router(c.num_experts, name="router")(rows),
-                      Experts(c, name="experts")(), swiglu, c, self.mesh)
+        logits = Router(c.num_experts, self.lora_scale, self.lora_dtype, name="router")(rows)
+        apply = functools.partial(swiglu, lora_scale=self.lora_scale, lora_dtype=self.lora_dtype)
+        mix = mixture(rows, logits, Experts(c, name="experts")(), apply, c, self.mesh)
         mask = None if token_mask is None else token_mask.reshape(B * T)
         return mix.y.reshape(B, T, D), router_stats(mix.probs, mix.experts, mask)
 

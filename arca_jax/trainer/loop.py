@@ -135,10 +135,11 @@ def _start(cfg: RunConfig, run_dir: str, resume: bool, log: Optional[RunLog]) ->
     mesh = setup.make_run_mesh(cfg)
     layout = parallel.RowLayout(mesh, cfg.batch_size)
     model = setup.load_model(cfg, mesh)  # mesh: base weights placed sharded (`parallel`)
-    adapted = setup.lora_config(cfg, model.config).targets  # ConfigError for MLP targets on MoE
+    adapted = setup.lora_config(cfg, model.config).targets  # ConfigError for targets it refuses
     if adapted != cfg.lora.targets:
-        log.message(f"lora.targets: a mixture-of-experts model takes adapters on its attention "
-                    f"projections only; adapting {list(adapted)}")
+        log.message(f"lora.targets: the default list adapts a mixture-of-experts model's "
+                    f"attention projections {list(adapted)}; name the experts' projections "
+                    f"with 'gate' (the router), or a subset, to adapt them")
     try:
         residual_layers(cfg.grpo, model.config.num_hidden_layers)
     except ValueError as e:  # a layer index the model does not have

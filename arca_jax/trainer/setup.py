@@ -124,22 +124,19 @@ def build_optimizer(cfg: RunConfig) -> optax.GradientTransformation:
 
 
 def lora_config(cfg: RunConfig, model_config) -> lora.LoraConfig:
-    """The run's adapter settings on this model: `cfg.lora`, except on a mixture-of-experts model
-    (`qwen3.Qwen3MoeConfig`), whose MLP (experts, router) takes no adapter yet. There the full
-    target list (`lora.ALL_TARGETS`, the default: "every projection", as PEFT's "all-linear")
-    becomes every projection the model can adapt, the attention projections q, k, v, o; a list
-    that names some MLP projections but not all of them is an explicit choice the model cannot
-    honour: ConfigError naming the attention targets. Dense models: `cfg.lora` unchanged."""
+    """The run's adapter settings on this model: `cfg.lora`, except that on a mixture-of-experts
+    model (`qwen3.Qwen3MoeConfig`) the full default target list (`lora.ALL_TARGETS`, "every
+    projection") adapts the attention projections q, k, v, o only; any other list is taken as
+    written (MLP projections: every expert, and the dense layers' MLP; "gate": the router).
+    ConfigError for targets the model cannot take (`lora.check_targets`: the router of a dense
+    model, dropout on expert or router adapters)."""
     c = cfg.lora
-    if not isinstance(model_config, qwen3.Qwen3MoeConfig):
-        return c
-    if set(c.targets) == set(lora.ALL_TARGETS):
+    if isinstance(model_config, qwen3.Qwen3MoeConfig) and set(c.targets) == set(lora.ALL_TARGETS):
         return dataclasses.replace(c, targets=qwen3.ATTN_PROJS)
     try:
-        lora.check_targets(model_config, c.targets)
+        lora.check_targets(model_config, c.targets, dropout=c.dropout)
     except ValueError as e:
-        raise ConfigError(f"lora.targets: {e} (set lora.targets={list(qwen3.ATTN_PROJS)}, or a "
-                          "subset of them)") from None
+        raise ConfigError(f"lora.targets: {e}") from None
     return c
 
 
