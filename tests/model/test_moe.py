@@ -337,23 +337,18 @@ def test_attention_lora_gradients_match_torch(adapted):
     pm.zero_grad()
 
 
-def test_mlp_lora_targets_refused(checkpoint, tmp_path):
+def test_mlp_lora_dropout_refused(checkpoint, tmp_path):
+    """Expert and router adapters take no dropout (the rest: tests/model/test_moe_lora.py)."""
     model, path, config, params = checkpoint
-    with pytest.raises(ValueError, match="mixture-of-experts"):
-        lora.init_lora(config, lora.LoraConfig(rank=2, targets=("q_proj", "gate_proj")),
-                       jax.random.PRNGKey(0))
-    dense_like = {"layers": {"mlp": {"gate_proj": {"lora_a": jnp.zeros((1, 32, 2)),
-                                                   "lora_b": jnp.zeros((1, 2, 24))}}}}
+    with pytest.raises(ValueError, match="no dropout"):
+        lora.init_lora(config, lora.LoraConfig(rank=2, targets=("q_proj", "gate_proj"),
+                                               dropout=0.1), jax.random.PRNGKey(0))
+    lcfg = lora.LoraConfig(rank=2, targets=("q_proj", "gate"))
+    tree = lora.init_lora(config, lcfg, jax.random.PRNGKey(0))
     ids, mask = _batch(config.vocab_size)
-    with pytest.raises(ValueError, match="attention projections"):
-        qwen3.forward(params, jnp.asarray(ids), config=config, lora=dense_like)
-    lcfg = lora.LoraConfig(rank=2, targets=("q_proj",))
-    lora.save_peft(tmp_path, lcfg, lora.init_lora(config, lcfg, jax.random.PRNGKey(0)))
-    cfg_path = tmp_path / "adapter_config.json"
-    c = json.loads(cfg_path.read_text())
-    cfg_path.write_text(json.dumps({**c, "target_modules": ["q_proj", "up_proj"]}))
-    with pytest.raises(CheckpointError, match="mixture-of-experts"):
-        lora.load_peft(tmp_path, config)
+    with pytest.raises(ValueError, match="no dropout"):
+        qwen3.forward(params, jnp.asarray(ids), config=config, lora=tree, lora_dropout=0.1,
+                      rng=jax.random.PRNGKey(0))
 
 
 def test_bfloat16_params_run():

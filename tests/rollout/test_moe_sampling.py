@@ -1,6 +1,6 @@
 """The sampler on Qwen3 mixture-of-experts models: greedy tokens against transformers'
 `Qwen3MoeForCausalLM.generate`, cached decoding against the uncached forward (attention LoRA
-included), and the decode path's refusals."""
+included); expert and router adapters: tests/model/test_moe_lora.py."""
 
 import jax
 import jax.numpy as jnp
@@ -93,14 +93,6 @@ def test_cached_decoding_equals_uncached_forward_at_every_step(model, adapter):
         out = step(weights, jnp.asarray(feed[:, i:i + 1]), config=config,
                    positions=jnp.asarray(position, jnp.int32),
                    attention_mask=jnp.ones((B, 1), jnp.int32), cache=out.cache)
-
-
-def test_decode_path_refusals(model):
-    _, config, params = model
-    mlp = {"layers": {"mlp": {"up_proj": {"lora_a": jnp.zeros((1, 32, 2)),
-                                          "lora_b": jnp.zeros((1, 2, 24))}}}}
-    with pytest.raises(ValueError, match="attention projections"):
-        qwen3.inference_weights(params, config, lora=mlp)
 
 
 def test_mesh_sampling_equals_one_device():

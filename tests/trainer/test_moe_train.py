@@ -33,13 +33,20 @@ def moe_dir(tmp_path_factory):
     return str(path)
 
 
+EXPERT_TARGETS = ("q_proj", "v_proj", "gate_proj", "up_proj", "down_proj", "gate")
+
+
 def test_train_run_logs_routing(moe_dir, tmp_path):
+    """A run with adapters on attention, the experts and the router: routing logged, the
+    adapter checkpointed and exported."""
     run_dir = str(tmp_path / "run")
-    summary = train.train(config.load(None, RUN + [f"model.path={moe_dir}"]), run_dir)
+    targets = f"lora.targets=[{','.join(EXPERT_TARGETS)}]"
+    summary = train.train(config.load(None, RUN + [f"model.path={moe_dir}", targets]), run_dir)
     assert summary["finished"] and summary["steps"] == 2
-    # the default targets (every projection) adapt the attention projections: rank 8 x 3 layers
-    # x (in + out) of q (32 + 64), k, v (32 + 32 each), o (64 + 32)
-    assert summary["trainable_params"] == 8 * 3 * (96 + 64 + 64 + 96)
+    # rank x (3 layers x (in + out) of q (32 + 64), v (32 + 32); 2 sparse layers x 4 experts
+    # x gate, up, down (32 + 24 each); 2 sparse layers x the router (32 + 4))
+    assert summary["trainable_params"] == summary["rank"] * (3 * (96 + 64) + 2 * 4 * 3 * 56
+                                                             + 2 * 36)
     metrics = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
     assert [m["step"] for m in metrics] == [1, 2]
     for m in metrics:
@@ -51,8 +58,9 @@ def test_train_run_logs_routing(moe_dir, tmp_path):
     # the run's adapter exports with the targets it was built with, and loads back
     peft_dir = str(tmp_path / "peft")
     assert cli.main(["export", "--run", run_dir, "--peft", peft_dir]) == 0
-    lcfg, _ = lora.load_peft(peft_dir, qwen3.Qwen3Config.from_hf(moe_dir))
-    assert lcfg.targets == qwen3.ATTN_PROJS
+    lcfg, tree = lora.load_peft(peft_dir, qwen3.Qwen3Config.from_hf(moe_dir))
+    assert lcfg.targets == EXPERT_TARGETS
+    assert np.abs(np.asarray(tree["layers"]["mlp"]["experts"]["down_proj"]["lora_b"])).max() > 0
 
 
 def test_lora_targets_on_an_moe_model(moe_dir):
@@ -61,9 +69,12 @@ def test_lora_targets_on_an_moe_model(moe_dir):
     assert trainer.lora_config(default, model_config).targets == qwen3.ATTN_PROJS
     chosen = config.load(None, [f"model.path={moe_dir}", "lora.targets=[q_proj,v_proj]"])
     assert trainer.lora_config(chosen, model_config).targets == ("q_proj", "v_proj")
-    mlp = config.load(None, [f"model.path={moe_dir}", "lora.targets=[q_proj,up_proj]"])
-    with pytest.raises(ConfigError, match=r"lora.targets.*'q_proj', 'k_proj', 'v_proj', 'o_proj'"):
-        trainer.lora_config(mlp, model_config)
+    mlp = config.load(None, [f"model.path={moe_dir}", "lora.targets=[q_proj,up_proj,gate]"])
+    assert trainer.lora_config(mlp, model_config).targets == ("q_proj", "up_proj", "gate")
+    dropout = config.load(None, [f"model.path={moe_dir}", "lora.targets=[up_proj]",
+                                 "lora.dropout=0.1"])
+    with pytest.raises(ConfigError, match="lora.targets.*no dropout"):
+        trainer.lora_config(dropout, model_config)
     tensor = config.load(None, [f"model.path={moe_dir}", "train.mode=mesh", "train.mesh_tensor=2"])
     with pytest.raises(ConfigError, match="mesh_tensor=2: tensor parallelism for a mixture"):
         trainer.setup.check_tensor(tensor, model_config)
