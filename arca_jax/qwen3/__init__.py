@@ -40,8 +40,9 @@ stacked per kind (see `moe`): the sparse layers' `layers/mlp/router/kernel` [Ls,
 [Ls, E, I, D]; the dense layers' (`mlp_only_layers`, `decoder_sparse_step`) MLP as above over Ld.
 
 The LoRA tree (see `arca_jax.lora`) mirrors the projections: `layers/<block>/<proj>/{lora_a [L, in, R],
-lora_b [L, R, out]}`. It is passed as a separate Flax collection, so `jax.grad` with respect to it
-sees only the adapter.
+lora_b [L, R, out]}` (a mixture of experts' expert adapters [Ls, E, ...] under `layers/mlp/experts`,
+its router's under `layers/mlp/router`: see `moe`). It is passed as a separate Flax collection, so
+`jax.grad` with respect to it sees only the adapter.
 """
 
 from arca_jax.qwen3.common import (ATTN_PROJS, MLP_PROJS, PROJ_BLOCK, Params, default_positions,
