@@ -80,8 +80,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported field type {tp}")
 
 
-def from_dict(cls: Type[T], data: Mapping[str, Any], prefix: str = "") -> T:
-    """Builds dataclass `cls` from a (nested) mapping; missing keys keep their defaults."""
+def from_dict(cls: Type[T], data: Mapping[str, Any], prefix: str = "",
+              base: Optional[T] = None) -> T:
+    """Builds dataclass `cls` from a (nested) mapping. A missing key keeps its default: the value
+    in `base` when given, else the field's default. A nested section starts from the enclosing
+    field's default instance (`RunConfig.lora = LoraConfig(rank=8, alpha=16.0)`: `lora: {rank: 4}`
+    keeps alpha 16, not `LoraConfig`'s own 32)."""
     if not isinstance(data, Mapping):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
@@ -90,7 +94,13 @@ def from_dict(cls: Type[T], data: Mapping[str, Any], prefix: str = "") -> T:
     if unknown:
         raise ConfigError(f"unknown key {prefix}{unknown[0]!s}; valid keys"
                           f"{' of ' + prefix.rstrip('.') if prefix else ''}: {sorted(fields)}")
-    kwargs = {k: _coerce(v, hints[k], f"{prefix}{k}") for k, v in data.items()}
+    kwargs = {} if base is None else {k: getattr(base, k) for k in fields}
+    for k, v in data.items():
+        default = getattr(base, k) if base is not None else fields[k].default
+        if dataclasses.is_dataclass(default) and isinstance(v, Mapping):
+            kwargs[k] = from_dict(type(default), v, prefix=f"{prefix}{k}.", base=default)
+        else:
+            kwargs[k] = _coerce(v, hints[k], f"{prefix}{k}")
     try:
         return cls(**kwargs)
     except ConfigError:
