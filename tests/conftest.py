@@ -1,8 +1,12 @@
 """Test-wide settings: CPU only, 8 forced host devices (for the pmap/mesh tests), float32 matmuls
 exact; and tests/ on sys.path, so that every test folder imports the shared builders with
 ``from fixtures import ...`` (tests/fixtures.py)."""
+import atexit
+import gc
 import os
+import shutil
 import sys
+import tempfile
 
 CPU_COLLECTIVE_TIMEOUT_FLAG = "--xla_cpu_collective_call_terminate_timeout_seconds=900"
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -20,10 +24,29 @@ if "xla_cpu_collective_call_terminate_timeout_seconds" not in _flags:
 os.environ["XLA_FLAGS"] = _flags.strip()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# The CLI's persistent compilation cache stays off in tests (each test compiles what it checks);
-# tests/trainer/test_compilation_cache.py turns it on where it is the subject.
-os.environ["ARCA_JAX_COMPILATION_CACHE"] = "off"
+# One persistent compilation cache for the whole run, fresh each run: the test processes (both
+# xdist workers inherit the directory from the controller) and the trainer subprocesses they
+# start load a program another test already compiled instead of compiling it again.
+# tests/trainer/test_compilation_cache.py checks the cache itself with directories of its own.
+if "ARCA_JAX_TEST_COMPILATION_CACHE" not in os.environ:
+    os.environ["ARCA_JAX_TEST_COMPILATION_CACHE"] = tempfile.mkdtemp(prefix="arca-jax-test-xla-")
+    atexit.register(shutil.rmtree, os.environ["ARCA_JAX_TEST_COMPILATION_CACHE"], True)
+os.environ["ARCA_JAX_COMPILATION_CACHE"] = os.environ["ARCA_JAX_TEST_COMPILATION_CACHE"]
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+from arca_jax.trainer import setup as _setup  # noqa: E402
+
+_setup.use_compilation_cache()  # the CLI's own switch, on the directory above
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs():
+    """After each test module: drop JAX's compiled programs and traces. An xdist worker otherwise
+    keeps every program it ever compiled (several GB by the end of the suite), and two such
+    workers plus the multi-process tests' subprocesses have exhausted a 24 GB machine."""
+    yield
+    jax.clear_caches()
+    gc.collect()

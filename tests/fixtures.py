@@ -338,7 +338,8 @@ def hf_greedy(model, ids, mask, n: int, eos, pad: int = 0) -> np.ndarray:
 
 
 def trees_close(a, b, tol: float = 1e-5):
-    """Asserts per leaf of two pytrees of one structure: ||a - b||_2 <= tol * max(1, ||b||_2)."""
+    """Asserts per leaf of two pytrees of one structure: NaN at the same places (e.g. a metric
+    that is not defined for the batch), elsewhere ||a - b||_2 <= tol * max(1, ||b||_2)."""
     import jax
 
     la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
@@ -346,6 +347,8 @@ def trees_close(a, b, tol: float = 1e-5):
     for x, y in zip(la, lb):
         x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
         assert x.shape == y.shape
+        assert np.array_equal(np.isnan(x), np.isnan(y)), (x, y)
+        x, y = np.nan_to_num(x), np.nan_to_num(y)
         assert np.linalg.norm(x - y) <= tol * max(1.0, np.linalg.norm(y)), (x, y)
 
 

@@ -12,7 +12,7 @@ import pytest
 from arca_jax import credit, lora, packing, qwen3
 from arca_jax.batch import Batch
 from arca_jax.grpo import GRPOConfig, TrainState, loss_fn, make_train_step
-from fixtures import grad_recorder, random_adapter, random_params, tiny_config
+from fixtures import grad_recorder, random_adapter, random_params, tiny_config, trees_close
 
 CFG = tiny_config(vocab_size=64)
 LCFG = lora.LoraConfig(rank=4, alpha=8.0)
@@ -45,15 +45,6 @@ def grpo_batch(B=16, P=6, N=10, seed=0, hole=False):
 @pytest.fixture(scope="module")
 def model():
     return random_params(CFG, seed=0, scale=2.0), random_adapter(CFG, LCFG, seed=1, scale=0.2)
-
-
-def _close(a, b, tol=1e-5):
-    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
-        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-        assert x.shape == y.shape
-        assert np.array_equal(np.isnan(x), np.isnan(y))  # e.g. no injected learning rate
-        x, y = np.nan_to_num(x), np.nan_to_num(y)
-        assert np.linalg.norm(x - y) <= tol * max(1.0, np.linalg.norm(y)), (x, y)
 
 
 @pytest.mark.parametrize("seed,hole", [(0, False), (1, True), (2, False)])
@@ -134,7 +125,7 @@ def test_every_weighting_equals_padded(model):
     got = jax.jit(_all)(tree, params, packing.pack(b, multiple=4))
     assert set(got) == set(credit.registered()) | {"arca_layers"}
     for name in got:
-        _close(got[name], ref[name], TOL.get(name, 1e-5))
+        trees_close(got[name], ref[name], TOL.get(name, 1e-5))
     assert float(ref["arca"][0][1].residual_norm_max) > 0
 
 
@@ -147,8 +138,8 @@ def test_train_step_equals_padded_and_refuses_split_modes(model):
     key = jax.random.PRNGKey(0)
     s_ref, m_ref = step(TrainState.create(tree, opt, key), params, b)
     s_got, m_got = step(TrainState.create(tree, opt, key), params, packing.pack(b))
-    _close(s_got.opt_state, s_ref.opt_state)  # the gradient
-    _close(m_got, m_ref)
+    trees_close(s_got.opt_state, s_ref.opt_state)  # the gradient
+    trees_close(m_got, m_ref)
     from arca_jax import parallel
     for mode, mb in (("pmap", 1), ("jit", 2), ("mesh", 1)):
         mesh = parallel.make_mesh(data=1, fsdp=1, tensor=1, devices=jax.devices()[:1])

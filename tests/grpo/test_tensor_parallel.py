@@ -14,7 +14,8 @@ from jax.sharding import PartitionSpec as P
 
 from arca_jax import credit, lora, parallel, qwen3, sampling
 from arca_jax.grpo import GRPOConfig, TrainState, loss_fn, make_train_step
-from fixtures import grad_recorder, ragged_batch, left_padded_batch, random_adapter, random_params, tiny_config
+from fixtures import (grad_recorder, left_padded_batch, ragged_batch, random_adapter, random_params,
+                      tiny_config, trees_close)
 
 FAST = {"xla_backend_optimization_level": 0}
 # N = 4 query heads over K = 2 kv heads: tensor 2 splits kv heads, tensor 4 copies them; vocab 64
@@ -35,14 +36,6 @@ def model():
 
 def _copy(tree):
     return jax.tree_util.tree_map(jnp.array, tree)
-
-
-def _close(a, b, tol=1e-5):
-    """Per leaf: ||a - b||_2 <= tol * max(1, ||b||_2) (a scalar: |a - b| <= tol * max(1, |b|))."""
-    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
-        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-        assert x.shape == y.shape
-        assert np.linalg.norm(x - y) <= tol * max(1.0, np.linalg.norm(y)), (x, y)
 
 
 # Entropy reduction weights tokens by H_base - H_adapted, a difference of nearly equal entropies
@@ -153,12 +146,12 @@ def test_train_step_equals_single_device(model, single_device_step, shape):
                                 KV)
     specs = jax.tree_util.tree_map(lambda x: x.sharding, state)
     s, m = step(state, parallel.shard_params(params, mesh), batch)
-    _close(s.opt_state, ref_state.opt_state)
-    _close(s.lora, ref_state.lora)
+    trees_close(s.opt_state, ref_state.opt_state)
+    trees_close(s.lora, ref_state.lora)
     for field in ("loss", "grad_norm", "weight_gini", "effective_token_ratio", "kl",
                   "residual_norm_mean", "residual_norm_max", "entropy", "completion_length",
                   "clip_fraction"):
-        _close(getattr(m, field), getattr(ref, field))
+        trees_close(getattr(m, field), getattr(ref, field))
     assert float(ref.residual_norm_max) > 0 and float(ref.kl) > 0
     assert all(a.sharding.is_equivalent_to(b, a.ndim) for a, b in
                zip(jax.tree_util.tree_leaves(s), jax.tree_util.tree_leaves(specs)))
@@ -193,7 +186,7 @@ def test_every_weighting_equals_single_device(model, all_weightings_ref, shape):
         parallel.shard_batch(batch, mesh))
     assert set(got) == set(credit.registered()) and len(got) >= 5
     for name in got:
-        _close(got[name], all_weightings_ref[name], TOLERANCE.get(name, 1e-5))
+        trees_close(got[name], all_weightings_ref[name], TOLERANCE.get(name, 1e-5))
     assert float(all_weightings_ref["arca"][1].residual_norm_max) > 0
 
 
@@ -239,8 +232,8 @@ def test_sampler_equals_single_device(model, prompts, shape, merge):
                                 lora=parallel.shard_lora(tree, mesh, KV), mesh=mesh, **gen)
         np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens))
         np.testing.assert_array_equal(np.asarray(out.mask), np.asarray(ref.mask))
-        _close(out.logps, ref.logps)
-        _close(out.sampled_logps, ref.sampled_logps)
+        trees_close(out.logps, ref.logps)
+        trees_close(out.sampled_logps, ref.sampled_logps)
 
 
 @pytest.mark.parametrize("tensor", [2, 4])
