@@ -127,7 +127,7 @@ def lora_config(cfg: RunConfig, model_config) -> lora.LoraConfig:
     """The run's adapter settings on this model: `cfg.lora`, except that on a mixture-of-experts
     model (`qwen3.Qwen3MoeConfig`) the full default target list (`lora.ALL_TARGETS`, "every
     projection") adapts the attention projections q, k, v, o only; any other list is taken as
-    written (MLP projections: every expert, and the dense layers' MLP; "gate": the router).
+    written (MLP projections: every expert, not the MLP of dense layers; "gate": the router).
     ConfigError for targets the model cannot take (`lora.check_targets`: the router of a dense
     model, dropout on expert or router adapters)."""
     c = cfg.lora
