@@ -36,6 +36,7 @@ import numpy as np
 
 from arca_jax import qwen3
 from arca_jax.errors import read_json
+from arca_jax.qwen3.common import merge_adapter
 from arca_jax.safetensors_io import CheckpointError, Lazy, SafetensorsFile, save_file
 
 Params = Dict[str, Any]
@@ -178,10 +179,7 @@ def merge(params: Params, tree: Params, lora_config: LoraConfig) -> Params:
         node = merged["layers"]
         for name in path:
             node = node[name]
-        w = node["kernel"]
-        delta = jnp.einsum("...IR,...RO->...IO", ab["lora_a"].astype(jnp.float32),
-                           ab["lora_b"].astype(jnp.float32))
-        node["kernel"] = (w.astype(jnp.float32) + lora_config.scaling * delta).astype(w.dtype)
+        node["kernel"] = merge_adapter(node["kernel"], ab, lora_config.scaling)
     return merged
 
 

@@ -56,3 +56,12 @@ def rms_norm(x, scale, eps, dtype=None):
     x32 = x.astype(jnp.float32)  # one cast: its gradient is accumulated in float32, as HF
     normed = x32 * inv_rms(x32, eps)
     return scale.astype(dtype) * normed.astype(dtype)
+
+
+def merge_adapter(w: jax.Array, ab: Params, scale: Any) -> jax.Array:
+    """W + scale * A B in W's dtype, computed in float32: w [..., I, O], ab {'lora_a' [..., I, R],
+    'lora_b' [..., R, O]} (leading axes: layers, experts)."""
+    delta = jnp.einsum("...IR,...RO->...IO", ab["lora_a"].astype(jnp.float32),
+                       ab["lora_b"].astype(jnp.float32))
+    return (w.astype(jnp.float32) + scale * delta).astype(w.dtype)
+

@@ -45,7 +45,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from arca_jax.qwen3 import moe
-from arca_jax.qwen3.common import Params, apply_rope, inv_rms, per_head, rms_norm, rope_tables
+from arca_jax.qwen3.common import (Params, apply_rope, inv_rms, merge_adapter, per_head, rms_norm,
+                                   rope_tables)
 from arca_jax.qwen3.config import Qwen3Config, Qwen3MoeConfig
 
 
@@ -319,11 +320,7 @@ def _sparse_mlps(params: Params, config: Qwen3MoeConfig, adapters: Params,
     mlp = params["layers"]["mlp"]
 
     def kernel(w, ab):
-        if ab is None:
-            return w
-        delta = jnp.einsum("...IR,...RO->...IO", ab["lora_a"].astype(jnp.float32),
-                           ab["lora_b"].astype(jnp.float32))
-        return (w.astype(jnp.float32) + lora_scale * delta).astype(w.dtype)
+        return w if ab is None else merge_adapter(w, ab, lora_scale)
 
     expert = lambda p: kernel(mlp["experts"][p]["kernel"],  # noqa: E731
                               adapters.get("experts", {}).get(p))
