@@ -230,7 +230,7 @@ def inference_weights(params: Params, config: Qwen3Config, *, lora: Optional[Par
         ab = adapters.get(block, {}).get(proj)
         if ab is None or not merge_lora:
             return w
-        return w + lora_scale * jnp.einsum("LIR,LRO->LIO", ab["lora_a"].astype(f32), ab["lora_b"].astype(f32))
+        return merge_adapter(w, ab, lora_scale)  # float32 in, float32 out: the norm folds in next
 
     qkv_cols, qk_heads, gu_cols = _shard_columns(config, tensor)
     order = {"qkv": qkv_cols, "gate_up": gu_cols} if tensor > 1 else {}
