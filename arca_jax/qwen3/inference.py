@@ -397,22 +397,27 @@ def _write_rows(buf: jax.Array, new: jax.Array, index: jax.Array, axis: int) -> 
 DECODE_BLOCK = 32
 
 
-def _attend_filled(q, k, v, bias, decode_attention: str, filled):
-    """`_attend` of one new token (T = 1) over the first ceil(filled / DECODE_BLOCK) blocks of the
-    cache only: a `lax.switch` over the block counts, each branch reading a static prefix. Slots
+@functools.partial(jax.jit, static_argnames=("decode_attention", "block"))
+def _attend_filled(q, k, v, bias, decode_attention: str, filled, block: int):
+    """`_attend` of one new token (T = 1) over the first ceil(filled / block) blocks of `block`
+    slots (`DECODE_BLOCK`) of the cache only: a `lax.switch` over the block counts, each branch reading a static prefix. Slots
     at or beyond `filled` [] int32 (the longest row's) are masked anyway (their bias is float32 min, so their
-    softmax weight is exactly 0): the result equals attention over the whole cache."""
+    softmax weight is exactly 0): the result equals attention over the whole cache.
+
+    Jitted so that, inside the decode program, every layer calls one traced and lowered switch
+    (XLA inlines the call): traced per layer, a 28-layer model with 1,024 cache slots built 896
+    branches per decode program, 16 s of tracing on the 2-core CPU host, for each prompt width."""
     S = k.shape[2]
-    blocks = -(-S // DECODE_BLOCK)
+    blocks = -(-S // block)
     if blocks <= 1:
         return _attend(q, k, v, bias, decode_attention)
 
     def branch(j):
-        n = min((j + 1) * DECODE_BLOCK, S)
+        n = min((j + 1) * block, S)
         return lambda q, k, v, bias: _attend(q, k[:, :, :n], v[:, :, :n], bias[..., :n],
                                              decode_attention)
 
-    index = jnp.clip((filled + DECODE_BLOCK - 1) // DECODE_BLOCK - 1, 0, blocks - 1)
+    index = jnp.clip((filled + block - 1) // block - 1, 0, blocks - 1)
     return jax.lax.switch(index, [branch(j) for j in range(blocks)], q, k, v, bias)
 
 
@@ -561,7 +566,7 @@ def inference_forward(weights: InferenceWeights, input_ids: jax.Array, *, config
             attn = _attend_pallas(q, k_cache.astype(dtype), v_cache.astype(dtype), valid, index)
         elif T == 1:  # a decode step: only the filled part of the cache
             attn = _attend_filled(q, k_cache.astype(dtype), v_cache.astype(dtype), bias,
-                                  weights.decode_attention, jnp.max(index) + 1)
+                                  weights.decode_attention, jnp.max(index) + 1, DECODE_BLOCK)
         else:
             attn = _attend(q, k_cache.astype(dtype), v_cache.astype(dtype), bias,
                            "dot" if weights.decode_attention == "pallas" else
