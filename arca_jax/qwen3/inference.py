@@ -381,10 +381,12 @@ def _project(x, w, low_rank: Optional[LowRank], out_dtype):
     return y.astype(out_dtype)
 
 
+@functools.partial(jax.jit, static_argnames="axis")
 def _write_rows(buf: jax.Array, new: jax.Array, index: jax.Array, axis: int) -> jax.Array:
     """buf [B, ..., S, ...] with row b's `new` [B, ..., T, ...] written at slots index[b] ..
     index[b] + T - 1 along `axis` (the slot axis, counted with B). One scatter of the new values
-    (in place on a donated loop carry); the caller keeps index[b] + T <= S."""
+    (in place on a donated loop carry); the caller keeps index[b] + T <= S. Jitted: the layers'
+    key and value writes share one trace (XLA inlines the call)."""
     def put(b, x, i):
         start = [jnp.zeros((), jnp.int32)] * b.ndim
         start[axis - 1] = i
