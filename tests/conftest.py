@@ -9,7 +9,6 @@ import sys
 import tempfile
 
 CPU_COLLECTIVE_TIMEOUT_FLAG = "--xla_cpu_collective_call_terminate_timeout_seconds=900"
-TEST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
 TESTS = os.path.dirname(os.path.abspath(__file__))
 if TESTS not in sys.path:
     sys.path.insert(0, TESTS)
@@ -22,15 +21,6 @@ if "xla_force_host_platform_device_count" not in _flags:
 # collective within 40 s, which a loaded 2-core machine can exceed; a hang is still caught, later.
 if "xla_cpu_collective_call_terminate_timeout_seconds" not in _flags:
     _flags += " " + CPU_COLLECTIVE_TIMEOUT_FLAG
-# The suite's time is mostly XLA:CPU compiling thousands of small programs, each run once or
-# twice. Without LLVM's optimisation passes and with XLA's older elemental loop emitter instead
-# of its fusion emitters, a program compiles 2-4x faster (a token-weighting program: 1.2 s ->
-# 0.3 s) and the suite runs about twice as fast; the programs compute the same functions (the
-# oracles' tolerances hold). ARCA_JAX_TEST_XLA_OPT=1 keeps XLA's defaults.
-if os.environ.get("ARCA_JAX_TEST_XLA_OPT", "0") != "1":
-    for flag in TEST_COMPILE_FLAGS:
-        if flag.split("=")[0] not in _flags:
-            _flags += " " + flag
 os.environ["XLA_FLAGS"] = _flags.strip()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
