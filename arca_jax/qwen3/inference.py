@@ -402,13 +402,14 @@ DECODE_BLOCK = 32
 @functools.partial(jax.jit, static_argnames=("decode_attention", "block"))
 def _attend_filled(q, k, v, bias, decode_attention: str, filled, block: int):
     """`_attend` of one new token (T = 1) over the first ceil(filled / block) blocks of `block`
-    slots (`DECODE_BLOCK`) of the cache only: a `lax.switch` over the block counts, each branch reading a static prefix. Slots
-    at or beyond `filled` [] int32 (the longest row's) are masked anyway (their bias is float32 min, so their
-    softmax weight is exactly 0): the result equals attention over the whole cache.
+    slots (`DECODE_BLOCK`) of the cache only: a `lax.switch` over the block counts, each branch
+    reading a static prefix. Slots at or beyond `filled` [] int32 (the longest row's) are masked
+    anyway (their bias is float32 min, so their softmax weight is exactly 0): the result equals
+    attention over the whole cache.
 
     Jitted so that, inside the decode program, every layer calls one traced and lowered switch
-    (XLA inlines the call): traced per layer, a 28-layer model with 1,024 cache slots built 896
-    branches per decode program, 16 s of tracing on the 2-core CPU host, for each prompt width."""
+    (XLA inlines the call); traced per layer, a 28-layer model with 1,024 cache slots built 896
+    branches per decode program (experiments/NOTES_sampling.md, "Tracing the decode program")."""
     S = k.shape[2]
     blocks = -(-S // block)
     if blocks <= 1:
