@@ -32,6 +32,11 @@ REPO = os.path.dirname(TESTS)
 TIMING = {"time_sample_s", "time_score_s", "time_update_s", "step_time_s", "tokens_per_s",
           "sample_tokens_per_s"}
 
+# Bound on work that must finish (hostile rewards, linear-time parsers): a check against hangs,
+# catastrophic backtracking and quadratic scans, which on these inputs take hours, not a speed
+# claim; far above what a loaded 2-core machine needs (a 5 s bound once failed there at 6 s).
+FINISHES_S = 60.0
+
 
 # ------------------------------------ our tiny models -----------------------------------------
 

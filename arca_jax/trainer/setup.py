@@ -243,6 +243,7 @@ def resume_state(ckpt: checkpoint.Checkpointer, like, log) -> tuple:
 SHARED_CACHE_ENV = "ARCA_JAX_MULTIPROCESS_COMPILATION_CACHE"
 CACHE_ENV = "ARCA_JAX_COMPILATION_CACHE"
 CACHE_MAX_BYTES = 4 << 30
+MIN_COMPILE_TIME_ENV = "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"
 _OFF = ("0", "off", "false", "no", "none")
 
 
@@ -259,10 +260,13 @@ def use_compilation_cache(environ=os.environ) -> Optional[str]:
     Returns the directory in use (None: off). Call it before anything compiles.
 
     A second run of the same config then loads its sampler, train step and evaluation programs
-    instead of compiling them. Every program is cached (no minimum compile time). The cache is
+    instead of compiling them. Every program is cached (no minimum compile time) unless the user
+    set JAX's own `JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`, which is kept. The cache is
     bounded (`CACHE_MAX_BYTES`, least recently used entries evicted), which also makes JAX take a
-    file lock around every read and write, so concurrent runs on one machine share it safely. A
-    run of several processes turns it off again (`check_compilation_cache`)."""
+    file lock around every read and write, so concurrent runs on one machine share it safely;
+    every write then lists the whole directory (a trainer run writes tens of programs, a process
+    that runs thousands of small eager programs should set a minimum compile time). A run of
+    several processes turns it off again (`check_compilation_cache`)."""
     if jax.config.jax_compilation_cache_dir:
         return jax.config.jax_compilation_cache_dir
     choice = environ.get(CACHE_ENV, "").strip()
@@ -276,7 +280,8 @@ def use_compilation_cache(environ=os.environ) -> Optional[str]:
     if not os.access(path, os.W_OK):
         return None
     jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    if MIN_COMPILE_TIME_ENV not in environ:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
     return path
 

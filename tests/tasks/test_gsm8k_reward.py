@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from arca_jax.tasks import gsm8k
+from fixtures import FINISHES_S
 
 GOLD = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 1,072"
 
@@ -59,7 +60,7 @@ def test_score_batch_and_hostile():
     t0 = time.perf_counter()
     res = gsm8k.score_batch(["Final answer: 1072", huge, None, "Final answer: " + "9" * 100_000],
                             [GOLD] * 4)
-    assert time.perf_counter() - t0 < 5.0
+    assert time.perf_counter() - t0 < FINISHES_S
     np.testing.assert_array_equal(res.rewards, [1, 0, 0, 0])
     assert res.timeouts == 0
     with pytest.raises(ValueError):

@@ -8,6 +8,7 @@ import pytest
 
 from arca_jax.tasks import math as mr
 from arca_jax.tasks.verify_pool import VerifyPool
+from fixtures import FINISHES_S
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +190,7 @@ TOWERS = [
 def test_hostile_exact_is_fast_and_zero():
     t0 = time.perf_counter()
     res = mr.score_batch(HOSTILE + TOWERS, [r"\boxed{6}"] * (len(HOSTILE) + len(TOWERS)), mode="exact")
-    assert time.perf_counter() - t0 < 5.0
+    assert time.perf_counter() - t0 < FINISHES_S
     assert not res.rewards.any()
     # the same texts against a gold of 5: the length cap decides the megabyte case, not the content
     assert mr.reward(HOSTILE[4], r"\boxed{5}") == 1.0
@@ -201,7 +202,7 @@ def test_extract_boxed_is_linear():
     assert mr.extract_boxed("\\boxedx" * 1_000_000 + "\\boxed{5}" + "\\fboxy" * 1_000_000) == "5"
     assert mr.extract_boxed("\\boxed{" + "{" * 3_000_000) is None
     assert mr.extract_boxed("x" * 10_000_000) is None
-    assert time.perf_counter() - t0 < 5.0
+    assert time.perf_counter() - t0 < FINISHES_S
 
 
 def test_hostile_verify_bounded_and_counted(pool):
@@ -212,8 +213,9 @@ def test_hostile_verify_bounded_and_counted(pool):
     assert not res.rewards.any()
     # Only the towers reach math-verify; each stalls it past the timeout (soft or hard).
     assert res.timeouts + res.crashes == len(TOWERS)
-    # 3 items of at most ~1 s on 2 workers, plus possible restarts of killed workers.
-    assert elapsed < 15.0, elapsed
+    # 3 items of at most ~1 s on 2 workers, plus restarts of killed workers; without the
+    # timeouts the towers never finish
+    assert elapsed < FINISHES_S, elapsed
     # the pool is healthy afterwards
     assert mr.reward(r"\boxed{0.5}", r"\boxed{\frac12}", mode="verify", pool=pool) == 1.0
 
@@ -222,5 +224,5 @@ def test_normalize_is_linear_on_huge_input():
     s = ("\\text{\\left(\\,a\\right)}  " * 50_000)
     t0 = time.perf_counter()
     out = mr.normalize_answer(s)
-    assert time.perf_counter() - t0 < 5.0
+    assert time.perf_counter() - t0 < FINISHES_S
     assert out.startswith("(a) (a)")

@@ -13,7 +13,7 @@ from arca_jax import config
 from arca_jax.configlib import ConfigError
 from arca_jax.tasks import data, gsm8k, load_task
 from arca_jax.tasks import math as mr
-from fixtures import REPO, write_jsonl
+from fixtures import FINISHES_S, REPO, write_jsonl
 
 PAPER = os.path.join(REPO, "experiments", "configs", "paper")
 INSTRUCTION = "Solve this math problem step by step. Put your final answer in \\boxed{}."
@@ -147,7 +147,7 @@ def test_reference_hostile_is_fast_and_zero():
                           "\\boxed{1}" + " " * mr.MAX_COMPLETION_CHARS, None],
                          ["\\boxed{1}"] * 5, mode="reference")
     np.testing.assert_array_equal(res.rewards, [0, 1, 0, 0, 0])  # the 2nd: its last box is balanced
-    assert time.perf_counter() - t0 < 5
+    assert time.perf_counter() - t0 < FINISHES_S
     with pytest.raises(ValueError, match="mode"):
         mr.score_batch(["x"], ["y"], mode="references")
 
@@ -248,7 +248,7 @@ def test_final_answer_hostile_and_batch():
         ["Final answer: 1072", "Final answer: 1072 " * 200_000, None, "Final answer: " + "9" * 100_000,
          "final answer:" * 50_000], [GOLD] * 5)
     np.testing.assert_array_equal(res.rewards, [1, 0, 0, 0, 0])
-    assert time.perf_counter() - t0 < 5
+    assert time.perf_counter() - t0 < FINISHES_S
     assert gsm8k.reward_final_answer("Final answer: 5", "no marker") == 0.0
     with pytest.raises(ValueError):
         gsm8k.score_batch_final_answer(["a"], [])

@@ -24,7 +24,7 @@ def test_soft_timeout_keeps_the_worker(pool):
     restarts = pool.restarts_total
     t0 = time.perf_counter()
     res = pool.run([("_sleep", 30.0), ("_sleep", 0.01)], timeout_s=0.5)
-    assert time.perf_counter() - t0 < 5.0
+    assert time.perf_counter() - t0 < 20.0  # at the 0.5 s timeout, not after the 30 s sleep
     assert [r.status for r in res] == ["timeout", "ok"]
     assert sorted(pool.worker_pids()) == pids and pool.restarts_total == restarts
 
@@ -36,7 +36,7 @@ def test_hung_worker_is_killed_and_replaced(pool):
     t0 = time.perf_counter()
     # "_hang" blocks SIGALRM: only the parent's hard kill ends it.
     res = pool.run([("_hang", 60.0), ("_sleep", 0.01), ("_sleep", 0.01)], timeout_s=0.5)
-    assert time.perf_counter() - t0 < 10.0
+    assert time.perf_counter() - t0 < 30.0  # killed at the timeout, not after the 60 s hang
     assert [r.status for r in res] == ["timeout", "ok", "ok"]
     assert pool.timeouts_total == timeouts + 1
     after = set(pool.worker_pids())

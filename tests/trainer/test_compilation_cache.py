@@ -45,6 +45,12 @@ def test_default_directory_off_switch_and_user_setting(tmp_path, jax_cache_confi
     assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.0
     assert jax.config.jax_compilation_cache_max_size == setup.CACHE_MAX_BYTES  # bounded, locked
 
+    # a minimum compile time the user gave JAX is kept
+    jax.config.update("jax_compilation_cache_dir", None)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.5)
+    assert setup.use_compilation_cache({**env, setup.MIN_COMPILE_TIME_ENV: "2.5"}) == path
+    assert jax.config.jax_persistent_cache_min_compile_time_secs == 2.5
+
     # a directory the user configured for JAX is kept, whatever ARCA_JAX_COMPILATION_CACHE says
     assert setup.use_compilation_cache({setup.CACHE_ENV: str(tmp_path / "other")}) == path
     jax.config.update("jax_compilation_cache_dir", None)
@@ -76,8 +82,8 @@ def _entries(path):
 
 
 def test_second_run_loads_every_program_and_reproduces_the_first(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in (setup.CACHE_ENV,
-                                                            "JAX_COMPILATION_CACHE_DIR")}
+    env = {k: v for k, v in os.environ.items() if k not in (
+        setup.CACHE_ENV, "JAX_COMPILATION_CACHE_DIR", setup.MIN_COMPILE_TIME_ENV)}
     env["XDG_CACHE_HOME"] = str(tmp_path / "xdg")
     first = _train(tmp_path / "a", env)
     cache = setup.default_cache_dir(env)
