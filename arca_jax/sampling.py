@@ -24,9 +24,9 @@ the row runs: no key is reused, the same `rng` gives the same samples with or wi
 and the loop body holds no PRNG (on CPU threefry lowers to a rolled 5-round loop: fold_in then
 uniform inside the loop cost ~185 kernels per step, more than the model's 4 layers).
 
-Shapes: `generate` pads prompt widths and generation lengths up to powers of two (`bucket_size`),
-so a training run compiles a handful of programs, not one per batch. The true `max_new_tokens` is a
-traced loop bound; the output is cut back to it.
+Shapes: `generate` pads prompt widths and generation lengths up to powers of two
+(`prompts.bucket_size`), so a training run compiles a handful of programs, not one per batch. The
+true `max_new_tokens` is a traced loop bound; the output is cut back to it.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ import numpy as np
 
 from arca_jax import parallel, qwen3
 from arca_jax.draw import Choice, choose_tokens
+from arca_jax.prompts import bucket_size, pad_prompts
 
 Params = qwen3.Params
 
@@ -328,10 +329,10 @@ def prefill(weights: qwen3.InferenceWeights, prompt_ids: jax.Array, prompt_mask:
         the same numbers whatever S is).
       limit: [] int, columns to produce (<= settings.max_new_tokens; default all).
       mesh: lay the state out on this mesh (`state_shardings`; static), or None.
-      group_size: G; rows r G .. r G + G - 1 hold the same prompt (as `repeat_groups` lays GRPO
-        groups out), so each group's prompt runs through the model once and its keys, values and
-        last logits serve its G rows (the same numbers as prefilling every row). The caller
-        vouches for the repetition.
+      group_size: G; rows r G .. r G + G - 1 hold the same prompt (as `prompts.repeat_groups`
+        lays GRPO groups out), so each group's prompt runs through the model once and its keys,
+        values and last logits serve its G rows (the same numbers as prefilling every row). The
+        caller vouches for the repetition.
       slots: S, rows decoded at once (default B); the others wait for a free slot (`decode`).
       admit_rows: rows admitted together during `decode` once that many slots are free (a
         multiple of G, <= S; default max(G, S / 8 rounded down to a multiple of G)).
@@ -470,57 +471,6 @@ finish_jit = jax.jit(finish)
 
 
 # --------------------------------------------------------------------------------------------
-# Shapes: bucketing and GRPO groups
-# --------------------------------------------------------------------------------------------
-
-
-def bucket_size(n: int, minimum: int = 1) -> int:
-    """The smallest power of two >= max(n, minimum)."""
-    n = max(int(n), int(minimum), 1)
-    return 1 << (n - 1).bit_length()
-
-
-class Prompts(NamedTuple):
-    """Left-padded prompts: ids [B, P] int32, mask [B, P] int32 (1 = real token)."""
-
-    ids: jax.Array
-    mask: jax.Array
-
-
-def pad_prompts(prompt_ids, prompt_mask, width: int, pad_id: int = 0) -> Prompts:
-    """Left-pads [B, P] prompts with masked `pad_id` columns to [B, width] (width >= P)."""
-    P = prompt_ids.shape[1]
-    if width < P:
-        raise ValueError(f"cannot pad prompts of width {P} to {width}")
-    extra = ((0, 0), (width - P, 0))
-    return Prompts(ids=jnp.pad(jnp.asarray(prompt_ids, jnp.int32), extra, constant_values=pad_id),
-                   mask=jnp.pad(jnp.asarray(prompt_mask, jnp.int32), extra))
-
-
-def bucket_prompts(prompt_ids, prompt_mask, *, pad_id: int = 0, minimum: int = 16) -> Prompts:
-    """Host-side: drops the padding columns every row has, then left-pads to a power-of-two width
-    (at least `minimum`). Reads the mask (a device-to-host copy for device arrays)."""
-    ids = np.asarray(prompt_ids)
-    mask = np.asarray(prompt_mask)
-    longest = int(mask.astype(bool).sum(-1).max(initial=0))
-    if longest == 0:
-        raise ValueError("every prompt is empty")
-    first = ids.shape[1] - longest  # left padding: real tokens end at the last column
-    if mask[:, :first].any():
-        raise ValueError("prompts must be left-padded (real tokens flush with the last column)")
-    return pad_prompts(ids[:, first:], mask[:, first:], bucket_size(longest, minimum), pad_id)
-
-
-def repeat_groups(prompt_ids, prompt_mask, group_size: int) -> Prompts:
-    """GRPO groups: each prompt repeated `group_size` times, consecutively ([B, P] -> [B*G, P];
-    row r of the result is prompt r // group_size)."""
-    if group_size <= 0:
-        raise ValueError(f"group_size must be positive, got {group_size}")
-    return Prompts(ids=jnp.repeat(jnp.asarray(prompt_ids, jnp.int32), group_size, axis=0),
-                   mask=jnp.repeat(jnp.asarray(prompt_mask, jnp.int32), group_size, axis=0))
-
-
-# --------------------------------------------------------------------------------------------
 # The entry point
 # --------------------------------------------------------------------------------------------
 
@@ -566,7 +516,7 @@ def generate(params: Params, prompt_ids, prompt_mask, *, config: qwen3.Qwen3Conf
         tensor > 1 each device holds its heads' and MLP units' slice of every kernel (used in
         place at every step: no weight gathering over "tensor") and its kv heads of the cache.
       group_size: G > 1 when rows come in groups of G consecutive copies of one prompt (GRPO
-        groups, pass@k; `repeat_groups`): each prompt is prefilled once for its G rows (see
+        groups, pass@k; `prompts.repeat_groups`): each prompt is prefilled once for its G rows (see
         `prefill`). The tokens and log-probs equal those of group_size=1 for the same key.
       max_batch: S, rows decoded at once (None or >= B: all). With S < B the cache holds S rows;
         when a row ends, the next waiting row takes its slot (continuous refill: `admit_rows` at

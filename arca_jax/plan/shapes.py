@@ -11,7 +11,7 @@ import os
 import jax
 import jax.numpy as jnp
 
-from arca_jax import parallel, qwen3, sampling
+from arca_jax import parallel, prompts, qwen3, sampling
 from arca_jax.batch import build_batch
 from arca_jax.config import RunConfig
 from arca_jax.plan.errors import PlanError
@@ -78,8 +78,8 @@ class Shapes:
                      * (t.pass_k or r.group_size)) if evaluation else 0
         up = lambda n: -(-n // devices) * devices  # noqa: E731
         return cls(rows, r.max_prompt_tokens, r.max_new_tokens, up(rows),
-                   sampling.bucket_size(r.max_prompt_tokens, 16),
-                   sampling.bucket_size(r.max_new_tokens, 16), up(eval_rows) if eval_rows else 0)
+                   prompts.bucket_size(r.max_prompt_tokens, 16),
+                   prompts.bucket_size(r.max_new_tokens, 16), up(eval_rows) if eval_rows else 0)
 
 
 def abstract_model(cfg: RunConfig, config: qwen3.Qwen3Config, mesh):

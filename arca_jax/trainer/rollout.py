@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from arca_jax import distributed, parallel, sampling
+from arca_jax.prompts import bucket_prompts
 from arca_jax.batch import Batch, build_batch
 from arca_jax.config import RunConfig
 from arca_jax.grpo.objective import advantages
@@ -53,17 +54,6 @@ def encode_prompts(tokenizer, prompts: Sequence[str], max_tokens: int, pad_id: i
             ids[i, width - len(r):] = r
             mask[i, width - len(r):] = 1
     return ids, mask
-
-
-def bucket_prompts(ids: np.ndarray, mask: np.ndarray, max_tokens: int, pad_id: int):
-    """[B, W] left-padded prompts widened (more left padding) to the next power of two of at
-    least 16 (`sampling.bucket_size`), but not beyond max(max_tokens, W): the train step's
-    width is prompt + max_new_tokens, so a run compiles it once per bucket instead of once per
-    longest-prompt length."""
-    W = ids.shape[1]
-    width = min(sampling.bucket_size(W, 16), max(int(max_tokens), W))
-    pad = ((0, 0), (width - W, 0))
-    return np.pad(ids, pad, constant_values=pad_id), np.pad(mask, pad)
 
 
 def detokenize(tokenizer, tokens, mask) -> List[str]:
@@ -281,7 +271,7 @@ def _sample_round(model: Model, mesh, problems: Sequence[Any], cfg: RunConfig, *
     ids, mask = bucket_prompts(*encode_prompts(model.tokenizer, [p.prompt for p in problems],
                                                r.max_prompt_tokens, model.pad_id,
                                                r.prompt_truncation),
-                               r.max_prompt_tokens, model.pad_id)
+                               max_tokens=r.max_prompt_tokens, pad_id=model.pad_id)
     gen = generate_rows(model, mesh, ids, mask, group_size=G, rng=key, max_batch=r.max_batch,
                         max_new_tokens=r.max_new_tokens, lora=adapter, lora_scale=cfg.lora.scaling,
                         temperature=r.temperature, top_p=r.top_p, top_k=r.top_k)
@@ -459,6 +449,6 @@ def step_prompt_indices(seed: int, step: int, num_problems: int, count: int,
 
 
 __all__ = ["Generated", "GroupSelection", "Rollout", "RoundRows", "Scored", "Scorer",
-           "assemble_rows", "bucket_prompts", "detokenize", "encode_prompts", "equal_reward_groups",
+           "assemble_rows", "detokenize", "encode_prompts", "equal_reward_groups",
            "finite_advantages", "generate_rows", "mask_rows", "overlong_penalty", "rollout",
            "round_rows", "score_rows", "select_groups", "slot_steps", "step_prompt_indices"]

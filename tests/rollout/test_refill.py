@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from arca_jax import lora, parallel, sampling
+from arca_jax import lora, parallel, prompts, sampling
 from fixtures import left_padded_batch, random_adapter, random_params, tiny_config
 
 CFG = tiny_config(vocab_size=64, eos_token_id=38)  # a frequent token: rows end at 2..16
@@ -20,7 +20,7 @@ def setup():
     params = random_params(CFG, seed=0, scale=2.0)
     tree = random_adapter(CFG, LCFG, seed=1, scale=0.2)
     ids, mask = left_padded_batch(CFG.vocab_size, [3, 5, 7, 2], 7, seed=0)
-    ids, mask = sampling.repeat_groups(ids, mask, G)  # 16 rows
+    ids, mask = prompts.repeat_groups(ids, mask, G)  # 16 rows
     gen = dict(config=CFG, max_new_tokens=N, lora=tree, lora_scale=LCFG.scaling, eos_id=38)
     return params, ids, mask, gen
 

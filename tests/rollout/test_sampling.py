@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from arca_jax import draw, lora, qwen3, sampling
+from arca_jax import draw, lora, prompts, qwen3, sampling
 from arca_jax.batch import build_batch
 from arca_jax.grpo.logprobs import sequence_logps
 from fixtures import (hf_greedy, left_padded_batch, random_checkpoint, shifted_adapter,
@@ -186,7 +186,7 @@ def test_samples_follow_the_softmax(tiny, temperature):
     _, config, params = tiny
     n = 6000
     ids, mask = _prompts(config.vocab_size, lengths=[5], seed=2)
-    rows_ids, rows_mask = sampling.repeat_groups(ids, mask, n)  # one prompt, n rows
+    rows_ids, rows_mask = prompts.repeat_groups(ids, mask, n)  # one prompt, n rows
     out = sampling.generate(params, rows_ids, rows_mask, config=config, rng=jax.random.PRNGKey(2),
                             max_new_tokens=2, temperature=temperature)
     tokens = np.asarray(out.tokens)
@@ -225,7 +225,7 @@ def test_top_p_never_leaves_the_nucleus(tiny):
     _, config, params = tiny
     top_p = 0.5
     ids, mask = _prompts(config.vocab_size, lengths=[4, 6], seed=3)
-    ids, mask = sampling.repeat_groups(ids, mask, 128)
+    ids, mask = prompts.repeat_groups(ids, mask, 128)
     out = sampling.generate(params, ids, mask, config=config, rng=jax.random.PRNGKey(3),
                             max_new_tokens=4, top_p=top_p)
     batch = build_batch(ids, mask, out)
@@ -307,17 +307,19 @@ def test_stops_as_soon_as_every_row_has_eos(tiny):
 
 
 def test_bucketing_helpers_and_shared_programs(tiny):
-    assert [sampling.bucket_size(n) for n in (1, 2, 3, 16, 17, 100)] == [1, 2, 4, 16, 32, 128]
-    assert sampling.bucket_size(3, minimum=16) == 16
+    assert [prompts.bucket_size(n) for n in (1, 2, 3, 16, 17, 100)] == [1, 2, 4, 16, 32, 128]
+    assert prompts.bucket_size(3, minimum=16) == 16
     ids = np.array([[0, 0, 0, 5, 6], [0, 0, 7, 8, 9]], np.int32)
     mask = (ids != 0).astype(np.int32)
-    b = sampling.bucket_prompts(ids, mask, minimum=4)
+    b = prompts.bucket_prompts(ids, mask, minimum=4)
     np.testing.assert_array_equal(np.asarray(b.ids), [[0, 0, 5, 6], [0, 7, 8, 9]])
     np.testing.assert_array_equal(np.asarray(b.mask), [[0, 0, 1, 1], [0, 1, 1, 1]])
-    assert sampling.bucket_prompts(ids, mask, minimum=1).ids.shape == (2, 4)
+    assert prompts.bucket_prompts(ids, mask, minimum=1).ids.shape == (2, 4)
     with pytest.raises(ValueError, match="left-padded"):
-        sampling.bucket_prompts(ids[:, ::-1], mask[:, ::-1])
-    g = sampling.repeat_groups(ids, mask, 3)
+        prompts.bucket_prompts(ids[:, ::-1], mask[:, ::-1])
+    with pytest.raises(ValueError, match="empty"):
+        prompts.bucket_prompts(ids, 0 * mask)
+    g = prompts.repeat_groups(ids, mask, 3)
     assert g.ids.shape == (6, 5) and (np.asarray(g.ids)[3:] == ids[1]).all()
 
     _, config, params = tiny

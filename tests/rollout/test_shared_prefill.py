@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from arca_jax import lora, parallel, sampling
+from arca_jax import lora, parallel, prompts, sampling
 from fixtures import left_padded_batch, random_adapter, random_params, tiny_config
 
 CFG = tiny_config(vocab_size=64, eos_token_id=5)
@@ -19,7 +19,7 @@ def setup():
     params = random_params(CFG, seed=0, scale=2.0)
     tree = random_adapter(CFG, LCFG, seed=1, scale=0.2)
     ids, mask = left_padded_batch(CFG.vocab_size, [3, 5, 7, 2], 7, seed=0)
-    return params, tree, sampling.repeat_groups(ids, mask, G)
+    return params, tree, prompts.repeat_groups(ids, mask, G)
 
 
 @pytest.mark.parametrize("kw", [dict(greedy=True), dict(temperature=1.0, top_k=20)],

@@ -323,15 +323,15 @@ def test_paper_config_renders_the_authors_first_math_prompt(tmp_path, name):
 
 
 def test_bucket_prompts_widens_to_a_power_of_two_within_the_budget():
-    from arca_jax.trainer.rollout import bucket_prompts
+    from arca_jax.prompts import bucket_prompts
 
     ids = np.array([[0, 7, 8], [5, 6, 9]], np.int32)
     mask = np.array([[0, 1, 1], [1, 1, 1]], np.int32)
-    wide, wmask = bucket_prompts(ids, mask, 64, pad_id=0)
+    wide, wmask = bucket_prompts(ids, mask, max_tokens=64, pad_id=0)
     assert wide.shape == (2, 16)  # at least 16
     np.testing.assert_array_equal(wide[:, -3:], ids)
     np.testing.assert_array_equal(wmask, np.pad(mask, ((0, 0), (13, 0))))
     ids21 = np.ones((1, 21), np.int32)
-    assert bucket_prompts(ids21, ids21, 64, 0)[0].shape == (1, 32)
-    assert bucket_prompts(ids21, ids21, 24, 0)[0].shape == (1, 24)  # capped at max_prompt_tokens
-    assert bucket_prompts(ids21, ids21, 16, 0)[0].shape == (1, 21)  # never narrower
+    assert bucket_prompts(ids21, ids21, max_tokens=64)[0].shape == (1, 32)
+    assert bucket_prompts(ids21, ids21, max_tokens=24)[0].shape == (1, 24)  # capped at max_prompt_tokens
+    assert bucket_prompts(ids21, ids21, max_tokens=16)[0].shape == (1, 21)  # never narrower
