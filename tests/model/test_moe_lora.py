@@ -175,8 +175,9 @@ def test_sampler_greedy_follows_the_forward(model):
     ids, mask = _batch(CFG.vocab_size)
     ids, mask = ids.astype(np.int32), mask.astype(np.int32)
     n = 3
-    out = sampling.generate(params, ids, mask, config=CFG, rng=jax.random.PRNGKey(0),
-                            max_new_tokens=n, greedy=True, lora=tree, lora_scale=LCFG.scaling)
+    kw = dict(config=CFG, rng=jax.random.PRNGKey(0), max_new_tokens=n, greedy=True,
+              lora_scale=LCFG.scaling)
+    out = sampling.generate(params, ids, mask, lora=tree, **kw)
     tokens = np.asarray(out.tokens)
     seq = jnp.asarray(np.concatenate([ids, tokens], 1))
     seq_mask = jnp.asarray(np.concatenate([mask, np.ones_like(tokens)], 1))
@@ -189,10 +190,8 @@ def test_sampler_greedy_follows_the_forward(model):
     np.testing.assert_allclose(np.asarray(out.logps),
                                np.take_along_axis(logp, tokens[..., None], -1)[..., 0], atol=1e-4)
     mesh = parallel.make_mesh(2, 4, 1)
-    on_mesh = sampling.generate(parallel.shard_params(params, mesh), ids, mask, config=CFG,
-                                rng=jax.random.PRNGKey(0), max_new_tokens=n, greedy=True,
-                                lora=parallel.shard_lora(tree, mesh), lora_scale=LCFG.scaling,
-                                mesh=mesh)
+    on_mesh = sampling.generate(parallel.shard_params(params, mesh), ids, mask,
+                                lora=parallel.shard_lora(tree, mesh), mesh=mesh, **kw)
     np.testing.assert_array_equal(np.asarray(on_mesh.tokens), tokens)
     np.testing.assert_allclose(np.asarray(on_mesh.logps), np.asarray(out.logps), atol=1e-5)
 
