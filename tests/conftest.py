@@ -22,11 +22,11 @@ if "xla_force_host_platform_device_count" not in _flags:
 # collective within 40 s, which a loaded 2-core machine can exceed; a hang is still caught, later.
 if "xla_cpu_collective_call_terminate_timeout_seconds" not in _flags:
     _flags += " " + CPU_COLLECTIVE_TIMEOUT_FLAG
-# The suite's time is mostly XLA:CPU compiling thousands of small programs, each run once or
-# twice. Without LLVM's optimisation passes and with XLA's older elemental loop emitter instead
-# of its fusion emitters, a program compiles 2-4x faster (a token-weighting program: 1.2 s ->
-# 0.3 s) and the suite runs about twice as fast; the programs compute the same functions (the
-# oracles' tolerances hold). ARCA_JAX_TEST_XLA_OPT=1 keeps XLA's defaults.
+# The tests compile thousands of small programs, each run once or twice. Without LLVM's
+# optimisation passes and with XLA's older elemental loop emitter instead of its fusion emitters,
+# a program compiles 2-4x faster (a token-weighting program: 1.2 s -> 0.3 s; test_credit.py
+# 250 -> 116 s); the programs compute the same functions (the oracles' tolerances hold).
+# ARCA_JAX_TEST_XLA_OPT=1 keeps XLA's defaults.
 if os.environ.get("ARCA_JAX_TEST_XLA_OPT", "0") != "1":
     for flag in TEST_COMPILE_FLAGS:
         if flag.split("=")[0] not in _flags:

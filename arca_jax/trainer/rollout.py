@@ -27,10 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from arca_jax import distributed, parallel, sampling
-from arca_jax.prompts import bucket_prompts
 from arca_jax.batch import Batch, build_batch
 from arca_jax.config import RunConfig
 from arca_jax.grpo.objective import advantages
+from arca_jax.prompts import bucket_prompts
 from arca_jax.trainer.setup import Model
 
 
