@@ -434,9 +434,12 @@ def replicate(tree, devices: Optional[Sequence[Any]] = None):
     """Copies a tree to every local device with a leading device axis (for pmap; do it once).
 
     Each leaf becomes an [n, ...] array sharded over its first axis, one copy per device (built
-    from per-device copies: no n-fold array is ever formed on one device)."""
+    from per-device copies: no n-fold array is ever formed on one device). The axis is named
+    "data", as pmap names its outputs' axis after the step's ``axis_name``: the state of the
+    first step and the state a step returns have the same sharding, so neither the step nor
+    the sampler (fed ``unreplicate(state.lora)``) compiles a second time."""
     devices = list(jax.local_devices() if devices is None else devices)
-    sharding = NamedSharding(Mesh(np.asarray(devices), ("devices",)), P("devices"))
+    sharding = NamedSharding(Mesh(np.asarray(devices), (DATA,)), P(DATA))
 
     def rep(x):
         x = jnp.asarray(x) if not isinstance(x, (jax.Array, np.ndarray)) else x

@@ -28,3 +28,15 @@ STEP_LOGS = (METRICS, SAMPLES, EVAL)
 def path(run_dir: str, name: str) -> str:
     """The path of one of the files above inside `run_dir`."""
     return os.path.join(run_dir, name)
+
+
+class LogWriteError(RuntimeError):
+    """A run-directory log could not be written (a full disk, a lost mount, ...). What was
+    written before stays readable (a torn last line or record is dropped on resume), and the
+    checkpoints are untouched: free the space and continue with --resume."""
+
+    def __init__(self, path: str, cause: OSError):
+        self.path = path
+        reason = getattr(cause, "strerror", None) or str(cause)
+        super().__init__(f"cannot write {path} ({reason}); the run stopped, its checkpoints are "
+                         "intact: free space and continue with --resume")

@@ -4,34 +4,20 @@ The files are those of the run-directory contract (`arca_jax.rundir`).
 Only process 0 writes (`enabled=False` elsewhere). Lines are flushed as they are written, so a
 killed run leaves every complete line readable. A resumed run trims what the killed attempt wrote
 after its checkpoint: the JSON-lines logs (`truncate_jsonl`) and the TensorBoard events
-(`truncate_events`), so no step appears twice in either.
+(`tfevents.truncate_events`), so no step appears twice in either.
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import math
 import os
-import socket
-import struct
 import sys
 import time
-from typing import Any, Dict, List, NamedTuple, Optional
+from typing import Any, Dict, Optional
 
-from arca_jax import rundir
-
-
-class LogWriteError(RuntimeError):
-    """A run-directory log could not be written (a full disk, a lost mount, ...). What was
-    written before stays readable (a torn last line or record is dropped on resume), and the
-    checkpoints are untouched: free the space and continue with --resume."""
-
-    def __init__(self, path: str, cause: OSError):
-        self.path = path
-        reason = getattr(cause, "strerror", None) or str(cause)
-        super().__init__(f"cannot write {path} ({reason}); the run stopped, its checkpoints are "
-                         "intact: free space and continue with --resume")
+from arca_jax import rundir, tfevents
+from arca_jax.rundir import LogWriteError
 
 
 def _clean(value: Any) -> Any:
@@ -59,19 +45,11 @@ class RunLog:
         self._tb_wanted = enabled and tensorboard
         self._bar_open = False
 
-    def _events(self) -> Optional["EventFile"]:
+    def _events(self) -> Optional[tfevents.EventFile]:
         """The event file, opened at the first scalar (so that a resumed run trims the events of
         its killed attempt before a new file exists); None when disabled."""
         if self._tb is None and self._tb_wanted:
-            try:
-                import tensorboardX  # noqa: F401  (the event protobufs and CRC)
-            except ImportError:
-                self._tb_wanted = False
-                self.message("tensorboardX is not installed: no TensorBoard events for this run "
-                             "(metrics.jsonl and eval.jsonl are written as usual; "
-                             "pip install tensorboardX)")
-                return None
-            self._tb = EventFile(rundir.path(self.run_dir, rundir.TENSORBOARD))
+            self._tb = tfevents.EventFile(rundir.path(self.run_dir, rundir.TENSORBOARD))
         return self._tb
 
     def _append(self, name: str, record: Dict[str, Any]):
@@ -184,116 +162,3 @@ def truncate_jsonl(path: str, last_step: int) -> None:
     with open(tmp, "w") as f:
         f.writelines(keep)
     os.replace(tmp, path)
-
-
-# --------------------------------------------------------------------------------------------
-# TensorBoard event files (TFRecord framing: u64 length, u32 masked CRC of it, the serialized
-# `Event`, u32 masked CRC of it; records are copied unchanged, so no CRC is recomputed)
-# --------------------------------------------------------------------------------------------
-
-
-class EventFile:
-    """A TensorBoard event file written synchronously: one record per call, flushed at once (as
-    the JSON lines; tensorboardX's writer queues events in a thread that its flush() does not
-    drain, so a killed process lost scalars of steps its checkpoint held)."""
-
-    def __init__(self, tb_dir: str):
-        os.makedirs(tb_dir, exist_ok=True)
-        name = f"events.out.tfevents.{time.time():.6f}.{socket.gethostname()}.{os.getpid()}"
-        self.path = os.path.join(tb_dir, name)
-        try:
-            self._file = open(self.path, "ab")
-        except OSError as e:
-            raise LogWriteError(self.path, e) from e
-        from tensorboardX.proto import event_pb2
-
-        self._write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
-
-    def _write(self, event) -> None:
-        from tensorboardX.record_writer import masked_crc32c
-
-        data = event.SerializeToString()
-        header = struct.pack("<Q", len(data))
-        try:
-            self._file.write(header + struct.pack("<I", masked_crc32c(header)) + data
-                             + struct.pack("<I", masked_crc32c(data)))
-            self._file.flush()
-        except OSError as e:
-            raise LogWriteError(self.path, e) from e
-
-    def scalars(self, step: int, values: Dict[str, float]) -> None:
-        """One event holding `values` (tag -> number) at `step`."""
-        from tensorboardX.proto import event_pb2, summary_pb2
-
-        if values:
-            summary = summary_pb2.Summary(value=[
-                summary_pb2.Summary.Value(tag=tag, simple_value=float(v)) for tag, v in values.items()])
-            self._write(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
-
-    def flush(self) -> None:
-        self._file.flush()
-
-    def close(self) -> None:
-        self._file.close()
-
-
-class Scalar(NamedTuple):
-    tag: str
-    step: int
-    value: float
-
-
-def _records(path: str):
-    """The raw records of an event file, as bytes with their framing, and their payloads; stops
-    at a torn or corrupted record (length or CRC wrong)."""
-    from tensorboardX.record_writer import masked_crc32c
-
-    with open(path, "rb") as f:
-        data = f.read()
-    pos = 0
-    while pos + 12 <= len(data):
-        header = data[pos:pos + 8]
-        (length,) = struct.unpack("<Q", header)
-        end = pos + 12 + length + 4
-        if end > len(data) or struct.unpack("<I", data[pos + 8:pos + 12])[0] != masked_crc32c(header):
-            break
-        payload = data[pos + 12:pos + 12 + length]
-        if struct.unpack("<I", data[end - 4:end])[0] != masked_crc32c(payload):
-            break
-        yield data[pos:end], payload
-        pos = end
-
-
-def _event_files(tb_dir: str) -> List[str]:
-    return sorted(glob.glob(os.path.join(tb_dir, "events.out.tfevents.*")))
-
-
-def truncate_events(tb_dir: str, last_step: int) -> None:
-    """Drops the summaries of steps after `last_step` (and a torn last record) from every event
-    file in `tb_dir`, rewriting each atomically; bookkeeping events (file version) stay."""
-    from tensorboardX.proto import event_pb2
-
-    for path in _event_files(tb_dir):
-        keep = []
-        for raw, payload in _records(path):
-            event = event_pb2.Event.FromString(payload)
-            if not event.HasField("summary") or event.step <= last_step:
-                keep.append(raw)
-        tmp = path + ".tmp"
-        with open(tmp, "wb") as f:
-            f.writelines(keep)
-        os.replace(tmp, path)
-
-
-def read_scalars(tb_dir: str) -> List[Scalar]:
-    """Every scalar summary in the event files of `tb_dir`, in file and write order."""
-    from tensorboardX.proto import event_pb2
-
-    out = []
-    for path in _event_files(tb_dir):
-        for _, payload in _records(path):
-            event = event_pb2.Event.FromString(payload)
-            for v in event.summary.value:
-                if v.HasField("simple_value"):
-                    out.append(Scalar(v.tag, int(event.step), float(v.simple_value)))
-    return out

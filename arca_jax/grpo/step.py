@@ -356,7 +356,7 @@ def _check_packed(b, mode: str, microbatches: int) -> None:
 
 def _pmap_step(step, donate_argnums):
     n = jax.local_device_count()
-    pstep = jax.pmap(functools.partial(step, axis_name="data"), axis_name="data",
+    pstep = jax.pmap(functools.partial(step, axis_name=parallel.DATA), axis_name=parallel.DATA,
                      donate_argnums=donate_argnums)
 
     def train_step(state, params, batch):

@@ -390,7 +390,8 @@ def trim_step_logs(run_dir: str, last_step: int) -> None:
     """Drops the records of steps after `last_step` from the per-step logs and the TensorBoard
     events (a resumed run rewrites them); `last_step` -1 drops every record (a run restarted
     from step 0, whose base evaluation is rewritten too)."""
-    from arca_jax.runlog import truncate_events, truncate_jsonl
+    from arca_jax.runlog import truncate_jsonl
+    from arca_jax.tfevents import truncate_events
 
     for name in rundir.STEP_LOGS:
         truncate_jsonl(rundir.path(run_dir, name), last_step)

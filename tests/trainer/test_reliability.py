@@ -8,7 +8,6 @@ prompt, so every batch has one shape and each program compiles once) to stay sma
 
 import errno
 import importlib
-import io
 import json
 import os
 import random
@@ -22,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from arca_jax import checkpoint, cli, config, faults, runlog, train
+from arca_jax import checkpoint, cli, config, faults, runlog, tfevents, train
 from arca_jax.batch import build_batch
 from arca_jax.checkpoint import Checkpointer, CheckpointError, CheckpointSaveError
 from arca_jax.trainer import loop, setup
@@ -48,7 +47,7 @@ def _logs(run_dir):
     (a resumed run spreads them over several event files; a repeated step shows twice)."""
     metrics = [{k: v for k, v in r.items() if k not in TIMING}
                for r in read_jsonl(os.path.join(run_dir, "metrics.jsonl"))]
-    scalars = sorted(s for s in runlog.read_scalars(os.path.join(run_dir, "tb"))
+    scalars = sorted(s for s in tfevents.read_scalars(os.path.join(run_dir, "tb"))
                      if s.tag.split("/")[-1] not in TIMING)
     return {"metrics": metrics, "eval": read_jsonl(os.path.join(run_dir, "eval.jsonl")),
             "samples": read_jsonl(os.path.join(run_dir, "samples.jsonl")), "tensorboard": scalars}
@@ -279,66 +278,6 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint(reference, tmp_path, 
     assert _logs(run_dir) == _logs(reference)  # logs trimmed to step 2, step 3 rewritten once
     assert _summary(run_dir) == _summary(reference)
     _assert_states_equal(_final_state(run_dir)[1], _final_state(reference)[1])
-
-
-def test_tensorboard_events_trimmed_like_the_json_logs(tmp_path):
-    """A resumed run's event files: the killed attempt's scalars after the checkpoint step are
-    dropped (and a torn last record), so each (tag, step) appears once after the resumed run
-    writes its own; what was queued is on disk after `flush` (before a checkpoint)."""
-    run_dir = str(tmp_path)
-    log = runlog.RunLog(run_dir, stream=open(os.devnull, "w"))
-    for step in (1, 2, 3, 4):
-        log.metrics({"step": step, "loss": float(step)})
-    log.eval({"step": 2, "greedy_accuracy": 0.5, "pass_at_k": 0.75, "k": 2, "num_problems": 4})
-    log.flush()
-    tb = os.path.join(run_dir, "tb")
-    assert [(s.tag, s.step) for s in runlog.read_scalars(tb)] == [
-        ("train/loss", 1), ("train/loss", 2), ("train/loss", 3), ("train/loss", 4),
-        ("eval/greedy_accuracy", 2), ("eval/pass_at_k", 2)]
-    (events,) = os.listdir(tb)
-    with open(os.path.join(tb, events), "ab") as f:
-        f.write(b"\x20\x00\x00")  # a torn record, as a kill mid-write leaves
-    setup.trim_step_logs(run_dir, 2)  # what --resume from the checkpoint of step 2 does
-    resumed = runlog.RunLog(run_dir, stream=open(os.devnull, "w"))
-    resumed.metrics({"step": 3, "loss": 30.0})
-    resumed.close()
-    log.close()
-    assert sorted((s.tag, s.step, s.value) for s in runlog.read_scalars(tb)) == sorted([
-        ("train/loss", 1, 1.0), ("train/loss", 2, 2.0), ("train/loss", 3, 30.0),
-        ("eval/greedy_accuracy", 2, 0.5), ("eval/pass_at_k", 2, 0.75)])
-    # the reader (CRC-checked framing) against tensorboardX's own writer
-    from tensorboardX import SummaryWriter
-
-    other = str(tmp_path / "tbx")
-    writer = SummaryWriter(other)
-    writer.add_scalar("a/b", 1.5, 7)
-    writer.close()
-    assert runlog.read_scalars(other) == [runlog.Scalar("a/b", 7, 1.5)]
-
-
-def test_without_tensorboardx_the_json_logs_are_written(tmp_path, monkeypatch):
-    """An environment without tensorboardX (an accelerator image with its own packages): one
-    message, no event files, the JSON logs as usual, no exception."""
-    import builtins
-
-    real_import = builtins.__import__
-
-    def no_tensorboardx(name, *args, **kwargs):
-        if name.split(".")[0] == "tensorboardX":
-            raise ImportError("No module named 'tensorboardX'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_tensorboardx)
-    stream = io.StringIO()
-    log = runlog.RunLog(str(tmp_path), stream=stream)
-    log.metrics({"step": 1, "loss": 0.5})
-    log.eval({"step": 1, "greedy_accuracy": 0.5, "pass_at_k": 0.75, "k": 2, "num_problems": 4})
-    log.metrics({"step": 2, "loss": 0.25})
-    log.close()
-    assert [m["loss"] for m in read_jsonl(str(tmp_path / "metrics.jsonl"))] == [0.5, 0.25]
-    assert read_jsonl(str(tmp_path / "eval.jsonl"))[0]["pass_at_k"] == 0.75
-    assert not os.path.exists(tmp_path / "tb")
-    assert stream.getvalue().count("tensorboardX is not installed") == 1
 
 
 def test_disk_full_while_writing_logs(reference, tmp_path, monkeypatch, capsys):
