@@ -243,40 +243,14 @@ def test_refilling_rollouts_and_evaluation_log_the_same_run(tmp_path):
     assert _strip_timing(e1) == _strip_timing(e2)
 
 
-def test_mesh_tensor_2_run_equals_tensor_1(tmp_path):
-    """train.mode=mesh on 8 devices: tensor 2 (heads and MLP split over pairs of devices, data 4)
-    logs the same run as tensor 1 (data 8): the same sampled tokens, hence rewards, and losses,
-    gradients and weight statistics to float rounding."""
-    overrides = [o for o in TINY if not o.startswith(("train.steps", "rollout.prompts_per_step",
-                                                       "rollout.group_size", "train.save_every",
-                                                       "train.samples_every"))]
-    runs = {}
-    for tensor in (1, 2):
-        cfg = config.load(None, overrides + [
-            "train.mode=mesh", f"train.mesh_tensor={tensor}", "train.steps=2",
-            "rollout.prompts_per_step=4", "rollout.group_size=2", "train.save_every=0",
-            "train.samples_every=0", "optim.warmup_steps=0"])
-        run_dir = str(tmp_path / f"tensor{tensor}")
-        assert train.train(cfg, run_dir)["finished"]
-        runs[tensor] = (_rows(run_dir, "metrics.jsonl"), _rows(run_dir, "eval.jsonl"))
-    (m1, e1), (m2, e2) = runs[1], runs[2]
-    assert len(m1) == len(m2) == 2
-    for a, b in zip(m1, m2):
-        for key in ("reward_mean", "reward_std", "completion_length"):
-            assert a[key] == b[key], key
-        for key in ("loss", "grad_norm", "weight_gini", "effective_token_ratio",
-                    "residual_norm_mean", "entropy"):
-            assert abs(a[key] - b[key]) <= 1e-4 * max(1.0, abs(b[key])), (key, a[key], b[key])
-    assert m2[-1]["residual_norm_mean"] > 0
-    assert [e["greedy_accuracy"] for e in e1] == [e["greedy_accuracy"] for e in e2]
-
-
-def test_mesh_run_resumes_on_another_mesh_shape(tmp_path, capsys):
-    """The train state split over fsdp 8 (ZeRO: each device 1/8 of every factor and moment) is
-    checkpointed after step 1, and the run resumes with fsdp 2 x tensor 2 (data 2) on the same
-    devices: the same sampled tokens, rewards and evaluations as the uninterrupted fsdp 8 run,
-    losses and statistics to float rounding, and the adapter of step 2 within 1e-5 (relative).
-    train.mesh_fsdp and train.mesh_tensor are what a resume may change; anything else refuses."""
+def test_mesh_tensor_2_equals_fsdp_8_and_resumes_on_it(tmp_path, capsys):
+    """train.mode=mesh on 8 devices. The reference run splits its train state over fsdp 8 (ZeRO:
+    each device 1/8 of every factor and moment). A run with tensor 2 (heads and MLP split over
+    pairs of devices, fsdp 2, data 2) logs the same first step: the same sampled tokens, hence
+    rewards and evaluations, and losses, gradients and weight statistics to float rounding. Its
+    checkpoint of step 1 then resumes on fsdp 8 and ends as the reference: the adapter of step 2
+    within float rounding. train.mesh_fsdp and train.mesh_tensor are what a resume may change;
+    anything else refuses."""
     overrides = [o for o in TINY if not o.startswith(("train.steps", "rollout.prompts_per_step",
                                                        "rollout.group_size", "train.save_every",
                                                        "train.samples_every"))]
@@ -287,16 +261,17 @@ def test_mesh_run_resumes_on_another_mesh_shape(tmp_path, capsys):
     ref, run = str(tmp_path / "ref"), str(tmp_path / "run")
     assert train.train(fsdp8, ref)["finished"]
     assert "split over fsdp 8" in capsys.readouterr().err
-    train.train(fsdp8, run, stop_after=1)
+    tensor2 = config.load(None, overrides + ["train.mesh_fsdp=2", "train.mesh_tensor=2"])
+    train.train(tensor2, run, stop_after=1)
+    assert "split over fsdp 2" in capsys.readouterr().err
     assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["1"]
     assert cli.main(["train", "--output-dir", run, "--resume"] + [
         a for o in overrides + ["train.mesh_fsdp=8", "optim.learning_rate=0.5"]
         for a in ("--set", o)]) == 2
     assert "only train.mesh_fsdp and train.mesh_tensor may change" in capsys.readouterr().err
-    moved = config.load(None, overrides + ["train.mesh_fsdp=2", "train.mesh_tensor=2"])
-    assert train.train(moved, run, resume=True)["finished"]
+    assert train.train(fsdp8, run, resume=True)["finished"]
     err = capsys.readouterr().err
-    assert "resumed from the checkpoint of step 1" in err and "split over fsdp 2" in err
+    assert "resumed from the checkpoint of step 1" in err and "split over fsdp 8" in err
     got, want = _rows(run, "metrics.jsonl"), _rows(ref, "metrics.jsonl")
     assert [m["step"] for m in got] == [m["step"] for m in want] == [1, 2]
     for a, b in zip(got, want):
@@ -305,16 +280,19 @@ def test_mesh_run_resumes_on_another_mesh_shape(tmp_path, capsys):
         for key in ("loss", "grad_norm", "weight_gini", "effective_token_ratio",
                     "residual_norm_mean", "entropy", "learning_rate"):
             assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(b[key])), (key, a[key], b[key])
+    assert got[-1]["residual_norm_mean"] > 0
     assert [e["greedy_accuracy"] for e in _rows(run, "eval.jsonl")] == \
         [e["greedy_accuracy"] for e in _rows(ref, "eval.jsonl")]
-    # per factor ||a - b|| <= 3e-5 ||b||: elementwise, Adam's g / (sqrt(v) + eps) turns the float
-    # rounding of a gradient entry near 0 into up to ~2e-5 (relative to lr) at that entry, and the
-    # two layouts sum the gradient in different orders (measured: 1.1e-5 of ||b|| in one factor)
-    a = trainer.load_run(run, 2)[2]
-    b = trainer.load_run(ref, 2)[2]
-    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
-        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-        assert np.linalg.norm(x - y) <= 3e-5 * np.linalg.norm(y)
+    # per factor ||a - b|| <= 2e-4 ||b||: the two layouts sum each gradient in different orders,
+    # and Adam's first step, lr g / (|g| + eps), turns the rounding of an entry whose gradient is
+    # near eps into a visible change of that entry (measured after step 1: 5.6e-5 of ||b|| in
+    # one factor; a wrong split or a lost shard moves whole factors, by ~||b||)
+    for step in (1, 2):
+        a = trainer.load_run(run, step)[2]
+        b = trainer.load_run(ref, step)[2]
+        for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+            x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+            assert np.linalg.norm(x - y) <= 2e-4 * np.linalg.norm(y), step
     first = trainer.load_run(ref, 1)[2]
     moved_by = max(float(np.abs(np.asarray(x) - np.asarray(y)).max()) for x, y in zip(
         jax.tree_util.tree_leaves(first), jax.tree_util.tree_leaves(b)))
