@@ -405,11 +405,11 @@ GPU_TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidde
 
 def _variant(name: str):
     """(decode_attention, cache block) of a benchmark variant: "dot" and "reduce" read the filled
-    cache blocks (`qwen3.inference.DECODE_BLOCK`), "dot_full" the whole cache, "pallas" each
+    cache blocks (`qwen3.cache_attention.DECODE_BLOCK`), "dot_full" the whole cache, "pallas" each
     row's own filled slots."""
     if name == "dot_full":
         return "dot", 1 << 30
-    return name, qwen3.inference.DECODE_BLOCK
+    return name, qwen3.cache_attention.DECODE_BLOCK
 
 
 def _kv_read_slots(name: str, P: int, N: int, S: int) -> float:
@@ -418,7 +418,7 @@ def _kv_read_slots(name: str, P: int, N: int, S: int) -> float:
     filled = np.arange(1, N) + P
     if name == "dot_full":
         return float(S)
-    block = qwen3.inference.PALLAS_BLOCK if name == "pallas" else qwen3.inference.DECODE_BLOCK
+    block = qwen3.cache_attention.PALLAS_BLOCK if name == "pallas" else qwen3.cache_attention.DECODE_BLOCK
     return float(np.mean(-(-filled // block) * block))
 
 
@@ -454,8 +454,8 @@ def gpu_decode(args, params, config, dtype, B, P, N, nominal, copy_bw) -> dict:
             print(f"[B={B} {name}] skipped: past the time budget")
             continue
         attention, cache_block = _variant(name)
-        saved = qwen3.inference.DECODE_BLOCK
-        qwen3.inference.DECODE_BLOCK = cache_block
+        saved = qwen3.cache_attention.DECODE_BLOCK
+        qwen3.cache_attention.DECODE_BLOCK = cache_block
         jax.clear_caches()
         try:
             t = now()
@@ -467,7 +467,7 @@ def gpu_decode(args, params, config, dtype, B, P, N, nominal, copy_bw) -> dict:
             print(f"[B={B} {name}] failed: {type(e).__name__}: {str(e)[:200]}")
             continue
         finally:
-            qwen3.inference.DECODE_BLOCK = saved
+            qwen3.cache_attention.DECODE_BLOCK = saved
         S = qwen3.cache_size(P + N, attention)
         prep, pre, dec = (statistics.median(t[i] for t in times) for i in range(3))
         step_s = dec / (N - 1)

@@ -9,6 +9,8 @@ Modules (every public name is re-exported here, so `from arca_jax import qwen3; 
   inference  `inference_weights` (fused, norm-folded, per-layer kernels; LoRA merged or low-rank;
              a mixture of experts' sparse layers as `SparseMlp`), `KVCache`, `inference_forward`
              (T new tokens into the cache, every token routed as in `forward`; logits at the last).
+  cache_attention  attention of new tokens over the cache (decode variants "reduce", "dot",
+             "pallas"; filled blocks only), `cache_size`, `default_decode_attention`.
   moe        the sparse MLP block (router, top-k, experts by `jax.lax.ragged_dot`), its routing
              statistics and load-balancing losses, the segments of a sparse/dense layer stack.
   common     what both use: parameter-tree names, rotary tables, `default_positions`, RMS norm.
@@ -49,10 +51,9 @@ from arca_jax.qwen3.common import (ATTN_PROJS, MLP_PROJS, PROJ_BLOCK, Params, de
                                    rope_tables)
 from arca_jax.qwen3 import moe
 from arca_jax.qwen3.config import ConfigError, Qwen3Config, Qwen3MoeConfig, preset
-from arca_jax.qwen3.inference import (DECODE_ATTENTION, InferenceLayer, InferenceOutput,
-                                      InferenceWeights, KVCache, LowRank, SparseMlp, cache_size,
-                                      default_decode_attention, inference_forward,
-                                      inference_weights)
+from arca_jax.qwen3.cache_attention import DECODE_ATTENTION, cache_size, default_decode_attention
+from arca_jax.qwen3.inference import (InferenceLayer, InferenceOutput, InferenceWeights, KVCache,
+                                      LowRank, SparseMlp, inference_forward, inference_weights)
 from arca_jax.qwen3.model import (ATTENTION_IMPLS, MLP, REMAT_OPTIONS, Attention, DecoderLayer, Embed,
                                   LayerRun, LoraLinear, ModelOutput, Qwen3, RMSNorm, compute_logits, forward,
                                   init_params, lm_head_kernel, on_cuda, param_shapes, remat_policy,

@@ -44,7 +44,8 @@ import jax.numpy as jnp
 
 import numpy as np
 
-from arca_jax.qwen3 import moe
+from arca_jax.qwen3 import cache_attention, moe
+from arca_jax.qwen3.cache_attention import attend, attend_filled, attend_pallas
 from arca_jax.qwen3.common import (Params, apply_rope, inv_rms, merge_adapter, per_head, rms_norm,
                                    rope_tables)
 from arca_jax.qwen3.config import Qwen3Config, Qwen3MoeConfig
@@ -109,7 +110,7 @@ class InferenceWeights:
     lm_head: Optional[jax.Array] = None  # [D, V]; None when tied (then the head is `embed`, [V, D])
     # How a T = 1 step contracts q with the cache (static): "reduce" (multiply + sum, fused over the
     # cache in its stored layout), "dot" (batched matmuls), both over the filled cache blocks
-    # (`_attend_filled`), or "pallas" (`_attend_pallas`: a GPU kernel reading each row's own
+    # (`cache_attention.attend_filled`), or "pallas" (`cache_attention.attend_pallas`: a GPU kernel reading each row's own
     # filled slots). All compute the same function.
     decode_attention: str = flax.struct.field(pytree_node=False, default="reduce")
     # t, the tensor-parallel shards the fused kernels are laid out for (static; see
@@ -123,22 +124,6 @@ class InferenceWeights:
     def dtype(self):
         """Activation (and cache) dtype: the embedding's, as in `forward`."""
         return self.embed.dtype
-
-
-DECODE_ATTENTION = ("reduce", "dot", "pallas")
-
-
-def default_decode_attention(platform: Optional[str] = None, devices: int = 1) -> str:
-    """The decode attention for `platform` (None: jax's default backend) with the sampler on
-    `devices` devices: "reduce" on CPU (fewer kernels per step); "pallas" on one GPU; "dot"
-    elsewhere (TPU, or a GPU mesh, where the Pallas kernel does not run). On an H200 (Qwen3-1.7B
-    shapes, 128 + 512 tokens, 2026-12-01) a decode step took 2.73 ms with "pallas" against 5.20 ms
-    with "dot" at batch 64, 6.09 against 13.04 ms at batch 256 ("dot"'s switch over filled
-    blocks costs more there than it saves; experiments/NOTES_sampling.md)."""
-    platform = platform or jax.default_backend()
-    if platform == "cpu":
-        return "reduce"
-    return "pallas" if platform in ("gpu", "cuda", "rocm") and devices == 1 else "dot"
 
 
 _GROUPS = (("qkv", "self_attn", ("q_proj", "k_proj", "v_proj"), "input_layernorm"),
@@ -199,7 +184,8 @@ def inference_weights(params: Params, config: Qwen3Config, *, lora: Optional[Par
     the parameters' dtype; the fold and a merge are computed in float32 and cast back once. With
     `merge_lora`, each adapted kernel is W + lora_scale * A B (as `arca_jax.lora.merge`); otherwise
     the adapter stays a low-rank pair per projection group. `decode_attention`: see
-    `InferenceWeights`; None picks `default_decode_attention()` for the current backend.
+    `InferenceWeights`; None picks `cache_attention.default_decode_attention()` for the current
+    backend.
     `tensor`: t, the tensor-parallel shards to lay the fused kernels out for (`_shard_columns`:
     columns shard-major, so that splitting qkv and gate_up into t equal column blocks gives each
     device whole heads and its own MLP units; `parallel.inference_shardings` places them).
@@ -212,9 +198,9 @@ def inference_weights(params: Params, config: Qwen3Config, *, lora: Optional[Par
     for a dense model.
     """
     if decode_attention is None:
-        decode_attention = default_decode_attention()
-    if decode_attention not in DECODE_ATTENTION:
-        raise ValueError(f"decode_attention must be one of {DECODE_ATTENTION}, got "
+        decode_attention = cache_attention.default_decode_attention()
+    if decode_attention not in cache_attention.DECODE_ATTENTION:
+        raise ValueError(f"decode_attention must be one of {cache_attention.DECODE_ATTENTION}, got "
                          f"{decode_attention!r}")
     is_moe = isinstance(config, Qwen3MoeConfig)
     layers_p = params["layers"]
@@ -406,103 +392,6 @@ def _write_rows(buf: jax.Array, new: jax.Array, index: jax.Array, axis: int) -> 
     return jax.vmap(put)(buf, new, index)
 
 
-# Decode steps attend over the filled prefix of the cache, rounded up to a multiple of this many
-# slots (`_attend_filled`): one compiled branch per multiple.
-DECODE_BLOCK = 32
-
-
-@functools.partial(jax.jit, static_argnames=("decode_attention", "block"))
-def _attend_filled(q, k, v, bias, decode_attention: str, filled, block: int):
-    """`_attend` of one new token (T = 1) over the first ceil(filled / block) blocks of `block`
-    slots (`DECODE_BLOCK`) of the cache only: a `lax.switch` over the block counts, each branch
-    reading a static prefix. Slots at or beyond `filled` [] int32 (the longest row's) are masked
-    anyway (their bias is float32 min, so their softmax weight is exactly 0): the result equals
-    attention over the whole cache.
-
-    Jitted so that, inside the decode program, every layer calls one traced and lowered switch
-    (XLA inlines the call); traced per layer, a 28-layer model with 1,024 cache slots built 896
-    branches per decode program (experiments/NOTES_sampling.md, "Tracing the decode program")."""
-    S = k.shape[2]
-    blocks = -(-S // block)
-    if blocks <= 1:
-        return _attend(q, k, v, bias, decode_attention)
-
-    def branch(j):
-        n = min((j + 1) * block, S)
-        return lambda q, k, v, bias: _attend(q, k[:, :, :n], v[:, :, :n], bias[..., :n],
-                                             decode_attention)
-
-    index = jnp.clip((filled + block - 1) // block - 1, 0, blocks - 1)
-    return jax.lax.switch(index, [branch(j) for j in range(blocks)], q, k, v, bias)
-
-
-# The Pallas decode kernel splits the cache into chunks of a power-of-two length (at least 16,
-# at most this) and loops over blocks of at most PALLAS_BLOCK slots inside each chunk.
-PALLAS_CHUNK = 128
-PALLAS_BLOCK = 64
-
-
-def cache_size(needed: int, decode_attention: str) -> int:
-    """Slots to allocate for `needed` positions: "pallas" needs a multiple of 16 (its chunks);
-    the extra slots are never valid, so never attended to."""
-    return -(-needed // 16) * 16 if decode_attention == "pallas" else needed
-
-
-def _attend_pallas(q, k, v, valid, index):
-    """Attention of one new token (T = 1) with jax's Pallas GPU decode kernel
-    (`jax.experimental.pallas.ops.gpu.decode_attention`), run per (row, kv head) on the cache in
-    its stored layout: row b reads slots first[b] .. index[b] only (first: its first valid slot),
-    in blocks of `PALLAS_BLOCK`, split into chunks the GPU runs in parallel and combines.
-    Equals `_attend` when each row's valid slots are one run ending at `index` (left-padded
-    prompt, then the row's tokens: what the sampler writes). q [B, 1, N, H]; k, v [B, K, S, H]
-    with S a multiple of 16 (`cache_size`); valid [B, S] bool; index [B] the new token's slot.
-    Off GPU the kernel runs in Pallas' interpreter (slow; for tests). Returns [B, 1, N*H]."""
-    from jax.experimental.pallas.ops.gpu import decode_attention as kernel
-
-    B, _, N, H = q.shape
-    K, S = k.shape[1], k.shape[2]
-    if S % 16:
-        raise ValueError(f"decode_attention='pallas' needs a cache of a multiple of 16 slots, "
-                         f"got {S} (allocate `cache_size(...)` slots)")
-    chunk = min(PALLAS_CHUNK, S & -S)  # the largest power of two dividing S, capped
-    one = functools.partial(kernel.decode_attn_unbatched, sm_scale=H ** -0.5, block_h=16,
-                            block_k=min(chunk, PALLAS_BLOCK), k_splits=S // chunk,
-                            num_warps=None, num_stages=2, grid=None,
-                            interpret=jax.default_backend() != "gpu", debug=False,
-                            return_residuals=False, normalize_output=True)
-    first = jnp.argmax(valid, axis=1).astype(jnp.int32)  # [B]
-    each_head = lambda x: jnp.broadcast_to(x[:, None], (B, K))
-    out = jax.vmap(jax.vmap(one))(q.reshape(B, K, N // K, H), k, v, each_head(first),
-                                  each_head(index + 1))  # [B, K, G, H]
-    return out.reshape(B, 1, N * H)
-
-
-def _attend(q, k, v, bias, decode_attention: str):
-    """Grouped-query attention of q [B, T, N, H] over the cache k, v [B, K, S, H] with an additive
-    mask bias [B, T, S] (0 or float32 min); returns [B, T, N*H] in q's dtype. Scores and softmax in
-    float32, the probabilities cast to q's dtype before they weight v (as `Attention`).
-
-    For T = 1 with decode_attention "reduce", both contractions are a multiply and a sum, which XLA
-    fuses into one pass over the cache each, in its stored layout; as matmuls ("dot") XLA CPU first
-    transposes the small operands (on the CPU benchmark model, 140 kernels per decode step instead
-    of 110)."""
-    B, T, N, H = q.shape
-    K = k.shape[1]
-    G = N // K
-    f32 = jnp.float32
-    if T == 1 and decode_attention == "reduce":
-        q1 = q.reshape(B, K, G, H).astype(f32)
-        scores = jnp.sum(q1[:, :, :, None, :] * k.astype(f32)[:, :, None, :, :], axis=-1)  # [B, K, G, S]
-        scores = scores * (H ** -0.5) + bias[:, None, :, :]  # bias [B, 1, 1, S]
-        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype).astype(f32)
-        out = jnp.sum(probs[..., None] * v.astype(f32)[:, :, None, :, :], axis=-2)  # [B, K, G, H]
-        return out.astype(q.dtype).reshape(B, 1, N * H)
-    scores = jnp.einsum("BTKGH,BKSH->BKGTS", q.reshape(B, T, K, G, H), k,
-                        preferred_element_type=f32) * (H ** -0.5)
-    probs = jax.nn.softmax(scores + bias[:, None, None], axis=-1).astype(q.dtype)
-    return jnp.einsum("BKGTS,BKSH->BTKGH", probs, v).reshape(B, T, N * H)
-
-
 def _grouped_swiglu(kernels, rows: jax.Array, group_sizes: jax.Array) -> jax.Array:
     """The experts' SwiGLU over (token, expert) pair rows [P, D] sorted by expert: kernels
     (gate_up [E', D, 2I], down [E', I, D]), group_sizes [E'] -> [P, D]: two
@@ -577,15 +466,15 @@ def inference_forward(weights: InferenceWeights, input_ids: jax.Array, *, config
         v_cache = _write_rows(v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype), index, axis=2)
         new_k.append(k_cache)
         new_v.append(v_cache)
+        kc, vc = k_cache.astype(dtype), v_cache.astype(dtype)
         if T == 1 and weights.decode_attention == "pallas":
-            attn = _attend_pallas(q, k_cache.astype(dtype), v_cache.astype(dtype), valid, index)
+            attn = attend_pallas(q, kc, vc, valid, index)
         elif T == 1:  # a decode step: only the filled part of the cache
-            attn = _attend_filled(q, k_cache.astype(dtype), v_cache.astype(dtype), bias,
-                                  weights.decode_attention, jnp.max(index) + 1, DECODE_BLOCK)
+            attn = attend_filled(q, kc, vc, bias, weights.decode_attention, jnp.max(index) + 1,
+                                 cache_attention.DECODE_BLOCK)
         else:
-            attn = _attend(q, k_cache.astype(dtype), v_cache.astype(dtype), bias,
-                           "dot" if weights.decode_attention == "pallas" else
-                           weights.decode_attention)
+            attn = attend(q, kc, vc, bias, "dot" if weights.decode_attention == "pallas" else
+                          weights.decode_attention)
         x = x + _project(attn, layer.o, layer.o_lora, dtype)
 
         if layer.sparse_mlp is not None:

@@ -298,7 +298,9 @@ def train(cfg: RunConfig, run_dir: str, *, resume: bool = False,
 
     def run_eval(at: int):
         faults.point("eval", at)
-        res = evaluate(run.model, None if at == 0 else run.adapter(), cfg.lora.scaling,
+        # at step 0 the adapter is init_lora's (B = 0, so x A B = 0 exactly): the base model,
+        # evaluated through the adapted programs that every later evaluation reuses
+        res = evaluate(run.model, run.adapter(), cfg.lora.scaling,
                        run.eval_problems, run.score, cfg, at, stream_key(cfg, Stream.EVAL, at),
                        mesh=run.mesh)
         totals["reward_timeouts"] += run.score.new_timeouts()  # the evaluation's own

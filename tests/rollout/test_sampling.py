@@ -85,12 +85,12 @@ def test_cached_decoding_equals_uncached_forward_at_every_step(tiny, adapter, at
                                                                 monkeypatch):
     """Prefill, then one token at a time through the cache, against one uncached causal forward
     over the whole sequence (whose logits at t are those of the prefix up to t). With `block`, the
-    decode steps attend over the filled blocks of 4 slots only (`inference.DECODE_BLOCK`) of a
+    decode steps attend over the filled blocks of 4 slots only (`cache_attention.DECODE_BLOCK`) of a
     cache with spare slots, crossing block boundaries as the cache fills. "pallas": the GPU
     decode kernel (here in Pallas' interpreter) reading each row's own slots, left padding
     excluded."""
     if block is not None:
-        monkeypatch.setattr(qwen3.inference, "DECODE_BLOCK", block)
+        monkeypatch.setattr(qwen3.cache_attention, "DECODE_BLOCK", block)
     _, config, params = tiny
     ids, mask = _prompts(config.vocab_size)
     tree, scale = None, 1.0

@@ -1,0 +1,131 @@
+"""Attention of new tokens over the key/value cache, the decode path's one hot loop: the variants
+`inference_forward` picks from (`InferenceWeights.decode_attention`) and the cache sizes they need.
+
+  "reduce"  multiply-and-sum contractions over the cache in its stored layout (CPU: fewer kernels);
+  "dot"     einsum contractions;
+  "pallas"  jax's Pallas GPU decode kernel, each row reading only its own filled slots.
+
+Decode steps ("reduce", "dot") attend over the filled prefix of the cache only, in blocks of
+`DECODE_BLOCK` slots (`attend_filled`). Shapes use `arca_jax.qwen3`'s letters; S cache slots.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+
+DECODE_ATTENTION = ("reduce", "dot", "pallas")
+
+
+def default_decode_attention(platform: Optional[str] = None, devices: int = 1) -> str:
+    """The decode attention for `platform` (None: jax's default backend) with the sampler on
+    `devices` devices: "reduce" on CPU (fewer kernels per step); "pallas" on one GPU; "dot"
+    elsewhere (TPU, or a GPU mesh, where the Pallas kernel does not run). On an H200 (Qwen3-1.7B
+    shapes, 128 + 512 tokens, 2026-12-01) a decode step took 2.73 ms with "pallas" against 5.20 ms
+    with "dot" at batch 64, 6.09 against 13.04 ms at batch 256 ("dot"'s switch over filled
+    blocks costs more there than it saves; experiments/NOTES_sampling.md)."""
+    platform = platform or jax.default_backend()
+    if platform == "cpu":
+        return "reduce"
+    return "pallas" if platform in ("gpu", "cuda", "rocm") and devices == 1 else "dot"
+
+
+# Decode steps attend over the filled prefix of the cache, rounded up to a multiple of this many
+# slots (`attend_filled`): one compiled branch per multiple.
+DECODE_BLOCK = 32
+
+
+@functools.partial(jax.jit, static_argnames=("decode_attention", "block"))
+def attend_filled(q, k, v, bias, decode_attention: str, filled, block: int):
+    """`attend` of one new token (T = 1) over the first ceil(filled / block) blocks of `block`
+    slots (`DECODE_BLOCK`) of the cache only: a `lax.switch` over the block counts, each branch
+    reading a static prefix. Slots at or beyond `filled` [] int32 (the longest row's) are masked
+    anyway (their bias is float32 min, so their softmax weight is exactly 0): the result equals
+    attention over the whole cache.
+
+    Jitted so that, inside the decode program, every layer calls one traced and lowered switch
+    (XLA inlines the call); traced per layer, a 28-layer model with 1,024 cache slots built 896
+    branches per decode program (experiments/NOTES_sampling.md, "Tracing the decode program")."""
+    S = k.shape[2]
+    blocks = -(-S // block)
+    if blocks <= 1:
+        return attend(q, k, v, bias, decode_attention)
+
+    def branch(j):
+        n = min((j + 1) * block, S)
+        return lambda q, k, v, bias: attend(q, k[:, :, :n], v[:, :, :n], bias[..., :n],
+                                             decode_attention)
+
+    index = jnp.clip((filled + block - 1) // block - 1, 0, blocks - 1)
+    return jax.lax.switch(index, [branch(j) for j in range(blocks)], q, k, v, bias)
+
+
+# The Pallas decode kernel splits the cache into chunks of a power-of-two length (at least 16,
+# at most this) and loops over blocks of at most PALLAS_BLOCK slots inside each chunk.
+PALLAS_CHUNK = 128
+PALLAS_BLOCK = 64
+
+
+def cache_size(needed: int, decode_attention: str) -> int:
+    """Slots to allocate for `needed` positions: "pallas" needs a multiple of 16 (its chunks);
+    the extra slots are never valid, so never attended to."""
+    return -(-needed // 16) * 16 if decode_attention == "pallas" else needed
+
+
+def attend_pallas(q, k, v, valid, index):
+    """Attention of one new token (T = 1) with jax's Pallas GPU decode kernel
+    (`jax.experimental.pallas.ops.gpu.decode_attention`), run per (row, kv head) on the cache in
+    its stored layout: row b reads slots first[b] .. index[b] only (first: its first valid slot),
+    in blocks of `PALLAS_BLOCK`, split into chunks the GPU runs in parallel and combines.
+    Equals `attend` when each row's valid slots are one run ending at `index` (left-padded
+    prompt, then the row's tokens: what the sampler writes). q [B, 1, N, H]; k, v [B, K, S, H]
+    with S a multiple of 16 (`cache_size`); valid [B, S] bool; index [B] the new token's slot.
+    Off GPU the kernel runs in Pallas' interpreter (slow; for tests). Returns [B, 1, N*H]."""
+    from jax.experimental.pallas.ops.gpu import decode_attention as kernel
+
+    B, _, N, H = q.shape
+    K, S = k.shape[1], k.shape[2]
+    if S % 16:
+        raise ValueError(f"decode_attention='pallas' needs a cache of a multiple of 16 slots, "
+                         f"got {S} (allocate `cache_size(...)` slots)")
+    chunk = min(PALLAS_CHUNK, S & -S)  # the largest power of two dividing S, capped
+    one = functools.partial(kernel.decode_attn_unbatched, sm_scale=H ** -0.5, block_h=16,
+                            block_k=min(chunk, PALLAS_BLOCK), k_splits=S // chunk,
+                            num_warps=None, num_stages=2, grid=None,
+                            interpret=jax.default_backend() != "gpu", debug=False,
+                            return_residuals=False, normalize_output=True)
+    first = jnp.argmax(valid, axis=1).astype(jnp.int32)  # [B]
+    each_head = lambda x: jnp.broadcast_to(x[:, None], (B, K))
+    out = jax.vmap(jax.vmap(one))(q.reshape(B, K, N // K, H), k, v, each_head(first),
+                                  each_head(index + 1))  # [B, K, G, H]
+    return out.reshape(B, 1, N * H)
+
+
+def attend(q, k, v, bias, decode_attention: str):
+    """Grouped-query attention of q [B, T, N, H] over the cache k, v [B, K, S, H] with an additive
+    mask bias [B, T, S] (0 or float32 min); returns [B, T, N*H] in q's dtype. Scores and softmax in
+    float32, the probabilities cast to q's dtype before they weight v (as `Attention`).
+
+    For T = 1 with decode_attention "reduce", both contractions are a multiply and a sum, which XLA
+    fuses into one pass over the cache each, in its stored layout; as matmuls ("dot") XLA CPU first
+    transposes the small operands (on the CPU benchmark model, 140 kernels per decode step instead
+    of 110)."""
+    B, T, N, H = q.shape
+    K = k.shape[1]
+    G = N // K
+    f32 = jnp.float32
+    if T == 1 and decode_attention == "reduce":
+        q1 = q.reshape(B, K, G, H).astype(f32)
+        scores = jnp.sum(q1[:, :, :, None, :] * k.astype(f32)[:, :, None, :, :], axis=-1)  # [B, K, G, S]
+        scores = scores * (H ** -0.5) + bias[:, None, :, :]  # bias [B, 1, 1, S]
+        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype).astype(f32)
+        out = jnp.sum(probs[..., None] * v.astype(f32)[:, :, None, :, :], axis=-2)  # [B, K, G, H]
+        return out.astype(q.dtype).reshape(B, 1, N * H)
+    scores = jnp.einsum("BTKGH,BKSH->BKGTS", q.reshape(B, T, K, G, H), k,
+                        preferred_element_type=f32) * (H ** -0.5)
+    probs = jax.nn.softmax(scores + bias[:, None, None], axis=-1).astype(q.dtype)
+    return jnp.einsum("BKGTS,BKSH->BTKGH", probs, v).reshape(B, T, N * H)
