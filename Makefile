@@ -6,7 +6,7 @@ install:
 
 # The test command (README and .ci/run).
 test:
-	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests
+	$(PY) -m pytest -q -n 2 tests
 
 bench:
 	$(PY) experiments/bench_sampling.py

@@ -64,25 +64,3 @@ def _release_compiled_programs():
     yield
     jax.clear_caches()
     gc.collect()
-
-
-# The modules that take longest (worker-seconds in a full run on 2 cores, 2026-12-01), run first:
-# `make test` hands whole files to the two workers (`--dist loadfile`, so a module's fixtures,
-# e.g. a reference training run, are built once) in collection order, and starting the long
-# ones first keeps either worker from running one alone at the end.
-LONGEST_FIRST = (
-    "trainer/test_multihost.py", "trainer/test_train.py", "trainer/test_reliability.py",
-    "grpo/test_tensor_parallel.py", "grpo/test_moe_expert_parallel.py",
-    "grpo/test_sharded_state.py", "grpo/test_objectives.py", "docs/test_notebook.py",
-    "trainer/test_golden.py", "model/test_moe_lora.py", "trainer/test_compilation_cache.py",
-    "trainer/test_experiment_configs.py",
-)
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-
-    def key(item):
-        path = os.path.relpath(str(item.fspath), TESTS).replace(os.sep, "/")
-        return rank.get(path, len(rank))
-    items.sort(key=key)  # stable: the rest keep their order
