@@ -3,6 +3,7 @@
 import os
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 from fixtures import REPO
@@ -10,6 +11,7 @@ from fixtures import REPO
 NOTEBOOK = os.path.join(REPO, "experiments", "colab.ipynb")
 
 
+@pytest.mark.slow
 def test_colab_notebook_tiny_part_runs(tmp_path, monkeypatch):
     monkeypatch.setenv("ARCA_DEMO_STEPS", "2")
     monkeypatch.setenv("ARCA_DEMO_EVAL", "4")

@@ -35,6 +35,7 @@ def unregister():
         credit.unregister(NAME)
 
 
+@pytest.mark.slow
 def test_readme_own_weighting_trains_end_to_end(tmp_path, monkeypatch, unregister):
     code = readme_block()
     assert '"train.steps=20"]' in code and f'credit.register("{NAME}"' in code

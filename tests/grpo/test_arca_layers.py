@@ -225,6 +225,7 @@ LCFG = lora.LoraConfig(rank=4, alpha=8.0)
 
 
 
+@pytest.mark.slow
 def test_train_step_jit_microbatches_pmap_mesh_agree():
     """Layered, relative ARCA with a KL term (the base forward serves both): gradients,
     loss and the per-layer residual means equal in jit, jit with 2 microbatches, pmap and an

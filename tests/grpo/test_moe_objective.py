@@ -82,6 +82,7 @@ def _step(config, params, tree, batch, **kw):
     return metrics, state.opt_state
 
 
+@pytest.mark.slow
 def test_train_step_routing_metrics_microbatches_and_mesh(case):
     """expert_load [Ls, E] is exact over microbatches (token-weighted), aux_loss is the
     microbatches' weighted mean; a ("data", "fsdp") mesh equals one device within 1e-5."""

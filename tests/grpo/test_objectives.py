@@ -347,7 +347,8 @@ STEP_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", STEP_CASES, ids=["gspo-tis-seq-user", "mis-token-arca"])
+@pytest.mark.parametrize("case", [STEP_CASES[0], pytest.param(STEP_CASES[1], marks=pytest.mark.slow)],
+                         ids=["gspo-tis-seq-user", "mis-token-arca"])
 def test_train_step_jit_microbatches_pmap_mesh_agree(model, user_weighting, case):
     params, tree, batch = model
     case = dict(case)

@@ -23,6 +23,8 @@ FAST = {"xla_backend_optimization_level": 0}
 CFG = tiny_config(vocab_size=64)
 LCFG = lora.LoraConfig(rank=4, alpha=8.0)
 MESHES = [(2, 2, 2), (1, 1, 4), (1, 4, 2)]  # (data, fsdp, tensor)
+# the first mesh in `make test`, all three in `make test-all`
+MESH_PARAMS = [MESHES[0]] + [pytest.param(m, marks=pytest.mark.slow) for m in MESHES[1:]]
 KV = CFG.num_key_value_heads
 
 
@@ -133,7 +135,7 @@ def single_device_step(model):
     return g, opt, s, m
 
 
-@pytest.mark.parametrize("shape", MESHES)
+@pytest.mark.parametrize("shape", MESH_PARAMS)
 def test_train_step_equals_single_device(model, single_device_step, shape):
     """ARCA with a KL term (both forwards, every statistic), two microbatches: the same loss,
     gradients (the recorder's state), updated adapter and metrics; the state keeps its layout."""
@@ -175,7 +177,7 @@ def all_weightings_ref(model):
     return jax.jit(_all_weightings, compiler_options=FAST)(tree, params, batch)
 
 
-@pytest.mark.parametrize("shape", MESHES)
+@pytest.mark.parametrize("shape", MESH_PARAMS)
 def test_every_weighting_equals_single_device(model, all_weightings_ref, shape):
     """Loss, gradient and statistics of every registered weighting on each mesh (one program)
     against the same program on one device."""
@@ -217,7 +219,9 @@ def prompts():
     return left_padded_batch(CFG.vocab_size, [3, 5, 7, 2, 6, 4, 5, 7], 7, seed=0)
 
 
-@pytest.mark.parametrize("shape,merge", [(MESHES[0], False), (MESHES[1], True), (MESHES[2], False)])
+@pytest.mark.parametrize("shape,merge", [(MESHES[0], False),
+                                         pytest.param(MESHES[1], True, marks=pytest.mark.slow),
+                                         pytest.param(MESHES[2], False, marks=pytest.mark.slow)])
 def test_sampler_equals_single_device(model, prompts, shape, merge):
     """Greedy and sampled (top-k) tokens equal, log-probs within 1e-5; the adapter low-rank or
     merged into the split kernels."""

@@ -181,7 +181,7 @@ def _softmax(x):
     return e / e.sum(-1, keepdims=True)
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.6])
+@pytest.mark.parametrize("temperature", [pytest.param(1.0, marks=pytest.mark.slow), 0.6])
 def test_samples_follow_the_softmax(tiny, temperature):
     _, config, params = tiny
     n = 6000

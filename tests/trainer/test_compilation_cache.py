@@ -81,6 +81,7 @@ def _entries(path):
     return sorted(n for n in os.listdir(path) if n.endswith("-cache"))
 
 
+@pytest.mark.slow
 def test_second_run_loads_every_program_and_reproduces_the_first(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in (
         setup.CACHE_ENV, "JAX_COMPILATION_CACHE_DIR", setup.MIN_COMPILE_TIME_ENV)}

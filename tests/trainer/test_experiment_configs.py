@@ -102,6 +102,7 @@ def objective_runs(tmp_path_factory):
     return dirs
 
 
+@pytest.mark.slow
 def test_objective_arms_train_log_and_report(objective_runs, tmp_path):
     from arca_jax import report
     from fixtures import read_jsonl

@@ -50,5 +50,6 @@ def test_sampler_tokens_unchanged(golden):
         np.testing.assert_allclose(got[name]["logps"], want["logps"], atol=2e-5, err_msg=name)
 
 
+@pytest.mark.slow
 def test_demo_run_unchanged(golden):
     _close(golden_demo.demo_run(), golden["demo"])

@@ -274,6 +274,7 @@ def test_cpu_cross_process_collectives_are_available():
     assert jax.config.jax_cpu_collectives_implementation in ("gloo", "mpi")
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process_and_checkpoints_cross(single_run, tmp_path, cache_dir):
     ref_metrics = _rows(single_run, "metrics.jsonl")
     ref_evals = _rows(single_run, "eval.jsonl")
@@ -303,6 +304,7 @@ def test_two_processes_equal_one_process_and_checkpoints_cross(single_run, tmp_p
     _assert_lora_close(_lora(multi, 2), step2)
 
 
+@pytest.mark.slow
 def test_split_state_checkpoint_crosses_processes_and_meshes(tmp_path):
     """The train state split over fsdp 4 across two processes (each owns half of every factor and
     Adam moment) is saved by both and restored onto (data 2, fsdp 2) across them, then in one
@@ -345,6 +347,7 @@ DAPO = TINY[:-1] + ["train.seed=3", "train.steps=1", "train.samples_every=1",
                     "grpo.loss_aggregation=token_mean", "grpo.clip_eps_high=0.28"]
 
 
+@pytest.mark.slow
 def test_dapo_rollout_two_processes_equal_one_process(tmp_path, cache_dir):
     single = tmp_path / "single"
     _single(single, cache_dir, overrides=DAPO)
@@ -370,6 +373,7 @@ def _wait_for_line(log_dir, text, procs, timeout=240):
     raise AssertionError(f"no {text!r} in {timeout} s:\n{_logs(log_dir)}")
 
 
+@pytest.mark.slow
 def test_signal_on_one_process_stops_both_and_a_killed_process_ends_the_other(tmp_path):
     run_dir = tmp_path / "run"
 

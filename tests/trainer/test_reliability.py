@@ -586,6 +586,7 @@ def test_fault_plan_is_seeded_and_ordered():
     assert faults._parse("eval@0+0.2,save@3") == {("eval", 0): 0.2, ("save", 3): 0.0}
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume_equals_uninterrupted_run(reference, xla_cache,
                                                                       tmp_path):
     """The CLI in a subprocess, SIGKILLed three times (seeded: during an evaluation, sampling or

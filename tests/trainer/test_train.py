@@ -73,6 +73,7 @@ def test_run_directory_has_every_output(full_run):
     assert summary["trainable_params"] == 8 * 3 * (2 * 256 + 2 * 192 + 3 * 512)
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted_run(full_run, tmp_path):
     run_dir, _ = full_run
     resumed = str(tmp_path / "resumed")
@@ -187,6 +188,7 @@ def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path):
     assert float(state["w"].min()) == float(state["w"].max()) == float(step)
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_exits(tmp_path):
     run_dir = tmp_path / "preempted"
     cmd = [sys.executable, "-m", "arca_jax", "train", "--output-dir", str(run_dir)]
@@ -207,6 +209,7 @@ def test_sigterm_checkpoints_and_exits(tmp_path):
     assert steps and max(steps) == len(_rows(str(run_dir), "metrics.jsonl")) < 50
 
 
+@pytest.mark.slow
 def test_pmap_mode_trains(tmp_path):
     overrides = [o for o in TINY if not o.startswith(("train.steps", "rollout.prompts_per_step",
                                                        "rollout.group_size"))]
@@ -218,6 +221,7 @@ def test_pmap_mode_trains(tmp_path):
     assert all(np.isfinite(m["loss"]) and m["skipped"] == 0 for m in metrics)
 
 
+@pytest.mark.slow
 def test_refilling_rollouts_and_evaluation_log_the_same_run(tmp_path):
     """rollout.max_batch (one group of 3 rows decoding at a time, the other group waiting for
     its slots) and train.eval_batch_size=1 (one problem's rows at a time, the others refilled)
@@ -243,6 +247,7 @@ def test_refilling_rollouts_and_evaluation_log_the_same_run(tmp_path):
     assert _strip_timing(e1) == _strip_timing(e2)
 
 
+@pytest.mark.slow
 def test_mesh_tensor_2_equals_fsdp_8_and_resumes_on_it(tmp_path, capsys):
     """train.mode=mesh on 8 devices. The reference run splits its train state over fsdp 8 (ZeRO:
     each device 1/8 of every factor and moment). A run with tensor 2 (heads and MLP split over
