@@ -202,7 +202,7 @@ class Module:
                     if m.group(1):
                         entry = current
                 continue
-            if line.strip() == "}":
+            if line.lstrip().startswith("}"):  # also `}, execution_thread="..."`, `} // name`
                 current = None
                 continue
             parsed = _parse_instr(line)

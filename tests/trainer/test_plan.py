@@ -489,6 +489,18 @@ def test_hlostats_bound_of_a_fused_condition():
     assert work.flops == 7 * (2 * 4 * 4 * 4 + 1)  # the dot and the counter's add, 7 times
 
 
+def test_hlostats_closing_brace_with_thread_or_name():
+    """XLA prints a computation of another execution thread (TPU's SparseCore: the MoE's
+    all-to-all) as `}, execution_thread="..."`, and long ones as `} // name`: both end it."""
+    text = (FUSED_CONDITION
+            .replace("direction=LT\n}", 'direction=LT\n}, execution_thread="sparsecore"')
+            .replace("calls=%fused_lt\n}", "calls=%fused_lt\n} // cond"))
+    assert 'execution_thread="sparsecore"' in text and "} // cond" in text
+    work = hlostats.analyze(text, unknown_trip_count=99)
+    assert work.loops == (7,)
+    assert work.flops == 7 * (2 * 4 * 4 * 4 + 1)
+
+
 def test_hlostats_loop_start_and_step():
     """A TPU windowed-einsum loop: counter in tuple slot 1, starting at 2 (through a copy),
     stepping by 2 while < 9: ceil((9 - 2) / 2) = 4 trips."""
