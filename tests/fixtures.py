@@ -9,7 +9,8 @@ puts tests/ on sys.path):
   ``hf_forward``, ``rel_err``;
 - the GRPO oracles' shared case, a PEFT model beside its JAX copy and a ragged batch:
   ``LORA_TARGETS``, ``lora_block``, ``peft_adapter_tree``, ``PeftCase``, ``peft_case``;
-- run directories: ``TIMING``, ``read_jsonl``, ``write_jsonl``.
+- run directories: ``TIMING``, ``read_jsonl``, ``write_jsonl``;
+- the test tiers: ``slow_except``.
 
 Every builder is deterministic in its arguments (seeds, scales, shapes), so a test that calls one
 computes exactly what it computed when it built the object itself. The jax builders are pure
@@ -26,6 +27,18 @@ from typing import Any
 import numpy as np
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+def slow_except(cases, keep: int = 0, unpack: bool = False) -> list:
+    """``pytest.mark.parametrize`` values: ``cases[keep]`` runs in ``make test``, every other case
+    only in ``make test-all`` (marked slow). ``unpack``: each case holds the values of several
+    argnames (a tuple), not one value."""
+    import pytest
+
+    return [case if i == keep else
+            pytest.param(*(case if unpack else (case,)), marks=pytest.mark.slow)
+            for i, case in enumerate(cases)]
+
 REPO = os.path.dirname(TESTS)
 
 # Wall-clock fields of metrics.jsonl rows: the only ones that differ between equal runs.

@@ -17,7 +17,7 @@ from arca_jax import lora, parallel, qwen3, sampling
 from arca_jax.grpo import GRPOConfig, TrainState, make_train_step
 from arca_jax.qwen3 import moe
 from fixtures import (grad_recorder, left_padded_batch, ragged_batch, random_adapter,
-                      random_params, tiny_moe_hf_config, trees_close)
+                      random_params, slow_except, tiny_moe_hf_config, trees_close)
 
 FAST = {"xla_backend_optimization_level": 0}
 # 8 experts of width 24, top-3 raw probabilities, layer 1 dense (mlp_only_layers): E splits over
@@ -28,8 +28,6 @@ CFG = qwen3.Qwen3Config.from_hf(tiny_moe_hf_config(experts=8, top_k=3, norm_topk
 CFG6 = qwen3.Qwen3Config.from_hf(tiny_moe_hf_config(experts=6, top_k=2, layers=2))
 LCFG = lora.LoraConfig(rank=4, alpha=8.0, targets=qwen3.ATTN_PROJS)
 MESHES = [(1, 8, 1), (2, 4, 1), (2, 2, 2)]  # (data, fsdp, tensor)
-# the train step and the sampler on the first mesh in `make test`, on all three in `make test-all`
-MESH_PARAMS = [MESHES[0]] + [pytest.param(m, marks=pytest.mark.slow) for m in MESHES[1:]]
 STACK = ("layers", "mlp", "experts", "gate_proj", "kernel")  # [Ls, E, D, I]
 
 _forward = jax.jit(qwen3.forward, static_argnames=("config", "mesh"))
@@ -170,7 +168,7 @@ def _step(params, tree, batch, **kw):
     return metrics, state.opt_state, step
 
 
-@pytest.mark.parametrize("shape", MESH_PARAMS)
+@pytest.mark.parametrize("shape", slow_except(MESHES))
 def test_train_step_equals_one_device(model, shape):
     """The ARCA-weighted GRPO loss (with the load-balancing term), its adapter gradient and the
     routing metrics of the mesh step (policy and base forwards expert-parallel) equal one
@@ -195,7 +193,7 @@ def test_train_step_equals_one_device(model, shape):
 # ------------------------------------------ sampler -------------------------------------------
 
 
-@pytest.mark.parametrize("shape", MESH_PARAMS)
+@pytest.mark.parametrize("shape", slow_except(MESHES))
 def test_sampler_equals_one_device(model, shape):
     """Greedy tokens and log-probs of the sampler on the mesh (prefill and decode steps
     expert-parallel) equal one device's."""

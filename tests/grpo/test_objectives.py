@@ -22,7 +22,7 @@ from arca_jax.grpo import (Batch, GRPOConfig, LossStats, TrainState, all_method_
                            behaviour_weights, clipped_policy_loss, completion_valid, loss_fn,
                            make_mesh, make_train_step, policy_logprobs, replicate, shard_params,
                            unreplicate)
-from fixtures import grad_recorder, random_adapter, random_params, tiny_config
+from fixtures import grad_recorder, random_adapter, random_params, slow_except, tiny_config
 
 FAST = {"xla_backend_optimization_level": 0}
 CFG = tiny_config(vocab_size=60, tie_word_embeddings=True)
@@ -347,8 +347,7 @@ STEP_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", [STEP_CASES[0], pytest.param(STEP_CASES[1], marks=pytest.mark.slow)],
-                         ids=["gspo-tis-seq-user", "mis-token-arca"])
+@pytest.mark.parametrize("case", slow_except(STEP_CASES), ids=["gspo-tis-seq-user", "mis-token-arca"])
 def test_train_step_jit_microbatches_pmap_mesh_agree(model, user_weighting, case):
     params, tree, batch = model
     case = dict(case)

@@ -13,7 +13,8 @@ from jax.sharding import PartitionSpec as P
 from arca_jax import credit, lora, parallel, qwen3
 from arca_jax.checkpoint import Checkpointer
 from arca_jax.grpo import GRPOConfig, TrainState, make_optimizer, make_train_step
-from fixtures import ragged_batch, random_adapter, random_params, tiny_config, trees_close
+from fixtures import (ragged_batch, random_adapter, random_params, slow_except, tiny_config,
+                      trees_close)
 
 FAST = {"xla_backend_optimization_level": 0}
 CFG = tiny_config(vocab_size=64)  # D 32, N H 32, K H 16, F 48: every wide dimension splits 8 ways
@@ -157,9 +158,8 @@ def test_train_state_bytes_match_the_placed_arrays(model):
 # ------------------------------------------ train step ----------------------------------------
 
 
-@pytest.mark.parametrize("shape,microbatches", [
-    pytest.param(*m, marks=() if m[0][2] > 1 else pytest.mark.slow) for m in MESHES],  # tensor 2 in make test
-    ids=[f"data{d}-fsdp{f}-tensor{t}-mb{m}" for (d, f, t), m in MESHES])
+@pytest.mark.parametrize("shape,microbatches", slow_except(MESHES, keep=2, unpack=True),  # tensor 2
+                         ids=[f"data{d}-fsdp{f}-tensor{t}-mb{m}" for (d, f, t), m in MESHES])
 def test_two_steps_equal_single_device_for_every_weighting(model, single_device, shape,
                                                            microbatches):
     """The updated adapter and Adam state after two steps within 1e-5 of one device for each

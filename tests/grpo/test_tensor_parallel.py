@@ -15,7 +15,7 @@ from jax.sharding import PartitionSpec as P
 from arca_jax import credit, lora, parallel, qwen3, sampling
 from arca_jax.grpo import GRPOConfig, TrainState, loss_fn, make_train_step
 from fixtures import (grad_recorder, left_padded_batch, ragged_batch, random_adapter, random_params,
-                      tiny_config, trees_close)
+                      slow_except, tiny_config, trees_close)
 
 FAST = {"xla_backend_optimization_level": 0}
 # N = 4 query heads over K = 2 kv heads: tensor 2 splits kv heads, tensor 4 copies them; vocab 64
@@ -23,8 +23,6 @@ FAST = {"xla_backend_optimization_level": 0}
 CFG = tiny_config(vocab_size=64)
 LCFG = lora.LoraConfig(rank=4, alpha=8.0)
 MESHES = [(2, 2, 2), (1, 1, 4), (1, 4, 2)]  # (data, fsdp, tensor)
-# the first mesh in `make test`, all three in `make test-all`
-MESH_PARAMS = [MESHES[0]] + [pytest.param(m, marks=pytest.mark.slow) for m in MESHES[1:]]
 KV = CFG.num_key_value_heads
 
 
@@ -135,7 +133,7 @@ def single_device_step(model):
     return g, opt, s, m
 
 
-@pytest.mark.parametrize("shape", MESH_PARAMS)
+@pytest.mark.parametrize("shape", slow_except(MESHES))
 def test_train_step_equals_single_device(model, single_device_step, shape):
     """ARCA with a KL term (both forwards, every statistic), two microbatches: the same loss,
     gradients (the recorder's state), updated adapter and metrics; the state keeps its layout."""
@@ -177,7 +175,7 @@ def all_weightings_ref(model):
     return jax.jit(_all_weightings, compiler_options=FAST)(tree, params, batch)
 
 
-@pytest.mark.parametrize("shape", MESH_PARAMS)
+@pytest.mark.parametrize("shape", slow_except(MESHES))
 def test_every_weighting_equals_single_device(model, all_weightings_ref, shape):
     """Loss, gradient and statistics of every registered weighting on each mesh (one program)
     against the same program on one device."""
@@ -219,9 +217,8 @@ def prompts():
     return left_padded_batch(CFG.vocab_size, [3, 5, 7, 2, 6, 4, 5, 7], 7, seed=0)
 
 
-@pytest.mark.parametrize("shape,merge", [(MESHES[0], False),
-                                         pytest.param(MESHES[1], True, marks=pytest.mark.slow),
-                                         pytest.param(MESHES[2], False, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("shape,merge", slow_except(
+    [(MESHES[0], False), (MESHES[1], True), (MESHES[2], False)], unpack=True))
 def test_sampler_equals_single_device(model, prompts, shape, merge):
     """Greedy and sampled (top-k) tokens equal, log-probs within 1e-5; the adapter low-rank or
     merged into the split kernels."""

@@ -12,7 +12,7 @@ from arca_jax import draw, lora, prompts, qwen3, sampling
 from arca_jax.batch import build_batch
 from arca_jax.grpo.logprobs import sequence_logps
 from fixtures import (hf_greedy, left_padded_batch, random_checkpoint, shifted_adapter,
-                      tiny_hf_config)
+                      slow_except, tiny_hf_config)
 
 MODELS = {
     # GQA ratio 2, tied embeddings.
@@ -181,7 +181,7 @@ def _softmax(x):
     return e / e.sum(-1, keepdims=True)
 
 
-@pytest.mark.parametrize("temperature", [pytest.param(1.0, marks=pytest.mark.slow), 0.6])
+@pytest.mark.parametrize("temperature", slow_except([1.0, 0.6], keep=1))
 def test_samples_follow_the_softmax(tiny, temperature):
     _, config, params = tiny
     n = 6000
