@@ -28,7 +28,7 @@ exposes two):
   work        XLA's `compiled.cost_analysis()` flops and bytes (which count every while-loop or
               scan body ONCE), and the loop-scaled flops, HBM bytes and collectives of
               `arca_jax.plan.hlostats` (each loop body times its trip count: decoder layers under
-              nn.scan, microbatches under lax.scan, and the decode loop times its worst case of
+              lax.scan, microbatches under lax.scan, and the decode loop times its worst case of
               max_new_tokens - 1 steps).
   roofline    seconds = max(flops / peak FLOP/s, bytes / HBM bandwidth) of the loop-scaled
               counts, and MFU = flops / (seconds x peak): the share of peak the counted work

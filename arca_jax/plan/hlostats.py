@@ -1,7 +1,7 @@
 """Loop-aware work of a compiled program, read from its optimised HLO text (per device).
 
 XLA's `compiled.cost_analysis()` counts the body of every while loop once. A training step runs
-its decoder layers under `nn.scan` (one loop forward, one backward), its microbatches under
+its decoder layers under `lax.scan` (one loop forward, one backward), its microbatches under
 `lax.scan` and the sampler's decode under a `while_loop`, so those totals miss most of the work.
 `analyze(hlo_text, unknown_trip_count)` walks the module instead and multiplies each loop body
 by its trip count:

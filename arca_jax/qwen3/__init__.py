@@ -4,8 +4,9 @@ decode path `inference_forward` over the `KVCache`, on one parameter tree.
 Modules (every public name is re-exported here, so `from arca_jax import qwen3; qwen3.X`):
   config     `Qwen3Config` (transformers' field names, config.json in both rope layouts), its
              mixture-of-experts subclass `Qwen3MoeConfig` (model_type "qwen3_moe"), `preset`.
-  model      the linen modules behind the pure `forward` (whole sequences, no cache; attention
-             kernels and rematerialisation options), `init_params`, `param_shapes`, `compute_logits`.
+  model      the pure `forward` (whole sequences, no cache; attention kernels and
+             rematerialisation options) over the linen `DecoderLayer`, scanned over the stacked
+             layers by `layer_stack`; `init_params`, `param_shapes`, `compute_logits`.
   inference  `inference_weights` (fused, norm-folded, per-layer kernels; LoRA merged or low-rank;
              a mixture of experts' sparse layers as `SparseMlp`), `KVCache`, `inference_forward`
              (T new tokens into the cache, every token routed as in `forward`; logits at the last).
@@ -22,7 +23,7 @@ R LoRA rank; mixture of experts: E experts, I expert width, k experts routed per
 the sparse / dense layers.
 
 Parameter tree (plain nested dict; per-layer leaves are stacked on a leading L axis and the layers
-of `forward` run under `nn.scan`, so compile time does not grow with depth). Kernels are stored
+of `forward` run under `jax.lax.scan`, so compile time does not grow with depth). Kernels are stored
 [in, out]:
 
     embed_tokens/embedding                  [V, D]
@@ -54,8 +55,8 @@ from arca_jax.qwen3.config import ConfigError, Qwen3Config, Qwen3MoeConfig, pres
 from arca_jax.qwen3.cache_attention import DECODE_ATTENTION, cache_size, default_decode_attention
 from arca_jax.qwen3.inference import (InferenceLayer, InferenceOutput, InferenceWeights, KVCache,
                                       LowRank, SparseMlp, inference_forward, inference_weights)
-from arca_jax.qwen3.model import (ATTENTION_IMPLS, MLP, REMAT_OPTIONS, Attention, DecoderLayer, Embed,
-                                  LayerRun, LoraLinear, ModelOutput, Qwen3, RMSNorm, compute_logits, forward,
+from arca_jax.qwen3.model import (ATTENTION_IMPLS, MLP, REMAT_OPTIONS, Attention, DecoderLayer,
+                                  LoraLinear, ModelOutput, RMSNorm, layer_stack, compute_logits, forward,
                                   init_params, lm_head_kernel, on_cuda, param_shapes, remat_policy,
                                   resolve_attention)
 
@@ -66,7 +67,7 @@ __all__ = [
     "Params", "ATTN_PROJS", "MLP_PROJS", "PROJ_BLOCK", "default_positions", "rope_tables",
     # training / scoring model
     "ATTENTION_IMPLS", "REMAT_OPTIONS", "on_cuda", "resolve_attention", "remat_policy",
-    "Embed", "RMSNorm", "LoraLinear", "Attention", "MLP", "DecoderLayer", "LayerRun", "Qwen3",
+    "RMSNorm", "LoraLinear", "Attention", "MLP", "DecoderLayer", "layer_stack",
     "ModelOutput",
     "lm_head_kernel", "compute_logits", "forward", "init_params", "param_shapes",
     # decode path

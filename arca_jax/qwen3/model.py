@@ -1,10 +1,12 @@
-"""The training and scoring model: Flax linen modules behind the pure `forward(params, ...)`.
+"""The training and scoring model: the pure `forward(params, ...)` over Flax linen layer modules.
 
-The whole sequence runs at once, without a KV cache (the sampler decodes with `inference`); layers
-run under `nn.scan` over the stacked parameter tree, with optional rematerialisation
-(`remat_policy`) and a choice of attention kernel (`resolve_attention`). A `Qwen3MoeConfig` model
-runs its layers as `moe.segments` (one scan per run of sparse or dense layers; one scan in all for
-the released models) and also returns its routing statistics.
+The whole sequence runs at once, without a KV cache (the sampler decodes with `inference`). One
+`DecoderLayer` (a linen module: attention, MLP, LoRA projections) is applied to each layer's slice
+of the stacked parameter and adapter trees by `jax.lax.scan` (`layer_stack`), with optional
+rematerialisation (`remat_policy`) and a choice of attention kernel (`resolve_attention`); the
+embedding, final norm and head are plain functions of the tree. A `Qwen3MoeConfig` model runs its
+layers as `moe.segments` (one scan per run of sparse or dense layers; one scan in all for the
+released models) and also returns its routing statistics.
 """
 
 from __future__ import annotations
@@ -121,18 +123,6 @@ def remat_policy(remat):
 # --------------------------------------------------------------------------------------------
 # Modules
 # --------------------------------------------------------------------------------------------
-
-
-class Embed(nn.Module):
-    num_embeddings: int
-    features: int
-    dtype: Any = None  # None: the table's dtype
-
-    @nn.compact
-    def __call__(self, ids):
-        table = self.param("embedding", nn.initializers.normal(0.02),
-                           (self.num_embeddings, self.features), jnp.float32)
-        return jnp.take(table, ids, axis=0).astype(self.dtype or table.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -306,75 +296,42 @@ class DecoderLayer(nn.Module):
         return x, (x if self.return_layers else None)
 
 
-def _scanned_layers(remat, length: int):
-    """`DecoderLayer` under `nn.scan` over `length` stacked layers (and `nn.remat` per `remat`)."""
-    layer = DecoderLayer
+def layer_stack(layers: Params, lora_layers: Optional[Params], x, ctx: _Context, *,
+                config: Qwen3Config, rng: Optional[jax.Array] = None, remat: Any = False,
+                sparse: bool = False, mesh: Any = None, **options):
+    """x [B, T, D] through the stacked layers: `DecoderLayer` applied to layer l's slice of every
+    leaf of `layers` (and `lora_layers`), leading axis L, by `jax.lax.scan`.
+
+    rng: the dropout key, split into one key per layer (None: no dropout). remat: see
+    `remat_policy` (each layer is a `jax.checkpoint`). options: `DecoderLayer`'s lora_scale,
+    lora_dropout, lora_dtype, return_layers. Returns (x after the last layer, the stacked
+    per-layer outputs: layers [L, B, T, D] or None; for sparse layers (that, `moe.RouterStats` [L, E])).
+    """
+    layer = DecoderLayer(config, sparse=sparse, mesh=mesh, **options)
+    length = jax.tree_util.tree_leaves(layers)[0].shape[0]
+
+    def body(x, inputs):
+        params, lora, key = inputs
+        variables = {"params": params} if lora is None else {"params": params, "lora": lora}
+        return layer.apply(variables, x, ctx, rngs=None if key is None else {"dropout": key})
+
     policy = remat_policy(remat)
     if policy is not None:
-        layer = nn.remat(layer, prevent_cse=False, policy=policy)
-    return nn.scan(layer, variable_axes={"params": 0, "lora": 0},
-                   split_rngs={"params": True, "dropout": True},
-                   in_axes=(nn.broadcast,), length=length)
-
-
-class Qwen3(nn.Module):
-    """The decoder stack. Use `forward`; this module is its implementation."""
-
-    config: Qwen3Config
-    lora_scale: float = 1.0
-    lora_dropout: float = 0.0
-    remat: Any = False  # see `remat_policy`
-    dtype: Any = None  # activation dtype; None: the embedding's dtype
-    lora_dtype: Any = None  # see `LoraLinear`
-    return_layers: bool = False  # also return every layer's output, stacked [L, B, T, D]
-
-    @nn.compact
-    def __call__(self, input_ids, ctx: _Context):
-        """(hidden [B, T, D] after the final norm, layers [L, B, T, D] or None)."""
-        c = self.config
-        x = Embed(c.vocab_size, c.hidden_size, self.dtype, name="embed_tokens")(input_ids)  # [B, T, D]
-
-        layers = _scanned_layers(self.remat, c.num_hidden_layers)
-        x, per_layer = layers(c, self.lora_scale, self.lora_dropout, self.lora_dtype,
-                              self.return_layers, name="layers")(x, ctx)
-        return RMSNorm(c.rms_norm_eps, name="norm")(x), per_layer
-
-
-class LayerRun(nn.Module):
-    """One `moe.Segment` of a mixture-of-experts model: its `length` layers of one kind, scanned.
-    Applied to a `layers` subtree cut by `moe.segment_tree` (see `_moe_layers`)."""
-
-    config: Qwen3MoeConfig
-    length: int
-    sparse: bool
-    lora_scale: float = 1.0
-    lora_dropout: float = 0.0
-    remat: Any = False
-    lora_dtype: Any = None
-    return_layers: bool = False
-    mesh: Any = None  # see `DecoderLayer`
-
-    @nn.compact
-    def __call__(self, x, ctx: _Context):
-        """x [B, T, D] -> (x after the run, (layers [n, B, T, D] or None, `moe.RouterStats` [n, E]
-        when sparse))."""
-        layers = _scanned_layers(self.remat, self.length)
-        return layers(self.config, self.lora_scale, self.lora_dropout, self.lora_dtype,
-                      self.return_layers, self.sparse, self.mesh, name="layers")(x, ctx)
+        body = jax.checkpoint(body, prevent_cse=False, policy=policy)
+    keys = None if rng is None else jax.random.split(rng, length)
+    return jax.lax.scan(body, x, (layers, lora_layers, keys))
 
 
 def _moe_layers(params: Params, lora: Optional[Params], x, ctx: _Context,
-                config: Qwen3MoeConfig, rng: Optional[jax.Array], **options):
-    """The decoder layers of a mixture-of-experts model, one `LayerRun` per `moe.segments` run:
+                config: Qwen3MoeConfig, rng: Optional[jax.Array] = None, **options):
+    """The decoder layers of a mixture-of-experts model, one `layer_stack` per `moe.segments` run:
     x [B, T, D] -> (x, layers [L, B, T, D] or None, moe.RouterStats [Ls, E])."""
     per_layer, load, prob = [], [], []
     for i, segment in enumerate(moe.segments(config)):
-        variables = {"params": {"layers": moe.segment_tree(params["layers"], segment, config)}}
-        if lora is not None:
-            variables["lora"] = {"layers": moe.segment_tree(lora["layers"], segment, config)}
-        rngs = None if rng is None else {"dropout": jax.random.fold_in(rng, i)}
-        run = LayerRun(config, segment.stop - segment.start, segment.sparse, **options)
-        x, out = run.apply(variables, x, ctx, rngs=rngs)
+        run_lora = None if lora is None else moe.segment_tree(lora["layers"], segment, config)
+        x, out = layer_stack(moe.segment_tree(params["layers"], segment, config), run_lora, x, ctx,
+                             config=config, sparse=segment.sparse,
+                             rng=None if rng is None else jax.random.fold_in(rng, i), **options)
         if segment.sparse:
             out, stats = out
             load.append(stats.load)
@@ -507,27 +464,19 @@ def forward(params: Params, input_ids: jax.Array, *, config: Qwen3Config,
             visible = visible & (segment_ids[:, :, None] == segment_ids[:, None, :])
         ctx = _Context(cos=cos, sin=sin, visible=visible, token_mask=token_mask)
 
-    variables = {"params": params}
-    if lora is not None:
-        variables["lora"] = lora
-    rngs = None
-    if lora is not None and lora_dropout > 0.0:
-        if rng is None:
-            raise ValueError("lora_dropout > 0 needs an `rng` key")
-        rngs = {"dropout": rng}
+    dropout = lora_dropout if lora is not None else 0.0
+    if dropout > 0.0 and rng is None:
+        raise ValueError("lora_dropout > 0 needs an `rng` key")
+    options = dict(rng=rng if dropout > 0.0 else None, remat=remat, lora_scale=lora_scale,
+                   lora_dropout=dropout, lora_dtype=lora_dtype, return_layers=return_layers)
+    x = jnp.take(params["embed_tokens"]["embedding"], input_ids, axis=0)  # [B, T, D]
     stats = None
     if is_moe:
-        x = jnp.take(params["embed_tokens"]["embedding"], input_ids, axis=0)
-        x, layers, stats = _moe_layers(
-            params, lora, x, ctx, config, None if rngs is None else rng, lora_scale=lora_scale,
-            lora_dropout=lora_dropout if lora is not None else 0.0, remat=remat,
-            lora_dtype=lora_dtype, return_layers=return_layers, mesh=mesh)
-        hidden = rms_norm(x, params["norm"]["scale"], config.rms_norm_eps)
+        x, layers, stats = _moe_layers(params, lora, x, ctx, config, mesh=mesh, **options)
     else:
-        model = Qwen3(config, lora_scale=lora_scale,
-                      lora_dropout=lora_dropout if lora is not None else 0.0, remat=remat,
-                      lora_dtype=lora_dtype, return_layers=return_layers)
-        hidden, layers = model.apply(variables, input_ids, ctx, rngs=rngs)
+        x, layers = layer_stack(params["layers"], None if lora is None else lora.get("layers"),
+                                x, ctx, config=config, **options)
+    hidden = rms_norm(x, params["norm"]["scale"], config.rms_norm_eps)
     if rotated:  # back to the caller's layout; rows whose mask is not one run: NaN
         hidden = jnp.take_along_axis(hidden, back[:, :, None], axis=1)
         hidden = jnp.where(one_run[:, None, None], hidden, jnp.asarray(jnp.nan, hidden.dtype))
@@ -544,36 +493,33 @@ def forward(params: Params, input_ids: jax.Array, *, config: Qwen3Config,
 
 
 def init_params(config: Qwen3Config, rng: jax.Array, dtype=jnp.float32) -> Params:
-    """Random parameters (normal(0.02) kernels, unit norms) in `dtype`. For tests and benchmarks;
-    under `jax.eval_shape` it allocates nothing."""
+    """Random parameters (normal(0.02) kernels and embedding, unit norms) in `dtype`: each layer
+    initialised as its `DecoderLayer` from its own key, stacked. For tests and benchmarks; under
+    `jax.eval_shape` it allocates nothing."""
     ctx = _Context(cos=jnp.zeros((1, 1, config.head_dim)), sin=jnp.zeros((1, 1, config.head_dim)),
                    visible=jnp.ones((1, 1, 1), bool))
-    body_rng, head_rng = jax.random.split(rng)
+    x = jnp.zeros((1, 1, config.hidden_size), jnp.float32)
+    embed_rng, layers_rng, head_rng = jax.random.split(rng, 3)
+
+    def stack(sparse: bool, length: int, key):  # [length, ...] per leaf
+        layer = DecoderLayer(config, sparse=sparse)
+        one = lambda k: flax.core.unfreeze(layer.init(k, x, ctx)["params"])  # noqa: E731
+        return jax.vmap(one)(jax.random.split(key, length))
+
     if isinstance(config, Qwen3MoeConfig):
-        params = _init_moe(config, body_rng, ctx)
+        layers = moe.join_layers(
+            [(seg, stack(seg.sparse, seg.stop - seg.start, jax.random.fold_in(layers_rng, i)))
+             for i, seg in enumerate(moe.segments(config))], config)
     else:
-        params = flax.core.unfreeze(
-            Qwen3(config).init(body_rng, jnp.zeros((1, 1), jnp.int32), ctx)["params"])
-    if not config.tie_word_embeddings:  # read by `compute_logits`, outside the module
+        layers = stack(False, config.num_hidden_layers, layers_rng)
+    params = {"embed_tokens": {"embedding": 0.02 * jax.random.normal(
+                  embed_rng, (config.vocab_size, config.hidden_size), jnp.float32)},
+              "layers": layers,
+              "norm": {"scale": jnp.ones((config.hidden_size,), jnp.float32)}}
+    if not config.tie_word_embeddings:  # read by `compute_logits`
         params["lm_head"] = {"kernel": 0.02 * jax.random.normal(
             head_rng, (config.hidden_size, config.vocab_size), jnp.float32)}
     return jax.tree_util.tree_map(lambda x: x.astype(dtype), params)
-
-
-def _init_moe(config: Qwen3MoeConfig, rng: jax.Array, ctx: _Context) -> Params:
-    """A mixture-of-experts model's random tree: each `moe.segments` run initialised as its
-    `LayerRun`, joined into the `layers` tree (see `moe`)."""
-    x = jnp.zeros((1, 1, config.hidden_size), jnp.float32)
-    parts = []
-    for i, segment in enumerate(moe.segments(config)):
-        run = LayerRun(config, segment.stop - segment.start, segment.sparse)
-        tree = flax.core.unfreeze(run.init(jax.random.fold_in(rng, i), x, ctx)["params"])
-        parts.append((segment, tree["layers"]))
-    embed_rng = jax.random.fold_in(rng, len(parts))
-    return {"embed_tokens": {"embedding": 0.02 * jax.random.normal(
-                embed_rng, (config.vocab_size, config.hidden_size), jnp.float32)},
-            "layers": moe.join_layers(parts, config),
-            "norm": {"scale": jnp.ones((config.hidden_size,), jnp.float32)}}
 
 
 def param_shapes(config: Qwen3Config, dtype=jnp.float32) -> Params:
