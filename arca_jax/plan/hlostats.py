@@ -24,8 +24,10 @@ Counted per device (the HLO of an SPMD program is one device's program):
     its input and writes its result once per run, however many fusions TPU spreads it over;
     arrays TPU keeps in on-chip memory (layout "S(1)") and no-copy custom calls do not count.
   collectives: for each kind (all-gather, all-reduce, reduce-scatter, all-to-all,
-    collective-permute): the operations in the text, how many run (loop-scaled) and the bytes
-    they move (the larger of input and output, per run).
+    ragged-all-to-all, collective-permute): the operations in the text, how many run
+    (loop-scaled) and the bytes they move (the larger of input and output, per run; for a
+    ragged all-to-all, the mixture of experts' token exchange, its input: the most it can send,
+    since the sizes it sends are only known at run time).
 
 A conditional counts its most expensive branch. The result is an estimate for a roofline, not
 a profile: it ignores caches, overlap and scheduling. Checked (tests/trainer/test_plan.py): the
@@ -40,7 +42,8 @@ import math
 import re
 from typing import Dict, List, Mapping, NamedTuple, Optional, Tuple
 
-COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "ragged-all-to-all",
+               "collective-permute")
 
 _DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2,
                 "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8,
@@ -404,15 +407,21 @@ class _Walker:
         if key in seen:
             return 0.0
         seen.add(key)
-        moved = max(type_bytes(instr.type),
-                    sum(type_bytes(shapes.get(o, "")) for o in instr.operands))
+        if op == "ragged-all-to-all":  # operands: input, output buffer (the result), sizes
+            read = shapes.get(instr.operands[0], "") if instr.operands else ""
+            moved = type_bytes(read)
+            hbm = hbm_bytes(read) + hbm_bytes(instr.type)
+        else:
+            moved = max(type_bytes(instr.type),
+                        sum(type_bytes(shapes.get(o, "")) for o in instr.operands))
+            hbm = hbm_bytes(instr.type) + sum(hbm_bytes(shapes.get(o, "")) for o in instr.operands)
         c = self.collectives[op]
         if key not in self._seen_ops:
             self._seen_ops.add(key)
             c[0] += 1
         c[1] += mult
         c[2] += mult * moved
-        return hbm_bytes(instr.type) + sum(hbm_bytes(shapes.get(o, "")) for o in instr.operands)
+        return hbm
 
     def fused_flops(self, comp: str, mult: float, seen: set) -> Tuple[float, float]:
         """(flops, HBM bytes of its collectives) of a fused computation (nested fusions

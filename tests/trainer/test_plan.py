@@ -501,6 +501,25 @@ def test_hlostats_closing_brace_with_thread_or_name():
     assert work.flops == 7 * (2 * 4 * 4 * 4 + 1)
 
 
+def test_hlostats_counts_ragged_all_to_all_in_a_loop():
+    """The mixture of experts' token exchange: a ragged-all-to-all (operands: input rows, the
+    output buffer, offsets and sizes) in a 7-trip loop body counts as its own kind, 7 runs of
+    its input's bytes (the most it can send); HBM: the input read, the result written."""
+    text = (FUSED_CONDITION
+            .replace("%y = f32[4,4] dot(%x, %x), lhs_contracting_dims={1}, rhs_contracting_dims={0}",
+                     "%d = f32[4,4] dot(%x, %x), lhs_contracting_dims={1}, rhs_contracting_dims={0}\n"
+                     "  %buf = f32[6,4] broadcast(f32[] constant(0)), dimensions={}\n"
+                     "  %off = s32[2] constant({0, 2})\n"
+                     "  %r = f32[6,4] ragged-all-to-all(%d, %buf, %off, %off, %off, %off), "
+                     "channel_id=3, replica_groups={{0,1}}\n"
+                     "  %y = f32[4,4] slice(%r), slice={[0:4], [0:4]}"))
+    work = hlostats.analyze(text)
+    assert work.loops == (7,)
+    ragged = work.collectives["ragged-all-to-all"]
+    assert (ragged.ops, ragged.runs, ragged.bytes) == (1, 7, 7 * 4 * 4 * 4)
+    assert work.collectives["all-to-all"].runs == 0
+
+
 def test_hlostats_loop_start_and_step():
     """A TPU windowed-einsum loop: counter in tuple slot 1, starting at 2 (through a copy),
     stepping by 2 while < 9: ceil((9 - 2) / 2) = 4 trips."""
