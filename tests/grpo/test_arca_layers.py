@@ -175,7 +175,7 @@ def test_default_is_the_papers_final_state(oracle):
 
 
 def _layer_scans(jaxpr, length: int) -> int:
-    """Scans over `length` steps (the decoder layers' nn.scan) in a jaxpr, nested ones included."""
+    """Scans over `length` steps (the decoder layers' lax.scan) in a jaxpr, nested ones included."""
     n = 0
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == "scan" and eqn.params["length"] == length:
