@@ -15,6 +15,8 @@ How it runs (B rows, S slots, P prompt width, N new tokens, V vocabulary):
      EOS or after N tokens. With rows still waiting (S < B), an iteration that finds enough slots
      free admits the next rows into them instead (`admit`: continuous refill). The loop ends
      when every row has ended. The state (cache included) is donated, so buffers are reused.
+     With `shrink`, once no row waits and at most half the slots run, the running rows move
+     into half as many slots (`compact`) and a loop over those goes on.
   4. `SampleOutput` holds tokens, mask and log-probabilities [B, N].
 
 Randomness: each token is drawn by inverse-CDF search with one uniform number per row (no noise
@@ -410,21 +412,64 @@ def _admit_now(state: SamplerState) -> jax.Array:
     return _waiting(state) & (jnp.sum(state.done) >= need)
 
 
+def _fits(state: SamplerState, slots: int) -> jax.Array:
+    """No row waits and at most `slots` slots still run."""
+    return ~_waiting(state) & (jnp.sum(~state.done) <= slots)
+
+
+def shrink_sizes(slots: int, halvings: int, mesh=None) -> Tuple[int, ...]:
+    """The slot counts `decode(shrink=halvings)` passes through after `slots`: up to `halvings`
+    halvings, while the count stays whole and (with a mesh) splits evenly over its row
+    devices."""
+    unit = 1 if mesh is None else (parallel.axis_size(mesh, parallel.DATA)
+                                   * parallel.axis_size(mesh, parallel.FSDP))
+    sizes, n = [], int(slots)
+    while len(sizes) < halvings and n % 2 == 0 and (n // 2) % unit == 0:
+        n //= 2
+        sizes.append(n)
+    return tuple(sizes)
+
+
+def compact(state: SamplerState, slots: int, mesh=None) -> SamplerState:
+    """The state on `slots` (static) slots: the running ones first, then ended ones, each in slot
+    order; the caller makes sure at most `slots` run. Every per-slot array (the cache's rows
+    included) is gathered; the per-row buffers are untouched, so each row's tokens do not
+    change. Pure."""
+    keep = jnp.argsort(state.done.astype(jnp.int32), stable=True)[:slots]  # [slots]
+    take = lambda x: x[keep]
+    c = state.cache
+    cache = c.replace(k=tuple(map(take, c.k)), v=tuple(map(take, c.v)), valid=take(c.valid),
+                      index=take(c.index))
+    return _constrain(state.replace(cache=cache, row=take(state.row), column=take(state.column),
+                                    last=take(state.last), position=take(state.position),
+                                    done=take(state.done)), mesh)
+
+
 def decode(weights: qwen3.InferenceWeights, state: SamplerState, *, config: qwen3.Qwen3Config,
-           settings: SamplingConfig, mesh=None) -> SamplerState:
+           settings: SamplingConfig, mesh=None, shrink: int = 0) -> SamplerState:
     """`decode_step` in a `jax.lax.while_loop` until every row has ended (EOS or `limit`); with
     waiting rows (S < B), an iteration that finds `admit_rows` slots free admits the next rows
-    (`admit`) instead of decoding."""
+    (`admit`) instead of decoding.
+
+    shrink (static): halvings of the slots. Once no row waits and at most half the slots run,
+    the loop ends, the running slots move into half as many (`compact`) and a loop over those
+    goes on, up to `shrink` times (`shrink_sizes`): rows that ended stop costing decode steps.
+    Each row's tokens and log-probs are the same (up to float rounding of the batch's matmuls);
+    `slot_steps` counts the smaller steps. Each halving is one more loop body to compile."""
     step = functools.partial(decode_step, weights, config=config, settings=settings, mesh=mesh)
     refill = functools.partial(admit, weights, config=config, settings=settings,
                                count=state.admit_rows, mesh=mesh)
 
-    def body(s):
-        if state.slots == state.rows:  # nothing ever waits
-            return step(s)
+    def refilling(s):
         return jax.lax.cond(_admit_now(s), lambda s: _constrain(refill(s), mesh), step, s)
 
-    return jax.lax.while_loop(_running, body, _constrain(state, mesh))
+    body = step if state.slots == state.rows else refilling  # nothing ever waits: plain steps
+    state = _constrain(state, mesh)
+    for n in shrink_sizes(state.slots, shrink, mesh):
+        state = jax.lax.while_loop(lambda s, n=n: _running(s) & ~_fits(s, n), body, state)
+        state = compact(state, n, mesh)
+        body = step  # rows wait no more once a stage ends
+    return jax.lax.while_loop(_running, body, state)
 
 
 def finish(state: SamplerState) -> SampleOutput:
@@ -465,7 +510,7 @@ prepare_weights_jit = jax.jit(prepare_weights,
                               static_argnames=("config", "merge_lora", "decode_attention", "mesh"))
 prefill_jit = jax.jit(prefill, static_argnames=("config", "settings", "mesh", "group_size", "slots",
                                                 "admit_rows"))
-decode_jit = jax.jit(decode, static_argnames=("config", "settings", "mesh"),
+decode_jit = jax.jit(decode, static_argnames=("config", "settings", "mesh", "shrink"),
                      donate_argnames="state")
 finish_jit = jax.jit(finish)
 
@@ -490,7 +535,8 @@ def generate(params: Params, prompt_ids, prompt_mask, *, config: qwen3.Qwen3Conf
              merge_lora: bool = False, bucket: bool = True, top_k: int = 0,
              mesh=None, group_size: int = 1, max_batch: Optional[int] = None,
              admit_rows: Optional[int] = None,
-             decode_attention: Optional[str] = None) -> SampleOutput:
+             decode_attention: Optional[str] = None,
+             shrink: int = 0) -> SampleOutput:
     """Samples completions of left-padded prompts.
 
     Args:
@@ -526,6 +572,11 @@ def generate(params: Params, prompt_ids, prompt_mask, *, config: qwen3.Qwen3Conf
       admit_rows: see `prefill`.
       decode_attention: how decode steps read the cache (`qwen3.InferenceWeights`; None: the
         backend's default, `qwen3.default_decode_attention`).
+      shrink: halvings of the slots as rows end (0: none). Once no row waits and at most half the
+        slots still run, the running rows go on in half as many slots, up to `shrink` times
+        (`decode`): rows that ended early stop costing decode steps. The same tokens and
+        log-probs (up to float rounding of the batch's matmuls). Each halving compiles one more
+        decode loop (`experiments/NOTES_sampling.md`, "Shrinking the slots").
 
     Returns:
       SampleOutput(tokens, mask, logps, sampled_logps [B, N], lengths [B], finished [B],
@@ -558,7 +609,10 @@ def generate(params: Params, prompt_ids, prompt_mask, *, config: qwen3.Qwen3Conf
                         limit=jnp.asarray(max_new_tokens, jnp.int32), mesh=mesh,
                         group_size=int(group_size), slots=slots,
                         admit_rows=None if slots is None else admit_rows)
-    state = decode_jit(weights, state, config=config, settings=settings, mesh=mesh)
+    if not isinstance(shrink, (int, np.integer)) or isinstance(shrink, bool) or shrink < 0:
+        raise ValueError(f"shrink must be an int >= 0 (halvings of the slots), got {shrink!r}")
+    state = decode_jit(weights, state, config=config, settings=settings, mesh=mesh,
+                       shrink=int(shrink))
     out = finish_jit(state)
     if settings.max_new_tokens != max_new_tokens:
         out = out.replace(tokens=out.tokens[:, :max_new_tokens], mask=out.mask[:, :max_new_tokens],

@@ -12,8 +12,8 @@ compiled loop body).
 CPU, GRPO groups (`--groups`): 16 prompts x G = 8 completions of up to 128 tokens, with the
 first 2% of the vocabulary ending a completion, so that completions end at varied lengths:
 transformers' `generate` on the 128 rows against `sampling.generate` in one batch (each prompt
-prefilled once per group) and with continuous refill (64 slots). Tokens/s counts the kept
-completion tokens.
+prefilled once per group), with continuous refill (64 slots) and with the slots halved as rows
+end (`--shrink 3`: 128 -> 64 -> 32 -> 16). Tokens/s counts the kept completion tokens.
 
     python experiments/bench_sampling.py --groups [--runs 5]
 
@@ -324,16 +324,22 @@ def groups_bench(args):
             "arca_jax one batch": functools.partial(jax_run, group_size=G),
             f"arca_jax refill {args.max_batch} slots": functools.partial(
                 jax_run, group_size=G, max_batch=args.max_batch)}
-    t = now()
+    if args.shrink:
+        arms[f"arca_jax shrink {args.shrink}"] = functools.partial(jax_run, group_size=G,
+                                                                 shrink=args.shrink)
+    first = {}
     for name, fn in arms.items():  # warm up (compiles)
+        t = now()
         fn(0)
-    print(f"warm-up (compiles) {now() - t:.1f} s")
+        first[name] = now() - t
+    print("first call (compiles): " + ", ".join(f"{n} {s:.1f} s" for n, s in first.items()))
     runs = {name: [] for name in arms}
     for r in range(args.runs):  # interleaved, so all see the same machine load
         for name, fn in arms.items():
             runs[name].append(fn(r + 1))
     result = {"machine": f"{os.cpu_count()} CPUs", "prompts": Q, "group": G, "prompt": P,
               "max_new_tokens": N, "p_eos": args.p_eos, "max_batch": args.max_batch,
+              "shrink": args.shrink,
               "runs": args.runs, "load_average": os.getloadavg()[0]}
     print(f"\nmedian of {args.runs} interleaved runs; tokens = completion tokens kept (EOS "
           "included); slot use = those over the (row, column) pairs computed")
@@ -344,7 +350,8 @@ def groups_bench(args):
         use = statistics.median(float(x[1].sum()) / x[2] for x in rs_)
         print(f"{name:28s} {s:8.3f} {tokens:7.0f} {tokens / s:8.0f} {tokens / B:9.1f} {use:9.2f}")
         result[name] = dict(seconds=s, tokens=tokens, tokens_per_s=tokens / s,
-                            slot_use=use, raw_seconds=[x[0] for x in rs_])
+                            slot_use=use, raw_seconds=[x[0] for x in rs_],
+                            first_call_seconds=first[name])
     base = result["transformers"]["tokens_per_s"]
     for name in list(arms)[1:]:
         print(f"{name}: {result[name]['tokens_per_s'] / base:.2f}x transformers' tokens/s")
@@ -617,6 +624,9 @@ def main():
     ap.add_argument("--p-eos", type=float, default=0.02,
                     help="--groups: the fraction of the vocabulary that ends a completion")
     ap.add_argument("--max-batch", type=int, default=64, help="--groups: refill slots")
+    ap.add_argument("--shrink", type=int, default=3,
+                    help="--groups: halvings of the slots for the one-batch arm with shrinking "
+                         "(`generate(shrink=...)`; 0: no such arm)")
     ap.add_argument("--gpu-batch", type=int, nargs="+", default=[64, 256])
     ap.add_argument("--gpu-prompt", type=int, default=128)
     ap.add_argument("--gpu-new-tokens", type=int, default=512)

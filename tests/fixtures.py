@@ -237,6 +237,19 @@ def left_padded_batch(vocab: int, lengths, total: int, seed: int = 0):
     return ids, mask
 
 
+def frequent_token(params, config, ids, mask, *, new: int, **gen) -> int:
+    """The token a sampled generation (PRNGKey(3), `sampling.generate` keywords `gen`) of the
+    prompts [B, P] holds most often: as end-of-sequence token it makes rows end at different
+    steps whatever the random model (a real GRPO batch), which a fixed id does not."""
+    import jax
+
+    from arca_jax import sampling
+
+    probe = sampling.generate(params, ids, mask, config=config, rng=jax.random.PRNGKey(3),
+                              max_new_tokens=new, **gen)
+    return int(np.bincount(np.asarray(probe.tokens).ravel(), minlength=config.vocab_size).argmax())
+
+
 def positions_of(mask: np.ndarray) -> np.ndarray:
     return np.maximum(np.cumsum(mask, -1) - 1, 0)
 

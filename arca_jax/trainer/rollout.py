@@ -273,8 +273,9 @@ def _sample_round(model: Model, mesh, problems: Sequence[Any], cfg: RunConfig, *
                                                r.prompt_truncation),
                                max_tokens=r.max_prompt_tokens, pad_id=model.pad_id)
     gen = generate_rows(model, mesh, ids, mask, group_size=G, rng=key, max_batch=r.max_batch,
-                        max_new_tokens=r.max_new_tokens, lora=adapter, lora_scale=cfg.lora.scaling,
-                        temperature=r.temperature, top_p=r.top_p, top_k=r.top_k)
+                        shrink=r.shrink, max_new_tokens=r.max_new_tokens, lora=adapter,
+                        lora_scale=cfg.lora.scaling, temperature=r.temperature, top_p=r.top_p,
+                        top_k=r.top_k)
     jax.block_until_ready(gen.out.tokens)
     t1 = time.time()
     beat("sampling")

@@ -7,21 +7,27 @@ import numpy as np
 import pytest
 
 from arca_jax import lora, parallel, prompts, sampling
-from fixtures import left_padded_batch, random_adapter, random_params, tiny_config
+from fixtures import (frequent_token, left_padded_batch, random_adapter, random_params,
+                      tiny_config)
 
-CFG = tiny_config(vocab_size=64, eos_token_id=38)  # a frequent token: rows end at 2..16
+CFG = tiny_config(vocab_size=64)
 LCFG = lora.LoraConfig(rank=4, alpha=8.0)
 G = 4
 N = 16
+SAMPLED = dict(temperature=1.0, top_k=20)
 
 
 @pytest.fixture(scope="module")
 def setup():
+    """(params, the grouped prompts, generate's keywords): the end-of-sequence token is the one
+    sampled completions hold most often, so rows end at different steps."""
     params = random_params(CFG, seed=0, scale=2.0)
     tree = random_adapter(CFG, LCFG, seed=1, scale=0.2)
     ids, mask = left_padded_batch(CFG.vocab_size, [3, 5, 7, 2], 7, seed=0)
     ids, mask = prompts.repeat_groups(ids, mask, G)  # 16 rows
-    gen = dict(config=CFG, max_new_tokens=N, lora=tree, lora_scale=LCFG.scaling, eos_id=38)
+    adapter = dict(lora=tree, lora_scale=LCFG.scaling)
+    eos = frequent_token(params, CFG, ids, mask, new=N, **adapter, **SAMPLED)
+    gen = dict(config=CFG, max_new_tokens=N, eos_id=eos, **adapter)
     return params, ids, mask, gen
 
 
@@ -33,9 +39,6 @@ def _same_rows(refill, plain):
         np.testing.assert_allclose(np.asarray(getattr(refill, name)),
                                    np.asarray(getattr(plain, name)), atol=1e-5, err_msg=name)
     assert int(refill.num_steps) == int(plain.num_steps)
-
-
-SAMPLED = dict(temperature=1.0, top_k=20)
 
 
 @pytest.mark.parametrize("kw, slots, admit, group", [
@@ -102,3 +105,55 @@ def test_refill_settings_are_checked(setup):
     # max_batch >= B is one batch
     one = sampling.generate(params, ids, mask, rng=rng, max_batch=64, **gen)
     assert int(one.slot_steps) == ids.shape[0] * int(one.num_steps)
+
+
+def _shrunk_slot_steps(lengths, sizes) -> int:
+    """Slot-steps of one batch of len(lengths) slots that halves through `sizes`: prefill counts
+    every slot; decode step j (columns 1, 2, ...) counts the slots of its loop, and a loop gives
+    way to the next size once no more rows than that run (a row of length L runs before steps
+    1 .. L - 1)."""
+    lengths = np.asarray(lengths)
+    slots = total = len(lengths)
+    j = 1
+    for n in (*sizes, 0):
+        while (lengths > j).sum() > n:
+            total += slots
+            j += 1
+        slots = n
+    return total
+
+
+@pytest.mark.parametrize("extra", [{}, dict(group_size=G),
+                                   dict(max_batch=8, admit_rows=4, group_size=G)],
+                         ids=["rows", "groups", "after-refill"])
+def test_shrinking_slots_equals_one_batch(setup, extra):
+    """generate(shrink=3): as rows end, the running ones move into 8, 4, then 2 slots; each row's
+    completion is the one batch's, and the ended rows' slots stop costing steps."""
+    params, ids, mask, gen = setup
+    rng = jax.random.PRNGKey(3)
+    plain = sampling.generate(params, ids, mask, rng=rng, **gen, **SAMPLED)
+    shrunk = sampling.generate(params, ids, mask, rng=rng, shrink=3, **gen, **SAMPLED, **extra)
+    _same_rows(shrunk, plain)
+    lengths = np.asarray(plain.lengths)
+    assert len(set(lengths.tolist())) > 3 and (lengths < N).sum() > ids.shape[0] // 2
+    assert lengths.sum() <= int(shrunk.slot_steps) < int(plain.slot_steps)
+    if "max_batch" not in extra:
+        assert int(shrunk.slot_steps) == _shrunk_slot_steps(lengths, (8, 4, 2))
+
+
+def test_shrinking_on_a_mesh_keeps_slots_split_evenly(setup):
+    """On (data 2, fsdp 2, tensor 2) slots split over 4 row devices: 16 -> 8 -> 4, not 2."""
+    params, ids, mask, gen = setup
+    mesh = parallel.make_mesh(data=2, fsdp=2, tensor=2)
+    assert sampling.shrink_sizes(16, 3, mesh) == (8, 4)
+    assert sampling.shrink_sizes(16, 3) == (8, 4, 2)
+    assert sampling.shrink_sizes(12, 5) == (6, 3)
+    assert sampling.shrink_sizes(16, 0) == ()
+    rng = jax.random.PRNGKey(3)
+    plain = sampling.generate(params, ids, mask, rng=rng, **gen, **SAMPLED)
+    shrunk = sampling.generate(params, ids, mask, rng=rng, mesh=mesh, shrink=3, group_size=G,
+                               **gen, **SAMPLED)
+    _same_rows(shrunk, plain)
+    assert int(shrunk.slot_steps) == _shrunk_slot_steps(plain.lengths, (8, 4))
+    with pytest.raises(ValueError, match="shrink must be an int >= 0"):
+        sampling.generate(params, ids, mask, rng=rng, shrink=-1, **gen)

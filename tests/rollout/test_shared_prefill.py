@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from arca_jax import lora, parallel, prompts, sampling
-from fixtures import left_padded_batch, random_adapter, random_params, tiny_config
+from fixtures import frequent_token, left_padded_batch, random_adapter, random_params, tiny_config
 
 CFG = tiny_config(vocab_size=64)
 LCFG = lora.LoraConfig(rank=4, alpha=8.0)
@@ -24,9 +24,8 @@ def setup():
     tree = random_adapter(CFG, LCFG, seed=1, scale=0.2)
     ids, mask = left_padded_batch(CFG.vocab_size, [3, 5, 7, 2], 7, seed=0)
     ids, mask = prompts.repeat_groups(ids, mask, G)
-    probe = sampling.generate(params, ids, mask, config=CFG, rng=jax.random.PRNGKey(3),
-                              max_new_tokens=N, lora=tree, lora_scale=LCFG.scaling, **SAMPLED)
-    eos = int(np.bincount(np.asarray(probe.tokens).ravel(), minlength=CFG.vocab_size).argmax())
+    eos = frequent_token(params, CFG, ids, mask, new=N, lora=tree, lora_scale=LCFG.scaling,
+                         **SAMPLED)
     return params, tree, (ids, mask), eos
 
 

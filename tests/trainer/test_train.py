@@ -106,6 +106,7 @@ def test_eval_and_export_commands(full_run, tmp_path, capsys):
     (["--set", "lora.rank=0"], "rank"),
     (["--set", "rollout.group_size=1"], "group_size must be >= 2"),
     (["--set", "rollout.temperature=0"], "temperature"),
+    (["--set", "rollout.shrink=-1"], "shrink must be >= 0"),
     (["--set", "model.path=/no/such/model"], "model.path"),
     (["--set", "task.path=/no/such/data.jsonl"], "task.path"),
     (["--set", "train.mode=pmap", "--set", "rollout.prompts_per_step=3",
@@ -224,27 +225,32 @@ def test_pmap_mode_trains(tmp_path):
 @pytest.mark.slow
 def test_refilling_rollouts_and_evaluation_log_the_same_run(tmp_path):
     """rollout.max_batch (one group of 3 rows decoding at a time, the other group waiting for
-    its slots) and train.eval_batch_size=1 (one problem's rows at a time, the others refilled)
-    sample the same completions as one batch: identical rewards, lengths and evaluations, and
-    the same losses; only the slot accounting differs."""
+    its slots) and train.eval_batch_size=1 (one problem's rows at a time, the others refilled),
+    and rollout.shrink (slots halved as rows end, in rollouts and evaluation) sample the same
+    completions as one batch: identical rewards, lengths and evaluations, and the same losses;
+    only the slot accounting differs."""
     overrides = [o for o in TINY if not o.startswith(("train.steps", "train.save_every",
                                                        "train.samples_every"))]
     overrides += ["train.steps=2", "train.save_every=0", "train.samples_every=0"]
     runs = {}
     for name, extra in (("one_batch", []),
-                        ("refill", ["rollout.max_batch=3", "train.eval_batch_size=1"])):
+                        ("refill", ["rollout.max_batch=3", "train.eval_batch_size=1"]),
+                        ("shrink", ["rollout.shrink=2"])):
         run_dir = str(tmp_path / name)
         assert train.train(config.load(None, overrides + extra), run_dir)["finished"]
         runs[name] = (_rows(run_dir, "metrics.jsonl"), _rows(run_dir, "eval.jsonl"))
-    (m1, e1), (m2, e2) = runs["one_batch"], runs["refill"]
-    assert len(m1) == len(m2) == 2
-    for a, b in zip(m1, m2):
-        for key in ("reward_mean", "reward_std", "completion_length"):
-            assert a[key] == b[key], key
-        for key in ("loss", "grad_norm", "weight_gini", "effective_token_ratio"):
-            assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(b[key])), (key, a[key], b[key])
-        assert 0 < a["slot_utilisation"] <= 1 and 0 < b["slot_utilisation"] <= 1
-    assert _strip_timing(e1) == _strip_timing(e2)
+    m1, e1 = runs["one_batch"]
+    for m2, e2 in (runs["refill"], runs["shrink"]):
+        assert len(m1) == len(m2) == 2
+        for a, b in zip(m1, m2):
+            for key in ("reward_mean", "reward_std", "completion_length"):
+                assert a[key] == b[key], key
+            for key in ("loss", "grad_norm", "weight_gini", "effective_token_ratio"):
+                assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(b[key])), (key, a[key], b[key])
+            assert 0 < a["slot_utilisation"] <= 1 and 0 < b["slot_utilisation"] <= 1
+        assert _strip_timing(e1) == _strip_timing(e2)
+    for a, b in zip(m1, runs["shrink"][0]):  # fewer idle slot-steps
+        assert b["slot_utilisation"] >= a["slot_utilisation"]
 
 
 @pytest.mark.slow
