@@ -142,8 +142,10 @@ class RolloutConfig:
         (`sampling.generate(shrink=...)`; 0: none): once no completion waits and at most half
         the slots still run, the running ones go on in half as many slots, so completions that
         ended early stop costing decode steps. The completions are the same either way; each
-        halving compiles one more decode loop. On CPU, 1-4 halvings made the demo's rollout
-        11-20% faster (`experiments/NOTES_sampling.md`).
+        halving compiles one more decode loop and, while it gathers the running rows, holds
+        the cache and its half-size copy (1.5x the cache; `arca-jax plan` compiles the decode
+        loop without halvings). On CPU, 1-4 halvings made the demo's rollout 11-20% faster,
+        3 halvings a GRPO rollout with geometric lengths 1.9x (`experiments/NOTES_sampling.md`).
     """
 
     # deliberate: a field list (resembles other config dataclasses by shape only)
