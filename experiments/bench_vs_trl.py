@@ -313,12 +313,14 @@ def read_jsonl(path: str) -> List[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def run_arca(s: BenchSettings, weighting: str, seed: int, work: str, plan: PromptPlan) -> dict:
-    """`python -m arca_jax train` in a child process; the record of the run."""
+def run_arca(s: BenchSettings, weighting: str, seed: int, work: str, plan: PromptPlan,
+             extra: Sequence[str] = ()) -> dict:
+    """`python -m arca_jax train` in a child process; the record of the run. `extra`: further
+    `--set` overrides after the benchmark's (`--arca-set`, e.g. an option off by default)."""
     name = f"arca-{weighting}-seed{seed}"
     run_dir = os.path.join(work, name)
     cmd = [sys.executable, "-m", "arca_jax", "train", "--output-dir", run_dir]
-    for o in arca_overrides(s, weighting, seed):
+    for o in [*arca_overrides(s, weighting, seed), *extra]:
         cmd += ["--set", o]
     before = loadavg()
     res = run_child(cmd, os.path.join(work, name + ".log"),
@@ -682,6 +684,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                                   "--smoke: experiments/results/vs_trl/smoke)")
     ap.add_argument("--work-dir", help="run directories and logs (default: a new temporary "
                                        "directory, kept)")
+    ap.add_argument("--arca-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a further `--set` override of both arca-jax arms (repeatable), e.g. "
+                         "rollout.shrink=2; not the benchmark's settings: recorded in the JSON")
     ap.add_argument("--trl-child", metavar="SPEC", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     arms = [a.strip() for a in args.only.split(",") if a.strip()]
@@ -730,7 +735,8 @@ def main(argv=None) -> int:
         print(f"warning: load average {load0[0]} on {mach['usable_cores']} cores: the machine is "
               "not quiet, times will not be a measurement", flush=True)
     header = {"smoke": args.smoke, "settings": dataclasses.asdict(s), "seeds": seeds,
-              "arms": args.arms, "machine": mach, "versions": vers, "loadavg_start": load0,
+              "arms": args.arms, "arca_set": args.arca_set, "machine": mach, "versions": vers,
+              "loadavg_start": load0,
               "note": ("SMOKE RUN on a loaded machine: checks the script end to end; the times "
                        "are not a measurement") if args.smoke else None}
     records = []
@@ -740,7 +746,7 @@ def main(argv=None) -> int:
             print(f"-- {arm} seed {seed} (load {loadavg()})", flush=True)
             t = time.perf_counter()
             rec = (run_trl(s, seed, work, plan) if arm == "trl" else
-                   run_arca(s, arm.split("-", 1)[1], seed, work, plan))
+                   run_arca(s, arm.split("-", 1)[1], seed, work, plan, args.arca_set))
             rec = {"smoke": args.smoke, "note": header["note"], "settings": header["settings"],
                    "machine": mach, "versions": vers, **rec}
             with open(os.path.join(out, f"{arm}-seed{seed}.json"), "w") as f:
