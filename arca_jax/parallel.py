@@ -110,6 +110,12 @@ def axis_size(mesh: Optional[Mesh], axis: str) -> int:
     return 1 if mesh is None else int(dict(mesh.shape).get(axis, 1))
 
 
+def row_devices(mesh: Optional[Mesh]) -> int:
+    """Devices that hold different rows of a batch: data x fsdp (a tensor group shares its
+    rows); 1 without a mesh."""
+    return axis_size(mesh, DATA) * axis_size(mesh, FSDP)
+
+
 def check_tensor(config, tensor: int) -> None:
     """Raises ValueError unless `tensor` splits the model's heads and MLP evenly: N and the
     intermediate width divisible by it, and K divisible by it or it a multiple of K."""
@@ -503,7 +509,7 @@ class RowLayout:
     def padded(cls, mesh: Optional[Mesh], rows: int) -> "RowLayout":
         """A layout of `rows` rows rounded up to a multiple of the devices that hold different
         rows (data x fsdp; a tensor group shares its rows)."""
-        size = axis_size(mesh, DATA) * axis_size(mesh, FSDP)
+        size = row_devices(mesh)
         return cls(mesh, -(-rows // size) * size)
 
     def to_global(self, full) -> jax.Array:

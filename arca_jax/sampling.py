@@ -421,8 +421,7 @@ def shrink_sizes(slots: int, halvings: int, mesh=None) -> Tuple[int, ...]:
     """The slot counts `decode(shrink=halvings)` passes through after `slots`: up to `halvings`
     halvings, while the count stays whole and (with a mesh) splits evenly over its row
     devices."""
-    unit = 1 if mesh is None else (parallel.axis_size(mesh, parallel.DATA)
-                                   * parallel.axis_size(mesh, parallel.FSDP))
+    unit = parallel.row_devices(mesh)
     sizes, n = [], int(slots)
     while len(sizes) < halvings and n % 2 == 0 and (n // 2) % unit == 0:
         n //= 2
@@ -585,6 +584,8 @@ def generate(params: Params, prompt_ids, prompt_mask, *, config: qwen3.Qwen3Conf
     settings = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                               greedy=greedy, eos_ids=_eos_tuple(eos_id), pad_id=pad_id,
                               top_k=top_k)
+    if not isinstance(shrink, (int, np.integer)) or isinstance(shrink, bool) or shrink < 0:
+        raise ValueError(f"shrink must be an int >= 0 (halvings of the slots), got {shrink!r}")
     prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
     prompt_mask = jnp.asarray(prompt_mask, jnp.int32)
     if prompt_ids.ndim != 2 or prompt_ids.shape != prompt_mask.shape:
@@ -609,8 +610,6 @@ def generate(params: Params, prompt_ids, prompt_mask, *, config: qwen3.Qwen3Conf
                         limit=jnp.asarray(max_new_tokens, jnp.int32), mesh=mesh,
                         group_size=int(group_size), slots=slots,
                         admit_rows=None if slots is None else admit_rows)
-    if not isinstance(shrink, (int, np.integer)) or isinstance(shrink, bool) or shrink < 0:
-        raise ValueError(f"shrink must be an int >= 0 (halvings of the slots), got {shrink!r}")
     state = decode_jit(weights, state, config=config, settings=settings, mesh=mesh,
                        shrink=int(shrink))
     out = finish_jit(state)

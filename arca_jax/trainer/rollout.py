@@ -131,8 +131,7 @@ def generate_rows(model: Model, mesh, ids: np.ndarray, mask: np.ndarray, *, grou
     # padding repeats the last row (the last prompt): aligned groups of G rows still share one
     shared = G if layout.batch_size % G == 0 else 1
     if gen.get("max_batch") is not None:  # slots: whole groups, split evenly over the devices
-        unit = int(np.lcm(shared, parallel.axis_size(mesh, parallel.DATA)
-                          * parallel.axis_size(mesh, parallel.FSDP)))
+        unit = int(np.lcm(shared, parallel.row_devices(mesh)))
         gen["max_batch"] = -(-int(gen["max_batch"]) // unit) * unit
     out = sampling.generate(model.params, g_ids, g_mask, config=model.config, eos_id=model.eos_id,
                             pad_id=model.pad_id, mesh=mesh, group_size=shared, **gen)
