@@ -144,8 +144,9 @@ class RolloutConfig:
         ended early stop costing decode steps. The completions are the same either way; each
         halving compiles one more decode loop and, while it gathers the running rows, holds
         the cache and its half-size copy (1.5x the cache; `arca-jax plan` compiles the decode
-        loop without halvings). On CPU, 1-4 halvings made the demo's rollout 11-20% faster,
-        3 halvings a GRPO rollout with geometric lengths 1.9x (`experiments/NOTES_sampling.md`).
+        loop without halvings). On CPU, 3 halvings made a GRPO rollout with geometric lengths
+        1.9x faster (`experiments/NOTES_sampling.md`); in the demo's training run 2 halvings
+        cut the sampling phase by 7% only (`experiments/NOTES_vs_trl.md`).
     """
 
     # deliberate: a field list (resembles other config dataclasses by shape only)
