@@ -223,7 +223,10 @@ class TrainConfig:
     pass_k: k of pass@k at evaluation (None: the group size); pack: the train step's forwards
     run on the batch's real tokens only, rows packed into fewer lines (`arca_jax.packing`; same
     results up to float rounding; line counts in quarters of the batch, so at most four compiled
-    steps; mode "jit" with microbatches 1, else rows stay padded);
+    steps; mode "jit" with microbatches 1, else rows stay padded); prepare_ahead: with pack,
+    prepare in a background thread the packed step's program for the line count the batches
+    lean towards before a step needs it (`trainer.programs`; None: on when the step runs on a
+    GPU or TPU, whose host cores idle meanwhile, off on CPU, where they run the step);
     eval_batch_size: problems whose completions decode at once in an evaluation (its KV cache
     holds eval_batch_size x pass_k rows; the problems beyond wait for a free slot: continuous
     refill)."""
@@ -242,6 +245,7 @@ class TrainConfig:
     samples_per_log: int = 2
     eval_batch_size: int = 256
     pack: bool = True
+    prepare_ahead: Optional[bool] = None
 
     def __post_init__(self):
         if self.steps < 0:

@@ -16,6 +16,7 @@ process takes part in checkpoint saves and restores (Orbax).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import signal
@@ -33,6 +34,7 @@ from arca_jax.grpo.step import StepMetrics, make_train_step
 from arca_jax.runlog import RunLog
 from arca_jax.trainer import setup
 from arca_jax.trainer.evaluate import EvalResult, evaluate
+from arca_jax.trainer.programs import StepPrograms
 from arca_jax.trainer.rollout import Scorer, rollout, step_prompt_indices
 from arca_jax.trainer.samples import log_samples
 from arca_jax.trainer.setup import Stream, stream_key
@@ -96,7 +98,7 @@ class _Run:
     ckpt: Any
     start_step: int
     record: dict
-    packs: bool = False
+    programs: Optional[StepPrograms] = None  # the packed step (`train.pack`), else None
 
     def adapter(self):
         """The current adapter, unreplicated."""
@@ -175,14 +177,19 @@ def _start(cfg: RunConfig, run_dir: str, resume: bool, log: Optional[RunLog]) ->
                                  lora_dropout=cfg.lora.dropout)
     if cfg.train.mode == "pmap":
         state = parallel.replicate(state)
-    packs = cfg.train.pack and cfg.train.mode == "jit" and cfg.train.microbatches == 1
-    if cfg.train.pack and not packs:
+    programs = None
+    if cfg.train.pack and cfg.train.mode == "jit" and cfg.train.microbatches == 1:
+        # line counts in quarters of the batch: at most four compiled steps per run, prepared
+        # ahead in the background (`trainer.programs`)
+        programs = StepPrograms(train_step, multiple=max(1, cfg.batch_size // 4),
+                                rows=cfg.batch_size)
+    elif cfg.train.pack:
         log.message(f"train.pack applies to train.mode=jit with train.microbatches=1; this run "
                     f"(mode {cfg.train.mode}, {cfg.train.microbatches} microbatches) trains on "
                     "padded rows")
     return _Run(cfg, run_dir, log, model, mesh, layout, train_task, eval_problems,
                 Scorer(train_task, cfg.task.reward_timeout_s), state, params_for_step,
-                train_step, ckpt, start_step, record, packs=packs)
+                train_step, ckpt, start_step, record, programs=programs)
 
 
 # Running totals of the run (kept in the checkpoint record, so a resumed run logs what an
@@ -221,10 +228,15 @@ def _train_one_step(run: _Run, step: int, totals: Dict[str, int], beat) -> tuple
     totals["advantage_invalid"] += ro.num_invalid_advantages
     faults.point("update", step + 1)
     batch = ro.batch
-    if run.packs:  # the forwards run on the real tokens only (`arca_jax.packing`)
-        # line counts in quarters of the batch: at most four compiled steps per run, and each
-        # step's count depends on its batch alone (a resumed run packs as an uninterrupted one)
-        batch = packing.pack(batch, multiple=max(1, cfg.batch_size // 4))
+    step_fn = run.train_step
+    if run.programs is not None:  # the forwards run on the real tokens only (`arca_jax.packing`)
+        # each step's line count depends on its batch alone (a resumed run packs as an
+        # uninterrupted one); the programs of the neighbouring counts are prepared for later steps
+        batch = packing.pack(batch, multiple=run.programs.multiple)
+        ahead = cfg.train.prepare_ahead
+        if ahead is None:
+            ahead = jax.default_backend() != "cpu"
+        step_fn = functools.partial(run.programs, ahead=ahead and step + 1 < cfg.train.steps)
     if cfg.grpo.num_iterations > 1:  # the policy before this batch's updates, as the step scores it
         batch = batch.replace(old_logps=_old_logps(run.adapter(), run.model.params, batch,
                                                    config=run.model.config,
@@ -232,7 +244,7 @@ def _train_one_step(run: _Run, step: int, totals: Dict[str, int], beat) -> tuple
                                                    grpo_config=setup.objective_config(cfg)))
     t2 = time.time()
     for _ in range(cfg.grpo.num_iterations):
-        run.state, metrics = run.train_step(run.state, run.params_for_step, batch)
+        run.state, metrics = step_fn(run.state, run.params_for_step, batch)
     m = _host_metrics(metrics)  # the only host read of the step's results
     t3 = time.time()
     beat(f"update of step {step + 1}")
@@ -287,10 +299,21 @@ def train(cfg: RunConfig, run_dir: str, *, resume: bool = False,
     With several processes (`arca_jax.distributed.initialize` first) every process calls this
     with the same arguments; the run needs train.mode="mesh".
     """
-    # The loop reads top to bottom (step, log, samples, eval, stop/save); its parts share the
-    # watchdog, the preemption flag and the running records, so it stays one function.
     t_start = time.time()
     run = _start(cfg, run_dir, resume, log)
+    try:
+        return _run_steps(run, t_start, stop_after, watchdog_s)
+    finally:
+        if run.programs is not None:
+            run.programs.close()  # what is still queued is not needed any more
+
+
+def _run_steps(run: _Run, t_start: float, stop_after: Optional[int],
+               watchdog_s: Optional[float]) -> Dict[str, Any]:
+    """`train`'s loop over the steps, from `run.start_step`."""
+    # The loop reads top to bottom (step, log, samples, eval, stop/save); its parts share the
+    # watchdog, the preemption flag and the running records, so it stays one function.
+    cfg, run_dir = run.cfg, run.run_dir
     log, step, nproc = run.log, run.start_step, jax.process_count()
     evals: List[EvalResult] = [EvalResult(**r) for r in run.record.get("evals", [])]
     rewards_seen: List[float] = list(run.record.get("rewards_seen", []))

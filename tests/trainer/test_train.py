@@ -77,7 +77,9 @@ def test_run_directory_has_every_output(full_run):
 def test_resume_equals_uninterrupted_run(full_run, tmp_path):
     run_dir, _ = full_run
     resumed = str(tmp_path / "resumed")
-    cfg = config.load(None, TINY)
+    # the packed step's programs prepared ahead in the background (off on CPU by default):
+    # the same records as the uninterrupted run, which compiled each program when met
+    cfg = config.load(None, TINY + ["train.prepare_ahead=true"])
     first = train.train(cfg, resumed, stop_after=2)
     assert not first["finished"]
     with pytest.raises(train.RunDirError, match="--resume"):
