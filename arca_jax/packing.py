@@ -68,23 +68,28 @@ def lines_needed(lengths: np.ndarray, width: int) -> np.ndarray:
     return line_of
 
 
-def plan(attention_mask, *, lines: Optional[int] = None, multiple: int = 1) -> Packing:
+def plan(attention_mask, *, lines: Optional[int] = None, multiple: int = 1,
+         width: Optional[int] = None) -> Packing:
     """The packing of a batch with ``attention_mask`` [B, T] (host side, numpy).
 
-    Each row's real tokens (mask 1, in order; padding anywhere is dropped) go into one line;
-    lines are filled first-fit decreasing. The number of lines is the count needed rounded up to
-    a multiple of ``multiple`` (nearby batches share one compiled step), and at least ``lines``
-    when given (``lines=B``: one line count, so one compiled step, for every batch).
+    Each row's real tokens (mask 1, in order; padding anywhere is dropped) go into one line of
+    ``width`` slots (W, default T; at least T); lines are filled first-fit decreasing. The number
+    of lines is the count needed rounded up to a multiple of ``multiple`` (nearby batches share
+    one compiled step), and at least ``lines`` when given (``lines=B``: one line count, so one
+    compiled step, for every batch).
     """
     mask = np.asarray(attention_mask) != 0
     B, T = mask.shape
+    W = T if width is None else int(width)
+    if W < T:
+        raise ValueError(f"width {W} is narrower than the batch's {T} columns")
     lengths = mask.sum(axis=1)
-    line_of = lines_needed(lengths, T)
+    line_of = lines_needed(lengths, W)
     L = int(line_of.max(initial=-1)) + 1
     multiple = max(int(multiple), 1)
     L = max(-(-max(L, 1) // multiple) * multiple, int(lines or 0))
-    src = np.zeros((L, T), np.int32)
-    segments = np.zeros((L, T), np.int32)
+    src = np.zeros((L, W), np.int32)
+    segments = np.zeros((L, W), np.int32)
     dst = np.full((B, T), -1, np.int32)
     used = np.zeros(L, np.int64)
     for b in np.argsort(line_of, kind="stable"):
@@ -96,14 +101,15 @@ def plan(attention_mask, *, lines: Optional[int] = None, multiple: int = 1) -> P
         slots = start + np.arange(cols.size)
         src[line, slots] = b * T + cols
         segments[line, slots] = b + 1
-        dst[b, cols] = line * T + slots
+        dst[b, cols] = line * W + slots
         used[line] += cols.size
     return Packing(src=jnp.asarray(src), segments=jnp.asarray(segments), dst=jnp.asarray(dst))
 
 
-def pack(batch, *, lines: Optional[int] = None, multiple: int = 1):
+def pack(batch, *, lines: Optional[int] = None, multiple: int = 1, width: Optional[int] = None):
     """``batch`` (a ``Batch``) with ``packing`` set from its attention mask (see ``plan``)."""
-    return batch.replace(packing=plan(batch.attention_mask, lines=lines, multiple=multiple))
+    return batch.replace(packing=plan(batch.attention_mask, lines=lines, multiple=multiple,
+                                      width=width))
 
 
 def to_lines(packing: Packing, x: Array) -> Array:

@@ -43,7 +43,7 @@ from arca_jax.grpo.objective import loss_fn  # noqa: E402
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def demo_batch(B=128, prompt=32, new=80, mean_len=41, seed=0):
+def demo_batch(B=128, prompt=32, new=80, mean_len=41, seed=0, prompt_tokens=(12, 20)):
     rng = np.random.default_rng(seed)
     T = prompt + new
     ids = rng.integers(3, 99, (B, T)).astype(np.int32)
@@ -51,7 +51,7 @@ def demo_batch(B=128, prompt=32, new=80, mean_len=41, seed=0):
     cm = np.zeros((B, T), np.int32)
     lens = np.clip(rng.normal(mean_len, 12, B).round().astype(int), 8, new)
     for b in range(B):
-        p = int(rng.integers(12, 20))
+        p = int(rng.integers(*prompt_tokens))
         am[b, prompt - p:prompt + lens[b]] = 1
         cm[b, prompt:prompt + lens[b]] = 1
     ids = np.where(am == 1, ids, 0)
@@ -65,6 +65,9 @@ def main():
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--variants", default=None)
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--bench-lengths", action="store_true",
+                    help="prompts of 14-25 tokens and completions of mean 43, as in "
+                         "bench_vs_trl's rollouts (default: 12-19 and 41)")
     ap.add_argument("--trace", default=None,
                     help="capture a profiler trace of 3 calls of this variant and print the "
                          "XLA operations taking the most time")
@@ -78,7 +81,9 @@ def main():
     tree = jax.tree_util.tree_map_with_path(
         lambda p, x: 0.05 * jax.random.normal(jax.random.fold_in(key, len(str(p))), x.shape)
         if "lora_b" in str(p) else x, tree)
-    batch, trim = demo_batch()
+    batch, trim = (demo_batch(mean_len=43, prompt_tokens=(14, 26)) if args.bench_lengths
+                   else demo_batch())
+    T = batch.input_ids.shape[1]
     opt = make_optimizer(2e-3, warmup_steps=5, total_steps=20)
 
     def step_variant(g, b, opts=None):
@@ -99,6 +104,12 @@ def main():
         "packed": lambda: step_variant(uni, packing.pack(batch, multiple=16)),
         "packed_arca": lambda: step_variant(GRPOConfig(weighting="arca"),
                                             packing.pack(batch, multiple=16)),
+        "packed_arca_w15": lambda: step_variant(GRPOConfig(weighting="arca"), packing.pack(
+            batch, multiple=8, width=T * 3 // 2)),
+        "packed_arca_w2": lambda: step_variant(GRPOConfig(weighting="arca"), packing.pack(
+            batch, multiple=8, width=2 * T)),
+        "packed_arca_m8": lambda: step_variant(GRPOConfig(weighting="arca"),
+                                               packing.pack(batch, multiple=8)),
         "chunk_all": lambda: step_variant(GRPOConfig(weighting="uniform", logits_chunk=256), batch),
         "xnn": lambda: step_variant(uni, batch, {"xla_cpu_use_xnnpack": True}),
         "onednn": lambda: step_variant(uni, batch, {"xla_cpu_use_onednn": True}),

@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional
 import jax
 import numpy as np
 
-from arca_jax import credit, distributed, faults, lora, packing, parallel, rundir
+from arca_jax import credit, distributed, faults, lora, parallel, rundir
 from arca_jax.config import ConfigError, RunConfig, check_environment
 from arca_jax.grpo.objective import policy_logprobs
 from arca_jax.grpo.signals import residual_layers
@@ -179,10 +179,10 @@ def _start(cfg: RunConfig, run_dir: str, resume: bool, log: Optional[RunLog]) ->
         state = parallel.replicate(state)
     programs = None
     if cfg.train.pack and cfg.train.mode == "jit" and cfg.train.microbatches == 1:
-        # line counts in quarters of the batch: at most four compiled steps per run, prepared
-        # ahead in the background (`trainer.programs`)
-        programs = StepPrograms(train_step, multiple=max(1, cfg.batch_size // 4),
-                                rows=cfg.batch_size)
+        # the line count per batch (`trainer.programs`): few programs, little padding, the
+        # same counts on resume as without
+        programs = StepPrograms(train_step, rows=cfg.batch_size,
+                                known=record.get("packed_line_counts", ()))
     elif cfg.train.pack:
         log.message(f"train.pack applies to train.mode=jit with train.microbatches=1; this run "
                     f"(mode {cfg.train.mode}, {cfg.train.microbatches} microbatches) trains on "
@@ -230,9 +230,7 @@ def _train_one_step(run: _Run, step: int, totals: Dict[str, int], beat) -> tuple
     batch = ro.batch
     step_fn = run.train_step
     if run.programs is not None:  # the forwards run on the real tokens only (`arca_jax.packing`)
-        # each step's line count depends on its batch alone (a resumed run packs as an
-        # uninterrupted one); the programs of the neighbouring counts are prepared for later steps
-        batch = packing.pack(batch, multiple=run.programs.multiple)
+        batch = run.programs.pack(batch)
         ahead = cfg.train.prepare_ahead
         if ahead is None:
             ahead = jax.default_backend() != "cpu"
@@ -361,7 +359,8 @@ def _run_steps(run: _Run, t_start: float, stop_after: Optional[int],
                 run.ckpt.save(step, run.state, {
                     "step": step, "data_position": step, "seed": cfg.train.seed,
                     "evals": [dataclasses.asdict(e) for e in evals], "rewards_seen": rewards_seen,
-                    **totals})
+                    **totals, **({"packed_line_counts": run.programs.known}
+                                 if run.programs is not None else {})})
                 watchdog.beat(f"checkpoint of step {step}")
             if stopping and step < cfg.train.steps:
                 why = (f"signal {pre.signal}" if pre.signal is not None else

@@ -1,31 +1,43 @@
-"""The packed train step's programs for line counts a run has not met yet, prepared ahead.
+"""The packed train step: how many lines each batch gets, and its programs prepared ahead.
 
-A packed batch (`arca_jax.packing`) has L lines, L a multiple of m = B / 4, so a run meets up to
-four train-step programs, one per L. The first time a step's batch needs an L the run has not
-met, jit traces, lowers and compiles (or loads from the persistent compilation cache) its program
-on that step's critical path. `StepPrograms` runs the step and, in one background thread,
-prepares the program of the line count the next batches lean towards: L + m when this batch
-filled more than L - m / 2 lines (close to needing the next count), else L - m; once each.
-`jit(...).lower(...).compile()` on abstract arguments of that shape fills the caches a call
-would, so the later call finds its executable. A step whose program is still being prepared waits
-for that preparation instead of compiling the program a second time.
+A packed batch (`arca_jax.packing`) has L lines and jit compiles one train-step program per L,
+so L trades padding (empty lines computed for nothing) against programs (each new L traces,
+lowers and compiles, or loads from the persistent compilation cache, on its step's critical
+path). `StepPrograms.pack` chooses L for a batch that needs n lines (first-fit decreasing):
 
-The preparation takes CPU time: free where the host idles while an accelerator runs the step,
-shared with the step itself on a CPU-only host. Hence one neighbour, the likely one, at a time.
+- the smallest count c the run already has with n <= c < n + B / 4 (at most a quarter of the
+  batch in empty lines, reusing a program);
+- else n rounded up to a multiple of g = B / 16 (a new program, at most g - 1 empty lines).
 
-    programs = StepPrograms(train_step, multiple=B // 4, rows=B)
+So a run compiles a new program only when its batches need more lines than it has met (or a
+quarter of the batch fewer), typically two or three in all, and pads far less than rounding every
+batch up to quarters of the batch. The counts met are part of the checkpoint record
+(`known`), so a resumed run packs each batch as an uninterrupted one does.
+
+With ``ahead``, `StepPrograms` also prepares in one background thread the program of the count
+the rule picks for a batch needing g / 2 more lines than this one, when the run does not have
+it: `jit(...).lower(...).compile()` on abstract arguments of that shape fills the caches a call
+would, so the later call finds its executable. A step whose program is still being prepared
+waits for that preparation instead of compiling the program a second time. The preparation
+takes CPU time: free where the host idles while an accelerator runs the step, shared with the
+step itself on a CPU-only host (the trainer's default: ahead on GPU and TPU only).
+
+    programs = StepPrograms(train_step, rows=B, known=record.get("packed_line_counts", ()))
+    batch = programs.pack(batch)
     state, metrics = programs(state, params, batch, ahead=step + 1 < steps)
-    ...
+    record["packed_line_counts"] = programs.known
     programs.close()   # cancels what has not started, waits for what has
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Iterable, List, Optional
 
 import jax
 import numpy as np
+
+from arca_jax import packing
 
 
 def _spec(x):
@@ -47,36 +59,64 @@ def _with_lines(batch_spec, lines: int):
     return batch_spec.replace(packing=p.replace(src=line(p.src), segments=line(p.segments)))
 
 
+def needed_lines(attention_mask) -> int:
+    """n: the lines of width T a [B, T] batch's real tokens need (first-fit decreasing)."""
+    mask = np.asarray(attention_mask) != 0
+    return int(packing.lines_needed(mask.sum(axis=1), mask.shape[1]).max(initial=-1)) + 1
+
+
 class StepPrograms:
-    """Runs a jitted ``train_step(state, params, batch)`` on packed batches and prepares, in a
-    background thread, its programs for the neighbouring line counts.
+    """Packs batches (`pack`) and runs a jitted ``train_step(state, params, batch)`` on them,
+    preparing its programs for coming line counts in a background thread.
 
     train_step: the jitted step (`grpo.make_train_step(mode="jit")`).
-    multiple:   m, the step between line counts (`packing.pack(multiple=m)`).
-    rows:       B, the largest line count (one row per line).
+    rows:       B, the batch's rows.
+    known:      line counts an earlier part of the run met (its checkpoint record).
     """
 
-    def __init__(self, train_step: Callable, *, multiple: int, rows: int):
+    def __init__(self, train_step: Callable, *, rows: int, known: Iterable[int] = ()):
         self._step = train_step
-        self.multiple = max(int(multiple), 1)
-        self._rows = int(rows)
+        self.rows = int(rows)
+        self.granularity = max(1, self.rows // 16)
+        self.slack = max(1, self.rows // 4)
+        self._known = {int(c) for c in known}
         self._pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
         self._programs: Dict[int, Optional[concurrent.futures.Future]] = {}  # None: met
 
     @property
+    def known(self) -> List[int]:
+        """The line counts met, by this process or by the run before it resumed."""
+        return sorted(self._known)
+
+    @property
     def prepared(self) -> Dict[int, str]:
-        """Line count -> "met" (a step ran it), "ready" (prepared), "pending", "cancelled"
-        (`close` came first) or "failed" (the step compiles it when met)."""
-        out = {}
-        for lines, fut in sorted(self._programs.items()):
-            out[lines] = ("met" if fut is None else "pending" if not fut.done() else
-                          "cancelled" if fut.cancelled() else
-                          "failed" if fut.exception() is not None else "ready")
-        return out
+        """This process's line counts -> "met" (a step ran it), "ready" (prepared), "pending",
+        "cancelled" (`close` came first) or "failed" (the step compiles it when met)."""
+        return {lines: self._status(fut) for lines, fut in sorted(self._programs.items())}
+
+    @staticmethod
+    def _status(fut) -> str:
+        return ("met" if fut is None else "pending" if not fut.done() else
+                "cancelled" if fut.cancelled() else
+                "failed" if fut.exception() is not None else "ready")
+
+    def lines_for(self, needed: int) -> int:
+        """L for a batch that needs ``needed`` lines (the module's rule)."""
+        have = self._known | {c for c, f in self._programs.items()
+                              if self._status(f) in ("met", "ready", "pending")}
+        fits = [c for c in have if needed <= c < needed + self.slack]
+        if fits:
+            return min(fits)
+        g = self.granularity
+        return max(needed, min(-(-max(needed, 1) // g) * g, self.rows))
+
+    def pack(self, batch):
+        """``batch`` with ``packing`` set, in `lines_for` its need."""
+        return packing.pack(batch, lines=self.lines_for(needed_lines(batch.attention_mask)))
 
     def __call__(self, state, params, batch, *, ahead: bool = True):
-        """``train_step(state, params, batch)``; with ``ahead``, then queues the program of the
-        line count this batch leans towards, if neither met nor queued yet."""
+        """``train_step(state, params, batch)`` on a `pack`-ed batch; with ``ahead``, then queues
+        the program a batch needing g / 2 more lines would get, if the run does not have it."""
         lines = batch.packing.lines
         fut = self._programs.get(lines)
         if fut is not None and not fut.cancelled():
@@ -84,19 +124,17 @@ class StepPrograms:
         spec = jax.tree.map(_spec, (state, params, batch)) if ahead else None  # before donation
         out = self._step(state, params, batch)
         self._programs[lines] = None
+        self._known.add(lines)
         if ahead:
-            n = self.leaning(batch)
-            if 0 < n <= self._rows and n not in self._programs:
+            n = self.lines_for(self.filled(batch) + max(1, self.granularity // 2))
+            if n not in self._programs:
                 self._programs[n] = self._submit(self._prepare, spec, n)
         return out
 
-    def leaning(self, batch) -> int:
-        """The line count next to the batch's that its fill leans towards: L + m when more than
-        L - m / 2 lines hold tokens, else L - m."""
-        lines = batch.packing.lines
-        filled = int((np.asarray(batch.packing.segments) > 0).any(axis=1).sum())
-        up = 2 * filled > 2 * lines - self.multiple
-        return lines + self.multiple if up else lines - self.multiple
+    @staticmethod
+    def filled(batch) -> int:
+        """The lines of a packed batch that hold tokens."""
+        return int((np.asarray(batch.packing.segments) > 0).any(axis=1).sum())
 
     def _submit(self, fn, *args) -> concurrent.futures.Future:
         if self._pool is None:

@@ -1,6 +1,7 @@
-"""`trainer.programs.StepPrograms`: the packed train step's programs for the neighbouring line
-counts are prepared in the background, so the step that first meets one neither traces nor
-compiles on the calling thread, and its results equal a plain call's."""
+"""`trainer.programs.StepPrograms`: each batch's line count follows the rule (reuse a count met
+within a quarter of the batch, else round up to sixteenths) against a brute-force oracle; the
+program of the next count is prepared in the background, so the step that first meets it neither
+traces nor compiles on the calling thread, and its results equal a plain call's."""
 
 import threading
 
@@ -13,7 +14,7 @@ from arca_jax import lora, packing
 from arca_jax.batch import Batch
 from arca_jax.grpo import GRPOConfig, TrainState, make_train_step
 from arca_jax.grpo.step import make_optimizer
-from arca_jax.trainer.programs import StepPrograms
+from arca_jax.trainer.programs import StepPrograms, needed_lines
 from fixtures import random_adapter, random_params, tiny_config, trees_close
 
 CFG = tiny_config(vocab_size=64)
@@ -62,30 +63,51 @@ def events():
     jax.monitoring.unregister_event_duration_listener(ev)
 
 
-def test_neighbouring_line_counts_are_ready_before_the_step_needs_them(events):
+def oracle_lines(needed: int, have, rows: int) -> int:
+    """The rule by enumeration: every L from needed up, the first that is a count met within a
+    quarter of the batch; else the first multiple of rows // 16 (capped at rows)."""
+    for c in range(needed, needed + max(1, rows // 4)):
+        if c in have:
+            return c
+    g = max(1, rows // 16)
+    return next(c for c in range(needed, rows + 1) if c % g == 0 or c == rows)
+
+
+@pytest.mark.parametrize("rows", [6, 16, 50, 128])
+def test_line_counts_follow_the_rule(rows):
+    rng = np.random.default_rng(rows)
+    for _ in range(20):
+        have = set(rng.choice(np.arange(1, rows + 1), size=int(rng.integers(0, 4)),
+                              replace=False).tolist())
+        programs = StepPrograms(None, rows=rows, known=have)
+        for needed in range(1, rows + 1):
+            assert programs.lines_for(needed) == oracle_lines(needed, have, rows), (have, needed)
+    # a batch gets the count for its first-fit need: 16 rows of 7 tokens in lines of 16 -> 8
+    assert needed_lines(batch(0, 0).attention_mask) == 8
+    assert StepPrograms(None, rows=B, known=[10]).pack(batch(0, 0)).packing.lines == 10
+    assert StepPrograms(None, rows=B, known=[12]).pack(batch(0, 0)).packing.lines == 8
+
+
+def test_next_line_count_is_ready_before_the_step_needs_it(events):
     params = random_params(CFG, seed=0)
     tree = random_adapter(CFG, LCFG, seed=1)
     opt = make_optimizer(learning_rate=1e-2, warmup_steps=0, total_steps=10)
     step = make_train_step(CFG, GRPOConfig(weighting="arca"), opt, lora_scale=LCFG.scaling)
-    m = B // 4
-    short, long_ = packing.pack(batch(0, 0), multiple=m), packing.pack(batch(8, 1), multiple=m)
-    assert (short.packing.lines, long_.packing.lines) == (8, 12)  # neighbours: 8 and 12
-
-    programs = StepPrograms(step, multiple=m, rows=B)
-    # which neighbour a batch leans towards: 8 of 8 lines filled -> 12; 12 of 12 -> 16;
-    # 9 of 12 (2 long rows + 14 short in pairs) -> 8
-    assert programs.leaning(short) == 12 and programs.leaning(long_) == 16
-    assert programs.leaning(packing.pack(batch(2, 2), multiple=m)) == 8
+    programs = StepPrograms(step, rows=B)  # g = 1: the next count is the need + 1
+    short = programs.pack(batch(0, 0))
+    long_ = packing.pack(batch(2, 1), lines=9)  # 2 long rows + 14 short in pairs: 9 lines
+    assert short.packing.lines == 8
     state = TrainState.create(jax.tree.map(jnp.copy, tree), opt, jax.random.PRNGKey(0))
     state, _ = programs(state, params, short)
     programs.wait()  # for the preparations queued after the first call
-    assert programs.prepared == {8: "met", 12: "ready"}
+    assert programs.prepared == {8: "met", 9: "ready"}
+    assert programs.pack(batch(2, 1)).packing.lines == 9
     main = threading.current_thread().name
     before = events.on(main)
     state, got = programs(state, params, long_, ahead=False)
     jax.block_until_ready(got)
     assert events.on(main) == before  # no trace, no compile on the calling thread
-    assert events.on("arca-step-programs_0") >= 2  # 12's trace and compile
+    assert events.on("arca-step-programs_0") >= 2  # 9's trace and compile
 
     # the same second step, called plainly on a fresh step function: equal results
     plain = make_train_step(CFG, GRPOConfig(weighting="arca"), opt, lora_scale=LCFG.scaling)
@@ -101,16 +123,15 @@ def test_a_step_waits_for_its_program_in_preparation(events):
     tree = random_adapter(CFG, LCFG, seed=1)
     opt = make_optimizer(learning_rate=1e-2, warmup_steps=0, total_steps=10)
     step = make_train_step(CFG, GRPOConfig(weighting="uniform"), opt, lora_scale=LCFG.scaling)
-    m = B // 4
-    short, long_ = packing.pack(batch(0, 0), multiple=m), packing.pack(batch(8, 1), multiple=m)
-    programs = StepPrograms(step, multiple=m, rows=B)
+    programs = StepPrograms(step, rows=B)
+    short, long_ = programs.pack(batch(0, 0)), packing.pack(batch(2, 1), lines=9)
     state = TrainState.create(jax.tree.map(jnp.copy, tree), opt, jax.random.PRNGKey(0))
     state, _ = programs(state, params, short)
     main = threading.current_thread().name
     before = events.on(main)
-    # at once: 12's preparation is still running
-    assert programs.prepared[12] == "pending"
+    # at once: 9's preparation is still running
+    assert programs.prepared[9] == "pending"
     state, _ = programs(state, params, long_, ahead=False)
     assert events.on(main) == before  # waited for it rather than compiling it again
     programs.close()
-    assert programs.prepared == {8: "met", 12: "met"}
+    assert programs.prepared == {8: "met", 9: "met"} and programs.known == [8, 9]
