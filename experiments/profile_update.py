@@ -15,7 +15,11 @@ Not a test: times only. Variants (name: what differs from "uniform"):
   arca           grpo.weighting=arca (adds the no-grad base forward)
   fwd            uniform's loss only (no gradient, no optimiser)
   width_trim     uniform on a batch cut to the longest completion (what TRL pads to)
-  packed, packed_arca   uniform / arca on the batch packed into lines (`arca_jax.packing`)
+  packed, packed_arca   uniform / arca on the batch packed into lines (`arca_jax.packing`),
+                 the line count rounded up to a multiple of 16
+  packed_arca_rule  arca packed as a run's first batch (`trainer.programs`: sixteenths of B)
+  packed_arca_all   arca packed into B lines (quarters' worst case: as many lines as rows)
+  packed_arca_w15, packed_arca_w2   arca in lines of 1.5 T / 2 T slots, sixteenths of B
   chunk_all      logits_chunk = T (one chunk)
   xnn / onednn / fastmath   XLA CPU compiler options
 """
@@ -39,6 +43,7 @@ from arca_jax.config import ModelConfig  # noqa: E402
 from arca_jax.grpo import (Batch, GRPOConfig, TrainState, make_optimizer,  # noqa: E402
                            make_train_step)
 from arca_jax.grpo.objective import loss_fn  # noqa: E402
+from arca_jax.trainer.programs import StepPrograms  # noqa: E402
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -83,7 +88,7 @@ def main():
         if "lora_b" in str(p) else x, tree)
     batch, trim = (demo_batch(mean_len=43, prompt_tokens=(14, 26)) if args.bench_lengths
                    else demo_batch())
-    T = batch.input_ids.shape[1]
+    B, T = batch.input_ids.shape
     opt = make_optimizer(2e-3, warmup_steps=5, total_steps=20)
 
     def step_variant(g, b, opts=None):
@@ -108,8 +113,10 @@ def main():
             batch, multiple=8, width=T * 3 // 2)),
         "packed_arca_w2": lambda: step_variant(GRPOConfig(weighting="arca"), packing.pack(
             batch, multiple=8, width=2 * T)),
-        "packed_arca_m8": lambda: step_variant(GRPOConfig(weighting="arca"),
-                                               packing.pack(batch, multiple=8)),
+        "packed_arca_rule": lambda: step_variant(GRPOConfig(weighting="arca"),
+                                                 StepPrograms(None, rows=B).pack(batch)),
+        "packed_arca_all": lambda: step_variant(GRPOConfig(weighting="arca"),
+                                                packing.pack(batch, lines=B)),
         "chunk_all": lambda: step_variant(GRPOConfig(weighting="uniform", logits_chunk=256), batch),
         "xnn": lambda: step_variant(uni, batch, {"xla_cpu_use_xnnpack": True}),
         "onednn": lambda: step_variant(uni, batch, {"xla_cpu_use_onednn": True}),

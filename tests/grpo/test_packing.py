@@ -47,15 +47,16 @@ def model():
     return random_params(CFG, seed=0, scale=2.0), random_adapter(CFG, LCFG, seed=1, scale=0.2)
 
 
-@pytest.mark.parametrize("seed,hole", [(0, False), (1, True), (2, False)])
-def test_plan_places_every_real_token_once(seed, hole):
+@pytest.mark.parametrize("seed,hole,wide", [(0, False, False), (1, True, False), (2, False, True)])
+def test_plan_places_every_real_token_once(seed, hole, wide):
     b = grpo_batch(B=24, seed=seed, hole=hole)
     mask = np.asarray(b.attention_mask) != 0
     B, T = mask.shape
-    pk = packing.plan(mask, multiple=4)
+    W = 2 * T if wide else T  # lines of W slots
+    pk = packing.plan(mask, multiple=4, width=W if wide else None)
     src, seg, dst = (np.asarray(x) for x in (pk.src, pk.segments, pk.dst))
     L = src.shape[0]
-    assert L % 4 == 0 and L <= B and src.shape == seg.shape == (L, T)
+    assert L % 4 == 0 and L <= B and src.shape == seg.shape == (L, W)
     assert L < B  # these rows are about half padding: they share lines
     filled = seg > 0
     # every real token exactly once, in a slot of its own row's segment, in order
@@ -70,8 +71,10 @@ def test_plan_places_every_real_token_once(seed, hole):
             assert np.array_equal(slots, np.arange(slots[0], slots[0] + slots.size))
             assert (np.diff(src[line, slots]) > 0).all()
     # at least as many lines as the tokens need; `lines` is a floor
-    assert L >= -(-mask.sum() // T)
-    assert packing.plan(mask, lines=L + 3).src.shape[0] == L + 3
+    assert L >= -(-mask.sum() // W)
+    assert packing.plan(mask, lines=L + 3, width=W).src.shape[0] == L + 3
+    with pytest.raises(ValueError, match="narrower"):
+        packing.plan(mask, width=T - 1)
 
 
 def test_plan_skips_empty_rows():
@@ -81,11 +84,11 @@ def test_plan_skips_empty_rows():
     assert pk.lines == 1 and (np.asarray(pk.dst)[[0, 2, 3]] == -1).all()
 
 
-@pytest.mark.parametrize("hole", [False, True])
-def test_packed_forward_equals_padded_at_real_tokens(model, hole):
+@pytest.mark.parametrize("hole,width", [(False, None), (True, None), (False, 40)])
+def test_packed_forward_equals_padded_at_real_tokens(model, hole, width):
     params, tree = model
     b = grpo_batch(hole=hole)
-    pk = packing.plan(b.attention_mask)
+    pk = packing.plan(b.attention_mask, width=width)  # None: lines of T = 16 slots
     ref = qwen3.forward(params, b.input_ids, config=CFG, attention_mask=b.attention_mask,
                         positions=b.positions, lora=tree, lora_scale=LCFG.scaling,
                         return_logits=False, return_layers=True, attention="einsum")
