@@ -65,12 +65,13 @@ def events():
 
 def oracle_lines(needed: int, have, rows: int) -> int:
     """The rule by enumeration: every L from needed up, the first that is a count met within a
-    quarter of the batch; else the first multiple of rows // 16 (capped at rows)."""
+    quarter of the batch; else the first multiple of g = rows // 16 from needed, plus g (capped
+    at rows)."""
     for c in range(needed, needed + max(1, rows // 4)):
         if c in have:
             return c
     g = max(1, rows // 16)
-    return next(c for c in range(needed, rows + 1) if c % g == 0 or c == rows)
+    return min(next(c for c in range(needed, rows + g + 1) if c % g == 0) + g, rows)
 
 
 @pytest.mark.parametrize("rows", [6, 16, 50, 128])
@@ -85,7 +86,7 @@ def test_line_counts_follow_the_rule(rows):
     # a batch gets the count for its first-fit need: 16 rows of 7 tokens in lines of 16 -> 8
     assert needed_lines(batch(0, 0).attention_mask) == 8
     assert StepPrograms(None, rows=B, known=[10]).pack(batch(0, 0)).packing.lines == 10
-    assert StepPrograms(None, rows=B, known=[12]).pack(batch(0, 0)).packing.lines == 8
+    assert StepPrograms(None, rows=B, known=[12]).pack(batch(0, 0)).packing.lines == 9  # 8 + g
 
 
 def test_next_line_count_is_ready_before_the_step_needs_it(events):
@@ -93,21 +94,23 @@ def test_next_line_count_is_ready_before_the_step_needs_it(events):
     tree = random_adapter(CFG, LCFG, seed=1)
     opt = make_optimizer(learning_rate=1e-2, warmup_steps=0, total_steps=10)
     step = make_train_step(CFG, GRPOConfig(weighting="arca"), opt, lora_scale=LCFG.scaling)
-    programs = StepPrograms(step, rows=B)  # g = 1: the next count is the need + 1
+    # g = 1; a run that has met 8 lines: a batch needing 8 reuses them and the program of a
+    # batch needing 9 (8 + g) is prepared: 9 rounded, plus g, 10 lines
+    programs = StepPrograms(step, rows=B, known=[8])
     short = programs.pack(batch(0, 0))
-    long_ = packing.pack(batch(2, 1), lines=9)  # 2 long rows + 14 short in pairs: 9 lines
     assert short.packing.lines == 8
     state = TrainState.create(jax.tree.map(jnp.copy, tree), opt, jax.random.PRNGKey(0))
     state, _ = programs(state, params, short)
     programs.wait()  # for the preparations queued after the first call
-    assert programs.prepared == {8: "met", 9: "ready"}
-    assert programs.pack(batch(2, 1)).packing.lines == 9
+    assert programs.prepared == {8: "met", 10: "ready"}
+    long_ = programs.pack(batch(4, 1))  # 4 long rows + 12 short in pairs: needs 10 lines
+    assert long_.packing.lines == 10
     main = threading.current_thread().name
     before = events.on(main)
     state, got = programs(state, params, long_, ahead=False)
     jax.block_until_ready(got)
     assert events.on(main) == before  # no trace, no compile on the calling thread
-    assert events.on("arca-step-programs_0") >= 2  # 9's trace and compile
+    assert events.on("arca-step-programs_0") >= 2  # 10's trace and compile
 
     # the same second step, called plainly on a fresh step function: equal results
     plain = make_train_step(CFG, GRPOConfig(weighting="arca"), opt, lora_scale=LCFG.scaling)
@@ -123,15 +126,15 @@ def test_a_step_waits_for_its_program_in_preparation(events):
     tree = random_adapter(CFG, LCFG, seed=1)
     opt = make_optimizer(learning_rate=1e-2, warmup_steps=0, total_steps=10)
     step = make_train_step(CFG, GRPOConfig(weighting="uniform"), opt, lora_scale=LCFG.scaling)
-    programs = StepPrograms(step, rows=B)
-    short, long_ = programs.pack(batch(0, 0)), packing.pack(batch(2, 1), lines=9)
+    programs = StepPrograms(step, rows=B, known=[8])
+    short = programs.pack(batch(0, 0))
     state = TrainState.create(jax.tree.map(jnp.copy, tree), opt, jax.random.PRNGKey(0))
     state, _ = programs(state, params, short)
     main = threading.current_thread().name
     before = events.on(main)
-    # at once: 9's preparation is still running
-    assert programs.prepared[9] == "pending"
+    long_ = programs.pack(batch(4, 1))  # at once: 10's preparation is still running
+    assert long_.packing.lines == 10 and programs.prepared[10] == "pending"
     state, _ = programs(state, params, long_, ahead=False)
     assert events.on(main) == before  # waited for it rather than compiling it again
     programs.close()
-    assert programs.prepared == {8: "met", 9: "met"} and programs.known == [8, 9]
+    assert programs.prepared == {8: "met", 10: "met"} and programs.known == [8, 10]
