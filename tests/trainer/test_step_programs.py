@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from arca_jax import lora, packing
+from arca_jax import lora
 from arca_jax.batch import Batch
 from arca_jax.grpo import GRPOConfig, TrainState, make_train_step
 from arca_jax.grpo.step import make_optimizer
