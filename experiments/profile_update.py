@@ -19,6 +19,7 @@ Not a test: times only. Variants (name: what differs from "uniform"):
                  the line count rounded up to a multiple of 16
   packed_arca_rule  arca packed as a run's first batch (`trainer.programs`: sixteenths of B)
   packed_arca_all   arca packed into B lines (quarters' worst case: as many lines as rows)
+  packed_arca_at_L  arca packed into L lines (at least the batch's need)
   packed_arca_w15, packed_arca_w2   arca in lines of 1.5 T / 2 T slots, sixteenths of B
   chunk_all      logits_chunk = T (one chunk)
   xnn / onednn / fastmath   XLA CPU compiler options
@@ -123,6 +124,11 @@ def main():
         "fastmath": lambda: step_variant(uni, batch, {"xla_cpu_enable_fast_math": True}),
     }
     names = args.variants.split(",") if args.variants else list(variants)
+    for n in names:  # packed_arca_at_L: arca packed into L lines
+        if n.startswith("packed_arca_at_"):
+            variants[n] = (lambda L: lambda: step_variant(GRPOConfig(weighting="arca"),
+                                                          packing.pack(batch, lines=L)))(
+                int(n[len("packed_arca_at_"):]))
     fns = {}
     for n in names:
         t0 = time.perf_counter()
