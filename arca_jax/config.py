@@ -222,13 +222,12 @@ class TrainConfig:
     eval_every / save_every / samples_every: in steps (0 = only at the start and end);
     pass_k: k of pass@k at evaluation (None: the group size); pack: the train step's forwards
     run on the batch's real tokens only, rows packed into fewer lines (`arca_jax.packing`; same
-    results up to float rounding; a line count the run has met is reused when it pads less than
-    a quarter of the batch, else the need is rounded up to sixteenths of the batch, so a run
-    compiles few steps (`trainer.programs`); mode "jit" with microbatches 1, else rows stay
-    padded); prepare_ahead: with pack, prepare in a background thread the packed step's program
-    for the line count slightly longer batches would get, before a step needs it (None: on when
-    the step runs on a GPU or TPU, whose host cores idle meanwhile, off on CPU, where they run
-    the step);
+    results up to float rounding; line counts in quarters of the batch, so at most four compiled
+    steps; mode "jit" with microbatches 1, else rows stay padded); prepare_ahead: with pack,
+    prepare in a background thread the packed step's program for the next line count up when a
+    batch nearly fills its own, before a step needs it (`trainer.programs`; None: on when the
+    step runs on a GPU or TPU, whose host cores idle meanwhile, off on CPU, where they run the
+    step);
     eval_batch_size: problems whose completions decode at once in an evaluation (its KV cache
     holds eval_batch_size x pass_k rows; the problems beyond wait for a free slot: continuous
     refill)."""

@@ -1,7 +1,10 @@
-"""The packed step's line-count rule (`arca_jax.trainer.programs`) against rounding each batch's
-need up to quarters of the batch (the rule before), simulated: programs compiled per run and mean
-lines per step, for needs drawn around the demo benchmark's (128 rows; first-fit needs of mean 94
-lines, sd 6, as `experiments/bench_vs_trl.py`'s rollouts give in lines of T = 112 slots).
+"""Line-count rules for the packed step, simulated: programs compiled per run and mean lines per
+step, for needs drawn around the demo benchmark's (128 rows; first-fit needs of mean 94 lines, sd 6,
+as `experiments/bench_vs_trl.py`'s rollouts give in lines of T = 112 slots). "quarters" is the
+trainer's (`arca_jax.trainer.programs`: the need rounded up to a multiple of B / 4); "reuse" was
+tried: a count the run has met while it pads < B / 4, else the need rounded up to B / 16 plus
+B / 16. Within one run "reuse" meets fewer programs; across runs it meets other counts than the
+run that filled the compilation cache, which the benchmark showed (experiments/NOTES_vs_trl.md).
 
     python experiments/sim_line_counts.py [--mean 94 --sd 6 --trials 500]
 """
@@ -37,22 +40,25 @@ def main():
     B = args.rows
 
     def quarters(n, known):
-        q = max(1, B // 4)
-        return -(-n // q) * q
+        return StepPrograms(None, rows=B).lines_for(n)
 
-    def rule(n, known):
-        return StepPrograms(None, rows=B, known=known).lines_for(n)
+    def reuse(n, known):
+        fits = [c for c in known if n <= c < n + max(1, B // 4)]
+        if fits:
+            return min(fits)
+        g = max(1, B // 16)
+        return min(-(-n // g) * g + g, B)
 
     rng = np.random.default_rng(0)
     for steps in (20, 300):
-        got = {"quarters": [], "trainer.programs": []}
+        got = {"quarters": [], "reuse": []}
         for _ in range(args.trials):
             needs = np.clip(rng.normal(args.mean, args.sd, steps).round(), 1, B).astype(int)
             got["quarters"].append(run(quarters, needs))
-            got["trainer.programs"].append(run(rule, needs))
+            got["reuse"].append(run(reuse, needs))
         for name, rows in got.items():
             progs, lines = np.mean(rows, axis=0)
-            print(f"{steps:4d} steps  {name:17s} programs {progs:.2f}  mean lines {lines:.1f}  "
+            print(f"{steps:4d} steps  {name:9s} programs {progs:.2f}  mean lines {lines:.1f}  "
                   f"(mean need {args.mean:.0f})")
 
 

@@ -179,10 +179,9 @@ def _start(cfg: RunConfig, run_dir: str, resume: bool, log: Optional[RunLog]) ->
         state = parallel.replicate(state)
     programs = None
     if cfg.train.pack and cfg.train.mode == "jit" and cfg.train.microbatches == 1:
-        # the line count per batch (`trainer.programs`): few programs, little padding, the
-        # same counts on resume as without
-        programs = StepPrograms(train_step, rows=cfg.batch_size,
-                                known=record.get("packed_line_counts", ()))
+        # line counts in quarters of the batch: at most four compiled steps per run, and each
+        # step's count depends on its batch alone (a resumed run packs as an uninterrupted one)
+        programs = StepPrograms(train_step, rows=cfg.batch_size)
     elif cfg.train.pack:
         log.message(f"train.pack applies to train.mode=jit with train.microbatches=1; this run "
                     f"(mode {cfg.train.mode}, {cfg.train.microbatches} microbatches) trains on "
@@ -359,8 +358,7 @@ def _run_steps(run: _Run, t_start: float, stop_after: Optional[int],
                 run.ckpt.save(step, run.state, {
                     "step": step, "data_position": step, "seed": cfg.train.seed,
                     "evals": [dataclasses.asdict(e) for e in evals], "rewards_seen": rewards_seen,
-                    **totals, **({"packed_line_counts": run.programs.known}
-                                 if run.programs is not None else {})})
+                    **totals})
                 watchdog.beat(f"checkpoint of step {step}")
             if stopping and step < cfg.train.steps:
                 why = (f"signal {pre.signal}" if pre.signal is not None else

@@ -3,40 +3,32 @@
 A packed batch (`arca_jax.packing`) has L lines and jit compiles one train-step program per L,
 so L trades padding (empty lines computed for nothing) against programs (each new L traces,
 lowers and compiles, or loads from the persistent compilation cache, on its step's critical
-path). `StepPrograms.pack` chooses L for a batch that needs n lines (first-fit decreasing):
+path). `StepPrograms.pack` gives a batch that needs n lines (first-fit decreasing) n rounded up
+to a multiple of B / 4: at most four programs per run, the same four for every run of a config
+(so a second run finds them in the compilation cache), and each batch's count depends on the
+batch alone (a resumed run packs as an uninterrupted one). Finer counts pad less but meet more
+programs: reusing counts a run has met and otherwise rounding to sixteenths of the batch (with a
+sixteenth of room) compiled new programs mid-run in runs whose programs were cached, because each
+run met other counts (`experiments/NOTES_vs_trl.md`, "Line counts and programs").
 
-- the smallest count c the run already has with n <= c < n + B / 4 (at most a quarter of the
-  batch in empty lines, reusing a program);
-- else n rounded up to a multiple of g = B / 16, plus g (a new program, with room for batches
-  that need up to g more lines; capped at B).
+With ``ahead``, `StepPrograms` also prepares in one background thread the program of the next
+count up when a batch fills its count to within B / 8 lines: `jit(...).lower(...).compile()` on
+abstract arguments of that shape fills the caches a call would, so the later call finds its
+executable. A step whose program is still being prepared waits for that preparation instead of
+compiling the program a second time. The preparation takes CPU time: free where the host idles
+while an accelerator runs the step, shared with the step itself on a CPU-only host (the
+trainer's default: ahead on GPU and TPU only).
 
-So a run compiles a new program only when its batches need more lines than it has met (or a
-quarter of the batch fewer). Against rounding every batch up to quarters of the batch (the rule
-before), simulated on needs drawn around the demo benchmark's (mean 94 of 128 lines, sd 6;
-`experiments/sim_line_counts.py`): 1.5 programs in 20 steps instead of 2.0 and 2.2 in 300 steps
-instead of 2.0, for about the same mean line count (105-106 against 107), and never all 128 lines
-for a batch that needs 97; without the extra g, 2.2 and 2.9 programs for 101 lines. The counts met are part of the checkpoint record
-(`known`), so a resumed run packs each batch as an uninterrupted one does.
-
-With ``ahead``, `StepPrograms` also prepares in one background thread the program of the count
-the rule picks for a batch needing g more lines than this one, when the run does not have
-it: `jit(...).lower(...).compile()` on abstract arguments of that shape fills the caches a call
-would, so the later call finds its executable. A step whose program is still being prepared
-waits for that preparation instead of compiling the program a second time. The preparation
-takes CPU time: free where the host idles while an accelerator runs the step, shared with the
-step itself on a CPU-only host (the trainer's default: ahead on GPU and TPU only).
-
-    programs = StepPrograms(train_step, rows=B, known=record.get("packed_line_counts", ()))
+    programs = StepPrograms(train_step, rows=B)
     batch = programs.pack(batch)
     state, metrics = programs(state, params, batch, ahead=step + 1 < steps)
-    record["packed_line_counts"] = programs.known
     programs.close()   # cancels what has not started, waits for what has
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-from typing import Callable, Dict, Iterable, List, Optional
+from typing import Callable, Dict, Optional
 
 import jax
 import numpy as np
@@ -71,31 +63,23 @@ def needed_lines(attention_mask) -> int:
 
 class StepPrograms:
     """Packs batches (`pack`) and runs a jitted ``train_step(state, params, batch)`` on them,
-    preparing its programs for coming line counts in a background thread.
+    preparing its program for the next line count in a background thread.
 
     train_step: the jitted step (`grpo.make_train_step(mode="jit")`).
     rows:       B, the batch's rows.
-    known:      line counts an earlier part of the run met (its checkpoint record).
     """
 
-    def __init__(self, train_step: Callable, *, rows: int, known: Iterable[int] = ()):
+    def __init__(self, train_step: Callable, *, rows: int):
         self._step = train_step
         self.rows = int(rows)
-        self.granularity = max(1, self.rows // 16)
-        self.slack = max(1, self.rows // 4)
-        self._known = {int(c) for c in known}
+        self.multiple = max(1, self.rows // 4)
         self._pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
         self._programs: Dict[int, Optional[concurrent.futures.Future]] = {}  # None: met
 
     @property
-    def known(self) -> List[int]:
-        """The line counts met, by this process or by the run before it resumed."""
-        return sorted(self._known)
-
-    @property
     def prepared(self) -> Dict[int, str]:
-        """This process's line counts -> "met" (a step ran it), "ready" (prepared), "pending",
-        "cancelled" (`close` came first) or "failed" (the step compiles it when met)."""
+        """Line counts -> "met" (a step ran it), "ready" (prepared), "pending", "cancelled"
+        (`close` came first) or "failed" (the step compiles it when met)."""
         return {lines: self._status(fut) for lines, fut in sorted(self._programs.items())}
 
     @staticmethod
@@ -105,14 +89,9 @@ class StepPrograms:
                 "failed" if fut.exception() is not None else "ready")
 
     def lines_for(self, needed: int) -> int:
-        """L for a batch that needs ``needed`` lines (the module's rule)."""
-        have = self._known | {c for c, f in self._programs.items()
-                              if self._status(f) in ("met", "ready", "pending")}
-        fits = [c for c in have if needed <= c < needed + self.slack]
-        if fits:
-            return min(fits)
-        g = self.granularity
-        return max(needed, min(-(-max(needed, 1) // g) * g + g, self.rows))
+        """L for a batch that needs ``needed`` lines: rounded up to a multiple of B / 4."""
+        m = self.multiple
+        return -(-max(needed, 1) // m) * m
 
     def pack(self, batch):
         """``batch`` with ``packing`` set, in `lines_for` its need."""
@@ -120,7 +99,8 @@ class StepPrograms:
 
     def __call__(self, state, params, batch, *, ahead: bool = True):
         """``train_step(state, params, batch)`` on a `pack`-ed batch; with ``ahead``, then queues
-        the program a batch needing g more lines would get, if the run does not have it."""
+        the program of the next count up when this batch fills its count to within B / 8 lines
+        (once each)."""
         lines = batch.packing.lines
         fut = self._programs.get(lines)
         if fut is not None and not fut.cancelled():
@@ -128,10 +108,9 @@ class StepPrograms:
         spec = jax.tree.map(_spec, (state, params, batch)) if ahead else None  # before donation
         out = self._step(state, params, batch)
         self._programs[lines] = None
-        self._known.add(lines)
         if ahead:
-            n = self.lines_for(self.filled(batch) + self.granularity)
-            if n not in self._programs:
+            n = self.lines_for(self.filled(batch) + max(1, self.multiple // 2))
+            if n not in self._programs and n <= self.rows:
                 self._programs[n] = self._submit(self._prepare, spec, n)
         return out
 

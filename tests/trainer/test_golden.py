@@ -19,12 +19,9 @@ def golden():
 # padded): the same math in other shapes, so float rounding differs. Tokens, rewards and
 # evaluations stay identical and the step metrics within 1e-5, but the per-method weights of the
 # samples log after an update are differences of nearly equal quantities under a tiny adapter
-# (entropy reduction, divergence, ARCA's residual) that amplify that rounding, and so are the
-# step's statistics of those weights. Measured under the suite's XLA flags with the line counts
-# of trainer.programs: weights up to 2.7e-3 relative (divergence; arca 6.9e-4), the effective
-# token ratio 2.8e-5; all 0 with train.pack=false.
-LOOSE = ("/weights/", 5e-3)
-WEIGHT_STATS = (("/effective_token_ratio", "/weight_gini"), 1e-4)
+# (entropy reduction, divergence, ARCA's residual) that amplify that rounding: measured up to
+# 1.0e-3 relative on this run, against 0 with train.pack=false.
+LOOSE = ("/weights/", 2e-3)
 
 
 def _close(a, b, path=""):
@@ -39,8 +36,7 @@ def _close(a, b, path=""):
         for i, (x, y) in enumerate(zip(a, b)):
             _close(x, y, f"{path}[{i}]")
     elif isinstance(b, float):
-        rtol = (LOOSE[1] if LOOSE[0] in path else
-                WEIGHT_STATS[1] if path.endswith(WEIGHT_STATS[0]) else 1e-5)
+        rtol = LOOSE[1] if LOOSE[0] in path else 1e-5
         assert a is not None and np.isclose(a, b, rtol=rtol, atol=2e-6), (path, a, b)
     else:
         assert a == b, (path, a, b)

@@ -1,7 +1,7 @@
-"""`trainer.programs.StepPrograms`: each batch's line count follows the rule (reuse a count met
-within a quarter of the batch, else round up to sixteenths) against a brute-force oracle; the
-program of the next count is prepared in the background, so the step that first meets it neither
-traces nor compiles on the calling thread, and its results equal a plain call's."""
+"""`trainer.programs.StepPrograms`: each batch's line count is its need rounded up to quarters of
+the batch; the program of the next count up is prepared in the background, so the step that first
+meets it neither traces nor compiles on the calling thread, and its results equal a plain
+call's; a step waits for its program in preparation rather than compiling it twice."""
 
 import threading
 
@@ -63,30 +63,16 @@ def events():
     jax.monitoring.unregister_event_duration_listener(ev)
 
 
-def oracle_lines(needed: int, have, rows: int) -> int:
-    """The rule by enumeration: every L from needed up, the first that is a count met within a
-    quarter of the batch; else the first multiple of g = rows // 16 from needed, plus g (capped
-    at rows)."""
-    for c in range(needed, needed + max(1, rows // 4)):
-        if c in have:
-            return c
-    g = max(1, rows // 16)
-    return min(next(c for c in range(needed, rows + g + 1) if c % g == 0) + g, rows)
-
-
 @pytest.mark.parametrize("rows", [6, 16, 50, 128])
-def test_line_counts_follow_the_rule(rows):
-    rng = np.random.default_rng(rows)
-    for _ in range(20):
-        have = set(rng.choice(np.arange(1, rows + 1), size=int(rng.integers(0, 4)),
-                              replace=False).tolist())
-        programs = StepPrograms(None, rows=rows, known=have)
-        for needed in range(1, rows + 1):
-            assert programs.lines_for(needed) == oracle_lines(needed, have, rows), (have, needed)
+def test_line_counts_are_quarters_of_the_batch(rows):
+    programs = StepPrograms(None, rows=rows)
+    q = max(1, rows // 4)
+    for needed in range(1, rows + 1):  # the smallest multiple of q holding the batch
+        assert programs.lines_for(needed) == next(c for c in range(needed, needed + q) if c % q == 0)
     # a batch gets the count for its first-fit need: 16 rows of 7 tokens in lines of 16 -> 8
     assert needed_lines(batch(0, 0).attention_mask) == 8
-    assert StepPrograms(None, rows=B, known=[10]).pack(batch(0, 0)).packing.lines == 10
-    assert StepPrograms(None, rows=B, known=[12]).pack(batch(0, 0)).packing.lines == 9  # 8 + g
+    assert StepPrograms(None, rows=B).pack(batch(0, 0)).packing.lines == 8
+    assert StepPrograms(None, rows=B).pack(batch(2, 0)).packing.lines == 12  # needs 9
 
 
 def test_next_line_count_is_ready_before_the_step_needs_it(events):
@@ -94,23 +80,22 @@ def test_next_line_count_is_ready_before_the_step_needs_it(events):
     tree = random_adapter(CFG, LCFG, seed=1)
     opt = make_optimizer(learning_rate=1e-2, warmup_steps=0, total_steps=10)
     step = make_train_step(CFG, GRPOConfig(weighting="arca"), opt, lora_scale=LCFG.scaling)
-    # g = 1; a run that has met 8 lines: a batch needing 8 reuses them and the program of a
-    # batch needing 9 (8 + g) is prepared: 9 rounded, plus g, 10 lines
-    programs = StepPrograms(step, rows=B, known=[8])
+    # quarters of B = 16: 8 lines, all filled (within B / 8 of the count): 12 is prepared
+    programs = StepPrograms(step, rows=B)
     short = programs.pack(batch(0, 0))
     assert short.packing.lines == 8
     state = TrainState.create(jax.tree.map(jnp.copy, tree), opt, jax.random.PRNGKey(0))
     state, _ = programs(state, params, short)
     programs.wait()  # for the preparations queued after the first call
-    assert programs.prepared == {8: "met", 10: "ready"}
+    assert programs.prepared == {8: "met", 12: "ready"}
     long_ = programs.pack(batch(4, 1))  # 4 long rows + 12 short in pairs: needs 10 lines
-    assert long_.packing.lines == 10
+    assert long_.packing.lines == 12
     main = threading.current_thread().name
     before = events.on(main)
     state, got = programs(state, params, long_, ahead=False)
     jax.block_until_ready(got)
     assert events.on(main) == before  # no trace, no compile on the calling thread
-    assert events.on("arca-step-programs_0") >= 2  # 10's trace and compile
+    assert events.on("arca-step-programs_0") >= 2  # 12's trace and compile
 
     # the same second step, called plainly on a fresh step function: equal results
     plain = make_train_step(CFG, GRPOConfig(weighting="arca"), opt, lora_scale=LCFG.scaling)
@@ -126,15 +111,15 @@ def test_a_step_waits_for_its_program_in_preparation(events):
     tree = random_adapter(CFG, LCFG, seed=1)
     opt = make_optimizer(learning_rate=1e-2, warmup_steps=0, total_steps=10)
     step = make_train_step(CFG, GRPOConfig(weighting="uniform"), opt, lora_scale=LCFG.scaling)
-    programs = StepPrograms(step, rows=B, known=[8])
+    programs = StepPrograms(step, rows=B)
     short = programs.pack(batch(0, 0))
     state = TrainState.create(jax.tree.map(jnp.copy, tree), opt, jax.random.PRNGKey(0))
     state, _ = programs(state, params, short)
     main = threading.current_thread().name
     before = events.on(main)
-    long_ = programs.pack(batch(4, 1))  # at once: 10's preparation is still running
-    assert long_.packing.lines == 10 and programs.prepared[10] == "pending"
+    long_ = programs.pack(batch(4, 1))  # at once: 12's preparation is still running
+    assert long_.packing.lines == 12 and programs.prepared[12] == "pending"
     state, _ = programs(state, params, long_, ahead=False)
     assert events.on(main) == before  # waited for it rather than compiling it again
     programs.close()
-    assert programs.prepared == {8: "met", 10: "met"} and programs.known == [8, 10]
+    assert programs.prepared == {8: "met", 12: "met"}
