@@ -75,17 +75,24 @@ def test_line_counts_are_quarters_of_the_batch(rows):
     assert StepPrograms(None, rows=B).pack(batch(2, 0)).packing.lines == 12  # needs 9
 
 
-def test_next_line_count_is_ready_before_the_step_needs_it(events):
+def step_setup(weighting: str):
+    """(params, a fresh train state maker, a jitted train step) of the tiny model."""
     params = random_params(CFG, seed=0)
     tree = random_adapter(CFG, LCFG, seed=1)
     opt = make_optimizer(learning_rate=1e-2, warmup_steps=0, total_steps=10)
-    step = make_train_step(CFG, GRPOConfig(weighting="arca"), opt, lora_scale=LCFG.scaling)
+    fresh = lambda: TrainState.create(jax.tree.map(jnp.copy, tree), opt, jax.random.PRNGKey(0))
+    make = lambda: make_train_step(CFG, GRPOConfig(weighting=weighting), opt,
+                                   lora_scale=LCFG.scaling)
+    return params, fresh, make
+
+
+def test_next_line_count_is_ready_before_the_step_needs_it(events):
+    params, fresh, make = step_setup("arca")
     # quarters of B = 16: 8 lines, all filled (within B / 8 of the count): 12 is prepared
-    programs = StepPrograms(step, rows=B)
+    programs = StepPrograms(make(), rows=B)
     short = programs.pack(batch(0, 0))
     assert short.packing.lines == 8
-    state = TrainState.create(jax.tree.map(jnp.copy, tree), opt, jax.random.PRNGKey(0))
-    state, _ = programs(state, params, short)
+    state, _ = programs(fresh(), params, short)
     programs.wait()  # for the preparations queued after the first call
     assert programs.prepared == {8: "met", 12: "ready"}
     long_ = programs.pack(batch(4, 1))  # 4 long rows + 12 short in pairs: needs 10 lines
@@ -98,8 +105,8 @@ def test_next_line_count_is_ready_before_the_step_needs_it(events):
     assert events.on("arca-step-programs_0") >= 2  # 12's trace and compile
 
     # the same second step, called plainly on a fresh step function: equal results
-    plain = make_train_step(CFG, GRPOConfig(weighting="arca"), opt, lora_scale=LCFG.scaling)
-    ref_state, _ = plain(TrainState.create(jax.tree.map(jnp.copy, tree), opt, jax.random.PRNGKey(0)), params, short)
+    plain = make()
+    ref_state, _ = plain(fresh(), params, short)
     ref_state, ref = plain(ref_state, params, long_)
     trees_close(got, ref)
     trees_close(state.lora, ref_state.lora)
@@ -107,14 +114,9 @@ def test_next_line_count_is_ready_before_the_step_needs_it(events):
 
 
 def test_a_step_waits_for_its_program_in_preparation(events):
-    params = random_params(CFG, seed=0)
-    tree = random_adapter(CFG, LCFG, seed=1)
-    opt = make_optimizer(learning_rate=1e-2, warmup_steps=0, total_steps=10)
-    step = make_train_step(CFG, GRPOConfig(weighting="uniform"), opt, lora_scale=LCFG.scaling)
-    programs = StepPrograms(step, rows=B)
-    short = programs.pack(batch(0, 0))
-    state = TrainState.create(jax.tree.map(jnp.copy, tree), opt, jax.random.PRNGKey(0))
-    state, _ = programs(state, params, short)
+    params, fresh, make = step_setup("uniform")
+    programs = StepPrograms(make(), rows=B)
+    state, _ = programs(fresh(), params, programs.pack(batch(0, 0)))
     main = threading.current_thread().name
     before = events.on(main)
     long_ = programs.pack(batch(4, 1))  # at once: 12's preparation is still running
