@@ -6,6 +6,7 @@
                device, pmap, a mesh and several processes)
     evaluate   greedy accuracy and pass@k on the rollout path
     samples    samples.jsonl with every method's token weights
+    programs   the packed train step: line counts per batch, programs prepared ahead
     loop       `train`: rollout, update, log, evaluate, checkpoint, resume
 """
 
