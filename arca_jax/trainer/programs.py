@@ -55,12 +55,6 @@ def _with_lines(batch_spec, lines: int):
     return batch_spec.replace(packing=p.replace(src=line(p.src), segments=line(p.segments)))
 
 
-def needed_lines(attention_mask) -> int:
-    """n: the lines of width T a [B, T] batch's real tokens need (first-fit decreasing)."""
-    mask = np.asarray(attention_mask) != 0
-    return int(packing.lines_needed(mask.sum(axis=1), mask.shape[1]).max(initial=-1)) + 1
-
-
 class StepPrograms:
     """Packs batches (`pack`) and runs a jitted ``train_step(state, params, batch)`` on them,
     preparing its program for the next line count in a background thread.
@@ -94,8 +88,9 @@ class StepPrograms:
         return -(-max(needed, 1) // m) * m
 
     def pack(self, batch):
-        """``batch`` with ``packing`` set, in `lines_for` its need."""
-        return packing.pack(batch, lines=self.lines_for(needed_lines(batch.attention_mask)))
+        """``batch`` with ``packing`` set, in `lines_for` its need (`packing.plan` rounds the
+        first-fit count up to the same multiple)."""
+        return packing.pack(batch, multiple=self.multiple)
 
     def __call__(self, state, params, batch, *, ahead: bool = True):
         """``train_step(state, params, batch)`` on a `pack`-ed batch; with ``ahead``, then queues
@@ -105,13 +100,13 @@ class StepPrograms:
         fut = self._programs.get(lines)
         if fut is not None and not fut.cancelled():
             fut.exception()  # wait for it; a failed preparation leaves the call to compile
-        spec = jax.tree.map(_spec, (state, params, batch)) if ahead else None  # before donation
+        nxt = self.lines_for(self.filled(batch) + max(1, self.multiple // 2)) if ahead else lines
+        queue = nxt != lines and nxt not in self._programs and nxt <= self.rows
+        spec = jax.tree.map(_spec, (state, params, batch)) if queue else None  # before donation
         out = self._step(state, params, batch)
         self._programs[lines] = None
-        if ahead:
-            n = self.lines_for(self.filled(batch) + max(1, self.multiple // 2))
-            if n not in self._programs and n <= self.rows:
-                self._programs[n] = self._submit(self._prepare, spec, n)
+        if queue:
+            self._programs[nxt] = self._submit(self._prepare, spec, nxt)
         return out
 
     @staticmethod

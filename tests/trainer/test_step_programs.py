@@ -10,11 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from arca_jax import lora
+from arca_jax import lora, packing
 from arca_jax.batch import Batch
 from arca_jax.grpo import GRPOConfig, TrainState, make_train_step
 from arca_jax.grpo.step import make_optimizer
-from arca_jax.trainer.programs import StepPrograms, needed_lines
+from arca_jax.trainer.programs import StepPrograms
 from fixtures import random_adapter, random_params, tiny_config, trees_close
 
 CFG = tiny_config(vocab_size=64)
@@ -70,7 +70,7 @@ def test_line_counts_are_quarters_of_the_batch(rows):
     for needed in range(1, rows + 1):  # the smallest multiple of q holding the batch
         assert programs.lines_for(needed) == next(c for c in range(needed, needed + q) if c % q == 0)
     # a batch gets the count for its first-fit need: 16 rows of 7 tokens in lines of 16 -> 8
-    assert needed_lines(batch(0, 0).attention_mask) == 8
+    assert packing.plan(batch(0, 0).attention_mask).lines == 8
     assert StepPrograms(None, rows=B).pack(batch(0, 0)).packing.lines == 8
     assert StepPrograms(None, rows=B).pack(batch(2, 0)).packing.lines == 12  # needs 9
 
