@@ -44,6 +44,9 @@ class Batch:
                      None: the behaviour policy of importance corrections.
     packing:         an ``arca_jax.packing.Packing`` of these rows into fewer lines, or None: the
                      train step's forwards then run on the real tokens only (``packing.pack``).
+    prompt_width:    P, static: columns [0, P) hold the left-padded prompts and [P, T) the
+                     completions (``build_batch`` sets it), or None: unknown. Lets ``packing``
+                     share one prompt among the rows that have it.
 
     Indexable by field name (``batch["input_ids"]``); ``as_batch`` accepts a dict.
     """
@@ -57,6 +60,7 @@ class Batch:
     sample_logps: Optional[Array] = None
     behaviour_logps: Optional[Array] = None
     packing: Any = None
+    prompt_width: Optional[int] = struct.field(pytree_node=False, default=None)
 
     def __getitem__(self, key: str):
         return getattr(self, key)
@@ -101,4 +105,5 @@ def build_batch(prompt_ids, prompt_mask, out: "SampleOutput", advantages=None, *
         sample_logps=jnp.concatenate([zeros.astype(jnp.float32),
                                       jnp.where(counted != 0, out.logps, 0.0)], axis=1),
         behaviour_logps=None if out.sampled_logps is None else jnp.concatenate(
-            [zeros.astype(jnp.float32), jnp.where(counted != 0, out.sampled_logps, 0.0)], axis=1))
+            [zeros.astype(jnp.float32), jnp.where(counted != 0, out.sampled_logps, 0.0)], axis=1),
+        prompt_width=int(prompt_ids.shape[1]))

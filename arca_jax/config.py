@@ -223,7 +223,12 @@ class TrainConfig:
     pass_k: k of pass@k at evaluation (None: the group size); pack: the train step's forwards
     run on the batch's real tokens only, rows packed into fewer lines (`arca_jax.packing`; same
     results up to float rounding; line counts in quarters of the batch, so at most four compiled
-    steps; mode "jit" with microbatches 1, else rows stay padded); prepare_ahead: with pack,
+    steps; mode "jit" with microbatches 1, else rows stay padded); share_prompts: with pack,
+    the completions of a group packed into one line share one copy of their prompt, so the
+    forwards run each prompt once per line instead of once per completion (same results up to
+    float rounding; dense models without LoRA dropout only: a mixture of experts would count
+    the shared tokens once in its routing statistics, and dropout would draw one mask for the
+    rows sharing them); prepare_ahead: with pack,
     prepare in a background thread the packed step's program for the next line count up when a
     batch nearly fills its own, before a step needs it (`trainer.programs`; None: on when the
     step runs on a GPU or TPU, whose host cores idle meanwhile, off on CPU, where they run the
@@ -246,6 +251,7 @@ class TrainConfig:
     samples_per_log: int = 2
     eval_batch_size: int = 256
     pack: bool = True
+    share_prompts: bool = True
     prepare_ahead: Optional[bool] = None
 
     def __post_init__(self):

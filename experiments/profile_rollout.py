@@ -37,6 +37,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--trace", action="store_true")
     ap.add_argument("--decode-block", type=int, default=None)
+    ap.add_argument("--merge", action="store_true", help="sample from W + s A B (merge_lora)")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args()
     if args.decode_block:
@@ -63,7 +64,7 @@ def main():
                             rng=jax.random.fold_in(key, step), max_batch=r.max_batch,
                             shrink=r.shrink, max_new_tokens=r.max_new_tokens, lora=tree,
                             lora_scale=cfg.lora.scaling, temperature=r.temperature,
-                            top_p=r.top_p, top_k=r.top_k)
+                            top_p=r.top_p, top_k=r.top_k, merge_lora=args.merge)
         jax.block_until_ready(gen.out.tokens)
         lengths = np.asarray(gen.out.mask).sum(axis=1)
         return time.perf_counter() - t0, int(lengths.max()), float(lengths.mean())

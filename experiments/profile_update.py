@@ -17,9 +17,12 @@ Not a test: times only. Variants (name: what differs from "uniform"):
   width_trim     uniform on a batch cut to the longest completion (what TRL pads to)
   packed, packed_arca   uniform / arca on the batch packed into lines (`arca_jax.packing`),
                  the line count rounded up to a multiple of 16
-  packed_arca_rule  arca packed as a run's first batch (`trainer.programs`: sixteenths of B)
+  packed_arca_rule  arca packed as the trainer packs (`trainer.programs`: quarters of B)
+  shared_rule, shared_arca_rule   uniform / arca packed so, each group's prompt shared by the
+                 completions in its line (`train.share_prompts`)
   packed_arca_all   arca packed into B lines (quarters' worst case: as many lines as rows)
   packed_arca_at_L  arca packed into L lines (at least the batch's need)
+  shared_arca_wW    arca, prompts shared, lines of W slots, line count in quarters of B
   packed_arca_w15, packed_arca_w2   arca in lines of 1.5 T / 2 T slots, sixteenths of B
   chunk_all      logits_chunk = T (one chunk)
   xnn / onednn / fastmath   XLA CPU compiler options
@@ -49,7 +52,8 @@ from arca_jax.trainer.programs import StepPrograms  # noqa: E402
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def demo_batch(B=128, prompt=32, new=80, mean_len=41, seed=0, prompt_tokens=(12, 20)):
+def demo_batch(B=128, prompt=32, new=80, mean_len=41, seed=0, prompt_tokens=(12, 20), G=8):
+    """GRPO groups: rows g G .. g G + G - 1 share one prompt (as the trainer's batches)."""
     rng = np.random.default_rng(seed)
     T = prompt + new
     ids = rng.integers(3, 99, (B, T)).astype(np.int32)
@@ -57,13 +61,17 @@ def demo_batch(B=128, prompt=32, new=80, mean_len=41, seed=0, prompt_tokens=(12,
     cm = np.zeros((B, T), np.int32)
     lens = np.clip(rng.normal(mean_len, 12, B).round().astype(int), 8, new)
     for b in range(B):
-        p = int(rng.integers(*prompt_tokens))
+        if b % G == 0:
+            p = int(rng.integers(*prompt_tokens))
+        else:
+            ids[b, :prompt] = ids[b - 1, :prompt]
         am[b, prompt - p:prompt + lens[b]] = 1
         cm[b, prompt:prompt + lens[b]] = 1
     ids = np.where(am == 1, ids, 0)
     adv = rng.normal(size=B).astype(np.float32)
     return Batch(input_ids=jnp.asarray(ids), attention_mask=jnp.asarray(am),
-                 completion_mask=jnp.asarray(cm), advantages=jnp.asarray(adv)), int(prompt + lens.max())
+                 completion_mask=jnp.asarray(cm), advantages=jnp.asarray(adv),
+                 prompt_width=prompt), int(prompt + lens.max())
 
 
 def main():
@@ -116,6 +124,10 @@ def main():
             batch, multiple=8, width=2 * T)),
         "packed_arca_rule": lambda: step_variant(GRPOConfig(weighting="arca"),
                                                  StepPrograms(None, rows=B).pack(batch)),
+        "shared_arca_rule": lambda: step_variant(GRPOConfig(weighting="arca"), StepPrograms(
+            None, rows=B, share_prompts=True).pack(batch)),
+        "shared_rule": lambda: step_variant(uni, StepPrograms(
+            None, rows=B, share_prompts=True).pack(batch)),
         "packed_arca_all": lambda: step_variant(GRPOConfig(weighting="arca"),
                                                 packing.pack(batch, lines=B)),
         "chunk_all": lambda: step_variant(GRPOConfig(weighting="uniform", logits_chunk=256), batch),
@@ -129,6 +141,9 @@ def main():
             variants[n] = (lambda L: lambda: step_variant(GRPOConfig(weighting="arca"),
                                                           packing.pack(batch, lines=L)))(
                 int(n[len("packed_arca_at_"):]))
+        if n.startswith("shared_arca_w"):  # arca, shared prompts, lines of W slots, quarters
+            variants[n] = (lambda W: lambda: step_variant(GRPOConfig(weighting="arca"), packing.pack(
+                batch, multiple=B // 4, width=W, share_prompts=True)))(int(n[len("shared_arca_w"):]))
     fns = {}
     for n in names:
         t0 = time.perf_counter()

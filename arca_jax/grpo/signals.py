@@ -154,7 +154,8 @@ def _forward(lora, params, batch: Batch, *, config: qwen3.Qwen3Config, lora_scal
         if positions is None:
             positions = qwen3.default_positions(batch.attention_mask)
         out = qwen3.forward(params, packing.to_lines(pk, batch.input_ids), config=config,
-                            segment_ids=pk.segments, positions=packing.to_lines(pk, positions),
+                            segment_ids=pk.segments, prefix_ids=pk.prefix,
+                            positions=packing.to_lines(pk, positions),
                             lora=lora, lora_scale=lora_scale, lora_dropout=lora_dropout, rng=rng,
                             return_logits=False, remat=remat, attention="einsum",
                             lora_dtype=g.lora_dtype, return_layers=layers, mesh=mesh)

@@ -385,7 +385,8 @@ def forward(params: Params, input_ids: jax.Array, *, config: Qwen3Config,
             lora_dropout: float = 0.0, rng: Optional[jax.Array] = None,
             return_logits: bool = True, remat: Any = False, attention: str = "auto",
             lora_dtype: Any = None, return_layers: bool = False,
-            segment_ids: Optional[jax.Array] = None, mesh: Any = None) -> ModelOutput:
+            segment_ids: Optional[jax.Array] = None, prefix_ids: Optional[jax.Array] = None,
+            mesh: Any = None) -> ModelOutput:
     """Runs the model over whole sequences (no cache: for decoding see `inference_forward`).
     Pure: jit it with `config` (and the other Python-valued options) static.
 
@@ -419,6 +420,9 @@ def forward(params: Params, input_ids: jax.Array, *, config: Qwen3Config,
         segment and never crosses segments. Give `positions` (each sequence's own); the
         attention mask defaults to segment_ids > 0. "einsum" attention only ("auto" resolves to
         it; a fused kernel is refused).
+      prefix_ids: [B, T] int, with segment_ids: slot t also attends to the slots of segment
+        prefix_ids[b, t] that precede it (a prompt shared by several sequences of the line,
+        `arca_jax.packing.plan_shared`); 0: none.
       mesh: the ("data", "fsdp", "tensor") mesh the call runs on (static), or None. A
         mixture-of-experts model then runs its experts expert-parallel over "fsdp"
         (`moe.expert_parallel`: each device computes the experts it holds, the tokens sent to
@@ -437,6 +441,8 @@ def forward(params: Params, input_ids: jax.Array, *, config: Qwen3Config,
     attention_mask = attention_mask.astype(bool)
     if positions is None:
         positions = default_positions(attention_mask)
+    if prefix_ids is not None and segment_ids is None:
+        raise ValueError("prefix_ids (shared prompts) need segment_ids")
     if segment_ids is None:
         impl = resolve_attention(attention, params["embed_tokens"]["embedding"].dtype)
     elif attention in ("auto", "einsum"):
@@ -461,7 +467,10 @@ def forward(params: Params, input_ids: jax.Array, *, config: Qwen3Config,
     else:
         visible = jnp.tril(jnp.ones((T, T), bool))[None] & attention_mask[:, None, :]
         if segment_ids is not None:
-            visible = visible & (segment_ids[:, :, None] == segment_ids[:, None, :])
+            same = segment_ids[:, :, None] == segment_ids[:, None, :]
+            if prefix_ids is not None:
+                same = same | (prefix_ids[:, :, None] == segment_ids[:, None, :])
+            visible = visible & same
         ctx = _Context(cos=cos, sin=sin, visible=visible, token_mask=token_mask)
 
     dropout = lora_dropout if lora is not None else 0.0

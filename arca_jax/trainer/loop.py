@@ -181,7 +181,8 @@ def _start(cfg: RunConfig, run_dir: str, resume: bool, log: Optional[RunLog]) ->
     if cfg.train.pack and cfg.train.mode == "jit" and cfg.train.microbatches == 1:
         # line counts in quarters of the batch: at most four compiled steps per run, and each
         # step's count depends on its batch alone (a resumed run packs as an uninterrupted one)
-        programs = StepPrograms(train_step, rows=cfg.batch_size)
+        programs = StepPrograms(train_step, rows=cfg.batch_size,
+                                share_prompts=setup.share_prompts(cfg, model.config))
     elif cfg.train.pack:
         log.message(f"train.pack applies to train.mode=jit with train.microbatches=1; this run "
                     f"(mode {cfg.train.mode}, {cfg.train.microbatches} microbatches) trains on "

@@ -4,7 +4,9 @@ A packed batch (`arca_jax.packing`) has L lines and jit compiles one train-step 
 so L trades padding (empty lines computed for nothing) against programs (each new L traces,
 lowers and compiles, or loads from the persistent compilation cache, on its step's critical
 path). `StepPrograms.pack` gives a batch that needs n lines (first-fit decreasing) n rounded up
-to a multiple of B / 4: at most four programs per run, the same four for every run of a config
+to a quarter of the batch's B T slots (a multiple of B / 4 lines of T slots; with shared
+prompts, `packing.plan_shared`, of B / 8 lines of 2 T slots): at most four programs per run,
+the same four for every run of a config
 (so a second run finds them in the compilation cache), and each batch's count depends on the
 batch alone (a resumed run packs as an uninterrupted one). Finer counts pad less but meet more
 programs: reusing counts a run has met and otherwise rounding to sixteenths of the batch (with a
@@ -12,7 +14,7 @@ sixteenth of room) compiled new programs mid-run in runs whose programs were cac
 run met other counts (`experiments/NOTES_vs_trl.md`, "Line counts and programs").
 
 With ``ahead``, `StepPrograms` also prepares in one background thread the program of the next
-count up when a batch fills its count to within B / 8 lines: `jit(...).lower(...).compile()` on
+count up when a batch fills its count to within half a quarter: `jit(...).lower(...).compile()` on
 abstract arguments of that shape fills the caches a call would, so the later call finds its
 executable. A step whose program is still being prepared waits for that preparation instead of
 compiling the program a second time. The preparation takes CPU time: free where the host idles
@@ -50,23 +52,30 @@ def _with_lines(batch_spec, lines: int):
     """The abstract packed batch with `lines` lines ([L, W] src and segments; dst [B, T] keeps
     its shape)."""
     p = batch_spec.packing
-    line = lambda s: jax.ShapeDtypeStruct((lines,) + s.shape[1:], s.dtype, weak_type=s.weak_type,
-                                          sharding=s.sharding)
-    return batch_spec.replace(packing=p.replace(src=line(p.src), segments=line(p.segments)))
+    line = lambda s: None if s is None else jax.ShapeDtypeStruct(
+        (lines,) + s.shape[1:], s.dtype, weak_type=s.weak_type, sharding=s.sharding)
+    return batch_spec.replace(packing=p.replace(src=line(p.src), segments=line(p.segments),
+                                                prefix=line(p.prefix)))
 
 
 class StepPrograms:
     """Packs batches (`pack`) and runs a jitted ``train_step(state, params, batch)`` on them,
     preparing its program for the next line count in a background thread.
 
-    train_step: the jitted step (`grpo.make_train_step(mode="jit")`).
-    rows:       B, the batch's rows.
+    train_step:    the jitted step (`grpo.make_train_step(mode="jit")`).
+    rows:          B, the batch's rows.
+    share_prompts: the rows of a group share their prompt's slots (`packing.plan_shared`), in
+                   lines of 2 T slots (fewer prompt copies: one per line a group's completions
+                   fill), counted in quarters of the batch's B T slots as well (B / 8 lines).
     """
 
-    def __init__(self, train_step: Callable, *, rows: int):
+    def __init__(self, train_step: Callable, *, rows: int, share_prompts: bool = False):
         self._step = train_step
         self.rows = int(rows)
-        self.multiple = max(1, self.rows // 4)
+        self.share_prompts = bool(share_prompts)
+        self.widen = 2 if self.share_prompts else 1  # W / T
+        self.max_lines = -(-self.rows // self.widen)  # the whole batch's slots
+        self.multiple = max(1, self.rows // (4 * self.widen))
         self._pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
         self._programs: Dict[int, Optional[concurrent.futures.Future]] = {}  # None: met
 
@@ -83,25 +92,29 @@ class StepPrograms:
                 "failed" if fut.exception() is not None else "ready")
 
     def lines_for(self, needed: int) -> int:
-        """L for a batch that needs ``needed`` lines: rounded up to a multiple of B / 4."""
+        """L for a batch that needs ``needed`` lines: rounded up to a multiple of B / 4 (B / 8
+        with shared prompts)."""
         m = self.multiple
         return -(-max(needed, 1) // m) * m
 
     def pack(self, batch):
         """``batch`` with ``packing`` set, in `lines_for` its need (`packing.plan` rounds the
         first-fit count up to the same multiple)."""
-        return packing.pack(batch, multiple=self.multiple)
+        T = batch.attention_mask.shape[1]
+        share = self.share_prompts and batch.prompt_width is not None
+        return packing.pack(batch, multiple=self.multiple, share_prompts=share,
+                            width=self.widen * T if share else None)
 
     def __call__(self, state, params, batch, *, ahead: bool = True):
         """``train_step(state, params, batch)`` on a `pack`-ed batch; with ``ahead``, then queues
-        the program of the next count up when this batch fills its count to within B / 8 lines
-        (once each)."""
+        the program of the next count up when this batch fills its count to within half a
+        multiple (once each)."""
         lines = batch.packing.lines
         fut = self._programs.get(lines)
         if fut is not None and not fut.cancelled():
             fut.exception()  # wait for it; a failed preparation leaves the call to compile
         nxt = self.lines_for(self.filled(batch) + max(1, self.multiple // 2)) if ahead else lines
-        queue = nxt != lines and nxt not in self._programs and nxt <= self.rows
+        queue = nxt != lines and nxt not in self._programs and nxt <= self.max_lines
         spec = jax.tree.map(_spec, (state, params, batch)) if queue else None  # before donation
         out = self._step(state, params, batch)
         self._programs[lines] = None

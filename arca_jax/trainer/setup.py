@@ -140,6 +140,15 @@ def lora_config(cfg: RunConfig, model_config) -> lora.LoraConfig:
     return c
 
 
+def share_prompts(cfg: RunConfig, model_config) -> bool:
+    """Whether the packed step shares each prompt among its group's completions
+    (`train.share_prompts`): on a dense model without LoRA dropout only (a mixture of experts
+    would count the shared tokens once in its routing statistics; dropout would draw one mask
+    for every row sharing them)."""
+    return (cfg.train.share_prompts and cfg.lora.dropout == 0.0
+            and not isinstance(model_config, qwen3.Qwen3MoeConfig))
+
+
 def init_state(cfg: RunConfig, model_config, optimizer) -> TrainState:
     """The step-0 train state: a fresh adapter (B = 0) and its optimiser state."""
     adapter = lora.init_lora(model_config, lora_config(cfg, model_config),

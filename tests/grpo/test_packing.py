@@ -151,3 +151,126 @@ def test_train_step_equals_padded_and_refuses_split_modes(model):
         state = TrainState.create(tree, optax.sgd(0.1), key)
         with pytest.raises(ValueError, match="packed batch"):
             bad(state, params, packing.pack(b))
+
+
+# --- shared prompts (`packing.plan_shared`, `train.share_prompts`) -----------------------------
+
+def group_batch(groups=5, G=4, P=6, N=10, seed=0, singles=1) -> Batch:
+    """GRPO groups: G consecutive rows with one left-padded prompt of 1..P tokens and their own
+    completions of 0..N tokens, then `singles` rows with prompts of their own (groups of one);
+    one group's rows all have empty completions."""
+    rng = np.random.default_rng(seed)
+    T = P + N
+    rows = []
+    for g in range(groups + singles):
+        p = int(rng.integers(1, P + 1))
+        prompt = rng.integers(1, CFG.vocab_size, p)
+        for _ in range(G if g < groups else 1):
+            n = 0 if g == 1 else int(rng.integers(0, N + 1))
+            ids, am = np.zeros(T, np.int32), np.zeros(T, np.int32)
+            ids[P - p:P], am[P - p:P + n] = prompt, 1
+            ids[P:P + n] = rng.integers(1, CFG.vocab_size, n)
+            rows.append((ids, am))
+    ids, am = (np.stack(x) for x in zip(*rows))
+    cm = am * (np.arange(T) >= P)
+    pos = np.maximum(np.cumsum(am, axis=1) - 1, 0).astype(np.int32)
+    return Batch(input_ids=jnp.asarray(ids), attention_mask=jnp.asarray(am),
+                 completion_mask=jnp.asarray(cm),
+                 advantages=jnp.asarray(rng.normal(size=len(rows)).astype(np.float32)),
+                 positions=jnp.asarray(pos), prompt_width=P)
+
+
+def test_prompt_groups_compare_tokens_padding_and_positions():
+    b = group_batch(groups=3, G=3, singles=2)
+    groups = packing.prompt_groups(b.input_ids, b.attention_mask, b.positions, b.prompt_width)
+    assert groups.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 4]
+    ids, am = np.asarray(b.input_ids).copy(), np.asarray(b.attention_mask)
+    ids[1, b.prompt_width - 1] += 1  # one token differs: row 1 starts a group, row 2 another
+    assert packing.prompt_groups(ids, am, b.positions, b.prompt_width)[:4].tolist() == [0, 1, 2, 3]
+    pos = np.asarray(b.positions) + (np.arange(len(ids)) == 2)[:, None]  # positions differ
+    assert packing.prompt_groups(b.input_ids, am, pos, b.prompt_width)[:4].tolist() == [0, 0, 1, 2]
+
+
+@pytest.mark.parametrize("seed,width", [(0, None), (1, 32), (2, None)])
+def test_plan_shared_places_completions_once_after_their_prompt(seed, width):
+    b = group_batch(seed=seed)
+    mask = np.asarray(b.attention_mask) != 0
+    ids = np.asarray(b.input_ids)
+    B, T = mask.shape
+    P = b.prompt_width
+    groups = packing.prompt_groups(b.input_ids, b.attention_mask, b.positions, P)
+    pk = packing.plan_shared(mask, groups, P, multiple=2, width=width)
+    src, seg, pre, dst = (np.asarray(x) for x in (pk.src, pk.segments, pk.prefix, pk.dst))
+    W = src.shape[1]
+    assert pk.lines % 2 == 0 and W == (width or T)
+    comp = mask & (np.arange(T) >= P)
+    rows = seg <= B
+    # every completion token once, in its row's segment, after the prompt copy it attends to
+    assert sorted(src[(seg > 0) & rows].tolist()) == sorted(np.flatnonzero(comp.reshape(-1)))
+    assert np.array_equal(seg[(seg > 0) & rows] - 1, src[(seg > 0) & rows] // T)
+    assert (pre[(seg > 0) & rows] > B).all() and (pre[~rows | (seg == 0)] == 0).all()
+    flat = lambda x: x.reshape(-1)
+    for b in range(B):
+        slots = dst[b][mask[b]]
+        assert np.array_equal(flat(ids)[flat(src)[slots]], ids[b][mask[b]])  # the same tokens
+        lines = set((slots // W).tolist())
+        assert len(lines) == 1  # a row's prompt copy and completion share its line
+        copy = flat(seg)[dst[b][mask[b] & ~comp[b]]]
+        assert len(set(copy.tolist())) <= 1 and (copy > B).all()
+        if comp[b].any():
+            assert (flat(pre)[dst[b][comp[b]]] == copy[0]).all()
+            assert dst[b][comp[b]].min() > dst[b][mask[b] & ~comp[b]].max()  # prompt first
+    assert (dst[~mask] == -1).all()
+    # fewer slots than one prompt per row: each group's copies number its blocks
+    copies = set(seg[seg > B].tolist())
+    assert (seg > 0).sum() == comp.sum() + (seg > B).sum()
+    assert len(copies) < len(set(groups.tolist())) + B // 2  # about one copy per two rows
+    assert (seg > B).sum() < (mask & ~comp).sum()  # fewer prompt slots than unshared
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_shared_forward_equals_padded_at_real_tokens(model, seed):
+    params, tree = model
+    b = group_batch(seed=seed)
+    pk = packing.pack(b, share_prompts=True).packing
+    assert pk.prefix is not None and pk.lines < packing.plan(b.attention_mask).lines
+    ref = qwen3.forward(params, b.input_ids, config=CFG, attention_mask=b.attention_mask,
+                        positions=b.positions, lora=tree, lora_scale=LCFG.scaling,
+                        return_logits=False, return_layers=True, attention="einsum")
+    out = qwen3.forward(params, packing.to_lines(pk, b.input_ids), config=CFG,
+                        segment_ids=pk.segments, prefix_ids=pk.prefix,
+                        positions=packing.to_lines(pk, b.positions), lora=tree,
+                        lora_scale=LCFG.scaling, return_logits=False, return_layers=True)
+    m = np.asarray(b.attention_mask, bool)
+    got = np.asarray(packing.from_lines(pk, out.hidden))
+    # float32 rounding (weights of scale 2; this batch packed without sharing is off by 5e-5 too)
+    np.testing.assert_allclose(got[m], np.asarray(ref.hidden)[m], rtol=1e-4, atol=1e-4)
+    assert (got[~m] == 0).all()
+    layers = np.asarray(packing.from_lines(pk, out.layers, axis=1))
+    np.testing.assert_allclose(layers[:, m], np.asarray(ref.layers)[:, m], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="segment_ids"):
+        qwen3.forward(params, b.input_ids, config=CFG, prefix_ids=pk.prefix)
+
+
+def _arca(tree, params, batch):
+    out = {}
+    for name, g in (("arca_kl", GRPOConfig(weighting="arca", kl_beta=0.02)),
+                    ("arca_layers", GRPOConfig(weighting="arca", arca_layers="all",
+                                               arca_relative=True))):
+        out[name] = jax.value_and_grad(
+            lambda t: loss_fn(t, params, batch, config=CFG, lora_scale=LCFG.scaling,
+                              grpo_config=g), has_aux=True)(tree)
+    return out
+
+
+def test_shared_loss_and_gradient_equal_padded(model):
+    """The gradient reaches each shared prompt copy from every row it serves."""
+    params, tree = model
+    b = group_batch(seed=5)
+    ref = jax.jit(_arca)(tree, params, b)
+    got = jax.jit(_arca)(tree, params, packing.pack(b, multiple=2, share_prompts=True))
+    for name in ref:
+        trees_close(got[name], ref[name], 1e-5)
+    assert float(ref["arca_kl"][0][1].residual_norm_max) > 0
+    # without the prompt width the batch packs as before (no sharing)
+    assert packing.pack(b.replace(prompt_width=None), share_prompts=True).packing.prefix is None

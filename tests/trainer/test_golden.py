@@ -20,13 +20,16 @@ def golden():
 # evaluations stay identical and the step metrics within 1e-5, but the per-method weights of the
 # samples log after an update are differences of nearly equal quantities under a tiny adapter
 # (entropy reduction, divergence, ARCA's residual) that amplify that rounding: measured up to
-# 1.0e-3 relative on this run, against 0 with train.pack=false.
-LOOSE = ("/weights/", 2e-3)
+# 1.0e-3 relative on this run, against 0 with train.pack=false. With the prompts shared among
+# their group's completions (train.share_prompts, the default) the step metrics made of ARCA's
+# weights, the weight Gini and EffN/T, moved the same way: up to 4.6e-5 relative at step 2, the
+# first step after the adapter leaves B = 0.
+LOOSE = {"/weights/": 2e-3, "/weight_gini": 2e-4, "/effective_token_ratio": 2e-4}
 
 
 def _close(a, b, path=""):
     """Recursive equality: ints/strings/bools exact, floats within 1e-5 relative (`LOOSE`: the
-    samples' per-method weights)."""
+    samples' per-method weights and the step metrics made of ARCA's)."""
     if isinstance(b, dict):
         assert isinstance(a, dict) and set(a) == set(b), (path, sorted(a), sorted(b))
         for k in b:
@@ -36,7 +39,7 @@ def _close(a, b, path=""):
         for i, (x, y) in enumerate(zip(a, b)):
             _close(x, y, f"{path}[{i}]")
     elif isinstance(b, float):
-        rtol = LOOSE[1] if LOOSE[0] in path else 1e-5
+        rtol = next((r for key, r in LOOSE.items() if key in path), 1e-5)
         assert a is not None and np.isclose(a, b, rtol=rtol, atol=2e-6), (path, a, b)
     else:
         assert a == b, (path, a, b)

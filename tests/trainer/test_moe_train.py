@@ -78,3 +78,12 @@ def test_lora_targets_on_an_moe_model(moe_dir):
     tensor = config.load(None, [f"model.path={moe_dir}", "train.mode=mesh", "train.mesh_tensor=2"])
     with pytest.raises(ConfigError, match="mesh_tensor=2: tensor parallelism for a mixture"):
         trainer.setup.check_tensor(tensor, model_config)
+
+
+def test_prompts_are_shared_on_dense_models_without_dropout(moe_dir):
+    dense = qwen3.Qwen3Config.from_hf(os.path.join(ASSETS, "tiny-arith"))
+    assert trainer.setup.share_prompts(config.load(None, []), dense)
+    assert not trainer.setup.share_prompts(config.load(None, ["lora.dropout=0.05"]), dense)
+    assert not trainer.setup.share_prompts(config.load(None, ["train.share_prompts=false"]), dense)
+    moe = qwen3.Qwen3Config.from_hf(moe_dir)  # routing statistics count every row's tokens
+    assert not trainer.setup.share_prompts(config.load(None, [f"model.path={moe_dir}"]), moe)

@@ -125,3 +125,32 @@ def test_a_step_waits_for_its_program_in_preparation(events):
     assert events.on(main) == before  # waited for it rather than compiling it again
     programs.close()
     assert programs.prepared == {8: "met", 12: "met"}
+
+
+def grouped(seed: int, G: int = 4) -> Batch:
+    """`batch(0, seed)` as GRPO groups: G consecutive rows share their prompt (build_batch's
+    prompt width P set)."""
+    b = batch(3, seed)
+    ids = np.asarray(b.input_ids).copy()
+    ids[:, :P] = np.repeat(ids[::G, :P], G, axis=0)
+    return b.replace(input_ids=jnp.asarray(ids), prompt_width=P)
+
+
+def test_shared_prompts_count_quarters_of_the_slots_and_equal_a_plain_step():
+    programs = StepPrograms(None, rows=B, share_prompts=True)
+    assert (programs.multiple, programs.max_lines) == (B // 8, B // 2)  # lines of 2 T slots
+    T = P + N
+    b = programs.pack(grouped(0))
+    pk = b.packing
+    assert pk.prefix is not None and pk.src.shape[1] == 2 * T and pk.lines % (B // 8) == 0
+    assert (np.asarray(pk.segments) > 0).sum() < np.asarray(b.attention_mask).sum()  # 1 prompt/line
+    # a batch that does not know its prompt columns packs unshared, in lines of T
+    plain = programs.pack(grouped(0).replace(prompt_width=None)).packing
+    assert plain.prefix is None and plain.src.shape[1] == T
+
+    params, fresh, make = step_setup("arca")
+    step = make()
+    s_got, got = StepPrograms(step, rows=B, share_prompts=True)(fresh(), params, b, ahead=False)
+    s_ref, ref = step(fresh(), params, grouped(0))  # padded rows
+    trees_close(got, ref)
+    trees_close(s_got.lora, s_ref.lora)
