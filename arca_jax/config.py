@@ -147,6 +147,12 @@ class RolloutConfig:
         loop without halvings). On CPU, 3 halvings made a GRPO rollout with geometric lengths
         1.9x faster (`experiments/NOTES_sampling.md`); in the demo's training run 2 halvings
         cut the sampling phase by 7% only (`experiments/NOTES_vs_trl.md`).
+    merge_lora: rollouts and evaluation sample from the merged weights W + scaling * A B (one
+        matmul per projection; `sampling.generate(merge_lora=True)`) instead of the base weights
+        and the adapter's low-rank side path. None: merged on CPU with float32 weights, where the
+        merge is exact up to float rounding and saves the side path's small matmuls; low-rank
+        elsewhere (merged bfloat16 weights would round the adapter's small update away, and a
+        merged copy of a sharded model costs its weights' memory again).
     """
 
     # deliberate: a field list (resembles other config dataclasses by shape only)
@@ -166,6 +172,7 @@ class RolloutConfig:
     overlong_filtering: bool = False
     max_batch: Optional[int] = None
     shrink: int = 0
+    merge_lora: Optional[bool] = None
 
     def __post_init__(self):
         if self.prompts_per_step < 1:

@@ -11,7 +11,7 @@ import numpy as np
 from arca_jax.config import RunConfig
 from arca_jax.tasks.metrics import mean_pass_at_k
 from arca_jax.trainer.rollout import Scorer, encode_prompts, generate_rows, score_rows
-from arca_jax.trainer.setup import Model
+from arca_jax.trainer.setup import Model, merge_lora
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +38,8 @@ def greedy_rewards(model: Model, adapter, lora_scale: float, problems: Sequence[
                                r.max_prompt_tokens, model.pad_id, r.prompt_truncation)
     gen = generate_rows(model, mesh, ids, mask, rng=key, greedy=True,
                         max_new_tokens=r.max_new_tokens, lora=adapter, lora_scale=lora_scale,
-                        max_batch=cfg.train.eval_batch_size, shrink=r.shrink)
+                        max_batch=cfg.train.eval_batch_size, shrink=r.shrink,
+                        merge_lora=merge_lora(cfg, model))
     return score_rows(gen, len(problems), problems.__getitem__, score, model.tokenizer)[0]
 
 
@@ -65,7 +66,8 @@ def evaluate(model: Model, adapter, lora_scale: float, problems: Sequence[Any], 
     gen = generate_rows(model, mesh, ids, mask, group_size=k, rng=jax.random.fold_in(key, 0),
                         temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                         max_new_tokens=r.max_new_tokens, lora=adapter, lora_scale=lora_scale,
-                        max_batch=cfg.train.eval_batch_size * k, shrink=r.shrink)
+                        max_batch=cfg.train.eval_batch_size * k, shrink=r.shrink,
+                        merge_lora=merge_lora(cfg, model))
     sampled_r = score_rows(gen, n * k, lambda i: problems[i // k], score,
                            model.tokenizer)[0].reshape(n, k)
     correct = sampled_r > 0.5

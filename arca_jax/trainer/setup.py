@@ -140,6 +140,15 @@ def lora_config(cfg: RunConfig, model_config) -> lora.LoraConfig:
     return c
 
 
+def merge_lora(cfg: RunConfig, model: Model) -> bool:
+    """Whether rollouts and evaluation sample from merged weights (`rollout.merge_lora`; None:
+    on CPU with float32 weights only)."""
+    if cfg.rollout.merge_lora is not None:
+        return cfg.rollout.merge_lora
+    dtype = model.params["embed_tokens"]["embedding"].dtype
+    return jax.default_backend() == "cpu" and dtype == jnp.float32
+
+
 def share_prompts(cfg: RunConfig, model_config) -> bool:
     """Whether the packed step shares each prompt among its group's completions
     (`train.share_prompts`): on a dense model without LoRA dropout only (a mixture of experts

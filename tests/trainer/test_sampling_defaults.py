@@ -1,0 +1,47 @@
+"""The trainer's choice of sampling path (`rollout.merge_lora`): merged weights on CPU with
+float32 weights, the low-rank side path otherwise or when set; a merged rollout of the demo gives
+the low-rank rollout's completions and log-probs."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from arca_jax import config, lora
+from arca_jax.trainer import setup
+from arca_jax.trainer.rollout import encode_prompts, generate_rows, step_prompt_indices
+
+
+def test_merged_on_cpu_float32_only():
+    cfg = config.load(None, ["model.dtype=float32"])
+    model = setup.load_model(cfg)
+    assert jax.default_backend() == "cpu" and setup.merge_lora(cfg, model)
+    bf16 = dataclasses.replace(model, params=jax.tree.map(lambda x: x.astype(jnp.bfloat16),
+                                                          model.params))
+    assert not setup.merge_lora(cfg, bf16)  # merging would round the adapter's update away
+    assert not setup.merge_lora(config.load(None, ["rollout.merge_lora=false"]), model)
+    assert setup.merge_lora(config.load(None, ["rollout.merge_lora=true"]), bf16)
+
+
+def test_merged_rollout_equals_low_rank():
+    cfg = config.load(None, ["model.dtype=float32", "rollout.prompts_per_step=4",
+                             "rollout.group_size=4", "rollout.max_new_tokens=24"])
+    model = setup.load_model(cfg)
+    task = setup.load_train_task(cfg)
+    key = jax.random.PRNGKey(3)
+    tree = lora.init_lora(model.config, setup.lora_config(cfg, model.config), key)
+    tree = jax.tree_util.tree_map_with_path(  # an adapter that acts (B random)
+        lambda p, x: 0.05 * jax.random.normal(jax.random.fold_in(key, len(str(p))), x.shape)
+        if "lora_b" in str(p) else x, tree)
+    idx = step_prompt_indices(0, 0, len(task.problems), 4)
+    ids, mask = encode_prompts(model.tokenizer, [task.problems[i].prompt for i in idx], 64,
+                               model.pad_id, "left")
+    out = {merge: generate_rows(model, None, ids, mask, group_size=4, rng=key, lora=tree,
+                                lora_scale=cfg.lora.scaling, max_new_tokens=24,
+                                merge_lora=merge).out for merge in (False, True)}
+    assert np.array_equal(out[True].tokens, out[False].tokens)
+    assert np.array_equal(out[True].mask, out[False].mask)
+    np.testing.assert_allclose(out[True].logps, out[False].logps, atol=1e-5)
+    base = generate_rows(model, None, ids, mask, group_size=4, rng=key, max_new_tokens=24).out
+    assert not np.allclose(base.logps, out[False].logps, atol=1e-3)  # the adapter acts
