@@ -150,7 +150,17 @@ def test_shared_prompts_count_quarters_of_the_slots_and_equal_a_plain_step():
 
     params, fresh, make = step_setup("arca")
     step = make()
-    s_got, got = StepPrograms(step, rows=B, share_prompts=True)(fresh(), params, b, ahead=False)
+    shared = StepPrograms(step, rows=B, share_prompts=True)
+    s_got, got = shared(fresh(), params, b, ahead=True)
     s_ref, ref = step(fresh(), params, grouped(0))  # padded rows
     trees_close(got, ref)
     trees_close(s_got.lora, s_ref.lora)
+    # a batch filling its lines queues the next count, whose abstract batch has prefix ids too
+    full = packing.pack(grouped(0), share_prompts=True, width=2 * T)
+    assert StepPrograms.filled(full) == full.packing.lines
+    shared.close()
+    ahead = StepPrograms(make(), rows=B, share_prompts=True)
+    ahead(fresh(), params, full, ahead=True)
+    ahead.wait()
+    assert ahead.prepared == {full.packing.lines: "met", full.packing.lines + 1: "ready"}
+    ahead.close()
