@@ -38,12 +38,19 @@ def default_decode_attention(platform: Optional[str] = None, devices: int = 1) -
 # slots (`attend_filled`): one compiled branch per multiple.
 DECODE_BLOCK = 32
 
+# "reduce" (XLA:CPU) copies each branch's filled prefix out of the cache for its reduction; in
+# a cache of fewer blocks than this the copies cost more than the slots they skip, and the step
+# reads the whole cache (CPU, 2026-12-02: the demo rollout, 112 slots, 13-17% faster without the
+# switch; 96 slots at batch 16 the same; 480 slots 7% slower; experiments/NOTES_sampling.md).
+REDUCE_MIN_BLOCKS = 8
+
 
 @functools.partial(jax.jit, static_argnames=("decode_attention", "block"))
 def attend_filled(q, k, v, bias, decode_attention: str, filled, block: int):
     """`attend` of one new token (T = 1) over the first ceil(filled / block) blocks of `block`
     slots (`DECODE_BLOCK`) of the cache only: a `lax.switch` over the block counts, each branch
-    reading a static prefix. Slots at or beyond `filled` [] int32 (the longest row's) are masked
+    reading a static prefix ("reduce" in a cache of fewer than `REDUCE_MIN_BLOCKS` blocks: the
+    whole cache). Slots at or beyond `filled` [] int32 (the longest row's) are masked
     anyway (their bias is float32 min, so their softmax weight is exactly 0): the result equals
     attention over the whole cache.
 
@@ -52,7 +59,7 @@ def attend_filled(q, k, v, bias, decode_attention: str, filled, block: int):
     branches per decode program (experiments/NOTES_sampling.md, "Tracing the decode program")."""
     S = k.shape[2]
     blocks = -(-S // block)
-    if blocks <= 1:
+    if blocks <= 1 or (decode_attention == "reduce" and blocks < REDUCE_MIN_BLOCKS):
         return attend(q, k, v, bias, decode_attention)
 
     def branch(j):

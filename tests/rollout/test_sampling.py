@@ -91,6 +91,7 @@ def test_cached_decoding_equals_uncached_forward_at_every_step(tiny, adapter, at
     excluded."""
     if block is not None:
         monkeypatch.setattr(qwen3.cache_attention, "DECODE_BLOCK", block)
+        monkeypatch.setattr(qwen3.cache_attention, "REDUCE_MIN_BLOCKS", 2)
     _, config, params = tiny
     ids, mask = _prompts(config.vocab_size)
     tree, scale = None, 1.0
