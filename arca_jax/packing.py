@@ -81,6 +81,22 @@ def lines_needed(lengths: np.ndarray, width: int) -> np.ndarray:
     return line_of
 
 
+def _line_width(T: int, width: Optional[int]) -> int:
+    """W: ``width`` (default T), at least the batch's T columns."""
+    W = T if width is None else int(width)
+    if W < T:
+        raise ValueError(f"width {W} is narrower than the batch's {T} columns")
+    return W
+
+
+def _line_count(line_of: np.ndarray, lines: Optional[int], multiple: int) -> int:
+    """L: the lines ``line_of`` uses (at least 1), rounded up to a multiple of ``multiple``, at
+    least ``lines``."""
+    multiple = max(int(multiple), 1)
+    L = max(int(line_of.max(initial=-1)) + 1, 1)
+    return max(-(-L // multiple) * multiple, int(lines or 0))
+
+
 def plan(attention_mask, *, lines: Optional[int] = None, multiple: int = 1,
          width: Optional[int] = None) -> Packing:
     """The packing of a batch with ``attention_mask`` [B, T] (host side, numpy).
@@ -93,14 +109,9 @@ def plan(attention_mask, *, lines: Optional[int] = None, multiple: int = 1,
     """
     mask = np.asarray(attention_mask) != 0
     B, T = mask.shape
-    W = T if width is None else int(width)
-    if W < T:
-        raise ValueError(f"width {W} is narrower than the batch's {T} columns")
-    lengths = mask.sum(axis=1)
-    line_of = lines_needed(lengths, W)
-    L = int(line_of.max(initial=-1)) + 1
-    multiple = max(int(multiple), 1)
-    L = max(-(-max(L, 1) // multiple) * multiple, int(lines or 0))
+    W = _line_width(T, width)
+    line_of = lines_needed(mask.sum(axis=1), W)
+    L = _line_count(line_of, lines, multiple)
     src = np.zeros((L, W), np.int32)
     segments = np.zeros((L, W), np.int32)
     dst = np.full((B, T), -1, np.int32)
@@ -132,10 +143,11 @@ def prompt_groups(input_ids, attention_mask, positions, prompt_width: int) -> np
     return np.concatenate([[0], np.cumsum(~same)]).astype(np.int64)
 
 
-def plan_shared(attention_mask, groups, prompt_width: int, *, lines: Optional[int] = None,
-                multiple: int = 1, width: Optional[int] = None) -> Packing:
-    """The packing of a batch whose rows of one group (``groups`` [B], `prompt_groups`) share
-    their prompt columns [0, P) (host side, numpy).
+def plan_shared(input_ids, attention_mask, positions, prompt_width: int, *,
+                lines: Optional[int] = None, multiple: int = 1,
+                width: Optional[int] = None) -> Packing:
+    """The packing of a batch [B, T] whose consecutive rows with the same prompt (`prompt_groups`
+    of its prompt columns [0, P)) share it (host side, numpy).
 
     Each group's completions (the real tokens of columns P..T) go first-fit decreasing into
     blocks of one prompt copy (the group's real prompt tokens) and as many completions as fit in
@@ -146,13 +158,11 @@ def plan_shared(attention_mask, groups, prompt_width: int, *, lines: Optional[in
     mask = np.asarray(attention_mask) != 0
     B, T = mask.shape
     P = int(prompt_width)
-    W = T if width is None else int(width)
-    if W < T:
-        raise ValueError(f"width {W} is narrower than the batch's {T} columns")
+    W = _line_width(T, width)
     if not 0 <= P <= T:
         raise ValueError(f"prompt_width {P} is outside the batch's {T} columns")
-    groups = np.asarray(groups)
-    blocks = []  # (prompt columns, first row, [rows])
+    groups = prompt_groups(input_ids, mask, positions, P)
+    blocks = []  # (the group's real prompt columns, the block's rows)
     for g in np.unique(groups):
         rows = np.flatnonzero((groups == g) & mask.any(axis=1))
         if rows.size == 0:
@@ -164,9 +174,7 @@ def plan_shared(attention_mask, groups, prompt_width: int, *, lines: Optional[in
             blocks.append((prompt, rows[block_of == i]))
     sizes = np.array([pr.size + mask[m, P:].sum() for pr, m in blocks], np.int64)
     line_of = lines_needed(sizes, W)
-    L = int(line_of.max(initial=-1)) + 1
-    multiple = max(int(multiple), 1)
-    L = max(-(-max(L, 1) // multiple) * multiple, int(lines or 0))
+    L = _line_count(line_of, lines, multiple)
     src = np.zeros((L, W), np.int32)
     segments = np.zeros((L, W), np.int32)
     prefix = np.zeros((L, W), np.int32)
@@ -205,9 +213,8 @@ def pack(batch, *, lines: Optional[int] = None, multiple: int = 1, width: Option
         positions = batch.positions
         if positions is None:
             positions = np.maximum(np.cumsum(np.asarray(batch.attention_mask), axis=1) - 1, 0)
-        groups = prompt_groups(batch.input_ids, batch.attention_mask, positions, P)
-        return batch.replace(packing=plan_shared(batch.attention_mask, groups, P, lines=lines,
-                                                 multiple=multiple, width=width))
+        return batch.replace(packing=plan_shared(batch.input_ids, batch.attention_mask, positions,
+                                                 P, lines=lines, multiple=multiple, width=width))
     return batch.replace(packing=plan(batch.attention_mask, lines=lines, multiple=multiple,
                                       width=width))
 
