@@ -8,7 +8,10 @@ the demo's mean (41 tokens), float32. Each variant is one jitted program timed o
 batch, warmed up, rounds interleaved; medians reported, with the PyTorch + PEFT forward +
 backward + AdamW of the same batch (what TRL's update runs) in the same process.
 
-    python experiments/profile_update.py [--rounds 7] [--variants a,b,...]
+    python experiments/profile_update.py [--rounds 7] [--variants a,b,...] [--no-torch]
+
+Compare XLA variants with --no-torch: PyTorch's OpenMP threads spin on for a while after each
+of its calls and slow the XLA call that follows in the round.
 
 Not a test: times only. Variants (name: what differs from "uniform"):
   uniform        the trainer's train step, grpo.weighting=uniform (the default program)
