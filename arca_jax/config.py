@@ -233,9 +233,11 @@ class TrainConfig:
     steps; mode "jit" with microbatches 1, else rows stay padded); share_prompts: with pack,
     the completions of a group packed into one line share one copy of their prompt, so the
     forwards run each prompt once per line instead of once per completion (same results up to
-    float rounding; dense models without LoRA dropout only: a mixture of experts would count
-    the shared tokens once in its routing statistics, and dropout would draw one mask for the
-    rows sharing them); prepare_ahead: with pack,
+    float rounding; lines of 2 T; dense models without LoRA dropout only: a mixture of experts
+    would count the shared tokens once in its routing statistics, and dropout would draw one
+    mask for the rows sharing them; None: on when the step runs on CPU, where it was measured
+    faster, off on GPU and TPU, where its lines of 2 T double the einsum attention's scores per
+    line and it has not been measured yet); prepare_ahead: with pack,
     prepare in a background thread the packed step's program for the next line count up when a
     batch nearly fills its own, before a step needs it (`trainer.programs`; None: on when the
     step runs on a GPU or TPU, whose host cores idle meanwhile, off on CPU, where they run the
@@ -258,7 +260,7 @@ class TrainConfig:
     samples_per_log: int = 2
     eval_batch_size: int = 256
     pack: bool = True
-    share_prompts: bool = True
+    share_prompts: Optional[bool] = None
     prepare_ahead: Optional[bool] = None
 
     def __post_init__(self):

@@ -151,10 +151,13 @@ def merge_lora(cfg: RunConfig, model: Model) -> bool:
 
 def share_prompts(cfg: RunConfig, model_config) -> bool:
     """Whether the packed step shares each prompt among its group's completions
-    (`train.share_prompts`): on a dense model without LoRA dropout only (a mixture of experts
-    would count the shared tokens once in its routing statistics; dropout would draw one mask
-    for every row sharing them)."""
-    return (cfg.train.share_prompts and cfg.lora.dropout == 0.0
+    (`train.share_prompts`; None: when the step runs on CPU): on a dense model without LoRA
+    dropout only (a mixture of experts would count the shared tokens once in its routing
+    statistics; dropout would draw one mask for every row sharing them)."""
+    share = cfg.train.share_prompts
+    if share is None:
+        share = jax.default_backend() == "cpu"
+    return (share and cfg.lora.dropout == 0.0
             and not isinstance(model_config, qwen3.Qwen3MoeConfig))
 
 

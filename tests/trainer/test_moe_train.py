@@ -82,7 +82,8 @@ def test_lora_targets_on_an_moe_model(moe_dir):
 
 def test_prompts_are_shared_on_dense_models_without_dropout(moe_dir):
     dense = qwen3.Qwen3Config.from_hf(os.path.join(ASSETS, "tiny-arith"))
-    assert trainer.setup.share_prompts(config.load(None, []), dense)
+    assert trainer.setup.share_prompts(config.load(None, []), dense)  # the default on CPU
+    assert trainer.setup.share_prompts(config.load(None, ["train.share_prompts=true"]), dense)
     assert not trainer.setup.share_prompts(config.load(None, ["lora.dropout=0.05"]), dense)
     assert not trainer.setup.share_prompts(config.load(None, ["train.share_prompts=false"]), dense)
     moe = qwen3.Qwen3Config.from_hf(moe_dir)  # routing statistics count every row's tokens
