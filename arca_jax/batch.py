@@ -10,10 +10,12 @@ right-padded). Dimension letters as in ``arca_jax.qwen3``.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence, Union
+import functools
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from arca_jax.qwen3.common import default_positions
@@ -87,23 +89,32 @@ def build_batch(prompt_ids, prompt_mask, out: "SampleOutput", advantages=None, *
     mask_tokens: generated tokens with these ids do not count (0 in completion_mask and
     sample_logps) but stay attended to, e.g. ``(eos_id,)`` to keep the EOS token out of the loss.
     """
+    B = np.shape(prompt_ids)[0]
+    adv = jnp.zeros((B,), jnp.float32) if advantages is None else advantages
+    return _build_batch(prompt_ids, prompt_mask, out.tokens, out.mask, out.logps,
+                        out.sampled_logps, adv, mask_tokens=tuple(int(t) for t in mask_tokens))
+
+
+@functools.partial(jax.jit, static_argnames="mask_tokens")
+def _build_batch(prompt_ids, prompt_mask, tokens, mask, logps, sampled_logps, advantages, *,
+                 mask_tokens: Tuple[int, ...]) -> Batch:
+    """`build_batch` as one compiled program (a new process loads it from the compilation cache
+    instead of compiling a dozen eager operations)."""
     prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
     prompt_mask = jnp.asarray(prompt_mask, jnp.int32)
     zeros = jnp.zeros_like(prompt_mask)
-    attention_mask = jnp.concatenate([prompt_mask, out.mask], axis=1)
-    counted = out.mask
+    attention_mask = jnp.concatenate([prompt_mask, mask], axis=1)
+    counted = mask
     for t in mask_tokens:
-        counted = jnp.where(out.tokens == int(t), 0, counted)
-    B = prompt_ids.shape[0]
-    adv = jnp.zeros((B,), jnp.float32) if advantages is None else jnp.asarray(advantages, jnp.float32)
+        counted = jnp.where(tokens == t, 0, counted)
     return Batch(
-        input_ids=jnp.concatenate([prompt_ids, out.tokens], axis=1),
+        input_ids=jnp.concatenate([prompt_ids, tokens], axis=1),
         attention_mask=attention_mask,
         completion_mask=jnp.concatenate([zeros, counted], axis=1),
-        advantages=adv,
+        advantages=jnp.asarray(advantages, jnp.float32),
         positions=default_positions(attention_mask),
         sample_logps=jnp.concatenate([zeros.astype(jnp.float32),
-                                      jnp.where(counted != 0, out.logps, 0.0)], axis=1),
-        behaviour_logps=None if out.sampled_logps is None else jnp.concatenate(
-            [zeros.astype(jnp.float32), jnp.where(counted != 0, out.sampled_logps, 0.0)], axis=1),
+                                      jnp.where(counted != 0, logps, 0.0)], axis=1),
+        behaviour_logps=None if sampled_logps is None else jnp.concatenate(
+            [zeros.astype(jnp.float32), jnp.where(counted != 0, sampled_logps, 0.0)], axis=1),
         prompt_width=int(prompt_ids.shape[1]))
