@@ -246,13 +246,57 @@ class Attention(nn.Module):
             out = _fused_attention(q, k, v, ctx.lengths, ctx.attention).reshape(B, T, N * H)
         else:
             q = q.reshape(B, T, K, G, H)
-            scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
-            scores = scores * (H ** -0.5)
-            scores = jnp.where(ctx.visible[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-            probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
-            out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(B, T, N * H)
+            out = masked_attention(q, k, v, ctx.visible).reshape(B, T, N * H)
         out = checkpoint_name(out, "attn_out")
         return proj("o_proj", c.hidden_size)(out)
+
+
+def _masked_scores(q, k, visible):
+    """[B, K, G, T, S] float32 scaled scores, float32 min where not visible."""
+    H = q.shape[-1]
+    s = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32) * (H ** -0.5)
+    return jnp.where(visible[:, None, None, :, :], s, jnp.finfo(jnp.float32).min)
+
+
+@jax.custom_vjp
+def masked_attention(q, k, v, visible):
+    """softmax(q k^T / sqrt(H) where visible) v: q [B, T, K, G, H], k and v [B, S, K, H],
+    visible [B, T, S] bool -> [B, T, K, G, H] in v's dtype (a query that sees nothing averages
+    every slot, as the plain softmax of equal scores does).
+
+    The backward recomputes the probabilities from q, k and each row's max and sum of exponentials
+    (kept from the forward, [B, K, G, T, 1] float32) instead of keeping them: the [B, K, G, T, S] probabilities
+    are not among the residuals (the layer scan stacked them per layer), as in PyTorch's SDPA.
+    The gradient equals autodiff's of the plain formula up to float rounding
+    (tests/model/test_attention_vjp.py)."""
+    return _attention_fwd(q, k, v, visible)[0]
+
+
+def _attention_fwd(q, k, v, visible):
+    s = _masked_scores(q, k, visible)
+    m = jnp.max(s, -1, keepdims=True)
+    e = jnp.exp(s - m)
+    l = jnp.sum(e, -1, keepdims=True)
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", (e / l).astype(v.dtype), v)
+    return out, (q, k, v, visible, m, l)
+
+
+def _attention_bwd(res, dout):
+    q, k, v, visible, m, l = res
+    H = q.shape[-1]
+    # exp(s - m) / l, not exp(s - log-sum-exp): for a query that sees nothing m is float32 min,
+    # and min + log(l) rounds back to min
+    p = jnp.exp(_masked_scores(q, k, visible) - m) / l
+    dv = jnp.einsum("BKGTS,BTKGH->BSKH", p.astype(v.dtype), dout)
+    dp = jnp.einsum("BTKGH,BSKH->BKGTS", dout, v, preferred_element_type=jnp.float32)
+    ds = p * (dp - jnp.sum(p * dp, -1, keepdims=True)) * (H ** -0.5)
+    ds = jnp.where(visible[:, None, None, :, :], ds, 0.0).astype(q.dtype)  # masked: constant
+    dq = jnp.einsum("BKGTS,BSKH->BTKGH", ds, k)
+    dk = jnp.einsum("BKGTS,BTKGH->BSKH", ds, q)
+    return dq, dk, dv, None
+
+
+masked_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 class MLP(nn.Module):
