@@ -74,3 +74,18 @@ def test_under_jit_scan_and_checkpoint():
     got = jax.jit(jax.grad(stack(masked_attention)))(q)
     ref = jax.jit(jax.grad(stack(plain)))(q)
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-4 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("remat,custom", [(False, True), (True, False), ("projections", False)])
+def test_forward_recomputes_probabilities_without_remat_only(remat, custom):
+    """Under remat the layer's replay computes the probabilities anyway: the plain formula."""
+    from arca_jax import qwen3
+    from fixtures import random_params, tiny_config
+
+    cfg = tiny_config(vocab_size=32)
+    params = random_params(cfg, seed=0)
+    ids = jnp.ones((2, 6), jnp.int32)
+    loss = lambda p: qwen3.forward(p, ids, config=cfg, remat=remat, attention="einsum",
+                                   return_logits=False).hidden.sum()
+    jaxpr = str(jax.make_jaxpr(loss)(params))  # the forward, before autodiff expands the call
+    assert ("custom_vjp_call" in jaxpr) == custom
