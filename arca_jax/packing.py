@@ -31,6 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from arca_jax.qwen3.common import default_positions
+
 Array = jax.Array
 
 
@@ -212,7 +214,7 @@ def pack(batch, *, lines: Optional[int] = None, multiple: int = 1, width: Option
     if share_prompts and P is not None:
         positions = batch.positions
         if positions is None:
-            positions = np.maximum(np.cumsum(np.asarray(batch.attention_mask), axis=1) - 1, 0)
+            positions = default_positions(jnp.asarray(batch.attention_mask))
         return batch.replace(packing=plan_shared(batch.input_ids, batch.attention_mask, positions,
                                                  P, lines=lines, multiple=multiple, width=width))
     return batch.replace(packing=plan(batch.attention_mask, lines=lines, multiple=multiple,

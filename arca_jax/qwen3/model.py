@@ -505,7 +505,7 @@ def forward(params: Params, input_ids: jax.Array, *, config: Qwen3Config,
         impl = "einsum"
     else:
         raise ValueError(f"segment_ids (packed sequences) need attention 'einsum', not {attention!r}")
-    remat_policy(remat)  # validates
+    policy = remat_policy(remat)  # validates
     rotated = impl != "einsum"
     if rotated:  # rows rotated left so that each row's tokens occupy slots [0, n)
         src, back, lengths, one_run = _rows_to_front(attention_mask)
@@ -528,7 +528,7 @@ def forward(params: Params, input_ids: jax.Array, *, config: Qwen3Config,
                 same = same | (prefix_ids[:, :, None] == segment_ids[:, None, :])
             visible = visible & same
         ctx = _Context(cos=cos, sin=sin, visible=visible, token_mask=token_mask,
-                       recompute_probs=remat_policy(remat) is None)
+                       recompute_probs=policy is None)
 
     dropout = lora_dropout if lora is not None else 0.0
     if dropout > 0.0 and rng is None:

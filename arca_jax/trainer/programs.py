@@ -73,9 +73,9 @@ class StepPrograms:
         self._step = train_step
         self.rows = int(rows)
         self.share_prompts = bool(share_prompts)
-        self.widen = 2 if self.share_prompts else 1  # W / T
+        self.widen = 2 if self.share_prompts else 1  # W / T of a batch that knows its prompts
         self.max_lines = -(-self.rows // self.widen)  # the whole batch's slots
-        self.multiple = max(1, self.rows // (4 * self.widen))
+        self.multiple = self._multiple(self.widen)
         self._pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
         self._programs: Dict[int, Optional[concurrent.futures.Future]] = {}  # None: met
 
@@ -91,19 +91,24 @@ class StepPrograms:
                 "cancelled" if fut.cancelled() else
                 "failed" if fut.exception() is not None else "ready")
 
-    def lines_for(self, needed: int) -> int:
-        """L for a batch that needs ``needed`` lines: rounded up to a multiple of B / 4 (B / 8
-        with shared prompts)."""
-        m = self.multiple
+    def _multiple(self, widen: int) -> int:
+        """Lines of widen T slots in a quarter of the batch's B T slots."""
+        return max(1, self.rows // (4 * widen))
+
+    def lines_for(self, needed: int, widen: Optional[int] = None) -> int:
+        """L for a batch that needs ``needed`` lines of ``widen`` T slots (None: this instance's
+        lines): rounded up to a multiple of B / 4 (B / 8 in lines of 2 T)."""
+        m = self.multiple if widen is None else self._multiple(widen)
         return -(-max(needed, 1) // m) * m
 
     def pack(self, batch):
         """``batch`` with ``packing`` set, in `lines_for` its need (`packing.plan` rounds the
-        first-fit count up to the same multiple)."""
-        T = batch.attention_mask.shape[1]
+        first-fit count up to the same multiple). A batch that does not know its prompt width
+        packs unshared, in lines of T."""
         share = self.share_prompts and batch.prompt_width is not None
-        return packing.pack(batch, multiple=self.multiple, share_prompts=share,
-                            width=self.widen * T if share else None)
+        widen = self.widen if share else 1
+        return packing.pack(batch, multiple=self._multiple(widen), share_prompts=share,
+                            width=widen * batch.attention_mask.shape[1])
 
     def __call__(self, state, params, batch, *, ahead: bool = True):
         """``train_step(state, params, batch)`` on a `pack`-ed batch; with ``ahead``, then queues
@@ -113,8 +118,11 @@ class StepPrograms:
         fut = self._programs.get(lines)
         if fut is not None and not fut.cancelled():
             fut.exception()  # wait for it; a failed preparation leaves the call to compile
-        nxt = self.lines_for(self.filled(batch) + max(1, self.multiple // 2)) if ahead else lines
-        queue = nxt != lines and nxt not in self._programs and nxt <= self.max_lines
+        widen = batch.packing.src.shape[1] // batch.attention_mask.shape[1]  # W / T
+        half = max(1, self._multiple(widen) // 2)
+        nxt = self.lines_for(self.filled(batch) + half, widen) if ahead else lines
+        queue = (nxt != lines and nxt not in self._programs
+                 and nxt <= -(-self.rows // widen))  # at most the whole batch's slots
         spec = jax.tree.map(_spec, (state, params, batch)) if queue else None  # before donation
         out = self._step(state, params, batch)
         self._programs[lines] = None
