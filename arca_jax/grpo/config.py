@@ -55,6 +55,9 @@ class GRPOConfig:
     attention: attention implementation of both forwards (``qwen3.resolve_attention``): "auto"
         (cuDNN flash attention on a CUDA GPU with bf16 activations, else "einsum"), "einsum",
         "cudnn", "sdpa-xla". The fused ones need each row's attention_mask to be one run of ones.
+    attention_blocks: the einsum attention's query blocks (``qwen3.causal_blocks``: block i
+        attends to the keys up to its end only; the same values, about (n + 1) / 2n of the
+        scores); None: 4 on CPU, 1 elsewhere (``qwen3.resolve_attention_blocks``).
     lora_dtype: dtype of the adapter matmuls (``qwen3.LoraLinear``); None: the activation dtype
         (bf16 under a bf16 base; float32 models unchanged); "float32" forces float32.
     logits_grad_dtype: dtype of the backward matmul through the vocabulary projection
@@ -107,6 +110,7 @@ class GRPOConfig:
     remat: Union[bool, str] = False
     noise_floor: float = 1e-5
     attention: str = "auto"
+    attention_blocks: Optional[int] = None
     lora_dtype: Optional[str] = None
     logits_grad_dtype: Optional[str] = None
     logits_dtype: str = "float32"
@@ -172,6 +176,8 @@ class GRPOConfig:
             raise ValueError(f"logits_dtype must be 'float32' or 'bfloat16', got "
                              f"{self.logits_dtype!r}")
         qwen3.remat_policy(self.remat)  # raises ValueError for an unknown option
+        if self.attention_blocks is not None:
+            qwen3.resolve_attention_blocks(self.attention_blocks)  # validates
         if self.attention not in qwen3.ATTENTION_IMPLS:
             raise ValueError(f"attention {self.attention!r}; valid: "
                              f"{', '.join(qwen3.ATTENTION_IMPLS)}")

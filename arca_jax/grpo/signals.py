@@ -158,7 +158,8 @@ def _forward(lora, params, batch: Batch, *, config: qwen3.Qwen3Config, lora_scal
                             positions=packing.to_lines(pk, positions),
                             lora=lora, lora_scale=lora_scale, lora_dropout=lora_dropout, rng=rng,
                             return_logits=False, remat=remat, attention="einsum",
-                            lora_dtype=g.lora_dtype, return_layers=layers, mesh=mesh)
+                            lora_dtype=g.lora_dtype, return_layers=layers, mesh=mesh,
+                            attention_blocks=g.attention_blocks)
         return out.replace(
             hidden=packing.from_lines(pk, out.hidden),
             layers=None if out.layers is None else packing.from_lines(pk, out.layers, axis=1))
@@ -166,7 +167,8 @@ def _forward(lora, params, batch: Batch, *, config: qwen3.Qwen3Config, lora_scal
                          attention_mask=batch.attention_mask, positions=batch.positions,
                          lora=lora, lora_scale=lora_scale, lora_dropout=lora_dropout, rng=rng,
                          return_logits=False, remat=remat, attention=g.attention,
-                         lora_dtype=g.lora_dtype, return_layers=layers, mesh=mesh)
+                         lora_dtype=g.lora_dtype, return_layers=layers, mesh=mesh,
+                         attention_blocks=g.attention_blocks)
 
 
 def policy_hidden(lora, params, batch: Batch, *, config: qwen3.Qwen3Config, lora_scale: float,

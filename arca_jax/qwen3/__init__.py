@@ -58,7 +58,7 @@ from arca_jax.qwen3.inference import (InferenceLayer, InferenceOutput, Inference
 from arca_jax.qwen3.model import (ATTENTION_IMPLS, MLP, REMAT_OPTIONS, Attention, DecoderLayer,
                                   LoraLinear, ModelOutput, RMSNorm, layer_stack, compute_logits, forward,
                                   init_params, lm_head_kernel, on_cuda, param_shapes, remat_policy,
-                                  resolve_attention)
+                                  resolve_attention, resolve_attention_blocks)
 
 __all__ = [
     # config
@@ -66,7 +66,8 @@ __all__ = [
     # parameter tree, positions
     "Params", "ATTN_PROJS", "MLP_PROJS", "PROJ_BLOCK", "default_positions", "rope_tables",
     # training / scoring model
-    "ATTENTION_IMPLS", "REMAT_OPTIONS", "on_cuda", "resolve_attention", "remat_policy",
+    "ATTENTION_IMPLS", "REMAT_OPTIONS", "on_cuda", "resolve_attention", "resolve_attention_blocks",
+    "remat_policy",
     "RMSNorm", "LoraLinear", "Attention", "MLP", "DecoderLayer", "layer_stack",
     "ModelOutput",
     "lm_head_kernel", "compute_logits", "forward", "init_params", "param_shapes",

@@ -60,6 +60,8 @@ class _Context:
     # "einsum" only: the backward recomputes the attention probabilities (`masked_attention`)
     # instead of keeping them; off under remat, whose replay of the layer computes them anyway
     recompute_probs: bool = flax.struct.field(pytree_node=False, default=False)
+    # "einsum" only: query blocks, each attending to the keys up to its end (`causal_blocks`)
+    attention_blocks: int = flax.struct.field(pytree_node=False, default=1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -104,6 +106,23 @@ def resolve_attention(attention: str, dtype) -> str:
         fused = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
         return "cudnn" if fused and on_cuda(8.0) else "einsum"
     return attention
+
+
+# Query blocks of the einsum attention where `attention_blocks` is None and the step runs on CPU:
+# the demo's shared-prompt ARCA step (lines of 224 slots) 406 -> 304-324 ms with 4 blocks
+# (experiments/NOTES_vs_trl.md, "Causal query blocks"); GPU and TPU keep one block until measured.
+CPU_ATTENTION_BLOCKS = 4
+
+
+def resolve_attention_blocks(blocks: Optional[int], platform: Optional[str] = None) -> int:
+    """The einsum attention's query block count (`causal_blocks`): `blocks` as given (an int >= 1),
+    or for None `CPU_ATTENTION_BLOCKS` when `platform` (default: JAX's default backend) is "cpu",
+    else 1 (one block: every query against every key, the program as before blocks existed)."""
+    if blocks is None:
+        return CPU_ATTENTION_BLOCKS if (platform or jax.default_backend()) == "cpu" else 1
+    if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
+        raise ValueError(f"attention_blocks must be None or an int >= 1, got {blocks!r}")
+    return blocks
 
 
 def remat_policy(remat):
@@ -250,9 +269,28 @@ class Attention(nn.Module):
         else:
             q = q.reshape(B, T, K, G, H)
             attend = masked_attention if ctx.recompute_probs else _plain_attention
-            out = attend(q, k, v, ctx.visible).reshape(B, T, N * H)
+            out = causal_blocks(attend, q, k, v, ctx.visible,
+                                ctx.attention_blocks).reshape(B, T, N * H)
         out = checkpoint_name(out, "attn_out")
         return proj("o_proj", c.hidden_size)(out)
+
+
+def causal_blocks(attend, q, k, v, visible, blocks: int):
+    """`attend(q, k, v, visible)` over `blocks` query blocks: q [B, T, K, G, H] split into
+    consecutive runs of about T / blocks queries, block i attending to k, v [B, S, K, H] up to its
+    last query's slot only. A causal mask (`visible` [B, T, S] never true for a key after its
+    query: `forward`'s always) makes the values those of one call, for about (blocks + 1) /
+    (2 blocks) of its score work (the scores above the diagonal blocks are not computed). A
+    query that sees nothing averages the keys of its block's range instead of all S. One block:
+    `attend` itself."""
+    T = q.shape[1]
+    blocks = min(blocks, T)
+    if blocks <= 1:
+        return attend(q, k, v, visible)
+    ends = [round(T * (i + 1) / blocks) for i in range(blocks)]
+    starts = [0] + ends[:-1]
+    return jnp.concatenate([attend(q[:, a:b], k[:, :b], v[:, :b], visible[:, a:b, :b])
+                            for a, b in zip(starts, ends)], axis=1)
 
 
 def _masked_scores(q, k, visible):
@@ -299,12 +337,13 @@ def _attention_bwd(res, dout):
     # exp(s - m) / l, not exp(s - log-sum-exp): for a query that sees nothing m is float32 min,
     # and min + log(l) rounds back to min
     p = jnp.exp(_masked_scores(q, k, visible) - m) / l
-    dv = jnp.einsum("BKGTS,BTKGH->BSKH", p.astype(v.dtype), dout)
+    # dv and dk with the small operand first: XLA:CPU then transposes it, not the probabilities
+    dv = jnp.einsum("BTKGH,BKGTS->BSKH", dout, p.astype(v.dtype))
     dp = jnp.einsum("BTKGH,BSKH->BKGTS", dout, v, preferred_element_type=jnp.float32)
     ds = p * (dp - jnp.sum(p * dp, -1, keepdims=True)) * (H ** -0.5)
     ds = jnp.where(visible[:, None, None, :, :], ds, 0.0).astype(q.dtype)  # masked: constant
     dq = jnp.einsum("BKGTS,BSKH->BTKGH", ds, k)
-    dk = jnp.einsum("BKGTS,BTKGH->BSKH", ds, q)
+    dk = jnp.einsum("BTKGH,BKGTS->BSKH", q, ds)
     return dq, dk, dv, None
 
 
@@ -442,7 +481,7 @@ def forward(params: Params, input_ids: jax.Array, *, config: Qwen3Config,
             return_logits: bool = True, remat: Any = False, attention: str = "auto",
             lora_dtype: Any = None, return_layers: bool = False,
             segment_ids: Optional[jax.Array] = None, prefix_ids: Optional[jax.Array] = None,
-            mesh: Any = None) -> ModelOutput:
+            mesh: Any = None, attention_blocks: Optional[int] = None) -> ModelOutput:
     """Runs the model over whole sequences (no cache: for decoding see `inference_forward`).
     Pure: jit it with `config` (and the other Python-valued options) static.
 
@@ -483,6 +522,9 @@ def forward(params: Params, input_ids: jax.Array, *, config: Qwen3Config,
         mixture-of-experts model then runs its experts expert-parallel over "fsdp"
         (`moe.expert_parallel`: each device computes the experts it holds, the tokens sent to
         them); a dense model ignores it.
+      attention_blocks: "einsum" attention in this many query blocks, each attending to the keys
+        up to its end (`causal_blocks`: the same values, fewer scores); None: 4 on CPU, else 1
+        (`resolve_attention_blocks`; static). Fused attention ignores it.
 
     Returns:
       ModelOutput(logits [B, T, V] float32 or None, hidden [B, T, D] after the final RMSNorm,
@@ -528,7 +570,8 @@ def forward(params: Params, input_ids: jax.Array, *, config: Qwen3Config,
                 same = same | (prefix_ids[:, :, None] == segment_ids[:, None, :])
             visible = visible & same
         ctx = _Context(cos=cos, sin=sin, visible=visible, token_mask=token_mask,
-                       recompute_probs=policy is None)
+                       recompute_probs=policy is None,
+                       attention_blocks=resolve_attention_blocks(attention_blocks))
 
     dropout = lora_dropout if lora is not None else 0.0
     if dropout > 0.0 and rng is None:

@@ -148,8 +148,12 @@ def test_train_step_equals_padded_and_refuses_split_modes(model):
     key = jax.random.PRNGKey(0)
     s_ref, m_ref = step(TrainState.create(tree, opt, key), params, b)
     s_got, m_got = step(TrainState.create(tree, opt, key), params, packing.pack(b))
-    trees_close(s_got.opt_state, s_ref.opt_state)  # the gradient
-    trees_close(m_got, m_ref)
+    # float32 rounding only, amplified by this random model (weights of scale 2, sharpening 2):
+    # the attention's query blocks (4 on CPU) cut the padded rows and the packed lines at
+    # different slots, so their sums run in different orders (one block: 0.9e-5 under the
+    # tests' XLA flags, four: 1.3e-5); a missing mask or a misplaced token is O(1)
+    trees_close(s_got.opt_state, s_ref.opt_state, tol=3e-5)  # the gradient
+    trees_close(m_got, m_ref, tol=3e-5)
     from arca_jax import parallel
     for mode, mb in (("pmap", 1), ("jit", 2), ("mesh", 1)):
         mesh = parallel.make_mesh(data=1, fsdp=1, tensor=1, devices=jax.devices()[:1])

@@ -1,14 +1,16 @@
 """`qwen3.model.masked_attention`: the einsum attention whose backward recomputes its
 probabilities equals the plain masked softmax attention and autodiff's gradient of it (numpy and
 jax references), with causal, packed-segment and shared-prefix masks and a query that sees
-nothing."""
+nothing; `qwen3.model.causal_blocks` (query blocks, each against the keys up to its end) equals
+one block, values and gradients, and computes no score above its diagonal blocks."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from arca_jax.qwen3.model import masked_attention
+from arca_jax import qwen3
+from arca_jax.qwen3.model import causal_blocks, masked_attention
 
 
 def plain(q, k, v, visible):
@@ -89,3 +91,97 @@ def test_forward_recomputes_probabilities_without_remat_only(remat, custom):
                                    return_logits=False).hidden.sum()
     jaxpr = str(jax.make_jaxpr(loss)(params))  # the forward, before autodiff expands the call
     assert ("custom_vjp_call" in jaxpr) == custom
+
+
+def _seen(visible):  # [B, T] queries that see at least one key
+    return np.asarray(visible).any(-1)
+
+
+@pytest.mark.parametrize("attend", [masked_attention, plain], ids=["recompute", "plain"])
+@pytest.mark.parametrize("blocks", [2, 3, 4, 9, 20])
+def test_causal_blocks_equal_one_block(attend, blocks):
+    """Values and gradients (q, k, v) of every query that sees a key equal one call's (numpy
+    reference for the values), with segment and shared-prefix masks; blocks beyond T: T blocks
+    of one query. A query that sees nothing (row 0's last slot) is excluded: it averages its
+    block's keys."""
+    q, k, v, visible, dout = inputs(jnp.float32, seed=3)
+    seen = _seen(visible)
+    f = lambda q, k, v: causal_blocks(attend, q, k, v, visible, blocks)  # noqa: E731
+    got, vjp = jax.vjp(f, q, k, v)
+    ref, ref_vjp = jax.vjp(lambda q, k, v: attend(q, k, v, visible), q, k, v)
+    np.testing.assert_allclose(np.asarray(got)[seen], np.asarray(ref)[seen], atol=1e-5)
+    np.testing.assert_allclose(np.asarray(got)[seen],
+                               numpy_attention(q, k, v, np.asarray(visible))[seen], atol=1e-5)
+    dout = jnp.where(jnp.asarray(seen)[:, :, None, None, None], dout, 0.0)
+    for g, r, name in zip(vjp(dout), ref_vjp(dout), "qkv"):
+        g, r = np.asarray(g), np.asarray(r)
+        assert np.abs(r).max() > 0.1, name
+        np.testing.assert_allclose(g, r, atol=1e-5 * np.abs(r).max(), err_msg=name)
+
+
+def test_causal_blocks_compute_no_scores_above_the_diagonal_blocks():
+    """4 blocks of T = 8: score matmuls (those contracting head_dim H = 3) of 2 queries x 2, 4,
+    6 and 8 keys, 40 of one block's 64 per head, in the forward and the backward."""
+    rng = np.random.default_rng(0)
+    B, T, K, G, H = 1, 8, 1, 2, 3
+    q = jnp.asarray(rng.normal(size=(B, T, K, G, H)), jnp.float32)
+    k = v = jnp.asarray(rng.normal(size=(B, T, K, H)), jnp.float32)
+    visible = jnp.asarray(np.tril(np.ones((T, T), bool))[None])
+
+    def score_sizes(blocks):  # elements of each score-shaped matmul of the gradient program
+        loss = lambda q: causal_blocks(masked_attention, q, k, v, visible, blocks).sum()  # noqa: E731
+        sizes = []
+
+        def walk(jx):
+            for e in jx.eqns:
+                if e.primitive.name == "dot_general":
+                    (lc, rc), _ = e.params["dimension_numbers"]
+                    lhs = e.invars[0].aval.shape
+                    if [lhs[d] for d in lc] == [H]:
+                        sizes.append(int(np.prod(e.outvars[0].aval.shape)))
+                for p in e.params.values():
+                    inner = getattr(p, "jaxpr", p)
+                    if hasattr(inner, "eqns"):
+                        walk(inner)
+        walk(jax.make_jaxpr(jax.grad(loss))(q).jaxpr)
+        return sizes
+
+    one, four = score_sizes(1), score_sizes(4)
+    assert set(one) == {G * T * T} and len(one) >= 2  # the forward's and the backward's
+    assert set(four) == {G * 2 * s for s in (2, 4, 6, 8)}
+    assert sum(four) == sum(one) * 40 // 64
+
+
+def test_attention_blocks_resolve_and_validate():
+    from arca_jax.grpo import GRPOConfig
+
+    assert qwen3.resolve_attention_blocks(None, "cpu") == qwen3.model.CPU_ATTENTION_BLOCKS > 1
+    assert qwen3.resolve_attention_blocks(None, "tpu") == 1
+    assert qwen3.resolve_attention_blocks(None, "gpu") == 1
+    assert qwen3.resolve_attention_blocks(3, "tpu") == 3
+    for bad in (0, -1, 2.0, True, "4"):
+        with pytest.raises(ValueError, match="attention_blocks"):
+            qwen3.resolve_attention_blocks(bad)
+        with pytest.raises(ValueError, match="attention_blocks"):
+            GRPOConfig(attention_blocks=bad)
+
+
+def test_forward_blocks_equal_one_block_on_packed_shared_lines():
+    """`forward(attention_blocks=...)` on packed lines with shared prompts: the hidden states of
+    every real slot equal one block's, LoRA on."""
+    from fixtures import random_adapter, random_params, tiny_config
+    from arca_jax import lora
+
+    cfg = tiny_config(vocab_size=32)
+    params = random_params(cfg, seed=0)
+    tree = random_adapter(cfg, lora.LoraConfig(rank=4, alpha=8.0), seed=1, scale=0.2)
+    seg = jnp.asarray([[1, 1, 1, 2, 2, 3, 3, 3, 0, 0], [5, 5, 6, 6, 6, 6, 7, 7, 7, 7]])
+    pre = jnp.asarray([[0, 0, 0, 1, 1, 1, 1, 1, 0, 0], [0, 0, 5, 5, 5, 5, 5, 5, 5, 5]])
+    pos = jnp.asarray([[0, 1, 2, 3, 4, 3, 4, 5, 0, 0], [0, 1, 2, 3, 4, 5, 2, 3, 4, 5]])
+    ids = jnp.asarray(np.random.default_rng(2).integers(1, 32, (2, 10)), jnp.int32)
+    run = lambda n: np.asarray(qwen3.forward(  # noqa: E731
+        params, ids, config=cfg, segment_ids=seg, prefix_ids=pre, positions=pos, lora=tree,
+        lora_scale=2.0, return_logits=False, attention_blocks=n).hidden)
+    one, real = run(1), np.asarray(seg) > 0
+    for n in (2, 3, 10):
+        np.testing.assert_allclose(run(n)[real], one[real], atol=1e-5 * np.abs(one).max())
