@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from arca_jax import config, lora  # noqa: E402
+from arca_jax import config, host_memory, lora  # noqa: E402
 from arca_jax.prompts import bucket_prompts  # noqa: E402
 from arca_jax.qwen3 import cache_attention  # noqa: E402
 from arca_jax.trainer import setup  # noqa: E402
@@ -39,7 +39,12 @@ def main():
     ap.add_argument("--decode-block", type=int, default=None)
     ap.add_argument("--merge", action="store_true", help="sample from W + s A B (merge_lora)")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--malloc-default", action="store_true",
+                    help="leave glibc's malloc as it is (the trainer's commands set it to reuse "
+                         "freed memory on CPU: arca_jax.host_memory)")
     args = ap.parse_args()
+    if not args.malloc_default:
+        host_memory.reuse_freed_memory()  # as `arca-jax train` does, before JAX starts
     if args.decode_block:
         cache_attention.DECODE_BLOCK = args.decode_block
     cfg = config.load(None, args.overrides)

@@ -45,7 +45,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from arca_jax import hf, lora, packing, qwen3  # noqa: E402
+from arca_jax import hf, host_memory, lora, packing, qwen3  # noqa: E402
 from arca_jax.config import ModelConfig  # noqa: E402
 from arca_jax.grpo import (Batch, GRPOConfig, TrainState, make_optimizer,  # noqa: E402
                            make_train_step)
@@ -88,7 +88,12 @@ def main():
     ap.add_argument("--trace", default=None,
                     help="capture a profiler trace of 3 calls of this variant and print the "
                          "XLA operations taking the most time")
+    ap.add_argument("--malloc-default", action="store_true",
+                    help="leave glibc's malloc as it is (the trainer's commands set it to reuse "
+                         "freed memory on CPU: arca_jax.host_memory)")
     args = ap.parse_args()
+    if not args.malloc_default:
+        host_memory.reuse_freed_memory()  # as `arca-jax train` does, before JAX starts
 
     path = ModelConfig().resolved_path()
     config, params = hf.load_pretrained(path, dtype=jnp.float32)
