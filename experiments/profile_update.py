@@ -26,6 +26,8 @@ Not a test: times only. Variants (name: what differs from "uniform"):
   packed_arca_all   arca packed into B lines (quarters' worst case: as many lines as rows)
   packed_arca_at_L  arca packed into L lines (at least the batch's need)
   shared_arca_wW    arca, prompts shared, lines of W slots, line count in quarters of B
+  shared_arca_bN    shared_arca_rule with N attention query blocks (`GRPOConfig.attention_blocks`;
+                 the rule's default on CPU: 4)
   packed_arca_w15, packed_arca_w2   arca in lines of 1.5 T / 2 T slots, sixteenths of B
   chunk_all      logits_chunk = T (one chunk)
   xnn / onednn / fastmath   XLA CPU compiler options
@@ -149,6 +151,10 @@ def main():
             variants[n] = (lambda L: lambda: step_variant(GRPOConfig(weighting="arca"),
                                                           packing.pack(batch, lines=L)))(
                 int(n[len("packed_arca_at_"):]))
+        if n.startswith("shared_arca_b"):  # arca, shared prompts, N attention query blocks
+            variants[n] = (lambda nb: lambda: step_variant(
+                GRPOConfig(weighting="arca", attention_blocks=nb), StepPrograms(
+                    None, rows=B, share_prompts=True).pack(batch)))(int(n[len("shared_arca_b"):]))
         if n.startswith("shared_arca_w"):  # arca, shared prompts, lines of W slots, quarters
             variants[n] = (lambda W: lambda: step_variant(GRPOConfig(weighting="arca"), packing.pack(
                 batch, multiple=B // 4, width=W, share_prompts=True)))(int(n[len("shared_arca_w"):]))
