@@ -182,7 +182,8 @@ def _start(cfg: RunConfig, run_dir: str, resume: bool, log: Optional[RunLog]) ->
         # line counts in quarters of the batch: at most four compiled steps per run, and each
         # step's count depends on its batch alone (a resumed run packs as an uninterrupted one)
         programs = StepPrograms(train_step, rows=cfg.batch_size,
-                                share_prompts=setup.share_prompts(cfg, model.config))
+                                share_prompts=setup.share_prompts(cfg, model.config),
+                                store=setup.step_store(cfg, model.config))
     elif cfg.train.pack:
         log.message(f"train.pack applies to train.mode=jit with train.microbatches=1; this run "
                     f"(mode {cfg.train.mode}, {cfg.train.microbatches} microbatches) trains on "
@@ -234,6 +235,7 @@ def _train_one_step(run: _Run, step: int, totals: Dict[str, int], beat) -> tuple
         ahead = cfg.train.prepare_ahead
         if ahead is None:
             ahead = jax.default_backend() != "cpu"
+        ahead = ahead and run.programs.store is None  # a stored run loads instead
         step_fn = functools.partial(run.programs, ahead=ahead and step + 1 < cfg.train.steps)
     if cfg.grpo.num_iterations > 1:  # the policy before this batch's updates, as the step scores it
         batch = batch.replace(old_logps=_old_logps(run.adapter(), run.model.params, batch,
@@ -304,6 +306,10 @@ def train(cfg: RunConfig, run_dir: str, *, resume: bool = False,
     finally:
         if run.programs is not None:
             run.programs.close()  # what is still queued is not needed any more
+            store = run.programs.store
+            if store is not None:
+                run.log.message(f"compiled train steps in {store.directory}: {store.hits} "
+                                f"loaded, {store.writes} written (train.store_steps)")
 
 
 def _run_steps(run: _Run, t_start: float, stop_after: Optional[int],

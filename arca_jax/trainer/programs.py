@@ -67,10 +67,15 @@ class StepPrograms:
     share_prompts: the rows of a group share their prompt's slots (`packing.plan_shared`), in
                    lines of 2 T slots (fewer prompt copies: one per line a group's completions
                    fill), counted in quarters of the batch's B T slots as well (B / 8 lines).
+    store:         an `executables.ExecutableStore`: each line count's program is loaded from
+                   it (no tracing) or compiled and written to it; None: the jitted step as is.
+                   Not with preparation ahead (`ahead`): give one or the other.
     """
 
-    def __init__(self, train_step: Callable, *, rows: int, share_prompts: bool = False):
+    def __init__(self, train_step: Callable, *, rows: int, share_prompts: bool = False,
+                 store=None):
         self._step = train_step
+        self.store = store
         self.rows = int(rows)
         self.share_prompts = bool(share_prompts)
         self.widen = 2 if self.share_prompts else 1  # W / T of a batch that knows its prompts
@@ -124,7 +129,13 @@ class StepPrograms:
         queue = (nxt != lines and nxt not in self._programs
                  and nxt <= -(-self.rows // widen))  # at most the whole batch's slots
         spec = jax.tree.map(_spec, (state, params, batch)) if queue else None  # before donation
-        out = self._step(state, params, batch)
+        if self.store is not None:
+            if queue:
+                raise ValueError("StepPrograms: a store and preparation ahead exclude each other")
+            step = self.store.compiled("train_step", self._step, (state, params, batch))
+        else:
+            step = self._step
+        out = step(state, params, batch)
         self._programs[lines] = None
         if queue:
             self._programs[nxt] = self._submit(self._prepare, spec, nxt)

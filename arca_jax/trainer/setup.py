@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from arca_jax import checkpoint, configlib, distributed, hf, lora, parallel, qwen3, rundir
+from arca_jax import (checkpoint, configlib, credit, distributed, hf, lora, parallel, qwen3,
+                      rundir)
 from arca_jax.config import RunConfig
 from arca_jax.errors import ConfigError
 from arca_jax.grpo.config import GRPOConfig
@@ -272,6 +273,46 @@ def default_cache_dir(environ=os.environ) -> str:
     """$XDG_CACHE_HOME/arca-jax/xla (default ~/.cache/arca-jax/xla)."""
     base = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "arca-jax", "xla")
+
+
+def step_static(cfg: RunConfig, model_config) -> str:
+    """Everything `loop` builds the train step from besides its arguments: the inputs of
+    `make_train_step` and of `build_optimizer` (`ExecutableStore`'s static text). Name a new
+    input of either here."""
+    import inspect
+
+    try:  # a weighting of the user's own: its code too (this package's is in the source digest)
+        weighting = inspect.getsource(credit.get(cfg.grpo.weighting).fn)
+    except (OSError, TypeError):
+        weighting = None
+    return repr(dict(model=model_config, objective=objective_config(cfg), optim=cfg.optim,
+                     optimizer_steps=cfg.train.steps * cfg.grpo.num_iterations,
+                     lora_scale=cfg.lora.scaling, lora_dropout=cfg.lora.dropout,
+                     mode=cfg.train.mode, microbatches=cfg.train.microbatches,
+                     share_prompts=share_prompts(cfg, model_config), weighting=weighting))
+
+
+def step_store(cfg: RunConfig, model_config, environ=os.environ):
+    """The run's `executables.ExecutableStore` for its packed train steps, or None
+    (`train.store_steps`; None: on for a CPU run of one process with the compilation cache on,
+    `train.prepare_ahead` off and a weighting defined in this package, whose source the key
+    covers). Its directory: `ARCA_JAX_STEP_STORE`, else "steps" beside `default_cache_dir()`."""
+    from arca_jax.trainer.executables import ExecutableStore
+
+    t = cfg.train
+    want = t.store_steps
+    if want is None:
+        weighting = credit.get(cfg.grpo.weighting)
+        want = (jax.default_backend() == "cpu" and jax.process_count() == 1
+                and bool(jax.config.jax_compilation_cache_dir)
+                and jax.config.jax_enable_compilation_cache
+                and not t.prepare_ahead
+                and getattr(weighting.fn, "__module__", "").startswith("arca_jax."))
+    if not want or t.mode != "jit":
+        return None
+    directory = environ.get("ARCA_JAX_STEP_STORE") or os.path.join(
+        os.path.dirname(default_cache_dir(environ)), "steps")
+    return ExecutableStore(directory, step_static(cfg, model_config))
 
 
 def use_compilation_cache(environ=os.environ) -> Optional[str]:

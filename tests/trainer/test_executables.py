@@ -1,0 +1,174 @@
+"""`trainer.executables.ExecutableStore`: compiled programs found again without tracing (a new
+process runs a stored program whose Python function would fail if traced), keyed by the static
+text, the arguments' signature and the environment; written only when compiled by the store's
+own call; damaged entries recompiled; bounded. And the trainer's use: `setup.step_static`
+changes with every input of the step, not with the seed; a second run loads its steps and
+reproduces the first exactly."""
+
+import inspect
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from arca_jax import config, train
+from arca_jax.trainer import executables, setup
+from arca_jax.trainer.executables import ExecutableStore
+from fixtures import TIMING, read_jsonl
+
+
+def program(x, tree):
+    return {"y": x @ tree["w"] + jnp.sin(tree["b"]) * 3.25}, (x @ tree["w"] * tree["b"]).sum()
+
+
+def arguments(n=5):
+    rng = np.random.default_rng(n)
+    x = jnp.asarray(rng.normal(size=(3, n)), jnp.float32)
+    return x, {"w": jnp.asarray(rng.normal(size=(n, 4)), jnp.float32),
+               "b": jnp.asarray(rng.normal(size=(4,)), jnp.float32)}
+
+
+LOADER = r"""
+import jax, jax.numpy as jnp, numpy as np
+from arca_jax.trainer.executables import ExecutableStore
+{arguments}
+
+def traced(*args):
+    raise AssertionError("traced: the store missed")
+
+store = ExecutableStore({directory!r}, "static-a")
+out = store.compiled("program", jax.jit(traced), arguments())(*arguments())
+print(store.hits, store.writes)
+np.save({result!r}, np.asarray(out[0]["y"]))
+"""
+
+
+def test_a_new_process_runs_the_stored_program_without_tracing(tmp_path):
+    store = ExecutableStore(str(tmp_path / "store"), "static-a")
+    compiled = store.compiled("program", jax.jit(program), arguments())
+    assert (store.hits, store.writes) == (0, 1)
+    want = compiled(*arguments())
+    result = tmp_path / "y.npy"
+    code = LOADER.format(arguments=inspect.getsource(arguments),
+                         directory=str(tmp_path / "store"), result=str(result))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-2:] == ["1", "0"]  # loaded, nothing compiled or written
+    np.testing.assert_array_equal(np.load(result), np.asarray(want[0]["y"]))
+
+
+def test_keys_follow_static_text_and_signature(tmp_path):
+    a = ExecutableStore(str(tmp_path), "static-a")
+    same = ExecutableStore(str(tmp_path), "static-a")
+    other = ExecutableStore(str(tmp_path), "static-b")
+    args = arguments()
+    assert a.path("p", args) == same.path("p", args)
+    assert a.path("p", args) != other.path("p", args)
+    assert a.path("p", args) != a.path("q", args)
+    assert a.path("p", args) != a.path("p", arguments(6))  # shapes
+    x, tree = args
+    assert a.path("p", args) != a.path("p", (x.astype(jnp.bfloat16), tree))  # dtypes
+
+
+def test_written_only_when_the_call_compiled_it(tmp_path):
+    def fresh(x, tree):  # a program no other test compiles
+        return {"y": x @ tree["w"] - 1.5}, jnp.cos(x).sum()
+
+    jitted = jax.jit(fresh)
+    jitted.lower(*arguments()).compile()  # now in JAX's in-memory cache
+    store = ExecutableStore(str(tmp_path), "static")
+    store.compiled("fresh", jitted, arguments())
+    assert store.writes == 0  # came from the in-memory cache: not known to be a fresh compile
+
+    class FromPersistentCache:  # a compile during which JAX's persistent cache reports a hit
+        def lower(self, *args):
+            lowered = jax.jit(program).lower(*args)
+
+            class L:
+                def compile(self):
+                    jax.monitoring.record_event("/jax/compilation_cache/cache_hits")
+                    return lowered.compile()
+            return L()
+
+    store.compiled("program", FromPersistentCache(), arguments(7))
+    assert store.writes == 0
+    store.compiled("program", jax.jit(program), arguments(8))
+    assert store.writes == 1
+
+
+def test_a_damaged_entry_is_removed_and_the_program_compiled(tmp_path):
+    store = ExecutableStore(str(tmp_path), "static")
+    path = store.path("program", arguments())
+    os.makedirs(tmp_path, exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(b"not a pickled executable")
+    compiled = ExecutableStore(str(tmp_path), "static").compiled("program", jax.jit(program),
+                                                                  arguments())
+    np.testing.assert_allclose(np.asarray(compiled(*arguments())[1]),
+                               np.asarray(program(*arguments())[1]), rtol=1e-6)
+    with open(path, "rb") as f:
+        assert f.read() != b"not a pickled executable"  # rewritten by the compile
+
+
+def test_bounded(tmp_path, monkeypatch):
+    monkeypatch.setattr(executables, "MAX_ENTRIES", 2)
+    store = ExecutableStore(str(tmp_path), "static")
+    for n in (9, 10, 11):
+        store.compiled("program", jax.jit(program), arguments(n))
+    assert store.writes == 3
+    assert len([f for f in os.listdir(tmp_path) if f.endswith(executables.SUFFIX)]) == 2
+
+
+RUN = ["train.steps=2", "rollout.prompts_per_step=2", "rollout.group_size=2",
+       "rollout.max_new_tokens=16", "rollout.max_prompt_tokens=15", "task.num_eval_problems=2",
+       "task.max_train_samples=16", "train.save_every=0", "train.eval_every=0",
+       "train.samples_every=0", "grpo.weighting=arca"]
+
+
+def test_step_static_names_every_input_of_the_step():
+    from fixtures import tiny_config
+
+    model = tiny_config()
+    base = setup.step_static(config.load(None, RUN), model)
+    for change in ("optim.learning_rate=0.5", "optim.warmup_steps=3", "train.steps=7",
+                   "lora.alpha=3.0", "lora.dropout=0.1", "grpo.weighting=uniform",
+                   "grpo.sharpening=2.0", "grpo.num_iterations=2", "train.share_prompts=false",
+                   "grpo.attention_blocks=2"):
+        assert setup.step_static(config.load(None, RUN + [change]), model) != base, change
+    assert setup.step_static(config.load(None, RUN), tiny_config(rope_theta=5e5)) != base
+    for same in ("train.seed=5", "train.eval_every=1", "task.num_eval_problems=3"):
+        assert setup.step_static(config.load(None, RUN + [same]), model) == base, same
+
+
+def test_store_rule():
+    cfg = config.load(None, RUN)
+    from fixtures import tiny_config
+
+    model = tiny_config()
+    assert setup.step_store(cfg, model) is not None  # CPU, one process, cache on (conftest)
+    for off in ("train.store_steps=false", "train.prepare_ahead=true", "train.mode=pmap"):
+        assert setup.step_store(config.load(None, RUN + [off]), model) is None, off
+    with pytest.raises(ValueError, match="exclude each other"):
+        config.load(None, RUN + ["train.store_steps=true", "train.prepare_ahead=true"])
+
+
+def test_second_run_loads_its_steps_and_reproduces_the_first(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ARCA_JAX_STEP_STORE", str(tmp_path / "steps"))
+    cfg = config.load(None, RUN)
+    train.train(cfg, str(tmp_path / "a"))
+    written = sorted(os.listdir(tmp_path / "steps"))
+    assert written
+    jax.clear_caches()  # nothing of the first run in memory
+    capsys.readouterr()
+    train.train(cfg, str(tmp_path / "b"))
+    assert sorted(os.listdir(tmp_path / "steps")) == written
+    out = capsys.readouterr()
+    assert f"{len(written)} loaded, 0 written" in out.out + out.err
+    rows = [[{k: v for k, v in r.items() if k not in TIMING}
+             for r in read_jsonl(str(tmp_path / d / "metrics.jsonl"))] for d in "ab"]
+    assert rows[0] == rows[1]
