@@ -51,11 +51,8 @@ def accelerator_plugins() -> bool:
     module or entry point (the CUDA / ROCm plugins). Decided without starting JAX."""
     if importlib.util.find_spec("libtpu") is not None or os.environ.get("TPU_LIBRARY_PATH"):
         return True
-    try:
-        import jax_plugins  # noqa: F401 - a namespace package, present when a plugin is installed
+    if importlib.util.find_spec("jax_plugins") is not None:  # the plugins' namespace package
         return True
-    except ImportError:
-        pass
     from importlib.metadata import entry_points
     return any(True for _ in entry_points(group="jax_plugins"))
 
