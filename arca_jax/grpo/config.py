@@ -57,7 +57,7 @@ class GRPOConfig:
         "cudnn", "sdpa-xla". The fused ones need each row's attention_mask to be one run of ones.
     attention_blocks: the einsum attention's query blocks (``qwen3.causal_blocks``: block i
         attends to the keys up to its end only; the same values, about (n + 1) / 2n of the
-        scores); None: 2 on CPU, 1 elsewhere (``qwen3.resolve_attention_blocks``).
+        scores); None: 4 on CPU, 1 elsewhere (``qwen3.resolve_attention_blocks``).
     lora_dtype: dtype of the adapter matmuls (``qwen3.LoraLinear``); None: the activation dtype
         (bf16 under a bf16 base; float32 models unchanged); "float32" forces float32.
     logits_grad_dtype: dtype of the backward matmul through the vocabulary projection

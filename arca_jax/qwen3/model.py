@@ -109,10 +109,9 @@ def resolve_attention(attention: str, dtype) -> str:
 
 
 # Query blocks of the einsum attention where `attention_blocks` is None and the step runs on CPU:
-# the demo's shared-prompt ARCA step (lines of 224 slots) 417 -> 369 ms with 2 blocks, 354 with
-# 4, which compile 2.5-3.5 s longer (experiments/NOTES_vs_trl.md, "Freed memory reused, causal
-# query blocks"); GPU and TPU keep one block until measured there.
-CPU_ATTENTION_BLOCKS = 2
+# the demo's shared-prompt ARCA step (lines of 224 slots) 406 -> 304-324 ms with 4 blocks
+# (experiments/NOTES_vs_trl.md, "Causal query blocks"); GPU and TPU keep one block until measured.
+CPU_ATTENTION_BLOCKS = 4
 
 
 def resolve_attention_blocks(blocks: Optional[int], platform: Optional[str] = None) -> int:
@@ -524,7 +523,7 @@ def forward(params: Params, input_ids: jax.Array, *, config: Qwen3Config,
         (`moe.expert_parallel`: each device computes the experts it holds, the tokens sent to
         them); a dense model ignores it.
       attention_blocks: "einsum" attention in this many query blocks, each attending to the keys
-        up to its end (`causal_blocks`: the same values, fewer scores); None: 2 on CPU, else 1
+        up to its end (`causal_blocks`: the same values, fewer scores); None: 4 on CPU, else 1
         (`resolve_attention_blocks`; static). Fused attention ignores it.
 
     Returns:

@@ -149,7 +149,7 @@ def test_train_step_equals_padded_and_refuses_split_modes(model):
     s_ref, m_ref = step(TrainState.create(tree, opt, key), params, b)
     s_got, m_got = step(TrainState.create(tree, opt, key), params, packing.pack(b))
     # float32 rounding only, amplified by this random model (weights of scale 2, sharpening 2):
-    # the attention's query blocks (2 on CPU) cut the padded rows and the packed lines at
+    # the attention's query blocks (4 on CPU) cut the padded rows and the packed lines at
     # different slots, so their sums run in different orders (one block: 0.9e-5 under the
     # tests' XLA flags, four: 1.3e-5); a missing mask or a misplaced token is O(1)
     trees_close(s_got.opt_state, s_ref.opt_state, tol=3e-5)  # the gradient
