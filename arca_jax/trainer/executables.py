@@ -63,7 +63,9 @@ def _cpu_model() -> str:
 
 
 def environment() -> str:
-    """What a compiled program depends on besides its inputs: versions, flags, the backend."""
+    """What a compiled program depends on besides its inputs: versions, jax's options (global
+    values: x64, default matmul precision, ...), XLA flags, the backend and device, the CPU, this
+    package's source. Computed when a store is made (options changed later are not seen)."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -71,7 +73,8 @@ def environment() -> str:
     except PackageNotFoundError:
         jaxlib = ""
     d = jax.devices()[0]
-    return "\n".join([jax.__version__, jaxlib, sys.version, os.environ.get("XLA_FLAGS", ""), d.platform,
+    options = repr(sorted((k, repr(v)) for k, v in jax.config.values.items()))  # x64, precision..
+    return "\n".join([jax.__version__, jaxlib, sys.version, options, os.environ.get("XLA_FLAGS", ""), d.platform,
                       getattr(d, "device_kind", ""), d.client.platform_version,
                       str(len(jax.devices())), _cpu_model(), source_digest()])
 

@@ -32,34 +32,42 @@ def arguments(n=5):
                "b": jnp.asarray(rng.normal(size=(4,)), jnp.float32)}
 
 
-LOADER = r"""
+PROCESS = r"""
+import sys
 import jax, jax.numpy as jnp, numpy as np
 from arca_jax.trainer.executables import ExecutableStore
+{program}
 {arguments}
-
 def traced(*args):
     raise AssertionError("traced: the store missed")
 
 store = ExecutableStore({directory!r}, "static-a")
-out = store.compiled("program", jax.jit(traced), arguments())(*arguments())
+fn = program if sys.argv[1] == "write" else traced
+out = store.compiled("program", jax.jit(fn), arguments())(*arguments())
 print(store.hits, store.writes)
-np.save({result!r}, np.asarray(out[0]["y"]))
+np.save(sys.argv[2], np.asarray(out[0]["y"]))
 """
 
 
 def test_a_new_process_runs_the_stored_program_without_tracing(tmp_path):
-    store = ExecutableStore(str(tmp_path / "store"), "static-a")
-    compiled = store.compiled("program", jax.jit(program), arguments())
-    assert (store.hits, store.writes) == (0, 1)
-    want = compiled(*arguments())
-    result = tmp_path / "y.npy"
-    code = LOADER.format(arguments=inspect.getsource(arguments),
-                         directory=str(tmp_path / "store"), result=str(result))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split()[-2:] == ["1", "0"]  # loaded, nothing compiled or written
-    np.testing.assert_array_equal(np.load(result), np.asarray(want[0]["y"]))
+    """One process compiles and stores; a second one, whose function fails if traced, loads
+    and runs it: the same outputs."""
+    code = PROCESS.format(program=inspect.getsource(program),
+                          arguments=inspect.getsource(arguments),
+                          directory=str(tmp_path / "store"))
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device (the trainer's)
+
+    def run(mode):
+        out = subprocess.run([sys.executable, "-c", code, mode, str(tmp_path / f"{mode}.npy")],
+                             capture_output=True, text=True, timeout=300, env=env)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout.split()[-2:]
+
+    assert run("write") == ["0", "1"]  # compiled and written
+    assert run("load") == ["1", "0"]  # loaded, nothing compiled or written
+    np.testing.assert_array_equal(np.load(tmp_path / "load.npy"), np.load(tmp_path / "write.npy"))
+    np.testing.assert_allclose(np.load(tmp_path / "load.npy"),
+                               np.asarray(program(*arguments())[0]["y"]), rtol=1e-5)
 
 
 def test_keys_follow_static_text_and_signature(tmp_path):
@@ -73,6 +81,12 @@ def test_keys_follow_static_text_and_signature(tmp_path):
     assert a.path("p", args) != a.path("p", arguments(6))  # shapes
     x, tree = args
     assert a.path("p", args) != a.path("p", (x.astype(jnp.bfloat16), tree))  # dtypes
+    precision = jax.config.jax_default_matmul_precision
+    try:  # jax's options are part of the key (the tests run at "highest")
+        jax.config.update("jax_default_matmul_precision", "bfloat16")
+        assert ExecutableStore(str(tmp_path), "static-a").path("p", args) != a.path("p", args)
+    finally:
+        jax.config.update("jax_default_matmul_precision", precision)
 
 
 def test_written_only_when_the_call_compiled_it(tmp_path):
