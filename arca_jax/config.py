@@ -241,10 +241,11 @@ class TrainConfig:
     prepare in a background thread the packed step's program for the next line count up when a
     batch nearly fills its own, before a step needs it (`trainer.programs`; None: on when the
     step runs on a GPU or TPU, whose host cores idle meanwhile, off on CPU, where they run the
-    step); store_steps: keep the packed step's compiled programs on disk, keyed by the run's
-    static settings and the source, so that a new run of the same config loads them without
-    tracing (`trainer.executables`; None: on for a CPU run of one process with the
-    compilation cache on, prepare_ahead off and a weighting of this package; off elsewhere);
+    step); store_programs: keep the packed train step's and the sampler's compiled programs on
+    disk, keyed by what they are built from and the source, so that a new run of the same
+    config loads them without tracing (`trainer.executables`; None: on for a CPU run of one
+    process in mode "jit" with the compilation cache on, the train step's only with
+    prepare_ahead off and a weighting of this package; off elsewhere);
     eval_batch_size: problems whose completions decode at once in an evaluation (its KV cache
     holds eval_batch_size x pass_k rows; the problems beyond wait for a free slot: continuous
     refill)."""
@@ -265,11 +266,11 @@ class TrainConfig:
     pack: bool = True
     share_prompts: Optional[bool] = None
     prepare_ahead: Optional[bool] = None
-    store_steps: Optional[bool] = None
+    store_programs: Optional[bool] = None
 
     def __post_init__(self):
-        if self.store_steps and self.prepare_ahead:
-            raise ValueError("train.store_steps and train.prepare_ahead exclude each other "
+        if self.store_programs and self.prepare_ahead:
+            raise ValueError("train.store_programs and train.prepare_ahead exclude each other "
                              "(a stored step is loaded, not prepared): set one of them")
         if self.steps < 0:
             raise ValueError(f"steps must be >= 0, got {self.steps}")

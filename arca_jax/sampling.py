@@ -535,7 +535,7 @@ def generate(params: Params, prompt_ids, prompt_mask, *, config: qwen3.Qwen3Conf
              mesh=None, group_size: int = 1, max_batch: Optional[int] = None,
              admit_rows: Optional[int] = None,
              decode_attention: Optional[str] = None,
-             shrink: int = 0) -> SampleOutput:
+             shrink: int = 0, store=None) -> SampleOutput:
     """Samples completions of left-padded prompts.
 
     Args:
@@ -576,6 +576,8 @@ def generate(params: Params, prompt_ids, prompt_mask, *, config: qwen3.Qwen3Conf
         (`decode`): rows that ended early stop costing decode steps. The same tokens and
         log-probs (up to float rounding of the batch's matmuls). Each halving compiles one more
         decode loop (`experiments/NOTES_sampling.md`, "Shrinking the slots").
+      store: an `arca_jax.trainer.executables.ExecutableStore` (no mesh): the four programs
+        are loaded from it without tracing, or compiled and written to it; None: jit as usual.
 
     Returns:
       SampleOutput(tokens, mask, logps, sampled_logps [B, N], lengths [B], finished [B],
@@ -600,19 +602,28 @@ def generate(params: Params, prompt_ids, prompt_mask, *, config: qwen3.Qwen3Conf
         parallel.check_tensor(config, parallel.axis_size(mesh, parallel.TENSOR))
         rows = jax.sharding.NamedSharding(mesh, parallel.batch_spec(prompt_ids.shape[0], mesh))
         prompt_ids, prompt_mask = jax.device_put((prompt_ids, prompt_mask), rows)
-    weights = prepare_weights_jit(params, config, lora=lora,
-                                  lora_scale=jnp.asarray(lora_scale, jnp.float32),
-                                  merge_lora=bool(merge_lora and lora is not None),
-                                  decode_attention=decode_attention, mesh=mesh)
+    if store is not None and mesh is not None:
+        raise ValueError("generate: a store holds single-device programs; sample on a mesh "
+                         "without one")
+
+    def run(name, jitted, args, kwargs, static):
+        if store is None:
+            return jitted(*args, **kwargs, **static)
+        return store.compiled(name, jitted, args, kwargs, static)(*args, **kwargs)
+
+    weights = run("prepare_weights", prepare_weights_jit, (params,),
+                  dict(lora=lora, lora_scale=jnp.asarray(lora_scale, jnp.float32)),
+                  dict(config=config, merge_lora=bool(merge_lora and lora is not None),
+                       decode_attention=decode_attention, mesh=mesh))
     B = prompt_ids.shape[0]
     slots = None if max_batch is None or int(max_batch) >= B else int(max_batch)
-    state = prefill_jit(weights, prompt_ids, prompt_mask, config=config, settings=settings, rng=rng,
-                        limit=jnp.asarray(max_new_tokens, jnp.int32), mesh=mesh,
-                        group_size=int(group_size), slots=slots,
-                        admit_rows=None if slots is None else admit_rows)
-    state = decode_jit(weights, state, config=config, settings=settings, mesh=mesh,
-                       shrink=int(shrink))
-    out = finish_jit(state)
+    state = run("prefill", prefill_jit, (weights, prompt_ids, prompt_mask),
+                dict(rng=rng, limit=jnp.asarray(max_new_tokens, jnp.int32)),
+                dict(config=config, settings=settings, mesh=mesh, group_size=int(group_size),
+                     slots=slots, admit_rows=None if slots is None else admit_rows))
+    state = run("decode", decode_jit, (weights, state), {},
+                dict(config=config, settings=settings, mesh=mesh, shrink=int(shrink)))
+    out = run("finish", finish_jit, (state,), {}, {})
     if settings.max_new_tokens != max_new_tokens:
         out = out.replace(tokens=out.tokens[:, :max_new_tokens], mask=out.mask[:, :max_new_tokens],
                           logps=out.logps[:, :max_new_tokens],

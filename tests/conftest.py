@@ -42,10 +42,10 @@ if "ARCA_JAX_TEST_COMPILATION_CACHE" not in os.environ:
     os.environ["ARCA_JAX_TEST_COMPILATION_CACHE"] = tempfile.mkdtemp(prefix="arca-jax-test-xla-")
     atexit.register(shutil.rmtree, os.environ["ARCA_JAX_TEST_COMPILATION_CACHE"], True)
 os.environ["ARCA_JAX_COMPILATION_CACHE"] = os.environ["ARCA_JAX_TEST_COMPILATION_CACHE"]
-# the trainer's stored train steps (`train.store_steps`) likewise, never the user's cache
-if "ARCA_JAX_STEP_STORE" not in os.environ:
-    os.environ["ARCA_JAX_STEP_STORE"] = tempfile.mkdtemp(prefix="arca-jax-test-steps-")
-    atexit.register(shutil.rmtree, os.environ["ARCA_JAX_STEP_STORE"], True)
+# the trainer's stored train steps (`train.store_programs`) likewise, never the user's cache
+if "ARCA_JAX_PROGRAM_STORE" not in os.environ:
+    os.environ["ARCA_JAX_PROGRAM_STORE"] = tempfile.mkdtemp(prefix="arca-jax-test-steps-")
+    atexit.register(shutil.rmtree, os.environ["ARCA_JAX_PROGRAM_STORE"], True)
 # Only programs that take a second or more to compile are shared: the tests also run thousands of
 # small eager programs, and every write to the (bounded, locked) cache lists the whole directory,
 # which made the writes most of the suite's time once the directory held thousands of entries.

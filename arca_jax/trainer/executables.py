@@ -9,8 +9,9 @@ of this package's source, of jax's version, flags and backend, and of the argume
 signature (tree structure, shapes, dtypes, shardings). A hit loads the serialized executable
 (`jax.experimental.serialize_executable`) and runs it; a miss compiles as before and, when the
 executable was compiled by this call (not taken from JAX's persistent or in-memory caches: an
-executable loaded from the persistent cache serializes without its kernels on XLA:CPU), writes
-it for the next run.
+executable loaded from the persistent cache serializes without its kernels on XLA:CPU, so one
+that came from there is compiled once more under another key, `FRESH`), writes it for the next
+run.
 
 Single-device programs only (the trainer's "jit" mode); at most `MAX_ENTRIES` files, the least
 recently used removed first. Entries are written atomically (a temporary file renamed into place) and read defensively: an
@@ -32,6 +33,9 @@ import jax
 
 SUFFIX = ".jaxexe"
 MAX_ENTRIES = 64  # the least recently used beyond these are removed when a new one is written
+# An XLA option at its default value: the same program under another persistent-cache key, so a
+# program that JAX's cache held (and would hand over without its kernels) compiles afresh.
+FRESH = {"xla_embed_ir_in_executable": False}
 _source_digest: Optional[str] = None
 
 
@@ -132,20 +136,28 @@ class ExecutableStore:
         self.hits = self.writes = 0
         _Compiles.listen()
 
-    def path(self, name: str, args) -> str:
-        key = hashlib.sha256(f"{self._base}\n{name}\n{signature(args)}".encode()).hexdigest()
+    def path(self, name: str, args, kwargs=None, static=None) -> str:
+        text = f"{self._base}\n{name}\n{static or {}!r}\n{signature((args, kwargs or {}))}"
+        key = hashlib.sha256(text.encode()).hexdigest()
         return os.path.join(self.directory, f"{name}-{key[:40]}{SUFFIX}")
 
-    def compiled(self, name: str, jitted: Callable, args) -> Any:
-        """The compiled ``jitted`` for ``args`` (a tuple): from memory, from the store, or
-        compiled (and stored when it was compiled, not loaded from JAX's cache)."""
-        path = self.path(name, args)
+    def compiled(self, name: str, jitted: Callable, args, kwargs=None, static=None) -> Any:
+        """The compiled ``jitted`` for ``args`` (a tuple) and array keywords ``kwargs``, its
+        static keywords ``static`` (a dict of hashable values with a stable repr: configs, ints,
+        strings) bound: from memory, from the store, or compiled (and stored when it was
+        compiled, not loaded from JAX's cache). Call it with ``(*args, **kwargs)``."""
+        kwargs, static = kwargs or {}, static or {}
+        path = self.path(name, args, kwargs, static)
         program = self._loaded.get(path)
         if program is None:
             program = self._load(path)
             if program is None:
+                lowered = jitted.lower(*args, **kwargs, **static)
                 backend, hits = _Compiles.backend, _Compiles.hits
-                program = jitted.lower(*args).compile()
+                program = lowered.compile()
+                if _Compiles.hits > hits:  # from JAX's persistent cache: compile it anew once
+                    backend, hits = _Compiles.backend, _Compiles.hits
+                    program = lowered.compile(compiler_options=FRESH)
                 if _Compiles.backend > backend and _Compiles.hits == hits:  # compiled here
                     self._write(path, program)
             self._loaded[path] = program

@@ -309,7 +309,7 @@ def train(cfg: RunConfig, run_dir: str, *, resume: bool = False,
             store = run.programs.store
             if store is not None:
                 run.log.message(f"compiled train steps in {store.directory}: {store.hits} "
-                                f"loaded, {store.writes} written (train.store_steps)")
+                                f"loaded, {store.writes} written (train.store_programs)")
 
 
 def _run_steps(run: _Run, t_start: float, stop_after: Optional[int],

@@ -292,27 +292,56 @@ def step_static(cfg: RunConfig, model_config) -> str:
                      share_prompts=share_prompts(cfg, model_config), weighting=weighting))
 
 
+def _store_wanted(cfg: RunConfig) -> bool:
+    """`train.store_programs`, None resolved: on for a CPU run of one process (mode "jit") with
+    the compilation cache on."""
+    t = cfg.train
+    if t.mode != "jit" or t.store_programs is False:
+        return False
+    if t.store_programs:
+        return True
+    return (jax.default_backend() == "cpu" and jax.process_count() == 1
+            and bool(jax.config.jax_compilation_cache_dir)
+            and bool(jax.config.jax_enable_compilation_cache))
+
+
+def program_store_dir(environ=os.environ) -> str:
+    """`ARCA_JAX_PROGRAM_STORE`, else "programs" beside `default_cache_dir()`."""
+    return environ.get("ARCA_JAX_PROGRAM_STORE") or os.path.join(
+        os.path.dirname(default_cache_dir(environ)), "programs")
+
+
 def step_store(cfg: RunConfig, model_config, environ=os.environ):
     """The run's `executables.ExecutableStore` for its packed train steps, or None
-    (`train.store_steps`; None: on for a CPU run of one process with the compilation cache on,
-    `train.prepare_ahead` off and a weighting defined in this package, whose source the key
-    covers). Its directory: `ARCA_JAX_STEP_STORE`, else "steps" beside `default_cache_dir()`."""
+    (`train.store_programs`, see `_store_wanted`; by default also only with `train.prepare_ahead`
+    off and a weighting defined in this package, whose source the key covers)."""
     from arca_jax.trainer.executables import ExecutableStore
 
-    t = cfg.train
-    want = t.store_steps
-    if want is None:
-        weighting = credit.get(cfg.grpo.weighting)
-        want = (jax.default_backend() == "cpu" and jax.process_count() == 1
-                and bool(jax.config.jax_compilation_cache_dir)
-                and jax.config.jax_enable_compilation_cache
-                and not t.prepare_ahead
-                and getattr(weighting.fn, "__module__", "").startswith("arca_jax."))
-    if not want or t.mode != "jit":
+    if not _store_wanted(cfg):
         return None
-    directory = environ.get("ARCA_JAX_STEP_STORE") or os.path.join(
-        os.path.dirname(default_cache_dir(environ)), "steps")
-    return ExecutableStore(directory, step_static(cfg, model_config))
+    if cfg.train.store_programs is None:
+        fn = credit.get(cfg.grpo.weighting).fn
+        if cfg.train.prepare_ahead or not getattr(fn, "__module__", "").startswith("arca_jax."):
+            return None
+    return ExecutableStore(program_store_dir(environ), step_static(cfg, model_config))
+
+
+_sampler_stores: dict = {}
+
+
+def sampler_store(cfg: RunConfig, mesh, environ=os.environ):
+    """The process's `executables.ExecutableStore` for `sampling.generate`'s programs (one per
+    directory, kept for the process so that a program is loaded once), or None: with a mesh, or
+    where `train.store_programs` resolves off (`_store_wanted`). The sampler's programs are
+    keyed by their own static arguments (configs, settings), so one store serves every run."""
+    from arca_jax.trainer.executables import ExecutableStore
+
+    if mesh is not None or not _store_wanted(cfg):
+        return None
+    directory = program_store_dir(environ)
+    if directory not in _sampler_stores:
+        _sampler_stores[directory] = ExecutableStore(directory, "sampling.generate")
+    return _sampler_stores[directory]
 
 
 def use_compilation_cache(environ=os.environ) -> Optional[str]:

@@ -3,7 +3,7 @@ process runs a stored program whose Python function would fail if traced), keyed
 text, the arguments' signature and the environment; written only when compiled by the store's
 own call; damaged entries recompiled; bounded. And the trainer's use: `setup.step_static`
 changes with every input of the step, not with the seed; a second run loads its steps and
-reproduces the first exactly."""
+reproduces the first exactly; the sampler's programs stored and loaded with the same tokens."""
 
 import inspect
 import os
@@ -99,20 +99,31 @@ def test_written_only_when_the_call_compiled_it(tmp_path):
     store.compiled("fresh", jitted, arguments())
     assert store.writes == 0  # came from the in-memory cache: not known to be a fresh compile
 
-    class FromPersistentCache:  # a compile during which JAX's persistent cache reports a hit
+    class FromPersistentCache:  # JAX's persistent cache hands the program over (a hit event)
+        def __init__(self, always):
+            self.always, self.options = always, []
+
         def lower(self, *args):
-            lowered = jax.jit(program).lower(*args)
+            lowered, outer = jax.jit(program).lower(*args), self
 
             class L:
-                def compile(self):
-                    jax.monitoring.record_event("/jax/compilation_cache/cache_hits")
-                    return lowered.compile()
+                def compile(self, compiler_options=None):
+                    outer.options.append(compiler_options)
+                    if compiler_options is None or outer.always:
+                        jax.monitoring.record_event("/jax/compilation_cache/cache_hits")
+                    return lowered.compile(compiler_options=compiler_options)
             return L()
 
-    store.compiled("program", FromPersistentCache(), arguments(7))
-    assert store.writes == 0
-    store.compiled("program", jax.jit(program), arguments(8))
+    held = FromPersistentCache(always=False)  # held under the plain key only
+    store.compiled("program", held, arguments(7))
+    assert held.options == [None, executables.FRESH]  # compiled once more under another key
     assert store.writes == 1
+    everywhere = FromPersistentCache(always=True)  # held under both keys: nothing written
+    store.compiled("program", everywhere, arguments(12))
+    assert everywhere.options == [None, executables.FRESH]
+    assert store.writes == 1
+    store.compiled("program", jax.jit(program), arguments(8))
+    assert store.writes == 2
 
 
 def test_a_damaged_entry_is_removed_and_the_program_compiled(tmp_path):
@@ -162,20 +173,49 @@ def test_step_static_names_every_input_of_the_step():
         assert setup.step_static(config.load(None, RUN + [same]), model) == base, same
 
 
+def test_sampler_programs_stored_and_loaded(tmp_path):
+    """`sampling.generate(store=...)`: the four programs written by a first call, loaded by a
+    second store on the same directory; the same tokens and log-probs as plain jit, LoRA on."""
+    from arca_jax import lora, sampling
+    from fixtures import random_adapter, random_params, tiny_config
+
+    cfg = tiny_config(vocab_size=37)  # a model no other test samples from
+    params = random_params(cfg, seed=0)
+    tree = random_adapter(cfg, lora.LoraConfig(rank=4, alpha=8.0), seed=1, scale=0.2)
+    ids = jnp.asarray(np.random.default_rng(0).integers(1, 37, (4, 6)), jnp.int32)
+    run = lambda store: sampling.generate(  # noqa: E731
+        params, ids, jnp.ones_like(ids), config=cfg, rng=jax.random.PRNGKey(1),
+        max_new_tokens=10, eos_id=3, lora=tree, lora_scale=2.0, group_size=2, store=store)
+    first = ExecutableStore(str(tmp_path), "sampling.generate")
+    a = run(first)
+    assert (first.hits, first.writes) == (0, 4)
+    second = ExecutableStore(str(tmp_path), "sampling.generate")
+    b = run(second)
+    assert (second.hits, second.writes) == (4, 0)
+    ref = run(None)
+    for x in (a, b):
+        np.testing.assert_array_equal(np.asarray(x.tokens), np.asarray(ref.tokens))
+        np.testing.assert_array_equal(np.asarray(x.logps), np.asarray(ref.logps))
+
+
 def test_store_rule():
     cfg = config.load(None, RUN)
     from fixtures import tiny_config
 
     model = tiny_config()
     assert setup.step_store(cfg, model) is not None  # CPU, one process, cache on (conftest)
-    for off in ("train.store_steps=false", "train.prepare_ahead=true", "train.mode=pmap"):
+    for off in ("train.store_programs=false", "train.prepare_ahead=true", "train.mode=pmap"):
         assert setup.step_store(config.load(None, RUN + [off]), model) is None, off
+    assert setup.sampler_store(cfg, None) is setup.sampler_store(cfg, None)  # one per process
+    assert setup.sampler_store(config.load(None, RUN + ["train.prepare_ahead=true"]),
+                               None) is not None
+    assert setup.sampler_store(cfg, object()) is None  # a mesh
     with pytest.raises(ValueError, match="exclude each other"):
-        config.load(None, RUN + ["train.store_steps=true", "train.prepare_ahead=true"])
+        config.load(None, RUN + ["train.store_programs=true", "train.prepare_ahead=true"])
 
 
 def test_second_run_loads_its_steps_and_reproduces_the_first(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("ARCA_JAX_STEP_STORE", str(tmp_path / "steps"))
+    monkeypatch.setenv("ARCA_JAX_PROGRAM_STORE", str(tmp_path / "steps"))
     # a learning rate no other test uses: a program JAX's shared test cache cannot hold yet
     cfg = config.load(None, RUN + ["optim.learning_rate=0.0123"])
     train.train(cfg, str(tmp_path / "a"))
@@ -185,8 +225,10 @@ def test_second_run_loads_its_steps_and_reproduces_the_first(tmp_path, monkeypat
     capsys.readouterr()
     train.train(cfg, str(tmp_path / "b"))
     assert sorted(os.listdir(tmp_path / "steps")) == written
+    steps = [f for f in written if f.startswith("train_step-")]
+    assert steps and len(written) > len(steps)  # the sampler's programs too
     out = capsys.readouterr()
-    assert f"{len(written)} loaded, 0 written" in out.out + out.err
+    assert f"{len(steps)} loaded, 0 written" in out.out + out.err
     rows = [[{k: v for k, v in r.items() if k not in TIMING}
              for r in read_jsonl(str(tmp_path / d / "metrics.jsonl"))] for d in "ab"]
     assert rows[0] == rows[1]
