@@ -69,7 +69,7 @@ class StepPrograms:
                    fill), counted in quarters of the batch's B T slots as well (B / 8 lines).
     store:         an `executables.ExecutableStore`: each line count's program is loaded from
                    it (no tracing) or compiled and written to it; None: the jitted step as is.
-                   Not with preparation ahead (`ahead`): give one or the other.
+                   With a store nothing is prepared ahead (`ahead` is ignored).
     """
 
     def __init__(self, train_step: Callable, *, rows: int, share_prompts: bool = False,
@@ -126,12 +126,10 @@ class StepPrograms:
         widen = batch.packing.src.shape[1] // batch.attention_mask.shape[1]  # W / T
         half = max(1, self._multiple(widen) // 2)
         nxt = self.lines_for(self.filled(batch) + half, widen) if ahead else lines
-        queue = (nxt != lines and nxt not in self._programs
+        queue = (nxt != lines and nxt not in self._programs and self.store is None
                  and nxt <= -(-self.rows // widen))  # at most the whole batch's slots
         spec = jax.tree.map(_spec, (state, params, batch)) if queue else None  # before donation
         if self.store is not None:
-            if queue:
-                raise ValueError("StepPrograms: a store and preparation ahead exclude each other")
             step = self.store.compiled("train_step", self._step, (state, params, batch))
         else:
             step = self._step

@@ -321,7 +321,8 @@ def step_store(cfg: RunConfig, model_config, environ=os.environ):
         return None
     if cfg.train.store_programs is None:
         fn = credit.get(cfg.grpo.weighting).fn
-        if cfg.train.prepare_ahead or not getattr(fn, "__module__", "").startswith("arca_jax."):
+        module = getattr(fn, "__module__", None) or ""  # None: code run by exec
+        if cfg.train.prepare_ahead or not module.startswith("arca_jax."):
             return None
     return ExecutableStore(program_store_dir(environ), step_static(cfg, model_config))
 

@@ -206,6 +206,19 @@ def test_store_rule():
     assert setup.step_store(cfg, model) is not None  # CPU, one process, cache on (conftest)
     for off in ("train.store_programs=false", "train.prepare_ahead=true", "train.mode=pmap"):
         assert setup.step_store(config.load(None, RUN + [off]), model) is None, off
+    from arca_jax import credit
+
+    def own(residual_norms):
+        return residual_norms
+
+    for module in ("my_weightings", None):  # None: a function from code run by exec
+        own.__module__ = module
+        credit.register("store_rule_own", needs=("residual_norms",), fn=own, replace=True)
+        try:  # a weighting outside this package: its helpers are not in the key
+            assert setup.step_store(config.load(None, RUN + ["grpo.weighting=store_rule_own"]),
+                                    model) is None
+        finally:
+            credit.unregister("store_rule_own")
     assert setup.sampler_store(cfg, None) is setup.sampler_store(cfg, None)  # one per process
     assert setup.sampler_store(config.load(None, RUN + ["train.prepare_ahead=true"]),
                                None) is not None

@@ -164,3 +164,14 @@ def test_shared_prompts_count_quarters_of_the_slots_and_equal_a_plain_step():
     ahead.wait()
     assert ahead.prepared == {full.packing.lines: "met", full.packing.lines + 1: "ready"}
     ahead.close()
+    # with a store nothing is prepared ahead; the stored program gives the jitted step's result
+    import tempfile
+    from arca_jax.trainer.executables import ExecutableStore
+    stored = StepPrograms(make(), rows=B, share_prompts=True,
+                          store=ExecutableStore(tempfile.mkdtemp(), "test"))
+    s_sto, sto = stored(fresh(), params, full, ahead=True)
+    assert stored.prepared == {full.packing.lines: "met"}
+    s_ahe, ahe = StepPrograms(make(), rows=B, share_prompts=True)(fresh(), params, full,
+                                                                  ahead=False)
+    trees_close(sto, ahe, tol=0.0)
+    trees_close(s_sto.lora, s_ahe.lora, tol=0.0)
