@@ -44,8 +44,10 @@ def test_freed_temporaries_are_reused_not_faulted_in_again():
     applied, faults = _run("")
     off_applied, off_faults = _run("0")
     assert applied and not off_applied
+    if off_faults < 50_000:  # e.g. transparent huge pages "always": 2 MiB faults, few of them
+        pytest.skip(f"{off_faults} faults per call without the setting: this kernel does not "
+                    "fault the temporaries in 4 KiB pages, nothing to compare")
     # off: each call faults its temporaries in (~436,000 4 KiB pages); on: they stay mapped
-    assert off_faults > 50_000, off_faults
     assert faults < off_faults / 10, (faults, off_faults)
 
 
