@@ -1,22 +1,23 @@
-"""Compiled train steps on disk, found without tracing (CPU runs).
+"""Compiled programs on disk, found without tracing (CPU runs): the trainer's packed train steps
+and the sampler's programs.
 
 JAX's persistent compilation cache keys a program by its lowered module, so a new process still
 traces and lowers the train step before it can load it: 0.6 s of the demo's first step with
 cached programs (tracing 0.45 s, lowering 0.17 s, loading 0.22 s; experiments/NOTES_vs_trl.md).
-`ExecutableStore` keys the compiled step by what determines it instead: a digest of the run's
-static inputs (the caller's `static` text: model and objective configs, optimiser settings, ...),
-of this package's source, of jax's version, flags and backend, and of the arguments' abstract
-signature (tree structure, shapes, dtypes, shardings). A hit loads the serialized executable
-(`jax.experimental.serialize_executable`) and runs it; a miss compiles as before and, when the
-executable was compiled by this call (not taken from JAX's persistent or in-memory caches: an
-executable loaded from the persistent cache serializes without its kernels on XLA:CPU, so one
-that came from there is compiled once more under another key, `FRESH`), writes it for the next
-run.
+`ExecutableStore` keys a compiled program by what determines it instead: a digest of the
+caller's `static` text (for the train step: model and objective configs, optimiser settings,
+...) and static arguments, of this package's source, of jax's version, options, flags and
+backend, and of the arguments' abstract signature (tree structure, shapes, dtypes, shardings).
+A hit loads the serialized executable (`jax.experimental.serialize_executable`) and runs it; a
+miss compiles as before and, when the executable was compiled by this call (not taken from
+JAX's persistent or in-memory caches: an executable loaded from the persistent cache serializes
+without its kernels on XLA:CPU, so one that came from there is compiled once more under another
+key, `FRESH`), writes it for the next run.
 
 Single-device programs only (the trainer's "jit" mode); at most `MAX_ENTRIES` files, the least
-recently used removed first. Entries are written atomically (a temporary file renamed into place) and read defensively: an
-entry that does not load is removed and the step compiles. Never load a store written by
-someone else: unpickling an executable runs code.
+recently used removed first. Entries are written atomically (a temporary file renamed into
+place) and read defensively: an entry that does not load is removed and the program compiles.
+Never load a store written by someone else: unpickling an executable runs code.
 """
 
 from __future__ import annotations
@@ -78,9 +79,10 @@ def environment() -> str:
         jaxlib = ""
     d = jax.devices()[0]
     options = repr(sorted((k, repr(v)) for k, v in jax.config.values.items()))  # x64, precision..
-    return "\n".join([jax.__version__, jaxlib, sys.version, options, os.environ.get("XLA_FLAGS", ""), d.platform,
-                      getattr(d, "device_kind", ""), d.client.platform_version,
-                      str(len(jax.devices())), _cpu_model(), source_digest()])
+    return "\n".join([jax.__version__, jaxlib, sys.version, options,
+                      os.environ.get("XLA_FLAGS", ""), d.platform, getattr(d, "device_kind", ""),
+                      d.client.platform_version, str(len(jax.devices())), _cpu_model(),
+                      source_digest()])
 
 
 def signature(args) -> str:
