@@ -53,12 +53,14 @@ from arca_jax.qwen3.common import (ATTN_PROJS, MLP_PROJS, PROJ_BLOCK, Params, de
 from arca_jax.qwen3 import moe
 from arca_jax.qwen3.config import ConfigError, Qwen3Config, Qwen3MoeConfig, preset
 from arca_jax.qwen3.cache_attention import DECODE_ATTENTION, cache_size, default_decode_attention
+from arca_jax.qwen3.einsum_attention import (CPU_ATTENTION_BLOCKS, causal_blocks,
+                                             masked_attention, resolve_attention_blocks)
 from arca_jax.qwen3.inference import (InferenceLayer, InferenceOutput, InferenceWeights, KVCache,
                                       LowRank, SparseMlp, inference_forward, inference_weights)
 from arca_jax.qwen3.model import (ATTENTION_IMPLS, MLP, REMAT_OPTIONS, Attention, DecoderLayer,
                                   LoraLinear, ModelOutput, RMSNorm, layer_stack, compute_logits, forward,
                                   init_params, lm_head_kernel, on_cuda, param_shapes, remat_policy,
-                                  resolve_attention, resolve_attention_blocks)
+                                  resolve_attention)
 
 __all__ = [
     # config
@@ -66,11 +68,12 @@ __all__ = [
     # parameter tree, positions
     "Params", "ATTN_PROJS", "MLP_PROJS", "PROJ_BLOCK", "default_positions", "rope_tables",
     # training / scoring model
-    "ATTENTION_IMPLS", "REMAT_OPTIONS", "on_cuda", "resolve_attention", "resolve_attention_blocks",
-    "remat_policy",
+    "ATTENTION_IMPLS", "REMAT_OPTIONS", "on_cuda", "resolve_attention", "remat_policy",
     "RMSNorm", "LoraLinear", "Attention", "MLP", "DecoderLayer", "layer_stack",
     "ModelOutput",
     "lm_head_kernel", "compute_logits", "forward", "init_params", "param_shapes",
+    # the training forward's einsum attention
+    "CPU_ATTENTION_BLOCKS", "resolve_attention_blocks", "causal_blocks", "masked_attention",
     # decode path
     "LowRank", "SparseMlp", "InferenceLayer", "InferenceWeights", "DECODE_ATTENTION", "default_decode_attention",
     "cache_size",

@@ -1,7 +1,7 @@
-"""`qwen3.model.masked_attention`: the einsum attention whose backward recomputes its
+"""`qwen3.einsum_attention.masked_attention`: the einsum attention whose backward recomputes its
 probabilities equals the plain masked softmax attention and autodiff's gradient of it (numpy and
 jax references), with causal, packed-segment and shared-prefix masks and a query that sees
-nothing; `qwen3.model.causal_blocks` (query blocks, each against the keys up to its end) equals
+nothing; `qwen3.einsum_attention.causal_blocks` (query blocks, each against the keys up to its end) equals
 one block, values and gradients, and computes no score above its diagonal blocks."""
 
 import jax
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from arca_jax import qwen3
-from arca_jax.qwen3.model import causal_blocks, masked_attention
+from arca_jax.qwen3.einsum_attention import causal_blocks, masked_attention
 
 
 def plain(q, k, v, visible):
@@ -155,7 +155,7 @@ def test_causal_blocks_compute_no_scores_above_the_diagonal_blocks():
 def test_attention_blocks_resolve_and_validate():
     from arca_jax.grpo import GRPOConfig
 
-    assert qwen3.resolve_attention_blocks(None, "cpu") == qwen3.model.CPU_ATTENTION_BLOCKS > 1
+    assert qwen3.resolve_attention_blocks(None, "cpu") == qwen3.CPU_ATTENTION_BLOCKS > 1
     assert qwen3.resolve_attention_blocks(None, "tpu") == 1
     assert qwen3.resolve_attention_blocks(None, "gpu") == 1
     assert qwen3.resolve_attention_blocks(3, "tpu") == 3
