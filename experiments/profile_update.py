@@ -47,7 +47,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from arca_jax import hf, host_memory, lora, packing, qwen3  # noqa: E402
+from arca_jax import hf, host_memory, lora, packing  # noqa: E402
 from arca_jax.config import ModelConfig  # noqa: E402
 from arca_jax.grpo import (Batch, GRPOConfig, TrainState, make_optimizer,  # noqa: E402
                            make_train_step)
@@ -205,7 +205,6 @@ def print_trace(fn, top=40):
         if e.get("ph") == "X" and "dur" in e:
             tot[e["name"]] += e["dur"]
             cnt[e["name"]] += 1
-    all_us = sum(tot.values())
     for name, us in tot.most_common(top):
         print(f"{us / 3e3:9.2f} ms/call  x{cnt[name] // 3:5d}  {name[:110]}")
     print(f"trace: {path}")
