@@ -369,15 +369,15 @@ def inference_shardings(weights, mesh: Mesh):
 
 def cache_shardings(cache, mesh: Mesh):
     """NamedShardings for a `qwen3.KVCache`: rows as the batch (`batch_spec`), the kv heads of
-    k, v [B, K', S, H] over "tensor", the per-row write index [B] as the rows."""
+    k, v [B, K', ...] over "tensor", the per-row write index [B] as the rows."""
     B = cache.valid.shape[0]
     rows = batch_spec(B, mesh)
     rows = rows[0] if len(rows) else None
     tensor = axis_size(mesh, TENSOR)
     heads = TENSOR if tensor > 1 and cache.k[0].shape[1] % tensor == 0 else None
     kv = NamedSharding(mesh, P(rows, heads))
-    return type(cache)(k=tuple(kv for _ in cache.k), v=tuple(kv for _ in cache.v),
-                       valid=NamedSharding(mesh, P(rows)), index=NamedSharding(mesh, P(rows)))
+    return cache.replace(k=tuple(kv for _ in cache.k), v=tuple(kv for _ in cache.v),
+                         valid=NamedSharding(mesh, P(rows)), index=NamedSharding(mesh, P(rows)))
 
 
 def batch_spec(batch_size: int, mesh: Mesh) -> P:

@@ -27,6 +27,15 @@ def bucket_size(n: int, minimum: int = 1) -> int:
     return 1 << (n - 1).bit_length()
 
 
+def new_token_columns(max_new_tokens: int, multiple: int = 16) -> int:
+    """The sampler's generation columns (and cache slots past the prompt) for `max_new_tokens`:
+    rounded up to a multiple of `multiple`, not to a power of two as prompt widths are (the loop
+    stops at max_new_tokens anyway; every column past it would only lengthen each decode step's
+    whole-cache attention: 80 new tokens took a 128-column cache before)."""
+    n = max(int(max_new_tokens), 1)
+    return -(-n // multiple) * multiple
+
+
 def pad_prompts(prompt_ids, prompt_mask, width: int, pad_id: int = 0) -> Prompts:
     """Left-pads [B, P] prompts with masked `pad_id` columns to [B, width] (width >= P)."""
     P = prompt_ids.shape[1]

@@ -44,7 +44,7 @@ import numpy as np
 
 from arca_jax import parallel, qwen3
 from arca_jax.draw import Choice, choose_tokens
-from arca_jax.prompts import bucket_size, pad_prompts
+from arca_jax.prompts import bucket_size, new_token_columns, pad_prompts
 
 Params = qwen3.Params
 
@@ -283,7 +283,8 @@ def admit(weights: qwen3.InferenceWeights, state: SamplerState, *, config: qwen3
     if mesh is not None:
         spread = jax.sharding.NamedSharding(mesh, _spread(count // G, mesh))
         ids, mask = jax.lax.with_sharding_constraint((ids, mask), spread)
-    fresh = qwen3.KVCache.init(config, count // G, P, weights.dtype, tensor=weights.tensor)
+    fresh = qwen3.KVCache.init(config, count // G, P, weights.dtype, tensor=weights.tensor,
+                               transposed_keys=state.cache.transposed_keys)
     out = qwen3.inference_forward(weights, ids, config=config,
                                   positions=qwen3.default_positions(mask),
                                   attention_mask=mask, cache=fresh)
@@ -299,8 +300,12 @@ def admit(weights: qwen3.InferenceWeights, state: SamplerState, *, config: qwen3
     def put(buf, new):  # [S, K', P + N, H] <- [count, K', P, H] at the admitted slots
         return buf.at[slots, :, :P].set(new.astype(buf.dtype), mode="drop")
 
+    def put_keys(buf, new):  # transposed keys: [S, K', H, P + N] <- [count, K', H, P]
+        return buf.at[slots, :, :, :P].set(new.astype(buf.dtype), mode="drop")
+
     cache = cache.replace(
-        k=tuple(map(put, cache.k, out.cache.k)), v=tuple(map(put, cache.v, out.cache.v)),
+        k=tuple(map(put_keys if cache.transposed_keys else put, cache.k, out.cache.k)),
+        v=tuple(map(put, cache.v, out.cache.v)),
         valid=cache.valid.at[slots].set(
             jnp.pad(mask.astype(bool), ((0, 0), (0, cache.size - P))), mode="drop"),
         index=cache.index.at[slots].set(P, mode="drop"))
@@ -364,7 +369,8 @@ def prefill(weights: qwen3.InferenceWeights, prompt_ids: jax.Array, prompt_mask:
     i32 = lambda n: jnp.zeros((n,), jnp.int32)
     state = SamplerState(
         cache=qwen3.KVCache.init(config, S, qwen3.cache_size(P + N, weights.decode_attention),
-                                 weights.dtype, tensor=weights.tensor),
+                                 weights.dtype, tensor=weights.tensor,
+                                 transposed_keys=qwen3.transposed_keys(weights.decode_attention)),
         row=jnp.full((S,), B, jnp.int32), column=i32(S), last=i32(S), position=i32(S),
         done=jnp.ones((S,), bool), prompt_ids=prompt_ids.astype(jnp.int32),
         prompt_mask=prompt_mask.astype(jnp.int32),
@@ -554,8 +560,9 @@ def generate(params: Params, prompt_ids, prompt_mask, *, config: qwen3.Qwen3Conf
       pad_id: written after a row's EOS.
       merge_lora: sample from W + lora_scale * A B (one matmul per projection) instead of the
         low-rank side path; the same tokens up to float rounding.
-      bucket: pad P and N up to powers of two (at least 16) so that nearby shapes share one compiled
-        program; the loop still stops at max_new_tokens, and the result is [B, max_new_tokens].
+      bucket: pad P up to a power of two (at least 16) and N up to a multiple of 16
+        (`prompts.new_token_columns`) so that nearby shapes share one compiled program; the loop
+        still stops at max_new_tokens, and the result is [B, max_new_tokens].
       mesh: a ("data", "fsdp", "tensor") mesh (`parallel.make_mesh`), or None for the arrays'
         own placement. Rows are split as the train step's batch (over "data" and "fsdp"); with
         tensor > 1 each device holds its heads' and MLP units' slice of every kernel (used in
@@ -597,7 +604,8 @@ def generate(params: Params, prompt_ids, prompt_mask, *, config: qwen3.Qwen3Conf
         width = bucket_size(prompt_ids.shape[1], 16)
         if width != prompt_ids.shape[1]:
             prompt_ids, prompt_mask = pad_prompts(prompt_ids, prompt_mask, width, pad_id)
-        settings = dataclasses.replace(settings, max_new_tokens=bucket_size(max_new_tokens, 16))
+        settings = dataclasses.replace(settings,
+                                       max_new_tokens=new_token_columns(max_new_tokens))
     if mesh is not None:
         parallel.check_tensor(config, parallel.axis_size(mesh, parallel.TENSOR))
         rows = jax.sharding.NamedSharding(mesh, parallel.batch_spec(prompt_ids.shape[0], mesh))

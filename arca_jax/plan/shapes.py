@@ -79,7 +79,7 @@ class Shapes:
         up = lambda n: -(-n // devices) * devices  # noqa: E731
         return cls(rows, r.max_prompt_tokens, r.max_new_tokens, up(rows),
                    prompts.bucket_size(r.max_prompt_tokens, 16),
-                   prompts.bucket_size(r.max_new_tokens, 16), up(eval_rows) if eval_rows else 0)
+                   prompts.new_token_columns(r.max_new_tokens), up(eval_rows) if eval_rows else 0)
 
 
 def abstract_model(cfg: RunConfig, config: qwen3.Qwen3Config, mesh):

@@ -11,7 +11,8 @@ Modules (every public name is re-exported here, so `from arca_jax import qwen3; 
              a mixture of experts' sparse layers as `SparseMlp`), `KVCache`, `inference_forward`
              (T new tokens into the cache, every token routed as in `forward`; logits at the last).
   cache_attention  attention of new tokens over the cache (decode variants "reduce", "dot",
-             "pallas"; filled blocks only), `cache_size`, `default_decode_attention`.
+             "pallas"; filled blocks only), `cache_size`, `default_decode_attention`,
+             `transposed_keys` (the key layout a variant reads).
   moe        the sparse MLP block (router, top-k, experts by `jax.lax.ragged_dot`), its routing
              statistics and load-balancing losses, the segments of a sparse/dense layer stack.
   common     what both use: parameter-tree names, rotary tables, `default_positions`, RMS norm.
@@ -52,7 +53,8 @@ from arca_jax.qwen3.common import (ATTN_PROJS, MLP_PROJS, PROJ_BLOCK, Params, de
                                    rope_tables)
 from arca_jax.qwen3 import moe
 from arca_jax.qwen3.config import ConfigError, Qwen3Config, Qwen3MoeConfig, preset
-from arca_jax.qwen3.cache_attention import DECODE_ATTENTION, cache_size, default_decode_attention
+from arca_jax.qwen3.cache_attention import (DECODE_ATTENTION, cache_size, default_decode_attention,
+                                            transposed_keys)
 from arca_jax.qwen3.einsum_attention import (CPU_ATTENTION_BLOCKS, causal_blocks,
                                              masked_attention, resolve_attention_blocks)
 from arca_jax.qwen3.inference import (InferenceLayer, InferenceOutput, InferenceWeights, KVCache,
@@ -76,6 +78,6 @@ __all__ = [
     "CPU_ATTENTION_BLOCKS", "resolve_attention_blocks", "causal_blocks", "masked_attention",
     # decode path
     "LowRank", "SparseMlp", "InferenceLayer", "InferenceWeights", "DECODE_ATTENTION", "default_decode_attention",
-    "cache_size",
+    "cache_size", "transposed_keys",
     "inference_weights", "KVCache", "InferenceOutput", "inference_forward",
 ]

@@ -45,6 +45,15 @@ DECODE_BLOCK = 32
 REDUCE_MIN_BLOCKS = 8
 
 
+def transposed_keys(decode_attention: str) -> bool:
+    """Whether the cache that `decode_attention` reads keeps its keys [B, K, H, S] rather than
+    [B, K, S, H] (`qwen3.KVCache`): "reduce" does, so that its q . k sum runs over the
+    second-minor axis, vectorised along the slots, instead of a horizontal sum over each slot's
+    H values (XLA:CPU, 2026-12-03: 0.51 against 0.75 ms per layer and decode step on the CPU
+    benchmark's cache, experiments/NOTES_sampling.md). The Pallas kernel reads [B, K, S, H]."""
+    return decode_attention == "reduce"
+
+
 @functools.partial(jax.jit, static_argnames=("decode_attention", "block"))
 def attend_filled(q, k, v, bias, decode_attention: str, filled, block: int):
     """`attend` of one new token (T = 1) over the first ceil(filled / block) blocks of `block`
@@ -57,15 +66,16 @@ def attend_filled(q, k, v, bias, decode_attention: str, filled, block: int):
     Jitted so that, inside the decode program, every layer calls one traced and lowered switch
     (XLA inlines the call); traced per layer, a 28-layer model with 1,024 cache slots built 896
     branches per decode program (experiments/NOTES_sampling.md, "Tracing the decode program")."""
-    S = k.shape[2]
+    S = v.shape[2]
     blocks = -(-S // block)
     if blocks <= 1 or (decode_attention == "reduce" and blocks < REDUCE_MIN_BLOCKS):
         return attend(q, k, v, bias, decode_attention)
+    keys = transposed_keys(decode_attention)
 
     def branch(j):
         n = min((j + 1) * block, S)
-        return lambda q, k, v, bias: attend(q, k[:, :, :n], v[:, :, :n], bias[..., :n],
-                                             decode_attention)
+        return lambda q, k, v, bias: attend(q, k[..., :n] if keys else k[:, :, :n], v[:, :, :n],
+                                             bias[..., :n], decode_attention)
 
     index = jnp.clip((filled + block - 1) // block - 1, 0, blocks - 1)
     return jax.lax.switch(index, [branch(j) for j in range(blocks)], q, k, v, bias)
@@ -113,9 +123,10 @@ def attend_pallas(q, k, v, valid, index):
 
 
 def attend(q, k, v, bias, decode_attention: str):
-    """Grouped-query attention of q [B, T, N, H] over the cache k, v [B, K, S, H] with an additive
-    mask bias [B, T, S] (0 or float32 min); returns [B, T, N*H] in q's dtype. Scores and softmax in
-    float32, the probabilities cast to q's dtype before they weight v (as `Attention`).
+    """Grouped-query attention of q [B, T, N, H] over the cache k, v [B, K, S, H] (k [B, K, H, S]
+    for "reduce": `transposed_keys`) with an additive mask bias [B, T, S] (0 or float32 min);
+    returns [B, T, N*H] in q's dtype. Scores and softmax in float32, the probabilities cast to q's
+    dtype before they weight v (as `Attention`).
 
     For T = 1 with decode_attention "reduce", both contractions are a multiply and a sum, which XLA
     fuses into one pass over the cache each, in its stored layout; as matmuls ("dot") XLA CPU first
@@ -125,14 +136,18 @@ def attend(q, k, v, bias, decode_attention: str):
     K = k.shape[1]
     G = N // K
     f32 = jnp.float32
-    if T == 1 and decode_attention == "reduce":
+    if T == 1 and decode_attention == "reduce":  # k [B, K, H, S]: summed over its second-minor H
         q1 = q.reshape(B, K, G, H).astype(f32)
-        scores = jnp.sum(q1[:, :, :, None, :] * k.astype(f32)[:, :, None, :, :], axis=-1)  # [B, K, G, S]
+        scores = jnp.sum(q1[..., None] * k.astype(f32)[:, :, None], axis=-2)  # [B, K, G, S]
         scores = scores * (H ** -0.5) + bias[:, None, :, :]  # bias [B, 1, 1, S]
         probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype).astype(f32)
         out = jnp.sum(probs[..., None] * v.astype(f32)[:, :, None, :, :], axis=-2)  # [B, K, G, H]
         return out.astype(q.dtype).reshape(B, 1, N * H)
-    scores = jnp.einsum("BTKGH,BKSH->BKGTS", q.reshape(B, T, K, G, H), k,
-                        preferred_element_type=f32) * (H ** -0.5)
+    qs = q.reshape(B, T, K, G, H)
+    if transposed_keys(decode_attention):  # a prefill (T > 1): back to [B, K, S, H], in float32
+        # (exact products, float32 sums as below): XLA:CPU folds the swap into a bfloat16 matmul
+        # with float32 output that it cannot run
+        qs, k = qs.astype(f32), jnp.swapaxes(k, 2, 3).astype(f32)
+    scores = jnp.einsum("BTKGH,BKSH->BKGTS", qs, k, preferred_element_type=f32) * (H ** -0.5)
     probs = jax.nn.softmax(scores + bias[:, None, None], axis=-1).astype(q.dtype)
     return jnp.einsum("BKGTS,BKSH->BTKGH", probs, v).reshape(B, T, N * H)

@@ -335,31 +335,43 @@ class KVCache:
     """The key/value cache of `inference_forward`: fixed-size buffers, one pair per layer, and the
     next write slot. A pytree; returned, never mutated.
 
-    k, v:  tuples of L arrays [B, K', S, H] in the activation dtype (K' = `kv_heads(config,
-           tensor)`: K, or one copy per tensor shard when K < tensor).
+    k:     tuple of L arrays in the activation dtype, [B, K', S, H], or [B, K', H, S] when
+           `transposed_keys` (K' = `kv_heads(config, tensor)`: K, or one copy per tensor shard
+           when K < tensor).
+    v:     tuple of L arrays [B, K', S, H].
     valid: [B, S] bool, slots holding a real (non-padding) token.
     index: [B] int32, the slot each row's next token is written to (rows advance on their own:
            the sampler refills a row's cache with a new prompt while the others decode).
+    transposed_keys (static): the keys' layout, chosen by the decode attention that reads them
+           (`cache_attention.transposed_keys`).
     """
 
     k: tuple
     v: tuple
     valid: jax.Array
     index: jax.Array
+    transposed_keys: bool = flax.struct.field(pytree_node=False, default=False)
 
     @classmethod
     def init(cls, config: Qwen3Config, batch: int, size: int, dtype=jnp.float32,
-             tensor: int = 1) -> "KVCache":
+             tensor: int = 1, transposed_keys: bool = False) -> "KVCache":
         shape = (batch, kv_heads(config, tensor), size, config.head_dim)
+        key_shape = shape[:2] + shape[:1:-1] if transposed_keys else shape
         L = config.num_hidden_layers
-        return cls(k=tuple(jnp.zeros(shape, dtype) for _ in range(L)),
+        return cls(k=tuple(jnp.zeros(key_shape, dtype) for _ in range(L)),
                    v=tuple(jnp.zeros(shape, dtype) for _ in range(L)),
-                   valid=jnp.zeros((batch, size), bool), index=jnp.zeros((batch,), jnp.int32))
+                   valid=jnp.zeros((batch, size), bool), index=jnp.zeros((batch,), jnp.int32),
+                   transposed_keys=transposed_keys)
 
     @property
     def size(self) -> int:
         """S, the number of slots."""
         return self.valid.shape[1]
+
+    @property
+    def key_slot_axis(self) -> int:
+        """The slot axis of each k array: 3 when `transposed_keys`, else 2."""
+        return 3 if self.transposed_keys else 2
 
 
 @flax.struct.dataclass
@@ -428,12 +440,19 @@ def inference_forward(weights: InferenceWeights, input_ids: jax.Array, *, config
       positions: [B, T] int rotary positions (`default_positions` of the prompt mask; then each
         row's running count).
       attention_mask: [B, T] 1 for real tokens; 0 slots are never attended to.
-      cache: `KVCache` with at least max(cache.index) + T slots.
+      cache: `KVCache` with at least max(cache.index) + T slots, its keys laid out for the
+        weights' decode attention (`cache_attention.transposed_keys`).
 
     Returns:
       InferenceOutput(logits [B, V] float32 for the token at T - 1, cache with the T tokens written
       and index advanced by T).
     """
+    if cache.transposed_keys != cache_attention.transposed_keys(weights.decode_attention):
+        raise ValueError(
+            f"the cache's keys are laid out for decode_attention "
+            f"{'reduce' if cache.transposed_keys else 'dot/pallas'}, the weights' is "
+            f"{weights.decode_attention!r}: make it with KVCache.init(..., transposed_keys="
+            f"qwen3.transposed_keys(weights.decode_attention))")
     c = config
     B, T = input_ids.shape
     N, H, F = c.num_attention_heads, c.head_dim, c.intermediate_size
@@ -462,7 +481,8 @@ def inference_forward(weights: InferenceWeights, input_ids: jax.Array, *, config
         q = qk[:, :, :, :Nq].reshape(B, T, N, H)
         k = qk[:, :, :, Nq:].reshape(B, T, Kp, H)
         v = qkv[:, :, :, Nq + Ks:].astype(dtype).reshape(B, T, Kp, H)
-        k_cache = _write_rows(k_cache, k.transpose(0, 2, 1, 3).astype(k_cache.dtype), index, axis=2)
+        k_new = k.transpose((0, 2, 3, 1) if cache.transposed_keys else (0, 2, 1, 3))
+        k_cache = _write_rows(k_cache, k_new.astype(k_cache.dtype), index, axis=cache.key_slot_axis)
         v_cache = _write_rows(v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype), index, axis=2)
         new_k.append(k_cache)
         new_v.append(v_cache)
@@ -491,5 +511,5 @@ def inference_forward(weights: InferenceWeights, input_ids: jax.Array, *, config
         logits = jnp.einsum("BD,VD->BV", last, weights.embed.astype(dtype), preferred_element_type=f32)
     else:
         logits = jnp.einsum("BD,DV->BV", last, weights.lm_head.astype(dtype), preferred_element_type=f32)
-    new_cache = KVCache(k=tuple(new_k), v=tuple(new_v), valid=valid, index=index + T)
+    new_cache = cache.replace(k=tuple(new_k), v=tuple(new_v), valid=valid, index=index + T)
     return InferenceOutput(logits=logits, cache=new_cache)

@@ -215,6 +215,7 @@ def test_sampler_equals_one_device(model, shape):
     hlo = step.lower(weights, jnp.ones((B, 1), jnp.int32), config=CFG,
                      positions=jnp.zeros((B, 1), jnp.int32),
                      attention_mask=jnp.ones((B, 1), jnp.int32),
-                     cache=qwen3.KVCache.init(CFG, B, 8)).compile().as_text()
+                     cache=qwen3.KVCache.init(CFG, B, 8, transposed_keys=qwen3.transposed_keys(
+                         weights.decode_attention))).compile().as_text()
     assert _exchanges(hlo, B, shape) >= 2
     assert _expert_gathers(hlo, CFG.num_experts) == []

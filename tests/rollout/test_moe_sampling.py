@@ -84,7 +84,9 @@ def test_cached_decoding_equals_uncached_forward_at_every_step(model, adapter):
     weights = qwen3.inference_weights(params, config, lora=tree, lora_scale=scale)
     out = step(weights, jnp.asarray(ids), config=config,
                positions=qwen3.default_positions(jnp.asarray(mask)),
-               attention_mask=jnp.asarray(mask), cache=qwen3.KVCache.init(config, B, P + steps))
+               attention_mask=jnp.asarray(mask),
+               cache=qwen3.KVCache.init(config, B, P + steps, transposed_keys=qwen3.transposed_keys(
+                   weights.decode_attention)))
     for i in range(steps + 1):
         np.testing.assert_allclose(np.asarray(out.logits), ref[:, P - 1 + i], atol=1e-4, rtol=0)
         if i == steps:

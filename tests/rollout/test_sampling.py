@@ -113,7 +113,8 @@ def test_cached_decoding_equals_uncached_forward_at_every_step(tiny, adapter, at
     out = step(weights, jnp.asarray(ids), config=config,
                positions=qwen3.default_positions(jnp.asarray(mask)), attention_mask=jnp.asarray(mask),
                cache=qwen3.KVCache.init(config, B, qwen3.cache_size(P + steps + (9 if block else 0),
-                                                                    attention)))
+                                                                    attention),
+                                        transposed_keys=qwen3.transposed_keys(attention)))
     for i in range(steps + 1):
         np.testing.assert_allclose(np.asarray(out.logits), ref[:, P - 1 + i], atol=1e-4, rtol=0)
         if i == steps:
@@ -123,6 +124,25 @@ def test_cached_decoding_equals_uncached_forward_at_every_step(tiny, adapter, at
                    positions=jnp.asarray(position, jnp.int32),
                    attention_mask=jnp.ones((B, 1), jnp.int32), cache=out.cache)
     assert np.all(np.asarray(out.cache.index) == P + steps)
+    layout = (B, config.num_key_value_heads) + ((config.head_dim, out.cache.size)
+                                                if attention == "reduce" else
+                                                (out.cache.size, config.head_dim))
+    assert out.cache.transposed_keys == (attention == "reduce")
+    assert all(k.shape == layout for k in out.cache.k)
+
+
+def test_cache_key_layout_must_match_the_decode_attention(tiny):
+    """A cache laid out for another decode attention is refused with the way to make the right
+    one, not read in the wrong layout."""
+    _, config, params = tiny
+    ids, mask = _prompts(config.vocab_size)
+    B, P = ids.shape
+    weights = qwen3.inference_weights(params, config, decode_attention="reduce")
+    with pytest.raises(ValueError, match="transposed_keys"):
+        qwen3.inference_forward(weights, jnp.asarray(ids), config=config,
+                                positions=qwen3.default_positions(jnp.asarray(mask)),
+                                attention_mask=jnp.asarray(mask),
+                                cache=qwen3.KVCache.init(config, B, P + 2))
 
 
 def test_logps_equal_teacher_forced_forward(tiny):
@@ -310,6 +330,9 @@ def test_stops_as_soon_as_every_row_has_eos(tiny):
 def test_bucketing_helpers_and_shared_programs(tiny):
     assert [prompts.bucket_size(n) for n in (1, 2, 3, 16, 17, 100)] == [1, 2, 4, 16, 32, 128]
     assert prompts.bucket_size(3, minimum=16) == 16
+    # generation columns (and the cache's slots past the prompt): multiples of 16, not powers
+    # of two (80 new tokens: 80 columns, not 128)
+    assert [prompts.new_token_columns(n) for n in (1, 16, 17, 80, 100)] == [16, 16, 32, 80, 112]
     ids = np.array([[0, 0, 0, 5, 6], [0, 0, 7, 8, 9]], np.int32)
     mask = (ids != 0).astype(np.int32)
     b = prompts.bucket_prompts(ids, mask, minimum=4)
@@ -333,6 +356,10 @@ def test_bucketing_helpers_and_shared_programs(tiny):
     before = programs()
     longer = sampling.generate(params, pids, pmask, max_new_tokens=7, **kw)  # same bucket: 16
     assert programs() == before  # no new program for another length in the bucket
+    state = sampling.prefill_jit(qwen3.inference_weights(params, config), *map(jnp.asarray, (
+        prompts.pad_prompts(pids, pmask, 16))), config=config, rng=jax.random.PRNGKey(0),
+        settings=sampling.SamplingConfig(max_new_tokens=prompts.new_token_columns(17)))
+    assert state.cache.size == 16 + 32 and state.tokens.shape == (len(LENGTHS), 32)
     assert bucketed.tokens.shape == (len(LENGTHS), 5) and int(bucketed.num_steps) == 5
     np.testing.assert_array_equal(np.asarray(exact.tokens), np.asarray(bucketed.tokens))
     np.testing.assert_array_equal(np.asarray(longer.tokens)[:, :5], np.asarray(bucketed.tokens))
