@@ -58,6 +58,9 @@ class GRPOConfig:
     attention_blocks: the einsum attention's query blocks (``qwen3.causal_blocks``: block i
         attends to the keys up to its end only; the same values, about (n + 1) / 2n of the
         scores); None: 4 on CPU, 1 elsewhere (``qwen3.resolve_attention_blocks``).
+    scan_layers: both forwards run the decoder layers as one scan (True) or unrolled (False);
+        None: unrolled on CPU for models of at most ``qwen3.CPU_UNROLL_LAYERS`` layers, scanned
+        elsewhere (``qwen3.resolve_scan_layers``). The same values either way.
     lora_dtype: dtype of the adapter matmuls (``qwen3.LoraLinear``); None: the activation dtype
         (bf16 under a bf16 base; float32 models unchanged); "float32" forces float32.
     logits_grad_dtype: dtype of the backward matmul through the vocabulary projection
@@ -111,6 +114,7 @@ class GRPOConfig:
     noise_floor: float = 1e-5
     attention: str = "auto"
     attention_blocks: Optional[int] = None
+    scan_layers: Optional[bool] = None
     lora_dtype: Optional[str] = None
     logits_grad_dtype: Optional[str] = None
     logits_dtype: str = "float32"
@@ -178,6 +182,8 @@ class GRPOConfig:
         qwen3.remat_policy(self.remat)  # raises ValueError for an unknown option
         if self.attention_blocks is not None:
             qwen3.resolve_attention_blocks(self.attention_blocks)  # validates
+        if self.scan_layers is not None:
+            qwen3.resolve_scan_layers(self.scan_layers, 1)  # validates
         if self.attention not in qwen3.ATTENTION_IMPLS:
             raise ValueError(f"attention {self.attention!r}; valid: "
                              f"{', '.join(qwen3.ATTENTION_IMPLS)}")

@@ -159,7 +159,7 @@ def _forward(lora, params, batch: Batch, *, config: qwen3.Qwen3Config, lora_scal
                             lora=lora, lora_scale=lora_scale, lora_dropout=lora_dropout, rng=rng,
                             return_logits=False, remat=remat, attention="einsum",
                             lora_dtype=g.lora_dtype, return_layers=layers, mesh=mesh,
-                            attention_blocks=g.attention_blocks)
+                            attention_blocks=g.attention_blocks, scan_layers=g.scan_layers)
         return out.replace(
             hidden=packing.from_lines(pk, out.hidden),
             layers=None if out.layers is None else packing.from_lines(pk, out.layers, axis=1))
@@ -168,7 +168,7 @@ def _forward(lora, params, batch: Batch, *, config: qwen3.Qwen3Config, lora_scal
                          lora=lora, lora_scale=lora_scale, lora_dropout=lora_dropout, rng=rng,
                          return_logits=False, remat=remat, attention=g.attention,
                          lora_dtype=g.lora_dtype, return_layers=layers, mesh=mesh,
-                         attention_blocks=g.attention_blocks)
+                         attention_blocks=g.attention_blocks, scan_layers=g.scan_layers)
 
 
 def policy_hidden(lora, params, batch: Batch, *, config: qwen3.Qwen3Config, lora_scale: float,

@@ -88,7 +88,9 @@ def compile_train_step(cfg: RunConfig, config, mesh, knobs: Knobs, params, state
     platform = mesh.devices.flat[0].platform  # the target's, not this host's default backend
     grpo = dataclasses.replace(setup.objective_config(cfg), remat=knobs.remat,
                                attention_blocks=qwen3.resolve_attention_blocks(
-                                   cfg.grpo.attention_blocks, platform))
+                                   cfg.grpo.attention_blocks, platform),
+                               scan_layers=qwen3.resolve_scan_layers(
+                                   cfg.grpo.scan_layers, config.num_hidden_layers, platform))
     step = make_train_step(config, grpo, optimizer, lora_scale=cfg.lora.scaling, mode="mesh",
                            mesh=mesh, microbatches=knobs.microbatches,
                            lora_dropout=cfg.lora.dropout)

@@ -59,10 +59,11 @@ from arca_jax.qwen3.einsum_attention import (CPU_ATTENTION_BLOCKS, causal_blocks
                                              masked_attention, resolve_attention_blocks)
 from arca_jax.qwen3.inference import (InferenceLayer, InferenceOutput, InferenceWeights, KVCache,
                                       LowRank, SparseMlp, inference_forward, inference_weights)
-from arca_jax.qwen3.model import (ATTENTION_IMPLS, MLP, REMAT_OPTIONS, Attention, DecoderLayer,
-                                  LoraLinear, ModelOutput, RMSNorm, layer_stack, compute_logits, forward,
-                                  init_params, lm_head_kernel, on_cuda, param_shapes, remat_policy,
-                                  resolve_attention)
+from arca_jax.qwen3.model import (ATTENTION_IMPLS, CPU_UNROLL_LAYERS, MLP, REMAT_OPTIONS,
+                                  Attention, DecoderLayer, LoraLinear, ModelOutput, RMSNorm,
+                                  layer_stack, compute_logits, forward, init_params,
+                                  lm_head_kernel, on_cuda, param_shapes, remat_policy,
+                                  resolve_attention, resolve_scan_layers)
 
 __all__ = [
     # config
@@ -72,6 +73,7 @@ __all__ = [
     # training / scoring model
     "ATTENTION_IMPLS", "REMAT_OPTIONS", "on_cuda", "resolve_attention", "remat_policy",
     "RMSNorm", "LoraLinear", "Attention", "MLP", "DecoderLayer", "layer_stack",
+    "CPU_UNROLL_LAYERS", "resolve_scan_layers",
     "ModelOutput",
     "lm_head_kernel", "compute_logits", "forward", "init_params", "param_shapes",
     # the training forward's einsum attention

@@ -301,11 +301,32 @@ class DecoderLayer(nn.Module):
         return x, (x if self.return_layers else None)
 
 
+# Models of at most this many layers run them unrolled on CPU (`resolve_scan_layers`): the layer
+# scan's stacked residuals (zero-filled [L, ...] buffers, written per layer, read back in the
+# backward) cost more there than a longer program (the demo's 3-layer ARCA step, Xeon host,
+# 2026-12-03: 553 -> 505 ms, uniform 450 -> 392 ms; compile + first call 9.5 -> 9.8 s).
+CPU_UNROLL_LAYERS = 8
+
+
+def resolve_scan_layers(scan: Optional[bool], num_layers: int,
+                        platform: Optional[str] = None) -> bool:
+    """Whether `forward` scans its layers (`jax.lax.scan`) or unrolls them: `scan` as given, or
+    for None unrolled when `platform` (default: JAX's default backend) is "cpu" and the model has
+    at most `CPU_UNROLL_LAYERS` layers, else scanned (GPU and TPU programs as before)."""
+    if scan is None:
+        return not ((platform or jax.default_backend()) == "cpu"
+                    and num_layers <= CPU_UNROLL_LAYERS)
+    if not isinstance(scan, bool):
+        raise ValueError(f"scan_layers must be None, True or False, got {scan!r}")
+    return scan
+
+
 def layer_stack(layers: Params, lora_layers: Optional[Params], x, ctx: _Context, *,
                 config: Qwen3Config, rng: Optional[jax.Array] = None, remat: Any = False,
-                sparse: bool = False, mesh: Any = None, **options):
+                sparse: bool = False, mesh: Any = None, scan: bool = True, **options):
     """x [B, T, D] through the stacked layers: `DecoderLayer` applied to layer l's slice of every
-    leaf of `layers` (and `lora_layers`), leading axis L, by `jax.lax.scan`.
+    leaf of `layers` (and `lora_layers`), leading axis L, by `jax.lax.scan` (`scan`), or unrolled
+    (each layer's slices taken statically; the same values, no stacked residuals).
 
     rng: the dropout key, split into one key per layer (None: no dropout). remat: see
     `remat_policy` (each layer is a `jax.checkpoint`). options: `DecoderLayer`'s lora_scale,
@@ -324,7 +345,13 @@ def layer_stack(layers: Params, lora_layers: Optional[Params], x, ctx: _Context,
     if policy is not None:
         body = jax.checkpoint(body, prevent_cse=False, policy=policy)
     keys = None if rng is None else jax.random.split(rng, length)
-    return jax.lax.scan(body, x, (layers, lora_layers, keys))
+    if scan:
+        return jax.lax.scan(body, x, (layers, lora_layers, keys))
+    outs = []
+    for l in range(length):
+        x, out = body(x, jax.tree_util.tree_map(lambda a: a[l], (layers, lora_layers, keys)))
+        outs.append(out)
+    return x, jax.tree_util.tree_map(lambda *per_layer: jnp.stack(per_layer), *outs)
 
 
 def _moe_layers(params: Params, lora: Optional[Params], x, ctx: _Context,
@@ -391,7 +418,8 @@ def forward(params: Params, input_ids: jax.Array, *, config: Qwen3Config,
             return_logits: bool = True, remat: Any = False, attention: str = "auto",
             lora_dtype: Any = None, return_layers: bool = False,
             segment_ids: Optional[jax.Array] = None, prefix_ids: Optional[jax.Array] = None,
-            mesh: Any = None, attention_blocks: Optional[int] = None) -> ModelOutput:
+            mesh: Any = None, attention_blocks: Optional[int] = None,
+            scan_layers: Optional[bool] = None) -> ModelOutput:
     """Runs the model over whole sequences (no cache: for decoding see `inference_forward`).
     Pure: jit it with `config` (and the other Python-valued options) static.
 
@@ -435,6 +463,9 @@ def forward(params: Params, input_ids: jax.Array, *, config: Qwen3Config,
       attention_blocks: "einsum" attention in this many query blocks, each attending to the keys
         up to its end (`causal_blocks`: the same values, fewer scores); None: 4 on CPU, else 1
         (`resolve_attention_blocks`; static). Fused attention ignores it.
+      scan_layers: run the layers as one `jax.lax.scan` (True) or unrolled (False); None:
+        unrolled on CPU for models of at most `CPU_UNROLL_LAYERS` layers, else scanned
+        (`resolve_scan_layers`; static). The same values either way.
 
     Returns:
       ModelOutput(logits [B, T, V] float32 or None, hidden [B, T, D] after the final RMSNorm,
@@ -487,7 +518,8 @@ def forward(params: Params, input_ids: jax.Array, *, config: Qwen3Config,
     if dropout > 0.0 and rng is None:
         raise ValueError("lora_dropout > 0 needs an `rng` key")
     options = dict(rng=rng if dropout > 0.0 else None, remat=remat, lora_scale=lora_scale,
-                   lora_dropout=dropout, lora_dtype=lora_dtype, return_layers=return_layers)
+                   lora_dropout=dropout, lora_dtype=lora_dtype, return_layers=return_layers,
+                   scan=resolve_scan_layers(scan_layers, config.num_hidden_layers))
     x = jnp.take(params["embed_tokens"]["embedding"], input_ids, axis=0)  # [B, T, D]
     stats = None
     if is_moe:
