@@ -192,7 +192,8 @@ def _layer_scans(jaxpr, length: int) -> int:
 def test_variants_run_the_same_two_forwards(oracle, layers, relative, kl_beta):
     """No extra pass: the gradient forward and one base forward, as for the paper's ARCA."""
     pm, config, params, tree, batch = oracle
-    g = GRPOConfig(weighting="arca", arca_layers=layers, arca_relative=relative, kl_beta=kl_beta)
+    g = GRPOConfig(weighting="arca", arca_layers=layers, arca_relative=relative, kl_beta=kl_beta,
+                   scan_layers=True)  # one layer scan per forward
     jaxpr = jax.make_jaxpr(lambda t: loss_fn(t, params, batch, config=config,
                                              lora_scale=ALPHA / R, grpo_config=g))(tree)
     assert _layer_scans(jaxpr.jaxpr, LAYERS) == 2

@@ -174,7 +174,8 @@ def _count_layer_scans(jaxpr, length):
 ])
 def test_only_needed_forwards_run_and_base_is_shared(model, weighting, kl_beta, expected):
     params, tree, batch = model
-    g = GRPOConfig(weighting=weighting, kl_beta=kl_beta, logits_chunk=6)  # 2 chunks != 3 layers
+    g = GRPOConfig(weighting=weighting, kl_beta=kl_beta, logits_chunk=6,  # 2 chunks != 3 layers
+                   scan_layers=True)  # one layer scan per forward
     assert len(forwards_needed(g)) == expected
     jaxpr = jax.make_jaxpr(lambda t: loss_fn(t, params, batch, config=CFG, lora_scale=LSCALE,
                                              grpo_config=g))(tree)

@@ -23,7 +23,10 @@ FAST = {"xla_backend_optimization_level": 0}  # CPU compile speed; memory and sh
 # evaluation's pass@k chunk: 5 problems x 2 samples = 10 rows, 16 on 8 devices
 OVERRIDES = ["rollout.prompts_per_step=4", "rollout.group_size=8", "rollout.max_prompt_tokens=16",
              "rollout.max_new_tokens=16", "train.microbatches=2", "train.eval_batch_size=5",
-             "train.pass_k=2"]
+             "train.pass_k=2",
+             # the layers scanned, as on TPU and GPU (unrolled on CPU by default): the loop
+             # scaling and remat below are about the scanned program a pod runs
+             "grpo.scan_layers=true"]
 LAYOUT = plan.Layout(2, 4, 1)
 
 
