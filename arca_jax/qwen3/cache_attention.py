@@ -49,8 +49,9 @@ def transposed_keys(decode_attention: str) -> bool:
     """Whether the cache that `decode_attention` reads keeps its keys [B, K, H, S] rather than
     [B, K, S, H] (`qwen3.KVCache`): "reduce" does, so that its q . k sum runs over the
     second-minor axis, vectorised along the slots, instead of a horizontal sum over each slot's
-    H values (XLA:CPU, 2026-12-03: 0.51 against 0.75 ms per layer and decode step on the CPU
-    benchmark's cache, experiments/NOTES_sampling.md). The Pallas kernel reads [B, K, S, H]."""
+    H values (XLA:CPU, 2026-12-03: 20-28% less time per layer and decode step at the CPU demo's
+    shapes, `experiments/bench_decode_attention.py`; the demo rollout 0.44 -> 0.35 s;
+    experiments/NOTES_sampling.md). The Pallas kernel reads [B, K, S, H]."""
     return decode_attention == "reduce"
 
 

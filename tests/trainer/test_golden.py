@@ -23,8 +23,12 @@ def golden():
 # 1.0e-3 relative on this run, against 0 with train.pack=false. With the prompts shared among
 # their group's completions (train.share_prompts, the default) the step metrics made of ARCA's
 # weights, the weight Gini and EffN/T, moved the same way: up to 4.6e-5 relative at step 2, the
-# first step after the adapter leaves B = 0.
-LOOSE = {"/weights/": 2e-3, "/weight_gini": 2e-4, "/effective_token_ratio": 2e-4}
+# first step after the adapter leaves B = 0. With the decoder layers unrolled on CPU
+# (`qwen3.resolve_scan_layers`) and the sampler's keys stored transposed, the weights moved up to
+# 2.5e-3 relative under the tests' XLA flags (a divergence weight of 0.0044 at step 5; 1.4e-4
+# with XLA's defaults), the step metrics up to 1.8e-5 (EffN/T); tokens, rewards and
+# evaluations identical.
+LOOSE = {"/weights/": 4e-3, "/weight_gini": 2e-4, "/effective_token_ratio": 2e-4}
 
 
 def _close(a, b, path=""):
