@@ -297,15 +297,13 @@ def admit(weights: qwen3.InferenceWeights, state: SamplerState, *, config: qwen3
         mask = jnp.repeat(mask, G, axis=0)
     cache = state.cache
 
-    def put(buf, new):  # [S, K', P + N, H] <- [count, K', P, H] at the admitted slots
-        return buf.at[slots, :, :P].set(new.astype(buf.dtype), mode="drop")
-
-    def put_keys(buf, new):  # transposed keys: [S, K', H, P + N] <- [count, K', H, P]
-        return buf.at[slots, :, :, :P].set(new.astype(buf.dtype), mode="drop")
+    def put(axis):  # [S, ..., P + N (axis), ...] <- [count, ..., P, ...] at the admitted slots
+        at = (slots,) + (slice(None),) * (axis - 1) + (slice(None, P),)
+        return lambda buf, new: buf.at[at].set(new.astype(buf.dtype), mode="drop")
 
     cache = cache.replace(
-        k=tuple(map(put_keys if cache.transposed_keys else put, cache.k, out.cache.k)),
-        v=tuple(map(put, cache.v, out.cache.v)),
+        k=tuple(map(put(cache.key_slot_axis), cache.k, out.cache.k)),
+        v=tuple(map(put(2), cache.v, out.cache.v)),
         valid=cache.valid.at[slots].set(
             jnp.pad(mask.astype(bool), ((0, 0), (0, cache.size - P))), mode="drop"),
         index=cache.index.at[slots].set(P, mode="drop"))
