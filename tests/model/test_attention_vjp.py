@@ -14,11 +14,21 @@ from arca_jax.qwen3.einsum_attention import causal_blocks, masked_attention
 
 
 def plain(q, k, v, visible):
-    """The formula as written, left to autodiff."""
+    """The formula as written, left to autodiff (head-major, as `masked_attention`)."""
     H = q.shape[-1]
-    s = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32) * H ** -0.5
+    s = jnp.einsum("BKGTH,BKSH->BKGTS", q, k, preferred_element_type=jnp.float32) * H ** -0.5
     s = jnp.where(visible[:, None, None], s, jnp.finfo(jnp.float32).min)
-    return jnp.einsum("BKGTS,BSKH->BTKGH", jax.nn.softmax(s, -1).astype(v.dtype), v)
+    return jnp.einsum("BKGTS,BKSH->BKGTH", jax.nn.softmax(s, -1).astype(v.dtype), v)
+
+
+def heads(q, k, v):
+    """The model's layout (q [B, T, K, G, H], k and v [B, S, K, H]) -> head-major."""
+    return jnp.transpose(q, (0, 2, 3, 1, 4)), *(jnp.transpose(x, (0, 2, 1, 3)) for x in (k, v))
+
+
+def model_layout(out):
+    """[B, K, G, T, H] -> [B, T, K, G, H]."""
+    return jnp.transpose(out, (0, 3, 1, 2, 4))
 
 
 def inputs(dtype, seed=0, B=2, T=9, K=2, G=3, H=8):
@@ -47,14 +57,16 @@ def numpy_attention(q, k, v, visible):
 
 def test_forward_equals_numpy_and_the_plain_formula():
     q, k, v, visible, _ = inputs(jnp.float32)
-    got = np.asarray(masked_attention(q, k, v, visible))
+    got = np.asarray(model_layout(masked_attention(*heads(q, k, v), visible)))
     np.testing.assert_allclose(got, numpy_attention(q, k, v, np.asarray(visible)), atol=1e-5)
-    np.testing.assert_allclose(got, np.asarray(plain(q, k, v, visible)), atol=1e-6)
+    np.testing.assert_allclose(got, np.asarray(model_layout(plain(*heads(q, k, v), visible))),
+                               atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)])
 def test_gradient_equals_autodiff(dtype, tol):
     q, k, v, visible, dout = inputs(dtype, seed=1)
+    (q, k, v), dout = heads(q, k, v), jnp.transpose(dout, (0, 2, 3, 1, 4))
     _, vjp = jax.vjp(lambda q, k, v: masked_attention(q, k, v, visible), q, k, v)
     _, ref_vjp = jax.vjp(lambda q, k, v: plain(q, k, v, visible), q, k, v)
     for got, ref, name in zip(vjp(dout), ref_vjp(dout), "qkv"):
@@ -67,6 +79,7 @@ def test_gradient_equals_autodiff(dtype, tol):
 def test_under_jit_scan_and_checkpoint():
     """As the layer scan uses it: inside a jitted, rematerialised scan over layers."""
     q, k, v, visible, dout = inputs(jnp.float32, seed=2)
+    (q, k, v), dout = heads(q, k, v), jnp.transpose(dout, (0, 2, 3, 1, 4))
 
     def stack(attn):
         def body(x, w):
@@ -108,7 +121,7 @@ def test_causal_blocks_equal_one_block(attend, blocks):
     seen = _seen(visible)
     f = lambda q, k, v: causal_blocks(attend, q, k, v, visible, blocks)  # noqa: E731
     got, vjp = jax.vjp(f, q, k, v)
-    ref, ref_vjp = jax.vjp(lambda q, k, v: attend(q, k, v, visible), q, k, v)
+    ref, ref_vjp = jax.vjp(lambda q, k, v: model_layout(attend(*heads(q, k, v), visible)), q, k, v)
     np.testing.assert_allclose(np.asarray(got)[seen], np.asarray(ref)[seen], atol=1e-5)
     np.testing.assert_allclose(np.asarray(got)[seen],
                                numpy_attention(q, k, v, np.asarray(visible))[seen], atol=1e-5)
