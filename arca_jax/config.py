@@ -139,14 +139,14 @@ class RolloutConfig:
         (continuous refill, `sampling.generate(max_batch=...)`), bounding the KV cache to
         max_batch rows; rounded up to whole groups. The completions are the same either way.
     shrink: halvings of the decode slots as completions end, in rollouts and evaluation
-        (`sampling.generate(shrink=...)`; 0: none): once no completion waits and at most half
-        the slots still run, the running ones go on in half as many slots, so completions that
-        ended early stop costing decode steps. The completions are the same either way; each
-        halving compiles one more decode loop and, while it gathers the running rows, holds
-        the cache and its half-size copy (1.5x the cache; `arca-jax plan` compiles the decode
-        loop without halvings). On CPU, 3 halvings made a GRPO rollout with geometric lengths
-        1.9x faster (`experiments/NOTES_sampling.md`); in the demo's training run 2 halvings
-        cut the sampling phase by 7% only (`experiments/NOTES_vs_trl.md`).
+        (`sampling.generate(shrink=...)`; 0: none; None: `sampling.CPU_SHRINK` = 2 on CPU, 0
+        on GPU and TPU): once no completion waits and at most half the slots still run, the
+        running ones go on in half as many slots, so completions that ended early stop costing
+        decode steps. The completions are the same either way; each halving compiles one more
+        decode loop into the decode program and, while it gathers the running rows, holds the
+        cache and its half-size copy (1.5x the cache; `arca-jax plan` compiles the decode loop
+        without halvings). On CPU, 2 halvings cut the demo's decode loop from 648 to 429 ms
+        (`experiments/NOTES_sampling.md`).
     merge_lora: rollouts and evaluation sample from the merged weights W + scaling * A B (one
         matmul per projection; `sampling.generate(merge_lora=True)`) instead of the base weights
         and the adapter's low-rank side path. None: merged on CPU with float32 weights, where the
@@ -171,7 +171,7 @@ class RolloutConfig:
     overlong_penalty: float = 1.0
     overlong_filtering: bool = False
     max_batch: Optional[int] = None
-    shrink: int = 0
+    shrink: Optional[int] = None
     merge_lora: Optional[bool] = None
 
     def __post_init__(self):
@@ -199,9 +199,9 @@ class RolloutConfig:
             raise ValueError(f"overlong_penalty must be >= 0, got {self.overlong_penalty}")
         if self.max_batch is not None and self.max_batch < 1:
             raise ValueError(f"max_batch must be >= 1 or None, got {self.max_batch}")
-        if self.shrink < 0:
-            raise ValueError(f"shrink must be >= 0 (halvings of the decode slots), got "
-                             f"{self.shrink}")
+        if self.shrink is not None and (isinstance(self.shrink, bool) or self.shrink < 0):
+            raise ValueError(f"shrink must be >= 0 (halvings of the decode slots) or None, "
+                             f"got {self.shrink}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -421,6 +421,27 @@ def _fits(state: SamplerState, slots: int) -> jax.Array:
     return ~_waiting(state) & (jnp.sum(~state.done) <= slots)
 
 
+# Halvings of the decode slots where `rollout.shrink` is None and the sampler runs on CPU:
+# the demo's training rollout (128 slots, completions of 44 tokens on average, up to 80), its
+# decode loop in one process, rounds interleaved (2026-12-03, 2-core Xeon, medians of 11):
+# 648 ms without halvings, 470 with one, 429 with two, 427 with three (slot-steps 8,448 ->
+# 6,272 -> 5,664 -> 5,552; experiments/NOTES_sampling.md). GPU and TPU keep 0 until measured
+# there: a halving gathers the cache once, and their decode steps cost little more at twice
+# the rows.
+CPU_SHRINK = 2
+
+
+def resolve_shrink(shrink: Optional[int], platform: Optional[str] = None) -> int:
+    """Halvings of the decode slots (`decode(shrink=...)`): `shrink` as given (an int >= 0), or
+    for None `CPU_SHRINK` when `platform` (default: JAX's default backend) is "cpu", else 0."""
+    if shrink is None:
+        return CPU_SHRINK if (platform or jax.default_backend()) == "cpu" else 0
+    if isinstance(shrink, bool) or not isinstance(shrink, (int, np.integer)) or shrink < 0:
+        raise ValueError(f"shrink must be None or an int >= 0 (halvings of the slots), got "
+                         f"{shrink!r}")
+    return int(shrink)
+
+
 def shrink_sizes(slots: int, halvings: int, mesh=None) -> Tuple[int, ...]:
     """The slot counts `decode(shrink=halvings)` passes through after `slots`: up to `halvings`
     halvings, while the count stays whole and (with a mesh) splits evenly over its row

@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from arca_jax import config, host_memory, lora  # noqa: E402
+from arca_jax import config, host_memory, lora, sampling  # noqa: E402
 from arca_jax.prompts import bucket_prompts  # noqa: E402
 from arca_jax.qwen3 import cache_attention  # noqa: E402
 from arca_jax.trainer import setup  # noqa: E402
@@ -67,7 +67,8 @@ def main():
         t0 = time.perf_counter()
         gen = generate_rows(model, mesh, ids, mask, group_size=r.group_size,
                             rng=jax.random.fold_in(key, step), max_batch=r.max_batch,
-                            shrink=r.shrink, max_new_tokens=r.max_new_tokens, lora=tree,
+                            shrink=sampling.resolve_shrink(r.shrink),
+                            max_new_tokens=r.max_new_tokens, lora=tree,
                             lora_scale=cfg.lora.scaling, temperature=r.temperature,
                             top_p=r.top_p, top_k=r.top_k, merge_lora=args.merge)
         jax.block_until_ready(gen.out.tokens)
@@ -90,7 +91,7 @@ def main():
     total, count = collections.Counter(), collections.Counter()
     for e in json.load(gzip.open(path))["traceEvents"]:
         if e.get("ph") == "X" and "dur" in e:
-            name = re.sub(r"\.\d+$", "", e["name"])
+            name = e["name"] if os.environ.get("EXACT") else re.sub(r"\.\d+$", "", e["name"])
             total[name] += e["dur"]
             count[name] += 1
     for name, us in total.most_common(30):

@@ -157,3 +157,19 @@ def test_shrinking_on_a_mesh_keeps_slots_split_evenly(setup):
     assert int(shrunk.slot_steps) == _shrunk_slot_steps(plain.lengths, (8, 4))
     with pytest.raises(ValueError, match="shrink must be an int >= 0"):
         sampling.generate(params, ids, mask, rng=rng, shrink=-1, **gen)
+
+
+def test_shrink_resolves_per_platform_and_validates():
+    """`rollout.shrink` None: `sampling.CPU_SHRINK` halvings on CPU, none on GPU and TPU; the
+    trainer's config refuses negative halvings."""
+    from arca_jax.config import RolloutConfig
+
+    assert sampling.resolve_shrink(None, "cpu") == sampling.CPU_SHRINK > 0
+    assert sampling.resolve_shrink(None, "gpu") == sampling.resolve_shrink(None, "tpu") == 0
+    assert sampling.resolve_shrink(3, "tpu") == 3 and sampling.resolve_shrink(0, "cpu") == 0
+    assert RolloutConfig().shrink is None
+    for bad in (-1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="shrink must be"):
+            sampling.resolve_shrink(bad)
+    with pytest.raises(ValueError, match="shrink must be >= 0"):
+        RolloutConfig(shrink=-1)
