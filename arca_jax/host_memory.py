@@ -10,21 +10,26 @@ one arena, no `mmap` and no trimming (`mallopt`), so a freed buffer stays in the
 next call reuses its pages.
 
 The cost: the heap does not shrink by itself (resident memory stays at its peak, which the peak
-was anyway). One exception is made for XLA's compiler: it frees hundreds of megabytes of small
-blocks when a compile ends, scattered between blocks still in use, where a program's one large
-temporary buffer cannot reuse them; kept, they added to the peak (the demo's ARCA run on a fresh
-cache: peak RSS 1.51 GB, the train step's first call on top of 0.32 GB the compile left). So after
-each XLA compile `malloc_trim` hands the free pages back to the kernel (5-50 ms per compile; the
-same run's peak 1.20 GB, that of a run loading stored programs). So it is applied only where JAX can run on nothing but the CPU, and only before JAX's
+was anyway). So it is applied only where JAX can run on nothing but the CPU, and only before JAX's
 backends start (threads that already have arenas keep them: applied later it changes nothing).
-The trainer's commands (`arca-jax train`, `eval`, `sweep`) call it first; a program calling the
-library directly calls it before its first JAX computation. `ARCA_JAX_REUSE_HOST_MEMORY=0` turns
-it off, `=1` applies it even where an accelerator plugin is installed.
+
+One exception is made for XLA's compiler: it frees hundreds of megabytes of small blocks when a
+compile ends, scattered between blocks still in use, where a program's one large temporary buffer
+cannot reuse them; kept, they added to the peak (the demo's ARCA run on a fresh cache: peak RSS
+1.51 GB, the train step's first call on top of 0.32 GB the compile left). So after each XLA
+compile `malloc_trim` hands the free pages back to the kernel (5-50 ms per compile; the same
+run's peak 1.20 GB, that of a run loading stored programs).
+
+The trainer's commands (`arca-jax train`, `eval`, `sweep`) call `reuse_freed_memory` first; a
+program calling the library directly calls it before its first JAX computation.
+`ARCA_JAX_REUSE_HOST_MEMORY=0` turns it off, `=1` applies it even where an accelerator plugin is
+installed.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import importlib.util
 import os
 import sys
@@ -44,6 +49,7 @@ trims = 0  # malloc_trim calls made after compiles (`_trim_after_compile`)
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 
+@functools.lru_cache(maxsize=None)
 def _glibc() -> Optional[ctypes.CDLL]:
     if not sys.platform.startswith("linux"):
         return None

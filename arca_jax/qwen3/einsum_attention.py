@@ -70,8 +70,8 @@ def plain_attention(q, k, v, visible):
 @jax.custom_vjp
 def masked_attention(q, k, v, visible):
     """softmax(q k^T / sqrt(H) where visible) v, head-major: q [B, K, G, T, H], k and v
-    [B, K, S, H], visible [B, T, S] bool -> [B, K, G, T, H] in v's dtype (a query that sees nothing averages
-    every slot, as the plain softmax of equal scores does).
+    [B, K, S, H], visible [B, T, S] bool -> [B, K, G, T, H] in v's dtype (a query that sees
+    nothing averages every slot, as the plain softmax of equal scores does).
 
     The backward recomputes the probabilities from q, k and each row's max and sum of exponentials
     (kept from the forward, [B, K, G, T, 1] float32) instead of keeping them: the [B, K, G, T, S] probabilities

@@ -39,7 +39,8 @@ def greedy_rewards(model: Model, adapter, lora_scale: float, problems: Sequence[
                                r.max_prompt_tokens, model.pad_id, r.prompt_truncation)
     gen = generate_rows(model, mesh, ids, mask, rng=key, greedy=True,
                         max_new_tokens=r.max_new_tokens, lora=adapter, lora_scale=lora_scale,
-                        max_batch=cfg.train.eval_batch_size, shrink=sampling.resolve_shrink(r.shrink),
+                        max_batch=cfg.train.eval_batch_size,
+                        shrink=sampling.resolve_shrink(r.shrink),
                         merge_lora=merge_lora(cfg, model), store=sampler_store(cfg, mesh))
     return score_rows(gen, len(problems), problems.__getitem__, score, model.tokenizer)[0]
 
@@ -67,7 +68,8 @@ def evaluate(model: Model, adapter, lora_scale: float, problems: Sequence[Any], 
     gen = generate_rows(model, mesh, ids, mask, group_size=k, rng=jax.random.fold_in(key, 0),
                         temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                         max_new_tokens=r.max_new_tokens, lora=adapter, lora_scale=lora_scale,
-                        max_batch=cfg.train.eval_batch_size * k, shrink=sampling.resolve_shrink(r.shrink),
+                        max_batch=cfg.train.eval_batch_size * k,
+                        shrink=sampling.resolve_shrink(r.shrink),
                         merge_lora=merge_lora(cfg, model), store=sampler_store(cfg, mesh))
     sampled_r = score_rows(gen, n * k, lambda i: problems[i // k], score,
                            model.tokenizer)[0].reshape(n, k)

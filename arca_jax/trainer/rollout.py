@@ -272,7 +272,8 @@ def _sample_round(model: Model, mesh, problems: Sequence[Any], cfg: RunConfig, *
                                                r.prompt_truncation),
                                max_tokens=r.max_prompt_tokens, pad_id=model.pad_id)
     gen = generate_rows(model, mesh, ids, mask, group_size=G, rng=key, max_batch=r.max_batch,
-                        shrink=sampling.resolve_shrink(r.shrink), max_new_tokens=r.max_new_tokens, lora=adapter,
+                        shrink=sampling.resolve_shrink(r.shrink), max_new_tokens=r.max_new_tokens,
+                        lora=adapter,
                         lora_scale=cfg.lora.scaling, temperature=r.temperature, top_p=r.top_p,
                         top_k=r.top_k, merge_lora=merge_lora(cfg, model),
                         store=sampler_store(cfg, mesh))
