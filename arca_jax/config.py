@@ -147,6 +147,12 @@ class RolloutConfig:
         cache and its half-size copy (1.5x the cache; `arca-jax plan` compiles the decode loop
         without halvings). On CPU, 2 halvings cut the demo's decode loop from 648 to 429 ms
         (`experiments/NOTES_sampling.md`).
+    replicas: devices sampling at once without a mesh (modes "jit" and "pmap"), each decoding
+        its own share of the prompt groups in its own loop (`arca_jax.replicas`; None: on CPU
+        one per core, which `arca-jax train` / `eval` / `sweep` give JAX as CPU devices, 1
+        elsewhere). The completions are the same either way; each device holds a copy of the
+        sampling weights. On a 2-core CPU the demo's rollout samples 1.6x faster with 2
+        (`experiments/NOTES_sampling.md`, "One sampler per core").
     merge_lora: rollouts and evaluation sample from the merged weights W + scaling * A B (one
         matmul per projection; `sampling.generate(merge_lora=True)`) instead of the base weights
         and the adapter's low-rank side path. None: merged on CPU with float32 weights, where the
@@ -172,6 +178,7 @@ class RolloutConfig:
     overlong_filtering: bool = False
     max_batch: Optional[int] = None
     shrink: Optional[int] = None
+    replicas: Optional[int] = None
     merge_lora: Optional[bool] = None
 
     def __post_init__(self):
@@ -202,6 +209,9 @@ class RolloutConfig:
         if self.shrink is not None and (isinstance(self.shrink, bool) or self.shrink < 0):
             raise ValueError(f"shrink must be >= 0 (halvings of the decode slots) or None, "
                              f"got {self.shrink}")
+        if self.replicas is not None and (isinstance(self.replicas, bool) or self.replicas < 1):
+            raise ValueError(f"replicas must be >= 1 (devices sampling at once) or None, "
+                             f"got {self.replicas}")
 
 
 @dataclasses.dataclass(frozen=True)

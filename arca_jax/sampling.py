@@ -319,12 +319,23 @@ def admit(weights: qwen3.InferenceWeights, state: SamplerState, *, config: qwen3
         slot_steps=state.slot_steps + jnp.sum(take))
 
 
+def _uniforms(rng: jax.Array, N: int, B: int, rows_of=None) -> jax.Array:
+    """[B, N] float32 in (0, 1]: rows `rows_of` (see `prefill`) of one draw [N, total]."""
+    if rows_of is None:
+        return (1.0 - jax.random.uniform(rng, (N, B), jnp.float32)).T
+    first, total = rows_of
+    table = jnp.pad(1.0 - jax.random.uniform(rng, (N, int(total)), jnp.float32), ((0, 0), (0, B)),
+                    constant_values=1.0)
+    return jax.lax.dynamic_slice_in_dim(table, first, B, axis=1).T
+
+
 def prefill(weights: qwen3.InferenceWeights, prompt_ids: jax.Array, prompt_mask: jax.Array, *,
             config: qwen3.Qwen3Config, settings: SamplingConfig, rng: jax.Array,
             limit: Optional[jax.Array] = None, mesh=None, group_size: int = 1,
-            slots: Optional[int] = None, admit_rows: Optional[int] = None) -> SamplerState:
+            slots: Optional[int] = None, admit_rows: Optional[int] = None,
+            rows_of: Optional[Tuple[jax.Array, int]] = None) -> SamplerState:
     """The loop state with the first S rows admitted (prompt forward, token 0 sampled). Pure;
-    jit with config, settings, mesh, group_size, slots and admit_rows static.
+    jit with config, settings, mesh, group_size, slots, admit_rows and rows_of[1] static.
 
     Args:
       weights: `qwen3.inference_weights(params, config, ...)`.
@@ -341,6 +352,10 @@ def prefill(weights: qwen3.InferenceWeights, prompt_ids: jax.Array, prompt_mask:
       slots: S, rows decoded at once (default B); the others wait for a free slot (`decode`).
       admit_rows: rows admitted together during `decode` once that many slots are free (a
         multiple of G, <= S; default max(G, S / 8 rounded down to a multiple of G)).
+      rows_of: (first, total): these B rows are rows first .. first + B - 1 of a generation of
+        `total` rows (`arca_jax.replicas`: one device's share), so they read those columns of
+        the [N, total] uniforms, the numbers one run of all rows gives them (columns past
+        `total` read 1). None: rows 0 .. B - 1 of B.
 
     Returns:
       The loop state, a cache of P + N positions per slot (`qwen3.cache_size`).
@@ -361,7 +376,7 @@ def prefill(weights: qwen3.InferenceWeights, prompt_ids: jax.Array, prompt_mask:
     if settings.greedy:
         uniforms = jnp.ones((B, N), jnp.float32)  # unused
     else:
-        uniforms = (1.0 - jax.random.uniform(rng, (N, B), jnp.float32)).T  # (0, 1]
+        uniforms = _uniforms(rng, N, B, rows_of)
     limit = jnp.minimum(jnp.asarray(N if limit is None else limit, jnp.int32), N)
     zeros = jnp.zeros((B, N), jnp.float32)
     i32 = lambda n: jnp.zeros((n,), jnp.int32)
@@ -560,7 +575,8 @@ def generate(params: Params, prompt_ids, prompt_mask, *, config: qwen3.Qwen3Conf
              mesh=None, group_size: int = 1, max_batch: Optional[int] = None,
              admit_rows: Optional[int] = None,
              decode_attention: Optional[str] = None,
-             shrink: int = 0, store=None) -> SampleOutput:
+             shrink: int = 0, store=None,
+             devices: Optional[Sequence[jax.Device]] = None) -> SampleOutput:
     """Samples completions of left-padded prompts.
 
     Args:
@@ -602,8 +618,13 @@ def generate(params: Params, prompt_ids, prompt_mask, *, config: qwen3.Qwen3Conf
         (`decode`): rows that ended early stop costing decode steps. The same tokens and
         log-probs (up to float rounding of the batch's matmuls). Each halving compiles one more
         decode loop (`experiments/NOTES_sampling.md`, "Shrinking the slots").
-      store: an `arca_jax.trainer.executables.ExecutableStore` (no mesh): the four programs
-        are loaded from it without tracing, or compiled and written to it; None: jit as usual.
+      store: an `arca_jax.trainer.executables.ExecutableStore` (no mesh): the programs are
+        loaded from it without tracing, or compiled and written to it; None: jit as usual.
+      devices: several devices (no mesh): each samples its own contiguous share of the rows
+        (whole groups) in its own loop, all at once (`arca_jax.replicas`: on a CPU host with
+        one device per core, the cores decode at once); the same tokens as one device, the
+        output on devices[0]; `max_batch` counts the slots of all devices. None or one
+        device: the arrays' own.
 
     Returns:
       SampleOutput(tokens, mask, logps, sampled_logps [B, N], lengths [B], finished [B],
@@ -630,8 +651,10 @@ def generate(params: Params, prompt_ids, prompt_mask, *, config: qwen3.Qwen3Conf
         rows = jax.sharding.NamedSharding(mesh, parallel.batch_spec(prompt_ids.shape[0], mesh))
         prompt_ids, prompt_mask = jax.device_put((prompt_ids, prompt_mask), rows)
     if store is not None and mesh is not None:
-        raise ValueError("generate: a store holds single-device programs; sample on a mesh "
-                         "without one")
+        raise ValueError("generate: a store holds the programs of sampling without a mesh; "
+                         "sample on a mesh without one")
+    if devices is not None and len(devices) > 1 and mesh is not None:
+        raise ValueError("generate: pass a mesh or several devices, not both")
 
     def run(name, jitted, args, kwargs, static):
         if store is None:
@@ -644,13 +667,22 @@ def generate(params: Params, prompt_ids, prompt_mask, *, config: qwen3.Qwen3Conf
                        decode_attention=decode_attention, mesh=mesh))
     B = prompt_ids.shape[0]
     slots = None if max_batch is None or int(max_batch) >= B else int(max_batch)
-    state = run("prefill", prefill_jit, (weights, prompt_ids, prompt_mask),
-                dict(rng=rng, limit=jnp.asarray(max_new_tokens, jnp.int32)),
-                dict(config=config, settings=settings, mesh=mesh, group_size=int(group_size),
-                     slots=slots, admit_rows=None if slots is None else admit_rows))
-    state = run("decode", decode_jit, (weights, state), {},
-                dict(config=config, settings=settings, mesh=mesh, shrink=int(shrink)))
-    out = run("finish", finish_jit, (state,), {}, {})
+    limit = jnp.asarray(max_new_tokens, jnp.int32)
+    if devices is not None and len(devices) > 1:
+        from arca_jax import replicas
+        out = replicas.sample(run, weights, prompt_ids, prompt_mask, rng=rng, limit=limit,
+                              devices=devices, config=config, settings=settings,
+                              group_size=int(group_size), slots=slots,
+                              admit_rows=None if slots is None else admit_rows,
+                              shrink=int(shrink))
+    else:
+        state = run("prefill", prefill_jit, (weights, prompt_ids, prompt_mask),
+                    dict(rng=rng, limit=limit),
+                    dict(config=config, settings=settings, mesh=mesh, group_size=int(group_size),
+                         slots=slots, admit_rows=None if slots is None else admit_rows))
+        state = run("decode", decode_jit, (weights, state), {},
+                    dict(config=config, settings=settings, mesh=mesh, shrink=int(shrink)))
+        out = run("finish", finish_jit, (state,), {}, {})
     if settings.max_new_tokens != max_new_tokens:
         out = out.replace(tokens=out.tokens[:, :max_new_tokens], mask=out.mask[:, :max_new_tokens],
                           logps=out.logps[:, :max_new_tokens],

@@ -45,7 +45,8 @@ def main():
 
     sampling.decode_jit = record
     import profile_rollout
-    argv, sys.argv = sys.argv, [sys.argv[0], "--merge", "--set", "rollout.shrink=0"]
+    argv, sys.argv = sys.argv, [sys.argv[0], "--merge", "--set", "rollout.shrink=0",
+                           "--set", "rollout.replicas=1"]
     try:
         profile_rollout.main()  # prints its own rollout times (shrink 0)
     finally:

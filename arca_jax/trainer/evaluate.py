@@ -8,7 +8,6 @@ from typing import Any, Sequence, Tuple
 import jax
 import numpy as np
 
-from arca_jax import sampling
 from arca_jax.config import RunConfig
 from arca_jax.tasks.metrics import mean_pass_at_k
 from arca_jax.trainer.rollout import Scorer, encode_prompts, generate_rows, score_rows
@@ -40,7 +39,7 @@ def greedy_rewards(model: Model, adapter, lora_scale: float, problems: Sequence[
     gen = generate_rows(model, mesh, ids, mask, rng=key, greedy=True,
                         max_new_tokens=r.max_new_tokens, lora=adapter, lora_scale=lora_scale,
                         max_batch=cfg.train.eval_batch_size,
-                        shrink=sampling.resolve_shrink(r.shrink),
+                        shrink=r.shrink, replicas=r.replicas,
                         merge_lora=merge_lora(cfg, model), store=sampler_store(cfg, mesh))
     return score_rows(gen, len(problems), problems.__getitem__, score, model.tokenizer)[0]
 
@@ -69,7 +68,7 @@ def evaluate(model: Model, adapter, lora_scale: float, problems: Sequence[Any], 
                         temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                         max_new_tokens=r.max_new_tokens, lora=adapter, lora_scale=lora_scale,
                         max_batch=cfg.train.eval_batch_size * k,
-                        shrink=sampling.resolve_shrink(r.shrink),
+                        shrink=r.shrink, replicas=r.replicas,
                         merge_lora=merge_lora(cfg, model), store=sampler_store(cfg, mesh))
     sampled_r = score_rows(gen, n * k, lambda i: problems[i // k], score,
                            model.tokenizer)[0].reshape(n, k)

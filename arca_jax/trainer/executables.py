@@ -14,7 +14,8 @@ JAX's persistent or in-memory caches: an executable loaded from the persistent c
 without its kernels on XLA:CPU, so one that came from there is compiled once more under another
 key, `FRESH`), writes it for the next run.
 
-Single-device programs only (the trainer's "jit" mode); at most `MAX_ENTRIES` files, the least
+Programs whose arguments all lie on one device, or all on the same devices (the sampler's
+replicas, `arca_jax.replicas`), the devices' order kept; at most `MAX_ENTRIES` files, the least
 recently used removed first. Entries are written atomically (a temporary file renamed into
 place) and read defensively: an entry that does not load is removed and the program compiles.
 Never load a store written by someone else: unpickling an executable runs code.
@@ -182,8 +183,9 @@ class ExecutableStore:
 
         try:
             with open(path, "rb") as f:
-                payload, in_tree, out_tree, device = pickle.load(f)
-            devices = [d for d in jax.devices() if d.id == device]
+                payload, in_tree, out_tree, ids = pickle.load(f)
+            by_id = {d.id: d for d in jax.devices()}
+            devices = [by_id[i] for i in ids]
             program = serialize_executable.deserialize_and_load(
                 payload, in_tree, out_tree, execution_devices=devices)
         except FileNotFoundError:
@@ -204,12 +206,14 @@ class ExecutableStore:
     def _write(self, path: str, program) -> None:
         from jax.experimental import serialize_executable
 
-        devices = {d for s in jax.tree.leaves(program.input_shardings) for d in s.device_set}
-        if len(devices) != 1:
-            return  # single-device programs only (the device assignment is not kept)
+        assignments = {tuple(s._device_assignment)
+                       for s in jax.tree.leaves(program.input_shardings)}
+        if len(assignments) != 1:
+            return  # every argument on the same devices only (the order they load in is kept)
         tmp = None
         try:
-            data = pickle.dumps(serialize_executable.serialize(program) + (devices.pop().id,))
+            ids = tuple(d.id for d in assignments.pop())
+            data = pickle.dumps(serialize_executable.serialize(program) + (ids,))
             os.makedirs(self.directory, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
             with os.fdopen(fd, "wb") as f:

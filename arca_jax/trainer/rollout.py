@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from arca_jax import distributed, parallel, sampling
+from arca_jax import replicas as replicas_lib
 from arca_jax.batch import Batch, build_batch
 from arca_jax.config import RunConfig
 from arca_jax.grpo.objective import advantages
@@ -115,6 +116,7 @@ class Generated(NamedTuple):
 
 
 def generate_rows(model: Model, mesh, ids: np.ndarray, mask: np.ndarray, *, group_size: int = 1,
+                  shrink: Optional[int] = None, replicas: Optional[int] = None,
                   **gen) -> Generated:
     """Samples `group_size` (G) completions of each of the prompts [n, P] (the same host arrays on
     every process) on `mesh` (None: the default device): rows r G .. r G + G - 1 are prompt r's,
@@ -123,7 +125,9 @@ def generate_rows(model: Model, mesh, ids: np.ndarray, mask: np.ndarray, *, grou
     outputs are replicated), and each prompt is prefilled once for its G rows
     (`sampling.generate`'s `group_size`) whenever the padded rows split into whole groups.
     `gen`: `sampling.generate` keywords; a `max_batch` is rounded up to whole groups spread
-    evenly over the devices."""
+    evenly over the devices. shrink, replicas: `RolloutConfig`'s (None: the platform's default,
+    `sampling.resolve_shrink`, `replicas.resolve`); without a mesh, `replicas` devices sample
+    at once, each its own share of the groups."""
     G = int(group_size)
     ids, mask = np.repeat(ids, G, axis=0), np.repeat(mask, G, axis=0)
     layout = parallel.RowLayout.padded(mesh, ids.shape[0])
@@ -134,7 +138,10 @@ def generate_rows(model: Model, mesh, ids: np.ndarray, mask: np.ndarray, *, grou
         unit = int(np.lcm(shared, parallel.row_devices(mesh)))
         gen["max_batch"] = -(-int(gen["max_batch"]) // unit) * unit
     out = sampling.generate(model.params, g_ids, g_mask, config=model.config, eos_id=model.eos_id,
-                            pad_id=model.pad_id, mesh=mesh, group_size=shared, **gen)
+                            pad_id=model.pad_id, mesh=mesh, group_size=shared,
+                            shrink=sampling.resolve_shrink(shrink),
+                            devices=None if mesh is not None else replicas_lib.devices(replicas),
+                            **gen)
     return Generated(out, layout, g_ids, g_mask)
 
 
@@ -272,9 +279,8 @@ def _sample_round(model: Model, mesh, problems: Sequence[Any], cfg: RunConfig, *
                                                r.prompt_truncation),
                                max_tokens=r.max_prompt_tokens, pad_id=model.pad_id)
     gen = generate_rows(model, mesh, ids, mask, group_size=G, rng=key, max_batch=r.max_batch,
-                        shrink=sampling.resolve_shrink(r.shrink), max_new_tokens=r.max_new_tokens,
-                        lora=adapter,
-                        lora_scale=cfg.lora.scaling, temperature=r.temperature, top_p=r.top_p,
+                        shrink=r.shrink, replicas=r.replicas, max_new_tokens=r.max_new_tokens,
+                        lora=adapter, lora_scale=cfg.lora.scaling, temperature=r.temperature, top_p=r.top_p,
                         top_k=r.top_k, merge_lora=merge_lora(cfg, model),
                         store=sampler_store(cfg, mesh))
     jax.block_until_ready(gen.out.tokens)

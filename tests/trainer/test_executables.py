@@ -198,6 +198,35 @@ def test_sampler_programs_stored_and_loaded(tmp_path):
         np.testing.assert_array_equal(np.asarray(x.logps), np.asarray(ref.logps))
 
 
+def test_replica_sampler_stored_and_loaded_on_its_devices(tmp_path):
+    """`sampling.generate(devices=..., store=...)`: the weights' program and the replicas' one
+    (on two devices) written by a first call, loaded by a second store onto the same two
+    devices in order; the same tokens and log-probs as plain jit on one device."""
+    from arca_jax import lora, sampling
+    from fixtures import random_adapter, random_params, tiny_config
+
+    cfg = tiny_config(vocab_size=41)  # a model no other test samples from
+    params = random_params(cfg, seed=0)
+    tree = random_adapter(cfg, lora.LoraConfig(rank=4, alpha=8.0), seed=1, scale=0.2)
+    ids = jnp.asarray(np.random.default_rng(0).integers(1, 41, (8, 6)), jnp.int32)
+    devices = [jax.devices()[2], jax.devices()[1]]  # not in id order: the order is kept
+    run = lambda store, devices: sampling.generate(  # noqa: E731
+        params, ids, jnp.ones_like(ids), config=cfg, rng=jax.random.PRNGKey(1),
+        max_new_tokens=10, eos_id=3, lora=tree, lora_scale=2.0, group_size=2, store=store,
+        devices=devices)
+    first = ExecutableStore(str(tmp_path), "sampling.generate")
+    a = run(first, devices)
+    assert (first.hits, first.writes) == (0, 2)
+    second = ExecutableStore(str(tmp_path), "sampling.generate")
+    b = run(second, devices)
+    assert (second.hits, second.writes) == (2, 0)
+    ref = run(None, None)
+    for x in (a, b):
+        assert x.tokens.sharding.device_set == {devices[0]}
+        np.testing.assert_array_equal(np.asarray(x.tokens), np.asarray(ref.tokens))
+        np.testing.assert_allclose(np.asarray(x.logps), np.asarray(ref.logps), atol=1e-6)
+
+
 def test_store_rule():
     cfg = config.load(None, RUN)
     from fixtures import tiny_config
