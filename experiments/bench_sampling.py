@@ -17,6 +17,10 @@ end (`--shrink 3`: 128 -> 64 -> 32 -> 16). Tokens/s counts the kept completion t
 
     python experiments/bench_sampling.py --groups [--runs 5]
 
+On CPU JAX gets one device per core (`replicas.use_cpu_cores`, as the trainer's commands do), and
+both CPU cases add an arm sampling on `--replicas` of them at once (default: one per core;
+`sampling.generate(devices=...)`, each device its own share of the rows; 1: no such arm).
+
 GPU (`--gpu`): Qwen3-1.7B shapes, random bfloat16 weights, batch 64, prompt 128, 512 new tokens:
 prefill and decode tokens/s, against the memory-bandwidth bound (bytes of weights plus KV cache
 read per decode step over the HBM bandwidth measured in the same run by a large device-to-device
@@ -45,7 +49,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from arca_jax import qwen3, sampling  # noqa: E402
+from arca_jax import qwen3, replicas, sampling  # noqa: E402
 
 T_START = time.perf_counter()
 
@@ -196,14 +200,26 @@ def cpu_bench(args):
         assert int(jnp.max(st.column)) == N
         return t1 - t0, t2 - t1, t3 - t2
 
+    devices = replicas.devices(args.replicas)
+
+    def jax_replicas(seed):  # prepare the weights, then prefill and decode on each device
+        t0 = now()
+        out = block(sampling.generate(params, j_ids, j_mask, config=config,
+                                      rng=jax.random.PRNGKey(seed), max_new_tokens=N,
+                                      bucket=False, devices=devices))
+        assert int(out.num_steps) == N
+        return now() - t0
+
     threads = sorted({1, torch.get_num_threads()})
-    runs = {"jax_weights": [], "jax_prefill": [], "jax_decode": []}
+    runs = {"jax_weights": [], "jax_prefill": [], "jax_decode": [], "jax_replicas": []}
     for th in threads:
         runs.update({f"hf{th}_prefill": [], f"hf{th}_total": []})
 
     t = now()
     jax_run(0)
     print(f"jax compile + first run: {now() - t:.1f} s")
+    if devices:
+        jax_replicas(0)
     for th in threads:  # warm up
         torch.set_num_threads(th)
         hf_generate(N), hf_generate(1)
@@ -220,7 +236,9 @@ def cpu_bench(args):
         runs["jax_weights"].append(a)
         runs["jax_prefill"].append(b)
         runs["jax_decode"].append(c)
-    med = {k: statistics.median(v) for k, v in runs.items()}
+        if devices:
+            runs["jax_replicas"].append(jax_replicas(r + 1))
+    med = {k: statistics.median(v) for k, v in runs.items() if v}
 
     # one decode step: jaxpr equations and compiled kernels of the loop body
     w = sampling.prepare_weights_jit(params, config, lora=None, lora_scale=jnp.float32(1.0),
@@ -252,6 +270,14 @@ def cpu_bench(args):
               f"{B * (N - 1) / dec:13.0f} {tot * 1e3:9.2f} {B * N / tot:9.0f}")
         result[name] = dict(prefill_s=pre, decode_s=dec, total_s=tot, tokens_per_s=B * N / tot,
                             decode_tokens_per_s=B * (N - 1) / dec, prompt_tokens_per_s=B * P / pre)
+    if devices:
+        tot = med["jax_replicas"]
+        print(f"{f'arca_jax, {len(devices)} devices':22s} {'':11s} {'':13s} {'':10s} {'':13s} "
+              f"{tot * 1e3:9.2f} {B * N / tot:9.0f}")
+        result["replicas"] = dict(devices=len(devices), total_s=tot, tokens_per_s=B * N / tot,
+                                  speedup=med["hf_total"] / tot)
+        print(f"{len(devices)} devices at once: {med['hf_total'] / tot:.2f}x transformers end "
+              f"to end")
     speedup = med["hf_total"] / jax_total
     jax_prefill = med["jax_weights"] + med["jax_prefill"]
     print(f"\nspeed-up over transformers (its faster setting, {best_th} thread(s)): "
@@ -327,6 +353,10 @@ def groups_bench(args):
     if args.shrink:
         arms[f"arca_jax shrink {args.shrink}"] = functools.partial(jax_run, group_size=G,
                                                                  shrink=args.shrink)
+    devices = replicas.devices(args.replicas)
+    if devices:
+        arms[f"arca_jax shrink {args.shrink}, {len(devices)} dev"] = functools.partial(
+            jax_run, group_size=G, shrink=args.shrink, devices=devices)
     first = {}
     for name, fn in arms.items():  # warm up (compiles)
         t = now()
@@ -627,6 +657,8 @@ def main():
     ap.add_argument("--shrink", type=int, default=3,
                     help="--groups: halvings of the slots for the one-batch arm with shrinking "
                          "(`generate(shrink=...)`; 0: no such arm)")
+    ap.add_argument("--replicas", type=int, default=None,
+                    help="CPU: devices sampling at once in the extra arm (default: one per core)")
     ap.add_argument("--gpu-batch", type=int, nargs="+", default=[64, 256])
     ap.add_argument("--gpu-prompt", type=int, default=128)
     ap.add_argument("--gpu-new-tokens", type=int, default=512)
@@ -645,6 +677,8 @@ def main():
     ap.add_argument("--json", default=None,
                     help="write the results here (GPU default: $OUT/bench_sampling_gpu.json)")
     args = ap.parse_args()
+    if not args.gpu:
+        replicas.use_cpu_cores()  # before JAX starts, as the trainer's commands
     if args.runs is None:
         args.runs = 3 if args.gpu else 7
     res = gpu_bench(args) if args.gpu else groups_bench(args) if args.groups else cpu_bench(args)
