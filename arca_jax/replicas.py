@@ -29,6 +29,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from arca_jax import host_memory, qwen3, sampling
 
 AXIS = "replica"
+# Slots each device decodes at least when the count is left to `devices` (None): the demo
+# model's rollout on a 2-core Xeon, one device against two (`profile_rollout.py --replicas 1,2`):
+# 16 slots 50 -> 57 ms (slower), 32 slots 106 -> 74 ms, 128 slots 447 -> 278 ms; a model of
+# hidden 256, 16 slots 388 -> 427 ms, 128 slots 2.07 -> 1.68 s (`bench_sampling.py`).
+MIN_SLOTS = 16
 NUM_CPU_DEVICES_ENV = "JAX_NUM_CPU_DEVICES"
 _DEVICE_COUNT_FLAG = "xla_force_host_platform_device_count"
 
@@ -59,7 +64,8 @@ def resolve(replicas: Optional[int], platform: Optional[str] = None) -> int:
     """How many devices sample at once (`sampling.generate(devices=...)`): `replicas` as given
     (an int >= 1, at most the default backend's local devices), or for None on CPU (`platform`,
     default JAX's default backend) one per core, up to the CPU devices JAX has (1 unless
-    `use_cpu_cores` or a device count gave it more); 1 elsewhere."""
+    `use_cpu_cores` or a device count gave it more); 1 elsewhere (`devices` also bounds it by
+    the slots)."""
     if replicas is None:
         if (platform or jax.default_backend()) != "cpu":
             return 1
@@ -72,9 +78,14 @@ def resolve(replicas: Optional[int], platform: Optional[str] = None) -> int:
     return int(replicas)
 
 
-def devices(replicas: Optional[int]) -> Optional[Sequence[jax.Device]]:
-    """The devices `resolve(replicas)` samples on: None for one (the arrays' own device)."""
+def devices(replicas: Optional[int], slots: Optional[int] = None
+            ) -> Optional[Sequence[jax.Device]]:
+    """The devices `resolve(replicas)` samples on, None for one (the arrays' own device). For
+    `replicas` None and `slots` given (the rows decoded at once: `max_batch`, else the rows), no
+    more devices than give each `MIN_SLOTS` of them (fewer decode slower split than whole)."""
     n = resolve(replicas)
+    if replicas is None and slots is not None:
+        n = max(1, min(n, int(slots) // MIN_SLOTS))
     return None if n == 1 else jax.local_devices()[:n]
 
 
@@ -132,7 +143,8 @@ def sample(run: Callable, weights: qwen3.InferenceWeights, prompt_ids: jax.Array
     same, split = NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec(AXIS))
     weights, rng, limit = jax.device_put((weights, rng, limit), same)
     prompt_ids, prompt_mask = jax.device_put((prompt_ids, prompt_mask), split)
-    out = run("replicas", sample_jit, (weights, prompt_ids, prompt_mask, rng, limit), {},
+    name = "replicas-" + "-".join(str(d.id) for d in devices)  # a stored program's devices
+    out = run(name, sample_jit, (weights, prompt_ids, prompt_mask, rng, limit), {},
               dict(config=config, settings=settings, mesh=mesh, group_size=G,
                    slots=None if S == per else S, admit_rows=admit_rows, shrink=int(shrink),
                    rows=B))

@@ -140,7 +140,9 @@ def generate_rows(model: Model, mesh, ids: np.ndarray, mask: np.ndarray, *, grou
     out = sampling.generate(model.params, g_ids, g_mask, config=model.config, eos_id=model.eos_id,
                             pad_id=model.pad_id, mesh=mesh, group_size=shared,
                             shrink=sampling.resolve_shrink(shrink),
-                            devices=None if mesh is not None else replicas_lib.devices(replicas),
+                            devices=None if mesh is not None else replicas_lib.devices(
+                                replicas, min(gen.get("max_batch") or layout.batch_size,
+                                              layout.batch_size)),
                             **gen)
     return Generated(out, layout, g_ids, g_mask)
 

@@ -93,6 +93,12 @@ def test_replica_count_resolves_per_platform_and_validates():
     assert replicas.resolve(2) == 2 and replicas.resolve(1) == 1
     assert replicas.devices(1) is None
     assert replicas.devices(3) == jax.local_devices()[:3]
+    # left to it, no fewer than MIN_SLOTS slots per device; a count given is kept
+    if replicas.resolve(None) > 1:
+        assert replicas.devices(None, replicas.MIN_SLOTS * 2 - 1) is None
+        assert len(replicas.devices(None, replicas.MIN_SLOTS * 2)) == 2
+        assert len(replicas.devices(None, 10 ** 6)) == replicas.resolve(None)
+    assert replicas.devices(2, 4) == jax.local_devices()[:2]
     for bad in (0, -1, 1.5, True, "2"):
         with pytest.raises(ValueError, match="replicas must be"):
             replicas.resolve(bad)
