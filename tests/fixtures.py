@@ -250,6 +250,23 @@ def frequent_token(params, config, ids, mask, *, new: int, **gen) -> int:
     return int(np.bincount(np.asarray(probe.tokens).ravel(), minlength=config.vocab_size).argmax())
 
 
+def grouped_rollout(config, lora_config, lengths, group: int, new: int, *, prompt_seed: int = 0,
+                    **sampled):
+    """(params, ids, mask, `sampling.generate` keywords) of a GRPO-like rollout: random params
+    (scale 2, peaky logits) and adapter, one left-padded prompt of each length in `lengths`
+    (width 7) repeated `group` times, `new` tokens, EOS the token a `sampled` generation holds
+    most often (rows end at different steps)."""
+    from arca_jax import prompts
+
+    params = random_params(config, seed=0, scale=2.0)
+    tree = random_adapter(config, lora_config, seed=1, scale=0.2)
+    ids, mask = left_padded_batch(config.vocab_size, lengths, 7, seed=prompt_seed)
+    ids, mask = prompts.repeat_groups(ids, mask, group)
+    adapter = dict(lora=tree, lora_scale=lora_config.scaling)
+    eos = frequent_token(params, config, ids, mask, new=new, **adapter, **sampled)
+    return params, ids, mask, dict(config=config, max_new_tokens=new, eos_id=eos, **adapter)
+
+
 def positions_of(mask: np.ndarray) -> np.ndarray:
     return np.maximum(np.cumsum(mask, -1) - 1, 0)
 

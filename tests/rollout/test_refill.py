@@ -6,9 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from arca_jax import lora, parallel, prompts, sampling
-from fixtures import (frequent_token, left_padded_batch, random_adapter, random_params,
-                      tiny_config)
+from arca_jax import lora, parallel, sampling
+from fixtures import grouped_rollout, tiny_config
 
 CFG = tiny_config(vocab_size=64)
 LCFG = lora.LoraConfig(rank=4, alpha=8.0)
@@ -19,16 +18,9 @@ SAMPLED = dict(temperature=1.0, top_k=20)
 
 @pytest.fixture(scope="module")
 def setup():
-    """(params, the grouped prompts, generate's keywords): the end-of-sequence token is the one
-    sampled completions hold most often, so rows end at different steps."""
-    params = random_params(CFG, seed=0, scale=2.0)
-    tree = random_adapter(CFG, LCFG, seed=1, scale=0.2)
-    ids, mask = left_padded_batch(CFG.vocab_size, [3, 5, 7, 2], 7, seed=0)
-    ids, mask = prompts.repeat_groups(ids, mask, G)  # 16 rows
-    adapter = dict(lora=tree, lora_scale=LCFG.scaling)
-    eos = frequent_token(params, CFG, ids, mask, new=N, **adapter, **SAMPLED)
-    gen = dict(config=CFG, max_new_tokens=N, eos_id=eos, **adapter)
-    return params, ids, mask, gen
+    """(params, the grouped prompts (16 rows), generate's keywords): the end-of-sequence token is
+    the one sampled completions hold most often, so rows end at different steps."""
+    return grouped_rollout(CFG, LCFG, [3, 5, 7, 2], G, N, **SAMPLED)
 
 
 def _same_rows(refill, plain):

@@ -12,10 +12,9 @@ import jax
 import numpy as np
 import pytest
 
-from arca_jax import lora, prompts, replicas, sampling
+from arca_jax import lora, replicas, sampling
 from arca_jax.config import RolloutConfig
-from fixtures import (frequent_token, left_padded_batch, random_adapter, random_params,
-                      tiny_config)
+from fixtures import grouped_rollout, tiny_config
 
 CFG = tiny_config(vocab_size=64)
 LCFG = lora.LoraConfig(rank=4, alpha=8.0)
@@ -28,13 +27,7 @@ SAMPLED = dict(temperature=1.0, top_k=20)
 def setup():
     """(params, 16 rows of 4 prompts x G, generate's keywords): EOS the token sampled most
     often, so rows end at different steps; LoRA on."""
-    params = random_params(CFG, seed=0, scale=2.0)
-    tree = random_adapter(CFG, LCFG, seed=1, scale=0.2)
-    ids, mask = left_padded_batch(CFG.vocab_size, [3, 5, 7, 2], 7, seed=1)
-    ids, mask = prompts.repeat_groups(ids, mask, G)
-    adapter = dict(lora=tree, lora_scale=LCFG.scaling)
-    eos = frequent_token(params, CFG, ids, mask, new=N, **adapter, **SAMPLED)
-    return params, ids, mask, dict(config=CFG, max_new_tokens=N, eos_id=eos, **adapter)
+    return grouped_rollout(CFG, LCFG, [3, 5, 7, 2], G, N, prompt_seed=1, **SAMPLED)
 
 
 def _same_rows(got, want):
