@@ -282,8 +282,8 @@ def _sample_round(model: Model, mesh, problems: Sequence[Any], cfg: RunConfig, *
                                max_tokens=r.max_prompt_tokens, pad_id=model.pad_id)
     gen = generate_rows(model, mesh, ids, mask, group_size=G, rng=key, max_batch=r.max_batch,
                         shrink=r.shrink, replicas=r.replicas, max_new_tokens=r.max_new_tokens,
-                        lora=adapter, lora_scale=cfg.lora.scaling, temperature=r.temperature, top_p=r.top_p,
-                        top_k=r.top_k, merge_lora=merge_lora(cfg, model),
+                        lora=adapter, lora_scale=cfg.lora.scaling, temperature=r.temperature,
+                        top_p=r.top_p, top_k=r.top_k, merge_lora=merge_lora(cfg, model),
                         store=sampler_store(cfg, mesh))
     jax.block_until_ready(gen.out.tokens)
     t1 = time.time()

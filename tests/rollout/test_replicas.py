@@ -110,8 +110,8 @@ print(n, jax.device_count(), replicas.cores())
 """
 
 
-@pytest.mark.parametrize("flags, want", [("", None), ("--xla_force_host_platform_device_count=3", 3)],
-                         ids=["unset", "set-by-the-user"])
+@pytest.mark.parametrize("flags, want", [
+    ("", None), ("--xla_force_host_platform_device_count=3", 3)], ids=["unset", "set-by-the-user"])
 def test_use_cpu_cores_gives_jax_one_device_per_core(flags, want):
     """Before JAX starts, with no device count set: one CPU device per core; a count the user
     set is kept."""
