@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional
 import jax
 import numpy as np
 
-from arca_jax import credit, distributed, faults, lora, parallel, rundir
+from arca_jax import credit, distributed, faults, lora, parallel, replicas, rundir
 from arca_jax.config import ConfigError, RunConfig, check_environment
 from arca_jax.grpo.objective import policy_logprobs
 from arca_jax.grpo.signals import residual_layers
@@ -121,6 +121,19 @@ def _state_memory(state, mesh, kv_heads: int) -> str:
     return f"{line}, split over fsdp {fsdp} ({whole.total / mib:.2f} MiB if replicated)"
 
 
+def _sampler_devices(cfg: RunConfig, log) -> None:
+    """ConfigError for a `rollout.replicas` the process cannot give; a message when rollouts
+    sample on several devices (`arca_jax.replicas`)."""
+    slots = min(cfg.rollout.max_batch or cfg.batch_size, cfg.batch_size)
+    try:
+        devices = replicas.devices(cfg.rollout.replicas, slots)
+    except ValueError as e:
+        raise ConfigError(f"rollout.{e}") from None
+    if devices:
+        log.message(f"rollouts sample on {len(devices)} {devices[0].platform} devices at once, "
+                    f"each its own share of the prompt groups (rollout.replicas)")
+
+
 def _start(cfg: RunConfig, run_dir: str, resume: bool, log: Optional[RunLog]) -> _Run:
     """Checks the run directory, loads model and tasks, builds (or restores) the train state and
     compiles nothing yet."""
@@ -136,6 +149,8 @@ def _start(cfg: RunConfig, run_dir: str, resume: bool, log: Optional[RunLog]) ->
         log.message(cache_note)
     mesh = setup.make_run_mesh(cfg)
     layout = parallel.RowLayout(mesh, cfg.batch_size)
+    if mesh is None:
+        _sampler_devices(cfg, log)
     model = setup.load_model(cfg, mesh)  # mesh: base weights placed sharded (`parallel`)
     adapted = setup.lora_config(cfg, model.config).targets  # ConfigError for targets it refuses
     if adapted != cfg.lora.targets:

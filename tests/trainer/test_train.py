@@ -109,6 +109,7 @@ def test_eval_and_export_commands(full_run, tmp_path, capsys):
     (["--set", "rollout.group_size=1"], "group_size must be >= 2"),
     (["--set", "rollout.temperature=0"], "temperature"),
     (["--set", "rollout.shrink=-1"], "shrink must be >= 0"),
+    (["--set", "rollout.replicas=999"], "rollout.replicas=999: this process has"),
     (["--set", "model.path=/no/such/model"], "model.path"),
     (["--set", "task.path=/no/such/data.jsonl"], "task.path"),
     (["--set", "train.mode=pmap", "--set", "rollout.prompts_per_step=3",
