@@ -267,6 +267,18 @@ def grouped_rollout(config, lora_config, lengths, group: int, new: int, *, promp
     return params, ids, mask, dict(config=config, max_new_tokens=new, eos_id=eos, **adapter)
 
 
+def assert_same_rows(got, want, atol: float = 1e-5):
+    """Two `sampling.SampleOutput`s of the same rows: equal tokens, masks, lengths, finished
+    flags and step counts; log-probs within `atol`."""
+    for name in ("tokens", "mask", "lengths", "finished"):
+        np.testing.assert_array_equal(np.asarray(getattr(got, name)),
+                                      np.asarray(getattr(want, name)), err_msg=name)
+    for name in ("logps", "sampled_logps"):
+        np.testing.assert_allclose(np.asarray(getattr(got, name)),
+                                   np.asarray(getattr(want, name)), atol=atol, err_msg=name)
+    assert int(got.num_steps) == int(want.num_steps)
+
+
 def positions_of(mask: np.ndarray) -> np.ndarray:
     return np.maximum(np.cumsum(mask, -1) - 1, 0)
 

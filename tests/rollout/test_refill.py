@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from arca_jax import lora, parallel, sampling
-from fixtures import grouped_rollout, tiny_config
+from fixtures import assert_same_rows, grouped_rollout, tiny_config
 
 CFG = tiny_config(vocab_size=64)
 LCFG = lora.LoraConfig(rank=4, alpha=8.0)
@@ -23,16 +23,6 @@ def setup():
     return grouped_rollout(CFG, LCFG, [3, 5, 7, 2], G, N, **SAMPLED)
 
 
-def _same_rows(refill, plain):
-    for name in ("tokens", "mask", "lengths", "finished"):
-        np.testing.assert_array_equal(np.asarray(getattr(refill, name)),
-                                      np.asarray(getattr(plain, name)), err_msg=name)
-    for name in ("logps", "sampled_logps"):
-        np.testing.assert_allclose(np.asarray(getattr(refill, name)),
-                                   np.asarray(getattr(plain, name)), atol=1e-5, err_msg=name)
-    assert int(refill.num_steps) == int(plain.num_steps)
-
-
 @pytest.mark.parametrize("kw, slots, admit, group", [
     (SAMPLED, 4, 1, 1),         # admitted one row at a time
     (SAMPLED, 8, 4, G),         # whole groups, each prompt prefilled once per admission
@@ -45,7 +35,7 @@ def test_refill_equals_one_batch(setup, kw, slots, admit, group):
     plain = sampling.generate(params, ids, mask, rng=rng, **gen, **kw)
     refill = sampling.generate(params, ids, mask, rng=rng, max_batch=slots, admit_rows=admit,
                                group_size=group, **gen, **kw)
-    _same_rows(refill, plain)
+    assert_same_rows(refill, plain)
     lengths = np.asarray(plain.lengths)
     if "temperature" in kw:  # a real test: rows end at different steps, some at the limit
         assert len(set(lengths.tolist())) > 3 and lengths.min() < N
@@ -66,10 +56,10 @@ def test_refill_on_a_mesh(setup):
     plain = sampling.generate(params, ids, mask, rng=rng, **gen, **SAMPLED)
     refill = sampling.generate(params, ids, mask, rng=rng, mesh=mesh, max_batch=8, admit_rows=4,
                                group_size=G, **gen, **SAMPLED)
-    _same_rows(refill, plain)
+    assert_same_rows(refill, plain)
 
 
-def test_pallas_decode_attention_gives_the_same_rows(setup):
+def test_pallas_decode_attention_gives_theassert_same_rows(setup):
     """decode_attention="pallas" (the GPU kernel, in Pallas' interpreter here) against "dot", with
     refill, groups, LoRA and EOS at different steps: the same tokens, log-probs within 1e-5."""
     params, ids, mask, gen = setup
@@ -77,10 +67,10 @@ def test_pallas_decode_attention_gives_the_same_rows(setup):
     kw = dict(max_batch=8, admit_rows=4, group_size=G, **gen, **SAMPLED)
     dot = sampling.generate(params, ids, mask, rng=rng, decode_attention="dot", **kw)
     pallas = sampling.generate(params, ids, mask, rng=rng, decode_attention="pallas", **kw)
-    _same_rows(pallas, dot)
+    assert_same_rows(pallas, dot)
     assert len(set(np.asarray(dot.lengths).tolist())) > 3
     one = parallel.make_mesh(data=1, devices=jax.devices()[:1])  # the trainer's single-GPU mesh
-    _same_rows(sampling.generate(params, ids, mask, rng=rng, decode_attention="pallas", mesh=one,
+    assert_same_rows(sampling.generate(params, ids, mask, rng=rng, decode_attention="pallas", mesh=one,
                                  **kw), dot)
     with pytest.raises(ValueError, match="runs on one device"):
         sampling.generate(params, ids, mask, rng=rng, decode_attention="pallas",
@@ -125,7 +115,7 @@ def test_shrinking_slots_equals_one_batch(setup, extra):
     rng = jax.random.PRNGKey(3)
     plain = sampling.generate(params, ids, mask, rng=rng, **gen, **SAMPLED)
     shrunk = sampling.generate(params, ids, mask, rng=rng, shrink=3, **gen, **SAMPLED, **extra)
-    _same_rows(shrunk, plain)
+    assert_same_rows(shrunk, plain)
     lengths = np.asarray(plain.lengths)
     assert len(set(lengths.tolist())) > 3 and (lengths < N).sum() > ids.shape[0] // 2
     assert lengths.sum() <= int(shrunk.slot_steps) < int(plain.slot_steps)
@@ -145,7 +135,7 @@ def test_shrinking_on_a_mesh_keeps_slots_split_evenly(setup):
     plain = sampling.generate(params, ids, mask, rng=rng, **gen, **SAMPLED)
     shrunk = sampling.generate(params, ids, mask, rng=rng, mesh=mesh, shrink=3, group_size=G,
                                **gen, **SAMPLED)
-    _same_rows(shrunk, plain)
+    assert_same_rows(shrunk, plain)
     assert int(shrunk.slot_steps) == _shrunk_slot_steps(plain.lengths, (8, 4))
     with pytest.raises(ValueError, match="shrink must be an int >= 0"):
         sampling.generate(params, ids, mask, rng=rng, shrink=-1, **gen)

@@ -14,7 +14,7 @@ import pytest
 
 from arca_jax import lora, replicas, sampling
 from arca_jax.config import RolloutConfig
-from fixtures import grouped_rollout, tiny_config
+from fixtures import assert_same_rows, grouped_rollout, tiny_config
 
 CFG = tiny_config(vocab_size=64)
 LCFG = lora.LoraConfig(rank=4, alpha=8.0)
@@ -30,16 +30,6 @@ def setup():
     return grouped_rollout(CFG, LCFG, [3, 5, 7, 2], G, N, prompt_seed=1, **SAMPLED)
 
 
-def _same_rows(got, want):
-    for name in ("tokens", "mask", "lengths", "finished"):
-        np.testing.assert_array_equal(np.asarray(getattr(got, name)),
-                                      np.asarray(getattr(want, name)), err_msg=name)
-    for name in ("logps", "sampled_logps"):
-        np.testing.assert_allclose(np.asarray(getattr(got, name)),
-                                   np.asarray(getattr(want, name)), atol=1e-5, err_msg=name)
-    assert int(got.num_steps) == int(want.num_steps)
-
-
 @pytest.mark.parametrize("n, extra", [
     (2, dict(SAMPLED)),
     (2, dict(SAMPLED, group_size=G)),                 # each device prefills its own groups
@@ -53,7 +43,7 @@ def test_replicas_give_the_one_device_rows(setup, n, extra):
     one = sampling.generate(params, ids, mask, rng=rng, **gen, **extra)
     split = sampling.generate(params, ids, mask, rng=rng, devices=jax.devices()[:n], **gen,
                               **extra)
-    _same_rows(split, one)
+    assert_same_rows(split, one)
     assert split.tokens.shape == (ids.shape[0], N)
     assert split.tokens.sharding.device_set == {jax.devices()[0]}
     lengths = np.asarray(one.lengths)
