@@ -78,14 +78,15 @@ def resolve(replicas: Optional[int], platform: Optional[str] = None) -> int:
     return int(replicas)
 
 
-def devices(replicas: Optional[int], slots: Optional[int] = None
-            ) -> Optional[Sequence[jax.Device]]:
+def devices(replicas: Optional[int], rows: Optional[int] = None,
+            max_batch: Optional[int] = None) -> Optional[Sequence[jax.Device]]:
     """The devices `resolve(replicas)` samples on, None for one (the arrays' own device). For
-    `replicas` None and `slots` given (the rows decoded at once: `max_batch`, else the rows), no
-    more devices than give each `MIN_SLOTS` of them (fewer decode slower split than whole)."""
+    `replicas` None and `rows` given, no more devices than give each `MIN_SLOTS` of the slots
+    (`max_batch` of the rows, else all; fewer decode slower split than whole)."""
     n = resolve(replicas)
-    if replicas is None and slots is not None:
-        n = max(1, min(n, int(slots) // MIN_SLOTS))
+    if replicas is None and rows is not None:
+        slots = min(int(max_batch or rows), int(rows))
+        n = max(1, min(n, slots // MIN_SLOTS))
     return None if n == 1 else jax.local_devices()[:n]
 
 

@@ -124,9 +124,8 @@ def _state_memory(state, mesh, kv_heads: int) -> str:
 def _sampler_devices(cfg: RunConfig, log) -> None:
     """ConfigError for a `rollout.replicas` the process cannot give; a message when rollouts
     sample on several devices (`arca_jax.replicas`)."""
-    slots = min(cfg.rollout.max_batch or cfg.batch_size, cfg.batch_size)
     try:
-        devices = replicas.devices(cfg.rollout.replicas, slots)
+        devices = replicas.devices(cfg.rollout.replicas, cfg.batch_size, cfg.rollout.max_batch)
     except ValueError as e:
         raise ConfigError(f"rollout.{e}") from None
     if devices:

@@ -141,8 +141,7 @@ def generate_rows(model: Model, mesh, ids: np.ndarray, mask: np.ndarray, *, grou
                             pad_id=model.pad_id, mesh=mesh, group_size=shared,
                             shrink=sampling.resolve_shrink(shrink),
                             devices=None if mesh is not None else replicas_lib.devices(
-                                replicas, min(gen.get("max_batch") or layout.batch_size,
-                                              layout.batch_size)),
+                                replicas, layout.batch_size, gen.get("max_batch")),
                             **gen)
     return Generated(out, layout, g_ids, g_mask)
 
