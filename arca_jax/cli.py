@@ -332,7 +332,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             from arca_jax import host_memory
             host_memory.reuse_freed_memory()  # before JAX starts (off: ARCA_JAX_REUSE_HOST_MEMORY=0)
             from arca_jax import replicas
-            replicas.use_cpu_cores()  # before JAX starts: one CPU device per core (samplers)
+            replicas.use_cpu_cores()  # before JAX starts: two CPU devices per core (samplers)
             from arca_jax.trainer import setup
             setup.use_compilation_cache()  # before anything compiles (off: ARCA_JAX_COMPILATION_CACHE=0)
         return COMMANDS[args.command](args)

@@ -149,11 +149,11 @@ class RolloutConfig:
         (`experiments/NOTES_sampling.md`).
     replicas: devices sampling at once without a mesh (modes "jit" and "pmap"), each decoding
         its own share of the prompt groups in its own loop (`arca_jax.replicas`; None: on CPU
-        one per core, which `arca-jax train` / `eval` / `sweep` give JAX as CPU devices, but
+        two per core, which `arca-jax train` / `eval` / `sweep` give JAX as CPU devices, but
         none with fewer than `replicas.MIN_SLOTS` = 16 slots; 1 elsewhere). The completions are
         the same either way; each device holds a copy of the sampling weights. On a 2-core CPU
-        the demo's rollout samples 1.6x faster with 2 (`experiments/NOTES_sampling.md`, "One
-        sampler per core").
+        the demo's rollout samples 1.6x faster with 2 than with 1, and 1.2x faster again with 4
+        (`experiments/NOTES_sampling.md`, "One sampler per core", "Two per core").
     merge_lora: rollouts and evaluation sample from the merged weights W + scaling * A B (one
         matmul per projection; `sampling.generate(merge_lora=True)`) instead of the base weights
         and the adapter's low-rank side path. None: merged on CPU with float32 weights, where the

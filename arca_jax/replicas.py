@@ -1,13 +1,14 @@
 """The sampler on several devices at once, each decoding its own share of the rows in its own
-loop (`sampling.generate(devices=...)`); on a CPU host, one device per core.
+loop (`sampling.generate(devices=...)`); on a CPU host, two devices per core.
 
 A decode step of a small model is about a hundred kernels of a few microseconds each, and
 XLA:CPU splits few of them over the cores: the demo's decode loop ran 1.18x faster on two cores
-than on one (`experiments/NOTES_sampling.md`, "One sampler per core"). Given one device per core
+than on one (`experiments/NOTES_sampling.md`, "One sampler per core"). Given several CPU devices
 (`use_cpu_cores`, which the trainer's commands call before JAX starts), `sample` splits the rows
 into one contiguous run of whole prompt groups per device and samples each run in a loop of its
 own: one program (`jax.shard_map`, nothing communicated between the devices), each device
-stopping when its own rows have ended, the cores working at once.
+stopping when its own rows have ended, the cores working at once. Two loops per core fill the
+gaps each leaves between its small kernels (`DEVICES_PER_CORE`).
 
 Each row reads the uniforms of its own column of one draw over all rows
 (`sampling.prefill(rows_of=...)`), so the tokens are those of one run on one device with the same
@@ -34,6 +35,11 @@ AXIS = "replica"
 # 16 slots 50 -> 57 ms (slower), 32 slots 106 -> 74 ms, 128 slots 447 -> 278 ms; a model of
 # hidden 256, 16 slots 388 -> 427 ms, 128 slots 2.07 -> 1.68 s (`bench_sampling.py`).
 MIN_SLOTS = 16
+# CPU devices (and so default sampler replicas) per core: the demo's rollout on a 2-core Xeon, 4
+# devices against 2 (`profile_rollout.py --replicas 4,2`, one process, alternating): 128 rows
+# 0.318-0.344 s against 0.393-0.406 s in three runs, 64 rows 0.177 against 0.208 s, 256 rows
+# 0.540 against 0.603 s; 8 devices for 128 rows 0.477 against 0.422 s (slower).
+DEVICES_PER_CORE = 2
 NUM_CPU_DEVICES_ENV = "JAX_NUM_CPU_DEVICES"
 _DEVICE_COUNT_FLAG = "xla_force_host_platform_device_count"
 
@@ -47,14 +53,15 @@ def cores() -> int:
 
 
 def use_cpu_cores(environ=os.environ) -> Optional[int]:
-    """Gives JAX one CPU device per core (`jax_num_cpu_devices`, before its backends start) when
-    it can run on the CPU only and no CPU device count is set already (`JAX_NUM_CPU_DEVICES`,
-    XLA_FLAGS' --xla_force_host_platform_device_count); returns the count set, else None. A
-    program calling the library directly may call it before its first JAX computation."""
+    """Gives JAX `DEVICES_PER_CORE` CPU devices per core (`jax_num_cpu_devices`, before its
+    backends start) when it can run on the CPU only and no CPU device count is set already
+    (`JAX_NUM_CPU_DEVICES`, XLA_FLAGS' --xla_force_host_platform_device_count); returns the count
+    set, else None. A program calling the library directly may call it before its first JAX
+    computation. The devices share one thread pool of the host's cores."""
     if (environ.get(NUM_CPU_DEVICES_ENV) or _DEVICE_COUNT_FLAG in environ.get("XLA_FLAGS", "")
             or host_memory.backends_started() or not host_memory.cpu_only(environ=environ)):
         return None
-    n = cores()
+    n = cores() * DEVICES_PER_CORE
     if n > 1:
         jax.config.update("jax_num_cpu_devices", n)
     return n
@@ -63,13 +70,13 @@ def use_cpu_cores(environ=os.environ) -> Optional[int]:
 def resolve(replicas: Optional[int], platform: Optional[str] = None) -> int:
     """How many devices sample at once (`sampling.generate(devices=...)`): `replicas` as given
     (an int >= 1, at most the default backend's local devices), or for None on CPU (`platform`,
-    default JAX's default backend) one per core, up to the CPU devices JAX has (1 unless
-    `use_cpu_cores` or a device count gave it more); 1 elsewhere (`devices` also bounds it by
-    the slots)."""
+    default JAX's default backend) `DEVICES_PER_CORE` per core, up to the CPU devices JAX has (1
+    unless `use_cpu_cores` or a device count gave it more); 1 elsewhere (`devices` also bounds
+    it by the slots)."""
     if replicas is None:
         if (platform or jax.default_backend()) != "cpu":
             return 1
-        return max(1, min(cores(), jax.local_device_count()))
+        return max(1, min(cores() * DEVICES_PER_CORE, jax.local_device_count()))
     if isinstance(replicas, bool) or not isinstance(replicas, (int, np.integer)) or replicas < 1:
         raise ValueError(f"replicas must be None or an int >= 1, got {replicas!r}")
     if replicas > jax.local_device_count():

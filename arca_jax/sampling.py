@@ -622,7 +622,7 @@ def generate(params: Params, prompt_ids, prompt_mask, *, config: qwen3.Qwen3Conf
         loaded from it without tracing, or compiled and written to it; None: jit as usual.
       devices: several devices (no mesh): each samples its own contiguous share of the rows
         (whole groups) in its own loop, all at once (`arca_jax.replicas`: on a CPU host with
-        one device per core, the cores decode at once); the same tokens as one device, the
+        two devices per core, the cores decode at once); the same tokens as one device, the
         output on devices[0]; `max_batch` counts the slots of all devices, `admit_rows` those
         of one. None or one device: the arrays' own.
 

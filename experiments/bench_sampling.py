@@ -17,8 +17,8 @@ end (`--shrink 3`: 128 -> 64 -> 32 -> 16). Tokens/s counts the kept completion t
 
     python experiments/bench_sampling.py --groups [--runs 5]
 
-On CPU JAX gets one device per core (`replicas.use_cpu_cores`, as the trainer's commands do), and
-both CPU cases add an arm sampling on `--replicas` of them at once (default: one per core;
+On CPU JAX gets two devices per core (`replicas.use_cpu_cores`, as the trainer's commands do), and
+both CPU cases add an arm sampling on `--replicas` of them at once (default: two per core;
 `sampling.generate(devices=...)`, each device its own share of the rows; 1: no such arm).
 
 GPU (`--gpu`): Qwen3-1.7B shapes, random bfloat16 weights, batch 64, prompt 128, 512 new tokens:
@@ -658,7 +658,7 @@ def main():
                     help="--groups: halvings of the slots for the one-batch arm with shrinking "
                          "(`generate(shrink=...)`; 0: no such arm)")
     ap.add_argument("--replicas", type=int, default=None,
-                    help="CPU: devices sampling at once in the extra arm (default: one per core)")
+                    help="CPU: devices sampling at once in the extra arm (default: two per core)")
     ap.add_argument("--gpu-batch", type=int, nargs="+", default=[64, 256])
     ap.add_argument("--gpu-prompt", type=int, default=128)
     ap.add_argument("--gpu-new-tokens", type=int, default=512)

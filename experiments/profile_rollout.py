@@ -5,7 +5,7 @@ optionally with jax's profiler (XLA operations by total time). Not a test: times
                                           [--set KEY=VALUE ...]
 
 --replicas: sampler replica counts (`rollout.replicas`, `arca_jax.replicas`) timed in turn, each
-round calling every count once (default: the config's). JAX gets one CPU device per core, as
+round calling every count once (default: the config's). JAX gets two CPU devices per core, as
 `arca-jax train` gives it.
 
 --decode-block: `qwen3.cache_attention.DECODE_BLOCK` (above the cache size: no filled-block

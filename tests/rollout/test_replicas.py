@@ -68,10 +68,11 @@ def test_replicas_with_a_mesh_refused(setup):
 
 
 def test_replica_count_resolves_per_platform_and_validates():
-    """None: one per core on CPU, up to the CPU devices JAX has (8 here, conftest); 1 elsewhere.
-    An int: as given, at most the devices there are."""
+    """None: DEVICES_PER_CORE per core on CPU, up to the CPU devices JAX has (8 here, conftest);
+    1 elsewhere. An int: as given, at most the devices there are."""
     devices = jax.local_device_count()
-    assert replicas.resolve(None, "cpu") == max(1, min(replicas.cores(), devices))
+    per_host = replicas.cores() * replicas.DEVICES_PER_CORE
+    assert replicas.resolve(None, "cpu") == max(1, min(per_host, devices))
     assert replicas.resolve(None, "gpu") == replicas.resolve(None, "tpu") == 1
     assert replicas.resolve(2) == 2 and replicas.resolve(1) == 1
     assert replicas.devices(1) is None
@@ -96,22 +97,22 @@ CORES = r"""
 from arca_jax import replicas
 n = replicas.use_cpu_cores()
 import jax
-print(n, jax.device_count(), replicas.cores())
+print(n, jax.device_count(), replicas.cores() * replicas.DEVICES_PER_CORE)
 """
 
 
 @pytest.mark.parametrize("flags, want", [
     ("", None), ("--xla_force_host_platform_device_count=3", 3)], ids=["unset", "set-by-the-user"])
-def test_use_cpu_cores_gives_jax_one_device_per_core(flags, want):
-    """Before JAX starts, with no device count set: one CPU device per core; a count the user
-    set is kept."""
+def test_use_cpu_cores_gives_jax_its_devices_per_core(flags, want):
+    """Before JAX starts, with no device count set: DEVICES_PER_CORE CPU devices per core; a
+    count the user set is kept."""
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
     env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
     out = subprocess.run([sys.executable, "-c", CORES], capture_output=True, text=True,
                          timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
-    n, count, cores = out.stdout.split()[-3:]
+    n, count, per_host = out.stdout.split()[-3:]
     if want is None:
-        assert n == cores and int(count) == int(cores)
+        assert n == per_host and int(count) == int(per_host) >= 2
     else:
         assert n == "None" and int(count) == want
