@@ -53,8 +53,10 @@ class GRPOConfig:
         True (= "full": keep only each layer's input) or "projections" (also keep every
         projection's output, so no matmul runs twice; see ``qwen3.remat_policy``).
     attention: attention implementation of both forwards (``qwen3.resolve_attention``): "auto"
-        (cuDNN flash attention on a CUDA GPU with bf16 activations, else "einsum"), "einsum",
-        "cudnn", "sdpa-xla". The fused ones need each row's attention_mask to be one run of ones.
+        (cuDNN flash attention on a CUDA GPU with bf16 activations, the C++ kernel on CPU with
+        float32 ones, else "einsum"), "einsum", "cpu-kernel", "cudnn", "sdpa-xla". The fused ones
+        need each row's attention_mask to be one run of ones; packed batches take "einsum" or
+        "cpu-kernel" only (others: the padded rows).
     attention_blocks: the einsum attention's query blocks (``qwen3.causal_blocks``: block i
         attends to the keys up to its end only; the same values, about (n + 1) / 2n of the
         scores); None: 4 on CPU, 1 elsewhere (``qwen3.resolve_attention_blocks``).

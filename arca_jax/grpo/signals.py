@@ -148,8 +148,8 @@ def _forward(lora, params, batch: Batch, *, config: qwen3.Qwen3Config, lora_scal
     """`policy_forward`'s model call (packed lines or the [B, T] batch as it comes)."""
     g = grpo_config
     pk = batch.packing
-    if pk is not None and qwen3.resolve_attention(
-            g.attention, params["embed_tokens"]["embedding"].dtype) == "einsum":
+    impl = qwen3.resolve_attention(g.attention, params["embed_tokens"]["embedding"].dtype, mesh)
+    if pk is not None and impl in ("einsum", "cpu-kernel"):  # the ones taking packed lines
         positions = batch.positions
         if positions is None:
             positions = qwen3.default_positions(batch.attention_mask)
@@ -157,7 +157,7 @@ def _forward(lora, params, batch: Batch, *, config: qwen3.Qwen3Config, lora_scal
                             segment_ids=pk.segments, prefix_ids=pk.prefix,
                             positions=packing.to_lines(pk, positions),
                             lora=lora, lora_scale=lora_scale, lora_dropout=lora_dropout, rng=rng,
-                            return_logits=False, remat=remat, attention="einsum",
+                            return_logits=False, remat=remat, attention=impl,
                             lora_dtype=g.lora_dtype, return_layers=layers, mesh=mesh,
                             attention_blocks=g.attention_blocks, scan_layers=g.scan_layers)
         return out.replace(

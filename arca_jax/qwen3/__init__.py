@@ -51,7 +51,7 @@ its router's under `layers/mlp/router`: see `moe`). It is passed as a separate F
 
 from arca_jax.qwen3.common import (ATTN_PROJS, MLP_PROJS, PROJ_BLOCK, Params, default_positions,
                                    rope_tables)
-from arca_jax.qwen3 import moe
+from arca_jax.qwen3 import cpu_attention, moe
 from arca_jax.qwen3.config import ConfigError, Qwen3Config, Qwen3MoeConfig, preset
 from arca_jax.qwen3.cache_attention import (DECODE_ATTENTION, cache_size, default_decode_attention,
                                             transposed_keys)
@@ -67,7 +67,7 @@ from arca_jax.qwen3.model import (ATTENTION_IMPLS, CPU_UNROLL_LAYERS, MLP, REMAT
 
 __all__ = [
     # config
-    "ConfigError", "Qwen3Config", "Qwen3MoeConfig", "preset", "moe",
+    "ConfigError", "Qwen3Config", "Qwen3MoeConfig", "preset", "moe", "cpu_attention",
     # parameter tree, positions
     "Params", "ATTN_PROJS", "MLP_PROJS", "PROJ_BLOCK", "default_positions", "rope_tables",
     # training / scoring model

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from arca_jax.qwen3 import moe
+from arca_jax.qwen3 import cpu_attention, moe
 from arca_jax.qwen3.common import Params, apply_rope, default_positions, per_head, rms_norm, rope_tables
 from arca_jax.qwen3.config import Qwen3Config, Qwen3MoeConfig
 from arca_jax.qwen3.einsum_attention import (causal_blocks, masked_attention, plain_attention,
@@ -70,7 +70,7 @@ class _Context:
 # Execution options (static)
 # --------------------------------------------------------------------------------------------
 
-ATTENTION_IMPLS = ("auto", "einsum", "cudnn", "sdpa-xla")
+ATTENTION_IMPLS = ("auto", "einsum", "cpu-kernel", "cudnn", "sdpa-xla")
 REMAT_OPTIONS = (False, True, "full", "projections")
 # Names of the values that remat="projections" keeps for the backward pass (`checkpoint_name`).
 _SAVED_NAMES = ("proj_out", "lora_xa", "attn_out")
@@ -93,20 +93,33 @@ def on_cuda(min_capability: float = 0.0) -> bool:
         return min_capability == 0.0
 
 
-def resolve_attention(attention: str, dtype) -> str:
+def resolve_attention(attention: str, dtype, mesh: Any = None) -> str:
     """The attention implementation `forward` runs.
 
-    "einsum": scores and softmax as explicit XLA ops over [B, K, G, T, S] (any mask). "cudnn":
+    "einsum": scores and softmax as explicit XLA ops over [B, K, G, T, S] (any mask).
+        "cpu-kernel": the same values from a C++ kernel on CPU that visits only the key tiles a
+        query sees (`cpu_attention`; float32, any mask; built on first use). "cudnn":
         `jax.nn.dot_product_attention(implementation="cudnn")`, cuDNN's fused flash attention
-        (bf16/fp16 on NVIDIA GPUs), causal within each row's run of real tokens. "sdpa-xla": the same call and row layout with jax's XLA implementation (any
-        backend and dtype; checks the "cudnn" plumbing on CPU). "auto": "cudnn" on a CUDA GPU of
-        compute capability >= 8.0 with bf16/fp16 activations, else "einsum".
+        (bf16/fp16 on NVIDIA GPUs), causal within each row's run of real tokens. "sdpa-xla": the
+        same call and row layout with jax's XLA implementation (any backend and dtype; checks the
+        "cudnn" plumbing on CPU). "auto": "cudnn" on a CUDA GPU of compute capability >= 8.0 with
+        bf16/fp16 activations; "cpu-kernel" on a CPU backend with float32 activations where the
+        kernel builds (`cpu_attention.available()`) and the call runs without a `mesh` (XLA
+        cannot split the custom call: it would gather its inputs); else "einsum".
     """
     if attention not in ATTENTION_IMPLS:
         raise ValueError(f"attention {attention!r}; valid: {', '.join(ATTENTION_IMPLS)}")
     if attention == "auto":
         fused = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-        return "cudnn" if fused and on_cuda(8.0) else "einsum"
+        if fused and on_cuda(8.0):
+            return "cudnn"
+        if (mesh is None and jnp.dtype(dtype) == jnp.dtype(jnp.float32)
+                and jax.default_backend() == "cpu" and cpu_attention.available()):
+            return "cpu-kernel"
+        return "einsum"
+    if attention == "cpu-kernel" and not cpu_attention.available():
+        raise ValueError("attention 'cpu-kernel': the CPU attention kernel is not available ("
+                         f"{cpu_attention.error() or cpu_attention.ENV + '=0'})")
     return attention
 
 
@@ -249,7 +262,13 @@ class Attention(nn.Module):
         q = _apply_rope(q, ctx.cos, ctx.sin)
         k = _apply_rope(k, ctx.cos, ctx.sin)
 
-        if ctx.attention != "einsum":
+        if ctx.attention == "cpu-kernel":
+            q = jnp.transpose(q.reshape(B, T, K, G, H), (0, 2, 3, 1, 4))  # [B, K, G, T, H]
+            k, v = (jnp.transpose(x, (0, 2, 1, 3)) for x in (k, v))  # [B, K, S, H]
+            f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+            out = cpu_attention.attention(f32(q), f32(k), f32(v), ctx.visible)
+            out = jnp.transpose(out, (0, 3, 1, 2, 4)).astype(v.dtype).reshape(B, T, N * H)
+        elif ctx.attention != "einsum":
             out = _fused_attention(q, k, v, ctx.lengths, ctx.attention).reshape(B, T, N * H)
         else:
             q = q.reshape(B, T, K, G, H)
@@ -435,8 +454,9 @@ def forward(params: Params, input_ids: jax.Array, *, config: Qwen3Config,
       return_logits: compute [B, T, V] float32 logits (skip for chunked log-probs).
       remat: rematerialise each layer in the backward pass (saves activation memory): False,
         True (= "full") or "projections" (see `remat_policy`).
-      attention: "auto" (default), "einsum", "cudnn" or "sdpa-xla" (see `resolve_attention`;
-        "auto" is cuDNN flash attention on a CUDA GPU with bf16 activations, else "einsum").
+      attention: "auto" (default), "einsum", "cpu-kernel", "cudnn" or "sdpa-xla" (see
+        `resolve_attention`; "auto" is cuDNN flash attention on a CUDA GPU with bf16
+        activations, the C++ kernel on CPU with float32 ones where it builds, else "einsum").
         "cudnn" and "sdpa-xla" need each row's attention_mask to be one run of ones (left
         padding, right padding, or both: what the sampler's batches are); the rows are rotated so
         that their tokens start at slot 0, attention runs causally over that run, and the hidden
@@ -451,18 +471,18 @@ def forward(params: Params, input_ids: jax.Array, *, config: Qwen3Config,
       segment_ids: [B, T] int, packed sequences (`arca_jax.packing`): slot t of line b holds a
         token of sequence segment_ids[b, t] (0: an empty slot); attention is causal within each
         segment and never crosses segments. Give `positions` (each sequence's own); the
-        attention mask defaults to segment_ids > 0. "einsum" attention only ("auto" resolves to
-        it; a fused kernel is refused).
+        attention mask defaults to segment_ids > 0. "einsum" or "cpu-kernel" attention only
+        ("auto" resolves to one of them; the fused kernels are refused).
       prefix_ids: [B, T] int, with segment_ids: slot t also attends to the slots of segment
         prefix_ids[b, t] that precede it (a prompt shared by several sequences of the line,
         `arca_jax.packing.plan_shared`); 0: none.
       mesh: the ("data", "fsdp", "tensor") mesh the call runs on (static), or None. A
         mixture-of-experts model then runs its experts expert-parallel over "fsdp"
         (`moe.expert_parallel`: each device computes the experts it holds, the tokens sent to
-        them); a dense model ignores it.
+        them). "auto" attention is not the CPU kernel under a mesh (`resolve_attention`).
       attention_blocks: "einsum" attention in this many query blocks, each attending to the keys
         up to its end (`causal_blocks`: the same values, fewer scores); None: 4 on CPU, else 1
-        (`resolve_attention_blocks`; static). Fused attention ignores it.
+        (`resolve_attention_blocks`; static). The other implementations ignore it.
       scan_layers: run the layers as one `jax.lax.scan` (True) or unrolled (False); None:
         unrolled on CPU for models of at most `CPU_UNROLL_LAYERS` layers, else scanned
         (`resolve_scan_layers`; static). The same values either way.
@@ -483,13 +503,15 @@ def forward(params: Params, input_ids: jax.Array, *, config: Qwen3Config,
     if prefix_ids is not None and segment_ids is None:
         raise ValueError("prefix_ids (shared prompts) need segment_ids")
     if segment_ids is None:
-        impl = resolve_attention(attention, params["embed_tokens"]["embedding"].dtype)
-    elif attention in ("auto", "einsum"):
-        impl = "einsum"
+        impl = resolve_attention(attention, params["embed_tokens"]["embedding"].dtype, mesh)
+    elif attention in ("auto", "einsum", "cpu-kernel"):
+        dtype = params["embed_tokens"]["embedding"].dtype
+        impl = "cpu-kernel" if resolve_attention(attention, dtype, mesh) == "cpu-kernel" else "einsum"
     else:
-        raise ValueError(f"segment_ids (packed sequences) need attention 'einsum', not {attention!r}")
+        raise ValueError("segment_ids (packed sequences) need attention 'einsum' or 'cpu-kernel', "
+                         f"not {attention!r}")
     policy = remat_policy(remat)  # validates
-    rotated = impl != "einsum"
+    rotated = impl not in ("einsum", "cpu-kernel")
     if rotated:  # rows rotated left so that each row's tokens occupy slots [0, n)
         src, back, lengths, one_run = _rows_to_front(attention_mask)
         input_ids = jnp.take_along_axis(input_ids, src, axis=1)
@@ -510,7 +532,7 @@ def forward(params: Params, input_ids: jax.Array, *, config: Qwen3Config,
             if prefix_ids is not None:
                 same = same | (prefix_ids[:, :, None] == segment_ids[:, None, :])
             visible = visible & same
-        ctx = _Context(cos=cos, sin=sin, visible=visible, token_mask=token_mask,
+        ctx = _Context(cos=cos, sin=sin, visible=visible, token_mask=token_mask, attention=impl,
                        recompute_probs=policy is None,
                        attention_blocks=resolve_attention_blocks(attention_blocks))
 

@@ -33,6 +33,8 @@ from typing import Any, Callable, Dict, Optional
 
 import jax
 
+from arca_jax.qwen3 import cpu_attention
+
 SUFFIX = ".jaxexe"
 MAX_ENTRIES = 64  # the least recently used beyond these are removed when a new one is written
 # An XLA option at its default value: the same program under another persistent-cache key, so a
@@ -186,6 +188,8 @@ class ExecutableStore:
                 payload, in_tree, out_tree, ids = pickle.load(f)
             by_id = {d.id: d for d in jax.devices()}
             devices = [by_id[i] for i in ids]
+            if devices[0].platform == "cpu":  # a program calling the CPU attention kernel
+                cpu_attention.available(build=False)  # needs it registered, if it was built
             program = serialize_executable.deserialize_and_load(
                 payload, in_tree, out_tree, execution_devices=devices)
         except FileNotFoundError:

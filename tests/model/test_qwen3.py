@@ -284,8 +284,10 @@ def test_fused_attention_layout_matches_einsum(checkpoint):
 
     (_, ref), g_ref = run(tree, "einsum")
     m = np.asarray(mask)
+    kernels = (("cpu-kernel", False), ("cpu-kernel", "projections")) if (
+        qwen3.cpu_attention.available()) else ()
     for attention, remat in (("sdpa-xla", False), ("sdpa-xla", "projections"),
-                             ("einsum", "projections")):
+                             ("einsum", "projections")) + kernels:
         (_, logits), g = run(tree, attention, remat)
         assert rel_err(logits, ref, m) < 1e-5, (attention, remat)
         assert np.all(np.isfinite(np.asarray(logits)))
@@ -295,7 +297,7 @@ def test_fused_attention_layout_matches_einsum(checkpoint):
     h = qwen3.forward(params, ids, config=config, attention_mask=holed, attention="sdpa-xla",
                       return_logits=False).hidden
     assert np.isnan(np.asarray(h)).any(axis=(1, 2)).tolist() == [True, False, False]
-    assert qwen3.resolve_attention("auto", jnp.bfloat16) == "einsum"  # CPU
+    assert qwen3.resolve_attention("auto", jnp.bfloat16) == "einsum"  # CPU, not float32
     with pytest.raises(ValueError):
         qwen3.forward(params, ids, config=config, attention="flash")
     with pytest.raises(ValueError):

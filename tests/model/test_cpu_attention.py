@@ -1,0 +1,81 @@
+"""`qwen3.cpu_attention`: the C++ kernel's values and gradients equal `masked_attention`'s
+(random segment masks, a query that sees nothing, key counts off the 16-key tiles, several head
+sizes); "auto" picks it on CPU for float32 only; without it (turned off, or no compiler) "auto"
+runs the einsum attention and an explicit "cpu-kernel" is a clear error."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from arca_jax import qwen3
+from arca_jax.qwen3 import cpu_attention
+from arca_jax.qwen3.einsum_attention import masked_attention
+
+needs_kernel = pytest.mark.skipif(not cpu_attention.available(),
+                                  reason=f"CPU attention kernel: {cpu_attention.error()}")
+
+
+def _inputs(B, K, G, T, S, H, seed):
+    rng = np.random.default_rng(seed)
+    q = rng.normal(size=(B, K, G, T, H)).astype(np.float32)
+    k, v = (rng.normal(size=(B, K, S, H)).astype(np.float32) for _ in range(2))
+    seg_q = rng.integers(0, 4, (B, T))
+    seg_k = np.concatenate([seg_q, rng.integers(0, 4, (B, S - T))], 1)[:, :S]
+    vis = (seg_q[:, :, None] == seg_k[:, None, :]) & (seg_k[:, None, :] > 0)
+    vis &= np.arange(S)[None, None, :] <= np.arange(T)[None, :, None] + (S - T)
+    vis[0, 1, :] = False  # a query that sees nothing: the mean of every value
+    return (*map(jnp.asarray, (q, k, v)), jnp.asarray(vis),
+            jnp.asarray(rng.normal(size=(B, K, G, T, H)).astype(np.float32)))
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(3, 2, 2, 40, 40, 32), (2, 1, 4, 37, 37, 16),
+                                   (2, 2, 1, 20, 52, 64), (1, 1, 1, 5, 5, 128)],
+                         ids=["grouped", "odd-keys", "more-keys", "head128"])
+def test_values_and_gradients_equal_masked_attention(shape):
+    q, k, v, vis, w = _inputs(*shape, seed=sum(shape))
+    np.testing.assert_allclose(cpu_attention.attention(q, k, v, vis),
+                               masked_attention(q, k, v, vis), rtol=1e-5, atol=2e-6)
+    grads = lambda fn: jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v, vis) * w),  # noqa: E731
+                                argnums=(0, 1, 2))(q, k, v)
+    for got, want in zip(jax.jit(lambda: grads(cpu_attention.attention))(),
+                         grads(masked_attention)):
+        scale = max(float(jnp.max(jnp.abs(want))), 1.0)  # a gradient may be all zeros
+        assert float(jnp.max(jnp.abs(got - want))) <= 1e-5 * scale
+
+
+@needs_kernel
+def test_auto_picks_the_kernel_on_cpu_for_float32_only():
+    assert qwen3.resolve_attention("auto", jnp.float32) == "cpu-kernel"
+    assert qwen3.resolve_attention("auto", jnp.bfloat16) == "einsum"
+    assert qwen3.resolve_attention("cpu-kernel", jnp.float32) == "cpu-kernel"
+
+
+WITHOUT = r"""
+import jax.numpy as jnp
+from arca_jax import qwen3
+from arca_jax.qwen3 import cpu_attention
+print(cpu_attention.available(), qwen3.resolve_attention("auto", jnp.float32))
+try:
+    qwen3.resolve_attention("cpu-kernel", jnp.float32)
+except ValueError as e:
+    print("refused:", e)
+"""
+
+
+@pytest.mark.parametrize("env, why", [({cpu_attention.ENV: "0"}, "ARCA_JAX_CPU_ATTENTION=0"),
+                                      ({"CXX": "/nonexistent/c++"}, "nonexistent")],
+                         ids=["turned-off", "no-compiler"])
+def test_without_the_kernel_auto_runs_einsum(env, why, tmp_path):
+    full = dict(os.environ, XDG_CACHE_HOME=str(tmp_path), JAX_PLATFORMS="cpu", **env)
+    out = subprocess.run([sys.executable, "-c", WITHOUT], capture_output=True, text=True,
+                         env=full, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.strip().splitlines()
+    assert lines[0] == "False einsum"
+    assert lines[1].startswith("refused: attention 'cpu-kernel'") and why in lines[1]
