@@ -7,8 +7,9 @@ the prompt and itself, so most of those scores are masked (the demo's batch: 227
 pairs of 1.6 million, 21% of the 16-key tiles hold any). The kernel (`csrc/packed_attention.cc`)
 visits the tiles with a visible key only, 16 keys per vector, one (line, kv head) per task on
 XLA's CPU thread pool; its backward recomputes the probabilities from each query's log-sum-exp.
-On the demo's packed batch (2-core Xeon): one layer's attention 17.2 -> 12.2 ms forward, 44.3 ->
-34.2 ms with the backward; the ARCA train step 758 -> 636 ms (`experiments/cpu_attention/`).
+On the demo's packed batch (2-core Xeon): one layer's attention 16.9 -> 11.7 ms forward, 48.6 ->
+30.4 ms with the backward; the ARCA train step 622 -> 524 ms (`experiments/cpu_attention/`,
+`experiments/NOTES_vs_trl.md`, "A C++ attention kernel for CPU").
 
 It is built on first use with the host's C++ compiler (`$CXX`, else g++; -O3 -march=native) into
 `$XDG_CACHE_HOME/arca-jax/kernels` (default ~/.cache/arca-jax/kernels), one file per source,
