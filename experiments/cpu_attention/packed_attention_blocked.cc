@@ -1,8 +1,8 @@
 // A variant under study, not built by the library: arca_jax/qwen3/csrc/packed_attention.cc with
 // blocks of 8 queries sharing their visited key tiles (ForwardBlocked / BackwardBlocked, head sizes
-// 32 / 64 / 128). Same values (tests/model/test_cpu_attention.py's shapes, checked by hand);
-// standalone, one thread, the demo's packed layer: forward 11.9 vs 11.0 ms, backward 19-27 vs
-// 29-31 ms in the quieter rounds (experiments/NOTES_vs_trl.md, "A C++ attention kernel for CPU").
+// 32 / 64 / 128). Values and gradients checked against masked_attention for [B, K, G, T, S, H] =
+// [3, 2, 2, 40, 40, 32] and [2, 2, 1, 37, 37, 64]; standalone, one thread, the demo's packed
+// layer: forward 11.9 vs 11.0 ms, backward 19-27 vs 29-31 ms in the quieter rounds (experiments/NOTES_vs_trl.md, "A C++ attention kernel for CPU").
 // Masked softmax attention on the CPU, skipping keys a query cannot see (XLA FFI handlers).
 //
 // q [B, K, G, T, H], k and v [B, K, S, H] float32, visible [B, T, S] bool (the mask is shared
