@@ -26,6 +26,7 @@ Dimension letters as in `arca_jax.qwen3` (S: key slots).
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -57,8 +58,10 @@ def _compiler() -> str:
     return os.environ.get("CXX") or "g++"
 
 
+@functools.lru_cache(maxsize=None)
 def _library_path() -> str:
-    """The built kernel's path for this source, compiler, jaxlib and CPU."""
+    """The built kernel's path for this source, compiler, jaxlib and CPU (computed once per
+    process: it reads the source, /proc/cpuinfo and runs the compiler's --version)."""
     h = hashlib.sha256()
     with open(SOURCE, "rb") as f:
         h.update(f.read())
