@@ -244,11 +244,16 @@ class TrainConfig:
     steps; mode "jit" with microbatches 1, else rows stay padded); share_prompts: with pack,
     the completions of a group packed into one line share one copy of their prompt, so the
     forwards run each prompt once per line instead of once per completion (same results up to
-    float rounding; lines of 2 T; dense models without LoRA dropout only: a mixture of experts
-    would count the shared tokens once in its routing statistics, and dropout would draw one
-    mask for the rows sharing them; None: on when the step runs on CPU, where it was measured
-    faster, off on GPU and TPU, where its lines of 2 T double the einsum attention's scores per
-    line and it has not been measured yet); prepare_ahead: with pack,
+    float rounding; lines of line_width T slots; dense models without LoRA dropout only: a
+    mixture of experts would count the shared tokens once in its routing statistics, and
+    dropout would draw one mask for the rows sharing them; None: on when the step runs on CPU,
+    where it was measured faster, off on GPU and TPU, where its wider lines multiply the einsum
+    attention's scores per line and it has not been measured yet); line_width: with
+    share_prompts, each packed line holds line_width T slots (T: the batch's width), so that a
+    group's prompt and completions fit one line with one prompt copy (None: 4 when the train
+    step's attention resolves to the CPU kernel, whose work follows the (query, key) pairs a
+    token sees, not the line's slots; 2 with the einsum attention, whose scores grow with the
+    square of the line); prepare_ahead: with pack,
     prepare in a background thread the packed step's program for the next line count up when a
     batch nearly fills its own, before a step needs it (`trainer.programs`; None: on when the
     step runs on a GPU or TPU, whose host cores idle meanwhile, off on CPU, where they run the
@@ -276,6 +281,7 @@ class TrainConfig:
     eval_batch_size: int = 256
     pack: bool = True
     share_prompts: Optional[bool] = None
+    line_width: Optional[int] = None
     prepare_ahead: Optional[bool] = None
     store_programs: Optional[bool] = None
 
@@ -294,6 +300,10 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.pass_k is not None and self.pass_k < 1:
             raise ValueError(f"pass_k must be >= 1, got {self.pass_k}")
+        if self.line_width is not None and (isinstance(self.line_width, bool)
+                                            or not isinstance(self.line_width, int)
+                                            or self.line_width < 1):
+            raise ValueError(f"line_width must be None or an int >= 1, got {self.line_width!r}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -197,6 +197,7 @@ def _start(cfg: RunConfig, run_dir: str, resume: bool, log: Optional[RunLog]) ->
         # step's count depends on its batch alone (a resumed run packs as an uninterrupted one)
         programs = StepPrograms(train_step, rows=cfg.batch_size,
                                 share_prompts=setup.share_prompts(cfg, model.config),
+                                line_width=setup.line_width(cfg, model),
                                 store=setup.step_store(cfg, model.config))
     elif cfg.train.pack:
         log.message(f"train.pack applies to train.mode=jit with train.microbatches=1; this run "

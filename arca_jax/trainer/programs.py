@@ -5,7 +5,8 @@ so L trades padding (empty lines computed for nothing) against programs (each ne
 lowers and compiles, or loads from the persistent compilation cache, on its step's critical
 path). `StepPrograms.pack` gives a batch that needs n lines (first-fit decreasing) n rounded up
 to a quarter of the batch's B T slots (a multiple of B / 4 lines of T slots; with shared
-prompts, `packing.plan_shared`, of B / 8 lines of 2 T slots): at most four programs per run,
+prompts, `packing.plan_shared`, of B / (4 w) lines of w T slots, w = ``line_width``): at most
+four programs per run,
 the same four for every run of a config
 (so a second run finds them in the compilation cache), and each batch's count depends on the
 batch alone (a resumed run packs as an uninterrupted one). Finer counts pad less but meet more
@@ -65,20 +66,25 @@ class StepPrograms:
     train_step:    the jitted step (`grpo.make_train_step(mode="jit")`).
     rows:          B, the batch's rows.
     share_prompts: the rows of a group share their prompt's slots (`packing.plan_shared`), in
-                   lines of 2 T slots (fewer prompt copies: one per line a group's completions
-                   fill), counted in quarters of the batch's B T slots as well (B / 8 lines).
+                   lines of ``line_width`` T slots (fewer prompt copies: one per line a group's
+                   completions fill), counted in quarters of the batch's B T slots as well
+                   (B / (4 line_width) lines).
+    line_width:    W / T of shared-prompt lines (`trainer.setup.line_width` picks it).
     store:         an `executables.ExecutableStore`: each line count's program is loaded from
                    it (no tracing) or compiled and written to it; None: the jitted step as is.
                    With a store nothing is prepared ahead (`ahead` is ignored).
     """
 
     def __init__(self, train_step: Callable, *, rows: int, share_prompts: bool = False,
-                 store=None):
+                 line_width: int = 2, store=None):
         self._step = train_step
         self.store = store
         self.rows = int(rows)
         self.share_prompts = bool(share_prompts)
-        self.widen = 2 if self.share_prompts else 1  # W / T of a batch that knows its prompts
+        if int(line_width) < 1:
+            raise ValueError(f"line_width must be >= 1, got {line_width!r}")
+        # W / T of a batch that knows its prompts
+        self.widen = int(line_width) if self.share_prompts else 1
         self.max_lines = -(-self.rows // self.widen)  # the whole batch's slots
         self.multiple = self._multiple(self.widen)
         self._pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
@@ -102,7 +108,7 @@ class StepPrograms:
 
     def lines_for(self, needed: int, widen: Optional[int] = None) -> int:
         """L for a batch that needs ``needed`` lines of ``widen`` T slots (None: this instance's
-        lines): rounded up to a multiple of B / 4 (B / 8 in lines of 2 T)."""
+        lines): rounded up to a multiple of B / 4 (B / (4 w) in lines of w T)."""
         m = self.multiple if widen is None else self._multiple(widen)
         return -(-max(needed, 1) // m) * m
 

@@ -162,6 +162,27 @@ def share_prompts(cfg: RunConfig, model_config) -> bool:
             and not isinstance(model_config, qwen3.Qwen3MoeConfig))
 
 
+# W / T of shared-prompt lines by the train step's attention (`line_width`)
+KERNEL_LINE_WIDTH = 4
+EINSUM_LINE_WIDTH = 2
+
+
+def line_width(cfg: RunConfig, model: Model) -> int:
+    """W / T of the packed step's shared-prompt lines (`train.line_width`; None: 4 when the
+    step's attention (`grpo.attention`) resolves to "cpu-kernel", else 2). The kernel visits
+    only the key tiles a query sees, so a wider line adds no attention work and holds a whole
+    GRPO group with one prompt copy; lines of 2 T split a group of 8 completions of half the
+    budget into two or three blocks, each with its prompt, whose lines round the demo's batches
+    up to 48 lines of 224 slots about every other step where lines of 448 need 16
+    (`experiments/NOTES_vs_trl.md`, "Lines of 4 T"). The einsum attention computes every
+    (query, key) pair of a line: its cost per slot grows with the line."""
+    if cfg.train.line_width is not None:
+        return cfg.train.line_width
+    dtype = model.params["embed_tokens"]["embedding"].dtype
+    kernel = qwen3.resolve_attention(cfg.grpo.attention, dtype) == "cpu-kernel"
+    return KERNEL_LINE_WIDTH if kernel else EINSUM_LINE_WIDTH
+
+
 def init_state(cfg: RunConfig, model_config, optimizer) -> TrainState:
     """The step-0 train state: a fresh adapter (B = 0) and its optimiser state."""
     adapter = lora.init_lora(model_config, lora_config(cfg, model_config),

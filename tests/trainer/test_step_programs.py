@@ -179,3 +179,43 @@ def test_shared_prompts_count_quarters_of_the_slots_and_equal_a_plain_step():
                                                                   ahead=False)
     trees_close(sto, ahe, tol=0.0)
     trees_close(s_sto.lora, s_ahe.lora, tol=0.0)
+
+
+def test_wider_shared_lines_count_quarters_of_the_slots_and_equal_a_plain_step():
+    """Lines of 4 T (the CPU kernel's default): B / 16 lines per quarter, one prompt copy for a
+    whole group, and the step's results those of the padded rows."""
+    T = P + N
+    programs = StepPrograms(None, rows=B, share_prompts=True, line_width=4)
+    assert (programs.multiple, programs.max_lines) == (B // 16, B // 4)
+    b = programs.pack(grouped(0))
+    pk = b.packing
+    assert pk.src.shape[1] == 4 * T and pk.lines == StepPrograms.filled(b) < B // 4  # no padding
+    copies = (np.asarray(pk.segments) > B).sum()
+    assert copies == (B // 4) * P  # one prompt copy per group
+    narrow = StepPrograms(None, rows=B, share_prompts=True).pack(grouped(0)).packing
+    assert (np.asarray(narrow.segments) > B).sum() > copies
+    with pytest.raises(ValueError, match="line_width"):
+        StepPrograms(None, rows=B, share_prompts=True, line_width=0)
+    params, fresh, make = step_setup("arca")
+    step = make()
+    s_got, got = StepPrograms(step, rows=B, share_prompts=True, line_width=4)(
+        fresh(), params, b, ahead=False)
+    s_ref, ref = step(fresh(), params, grouped(0))  # padded rows
+    trees_close(got, ref)
+    trees_close(s_got.lora, s_ref.lora)
+
+
+def test_line_width_follows_the_attention():
+    from arca_jax import config, qwen3
+    from arca_jax.trainer import setup
+
+    class M:  # what setup.line_width reads of a loaded model
+        params = {"embed_tokens": {"embedding": jnp.zeros((2, 2), jnp.float32)}}
+
+    kernel = qwen3.resolve_attention("auto", jnp.float32) == "cpu-kernel"
+    assert setup.line_width(config.load(None, []), M) == (4 if kernel else 2)
+    assert setup.line_width(config.load(None, ["grpo.attention=einsum"]), M) == 2
+    assert setup.line_width(config.load(None, ["train.line_width=3"]), M) == 3
+    for bad in ("0", "true"):
+        with pytest.raises(Exception, match="line_width"):
+            config.load(None, [f"train.line_width={bad}"])
