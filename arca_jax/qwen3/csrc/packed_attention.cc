@@ -85,13 +85,20 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, const std::function<void(int6
   while (st->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
 }
 
-// Tiles of keys [0, S) holding at least one visible key for this query row.
+// Tiles of keys [0, S) holding at least one visible key for this query row (a whole tile's
+// 16 one-byte flags tested as two 64-bit words).
 int64_t VisibleTiles(const bool* vis, int64_t S, int64_t* tiles) {
-  int64_t n = 0;
-  for (int64_t j0 = 0; j0 < S; j0 += kTile) {
-    int64_t w = std::min(kTile, S - j0);
+  static_assert(kTile == 16 && sizeof(bool) == 1, "a tile's flags are two 64-bit words");
+  int64_t n = 0, j0 = 0;
+  for (; j0 + kTile <= S; j0 += kTile) {
+    uint64_t lo, hi;
+    std::memcpy(&lo, vis + j0, 8);
+    std::memcpy(&hi, vis + j0 + 8, 8);
+    if (lo | hi) tiles[n++] = j0;
+  }
+  if (j0 < S) {
     bool any = false;
-    for (int64_t j = 0; j < w; ++j) any |= vis[j0 + j];
+    for (int64_t j = j0; j < S; ++j) any |= vis[j];
     if (any) tiles[n++] = j0;
   }
   return n;
