@@ -30,7 +30,6 @@ import functools
 import hashlib
 import logging
 import os
-import platform
 import subprocess
 import tempfile
 import threading
@@ -38,6 +37,8 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+
+from arca_jax import hostinfo
 
 ENV = "ARCA_JAX_CPU_ATTENTION"
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "packed_attention.cc")
@@ -50,8 +51,7 @@ log = logging.getLogger(__name__)
 
 def kernel_dir(environ=os.environ) -> str:
     """$XDG_CACHE_HOME/arca-jax/kernels (default ~/.cache/arca-jax/kernels)."""
-    base = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "arca-jax", "kernels")
+    return hostinfo.cache_dir("kernels", environ)
 
 
 def _compiler() -> str:
@@ -70,13 +70,8 @@ def _library_path() -> str:
                                  timeout=60).stdout
     except (OSError, subprocess.SubprocessError):
         version = "none"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = "".join(ln for ln in f if ln.startswith(("model name", "flags")))
-    except OSError:
-        cpu = platform.processor()
     import jaxlib
-    for part in (version, " ".join(FLAGS), jaxlib.__version__, cpu):
+    for part in (version, " ".join(FLAGS), jaxlib.__version__, hostinfo.cpu_model()):
         h.update(part.encode())
     return os.path.join(kernel_dir(), f"packed_attention-{h.hexdigest()[:16]}.so")
 

@@ -26,13 +26,13 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
-import platform
 import sys
 import tempfile
 from typing import Any, Callable, Dict, Optional
 
 import jax
 
+from arca_jax import hostinfo
 from arca_jax.qwen3 import cpu_attention
 
 SUFFIX = ".jaxexe"
@@ -61,15 +61,6 @@ def source_digest() -> str:
     return _source_digest
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            keep = [ln for ln in f if ln.startswith(("model name", "flags"))][:2]
-        return "".join(keep)
-    except OSError:
-        return platform.processor()
-
-
 def environment() -> str:
     """What a compiled program depends on besides its inputs: versions, jax's options (global
     values: x64, default matmul precision, ...), XLA flags, the backend and device, the CPU, this
@@ -84,7 +75,7 @@ def environment() -> str:
     options = repr(sorted((k, repr(v)) for k, v in jax.config.values.items()))  # x64, precision..
     return "\n".join([jax.__version__, jaxlib, sys.version, options,
                       os.environ.get("XLA_FLAGS", ""), d.platform, getattr(d, "device_kind", ""),
-                      d.client.platform_version, str(len(jax.devices())), _cpu_model(),
+                      d.client.platform_version, str(len(jax.devices())), hostinfo.cpu_model(),
                       source_digest()])
 
 

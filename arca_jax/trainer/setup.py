@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from arca_jax import (checkpoint, configlib, credit, distributed, hf, lora, parallel, qwen3,
-                      rundir)
+from arca_jax import (checkpoint, configlib, credit, distributed, hf, hostinfo, lora, parallel,
+                      qwen3, rundir)
 from arca_jax.config import RunConfig
 from arca_jax.errors import ConfigError
 from arca_jax.grpo.config import GRPOConfig
@@ -292,8 +292,7 @@ _OFF = ("0", "off", "false", "no", "none")
 
 def default_cache_dir(environ=os.environ) -> str:
     """$XDG_CACHE_HOME/arca-jax/xla (default ~/.cache/arca-jax/xla)."""
-    base = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "arca-jax", "xla")
+    return hostinfo.cache_dir("xla", environ)
 
 
 def step_static(cfg: RunConfig, model_config) -> str:
