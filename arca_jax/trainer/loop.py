@@ -245,8 +245,11 @@ def _train_one_step(run: _Run, step: int, totals: Dict[str, int], beat) -> tuple
     faults.point("update", step + 1)
     batch = ro.batch
     step_fn = run.train_step
+    occupancy = {}
     if run.programs is not None:  # the forwards run on the real tokens only (`arca_jax.packing`)
         batch = run.programs.pack(batch)
+        slots, tokens = run.programs.occupancy(batch)
+        occupancy = {"update_slots": slots, "update_fill": tokens / max(slots, 1)}
         ahead = cfg.train.prepare_ahead
         if ahead is None:
             ahead = jax.default_backend() != "cpu"
@@ -278,7 +281,7 @@ def _train_one_step(run: _Run, step: int, totals: Dict[str, int], beat) -> tuple
            "time_update_s": t3 - t2, "step_time_s": t3 - t0,
            "tokens_per_s": ro.num_tokens / max(t3 - t0, 1e-9),
            "sample_tokens_per_s": ro.num_tokens / max(ro.time_sample_s, 1e-9),
-           "slot_utilisation": ro.num_tokens / max(ro.slot_steps, 1)}
+           "slot_utilisation": ro.num_tokens / max(ro.slot_steps, 1), **occupancy}
     row.update(_objective_counts(cfg, ro))
     return row, problems, ro
 

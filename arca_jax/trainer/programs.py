@@ -150,6 +150,13 @@ class StepPrograms:
         """The lines of a packed batch that hold tokens."""
         return int((np.asarray(batch.packing.segments) > 0).any(axis=1).sum())
 
+    @staticmethod
+    def occupancy(batch) -> tuple:
+        """(slots, tokens) of a packed batch: the L W slots its forwards run on and the real
+        tokens among them (a shared prompt counted once per copy)."""
+        seg = np.asarray(batch.packing.segments)
+        return int(seg.size), int((seg > 0).sum())
+
     def _submit(self, fn, *args) -> concurrent.futures.Future:
         if self._pool is None:
             self._pool = concurrent.futures.ThreadPoolExecutor(

@@ -34,6 +34,8 @@ LOOSE = {"/weights/": 4e-3, "/weight_gini": 2e-4, "/effective_token_ratio": 2e-4
 # (`rollout.shrink` None, `sampling.CPU_SHRINK`) computes fewer idle slot-steps than the
 # recording (0.74 -> 0.91 at step 1), for the same tokens. It may only rise.
 WORK = ("/slot_utilisation",)
+# update_slots and update_fill (the packed update's slots and the share holding a token) were
+# added to the recording later, from a run of the commit that introduced them.
 
 
 def _close(a, b, path=""):

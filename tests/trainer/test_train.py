@@ -52,6 +52,9 @@ def test_run_directory_has_every_output(full_run):
         assert key in metrics[-1], key
     for m in metrics:  # tokens / (rows x columns run): at least mean length / budget, at most 1
         assert m["completion_length"] / 72 - 1e-6 <= m["slot_utilisation"] <= 1.0
+        # the packed update: its slots hold every completion token (2 x 3 rows) and some prompt
+        assert 0.0 < m["update_fill"] <= 1.0 and m["update_slots"] > 0
+        assert m["update_fill"] * m["update_slots"] > m["completion_length"] * 6
     assert all(np.isfinite(m["loss"]) for m in metrics)
     assert 0.0 < metrics[-1]["weight_gini"] < 1.0
     assert any(m["reward_mean"] > 0 for m in metrics)  # the shipped model solves some problems
