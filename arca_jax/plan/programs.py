@@ -86,10 +86,8 @@ def compile_train_step(cfg: RunConfig, config, mesh, knobs: Knobs, params, state
     from arca_jax.trainer import setup
 
     platform = mesh.devices.flat[0].platform  # the target's, not this host's default backend
-    # "auto" resolves on this host's backend; the CPU kernel is not the target's
-    attention = ("einsum" if cfg.grpo.attention == "auto" and platform != "cpu"
-                 else cfg.grpo.attention)
-    grpo = dataclasses.replace(setup.objective_config(cfg), remat=knobs.remat, attention=attention,
+    # "auto" attention is never the CPU kernel here: the mesh step resolves it with its mesh
+    grpo = dataclasses.replace(setup.objective_config(cfg), remat=knobs.remat,
                                attention_blocks=qwen3.resolve_attention_blocks(
                                    cfg.grpo.attention_blocks, platform),
                                scan_layers=qwen3.resolve_scan_layers(

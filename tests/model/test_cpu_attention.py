@@ -54,6 +54,9 @@ def test_auto_picks_the_kernel_on_cpu_for_float32_only():
     assert qwen3.resolve_attention("auto", jnp.float32) == "cpu-kernel"
     assert qwen3.resolve_attention("auto", jnp.bfloat16) == "einsum"
     assert qwen3.resolve_attention("cpu-kernel", jnp.float32) == "cpu-kernel"
+    # under a mesh (the "mesh" train step, `plan`'s programs) "auto" is not the kernel
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    assert qwen3.resolve_attention("auto", jnp.float32, mesh) == "einsum"
 
 
 WITHOUT = r"""
