@@ -35,8 +35,11 @@ def _inputs(B, K, G, T, S, H, seed):
 
 @needs_kernel
 @pytest.mark.parametrize("shape", [(3, 2, 2, 40, 40, 32), (2, 1, 4, 37, 37, 16),
-                                   (2, 2, 1, 20, 52, 64), (1, 1, 1, 5, 5, 128)],
-                         ids=["grouped", "odd-keys", "more-keys", "head128"])
+                                   (2, 2, 1, 20, 52, 64), (1, 1, 1, 5, 5, 128),
+                                   (1, 2, 3, 19, 19, 24), (1, 1, 2, 9, 9, 256),
+                                   (1, 1, 4, 70, 70, 64)],
+                         ids=["grouped", "odd-keys", "more-keys", "head128", "odd-head",
+                              "head256", "four-heads-64"])
 def test_values_and_gradients_equal_masked_attention(shape):
     q, k, v, vis, w = _inputs(*shape, seed=sum(shape))
     np.testing.assert_allclose(cpu_attention.attention(q, k, v, vis),
@@ -47,6 +50,13 @@ def test_values_and_gradients_equal_masked_attention(shape):
                          grads(masked_attention)):
         scale = max(float(jnp.max(jnp.abs(want))), 1.0)  # a gradient may be all zeros
         assert float(jnp.max(jnp.abs(got - want))) <= 1e-5 * scale
+
+
+@needs_kernel
+def test_head_sizes_above_256_are_refused():
+    q, k, v, vis, _ = _inputs(1, 1, 1, 4, 4, 272, seed=0)
+    with pytest.raises(Exception, match="head size above 256"):
+        jax.block_until_ready(cpu_attention.attention(q, k, v, vis))
 
 
 @needs_kernel

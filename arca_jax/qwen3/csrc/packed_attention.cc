@@ -4,12 +4,20 @@
 // by the K x G heads). Forward: out [B, K, G, T, H] and lse [B, K, G, T] (log-sum-exp of the
 // scaled visible scores; -inf for a query that sees nothing, whose output is the mean of all S
 // values, as a softmax of equal scores gives). Backward: dq, dk, dv from q, k, v, visible, out,
-// lse and dout. Keys are visited in tiles of 16; a tile with no visible key is skipped, so the
-// work follows the visible pairs, not T x S.
+// lse and dout. Keys are visited in tiles of 16 (one 16-float vector of scores); a tile with no
+// visible key is skipped, so the work follows the visible pairs, not T x S. Head sizes up to
+// 256.
+//
+// One task per (b, kv head) on XLA's CPU thread pool. The forward takes the G query heads of a
+// position together (they share the mask row and each key and value row loaded), their outputs
+// held in registers over the tiles. The backward runs over key tiles: for each tile, the rows
+// that see it, in chunks whose key and value gradients are summed before they touch memory
+// (dk, dv of a tile written once); dq accumulates per (row, tile).
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <limits>
@@ -24,38 +32,66 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int64_t kTile = 16;
-typedef float Vec __attribute__((vector_size(kTile * sizeof(float))));  // one tile of keys
+typedef float Vec __attribute__((vector_size(kTile * sizeof(float))));      // a tile's scores
+typedef int32_t IVec __attribute__((vector_size(kTile * sizeof(int32_t))));  // its lane masks
+typedef int8_t BVec __attribute__((vector_size(kTile)));                     // its 16 flags
 
-inline Vec LoadVec(const float* p) {
+constexpr float kMasked = -1e30f;  // a masked score: its exponential underflows to exactly 0
+
+inline Vec Load(const float* p) {
   Vec x;
   std::memcpy(&x, p, sizeof(x));
   return x;
 }
-constexpr float kMasked = -1e30f;  // a masked score: its exponential underflows to exactly 0
+inline void Store(float* p, Vec x) { std::memcpy(p, &x, sizeof(x)); }
+inline Vec Splat(float x) { return Vec{} + x; }
 
-// exp(x) for x <= 0 (exact 0 below -87.3), within ~2 ulp of std::exp; written so that loops
-// over it vectorize (2^n scaled by the exponent bits, a degree-6 polynomial for 2^f).
-inline float Exp(float x) {
-  const bool zero = x < -87.0f;
-  x = std::max(x, -87.0f);
-  const float t = x * 1.44269504088896341f;
-  const float n = std::nearbyint(t);
-  const float f = t - n;  // [-0.5, 0.5]
-  float p = 1.535336188319500e-4f;
+// exp(x) per lane for x <= 0 (exact 0 below -87), within ~2 ulp of std::exp: 2^n from the
+// exponent bits times a degree-6 polynomial for 2^f, n = round(x log2 e) (|f| <= 0.5).
+inline Vec Exp(Vec x) {
+  const IVec zero = x < Splat(-87.0f);
+  x = x < Splat(-87.0f) ? Splat(-87.0f) : x;
+  const Vec t = x * 1.44269504088896341f;
+  const Vec n = (t + 12582912.0f) - 12582912.0f;  // round to nearest, ties to even
+  const Vec f = t - n;
+  Vec p = Splat(1.535336188319500e-4f);
   p = p * f + 1.339887440266574e-3f;
   p = p * f + 9.618437357674640e-3f;
   p = p * f + 5.550332471162809e-2f;
   p = p * f + 2.402264791363012e-1f;
   p = p * f + 6.931472028550421e-1f;
   p = p * f + 1.0f;
-  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
+  const IVec bits = (__builtin_convertvector(n, IVec) + 127) << 23;
+  Vec scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  return zero ? 0.0f : p * scale;
+  return zero ? Vec{} : p * scale;
+}
+
+inline float MaxOf(Vec x) {
+  float m = x[0];
+  for (int j = 1; j < kTile; ++j) m = std::max(m, x[j]);
+  return m;
+}
+inline float SumOf(Vec x) {
+  float s = 0.0f;
+  for (int j = 0; j < kTile; ++j) s += x[j];
+  return s;
 }
 
 struct Dims {
   int64_t B, K, G, T, S, H;
+};
+
+// A float buffer aligned to 64 bytes, zero-filled.
+struct Buffer {
+  explicit Buffer(int64_t n)
+      : p(static_cast<float*>(std::aligned_alloc(64, ((n * 4 + 63) / 64) * 64 + 64))) {
+    std::memset(p, 0, ((n * 4 + 63) / 64) * 64 + 64);
+  }
+  ~Buffer() { std::free(p); }
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+  float* p;
 };
 
 // Runs fn(i) for i in [0, n) on the caller and up to pool.num_threads() - 1 helpers; returns
@@ -85,179 +121,321 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, const std::function<void(int6
   while (st->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
 }
 
-// Tiles of keys [0, S) holding at least one visible key for this query row (a whole tile's
-// 16 one-byte flags tested as two 64-bit words).
-int64_t VisibleTiles(const bool* vis, int64_t S, int64_t* tiles) {
-  static_assert(kTile == 16 && sizeof(bool) == 1, "a tile's flags are two 64-bit words");
-  int64_t n = 0, j0 = 0;
-  for (; j0 + kTile <= S; j0 += kTile) {
-    uint64_t lo, hi;
-    std::memcpy(&lo, vis + j0, 8);
-    std::memcpy(&hi, vis + j0 + 8, 8);
-    if (lo | hi) tiles[n++] = j0;
+// The visible tiles of one query row: their first key and their 16 flags (0 past S).
+struct Tiles {
+  explicit Tiles(int64_t S) : start((S + kTile - 1) / kTile), flags((S + kTile - 1) / kTile) {}
+  int64_t Find(const bool* vis, int64_t S) {  // a whole tile's flags as two 64-bit words
+    static_assert(kTile == 16 && sizeof(bool) == 1, "a tile's flags are two 64-bit words");
+    int64_t n = 0, j0 = 0;
+    for (; j0 + kTile <= S; j0 += kTile) {
+      uint64_t w[2];
+      std::memcpy(w, vis + j0, 16);
+      if (w[0] | w[1]) {
+        start[n] = static_cast<int32_t>(j0);
+        std::memcpy(&flags[n++], w, 16);
+      }
+    }
+    if (j0 < S) {
+      int8_t f[kTile] = {0};
+      std::memcpy(f, vis + j0, S - j0);
+      uint64_t w[2];
+      std::memcpy(w, f, 16);
+      if (w[0] | w[1]) {
+        start[n] = static_cast<int32_t>(j0);
+        std::memcpy(&flags[n++], f, 16);
+      }
+    }
+    return n;
   }
-  if (j0 < S) {
-    bool any = false;
-    for (int64_t j = j0; j < S; ++j) any |= vis[j];
-    if (any) tiles[n++] = j0;
+  std::vector<int32_t> start;
+  std::vector<BVec> flags;
+};
+
+inline IVec Visible(BVec flags) { return __builtin_convertvector(flags, IVec) != IVec{}; }
+
+// Per (b, kv head): k, v transposed [H, Sp] and v's rows padded [Sp, 16 HV] (zeros past S
+// and H), Sp = S rounded up to whole tiles.
+struct Panels {
+  Panels(const float* x, int64_t S, int64_t H, int64_t hp, bool rows, bool transposed)
+      : Sp((S + kTile - 1) / kTile * kTile), t(transposed ? H * Sp : 0), r(rows ? Sp * hp : 0) {
+    for (int64_t s = 0; s < S; ++s)
+      for (int64_t h = 0; h < H; ++h) {
+        if (transposed) t.p[h * Sp + s] = x[s * H + h];
+        if (rows) r.p[s * hp + h] = x[s * H + h];
+      }
   }
-  return n;
+  int64_t Sp;
+  Buffer t, r;
+};
+
+// Scores of one tile for R query rows: s[r] = scale * q_r . x_j, kMasked where not visible;
+// x transposed [H, Sp] from the tile's first key.
+template <int R>
+inline void TileScores(const float* const* qr, const float* xt, int64_t Sp, int64_t H,
+                       float scale, IVec on, Vec* s) {
+  Vec a[R][4] = {};
+  int64_t h = 0;
+  for (; h + 4 <= H; h += 4)
+    for (int u = 0; u < 4; ++u) {
+      const Vec x = Load(xt + (h + u) * Sp);
+      for (int r = 0; r < R; ++r) a[r][u] += qr[r][h + u] * x;
+    }
+  for (; h < H; ++h) {
+    const Vec x = Load(xt + h * Sp);
+    for (int r = 0; r < R; ++r) a[r][0] += qr[r][h] * x;
+  }
+  for (int r = 0; r < R; ++r) {
+    const Vec v = ((a[r][0] + a[r][1]) + (a[r][2] + a[r][3])) * scale;
+    s[r] = on ? v : Splat(kMasked);
+  }
 }
 
-// Scaled scores of one tile of keys [j0, j0 + kTile) (kMasked where not visible or past S) from
-// xt [H, S] (keys or values transposed) and the query row xv [H]: out[j] = scale * xv . x_j.
-inline void TileDots(const float* xv, const float* xt, int64_t S, int64_t H, int64_t j0,
-                     float* out) {
-  float acc[kTile] = {0};
-  const int64_t w = std::min(kTile, S - j0);
-  if (w == kTile) {
-    Vec a = {0};
-    for (int64_t h = 0; h < H; ++h) a += xv[h] * LoadVec(xt + h * S + j0);
-    std::memcpy(acc, &a, sizeof(a));
-  } else {
-    for (int64_t h = 0; h < H; ++h)
-      for (int64_t j = 0; j < w; ++j) acc[j] += xv[h] * xt[h * S + j0 + j];
-  }
-  std::memcpy(out, acc, sizeof(acc));
-}
-
-// Scores of the visited tiles into sc (tile-major, kTile per tile; kMasked where not visible);
-// returns their max.
-float Scores(const float* qv, const float* kt, const bool* vis, const int64_t* tiles,
-             int64_t ntiles, const Dims& d, float scale, float* sc) {
-  float m = kMasked;
+// The forward of R heads' rows at one position, over its ntiles visible tiles.
+template <int HV, int R>
+void ForwardRows(const Dims& d, const float* const* qr, float* const* orow, float* const* lrow,
+                 const Tiles& tiles, int64_t ntiles, const Panels& kp, const Panels& vp,
+                 float scale, float* sc) {
+  constexpr int64_t HP = kTile * HV;
+  Vec mx[R];
+  for (int r = 0; r < R; ++r) mx[r] = Splat(kMasked);
   for (int64_t ti = 0; ti < ntiles; ++ti) {
-    const int64_t j0 = tiles[ti], w = std::min(kTile, d.S - j0);
-    float* st = sc + ti * kTile;
-    TileDots(qv, kt, d.S, d.H, j0, st);
-    for (int64_t j = 0; j < kTile; ++j) {
-      const bool on = j < w && vis[j0 + j];
-      st[j] = on ? st[j] * scale : kMasked;
-      m = std::max(m, st[j]);
+    Vec s[R];
+    TileScores<R>(qr, kp.t.p + tiles.start[ti], kp.Sp, d.H, scale, Visible(tiles.flags[ti]), s);
+    for (int r = 0; r < R; ++r) {
+      Store(sc + (r * ntiles + ti) * kTile, s[r]);
+      mx[r] = mx[r] > s[r] ? mx[r] : s[r];
     }
   }
-  return m;
+  float m[R];
+  for (int r = 0; r < R; ++r) m[r] = MaxOf(mx[r]);
+  Vec o[R][HV] = {};
+  Vec l[R] = {};
+  for (int64_t ti = 0; ti < ntiles; ++ti) {
+    Vec p[R];
+    for (int r = 0; r < R; ++r) {
+      p[r] = Exp(Load(sc + (r * ntiles + ti) * kTile) - m[r]);
+      l[r] += p[r];
+    }
+    const float* vt = vp.r.p + tiles.start[ti] * HP;
+    for (int j = 0; j < kTile; ++j)
+      for (int c = 0; c < HV; ++c) {
+        const Vec x = Load(vt + j * HP + c * kTile);
+        for (int r = 0; r < R; ++r) o[r][c] += p[r][j] * x;
+      }
+  }
+  for (int r = 0; r < R; ++r) {
+    const float ls = SumOf(l[r]);
+    const float inv = 1.0f / ls;
+    alignas(64) float res[HP];
+    for (int c = 0; c < HV; ++c) Store(res + c * kTile, o[r][c] * inv);
+    std::memcpy(orow[r], res, d.H * sizeof(float));
+    *lrow[r] = m[r] + std::log(ls);
+  }
 }
 
-void Transpose(const float* x, int64_t S, int64_t H, float* xt) {  // [S, H] -> [H, S]
-  for (int64_t s = 0; s < S; ++s)
-    for (int64_t h = 0; h < H; ++h) xt[h * S + s] = x[s * H + h];
-}
-
+template <int HV>
 void Forward(const Dims& d, const float* q, const float* k, const float* v, const bool* visible,
              float* out, float* lse, int64_t bk) {
+  constexpr int64_t HP = kTile * HV;
   const int64_t b = bk / d.K;
   const float scale = 1.0f / std::sqrt(static_cast<float>(d.H));
-  const float* kb = k + bk * d.S * d.H;
   const float* vb = v + bk * d.S * d.H;
-  const int64_t max_tiles = (d.S + kTile - 1) / kTile;
-  std::vector<float> kt(d.H * d.S), sc(max_tiles * kTile), o(d.H);
-  std::vector<int64_t> tiles(max_tiles);
-  Transpose(kb, d.S, d.H, kt.data());
-  std::vector<float> mean(d.H, 0.0f);
-  bool mean_ready = false;
+  const Panels kp(k + bk * d.S * d.H, d.S, d.H, HP, false, true);
+  const Panels vp(vb, d.S, d.H, HP, true, false);
+  Tiles tiles(d.S);
+  Buffer sc(4 * tiles.start.size() * kTile);
+  std::vector<float> mean;
   for (int64_t t = 0; t < d.T; ++t) {
-    const bool* vis = visible + (b * d.T + t) * d.S;
-    const int64_t ntiles = VisibleTiles(vis, d.S, tiles.data());
-    for (int64_t g = 0; g < d.G; ++g) {
-      const int64_t row = ((bk * d.G) + g) * d.T + t;
-      const float* qv = q + row * d.H;
-      float* orow = out + row * d.H;
+    const int64_t ntiles = tiles.Find(visible + (b * d.T + t) * d.S, d.S);
+    for (int64_t g0 = 0; g0 < d.G;) {
+      const int64_t R = d.G - g0 >= 4 && HV <= 2 ? 4 : d.G - g0 >= 2 && HV <= 8 ? 2 : 1;
+      const float* qr[4];
+      float* orow[4];
+      float* lrow[4];
+      for (int64_t r = 0; r < R; ++r) {
+        const int64_t row = ((bk * d.G) + g0 + r) * d.T + t;
+        qr[r] = q + row * d.H;
+        orow[r] = out + row * d.H;
+        lrow[r] = lse + row;
+      }
       if (ntiles == 0) {  // sees nothing: the mean of all values
-        if (!mean_ready) {
+        if (mean.empty()) {
+          mean.assign(d.H, 0.0f);
           for (int64_t s = 0; s < d.S; ++s)
             for (int64_t h = 0; h < d.H; ++h) mean[h] += vb[s * d.H + h];
           for (int64_t h = 0; h < d.H; ++h) mean[h] /= static_cast<float>(d.S);
-          mean_ready = true;
         }
-        std::copy(mean.begin(), mean.end(), orow);
-        lse[row] = -std::numeric_limits<float>::infinity();
-        continue;
-      }
-      const float m = Scores(qv, kt.data(), vis, tiles.data(), ntiles, d, scale, sc.data());
-      std::fill(o.begin(), o.end(), 0.0f);
-      float l = 0.0f;
-      for (int64_t ti = 0; ti < ntiles; ++ti) {
-        const int64_t j0 = tiles[ti], w = std::min(kTile, d.S - j0);
-        float p[kTile];
-        const float* st = sc.data() + ti * kTile;
-        for (int64_t j = 0; j < kTile; ++j) p[j] = Exp(st[j] - m);
-        for (int64_t j = 0; j < kTile; ++j) l += p[j];
-        for (int64_t j = 0; j < w; ++j) {
-          const float pj = p[j];
-          const float* vr = vb + (j0 + j) * d.H;
-#pragma GCC ivdep
-          for (int64_t h = 0; h < d.H; ++h) o[h] += pj * vr[h];
+        for (int64_t r = 0; r < R; ++r) {
+          std::copy(mean.begin(), mean.end(), orow[r]);
+          *lrow[r] = -std::numeric_limits<float>::infinity();
         }
+      } else if (R == 4) {
+        ForwardRows<HV, 4>(d, qr, orow, lrow, tiles, ntiles, kp, vp, scale, sc.p);
+      } else if (R == 2) {
+        ForwardRows<HV, 2>(d, qr, orow, lrow, tiles, ntiles, kp, vp, scale, sc.p);
+      } else {
+        ForwardRows<HV, 1>(d, qr, orow, lrow, tiles, ntiles, kp, vp, scale, sc.p);
       }
-      const float inv = 1.0f / l;
-      for (int64_t h = 0; h < d.H; ++h) orow[h] = o[h] * inv;
-      lse[row] = m + std::log(l);
+      g0 += R;
     }
   }
 }
 
+// Rows seeing one key tile, per chunk of the backward: kChunk rows' probabilities and score
+// gradients, summed into the tile's key and value gradients [H, 16] once per chunk.
+constexpr int kChunk = 8;
+
+template <int HV>
 void Backward(const Dims& d, const float* q, const float* k, const float* v, const bool* visible,
               const float* out, const float* lse, const float* dout, float* dq, float* dk,
               float* dv, int64_t bk) {
-  const int64_t b = bk / d.K;
-  const float scale = 1.0f / std::sqrt(static_cast<float>(d.H));
-  const float* kb = k + bk * d.S * d.H;
-  const float* vb = v + bk * d.S * d.H;
-  float* dkb = dk + bk * d.S * d.H;
-  float* dvb = dv + bk * d.S * d.H;
-  std::fill(dkb, dkb + d.S * d.H, 0.0f);
-  std::fill(dvb, dvb + d.S * d.H, 0.0f);
-  const int64_t max_tiles = (d.S + kTile - 1) / kTile;
-  std::vector<float> kt(d.H * d.S), vt(d.H * d.S), sc(max_tiles * kTile), gq(d.H);
-  std::vector<int64_t> tiles(max_tiles);
-  Transpose(kb, d.S, d.H, kt.data());
-  Transpose(vb, d.S, d.H, vt.data());
+  constexpr int64_t HP = kTile * HV;
+  const int64_t b = bk / d.K, H = d.H, GT = d.G * d.T;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(H));
+  const Panels kp(k + bk * d.S * H, d.S, H, HP, true, true);
+  const Panels vp(v + bk * d.S * H, d.S, H, HP, false, true);
+  const int64_t Sp = kp.Sp, ntile = Sp / kTile;
+  const float* qb = q + bk * GT * H;
+  const float* ob = out + bk * GT * H;
+  const float* gb = dout + bk * GT * H;
+  const float* lb = lse + bk * GT;
+  float* dqb = dq + bk * GT * H;
+  float* dkb = dk + bk * d.S * H;
+  float* dvb = dv + bk * d.S * H;
+  std::fill(dqb, dqb + GT * H, 0.0f);
+  std::fill(dkb, dkb + d.S * H, 0.0f);
+  std::fill(dvb, dvb + d.S * H, 0.0f);
+
+  // Which positions see each tile (with their flags): the rows' tile lists, bucketed by tile.
+  Tiles tiles(d.S);
+  std::vector<int32_t> count(ntile + 1, 0), pos;
+  std::vector<BVec> flag;
+  std::vector<int32_t> row_tiles;  // per position: its tiles, then flattened
+  std::vector<int32_t> row_start(d.T + 1, 0);
+  std::vector<BVec> row_flags;
+  std::vector<float> delta(GT);  // dout . out per row
+  std::vector<float> blind(H, 0.0f);  // the summed dout of rows that see nothing
+  bool any_blind = false;
   for (int64_t t = 0; t < d.T; ++t) {
-    const bool* vis = visible + (b * d.T + t) * d.S;
-    const int64_t ntiles = VisibleTiles(vis, d.S, tiles.data());
+    const int64_t n = tiles.Find(visible + (b * d.T + t) * d.S, d.S);
+    row_start[t + 1] = row_start[t] + static_cast<int32_t>(n);
+    for (int64_t i = 0; i < n; ++i) {
+      row_tiles.push_back(tiles.start[i] / kTile);
+      row_flags.push_back(tiles.flags[i]);
+      ++count[tiles.start[i] / kTile + 1];
+    }
     for (int64_t g = 0; g < d.G; ++g) {
-      const int64_t row = ((bk * d.G) + g) * d.T + t;
-      const float* qv = q + row * d.H;
-      const float* go = dout + row * d.H;
-      float* gqrow = dq + row * d.H;
-      if (ntiles == 0) {  // uniform over all S keys: only dv, dout / S each
-        std::fill(gqrow, gqrow + d.H, 0.0f);
-        const float inv = 1.0f / static_cast<float>(d.S);
-        for (int64_t s = 0; s < d.S; ++s)
-          for (int64_t h = 0; h < d.H; ++h) dvb[s * d.H + h] += go[h] * inv;
+      const int64_t row = g * d.T + t;
+      if (n == 0) {  // uniform over all S keys: only dv, dout / S each
+        for (int64_t h = 0; h < H; ++h) blind[h] += gb[row * H + h];
+        any_blind = true;
         continue;
       }
-      Scores(qv, kt.data(), vis, tiles.data(), ntiles, d, scale, sc.data());
-      const float* ov = out + row * d.H;
       float D = 0.0f;
-      for (int64_t h = 0; h < d.H; ++h) D += go[h] * ov[h];
-      const float ls = lse[row];
-      std::fill(gq.begin(), gq.end(), 0.0f);
-      for (int64_t ti = 0; ti < ntiles; ++ti) {
-        const int64_t j0 = tiles[ti], w = std::min(kTile, d.S - j0);
-        const float* st = sc.data() + ti * kTile;
-        float p[kTile], dp[kTile], ds[kTile];
-        for (int64_t j = 0; j < kTile; ++j) p[j] = Exp(st[j] - ls);
-        TileDots(go, vt.data(), d.S, d.H, j0, dp);
-        for (int64_t j = 0; j < kTile; ++j) ds[j] = p[j] * (dp[j] - D) * scale;
-        for (int64_t j = 0; j < w; ++j) {
-          const float pj = p[j], dsj = ds[j];
-          const float* kr = kb + (j0 + j) * d.H;
-          float* gv = dvb + (j0 + j) * d.H;
-          float* gk = dkb + (j0 + j) * d.H;
-#pragma GCC ivdep
-          for (int64_t h = 0; h < d.H; ++h) {
-            gv[h] += pj * go[h];
-            gq[h] += dsj * kr[h];
-            gk[h] += dsj * qv[h];
-          }
-        }
-      }
-      std::copy(gq.begin(), gq.end(), gqrow);
+      for (int64_t h = 0; h < H; ++h) D += gb[row * H + h] * ob[row * H + h];
+      delta[row] = D;
     }
   }
+  if (any_blind) {
+    const float inv = 1.0f / static_cast<float>(d.S);
+    for (int64_t s = 0; s < d.S; ++s)
+      for (int64_t h = 0; h < H; ++h) dvb[s * H + h] = blind[h] * inv;
+  }
+  for (int64_t i = 0; i < ntile; ++i) count[i + 1] += count[i];
+  pos.resize(count[ntile]);
+  flag.resize(count[ntile]);
+  {
+    std::vector<int32_t> fill(count.begin(), count.end() - 1);
+    for (int64_t t = 0; t < d.T; ++t)
+      for (int32_t i = row_start[t]; i < row_start[t + 1]; ++i) {
+        const int32_t at = fill[row_tiles[i]]++;
+        pos[at] = static_cast<int32_t>(t);
+        flag[at] = row_flags[i];
+      }
+  }
+
+  Buffer gk(H * kTile), gv(H * kTile);
+  alignas(64) float dqr[HP];
+  for (int64_t ti = 0; ti < ntile; ++ti) {
+    if (count[ti] == count[ti + 1]) continue;
+    const int64_t j0 = ti * kTile;
+    std::memset(gk.p, 0, H * kTile * sizeof(float));
+    std::memset(gv.p, 0, H * kTile * sizeof(float));
+    const float* kt = kp.t.p + j0;
+    const float* vt = vp.t.p + j0;
+    const float* krows = kp.r.p + j0 * HP;
+    int n = 0;
+    const float* qr[kChunk];
+    const float* gr[kChunk];
+    Vec P[kChunk], DS[kChunk];
+    auto flush = [&]() {
+      for (int64_t h = 0; h < H; ++h) {
+        Vec av = Load(gv.p + h * kTile), ak = Load(gk.p + h * kTile);
+        for (int c = 0; c < n; ++c) {
+          av += gr[c][h] * P[c];
+          ak += qr[c][h] * DS[c];
+        }
+        Store(gv.p + h * kTile, av);
+        Store(gk.p + h * kTile, ak);
+      }
+      n = 0;
+    };
+    for (int32_t e = count[ti]; e < count[ti + 1]; ++e) {
+      const IVec on = Visible(flag[e]);
+      for (int64_t g = 0; g < d.G; ++g) {
+        const int64_t row = g * d.T + pos[e];
+        const float* qv = qb + row * H;
+        const float* go = gb + row * H;
+        Vec s, dp;
+        TileScores<1>(&qv, kt, Sp, H, scale, on, &s);
+        TileScores<1>(&go, vt, Sp, H, 1.0f, IVec{} == IVec{}, &dp);
+        const Vec p = Exp(s - lb[row]);
+        const Vec ds = p * (dp - delta[row]) * scale;
+        Vec acc[HV];
+        std::memset(dqr, 0, sizeof(dqr));
+        std::memcpy(dqr, dqb + row * H, H * sizeof(float));
+        for (int c = 0; c < HV; ++c) acc[c] = Load(dqr + c * kTile);
+        for (int j = 0; j < kTile; ++j)
+          for (int c = 0; c < HV; ++c) acc[c] += ds[j] * Load(krows + j * HP + c * kTile);
+        for (int c = 0; c < HV; ++c) Store(dqr + c * kTile, acc[c]);
+        std::memcpy(dqb + row * H, dqr, H * sizeof(float));
+        qr[n] = qv;
+        gr[n] = go;
+        P[n] = p;
+        DS[n++] = ds;
+        if (n == kChunk) flush();
+      }
+    }
+    if (n) flush();
+    const int64_t w = std::min(kTile, d.S - j0);
+    for (int64_t j = 0; j < w; ++j)
+      for (int64_t h = 0; h < H; ++h) {
+        dkb[(j0 + j) * H + h] += gk.p[h * kTile + j];
+        dvb[(j0 + j) * H + h] += gv.p[h * kTile + j];
+      }
+  }
 }
+
+// The template instance for H: 16-float vectors per row, rounded up to 1, 2, 4, 8 or 16.
+template <template <int> class F, typename... A>
+bool ByHeadSize(int64_t H, A&&... a) {
+  if (H <= 16) return F<1>::Run(a...), true;
+  if (H <= 32) return F<2>::Run(a...), true;
+  if (H <= 64) return F<4>::Run(a...), true;
+  if (H <= 128) return F<8>::Run(a...), true;
+  if (H <= 256) return F<16>::Run(a...), true;
+  return false;
+}
+template <int HV>
+struct FwdOf {
+  template <typename... A>
+  static void Run(A&&... a) { Forward<HV>(a...); }
+};
+template <int HV>
+struct BwdOf {
+  template <typename... A>
+  static void Run(A&&... a) { Backward<HV>(a...); }
+};
 
 Dims DimsOf(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k) {
   auto qd = q.dimensions();
@@ -265,17 +443,25 @@ Dims DimsOf(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k) {
   return Dims{qd[0], qd[1], qd[2], qd[3], kd[2], qd[4]};
 }
 
+ffi::Error CheckShapes(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k) {
+  if (q.dimensions().size() != 5 || k.dimensions().size() != 4)
+    return ffi::Error::InvalidArgument("packed attention: q [B,K,G,T,H], k [B,K,S,H]");
+  if (q.dimensions()[4] > 256)
+    return ffi::Error::InvalidArgument("packed attention: head size above 256");
+  return ffi::Error::Success();
+}
+
 ffi::Error FwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                    ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> visible,
                    ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse) {
-  if (q.dimensions().size() != 5 || k.dimensions().size() != 4)
-    return ffi::Error::InvalidArgument("packed attention: q [B,K,G,T,H], k [B,K,S,H]");
+  if (ffi::Error e = CheckShapes(q, k); e.failure()) return e;
   const Dims d = DimsOf(q, k);
   const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
   const bool* vis = visible.typed_data();
   float *op = out->typed_data(), *lp = lse->typed_data();
-  ParallelFor(pool, d.B * d.K,
-              [&](int64_t bk) { Forward(d, qp, kp, vp, vis, op, lp, bk); });
+  ParallelFor(pool, d.B * d.K, [&](int64_t bk) {
+    ByHeadSize<FwdOf>(d.H, d, qp, kp, vp, vis, op, lp, bk);
+  });
   return ffi::Error::Success();
 }
 
@@ -284,13 +470,14 @@ ffi::Error BwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
                    ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> lse,
                    ffi::Buffer<ffi::F32> dout, ffi::ResultBuffer<ffi::F32> dq,
                    ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv) {
+  if (ffi::Error e = CheckShapes(q, k); e.failure()) return e;
   const Dims d = DimsOf(q, k);
   const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
   const bool* vis = visible.typed_data();
   const float *op = out.typed_data(), *lp = lse.typed_data(), *gp = dout.typed_data();
   float *dqp = dq->typed_data(), *dkp = dk->typed_data(), *dvp = dv->typed_data();
   ParallelFor(pool, d.B * d.K, [&](int64_t bk) {
-    Backward(d, qp, kp, vp, vis, op, lp, gp, dqp, dkp, dvp, bk);
+    ByHeadSize<BwdOf>(d.H, d, qp, kp, vp, vis, op, lp, gp, dqp, dkp, dvp, bk);
   });
   return ffi::Error::Success();
 }
