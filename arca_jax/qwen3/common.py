@@ -21,11 +21,16 @@ def default_positions(attention_mask: jax.Array) -> jax.Array:
 
 
 def rope_tables(positions: jax.Array, head_dim: int, theta: float):
-    """cos, sin [B, T, H] float32 for integer positions [B, T] (rotate-half layout)."""
+    """cos, sin [B, T, H] float32 for integer positions [B, T] (rotate-half layout).
+
+    The H / 2 distinct angles' cos and sin are computed once, behind an optimization barrier:
+    without it XLA fuses their computation into every consumer (each layer's rotary embedding of
+    q and k, forward and backward), evaluating them per head and per layer; on CPU, where a
+    cosine costs ~20x an exponential, that was ~10% of the demo's train step."""
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
-    emb = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(emb), jnp.sin(emb)
+    cos, sin = jax.lax.optimization_barrier((jnp.cos(freqs), jnp.sin(freqs)))
+    return jnp.concatenate([cos, cos], axis=-1), jnp.concatenate([sin, sin], axis=-1)
 
 
 def per_head(table: jax.Array, dtype) -> jax.Array:

@@ -6,10 +6,14 @@ the train step (`arca_jax.packing`) holds a shared prompt and several completion
 the prompt and itself, so most of those scores are masked (the demo's batch: 227,000 visible
 pairs of 1.6 million, 21% of the 16-key tiles hold any). The kernel (`csrc/packed_attention.cc`)
 visits the tiles with a visible key only, 16 keys per vector, one (line, kv head) per task on
-XLA's CPU thread pool; its backward recomputes the probabilities from each query's log-sum-exp.
-On the demo's packed batch (2-core Xeon): one layer's attention 16.9 -> 11.7 ms forward, 48.6 ->
-30.4 ms with the backward; the ARCA train step 622 -> 524 ms (`experiments/cpu_attention/`,
-`experiments/NOTES_vs_trl.md`, "A C++ attention kernel for CPU").
+XLA's CPU thread pool. The forward takes a position's G query heads together (one mask row, each
+key and value row loaded once for them, their outputs in registers); the backward recomputes the
+probabilities from each query's log-sum-exp and runs over key tiles, summing a tile's key and
+value gradients over chunks of the rows that see it before writing them. Against the einsum
+attention on the demo's packed batch (2-core Xeon) the first version of the kernel took the ARCA
+train step 622 -> 524 ms; the tile-major backward and grouped forward took one layer's forward
+20.3 -> 7.6 ms and backward 59.7 -> 21.7 ms on one thread, the ARCA step 710 -> 627 ms
+(`experiments/cpu_attention/`, `experiments/NOTES_vs_trl.md`).
 
 It is built on first use with the host's C++ compiler (`$CXX`, else g++; -O3 -march=native) into
 `$XDG_CACHE_HOME/arca-jax/kernels` (default ~/.cache/arca-jax/kernels), one file per source,
