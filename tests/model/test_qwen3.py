@@ -90,6 +90,22 @@ def test_remat_does_not_change_values_or_grads(checkpoint):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
+def test_rotary_tables_are_computed_once(checkpoint):
+    """The compiled forward + backward holds one cosine and one sine (the rotary angles', once),
+    however many layers and heads rotate q and k with them: XLA fuses an elementwise table into
+    each consumer unless it is kept apart, and a cosine is costly on CPU."""
+    model, path = checkpoint
+    config, params = hf.load_pretrained(path, dtype=jnp.float32)
+    ids, mask = _batch(model)
+
+    def loss(p):
+        out = qwen3.forward(p, jnp.asarray(ids), config=config, attention_mask=jnp.asarray(mask))
+        return jnp.mean(out.logits ** 2)
+
+    hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+    assert hlo.count(" cosine(") == 1 and hlo.count(" sine(") == 1
+
+
 def test_save_pretrained_round_trip_through_transformers(checkpoint, tmp_path):
     model, path = checkpoint
     config, params = hf.load_pretrained(path, dtype=jnp.float32)
