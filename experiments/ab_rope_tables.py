@@ -43,7 +43,7 @@ def main():
     args = ap.parse_args()
 
     import profile_update as pu
-    from arca_jax import hf, lora
+    from arca_jax import hf
     from arca_jax.config import ModelConfig
     from arca_jax.grpo import GRPOConfig, TrainState, make_optimizer, make_train_step
     from arca_jax.qwen3 import model as qwen3_model
@@ -53,12 +53,8 @@ def main():
     B = batch.input_ids.shape[0]
     pb = StepPrograms(None, rows=B, share_prompts=True, line_width=4).pack(batch)
     config, params = hf.load_pretrained(ModelConfig().resolved_path(), dtype=jnp.float32)
-    lcfg = lora.LoraConfig(rank=8, alpha=16, targets=pu.TARGETS)
     key = jax.random.PRNGKey(0)
-    tree = lora.init_lora(config, lcfg, key)
-    tree = jax.tree_util.tree_map_with_path(
-        lambda p, x: 0.05 * jax.random.normal(jax.random.fold_in(key, len(str(p))), x.shape)
-        if "lora_b" in str(p) else x, tree)
+    lcfg, tree = pu.demo_adapter(config, key)
     opt = make_optimizer(2e-3, warmup_steps=5, total_steps=20)
     library = qwen3_model.rope_tables
     fns = {}

@@ -31,11 +31,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from arca_jax import config, host_memory, lora, replicas  # noqa: E402
+from arca_jax import config, host_memory, replicas  # noqa: E402
 from arca_jax.prompts import bucket_prompts  # noqa: E402
 from arca_jax.qwen3 import cache_attention  # noqa: E402
 from arca_jax.trainer import setup  # noqa: E402
 from arca_jax.trainer.rollout import encode_prompts, generate_rows, step_prompt_indices  # noqa: E402
+from profile_update import demo_adapter  # noqa: E402
 
 
 def main():
@@ -60,10 +61,7 @@ def main():
     model = setup.load_model(cfg, mesh)
     task = setup.load_train_task(cfg)
     key = jax.random.PRNGKey(0)
-    tree = lora.init_lora(model.config, setup.lora_config(cfg, model.config), key)
-    tree = jax.tree_util.tree_map_with_path(
-        lambda p, x: 0.02 * jax.random.normal(jax.random.fold_in(key, len(str(p))), x.shape)
-        if "lora_b" in str(p) else x, tree)
+    _, tree = demo_adapter(model.config, key, 0.02, setup.lora_config(cfg, model.config))
     r = cfg.rollout
 
     counts = ([None] if args.replicas is None

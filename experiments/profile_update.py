@@ -57,6 +57,18 @@ from arca_jax.trainer.programs import StepPrograms  # noqa: E402
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+def demo_adapter(config, key, b_scale=0.05, lora_config=None):
+    """A LoRA tree (rank 8, alpha 16, the seven projections unless `lora_config`) whose B
+    matrices are random normal x `b_scale` instead of zeros, so that the adapter changes the
+    model (ARCA's residuals are non-zero) as after some training steps."""
+    lcfg = lora_config or lora.LoraConfig(rank=8, alpha=16, targets=TARGETS)
+    tree = lora.init_lora(config, lcfg, key)
+    tree = jax.tree_util.tree_map_with_path(
+        lambda p, x: b_scale * jax.random.normal(jax.random.fold_in(key, len(str(p))), x.shape)
+        if "lora_b" in str(p) else x, tree)
+    return lcfg, tree
+
+
 def demo_batch(B=128, prompt=32, new=80, mean_len=41, seed=0, prompt_tokens=(12, 20), G=8):
     """GRPO groups: rows g G .. g G + G - 1 share one prompt (as the trainer's batches)."""
     rng = np.random.default_rng(seed)
@@ -99,12 +111,8 @@ def main():
 
     path = ModelConfig().resolved_path()
     config, params = hf.load_pretrained(path, dtype=jnp.float32)
-    lcfg = lora.LoraConfig(rank=8, alpha=16, targets=TARGETS)
     key = jax.random.PRNGKey(0)
-    tree = lora.init_lora(config, lcfg, key)
-    tree = jax.tree_util.tree_map_with_path(
-        lambda p, x: 0.05 * jax.random.normal(jax.random.fold_in(key, len(str(p))), x.shape)
-        if "lora_b" in str(p) else x, tree)
+    lcfg, tree = demo_adapter(config, key)
     batch, trim = (demo_batch(mean_len=43, prompt_tokens=(14, 26)) if args.bench_lengths
                    else demo_batch())
     B, T = batch.input_ids.shape

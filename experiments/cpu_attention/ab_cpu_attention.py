@@ -59,7 +59,7 @@ def main():
         sys.exit(f"the CPU attention kernel is not available: {cpu_attention.error()}")
 
     import profile_update as pu
-    from arca_jax import hf, lora
+    from arca_jax import hf
     from arca_jax.config import ModelConfig
     from arca_jax.grpo import GRPOConfig, TrainState, make_optimizer, make_train_step
     from arca_jax.qwen3.einsum_attention import causal_blocks, masked_attention
@@ -94,12 +94,8 @@ def main():
     for n, ms in timed(fns, 15).items():
         print(f"one layer's attention, {n:26s} {ms:8.2f} ms")
 
-    lcfg = lora.LoraConfig(rank=8, alpha=16, targets=pu.TARGETS)
     key = jax.random.PRNGKey(0)
-    tree = lora.init_lora(config, lcfg, key)
-    tree = jax.tree_util.tree_map_with_path(
-        lambda p, x: 0.05 * jax.random.normal(jax.random.fold_in(key, len(str(p))), x.shape)
-        if "lora_b" in str(p) else x, tree)
+    lcfg, tree = pu.demo_adapter(config, key)
     opt = make_optimizer(2e-3, warmup_steps=5, total_steps=20)
     fns, outs = {}, {}
     for wt in args.weightings.split(","):
