@@ -310,9 +310,9 @@ void Backward(const Dims& d, const float* q, const float* k, const float* v, con
   Tiles tiles(d.S);
   std::vector<int32_t> count(ntile + 1, 0), pos;
   std::vector<BVec> flag;
-  std::vector<int32_t> row_tiles;  // per position: its tiles, then flattened
+  std::vector<int32_t> row_tiles;  // the tiles each position sees, position after position,
+  std::vector<BVec> row_flags;     // with their flags; position t's from row_start[t]
   std::vector<int32_t> row_start(d.T + 1, 0);
-  std::vector<BVec> row_flags;
   std::vector<float> delta(GT);  // dout . out per row
   std::vector<float> blind(H, 0.0f);  // the summed dout of rows that see nothing
   bool any_blind = false;
