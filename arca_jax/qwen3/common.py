@@ -26,7 +26,7 @@ def rope_tables(positions: jax.Array, head_dim: int, theta: float):
     The H / 2 distinct angles' cos and sin are computed once, behind an optimization barrier:
     without it XLA fuses their computation into every consumer (each layer's rotary embedding of
     q and k, forward and backward), evaluating them per head and per layer; on CPU, where a
-    cosine costs ~20x an exponential, that was ~10% of the demo's train step."""
+    cosine costs ~10x an exponential, that was ~10% of the demo's train step."""
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
     cos, sin = jax.lax.optimization_barrier((jnp.cos(freqs), jnp.sin(freqs)))

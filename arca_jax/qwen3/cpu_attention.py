@@ -12,8 +12,8 @@ probabilities from each query's log-sum-exp and runs over key tiles, summing a t
 value gradients over chunks of the rows that see it before writing them. Against the einsum
 attention on the demo's packed batch (2-core Xeon) the first version of the kernel took the ARCA
 train step 622 -> 524 ms; the tile-major backward and grouped forward took one layer's forward
-20.3 -> 7.6 ms and backward 59.7 -> 21.7 ms on one thread, the ARCA step 710 -> 627 ms
-(`experiments/cpu_attention/`, `experiments/NOTES_vs_trl.md`).
+15.5 -> 5.7 ms and backward 48.7 -> 14.8 ms on one thread (`experiments/cpu_attention/
+kernel_ab.py`), the ARCA step 710 -> 627 ms (`experiments/NOTES_vs_trl.md`).
 
 It is built on first use with the host's C++ compiler (`$CXX`, else g++; -O3 -march=native) into
 `$XDG_CACHE_HOME/arca-jax/kernels` (default ~/.cache/arca-jax/kernels), one file per source,
