@@ -27,8 +27,13 @@ def golden():
 # (`qwen3.resolve_scan_layers`) and the sampler's keys stored transposed, the weights moved up to
 # 2.5e-3 relative under the tests' XLA flags (a divergence weight of 0.0044 at step 5; 1.4e-4
 # with XLA's defaults), the step metrics up to 1.8e-5 (EffN/T); tokens, rewards and
-# evaluations identical.
-LOOSE = {"/weights/": 4e-3, "/weight_gini": 2e-4, "/effective_token_ratio": 2e-4}
+# evaluations identical. With the rotary tables' cos and sin computed once per forward (behind an
+# optimization barrier, `qwen3.common.rope_tables`) instead of inside each consumer, the mean ARCA
+# residual at step 2 moved 1.3e-5 relative under the tests' XLA flags (the demo's train step
+# gives bit-identical outputs either way under XLA's defaults); every other value within the
+# bounds above.
+LOOSE = {"/weights/": 4e-3, "/weight_gini": 2e-4, "/effective_token_ratio": 2e-4,
+         "/residual_norm_mean": 5e-5}
 # The rollout's share of decode slot-steps that produced a kept token measures the sampler's
 # work, not its output: the CPU default of two slot halvings as completions end
 # (`rollout.shrink` None, `sampling.CPU_SHRINK`) computes fewer idle slot-steps than the
