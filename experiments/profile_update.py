@@ -53,6 +53,7 @@ from arca_jax.grpo import (Batch, GRPOConfig, TrainState, make_optimizer,  # noq
                            make_train_step)
 from arca_jax.grpo.objective import loss_fn  # noqa: E402
 from arca_jax.trainer.programs import StepPrograms  # noqa: E402
+from bench_grpo import random_lora  # noqa: E402
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -62,11 +63,7 @@ def demo_adapter(config, key, b_scale=0.05, lora_config=None):
     matrices are random normal x `b_scale` instead of zeros, so that the adapter changes the
     model (ARCA's residuals are non-zero) as after some training steps."""
     lcfg = lora_config or lora.LoraConfig(rank=8, alpha=16, targets=TARGETS)
-    tree = lora.init_lora(config, lcfg, key)
-    tree = jax.tree_util.tree_map_with_path(
-        lambda p, x: b_scale * jax.random.normal(jax.random.fold_in(key, len(str(p))), x.shape)
-        if "lora_b" in str(p) else x, tree)
-    return lcfg, tree
+    return lcfg, random_lora(config, lcfg, key, b_scale)
 
 
 def demo_batch(B=128, prompt=32, new=80, mean_len=41, seed=0, prompt_tokens=(12, 20), G=8):
