@@ -522,12 +522,14 @@ def finish(state: SamplerState) -> SampleOutput:
 
 def prepare_weights(params: Params, config: qwen3.Qwen3Config, *, lora: Optional[Params] = None,
                     lora_scale=1.0, merge_lora: bool = False, decode_attention=None,
-                    mesh=None) -> qwen3.InferenceWeights:
+                    mesh=None, matmul=None) -> qwen3.InferenceWeights:
     """`qwen3.inference_weights` for the sampler; with a `mesh` (static), laid out for its tensor
     size and placed as `parallel.inference_shardings` (tensor-parallel shards used in place by
     every decode step; "fsdp" as the base parameters). decode_attention None: the default for
     the backend and the mesh's size (`qwen3.default_decode_attention`); "pallas" (a GPU kernel
-    per device) runs without a mesh or on a mesh of one device only."""
+    per device) runs without a mesh or on a mesh of one device only. matmul: see
+    `qwen3.inference_weights` (None: `qwen3.default_matmul`, the C++ kernel on CPU in float32
+    without a mesh)."""
     devices = 1 if mesh is None else int(mesh.devices.size)
     if decode_attention is None:
         decode_attention = qwen3.default_decode_attention(devices=devices)
@@ -537,7 +539,7 @@ def prepare_weights(params: Params, config: qwen3.Qwen3Config, *, lora: Optional
     tensor = parallel.axis_size(mesh, parallel.TENSOR)
     weights = qwen3.inference_weights(params, config, lora=lora, lora_scale=lora_scale,
                                       merge_lora=merge_lora, decode_attention=decode_attention,
-                                      tensor=tensor, mesh=mesh)
+                                      tensor=tensor, mesh=mesh, matmul=matmul)
     if mesh is not None:
         weights = jax.lax.with_sharding_constraint(weights,
                                                    parallel.inference_shardings(weights, mesh))
@@ -546,7 +548,8 @@ def prepare_weights(params: Params, config: qwen3.Qwen3Config, *, lora: Optional
 
 # Compiled entry points of `generate` (module level, so their caches live as long as the process).
 prepare_weights_jit = jax.jit(prepare_weights,
-                              static_argnames=("config", "merge_lora", "decode_attention", "mesh"))
+                              static_argnames=("config", "merge_lora", "decode_attention", "mesh",
+                                               "matmul"))
 prefill_jit = jax.jit(prefill, static_argnames=("config", "settings", "mesh", "group_size", "slots",
                                                 "admit_rows"))
 decode_jit = jax.jit(decode, static_argnames=("config", "settings", "mesh", "shrink"),
@@ -574,7 +577,7 @@ def generate(params: Params, prompt_ids, prompt_mask, *, config: qwen3.Qwen3Conf
              merge_lora: bool = False, bucket: bool = True, top_k: int = 0,
              mesh=None, group_size: int = 1, max_batch: Optional[int] = None,
              admit_rows: Optional[int] = None,
-             decode_attention: Optional[str] = None,
+             decode_attention: Optional[str] = None, matmul: Optional[str] = None,
              shrink: int = 0, store=None,
              devices: Optional[Sequence[jax.Device]] = None) -> SampleOutput:
     """Samples completions of left-padded prompts.
@@ -613,6 +616,8 @@ def generate(params: Params, prompt_ids, prompt_mask, *, config: qwen3.Qwen3Conf
       admit_rows: see `prefill`.
       decode_attention: how decode steps read the cache (`qwen3.InferenceWeights`; None: the
         backend's default, `qwen3.default_decode_attention`).
+      matmul: how the projections multiply ("xla", "cpu-kernel"; None: `qwen3.default_matmul`,
+        the C++ kernel over packed weights on CPU in float32 without a mesh).
       shrink: halvings of the slots as rows end (0: none). Once no row waits and at most half the
         slots still run, the running rows go on in half as many slots, up to `shrink` times
         (`decode`): rows that ended early stop costing decode steps. The same tokens and
@@ -664,7 +669,7 @@ def generate(params: Params, prompt_ids, prompt_mask, *, config: qwen3.Qwen3Conf
     weights = run("prepare_weights", prepare_weights_jit, (params,),
                   dict(lora=lora, lora_scale=jnp.asarray(lora_scale, jnp.float32)),
                   dict(config=config, merge_lora=bool(merge_lora and lora is not None),
-                       decode_attention=decode_attention, mesh=mesh))
+                       decode_attention=decode_attention, mesh=mesh, matmul=matmul))
     B = prompt_ids.shape[0]
     slots = None if max_batch is None or int(max_batch) >= B else int(max_batch)
     limit = jnp.asarray(max_new_tokens, jnp.int32)

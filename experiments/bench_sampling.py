@@ -187,10 +187,11 @@ def cpu_bench(args):
 
     settings = sampling.SamplingConfig(max_new_tokens=N)
 
-    def jax_run(seed):
+    def jax_run(seed, matmul=None):
         t0 = now()
         w = block(sampling.prepare_weights_jit(params, config, lora=None,
-                                               lora_scale=jnp.float32(1.0), merge_lora=False))
+                                               lora_scale=jnp.float32(1.0), merge_lora=False,
+                                               matmul=matmul))
         t1 = now()
         st = block(sampling.prefill_jit(w, j_ids, j_mask, config=config, settings=settings,
                                         rng=jax.random.PRNGKey(seed)))
@@ -212,12 +213,17 @@ def cpu_bench(args):
 
     threads = sorted({1, torch.get_num_threads()})
     runs = {"jax_weights": [], "jax_prefill": [], "jax_decode": [], "jax_replicas": []}
+    # the same sampler with XLA's dots instead of the packed-weight kernel (`qwen3.cpu_matmul`)
+    xla_arm = qwen3.default_matmul(jnp.float32) == "cpu-kernel"
+    runs.update({"xla_weights": [], "xla_prefill": [], "xla_decode": []})
     for th in threads:
         runs.update({f"hf{th}_prefill": [], f"hf{th}_total": []})
 
     t = now()
     jax_run(0)
     print(f"jax compile + first run: {now() - t:.1f} s")
+    if xla_arm:
+        jax_run(0, matmul="xla")
     if devices:
         jax_replicas(0)
     for th in threads:  # warm up
@@ -236,6 +242,10 @@ def cpu_bench(args):
         runs["jax_weights"].append(a)
         runs["jax_prefill"].append(b)
         runs["jax_decode"].append(c)
+        if xla_arm:
+            for key, value in zip(("xla_weights", "xla_prefill", "xla_decode"),
+                                  jax_run(r + 1, matmul="xla")):
+                runs[key].append(value)
         if devices:
             runs["jax_replicas"].append(jax_replicas(r + 1))
     med = {k: statistics.median(v) for k, v in runs.items() if v}
@@ -258,6 +268,9 @@ def cpu_bench(args):
              med[f"hf{th}_total"] - med[f"hf{th}_prefill"], med[f"hf{th}_total"]) for th in threads]
     rows.append(("arca_jax.sampling", med["jax_weights"] + med["jax_prefill"], med["jax_decode"],
                  jax_total))
+    if xla_arm:
+        rows.append(("arca_jax, XLA dots", med["xla_weights"] + med["xla_prefill"],
+                     med["xla_decode"], med["xla_weights"] + med["xla_prefill"] + med["xla_decode"]))
     print(f"\nmedian of {args.runs} interleaved runs (prefill = prompt + first token; decode = "
           f"the other {N - 1} tokens; arca_jax prefill includes preparing the weights, "
           f"{med['jax_weights'] * 1e3:.2f} ms)")

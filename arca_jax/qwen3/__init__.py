@@ -15,6 +15,9 @@ Modules (every public name is re-exported here, so `from arca_jax import qwen3; 
              `transposed_keys` (the key layout a variant reads).
   moe        the sparse MLP block (router, top-k, experts by `jax.lax.ragged_dot`), its routing
              statistics and load-balancing losses, the segments of a sparse/dense layer stack.
+  cpu_kernels  the package's C++ kernels for XLA:CPU (one library built on first use):
+             `cpu_attention` (the train step's packed attention) and `cpu_matmul` (the decode
+             path's projections over kernels packed in column panels).
   common     what both use: parameter-tree names, rotary tables, `default_positions`, RMS norm.
 
 Dimension letters (used in every einsum, shape comment and sharding spec of the project):
@@ -51,14 +54,15 @@ its router's under `layers/mlp/router`: see `moe`). It is passed as a separate F
 
 from arca_jax.qwen3.common import (ATTN_PROJS, MLP_PROJS, PROJ_BLOCK, Params, default_positions,
                                    rope_tables)
-from arca_jax.qwen3 import cpu_attention, moe
+from arca_jax.qwen3 import cpu_attention, cpu_kernels, cpu_matmul, moe
 from arca_jax.qwen3.config import ConfigError, Qwen3Config, Qwen3MoeConfig, preset
 from arca_jax.qwen3.cache_attention import (DECODE_ATTENTION, cache_size, default_decode_attention,
                                             transposed_keys)
 from arca_jax.qwen3.einsum_attention import (CPU_ATTENTION_BLOCKS, causal_blocks,
                                              masked_attention, resolve_attention_blocks)
-from arca_jax.qwen3.inference import (InferenceLayer, InferenceOutput, InferenceWeights, KVCache,
-                                      LowRank, SparseMlp, inference_forward, inference_weights)
+from arca_jax.qwen3.inference import (MATMULS, InferenceLayer, InferenceOutput, InferenceWeights,
+                                      KVCache, LowRank, SparseMlp, default_matmul,
+                                      inference_forward, inference_weights)
 from arca_jax.qwen3.model import (ATTENTION_IMPLS, CPU_UNROLL_LAYERS, MLP, REMAT_OPTIONS,
                                   Attention, DecoderLayer, LoraLinear, ModelOutput, RMSNorm,
                                   layer_stack, compute_logits, forward, init_params,
@@ -67,7 +71,8 @@ from arca_jax.qwen3.model import (ATTENTION_IMPLS, CPU_UNROLL_LAYERS, MLP, REMAT
 
 __all__ = [
     # config
-    "ConfigError", "Qwen3Config", "Qwen3MoeConfig", "preset", "moe", "cpu_attention",
+    "ConfigError", "Qwen3Config", "Qwen3MoeConfig", "preset", "moe", "cpu_attention", "cpu_kernels",
+    "cpu_matmul",
     # parameter tree, positions
     "Params", "ATTN_PROJS", "MLP_PROJS", "PROJ_BLOCK", "default_positions", "rope_tables",
     # training / scoring model
@@ -80,6 +85,6 @@ __all__ = [
     "CPU_ATTENTION_BLOCKS", "resolve_attention_blocks", "causal_blocks", "masked_attention",
     # decode path
     "LowRank", "SparseMlp", "InferenceLayer", "InferenceWeights", "DECODE_ATTENTION", "default_decode_attention",
-    "cache_size", "transposed_keys",
+    "cache_size", "transposed_keys", "MATMULS", "default_matmul",
     "inference_weights", "KVCache", "InferenceOutput", "inference_forward",
 ]

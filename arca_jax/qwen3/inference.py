@@ -19,6 +19,10 @@ float32 at every decode step) with fewer, larger operations:
     scatter on the loop carry, `_write_rows`) and read in that layout, the padding mask is one
     additive bias per call;
   - the final norm and the head run on the last position only;
+  - on CPU in float32 (`matmul="cpu-kernel"`, the default there), every kernel and the head are
+    packed once in column panels and multiplied by a C++ kernel (`cpu_matmul`): XLA's dot
+    repacks its weight operand on every call, which at a decode step's few rows costs about as
+    much as the multiply;
   - a mixture-of-experts layer (`SparseMlp`) normalises x, routes every token as `forward` does
     (`moe.mixture`: router, float32 softmax, top-k, pairs sorted by expert; at prefill and at
     T = 1 alike) and runs its experts as two `jax.lax.ragged_dot`s (gate and up fused, [E, D, 2I],
@@ -44,8 +48,9 @@ import jax.numpy as jnp
 
 import numpy as np
 
-from arca_jax.qwen3 import cache_attention, moe
+from arca_jax.qwen3 import cache_attention, cpu_kernels, cpu_matmul, moe
 from arca_jax.qwen3.cache_attention import attend, attend_filled, attend_pallas
+from arca_jax.qwen3.cpu_matmul import Panels
 from arca_jax.qwen3.common import (Params, apply_rope, inv_rms, merge_adapter, per_head, rms_norm,
                                    rope_tables)
 from arca_jax.qwen3.config import Qwen3Config, Qwen3MoeConfig
@@ -85,7 +90,8 @@ class InferenceLayer:
 
     The kernels after a norm (qkv, gate_up, and their LoRA `a`) have that norm's weight folded into
     their rows: qkv = diag(input_layernorm) [Wq | Wk | Wv]. A mixture-of-experts model's sparse
-    layers hold `sparse_mlp` instead of gate_up and down (None there).
+    layers hold `sparse_mlp` instead of gate_up and down (None there). With the weights'
+    `matmul` "cpu-kernel", qkv, o, gate_up and down are `cpu_matmul.Panels` of those kernels.
     """
 
     qkv: jax.Array  # [D, t (N/t + 2 Kt) H]: per shard s, its q heads, then k and v (`kv_heads`)
@@ -107,7 +113,9 @@ class InferenceWeights:
     embed: jax.Array  # [V, D]
     layers: tuple  # L x InferenceLayer
     final_norm: jax.Array  # [D]
-    lm_head: Optional[jax.Array] = None  # [D, V]; None when tied (then the head is `embed`, [V, D])
+    # [D, V]; None when tied (then the head is `embed`, [V, D]); with `matmul` "cpu-kernel" the
+    # head's `cpu_matmul.Panels` (a packed copy of embed^T when tied)
+    lm_head: Any = None
     # How a T = 1 step contracts q with the cache (static): "reduce" (multiply + sum, fused over the
     # cache in its stored layout), "dot" (batched matmuls), both over the filled cache blocks
     # (`cache_attention.attend_filled`), or "pallas" (`cache_attention.attend_pallas`: a GPU kernel reading each row's own
@@ -119,11 +127,27 @@ class InferenceWeights:
     # A mixture-of-experts model's sparse layers run expert-parallel over this mesh's "fsdp" axis
     # (static; `moe.mixture`), or None: on the device(s) holding the rows. None for dense models.
     experts_mesh: Any = flax.struct.field(pytree_node=False, default=None)
+    # How the projections and the head multiply (static; `MATMULS`): "xla" (einsum over the
+    # [in, out] kernels) or "cpu-kernel" (`cpu_matmul` over the kernels packed in panels).
+    matmul: str = flax.struct.field(pytree_node=False, default="xla")
 
     @property
     def dtype(self):
         """Activation (and cache) dtype: the embedding's, as in `forward`."""
         return self.embed.dtype
+
+
+MATMULS = ("xla", "cpu-kernel")
+
+
+def default_matmul(dtype, tensor: int = 1, mesh: Any = None, platform: Optional[str] = None) -> str:
+    """The `matmul` of `inference_weights` for parameters of `dtype`: "cpu-kernel" on a CPU
+    backend (`platform`, default jax's) for float32 parameters without a mesh or tensor split,
+    where the kernels build (`cpu_kernels.available()`); "xla" otherwise."""
+    if ((platform or jax.default_backend()) == "cpu" and mesh is None and tensor == 1
+            and jnp.dtype(dtype) == jnp.dtype(jnp.float32) and cpu_kernels.available()):
+        return "cpu-kernel"
+    return "xla"
 
 
 _GROUPS = (("qkv", "self_attn", ("q_proj", "k_proj", "v_proj"), "input_layernorm"),
@@ -176,7 +200,7 @@ def _shard_columns(config: Qwen3Config, tensor: int):
 def inference_weights(params: Params, config: Qwen3Config, *, lora: Optional[Params] = None,
                       lora_scale: Any = 1.0, merge_lora: bool = False,
                       decode_attention: Optional[str] = None, tensor: int = 1,
-                      mesh: Any = None) -> InferenceWeights:
+                      mesh: Any = None, matmul: Optional[str] = None) -> InferenceWeights:
     """Rearranges `params` (and an optional LoRA tree) for `inference_forward`. Pure; jit it with
     `config`, `merge_lora` and `decode_attention` static (`lora_scale` may be traced).
 
@@ -196,12 +220,24 @@ def inference_weights(params: Params, config: Qwen3Config, *, lora: Optional[Par
     `mesh`: the sampler's mesh (static), kept by a mixture-of-experts
     model's weights so that its experts run expert-parallel over "fsdp" (`experts_mesh`); ignored
     for a dense model.
+    `matmul`: "xla", "cpu-kernel" (the dense kernels and the head packed in column panels for
+    `cpu_matmul`: float32, no tensor split; the head of tied embeddings becomes a second, packed
+    copy of the embedding), or None for `default_matmul` (static under jit).
     """
     if decode_attention is None:
         decode_attention = cache_attention.default_decode_attention()
     if decode_attention not in cache_attention.DECODE_ATTENTION:
         raise ValueError(f"decode_attention must be one of {cache_attention.DECODE_ATTENTION}, got "
                          f"{decode_attention!r}")
+    if matmul is None:
+        matmul = default_matmul(params["embed_tokens"]["embedding"].dtype, tensor, mesh)
+    if matmul not in MATMULS:
+        raise ValueError(f"matmul must be one of {MATMULS}, got {matmul!r}")
+    if matmul == "cpu-kernel" and tensor != 1:
+        raise ValueError(f"matmul 'cpu-kernel' runs unsplit kernels, not tensor={tensor}")
+    if matmul == "cpu-kernel" and not cpu_kernels.available():
+        raise ValueError("matmul 'cpu-kernel': the CPU kernels are not available ("
+                         f"{cpu_kernels.error() or cpu_kernels.ENV + '=0'})")
     is_moe = isinstance(config, Qwen3MoeConfig)
     layers_p = params["layers"]
     adapters = (lora or {}).get("layers", {})
@@ -284,12 +320,18 @@ def inference_weights(params: Params, config: Qwen3Config, *, lora: Optional[Par
               else LowRank(a=low_rank[name][0][i], b=low_rank[name][1][i]) for name, *_ in _GROUPS}
         layers.append(InferenceLayer(qkv=fused("qkv", i, i), qk_norm=qk_norm[i],
                                      o=fused("o", i, i), **mlp, **lr))
+    embed = params["embed_tokens"]["embedding"]
+    lm_head = None if config.tie_word_embeddings else params["lm_head"]["kernel"]
+    if matmul == "cpu-kernel":
+        pack = lambda w: None if w is None else cpu_matmul.pack(w)  # noqa: E731
+        layers = [layer.replace(qkv=pack(layer.qkv), o=pack(layer.o),
+                                gate_up=pack(layer.gate_up), down=pack(layer.down))
+                  for layer in layers]
+        lm_head = pack(embed.T if lm_head is None else lm_head)
     return InferenceWeights(
-        embed=params["embed_tokens"]["embedding"], layers=tuple(layers),
-        final_norm=params["norm"]["scale"],
-        lm_head=None if config.tie_word_embeddings else params["lm_head"]["kernel"],
+        embed=embed, layers=tuple(layers), final_norm=params["norm"]["scale"], lm_head=lm_head,
         decode_attention=decode_attention, tensor=tensor,
-        experts_mesh=mesh if is_moe else None)
+        experts_mesh=mesh if is_moe else None, matmul=matmul)
 
 
 def _mlp_kinds(config: Qwen3Config) -> tuple:
@@ -383,8 +425,12 @@ class InferenceOutput:
 
 
 def _project(x, w, low_rank: Optional[LowRank], out_dtype):
-    """x [B, T, in] @ w [in, out] (+ (x a) b), accumulated in float32, returned in `out_dtype`."""
-    y = jnp.einsum("BTI,IO->BTO", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+    """x [B, T, in] @ w [in, out] (`Panels` or an array) (+ (x a) b), accumulated in float32,
+    returned in `out_dtype`."""
+    if isinstance(w, Panels):
+        y = cpu_matmul.matmul(x, w)
+    else:
+        y = jnp.einsum("BTI,IO->BTO", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
     if low_rank is not None:
         xa = jnp.einsum("BTI,IR->BTR", x.astype(low_rank.a.dtype), low_rank.a)
         y = y + jnp.einsum("BTR,RO->BTO", xa, low_rank.b, preferred_element_type=jnp.float32)
@@ -507,7 +553,9 @@ def inference_forward(weights: InferenceWeights, input_ids: jax.Array, *, config
 
     last = x[:, -1]  # [B, D]
     last = rms_norm(last, weights.final_norm, c.rms_norm_eps)
-    if weights.lm_head is None:
+    if isinstance(weights.lm_head, Panels):
+        logits = cpu_matmul.matmul(last, weights.lm_head)
+    elif weights.lm_head is None:
         logits = jnp.einsum("BD,VD->BV", last, weights.embed.astype(dtype), preferred_element_type=f32)
     else:
         logits = jnp.einsum("BD,DV->BV", last, weights.lm_head.astype(dtype), preferred_element_type=f32)

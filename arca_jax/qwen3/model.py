@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from arca_jax.qwen3 import cpu_attention, moe
+from arca_jax.qwen3 import cpu_attention, cpu_kernels, moe
 from arca_jax.qwen3.common import Params, apply_rope, default_positions, per_head, rms_norm, rope_tables
 from arca_jax.qwen3.config import Qwen3Config, Qwen3MoeConfig
 from arca_jax.qwen3.einsum_attention import (causal_blocks, masked_attention, plain_attention,
@@ -104,7 +104,7 @@ def resolve_attention(attention: str, dtype, mesh: Any = None) -> str:
         same call and row layout with jax's XLA implementation (any backend and dtype; checks the
         "cudnn" plumbing on CPU). "auto": "cudnn" on a CUDA GPU of compute capability >= 8.0 with
         bf16/fp16 activations; "cpu-kernel" on a CPU backend with float32 activations where the
-        kernel builds (`cpu_attention.available()`) and the call runs without a `mesh` (XLA
+        kernel builds (`cpu_kernels.available()`) and the call runs without a `mesh` (XLA
         cannot split the custom call: it would gather its inputs); else "einsum".
     """
     if attention not in ATTENTION_IMPLS:
@@ -114,12 +114,12 @@ def resolve_attention(attention: str, dtype, mesh: Any = None) -> str:
         if fused and on_cuda(8.0):
             return "cudnn"
         if (mesh is None and jnp.dtype(dtype) == jnp.dtype(jnp.float32)
-                and jax.default_backend() == "cpu" and cpu_attention.available()):
+                and jax.default_backend() == "cpu" and cpu_kernels.available()):
             return "cpu-kernel"
         return "einsum"
-    if attention == "cpu-kernel" and not cpu_attention.available():
+    if attention == "cpu-kernel" and not cpu_kernels.available():
         raise ValueError("attention 'cpu-kernel': the CPU attention kernel is not available ("
-                         f"{cpu_attention.error() or cpu_attention.ENV + '=0'})")
+                         f"{cpu_kernels.error() or cpu_kernels.ENV + '=0'})")
     return attention
 
 

@@ -33,7 +33,7 @@ from typing import Any, Callable, Dict, Optional
 import jax
 
 from arca_jax import hostinfo
-from arca_jax.qwen3 import cpu_attention
+from arca_jax.qwen3 import cpu_kernels
 
 SUFFIX = ".jaxexe"
 MAX_ENTRIES = 64  # the least recently used beyond these are removed when a new one is written
@@ -179,8 +179,8 @@ class ExecutableStore:
                 payload, in_tree, out_tree, ids = pickle.load(f)
             by_id = {d.id: d for d in jax.devices()}
             devices = [by_id[i] for i in ids]
-            if devices[0].platform == "cpu":  # a program calling the CPU attention kernel
-                cpu_attention.available(build=False)  # needs it registered, if it was built
+            if devices[0].platform == "cpu":  # a program calling the CPU kernels
+                cpu_kernels.available(build=False)  # needs them registered, if built
             program = serialize_executable.deserialize_and_load(
                 payload, in_tree, out_tree, execution_devices=devices)
         except FileNotFoundError:

@@ -30,7 +30,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from arca_jax.qwen3 import cpu_attention  # noqa: E402
+from arca_jax.qwen3 import cpu_attention, cpu_kernels  # noqa: E402
 
 
 def kernel_blocks(q, k, v, visible):
@@ -55,8 +55,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--weightings", default="arca,uniform")
     args = ap.parse_args()
-    if not cpu_attention.available():
-        sys.exit(f"the CPU attention kernel is not available: {cpu_attention.error()}")
+    if not cpu_kernels.available():
+        sys.exit(f"the CPU attention kernel is not available: {cpu_kernels.error()}")
 
     import profile_update as pu
     from arca_jax import hf

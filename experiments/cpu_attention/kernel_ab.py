@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.join(HERE, "..", ".."))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from arca_jax.qwen3 import cpu_attention  # noqa: E402
+from arca_jax.qwen3 import cpu_kernels  # noqa: E402
 
 
 def main():
@@ -57,7 +57,7 @@ def main():
             rng.normal(size=shape).astype(np.float32).tofile(os.path.join(d, name + ".bin"))
         vis.astype(np.uint8).tofile(os.path.join(d, "visible.bin"))
         exe = os.path.join(d, "kernel_ab")
-        flags = [f for f in cpu_attention.FLAGS if f not in ("-shared", "-fPIC")]
+        flags = [f for f in cpu_kernels.FLAGS if f not in ("-shared", "-fPIC")]
         subprocess.run([os.environ.get("CXX") or "g++", *flags, f"-I{jax.ffi.include_dir()}",
                         os.path.join(HERE, "kernel_ab.cc"), "-o", exe], check=True)
         subprocess.run([exe, d, str(L), str(K), str(G), str(W), str(W), str(H),

@@ -1,7 +1,8 @@
 """`qwen3.cpu_attention`: the C++ kernel's values and gradients equal `masked_attention`'s
 (random segment masks, a query that sees nothing, key counts off the 16-key tiles, several head
-sizes); "auto" picks it on CPU for float32 only; without it (turned off, or no compiler) "auto"
-runs the einsum attention and an explicit "cpu-kernel" is a clear error."""
+sizes); "auto" picks it on CPU for float32 only; without the kernels (turned off, or no
+compiler) "auto" runs the einsum attention, the decode path XLA's dots, and an explicit
+"cpu-kernel" (attention or matmul) is a clear error."""
 
 import os
 import subprocess
@@ -13,11 +14,11 @@ import numpy as np
 import pytest
 
 from arca_jax import qwen3
-from arca_jax.qwen3 import cpu_attention
+from arca_jax.qwen3 import cpu_attention, cpu_kernels
 from arca_jax.qwen3.einsum_attention import masked_attention
 
-needs_kernel = pytest.mark.skipif(not cpu_attention.available(),
-                                  reason=f"CPU attention kernel: {cpu_attention.error()}")
+needs_kernel = pytest.mark.skipif(not cpu_kernels.available(),
+                                  reason=f"CPU kernels: {cpu_kernels.error()}")
 
 
 def _inputs(B, K, G, T, S, H, seed):
@@ -70,25 +71,35 @@ def test_auto_picks_the_kernel_on_cpu_for_float32_only():
 
 
 WITHOUT = r"""
-import jax.numpy as jnp
+import jax, jax.numpy as jnp
 from arca_jax import qwen3
-from arca_jax.qwen3 import cpu_attention
-print(cpu_attention.available(), qwen3.resolve_attention("auto", jnp.float32))
+from arca_jax.qwen3 import cpu_kernels
+print(cpu_kernels.available(), qwen3.resolve_attention("auto", jnp.float32),
+      qwen3.default_matmul(jnp.float32))
 try:
     qwen3.resolve_attention("cpu-kernel", jnp.float32)
+except ValueError as e:
+    print("refused:", e)
+config = qwen3.Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                           head_dim=16)
+params = qwen3.init_params(config, jax.random.PRNGKey(0), jnp.float32)
+try:
+    qwen3.inference_weights(params, config, matmul="cpu-kernel")
 except ValueError as e:
     print("refused:", e)
 """
 
 
-@pytest.mark.parametrize("env, why", [({cpu_attention.ENV: "0"}, "ARCA_JAX_CPU_ATTENTION=0"),
+@pytest.mark.parametrize("env, why", [({cpu_kernels.ENV: "0"}, "ARCA_JAX_CPU_KERNELS=0"),
                                       ({"CXX": "/nonexistent/c++"}, "nonexistent")],
                          ids=["turned-off", "no-compiler"])
-def test_without_the_kernel_auto_runs_einsum(env, why, tmp_path):
+def test_without_the_kernels_auto_runs_xla(env, why, tmp_path):
     full = dict(os.environ, XDG_CACHE_HOME=str(tmp_path), JAX_PLATFORMS="cpu", **env)
     out = subprocess.run([sys.executable, "-c", WITHOUT], capture_output=True, text=True,
                          env=full, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.strip().splitlines()
-    assert lines[0] == "False einsum"
+    assert lines[0] == "False einsum xla"
     assert lines[1].startswith("refused: attention 'cpu-kernel'") and why in lines[1]
+    assert lines[2].startswith("refused: matmul 'cpu-kernel'") and why in lines[2]

@@ -301,7 +301,7 @@ def test_fused_attention_layout_matches_einsum(checkpoint):
     (_, ref), g_ref = run(tree, "einsum")
     m = np.asarray(mask)
     kernels = (("cpu-kernel", False), ("cpu-kernel", "projections")) if (
-        qwen3.cpu_attention.available()) else ()
+        qwen3.cpu_kernels.available()) else ()
     for attention, remat in (("sdpa-xla", False), ("sdpa-xla", "projections"),
                              ("einsum", "projections")) + kernels:
         (_, logits), g = run(tree, attention, remat)

@@ -41,9 +41,9 @@ def test_default_directory_off_switch_and_user_setting(tmp_path, jax_cache_confi
 
     path = setup.use_compilation_cache(env)
     assert path == str(tmp_path / "xdg" / "arca-jax" / "xla") == setup.default_cache_dir(env)
-    # the CPU attention kernel and the stored programs live beside it
-    from arca_jax.qwen3 import cpu_attention
-    assert cpu_attention.kernel_dir(env) == str(tmp_path / "xdg" / "arca-jax" / "kernels")
+    # the CPU kernels and the stored programs live beside it
+    from arca_jax.qwen3 import cpu_kernels
+    assert cpu_kernels.kernel_dir(env) == str(tmp_path / "xdg" / "arca-jax" / "kernels")
     home = setup.default_cache_dir({})
     assert home == os.path.join(os.path.expanduser("~"), ".cache", "arca-jax", "xla")
     assert os.path.isdir(path) and jax.config.jax_compilation_cache_dir == path

@@ -25,9 +25,11 @@
 #include <thread>
 #include <vector>
 
+#include "parallel_for.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using arca_jax::ParallelFor;
 
 namespace {
 
@@ -93,33 +95,6 @@ struct Buffer {
   Buffer& operator=(const Buffer&) = delete;
   float* p;
 };
-
-// Runs fn(i) for i in [0, n) on the caller and up to pool.num_threads() - 1 helpers; returns
-// when every i has run.
-void ParallelFor(ffi::ThreadPool& pool, int64_t n, const std::function<void(int64_t)>& fn) {
-  struct State {
-    std::atomic<int64_t> next{0};
-    std::atomic<int64_t> done{0};
-    std::function<void(int64_t)> fn;
-    int64_t n;
-  };
-  auto st = std::make_shared<State>();
-  st->fn = fn;
-  st->n = n;
-  auto work = [st]() {
-    for (int64_t i = st->next.fetch_add(1); i < st->n; i = st->next.fetch_add(1)) {
-      st->fn(i);
-      st->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  int64_t helpers = std::min<int64_t>(std::max<int64_t>(pool.num_threads(), 1), n) - 1;
-  for (int64_t h = 0; h < helpers; ++h) {
-    auto task = work;
-    pool.Schedule(std::move(task));
-  }
-  work();
-  while (st->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
-}
 
 // The visible tiles of one query row: their first key and their 16 flags (0 past S).
 struct Tiles {

@@ -1,0 +1,67 @@
+"""x W for the decode path on CPU as a C++ kernel (an XLA FFI custom call) over W packed in
+column panels: `inference_weights(matmul="cpu-kernel")` packs each kernel once, and every
+prefill and decode step multiplies by the packed copy.
+
+XLA's CPU dot repacks its right operand on every call. A decode step multiplies a few rows (the
+slots) by every weight matrix of the model, the same arrays at every step, and at 16 rows that
+repacking costs about as much as the multiply: on the CPU benchmark model (hidden 256, 4 layers,
+vocabulary 8192, batch 16) the sampler's decode loop took 272 -> 159 ms with the packed kernel,
+the same tokens (2-core Zen 3 EPYC, 2026-12-03; `experiments/bench_sampling.py`, which runs
+both). The kernel (`csrc/panel_matmul.cc`) keeps a block of rows' 16 output columns in
+registers over the whole sum and reads each panel's rows contiguously; panels are split over
+XLA's CPU thread pool. Float32 only.
+
+    w = cpu_matmul.pack(kernel)          # [in, out] -> Panels
+    y = cpu_matmul.matmul(x, w)          # x [..., in] -> [..., out], float32
+
+Needs `cpu_kernels.available()`.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+PANEL = 16  # columns per panel
+_TARGET = "arca_panel_matmul"
+
+
+@flax.struct.dataclass
+class Panels:
+    """An [in, out] kernel in column panels: data [C, in, 16] float32 (C = ceil(out / 16);
+    panel c holds columns 16 c .. 16 c + 15, zeros past `columns`), columns = out (static)."""
+
+    data: jax.Array
+    columns: int = flax.struct.field(pytree_node=False)
+
+    @property
+    def shape(self):
+        """(in, out), the kernel's shape."""
+        return (self.data.shape[1], self.columns)
+
+    @property
+    def dtype(self):
+        return self.data.dtype
+
+
+def pack(w: jax.Array) -> Panels:
+    """w [in, out] -> `Panels` (float32)."""
+    n_in, out = w.shape
+    C = -(-out // PANEL)
+    data = jnp.pad(w.astype(jnp.float32), ((0, 0), (0, C * PANEL - out)))
+    return Panels(data=data.reshape(n_in, C, PANEL).transpose(1, 0, 2), columns=out)
+
+
+def matmul(x: jax.Array, w: Panels) -> jax.Array:
+    """x [..., in] @ the packed kernel -> [..., out] float32 (x is cast to float32; products and
+    sums in float32, summed over `in` in order)."""
+    *lead, n_in = x.shape
+    if n_in != w.shape[0]:
+        raise ValueError(f"matmul: x has {n_in} columns, the kernel {w.shape[0]} rows")
+    M = 1
+    for d in lead:
+        M *= d
+    y = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((M, w.columns), jnp.float32),
+                         vmap_method="sequential")(x.reshape(M, n_in).astype(jnp.float32), w.data)
+    return y.reshape(*lead, w.columns)

@@ -1,0 +1,116 @@
+// y = x W on the CPU for the few rows of a decode step, with W packed in column panels (an
+// XLA FFI handler).
+//
+// x [M, K] float32; w [C, K, 16] float32, the [K, N] kernel's columns c*16 .. c*16 + 15 as
+// panel c (zeros past N); y [M, N] float32. A panel is read row by row, contiguously, and each
+// of its K rows multiplies every row of a block of x: the block's 16-column outputs stay in
+// registers for the whole sum over K (kRows rows: 6 with 16 AVX2 registers, 12 with 32
+// AVX-512 ones), so the kernel's bytes are read once per block of rows and never repacked.
+// XLA's own dot packs its right operand on every call; a decode step's operands are the
+// model's weights, the same arrays every step, and at a few rows that packing costs about as
+// much as the multiply. Panels are split over XLA's CPU thread pool in chunks; a small product
+// runs on the calling thread alone.
+#include <algorithm>
+#include <cstdint>
+
+#include "parallel_for.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+using arca_jax::ParallelFor;
+
+namespace {
+
+constexpr int64_t kPanel = 16;  // columns per panel
+#ifdef __AVX512F__
+constexpr int kLanes = 16;
+constexpr int kRows = 12;
+#else
+constexpr int kLanes = 8;
+constexpr int kRows = 6;
+#endif
+constexpr int kParts = kPanel / kLanes;  // vectors per panel row
+constexpr int64_t kAhead = 32;           // panel rows prefetched ahead
+constexpr int64_t kRowChunk = 8 * kRows; // rows of x per task
+constexpr double kSmall = 4e5;           // flops below which one thread runs the product
+
+typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
+typedef float VecU __attribute__((vector_size(kLanes * sizeof(float)), aligned(4), may_alias));
+
+// R rows of x (row stride K) times panel p [K, 16] -> the first `cols` columns of R rows of y
+// (row stride N).
+template <int R>
+inline void Block(const float* x, int64_t K, const float* p, float* y, int64_t N, int64_t cols) {
+  Vec acc[R][kParts];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < kParts; ++j) acc[r][j] = Vec{};
+  for (int64_t k = 0; k < K; ++k) {
+    __builtin_prefetch(p + (k + kAhead) * kPanel);
+    Vec w[kParts];
+    for (int j = 0; j < kParts; ++j) w[j] = *reinterpret_cast<const VecU*>(p + k * kPanel + j * kLanes);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const float xv = x[r * K + k];
+#pragma GCC unroll 2
+      for (int j = 0; j < kParts; ++j) acc[r][j] += xv * w[j];
+    }
+  }
+  if (cols == kPanel) {
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < kParts; ++j) *reinterpret_cast<VecU*>(y + r * N + j * kLanes) = acc[r][j];
+  } else {
+    for (int r = 0; r < R; ++r)
+      for (int64_t c = 0; c < cols; ++c) y[r * N + c] = acc[r][c / kLanes][c % kLanes];
+  }
+}
+
+// m rows: blocks of R, then the rest with smaller blocks.
+template <int R>
+void Rows(const float* x, int64_t K, const float* p, float* y, int64_t N, int64_t cols, int64_t m) {
+  if constexpr (R > 0) {
+    for (; m >= R; m -= R, x += R * K, y += R * N) Block<R>(x, K, p, y, N, cols);
+    if (m > 0) Rows<R - 1>(x, K, p, y, N, cols, m);
+  }
+}
+
+ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                      ffi::ResultBuffer<ffi::F32> y) {
+  const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  if (xd.size() != 2 || wd.size() != 3 || yd.size() != 2 || wd[2] != kPanel || wd[1] != xd[1] ||
+      yd[0] != xd[0] || (yd[1] + kPanel - 1) / kPanel != wd[0]) {
+    return ffi::Error::InvalidArgument("panel matmul: x [M, K], w [ceil(N / 16), K, 16], y [M, N]");
+  }
+  const int64_t M = xd[0], K = xd[1], C = wd[0], N = yd[1];
+  const float* xp = x.typed_data();
+  const float* wp = w.typed_data();
+  float* yp = y->typed_data();
+  const int64_t row_chunks = (M + kRowChunk - 1) / kRowChunk;
+  const int64_t want = 2.0 * M * K * N < kSmall ? 1 : 4 * arca_jax::Workers(pool);  // tasks
+  const int64_t per = (C + std::max<int64_t>(want / row_chunks, 1) - 1) /
+                      std::max<int64_t>(want / row_chunks, 1);  // panels per task
+  const int64_t panel_chunks = (C + per - 1) / per;
+  auto task = [&](int64_t t) {
+    const int64_t r0 = (t / panel_chunks) * kRowChunk, r1 = std::min(M, r0 + kRowChunk);
+    const int64_t c0 = (t % panel_chunks) * per, c1 = std::min(C, c0 + per);
+    for (int64_t c = c0; c < c1; ++c) {
+      Rows<kRows>(xp + r0 * K, K, wp + c * K * kPanel, yp + r0 * N + c * kPanel, N,
+                  std::min(kPanel, N - c * kPanel), r1 - r0);
+    }
+  };
+  const int64_t n = row_chunks * panel_chunks;
+  if (n == 1) {
+    task(0);
+  } else {
+    ParallelFor(pool, n, task);
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ArcaPanelMatmul, MatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
