@@ -532,7 +532,8 @@ def prepare_weights(params: Params, config: qwen3.Qwen3Config, *, lora: Optional
     without a mesh)."""
     devices = 1 if mesh is None else int(mesh.devices.size)
     if decode_attention is None:
-        decode_attention = qwen3.default_decode_attention(devices=devices)
+        decode_attention = qwen3.default_decode_attention(
+            devices=devices, dtype=params["embed_tokens"]["embedding"].dtype)
     if decode_attention == "pallas" and devices > 1:
         raise ValueError(f"decode_attention='pallas' runs on one device, not a mesh of {devices}: "
                          "sample without a mesh, or use 'dot'")

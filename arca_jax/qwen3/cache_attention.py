@@ -1,12 +1,15 @@
 """Attention of new tokens over the key/value cache, the decode path's one hot loop: the variants
 `inference_forward` picks from (`InferenceWeights.decode_attention`) and the cache sizes they need.
 
-  "reduce"  multiply-and-sum contractions over the cache in its stored layout (CPU: fewer kernels);
-  "dot"     einsum contractions;
-  "pallas"  jax's Pallas GPU decode kernel, each row reading only its own filled slots.
+  "reduce"      multiply-and-sum contractions over the cache in its stored layout (CPU: fewer
+                kernels);
+  "dot"         einsum contractions;
+  "pallas"      jax's Pallas GPU decode kernel, each row reading only its own filled slots;
+  "cpu-kernel"  a C++ kernel on CPU (`attend_cpu`; float32, the cache in "reduce"'s layout).
 
 Decode steps ("reduce", "dot") attend over the filled prefix of the cache only, in blocks of
-`DECODE_BLOCK` slots (`attend_filled`). Shapes use `arca_jax.qwen3`'s letters; S cache slots.
+`DECODE_BLOCK` slots (`attend_filled`); "cpu-kernel" over the slots before the longest row's
+count. Shapes use `arca_jax.qwen3`'s letters; S cache slots.
 """
 
 from __future__ import annotations
@@ -17,19 +20,26 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from arca_jax.qwen3 import cpu_kernels
 
-DECODE_ATTENTION = ("reduce", "dot", "pallas")
+DECODE_ATTENTION = ("reduce", "dot", "pallas", "cpu-kernel")
 
 
-def default_decode_attention(platform: Optional[str] = None, devices: int = 1) -> str:
+def default_decode_attention(platform: Optional[str] = None, devices: int = 1,
+                             dtype=None) -> str:
     """The decode attention for `platform` (None: jax's default backend) with the sampler on
-    `devices` devices: "reduce" on CPU (fewer kernels per step); "pallas" on one GPU; "dot"
-    elsewhere (TPU, or a GPU mesh, where the Pallas kernel does not run). On an H200 (Qwen3-1.7B
-    shapes, 128 + 512 tokens, 2026-12-01) a decode step took 2.73 ms with "pallas" against 5.20 ms
-    with "dot" at batch 64, 6.09 against 13.04 ms at batch 256 ("dot"'s switch over filled
-    blocks costs more there than it saves; experiments/NOTES_sampling.md)."""
+    `devices` devices and activations of `dtype`: on CPU "cpu-kernel" for float32 on one device
+    where the C++ kernels build (`cpu_kernels.available()`), else "reduce" (fewer kernels per
+    step than "dot"); "pallas" on one GPU; "dot" elsewhere (TPU, or a GPU mesh, where the Pallas
+    kernel does not run). On an H200 (Qwen3-1.7B shapes, 128 + 512 tokens, 2026-12-01) a decode
+    step took 2.73 ms with "pallas" against 5.20 ms with "dot" at batch 64, 6.09 against 13.04
+    ms at batch 256 ("dot"'s switch over filled blocks costs more there than it saves;
+    experiments/NOTES_sampling.md)."""
     platform = platform or jax.default_backend()
     if platform == "cpu":
+        if (devices == 1 and dtype is not None and jnp.dtype(dtype) == jnp.dtype(jnp.float32)
+                and cpu_kernels.available()):
+            return "cpu-kernel"
         return "reduce"
     return "pallas" if platform in ("gpu", "cuda", "rocm") and devices == 1 else "dot"
 
@@ -51,8 +61,9 @@ def transposed_keys(decode_attention: str) -> bool:
     second-minor axis, vectorised along the slots, instead of a horizontal sum over each slot's
     H values (XLA:CPU, 2026-12-03: 20-28% less time per layer and decode step at the CPU demo's
     shapes, `experiments/bench_decode_attention.py`; the demo rollout 0.44 -> 0.35 s;
-    experiments/NOTES_sampling.md). The Pallas kernel reads [B, K, S, H]."""
-    return decode_attention == "reduce"
+    experiments/NOTES_sampling.md); "cpu-kernel" reads that layout too. The Pallas kernel reads
+    [B, K, S, H]."""
+    return decode_attention in ("reduce", "cpu-kernel")
 
 
 @functools.partial(jax.jit, static_argnames=("decode_attention", "block"))
@@ -121,6 +132,21 @@ def attend_pallas(q, k, v, valid, index):
     out = jax.vmap(jax.vmap(one))(q.reshape(B, K, N // K, H), k, v, each_head(first),
                                   each_head(index + 1))  # [B, K, G, H]
     return out.reshape(B, 1, N * H)
+
+
+def attend_cpu(q, k, v, bias, filled):
+    """`attend` of one new token (T = 1) by the C++ kernel (`csrc/decode_attention.cc`), over
+    the slots before `filled` [] int32 (the longest row's count: no row sees a later slot) only.
+    q [B, 1, N, H]; k [B, K, H, S] (`transposed_keys`); v [B, K, S, H]; bias [B, 1, S]; float32.
+    Returns [B, 1, N*H] in q's dtype. Needs `cpu_kernels.available()`."""
+    B, _, N, H = q.shape
+    K, S = k.shape[1], k.shape[3]
+    f32 = jnp.float32
+    out = jax.ffi.ffi_call("arca_decode_attention", jax.ShapeDtypeStruct((B, K, N // K, H), f32),
+                           vmap_method="sequential")(
+        q.reshape(B, K, N // K, H).astype(f32), k.astype(f32), v.astype(f32),
+        bias.reshape(B, S).astype(f32), jnp.asarray(filled, jnp.int32))
+    return out.astype(q.dtype).reshape(B, 1, N * H)
 
 
 def attend(q, k, v, bias, decode_attention: str):

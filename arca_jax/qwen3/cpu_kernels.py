@@ -2,7 +2,8 @@
 from `csrc/` on first use, whose handlers this module registers with XLA.
 
   `cpu_attention`  the masked attention of the train step's packed lines (forward, backward);
-  `cpu_matmul`     x W for the few rows of a decode step, W packed in column panels.
+  `cpu_matmul`     x W for the few rows of a decode step, W packed in column panels;
+  `cache_attention.attend_cpu`  a decode step's attention over the filled part of the cache.
 
 The library is built with the host's C++ compiler (`$CXX`, else g++; -O3 -march=native) into
 `$XDG_CACHE_HOME/arca-jax/kernels` (default ~/.cache/arca-jax/kernels), one file per set of
@@ -34,7 +35,8 @@ FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-shared", "-fPIC", "-std=c+
 # FFI target name -> the handler's symbol in the library
 TARGETS = {"arca_packed_attention_fwd": "ArcaPackedAttentionFwd",
            "arca_packed_attention_bwd": "ArcaPackedAttentionBwd",
-           "arca_panel_matmul": "ArcaPanelMatmul"}
+           "arca_panel_matmul": "ArcaPanelMatmul",
+           "arca_decode_attention": "ArcaDecodeAttention"}
 _OFF = ("0", "false", "no", "off")
 _lock = threading.Lock()
 _state: dict = {}  # "ok": bool once tried; "error": why not

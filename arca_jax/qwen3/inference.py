@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from arca_jax.qwen3 import cache_attention, cpu_kernels, cpu_matmul, moe
-from arca_jax.qwen3.cache_attention import attend, attend_filled, attend_pallas
+from arca_jax.qwen3.cache_attention import attend, attend_cpu, attend_filled, attend_pallas
 from arca_jax.qwen3.cpu_matmul import Panels
 from arca_jax.qwen3.common import (Params, apply_rope, inv_rms, merge_adapter, per_head, rms_norm,
                                    rope_tables)
@@ -118,8 +118,9 @@ class InferenceWeights:
     lm_head: Any = None
     # How a T = 1 step contracts q with the cache (static): "reduce" (multiply + sum, fused over the
     # cache in its stored layout), "dot" (batched matmuls), both over the filled cache blocks
-    # (`cache_attention.attend_filled`), or "pallas" (`cache_attention.attend_pallas`: a GPU kernel reading each row's own
-    # filled slots). All compute the same function.
+    # (`cache_attention.attend_filled`), "pallas" (`cache_attention.attend_pallas`: a GPU kernel
+    # reading each row's own filled slots) or "cpu-kernel" (`cache_attention.attend_cpu`: a C++
+    # kernel over the filled slots, float32). All compute the same function.
     decode_attention: str = flax.struct.field(pytree_node=False, default="reduce")
     # t, the tensor-parallel shards the fused kernels are laid out for (static; see
     # `inference_weights`).
@@ -224,13 +225,20 @@ def inference_weights(params: Params, config: Qwen3Config, *, lora: Optional[Par
     `cpu_matmul`: float32, no tensor split; the head of tied embeddings becomes a second, packed
     copy of the embedding), or None for `default_matmul` (static under jit).
     """
+    dtype = params["embed_tokens"]["embedding"].dtype
     if decode_attention is None:
-        decode_attention = cache_attention.default_decode_attention()
+        decode_attention = cache_attention.default_decode_attention(dtype=dtype)
     if decode_attention not in cache_attention.DECODE_ATTENTION:
         raise ValueError(f"decode_attention must be one of {cache_attention.DECODE_ATTENTION}, got "
                          f"{decode_attention!r}")
+    if decode_attention == "cpu-kernel" and jnp.dtype(dtype) != jnp.dtype(jnp.float32):
+        raise ValueError("decode_attention 'cpu-kernel' runs float32 activations, not "
+                         f"{jnp.dtype(dtype).name}")
+    if decode_attention == "cpu-kernel" and not cpu_kernels.available():
+        raise ValueError("decode_attention 'cpu-kernel': the CPU kernels are not available ("
+                         f"{cpu_kernels.error() or cpu_kernels.ENV + '=0'})")
     if matmul is None:
-        matmul = default_matmul(params["embed_tokens"]["embedding"].dtype, tensor, mesh)
+        matmul = default_matmul(dtype, tensor, mesh)
     if matmul not in MATMULS:
         raise ValueError(f"matmul must be one of {MATMULS}, got {matmul!r}")
     if matmul == "cpu-kernel" and tensor != 1:
@@ -535,6 +543,8 @@ def inference_forward(weights: InferenceWeights, input_ids: jax.Array, *, config
         kc, vc = k_cache.astype(dtype), v_cache.astype(dtype)
         if T == 1 and weights.decode_attention == "pallas":
             attn = attend_pallas(q, kc, vc, valid, index)
+        elif T == 1 and weights.decode_attention == "cpu-kernel":
+            attn = attend_cpu(q, kc, vc, bias, jnp.max(index) + 1)
         elif T == 1:  # a decode step: only the filled part of the cache
             attn = attend_filled(q, kc, vc, bias, weights.decode_attention, jnp.max(index) + 1,
                                  cache_attention.DECODE_BLOCK)

@@ -80,7 +80,9 @@ def test_greedy_matches_transformers_with_left_padding_and_eos(model):
 
 @pytest.mark.parametrize("adapter,attention,block", [
     ("none", "reduce", None), ("lora", "reduce", None), ("none", "dot", None),
-    ("lora", "reduce", 4), ("none", "dot", 4), ("lora", "pallas", None)])
+    ("lora", "reduce", 4), ("none", "dot", 4), ("lora", "pallas", None),
+    pytest.param("lora", "cpu-kernel", None, marks=pytest.mark.skipif(
+        not qwen3.cpu_kernels.available(), reason="CPU kernels not built"))])
 def test_cached_decoding_equals_uncached_forward_at_every_step(tiny, adapter, attention, block,
                                                                 monkeypatch):
     """Prefill, then one token at a time through the cache, against one uncached causal forward
@@ -124,10 +126,11 @@ def test_cached_decoding_equals_uncached_forward_at_every_step(tiny, adapter, at
                    positions=jnp.asarray(position, jnp.int32),
                    attention_mask=jnp.ones((B, 1), jnp.int32), cache=out.cache)
     assert np.all(np.asarray(out.cache.index) == P + steps)
+    transposed = attention in ("reduce", "cpu-kernel")
     layout = (B, config.num_key_value_heads) + ((config.head_dim, out.cache.size)
-                                                if attention == "reduce" else
+                                                if transposed else
                                                 (out.cache.size, config.head_dim))
-    assert out.cache.transposed_keys == (attention == "reduce")
+    assert out.cache.transposed_keys == transposed
     assert all(k.shape == layout for k in out.cache.k)
 
 
@@ -394,11 +397,17 @@ def test_inverse_cdf_never_picks_zero_weight_and_settings_are_checked():
 
 
 def test_decode_attention_default_follows_backend(tiny):
-    """"reduce" on CPU (fewer kernels per step), "pallas" on one GPU (measured fastest on an
-    H200), "dot" on TPU and on a GPU mesh (where the Pallas kernel does not run)."""
+    """On CPU the C++ kernel for float32 on one device (where it builds), else "reduce" (fewer
+    kernels per step than "dot"); "pallas" on one GPU (measured fastest on an H200), "dot" on
+    TPU and on a GPU mesh (where the Pallas kernel does not run)."""
     _, config, params = tiny
     assert [qwen3.default_decode_attention(p, n) for p, n in (
         ("cpu", 1), ("cpu", 8), ("gpu", 1), ("gpu", 8), ("tpu", 1), ("tpu", 8))] == [
         "reduce", "reduce", "pallas", "dot", "dot", "dot"]
+    kernel = "cpu-kernel" if qwen3.cpu_kernels.available() else "reduce"
+    assert [qwen3.default_decode_attention("cpu", n, d) for n, d in (
+        (1, jnp.float32), (2, jnp.float32), (1, jnp.bfloat16))] == [kernel, "reduce", "reduce"]
+    assert qwen3.default_decode_attention("gpu", 1, jnp.float32) == "pallas"
     assert qwen3.default_decode_attention() == qwen3.default_decode_attention(jax.default_backend())
-    assert qwen3.inference_weights(params, config).decode_attention == qwen3.default_decode_attention()
+    assert qwen3.inference_weights(params, config).decode_attention == (
+        qwen3.default_decode_attention(dtype=jnp.float32))

@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "parallel_for.h"
+#include "vec16.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -33,52 +34,19 @@ using arca_jax::ParallelFor;
 
 namespace {
 
-constexpr int64_t kTile = 16;
-typedef float Vec __attribute__((vector_size(kTile * sizeof(float))));      // a tile's scores
-typedef int32_t IVec __attribute__((vector_size(kTile * sizeof(int32_t))));  // its lane masks
-typedef int8_t BVec __attribute__((vector_size(kTile)));                     // its 16 flags
+using arca_jax::Exp;
+using arca_jax::IVec;
+using arca_jax::kTile;
+using arca_jax::Load;
+using arca_jax::MaxOf;
+using arca_jax::Splat;
+using arca_jax::Store;
+using arca_jax::SumOf;
+using arca_jax::Vec;
+
+typedef int8_t BVec __attribute__((vector_size(kTile)));  // a tile's 16 visibility flags
 
 constexpr float kMasked = -1e30f;  // a masked score: its exponential underflows to exactly 0
-
-inline Vec Load(const float* p) {
-  Vec x;
-  std::memcpy(&x, p, sizeof(x));
-  return x;
-}
-inline void Store(float* p, Vec x) { std::memcpy(p, &x, sizeof(x)); }
-inline Vec Splat(float x) { return Vec{} + x; }
-
-// exp(x) per lane for x <= 0 (exact 0 below -87), within ~2 ulp of std::exp: 2^n from the
-// exponent bits times a degree-6 polynomial for 2^f, n = round(x log2 e) (|f| <= 0.5).
-inline Vec Exp(Vec x) {
-  const IVec zero = x < Splat(-87.0f);
-  x = x < Splat(-87.0f) ? Splat(-87.0f) : x;
-  const Vec t = x * 1.44269504088896341f;
-  const Vec n = (t + 12582912.0f) - 12582912.0f;  // round to nearest, ties to even
-  const Vec f = t - n;
-  Vec p = Splat(1.535336188319500e-4f);
-  p = p * f + 1.339887440266574e-3f;
-  p = p * f + 9.618437357674640e-3f;
-  p = p * f + 5.550332471162809e-2f;
-  p = p * f + 2.402264791363012e-1f;
-  p = p * f + 6.931472028550421e-1f;
-  p = p * f + 1.0f;
-  const IVec bits = (__builtin_convertvector(n, IVec) + 127) << 23;
-  Vec scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return zero ? Vec{} : p * scale;
-}
-
-inline float MaxOf(Vec x) {
-  float m = x[0];
-  for (int j = 1; j < kTile; ++j) m = std::max(m, x[j]);
-  return m;
-}
-inline float SumOf(Vec x) {
-  float s = 0.0f;
-  for (int j = 0; j < kTile; ++j) s += x[j];
-  return s;
-}
 
 struct Dims {
   int64_t B, K, G, T, S, H;

@@ -14,6 +14,7 @@
 #include <cstdint>
 
 #include "parallel_for.h"
+#include "vec16.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -21,33 +22,29 @@ using arca_jax::ParallelFor;
 
 namespace {
 
+using arca_jax::kLanes;
+using arca_jax::LoadN;
+using arca_jax::NVec;
+using arca_jax::StoreN;
+
 constexpr int64_t kPanel = 16;  // columns per panel
-#ifdef __AVX512F__
-constexpr int kLanes = 16;
-constexpr int kRows = 12;
-#else
-constexpr int kLanes = 8;
-constexpr int kRows = 6;
-#endif
 constexpr int kParts = kPanel / kLanes;  // vectors per panel row
+constexpr int kRows = kParts == 1 ? 12 : 6;  // rows per block: 12 or 16 accumulators
 constexpr int64_t kAhead = 32;           // panel rows prefetched ahead
 constexpr int64_t kRowChunk = 8 * kRows; // rows of x per task
 constexpr double kSmall = 4e5;           // flops below which one thread runs the product
-
-typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
-typedef float VecU __attribute__((vector_size(kLanes * sizeof(float)), aligned(4), may_alias));
 
 // R rows of x (row stride K) times panel p [K, 16] -> the first `cols` columns of R rows of y
 // (row stride N).
 template <int R>
 inline void Block(const float* x, int64_t K, const float* p, float* y, int64_t N, int64_t cols) {
-  Vec acc[R][kParts];
+  NVec acc[R][kParts];
   for (int r = 0; r < R; ++r)
-    for (int j = 0; j < kParts; ++j) acc[r][j] = Vec{};
+    for (int j = 0; j < kParts; ++j) acc[r][j] = NVec{};
   for (int64_t k = 0; k < K; ++k) {
     __builtin_prefetch(p + (k + kAhead) * kPanel);
-    Vec w[kParts];
-    for (int j = 0; j < kParts; ++j) w[j] = *reinterpret_cast<const VecU*>(p + k * kPanel + j * kLanes);
+    NVec w[kParts];
+    for (int j = 0; j < kParts; ++j) w[j] = LoadN(p + k * kPanel + j * kLanes);
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
       const float xv = x[r * K + k];
@@ -57,7 +54,7 @@ inline void Block(const float* x, int64_t K, const float* p, float* y, int64_t N
   }
   if (cols == kPanel) {
     for (int r = 0; r < R; ++r)
-      for (int j = 0; j < kParts; ++j) *reinterpret_cast<VecU*>(y + r * N + j * kLanes) = acc[r][j];
+      for (int j = 0; j < kParts; ++j) StoreN(y + r * N + j * kLanes, acc[r][j]);
   } else {
     for (int r = 0; r < R; ++r)
       for (int64_t c = 0; c < cols; ++c) y[r * N + c] = acc[r][c / kLanes][c % kLanes];

@@ -1,0 +1,235 @@
+// Attention of one new token per row over the key/value cache on the CPU (an XLA FFI handler):
+// the decode step's "cpu-kernel" attention (`cache_attention.attend_cpu`).
+//
+// q [B, K, G, H] float32 (each row's G query heads per kv head), k [B, K, H, S] (keys stored
+// transposed, the cache layout of "reduce"), v [B, K, S, H], bias [B, S] float32 (0, or a large
+// negative number for a slot the row does not see), filled [] int32: no row sees a slot at or
+// past it (the longest row's count), so those are skipped. out [B, K, G, H] float32:
+// softmax(q k / sqrt(H) + bias) v, the values of the XLA variants; a row that sees none of the
+// first `filled` slots (never in a decode step, where a row sees its own new token) gets the
+// mean of their values.
+//
+// One (row, kv head) per task: scores for 16 slots at a time (a key tile [H, 16] read from the
+// transposed cache, contiguous per h, and reused from L1 by the G heads), the softmax with the
+// vector exponential, then the values weighted 16 lanes of H at a time. A small call runs on the
+// calling thread alone.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "parallel_for.h"
+#include "vec16.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+using arca_jax::ParallelFor;
+
+namespace {
+
+using arca_jax::Exp;
+using arca_jax::kLanes;
+using arca_jax::kParts;
+using arca_jax::kTile;
+using arca_jax::Load;
+using arca_jax::LoadN;
+using arca_jax::MaxOf;
+using arca_jax::NVec;
+using arca_jax::Splat;
+using arca_jax::Store;
+using arca_jax::StoreN;
+using arca_jax::SumOf;
+using arca_jax::Vec;
+
+constexpr float kMasked = -1e30f;  // below this a score counts as masked
+constexpr double kSmall = 2e6;     // flops below which one thread runs the call
+
+// The first `count` (<= 16) floats at p, zeros after.
+inline Vec LoadPart(const float* p, int64_t count) {
+  float tmp[kTile] = {};
+  std::memcpy(tmp, p, count * sizeof(float));
+  return Load(tmp);
+}
+
+// Scores of GC heads (q rows, stride H) for one tile of 16 slots: k points at the tile's first
+// slot of row h = 0, rows `stride` apart; out [GC, 16]. Even and odd h summed apart.
+template <int GC>
+inline void ScoreTile(const float* q, int64_t H, const float* k, int64_t stride, float* out) {
+  NVec a[GC][kParts], b[GC][kParts];
+  for (int g = 0; g < GC; ++g)
+    for (int j = 0; j < kParts; ++j) a[g][j] = b[g][j] = NVec{};
+  int64_t h = 0;
+  for (; h + 1 < H; h += 2) {
+    NVec k0[kParts], k1[kParts];
+    for (int j = 0; j < kParts; ++j) {
+      k0[j] = LoadN(k + h * stride + j * kLanes);
+      k1[j] = LoadN(k + (h + 1) * stride + j * kLanes);
+    }
+    for (int g = 0; g < GC; ++g) {
+      const float qa = q[g * H + h], qb = q[g * H + h + 1];
+      for (int j = 0; j < kParts; ++j) {
+        a[g][j] += qa * k0[j];
+        b[g][j] += qb * k1[j];
+      }
+    }
+  }
+  if (h < H) {
+    for (int g = 0; g < GC; ++g)
+      for (int j = 0; j < kParts; ++j) a[g][j] += q[g * H + h] * LoadN(k + h * stride + j * kLanes);
+  }
+  for (int g = 0; g < GC; ++g)
+    for (int j = 0; j < kParts; ++j) StoreN(out + g * kTile + j * kLanes, a[g][j] + b[g][j]);
+}
+
+// 16 lanes of the weighted values of GC heads: sum over s < n of p[g][s] v[s, 0 .. 16) (rows
+// H apart, 16 readable lanes each) -> out [GC, 16]; even and odd s summed apart.
+template <int GC>
+inline void WeightLanes(const float* p, int64_t pstride, const float* v, int64_t H, int64_t n,
+                        float* out) {
+  NVec a[GC][kParts], b[GC][kParts];
+  for (int g = 0; g < GC; ++g)
+    for (int j = 0; j < kParts; ++j) a[g][j] = b[g][j] = NVec{};
+  int64_t s = 0;
+  for (; s + 1 < n; s += 2) {
+    NVec v0[kParts], v1[kParts];
+    for (int j = 0; j < kParts; ++j) {
+      v0[j] = LoadN(v + s * H + j * kLanes);
+      v1[j] = LoadN(v + (s + 1) * H + j * kLanes);
+    }
+    for (int g = 0; g < GC; ++g) {
+      const float pa = p[g * pstride + s], pb = p[g * pstride + s + 1];
+      for (int j = 0; j < kParts; ++j) {
+        a[g][j] += pa * v0[j];
+        b[g][j] += pb * v1[j];
+      }
+    }
+  }
+  if (s < n) {
+    for (int g = 0; g < GC; ++g)
+      for (int j = 0; j < kParts; ++j) a[g][j] += p[g * pstride + s] * LoadN(v + s * H + j * kLanes);
+  }
+  for (int g = 0; g < GC; ++g)
+    for (int j = 0; j < kParts; ++j) StoreN(out + g * kTile + j * kLanes, a[g][j] + b[g][j]);
+}
+
+// GC heads of one (row, kv head): q [GC, H], k [H, S], v [S, H], bias [S] -> out [GC, H] over
+// slots [0, n). sc: scratch of GC x `padded` floats; tail: scratch of H x 16 floats.
+template <int GC>
+void AttendHeads(const float* q, const float* k, const float* v, const float* bias, float* out,
+                 int64_t H, int64_t S, int64_t n, float* sc, int64_t padded, float* tail) {
+  const int64_t full = n / kTile;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(H));
+  float s[GC * kTile];
+  for (int64_t t = 0; t < full; ++t) {
+    ScoreTile<GC>(q, H, k + t * kTile, S, s);
+    const Vec b = Load(bias + t * kTile);
+    for (int g = 0; g < GC; ++g) Store(sc + g * padded + t * kTile, Load(s + g * kTile) * scale + b);
+  }
+  if (const int64_t rest = n - full * kTile; rest > 0) {  // the last slots, zero-padded
+    for (int64_t h = 0; h < H; ++h) Store(tail + h * kTile, LoadPart(k + h * S + full * kTile, rest));
+    ScoreTile<GC>(q, H, tail, kTile, s);
+    const Vec b = LoadPart(bias + full * kTile, rest);
+    for (int g = 0; g < GC; ++g) {
+      float* x = sc + g * padded + full * kTile;
+      Store(x, Load(s + g * kTile) * scale + b);
+      for (int64_t j = rest; j < kTile; ++j) x[j] = -INFINITY;  // past n: weight 0
+    }
+  }
+  const int64_t tiles = padded / kTile;
+  float inv[GC];
+  for (int g = 0; g < GC; ++g) {
+    float* pg = sc + g * padded;
+    float m = -INFINITY;
+    for (int64_t t = 0; t < tiles; ++t) m = std::max(m, MaxOf(Load(pg + t * kTile)));
+    float total = 0.0f;
+    if (m < kMasked) {  // sees nothing: equal weights over the n slots
+      for (int64_t j = 0; j < padded; ++j) pg[j] = j < n ? 1.0f : 0.0f;
+      total = static_cast<float>(n);
+    } else {
+      for (int64_t t = 0; t < tiles; ++t) {
+        const Vec e = Exp(Load(pg + t * kTile) - m);
+        Store(pg + t * kTile, e);
+        total += SumOf(e);
+      }
+    }
+    inv[g] = 1.0f / total;
+  }
+  float o[GC * kTile];
+  for (int64_t h0 = 0; h0 < H; h0 += kTile) {
+    const int64_t count = std::min(kTile, H - h0);
+    if (count == kTile) {
+      WeightLanes<GC>(sc, padded, v + h0, H, n, o);
+    } else {  // lanes past H: read a zero-padded copy of the columns
+      for (int64_t j = 0; j < n; ++j) Store(tail + j * kTile, LoadPart(v + j * H + h0, count));
+      WeightLanes<GC>(sc, padded, tail, kTile, n, o);
+    }
+    for (int g = 0; g < GC; ++g)
+      for (int64_t j = 0; j < count; ++j) out[g * H + h0 + j] = o[g * kTile + j] * inv[g];
+  }
+}
+
+// One (row, kv head): q [G, H], k [H, S], v [S, H], bias [S] -> out [G, H], heads two at a
+// time (their accumulators fill the AVX2 registers), four with AVX-512.
+constexpr int kHeads = kParts == 1 ? 4 : 2;
+
+void Attend(const float* q, const float* k, const float* v, const float* bias, float* out,
+            int64_t G, int64_t H, int64_t S, int64_t n, std::vector<float>& scratch) {
+  const int64_t padded = (n + kTile - 1) / kTile * kTile;
+  scratch.resize(kHeads * padded + std::max(H, n) * kTile);
+  float* sc = scratch.data();
+  float* tail = sc + kHeads * padded;
+  int64_t g = 0;
+  for (; g + kHeads <= G; g += kHeads)
+    AttendHeads<kHeads>(q + g * H, k, v, bias, out + g * H, H, S, n, sc, padded, tail);
+  if (kHeads == 4 && G - g >= 2) {
+    AttendHeads<2>(q + g * H, k, v, bias, out + g * H, H, S, n, sc, padded, tail);
+    g += 2;
+  }
+  if (g < G) AttendHeads<1>(q + g * H, k, v, bias, out + g * H, H, S, n, sc, padded, tail);
+}
+
+ffi::Error DecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                      ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> bias,
+                      ffi::Buffer<ffi::S32> filled, ffi::ResultBuffer<ffi::F32> out) {
+  const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(),
+             bd = bias.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || bd.size() != 2 ||
+      kd[0] != qd[0] || kd[1] != qd[1] || kd[2] != qd[3] || vd[0] != qd[0] || vd[1] != qd[1] ||
+      vd[2] != kd[3] || vd[3] != qd[3] || bd[0] != qd[0] || bd[1] != kd[3] ||
+      filled.element_count() != 1) {
+    return ffi::Error::InvalidArgument(
+        "decode attention: q [B, K, G, H], k [B, K, H, S], v [B, K, S, H], bias [B, S], "
+        "filled []");
+  }
+  const int64_t B = qd[0], K = qd[1], G = qd[2], H = qd[3], S = kd[3];
+  const int64_t n = std::clamp<int64_t>(filled.typed_data()[0], 1, S);
+  const float* qp = q.typed_data();
+  const float* kp = k.typed_data();
+  const float* vp = v.typed_data();
+  const float* bp = bias.typed_data();
+  float* op = out->typed_data();
+  auto task = [&](int64_t bk) {
+    thread_local std::vector<float> scratch;
+    Attend(qp + bk * G * H, kp + bk * H * S, vp + bk * S * H, bp + (bk / K) * S,
+           op + bk * G * H, G, H, S, n, scratch);
+  };
+  if (4.0 * B * K * G * n * H < kSmall) {
+    for (int64_t bk = 0; bk < B * K; ++bk) task(bk);
+  } else {
+    ParallelFor(pool, B * K, task);
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ArcaDecodeAttention, DecodeImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
