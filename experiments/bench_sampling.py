@@ -5,7 +5,9 @@ multinomial sampling) on one random model (hidden 256, 4 layers, 8 heads / 4 KV 
 vocab 8192, MLP 768), batch 16, prompt 32, exactly 64 new tokens (no EOS), side by side in one run:
 both warmed up, runs interleaved, medians reported. Prefill and decode throughput are printed
 separately, with the operation count of one decode step (jaxpr equations, and the kernels of the
-compiled loop body).
+compiled loop body). Where the package's C++ kernels run (`qwen3.cpu_kernels`: the projections
+over packed weights, the decode attention), a second arca_jax arm runs the same sampler on XLA's
+own operations (`matmul="xla"`, `decode_attention="reduce"`, the defaults before the kernels).
 
     python experiments/bench_sampling.py [--runs 7]
 
@@ -187,11 +189,11 @@ def cpu_bench(args):
 
     settings = sampling.SamplingConfig(max_new_tokens=N)
 
-    def jax_run(seed, matmul=None):
+    def jax_run(seed, matmul=None, decode_attention=None):
         t0 = now()
         w = block(sampling.prepare_weights_jit(params, config, lora=None,
                                                lora_scale=jnp.float32(1.0), merge_lora=False,
-                                               matmul=matmul))
+                                               matmul=matmul, decode_attention=decode_attention))
         t1 = now()
         st = block(sampling.prefill_jit(w, j_ids, j_mask, config=config, settings=settings,
                                         rng=jax.random.PRNGKey(seed)))
@@ -213,8 +215,10 @@ def cpu_bench(args):
 
     threads = sorted({1, torch.get_num_threads()})
     runs = {"jax_weights": [], "jax_prefill": [], "jax_decode": [], "jax_replicas": []}
-    # the same sampler with XLA's dots instead of the packed-weight kernel (`qwen3.cpu_matmul`)
+    # the same sampler with XLA's operations instead of the C++ kernels (`qwen3.cpu_kernels`:
+    # the packed-weight matmul, the decode attention): XLA's dots and the "reduce" attention
     xla_arm = qwen3.default_matmul(jnp.float32) == "cpu-kernel"
+    xla_ops = dict(matmul="xla", decode_attention="reduce")
     runs.update({"xla_weights": [], "xla_prefill": [], "xla_decode": []})
     for th in threads:
         runs.update({f"hf{th}_prefill": [], f"hf{th}_total": []})
@@ -223,7 +227,7 @@ def cpu_bench(args):
     jax_run(0)
     print(f"jax compile + first run: {now() - t:.1f} s")
     if xla_arm:
-        jax_run(0, matmul="xla")
+        jax_run(0, **xla_ops)
     if devices:
         jax_replicas(0)
     for th in threads:  # warm up
@@ -244,7 +248,7 @@ def cpu_bench(args):
         runs["jax_decode"].append(c)
         if xla_arm:
             for key, value in zip(("xla_weights", "xla_prefill", "xla_decode"),
-                                  jax_run(r + 1, matmul="xla")):
+                                  jax_run(r + 1, **xla_ops)):
                 runs[key].append(value)
         if devices:
             runs["jax_replicas"].append(jax_replicas(r + 1))
@@ -269,7 +273,7 @@ def cpu_bench(args):
     rows.append(("arca_jax.sampling", med["jax_weights"] + med["jax_prefill"], med["jax_decode"],
                  jax_total))
     if xla_arm:
-        rows.append(("arca_jax, XLA dots", med["xla_weights"] + med["xla_prefill"],
+        rows.append(("arca_jax, XLA ops", med["xla_weights"] + med["xla_prefill"],
                      med["xla_decode"], med["xla_weights"] + med["xla_prefill"] + med["xla_decode"]))
     print(f"\nmedian of {args.runs} interleaved runs (prefill = prompt + first token; decode = "
           f"the other {N - 1} tokens; arca_jax prefill includes preparing the weights, "

@@ -43,7 +43,7 @@ using arca_jax::SumOf;
 using arca_jax::Vec;
 
 constexpr float kMasked = -1e30f;  // below this a score counts as masked
-constexpr double kSmall = 2e6;     // flops below which one thread runs the call
+constexpr double kSmall = 2e5;     // flops below which one thread runs the call
 
 // The first `count` (<= 16) floats at p, zeros after.
 inline Vec LoadPart(const float* p, int64_t count) {
