@@ -36,6 +36,7 @@ FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-shared", "-fPIC", "-std=c+
 TARGETS = {"arca_packed_attention_fwd": "ArcaPackedAttentionFwd",
            "arca_packed_attention_bwd": "ArcaPackedAttentionBwd",
            "arca_panel_matmul": "ArcaPanelMatmul",
+           "arca_pack_panels": "ArcaPackPanels",
            "arca_decode_attention": "ArcaDecodeAttention"}
 _OFF = ("0", "false", "no", "off")
 _lock = threading.Lock()

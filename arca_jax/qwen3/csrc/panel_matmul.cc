@@ -103,7 +103,43 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   return ffi::Error::Success();
 }
 
+// w [K, N] -> panels [C, K, 16] (C = ceil(N / 16)), zeros past N: 64-byte row copies.
+ffi::Error PackImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> out) {
+  const auto wd = w.dimensions(), od = out->dimensions();
+  if (wd.size() != 2 || od.size() != 3 || od[1] != wd[0] || od[2] != kPanel ||
+      od[0] != (wd[1] + kPanel - 1) / kPanel) {
+    return ffi::Error::InvalidArgument("pack panels: w [K, N] -> [ceil(N / 16), K, 16]");
+  }
+  const int64_t K = wd[0], N = wd[1], C = od[0];
+  const float* src = w.typed_data();
+  float* dst = out->typed_data();
+  auto panel = [&](int64_t c) {
+    const int64_t cols = std::min(kPanel, N - c * kPanel);
+    float* d = dst + c * K * kPanel;
+    const float* s = src + c * kPanel;
+    for (int64_t k = 0; k < K; ++k, d += kPanel, s += N) {
+      if (cols == kPanel) {
+        for (int j = 0; j < kParts; ++j) StoreN(d + j * kLanes, LoadN(s + j * kLanes));
+      } else {
+        for (int64_t j = 0; j < kPanel; ++j) d[j] = j < cols ? s[j] : 0.0f;
+      }
+    }
+  };
+  if (K * N < (1 << 16)) {
+    for (int64_t c = 0; c < C; ++c) panel(c);
+  } else {
+    ParallelFor(pool, C, panel);
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ArcaPackPanels, PackImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ArcaPanelMatmul, MatmulImpl,
                               ffi::Ffi::Bind()
