@@ -36,11 +36,16 @@ namespace {
 
 using arca_jax::Exp;
 using arca_jax::IVec;
+using arca_jax::kLanes;
+using arca_jax::kParts;
 using arca_jax::kTile;
 using arca_jax::Load;
+using arca_jax::LoadN;
 using arca_jax::MaxOf;
+using arca_jax::NVec;
 using arca_jax::Splat;
 using arca_jax::Store;
+using arca_jax::StoreN;
 using arca_jax::SumOf;
 using arca_jax::Vec;
 
@@ -112,23 +117,35 @@ struct Panels {
 };
 
 // Scores of one tile for R query rows: s[r] = scale * q_r . x_j, kMasked where not visible;
-// x transposed [H, Sp] from the tile's first key.
+// x transposed [H, Sp] from the tile's first key. U partial sums per row (4 with AVX-512's 32
+// registers; with AVX2's 16, as many as keep every accumulator in one).
 template <int R>
 inline void TileScores(const float* const* qr, const float* xt, int64_t Sp, int64_t H,
                        float scale, IVec on, Vec* s) {
-  Vec a[R][4] = {};
+  constexpr int U = kParts == 1 ? 4 : R >= 4 ? 1 : 2;
+  NVec a[R][U][kParts] = {};
   int64_t h = 0;
-  for (; h + 4 <= H; h += 4)
-    for (int u = 0; u < 4; ++u) {
-      const Vec x = Load(xt + (h + u) * Sp);
-      for (int r = 0; r < R; ++r) a[r][u] += qr[r][h + u] * x;
+  for (; h + U <= H; h += U)
+    for (int u = 0; u < U; ++u) {
+      NVec x[kParts];
+      for (int j = 0; j < kParts; ++j) x[j] = LoadN(xt + (h + u) * Sp + j * kLanes);
+      for (int r = 0; r < R; ++r) {
+        const float qv = qr[r][h + u];
+        for (int j = 0; j < kParts; ++j) a[r][u][j] += qv * x[j];
+      }
     }
-  for (; h < H; ++h) {
-    const Vec x = Load(xt + h * Sp);
-    for (int r = 0; r < R; ++r) a[r][0] += qr[r][h] * x;
-  }
+  for (; h < H; ++h)
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < kParts; ++j) a[r][0][j] += qr[r][h] * LoadN(xt + h * Sp + j * kLanes);
   for (int r = 0; r < R; ++r) {
-    const Vec v = ((a[r][0] + a[r][1]) + (a[r][2] + a[r][3])) * scale;
+    alignas(64) float sum[kTile];
+    for (int j = 0; j < kParts; ++j) {
+      NVec t = a[r][0][j];
+      if constexpr (U == 4) t = (a[r][0][j] + a[r][1][j]) + (a[r][2][j] + a[r][3][j]);
+      if constexpr (U == 2) t = a[r][0][j] + a[r][1][j];
+      StoreN(sum + j * kLanes, t);
+    }
+    const Vec v = Load(sum) * scale;
     s[r] = on ? v : Splat(kMasked);
   }
 }
@@ -139,6 +156,7 @@ void ForwardRows(const Dims& d, const float* const* qr, float* const* orow, floa
                  const Tiles& tiles, int64_t ntiles, const Panels& kp, const Panels& vp,
                  float scale, float* sc) {
   constexpr int64_t HP = kTile * HV;
+  constexpr int C = HV * kParts;  // native vectors per output row
   Vec mx[R];
   for (int r = 0; r < R; ++r) mx[r] = Splat(kMasked);
   for (int64_t ti = 0; ti < ntiles; ++ti) {
@@ -151,18 +169,19 @@ void ForwardRows(const Dims& d, const float* const* qr, float* const* orow, floa
   }
   float m[R];
   for (int r = 0; r < R; ++r) m[r] = MaxOf(mx[r]);
-  Vec o[R][HV] = {};
+  NVec o[R][C] = {};
   Vec l[R] = {};
   for (int64_t ti = 0; ti < ntiles; ++ti) {
-    Vec p[R];
+    alignas(64) float p[R][kTile];
     for (int r = 0; r < R; ++r) {
-      p[r] = Exp(Load(sc + (r * ntiles + ti) * kTile) - m[r]);
-      l[r] += p[r];
+      const Vec e = Exp(Load(sc + (r * ntiles + ti) * kTile) - m[r]);
+      Store(p[r], e);
+      l[r] += e;
     }
     const float* vt = vp.r.p + tiles.start[ti] * HP;
     for (int j = 0; j < kTile; ++j)
-      for (int c = 0; c < HV; ++c) {
-        const Vec x = Load(vt + j * HP + c * kTile);
+      for (int c = 0; c < C; ++c) {
+        const NVec x = LoadN(vt + j * HP + c * kLanes);
         for (int r = 0; r < R; ++r) o[r][c] += p[r][j] * x;
       }
   }
@@ -170,7 +189,7 @@ void ForwardRows(const Dims& d, const float* const* qr, float* const* orow, floa
     const float ls = SumOf(l[r]);
     const float inv = 1.0f / ls;
     alignas(64) float res[HP];
-    for (int c = 0; c < HV; ++c) Store(res + c * kTile, o[r][c] * inv);
+    for (int c = 0; c < C; ++c) StoreN(res + c * kLanes, o[r][c] * inv);
     std::memcpy(orow[r], res, d.H * sizeof(float));
     *lrow[r] = m[r] + std::log(ls);
   }
@@ -191,7 +210,9 @@ void Forward(const Dims& d, const float* q, const float* k, const float* v, cons
   for (int64_t t = 0; t < d.T; ++t) {
     const int64_t ntiles = tiles.Find(visible + (b * d.T + t) * d.S, d.S);
     for (int64_t g0 = 0; g0 < d.G;) {
-      const int64_t R = d.G - g0 >= 4 && HV <= 2 ? 4 : d.G - g0 >= 2 && HV <= 8 ? 2 : 1;
+      // rows whose R x HV output vectors stay in registers (AVX2: half of AVX-512's)
+      const int64_t R = d.G - g0 >= 4 && HV * kParts <= 2 ? 4
+                        : d.G - g0 >= 2 && HV * kParts <= (kParts == 1 ? 8 : 4) ? 2 : 1;
       const float* qr[4];
       float* orow[4];
       float* lrow[4];
@@ -310,16 +331,26 @@ void Backward(const Dims& d, const float* q, const float* k, const float* v, con
     int n = 0;
     const float* qr[kChunk];
     const float* gr[kChunk];
-    Vec P[kChunk], DS[kChunk];
+    alignas(64) float P[kChunk][kTile];
+    alignas(64) float DS[kChunk][kTile];
     auto flush = [&]() {
       for (int64_t h = 0; h < H; ++h) {
-        Vec av = Load(gv.p + h * kTile), ak = Load(gk.p + h * kTile);
-        for (int c = 0; c < n; ++c) {
-          av += gr[c][h] * P[c];
-          ak += qr[c][h] * DS[c];
+        NVec av[kParts], ak[kParts];
+        for (int j = 0; j < kParts; ++j) {
+          av[j] = LoadN(gv.p + h * kTile + j * kLanes);
+          ak[j] = LoadN(gk.p + h * kTile + j * kLanes);
         }
-        Store(gv.p + h * kTile, av);
-        Store(gk.p + h * kTile, ak);
+        for (int c = 0; c < n; ++c) {
+          const float gh = gr[c][h], qh = qr[c][h];
+          for (int j = 0; j < kParts; ++j) {
+            av[j] += gh * LoadN(P[c] + j * kLanes);
+            ak[j] += qh * LoadN(DS[c] + j * kLanes);
+          }
+        }
+        for (int j = 0; j < kParts; ++j) {
+          StoreN(gv.p + h * kTile + j * kLanes, av[j]);
+          StoreN(gk.p + h * kTile + j * kLanes, ak[j]);
+        }
       }
       n = 0;
     };
@@ -334,18 +365,21 @@ void Backward(const Dims& d, const float* q, const float* k, const float* v, con
         TileScores<1>(&go, vt, Sp, H, 1.0f, IVec{} == IVec{}, &dp);
         const Vec p = Exp(s - lb[row]);
         const Vec ds = p * (dp - delta[row]) * scale;
-        Vec acc[HV];
+        Store(P[n], p);
+        Store(DS[n], ds);
+        constexpr int C = HV * kParts;  // native vectors per row
+        NVec acc[C];
         std::memset(dqr, 0, sizeof(dqr));
         std::memcpy(dqr, dqb + row * H, H * sizeof(float));
-        for (int c = 0; c < HV; ++c) acc[c] = Load(dqr + c * kTile);
-        for (int j = 0; j < kTile; ++j)
-          for (int c = 0; c < HV; ++c) acc[c] += ds[j] * Load(krows + j * HP + c * kTile);
-        for (int c = 0; c < HV; ++c) Store(dqr + c * kTile, acc[c]);
+        for (int c = 0; c < C; ++c) acc[c] = LoadN(dqr + c * kLanes);
+        for (int j = 0; j < kTile; ++j) {
+          const float dj = DS[n][j];
+          for (int c = 0; c < C; ++c) acc[c] += dj * LoadN(krows + j * HP + c * kLanes);
+        }
+        for (int c = 0; c < C; ++c) StoreN(dqr + c * kLanes, acc[c]);
         std::memcpy(dqb + row * H, dqr, H * sizeof(float));
         qr[n] = qv;
-        gr[n] = go;
-        P[n] = p;
-        DS[n++] = ds;
+        gr[n++] = go;
         if (n == kChunk) flush();
       }
     }
