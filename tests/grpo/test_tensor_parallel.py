@@ -245,7 +245,7 @@ def test_shard_major_layout_and_cache_heads(model, prompts, tensor):
     params, _, _ = model
     N, K, H, F = (CFG.num_attention_heads, CFG.num_key_value_heads, CFG.head_dim,
                   CFG.intermediate_size)
-    plain = qwen3.inference_weights(params, CFG, tensor=1).layers[0]
+    plain = qwen3.inference_weights(params, CFG, tensor=1, matmul="xla").layers[0]
     split = qwen3.inference_weights(params, CFG, tensor=tensor).layers[0]
     Kp = max(K, tensor)
     assert qwen3.inference.kv_heads(CFG, tensor) == Kp

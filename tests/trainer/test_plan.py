@@ -180,8 +180,8 @@ def _reference_flops(cfg, attention: str, devices: int):
     c = plan.model_config(cfg)
     params = qwen3.param_shapes(c, jnp.dtype(cfg.model.dtype))
     adapter = jax.eval_shape(lambda: lora.init_lora(c, cfg.lora, jax.random.PRNGKey(0)))
-    weights = jax.eval_shape(lambda p, a: qwen3.inference_weights(
-        p, c, lora=a, lora_scale=2.0, decode_attention=attention), params, adapter)
+    weights = jax.eval_shape(lambda p, a: qwen3.inference_weights(  # the mesh's matmuls: XLA's
+        p, c, lora=a, lora_scale=2.0, decode_attention=attention, matmul="xla"), params, adapter)
     settings = sampling.SamplingConfig(max_new_tokens=16, eos_ids=(1,))
     ids = jax.ShapeDtypeStruct((32, 16), jnp.int32)
     prefill = functools.partial(sampling.prefill, config=c, settings=settings,
