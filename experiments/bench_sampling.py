@@ -64,6 +64,12 @@ def block(x):
     return jax.block_until_ready(x)
 
 
+def settle():
+    """A pause before each timed arm: the previous arm's worker threads (torch's OpenMP pool
+    spin-waits after a parallel region) stop competing for the cores first."""
+    time.sleep(0.3)
+
+
 # --------------------------------------------------------------------------------------------
 # Operation counts
 # --------------------------------------------------------------------------------------------
@@ -236,21 +242,26 @@ def cpu_bench(args):
     for r in range(args.runs):  # interleaved, so all see the same machine load
         for th in threads:  # torch at 1 thread and at its default; the faster one is reported
             torch.set_num_threads(th)
+            settle()
             t = now()
             hf_generate(1)
             runs[f"hf{th}_prefill"].append(now() - t)
+            settle()
             t = now()
             hf_generate(N)
             runs[f"hf{th}_total"].append(now() - t)
+        settle()
         a, b, c = jax_run(r + 1)
         runs["jax_weights"].append(a)
         runs["jax_prefill"].append(b)
         runs["jax_decode"].append(c)
         if xla_arm:
+            settle()
             for key, value in zip(("xla_weights", "xla_prefill", "xla_decode"),
                                   jax_run(r + 1, **xla_ops)):
                 runs[key].append(value)
         if devices:
+            settle()
             runs["jax_replicas"].append(jax_replicas(r + 1))
     med = {k: statistics.median(v) for k, v in runs.items() if v}
 
@@ -383,6 +394,7 @@ def groups_bench(args):
     runs = {name: [] for name in arms}
     for r in range(args.runs):  # interleaved, so all see the same machine load
         for name, fn in arms.items():
+            settle()
             runs[name].append(fn(r + 1))
     result = {"machine": f"{os.cpu_count()} CPUs", "prompts": Q, "group": G, "prompt": P,
               "max_new_tokens": N, "p_eos": args.p_eos, "max_batch": args.max_batch,
