@@ -5,11 +5,12 @@ prefill and decode step multiplies by the packed copy.
 XLA's CPU dot repacks its right operand on every call. A decode step multiplies a few rows (the
 slots) by every weight matrix of the model, the same arrays at every step, and at 16 rows that
 repacking costs about as much as the multiply: on the CPU benchmark model (hidden 256, 4 layers,
-vocabulary 8192, batch 16) the sampler's decode loop took 272 -> 159 ms with the packed kernel,
-the same tokens (2-core Zen 3 EPYC, 2026-12-03; `experiments/bench_sampling.py`, which runs
-both). The kernel (`csrc/panel_matmul.cc`) keeps a block of rows' 16 output columns in
-registers over the whole sum and reads each panel's rows contiguously; panels are split over
-XLA's CPU thread pool. Float32 only.
+vocabulary 8192, batch 16) the sampler's decode loop took 272 -> 159 ms with the packed kernel
+(one process, alternating; the same tokens; 2-core Zen 3 EPYC, 2026-12-03;
+`experiments/NOTES_sampling.md`, "C++ kernels for the decode path"). The kernel
+(`csrc/panel_matmul.cc`) keeps a block of rows' 16 output columns in registers over the whole
+sum and reads each panel's rows contiguously; panels are split over XLA's CPU thread pool.
+Float32 only.
 
     w = cpu_matmul.pack(kernel)          # [in, out] -> Panels
     y = cpu_matmul.matmul(x, w)          # x [..., in] -> [..., out], float32

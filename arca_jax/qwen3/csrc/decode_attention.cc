@@ -52,65 +52,37 @@ inline Vec LoadPart(const float* p, int64_t count) {
   return Load(tmp);
 }
 
-// Scores of GC heads (q rows, stride H) for one tile of 16 slots: k points at the tile's first
-// slot of row h = 0, rows `stride` apart; out [GC, 16]. Even and odd h summed apart.
+// out[g] = sum over i < n of a[g][i] * b[i] for GC rows of a (`astride` apart) and 16 columns
+// of b (rows `bstride` apart, 16 readable floats each) -> out [GC, 16]; even and odd i summed
+// apart. Scores: a = q [GC, H], b = the key tile [H, 16]; weighted values: a = the
+// probabilities [GC, n], b = 16 lanes of v [n, H].
 template <int GC>
-inline void ScoreTile(const float* q, int64_t H, const float* k, int64_t stride, float* out) {
-  NVec a[GC][kParts], b[GC][kParts];
+inline void Combine(const float* a, int64_t astride, const float* b, int64_t bstride, int64_t n,
+                    float* out) {
+  NVec x[GC][kParts], y[GC][kParts];
   for (int g = 0; g < GC; ++g)
-    for (int j = 0; j < kParts; ++j) a[g][j] = b[g][j] = NVec{};
-  int64_t h = 0;
-  for (; h + 1 < H; h += 2) {
-    NVec k0[kParts], k1[kParts];
+    for (int j = 0; j < kParts; ++j) x[g][j] = y[g][j] = NVec{};
+  int64_t i = 0;
+  for (; i + 1 < n; i += 2) {
+    NVec b0[kParts], b1[kParts];
     for (int j = 0; j < kParts; ++j) {
-      k0[j] = LoadN(k + h * stride + j * kLanes);
-      k1[j] = LoadN(k + (h + 1) * stride + j * kLanes);
+      b0[j] = LoadN(b + i * bstride + j * kLanes);
+      b1[j] = LoadN(b + (i + 1) * bstride + j * kLanes);
     }
     for (int g = 0; g < GC; ++g) {
-      const float qa = q[g * H + h], qb = q[g * H + h + 1];
+      const float a0 = a[g * astride + i], a1 = a[g * astride + i + 1];
       for (int j = 0; j < kParts; ++j) {
-        a[g][j] += qa * k0[j];
-        b[g][j] += qb * k1[j];
+        x[g][j] += a0 * b0[j];
+        y[g][j] += a1 * b1[j];
       }
     }
   }
-  if (h < H) {
+  if (i < n) {
     for (int g = 0; g < GC; ++g)
-      for (int j = 0; j < kParts; ++j) a[g][j] += q[g * H + h] * LoadN(k + h * stride + j * kLanes);
+      for (int j = 0; j < kParts; ++j) x[g][j] += a[g * astride + i] * LoadN(b + i * bstride + j * kLanes);
   }
   for (int g = 0; g < GC; ++g)
-    for (int j = 0; j < kParts; ++j) StoreN(out + g * kTile + j * kLanes, a[g][j] + b[g][j]);
-}
-
-// 16 lanes of the weighted values of GC heads: sum over s < n of p[g][s] v[s, 0 .. 16) (rows
-// H apart, 16 readable lanes each) -> out [GC, 16]; even and odd s summed apart.
-template <int GC>
-inline void WeightLanes(const float* p, int64_t pstride, const float* v, int64_t H, int64_t n,
-                        float* out) {
-  NVec a[GC][kParts], b[GC][kParts];
-  for (int g = 0; g < GC; ++g)
-    for (int j = 0; j < kParts; ++j) a[g][j] = b[g][j] = NVec{};
-  int64_t s = 0;
-  for (; s + 1 < n; s += 2) {
-    NVec v0[kParts], v1[kParts];
-    for (int j = 0; j < kParts; ++j) {
-      v0[j] = LoadN(v + s * H + j * kLanes);
-      v1[j] = LoadN(v + (s + 1) * H + j * kLanes);
-    }
-    for (int g = 0; g < GC; ++g) {
-      const float pa = p[g * pstride + s], pb = p[g * pstride + s + 1];
-      for (int j = 0; j < kParts; ++j) {
-        a[g][j] += pa * v0[j];
-        b[g][j] += pb * v1[j];
-      }
-    }
-  }
-  if (s < n) {
-    for (int g = 0; g < GC; ++g)
-      for (int j = 0; j < kParts; ++j) a[g][j] += p[g * pstride + s] * LoadN(v + s * H + j * kLanes);
-  }
-  for (int g = 0; g < GC; ++g)
-    for (int j = 0; j < kParts; ++j) StoreN(out + g * kTile + j * kLanes, a[g][j] + b[g][j]);
+    for (int j = 0; j < kParts; ++j) StoreN(out + g * kTile + j * kLanes, x[g][j] + y[g][j]);
 }
 
 // GC heads of one (row, kv head): q [GC, H], k [H, S], v [S, H], bias [S] -> out [GC, H] over
@@ -122,13 +94,13 @@ void AttendHeads(const float* q, const float* k, const float* v, const float* bi
   const float scale = 1.0f / std::sqrt(static_cast<float>(H));
   float s[GC * kTile];
   for (int64_t t = 0; t < full; ++t) {
-    ScoreTile<GC>(q, H, k + t * kTile, S, s);
+    Combine<GC>(q, H, k + t * kTile, S, H, s);
     const Vec b = Load(bias + t * kTile);
     for (int g = 0; g < GC; ++g) Store(sc + g * padded + t * kTile, Load(s + g * kTile) * scale + b);
   }
   if (const int64_t rest = n - full * kTile; rest > 0) {  // the last slots, zero-padded
     for (int64_t h = 0; h < H; ++h) Store(tail + h * kTile, LoadPart(k + h * S + full * kTile, rest));
-    ScoreTile<GC>(q, H, tail, kTile, s);
+    Combine<GC>(q, H, tail, kTile, H, s);
     const Vec b = LoadPart(bias + full * kTile, rest);
     for (int g = 0; g < GC; ++g) {
       float* x = sc + g * padded + full * kTile;
@@ -159,10 +131,10 @@ void AttendHeads(const float* q, const float* k, const float* v, const float* bi
   for (int64_t h0 = 0; h0 < H; h0 += kTile) {
     const int64_t count = std::min(kTile, H - h0);
     if (count == kTile) {
-      WeightLanes<GC>(sc, padded, v + h0, H, n, o);
+      Combine<GC>(sc, padded, v + h0, H, n, o);
     } else {  // lanes past H: read a zero-padded copy of the columns
       for (int64_t j = 0; j < n; ++j) Store(tail + j * kTile, LoadPart(v + j * H + h0, count));
-      WeightLanes<GC>(sc, padded, tail, kTile, n, o);
+      Combine<GC>(sc, padded, tail, kTile, n, o);
     }
     for (int g = 0; g < GC; ++g)
       for (int64_t j = 0; j < count; ++j) out[g * H + h0 + j] = o[g * kTile + j] * inv[g];
