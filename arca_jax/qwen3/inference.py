@@ -243,8 +243,9 @@ def inference_weights(params: Params, config: Qwen3Config, *, lora: Optional[Par
         matmul = default_matmul(dtype, tensor, mesh)
     if matmul not in MATMULS:
         raise ValueError(f"matmul must be one of {MATMULS}, got {matmul!r}")
-    if matmul == "cpu-kernel" and tensor != 1:
-        raise ValueError(f"matmul 'cpu-kernel' runs unsplit kernels, not tensor={tensor}")
+    if matmul == "cpu-kernel" and (tensor != 1 or mesh is not None):
+        raise ValueError(f"matmul 'cpu-kernel' runs unsplit kernels without a mesh (tensor="
+                         f"{tensor}, mesh {'given' if mesh is not None else 'none'}): use 'xla'")
     if matmul == "cpu-kernel" and not cpu_kernels.available():
         raise ValueError("matmul 'cpu-kernel': the CPU kernels are not available ("
                          f"{cpu_kernels.error() or cpu_kernels.ENV + '=0'})")

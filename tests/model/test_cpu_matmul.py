@@ -113,3 +113,5 @@ def test_default_matmul_is_the_kernel_on_cpu_for_float32_only():
         qwen3.inference_weights(params, config, matmul="onednn")
     with pytest.raises(ValueError, match="tensor=2"):
         qwen3.inference_weights(params, config, matmul="cpu-kernel", tensor=2)
+    with pytest.raises(ValueError, match="mesh given"):
+        qwen3.inference_weights(params, config, matmul="cpu-kernel", mesh=mesh)
