@@ -138,7 +138,8 @@ def attend_cpu(q, k, v, bias, filled):
     """`attend` of one new token (T = 1) by the C++ kernel (`csrc/decode_attention.cc`), over
     the slots before `filled` [] int32 (the longest row's count: no row sees a later slot) only.
     q [B, 1, N, H]; k [B, K, H, S] (`transposed_keys`); v [B, K, S, H]; bias [B, 1, S]; float32.
-    Returns [B, 1, N*H] in q's dtype. Needs `cpu_kernels.available()`."""
+    Returns [B, 1, N*H] in q's dtype. Needs the kernels (`cpu_kernels.require`)."""
+    cpu_kernels.require("attend_cpu")
     B, _, N, H = q.shape
     K, S = k.shape[1], k.shape[3]
     f32 = jnp.float32

@@ -32,10 +32,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from arca_jax.qwen3 import cpu_kernels
+
 _FWD, _BWD = "arca_packed_attention_fwd", "arca_packed_attention_bwd"
 
 
 def _forward_call(q, k, v, visible):
+    cpu_kernels.require("cpu_attention.attention")
     B, K, G, T, H = q.shape
     return jax.ffi.ffi_call(_FWD, (jax.ShapeDtypeStruct(q.shape, jnp.float32),
                                    jax.ShapeDtypeStruct((B, K, G, T), jnp.float32)),
@@ -46,8 +49,8 @@ def _forward_call(q, k, v, visible):
 def attention(q, k, v, visible):
     """softmax(q k^T / sqrt(H) where visible) v, head-major, float32: q [B, K, G, T, H], k and v
     [B, K, S, H], visible [B, T, S] bool -> [B, K, G, T, H]; a query that sees nothing averages
-    every slot (`masked_attention`'s values, up to float rounding). Needs
-    `cpu_kernels.available()`."""
+    every slot (`masked_attention`'s values, up to float rounding). Needs the kernels
+    (`cpu_kernels.require` raises a clear error where they are not available)."""
     return _forward_call(q, k, v, visible)[0]
 
 

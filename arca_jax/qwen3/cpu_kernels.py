@@ -127,3 +127,10 @@ def available(build: bool = True) -> bool:
 def error() -> Optional[str]:
     """Why `available()` is False after a failed build, else None."""
     return _state.get("error")
+
+
+def require(what: str) -> None:
+    """Registers the kernels (`available()`), or raises ValueError naming `what` and why not."""
+    if not available():
+        raise ValueError(f"{what}: the CPU kernels are not available "
+                         f"({error() or ENV + '=0'})")

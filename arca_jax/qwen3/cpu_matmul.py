@@ -15,7 +15,7 @@ Float32 only.
     w = cpu_matmul.pack(kernel)          # [in, out] -> Panels
     y = cpu_matmul.matmul(x, w)          # x [..., in] -> [..., out], float32
 
-Needs `cpu_kernels.available()`.
+Both raise a clear error where the kernels are not available (`cpu_kernels.require`).
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from __future__ import annotations
 import flax.struct
 import jax
 import jax.numpy as jnp
+
+from arca_jax.qwen3 import cpu_kernels
 
 PANEL = 16  # columns per panel
 _TARGET = "arca_panel_matmul"
@@ -50,6 +52,7 @@ class Panels:
 def pack(w: jax.Array) -> Panels:
     """w [in, out] -> `Panels` (float32), by the kernel library (64-byte row copies; XLA's
     transpose into this layout took 6 of the CPU demo's 10 ms of weight preparation)."""
+    cpu_kernels.require("cpu_matmul.pack")
     n_in, out = w.shape
     C = -(-out // PANEL)
     data = jax.ffi.ffi_call(_PACK, jax.ShapeDtypeStruct((C, n_in, PANEL), jnp.float32),
@@ -60,6 +63,7 @@ def pack(w: jax.Array) -> Panels:
 def matmul(x: jax.Array, w: Panels) -> jax.Array:
     """x [..., in] @ the packed kernel -> [..., out] float32 (x is cast to float32; products and
     sums in float32, summed over `in` in order)."""
+    cpu_kernels.require("cpu_matmul.matmul")
     *lead, n_in = x.shape
     if n_in != w.shape[0]:
         raise ValueError(f"matmul: x has {n_in} columns, the kernel {w.shape[0]} rows")

@@ -236,9 +236,8 @@ def inference_weights(params: Params, config: Qwen3Config, *, lora: Optional[Par
     if decode_attention == "cpu-kernel" and jnp.dtype(dtype) != jnp.dtype(jnp.float32):
         raise ValueError("decode_attention 'cpu-kernel' runs float32 activations, not "
                          f"{jnp.dtype(dtype).name}")
-    if decode_attention == "cpu-kernel" and not cpu_kernels.available():
-        raise ValueError("decode_attention 'cpu-kernel': the CPU kernels are not available ("
-                         f"{cpu_kernels.error() or cpu_kernels.ENV + '=0'})")
+    if decode_attention == "cpu-kernel":
+        cpu_kernels.require("decode_attention 'cpu-kernel'")
     if matmul is None:
         matmul = default_matmul(dtype, tensor, mesh)
     if matmul not in MATMULS:
@@ -246,9 +245,8 @@ def inference_weights(params: Params, config: Qwen3Config, *, lora: Optional[Par
     if matmul == "cpu-kernel" and (tensor != 1 or mesh is not None):
         raise ValueError(f"matmul 'cpu-kernel' runs unsplit kernels without a mesh (tensor="
                          f"{tensor}, mesh {'given' if mesh is not None else 'none'}): use 'xla'")
-    if matmul == "cpu-kernel" and not cpu_kernels.available():
-        raise ValueError("matmul 'cpu-kernel': the CPU kernels are not available ("
-                         f"{cpu_kernels.error() or cpu_kernels.ENV + '=0'})")
+    if matmul == "cpu-kernel":
+        cpu_kernels.require("matmul 'cpu-kernel'")
     is_moe = isinstance(config, Qwen3MoeConfig)
     layers_p = params["layers"]
     adapters = (lora or {}).get("layers", {})

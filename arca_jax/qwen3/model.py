@@ -117,9 +117,8 @@ def resolve_attention(attention: str, dtype, mesh: Any = None) -> str:
                 and jax.default_backend() == "cpu" and cpu_kernels.available()):
             return "cpu-kernel"
         return "einsum"
-    if attention == "cpu-kernel" and not cpu_kernels.available():
-        raise ValueError("attention 'cpu-kernel': the CPU attention kernel is not available ("
-                         f"{cpu_kernels.error() or cpu_kernels.ENV + '=0'})")
+    if attention == "cpu-kernel":
+        cpu_kernels.require("attention 'cpu-kernel'")
     return attention
 
 

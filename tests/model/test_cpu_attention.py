@@ -88,6 +88,10 @@ try:
     qwen3.inference_weights(params, config, matmul="cpu-kernel")
 except ValueError as e:
     print("refused:", e)
+try:
+    qwen3.cpu_matmul.pack(jnp.ones((4, 16)))
+except ValueError as e:
+    print("refused:", e)
 """
 
 
@@ -103,3 +107,4 @@ def test_without_the_kernels_auto_runs_xla(env, why, tmp_path):
     assert lines[0] == "False einsum xla"
     assert lines[1].startswith("refused: attention 'cpu-kernel'") and why in lines[1]
     assert lines[2].startswith("refused: matmul 'cpu-kernel'") and why in lines[2]
+    assert lines[3].startswith("refused: cpu_matmul.pack") and why in lines[3]
