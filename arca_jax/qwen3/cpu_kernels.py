@@ -37,6 +37,7 @@ TARGETS = {"arca_packed_attention_fwd": "ArcaPackedAttentionFwd",
            "arca_packed_attention_bwd": "ArcaPackedAttentionBwd",
            "arca_panel_matmul": "ArcaPanelMatmul",
            "arca_pack_panels": "ArcaPackPanels",
+           "arca_pack_panels_transposed": "ArcaPackPanelsTransposed",
            "arca_decode_attention": "ArcaDecodeAttention"}
 _OFF = ("0", "false", "no", "off")
 _lock = threading.Lock()

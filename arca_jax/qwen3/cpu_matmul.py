@@ -29,6 +29,7 @@ from arca_jax.qwen3 import cpu_kernels
 PANEL = 16  # columns per panel
 _TARGET = "arca_panel_matmul"
 _PACK = "arca_pack_panels"
+_PACK_T = "arca_pack_panels_transposed"
 
 
 @flax.struct.dataclass
@@ -49,13 +50,15 @@ class Panels:
         return self.data.dtype
 
 
-def pack(w: jax.Array) -> Panels:
-    """w [in, out] -> `Panels` (float32), by the kernel library (64-byte row copies; XLA's
-    transpose into this layout took 6 of the CPU demo's 10 ms of weight preparation)."""
+def pack(w: jax.Array, transposed: bool = False) -> Panels:
+    """w [in, out] (or [out, in] when `transposed`, e.g. a tied embedding [V, D] as the head)
+    -> `Panels` (float32), by the kernel library (XLA's transpose into this layout took 6 of the
+    CPU demo's 10 ms of weight preparation; from the [V, D] embedding 3.8 ms, the kernel 0.9)."""
     cpu_kernels.require("cpu_matmul.pack")
-    n_in, out = w.shape
+    out, n_in = w.shape if transposed else w.shape[::-1]
     C = -(-out // PANEL)
-    data = jax.ffi.ffi_call(_PACK, jax.ShapeDtypeStruct((C, n_in, PANEL), jnp.float32),
+    data = jax.ffi.ffi_call(_PACK_T if transposed else _PACK,
+                            jax.ShapeDtypeStruct((C, n_in, PANEL), jnp.float32),
                             vmap_method="sequential")(w.astype(jnp.float32))
     return Panels(data=data, columns=out)
 

@@ -336,7 +336,8 @@ def inference_weights(params: Params, config: Qwen3Config, *, lora: Optional[Par
         layers = [layer.replace(qkv=pack(layer.qkv), o=pack(layer.o),
                                 gate_up=pack(layer.gate_up), down=pack(layer.down))
                   for layer in layers]
-        lm_head = pack(embed.T if lm_head is None else lm_head)
+        lm_head = (cpu_matmul.pack(embed, transposed=True) if lm_head is None
+                   else pack(lm_head))
     return InferenceWeights(
         embed=embed, layers=tuple(layers), final_norm=params["norm"]["scale"], lm_head=lm_head,
         decode_attention=decode_attention, tensor=tensor,

@@ -38,6 +38,9 @@ def test_pack_holds_column_panels():
     np.testing.assert_array_equal(p.data[1], w[:, 16:32])
     np.testing.assert_array_equal(p.data[2, :, :5], w[:, 32:])
     assert not np.any(np.asarray(p.data[2, :, 5:]))  # zeros past the last column
+    t = cpu_matmul.pack(w.T, transposed=True)  # from [out, in], as a tied embedding
+    assert t.columns == 37
+    np.testing.assert_array_equal(t.data, p.data)
     with pytest.raises(ValueError, match="columns"):
         cpu_matmul.matmul(jnp.ones((2, 4)), p)
 

@@ -133,7 +133,42 @@ ffi::Error PackImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, ffi::ResultBu
   return ffi::Error::Success();
 }
 
+// The same panels from the kernel's transpose: w [N, K] (e.g. a tied embedding [V, D]) ->
+// [C, K, 16], panel c column j = row 16 c + j of w.
+ffi::Error PackTransposedImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w,
+                              ffi::ResultBuffer<ffi::F32> out) {
+  const auto wd = w.dimensions(), od = out->dimensions();
+  if (wd.size() != 2 || od.size() != 3 || od[1] != wd[1] || od[2] != kPanel ||
+      od[0] != (wd[0] + kPanel - 1) / kPanel) {
+    return ffi::Error::InvalidArgument("pack panels: w [N, K] -> [ceil(N / 16), K, 16]");
+  }
+  const int64_t N = wd[0], K = wd[1], C = od[0];
+  const float* src = w.typed_data();
+  float* dst = out->typed_data();
+  auto panel = [&](int64_t c) {
+    const int64_t cols = std::min(kPanel, N - c * kPanel);
+    float* d = dst + c * K * kPanel;
+    if (cols < kPanel) std::fill(d, d + K * kPanel, 0.0f);
+    for (int64_t j = 0; j < cols; ++j) {
+      const float* row = src + (c * kPanel + j) * K;
+      for (int64_t k = 0; k < K; ++k) d[k * kPanel + j] = row[k];
+    }
+  };
+  if (K * N < (1 << 16)) {
+    for (int64_t c = 0; c < C; ++c) panel(c);
+  } else {
+    ParallelFor(pool, C, panel);
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ArcaPackPanelsTransposed, PackTransposedImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ArcaPackPanels, PackImpl,
                               ffi::Ffi::Bind()
