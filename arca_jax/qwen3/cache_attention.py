@@ -37,8 +37,7 @@ def default_decode_attention(platform: Optional[str] = None, devices: int = 1,
     experiments/NOTES_sampling.md)."""
     platform = platform or jax.default_backend()
     if platform == "cpu":
-        if (devices == 1 and dtype is not None and jnp.dtype(dtype) == jnp.dtype(jnp.float32)
-                and cpu_kernels.available()):
+        if devices == 1 and dtype is not None and cpu_kernels.usable(dtype, platform):
             return "cpu-kernel"
         return "reduce"
     return "pallas" if platform in ("gpu", "cuda", "rocm") and devices == 1 else "dot"

@@ -130,6 +130,16 @@ def error() -> Optional[str]:
     return _state.get("error")
 
 
+def usable(dtype, platform: Optional[str] = None) -> bool:
+    """Whether the kernels serve activations of `dtype` on `platform` (default: jax's default
+    backend): float32 on CPU, where the library is available. The callers' own conditions (no
+    mesh, one device) come on top."""
+    import jax.numpy as jnp
+
+    return ((platform or jax.default_backend()) == "cpu"
+            and jnp.dtype(dtype) == jnp.dtype(jnp.float32) and available())
+
+
 def require(what: str) -> None:
     """Registers the kernels (`available()`), or raises ValueError naming `what` and why not."""
     if not available():

@@ -148,8 +148,7 @@ def default_matmul(dtype, tensor: int = 1, mesh: Any = None, platform: Optional[
     """The `matmul` of `inference_weights` for parameters of `dtype`: "cpu-kernel" on a CPU
     backend (`platform`, default jax's) for float32 parameters without a mesh or tensor split,
     where the kernels build (`cpu_kernels.available()`); "xla" otherwise."""
-    if ((platform or jax.default_backend()) == "cpu" and mesh is None and tensor == 1
-            and jnp.dtype(dtype) == jnp.dtype(jnp.float32) and cpu_kernels.available()):
+    if mesh is None and tensor == 1 and cpu_kernels.usable(dtype, platform):
         return "cpu-kernel"
     return "xla"
 

@@ -113,8 +113,7 @@ def resolve_attention(attention: str, dtype, mesh: Any = None) -> str:
         fused = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
         if fused and on_cuda(8.0):
             return "cudnn"
-        if (mesh is None and jnp.dtype(dtype) == jnp.dtype(jnp.float32)
-                and jax.default_backend() == "cpu" and cpu_kernels.available()):
+        if mesh is None and cpu_kernels.usable(dtype):
             return "cpu-kernel"
         return "einsum"
     if attention == "cpu-kernel":

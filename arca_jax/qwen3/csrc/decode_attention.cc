@@ -24,7 +24,6 @@
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
-using arca_jax::ParallelFor;
 
 namespace {
 
@@ -186,11 +185,7 @@ ffi::Error DecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer
     Attend(qp + bk * G * H, kp + bk * H * S, vp + bk * S * H, bp + (bk / K) * S,
            op + bk * G * H, G, H, S, n, scratch);
   };
-  if (4.0 * B * K * G * n * H < kSmall) {
-    for (int64_t bk = 0; bk < B * K; ++bk) task(bk);
-  } else {
-    ParallelFor(pool, B * K, task);
-  }
+  arca_jax::ForEach(pool, B * K, 4.0 * B * K * G * n * H < kSmall, task);
   return ffi::Error::Success();
 }
 

@@ -18,7 +18,6 @@
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
-using arca_jax::ParallelFor;
 
 namespace {
 
@@ -94,83 +93,58 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
                   std::min(kPanel, N - c * kPanel), r1 - r0);
     }
   };
-  const int64_t n = row_chunks * panel_chunks;
-  if (n == 1) {
-    task(0);
-  } else {
-    ParallelFor(pool, n, task);
-  }
+  arca_jax::ForEach(pool, row_chunks * panel_chunks, false, task);
   return ffi::Error::Success();
 }
 
-// w [K, N] -> panels [C, K, 16] (C = ceil(N / 16)), zeros past N: 64-byte row copies.
+// Panels [C, K, 16] (C = ceil(N / 16), zeros past N) from w [K, N] (64-byte row copies), or,
+// kTransposed, from the kernel's transpose w [N, K] (e.g. a tied embedding [V, D]; panel c's
+// column j is row 16 c + j of w).
+template <bool kTransposed>
 ffi::Error PackImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> out) {
   const auto wd = w.dimensions(), od = out->dimensions();
-  if (wd.size() != 2 || od.size() != 3 || od[1] != wd[0] || od[2] != kPanel ||
-      od[0] != (wd[1] + kPanel - 1) / kPanel) {
-    return ffi::Error::InvalidArgument("pack panels: w [K, N] -> [ceil(N / 16), K, 16]");
+  if (wd.size() != 2 || od.size() != 3 || od[2] != kPanel ||
+      od[1] != wd[kTransposed ? 1 : 0] || od[0] != (wd[kTransposed ? 0 : 1] + kPanel - 1) / kPanel) {
+    return ffi::Error::InvalidArgument(kTransposed
+                                           ? "pack panels: w [N, K] -> [ceil(N / 16), K, 16]"
+                                           : "pack panels: w [K, N] -> [ceil(N / 16), K, 16]");
   }
-  const int64_t K = wd[0], N = wd[1], C = od[0];
+  const int64_t K = wd[kTransposed ? 1 : 0], N = wd[kTransposed ? 0 : 1], C = od[0];
   const float* src = w.typed_data();
   float* dst = out->typed_data();
   auto panel = [&](int64_t c) {
     const int64_t cols = std::min(kPanel, N - c * kPanel);
     float* d = dst + c * K * kPanel;
-    const float* s = src + c * kPanel;
-    for (int64_t k = 0; k < K; ++k, d += kPanel, s += N) {
-      if (cols == kPanel) {
-        for (int j = 0; j < kParts; ++j) StoreN(d + j * kLanes, LoadN(s + j * kLanes));
-      } else {
-        for (int64_t j = 0; j < kPanel; ++j) d[j] = j < cols ? s[j] : 0.0f;
+    if constexpr (kTransposed) {
+      if (cols < kPanel) std::fill(d, d + K * kPanel, 0.0f);
+      for (int64_t j = 0; j < cols; ++j) {
+        const float* row = src + (c * kPanel + j) * K;
+        for (int64_t k = 0; k < K; ++k) d[k * kPanel + j] = row[k];
+      }
+    } else {
+      const float* s = src + c * kPanel;
+      for (int64_t k = 0; k < K; ++k, d += kPanel, s += N) {
+        if (cols == kPanel) {
+          for (int j = 0; j < kParts; ++j) StoreN(d + j * kLanes, LoadN(s + j * kLanes));
+        } else {
+          for (int64_t j = 0; j < kPanel; ++j) d[j] = j < cols ? s[j] : 0.0f;
+        }
       }
     }
   };
-  if (K * N < (1 << 16)) {
-    for (int64_t c = 0; c < C; ++c) panel(c);
-  } else {
-    ParallelFor(pool, C, panel);
-  }
-  return ffi::Error::Success();
-}
-
-// The same panels from the kernel's transpose: w [N, K] (e.g. a tied embedding [V, D]) ->
-// [C, K, 16], panel c column j = row 16 c + j of w.
-ffi::Error PackTransposedImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w,
-                              ffi::ResultBuffer<ffi::F32> out) {
-  const auto wd = w.dimensions(), od = out->dimensions();
-  if (wd.size() != 2 || od.size() != 3 || od[1] != wd[1] || od[2] != kPanel ||
-      od[0] != (wd[0] + kPanel - 1) / kPanel) {
-    return ffi::Error::InvalidArgument("pack panels: w [N, K] -> [ceil(N / 16), K, 16]");
-  }
-  const int64_t N = wd[0], K = wd[1], C = od[0];
-  const float* src = w.typed_data();
-  float* dst = out->typed_data();
-  auto panel = [&](int64_t c) {
-    const int64_t cols = std::min(kPanel, N - c * kPanel);
-    float* d = dst + c * K * kPanel;
-    if (cols < kPanel) std::fill(d, d + K * kPanel, 0.0f);
-    for (int64_t j = 0; j < cols; ++j) {
-      const float* row = src + (c * kPanel + j) * K;
-      for (int64_t k = 0; k < K; ++k) d[k * kPanel + j] = row[k];
-    }
-  };
-  if (K * N < (1 << 16)) {
-    for (int64_t c = 0; c < C; ++c) panel(c);
-  } else {
-    ParallelFor(pool, C, panel);
-  }
+  arca_jax::ForEach(pool, C, K * N < (1 << 16), panel);
   return ffi::Error::Success();
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(ArcaPackPanelsTransposed, PackTransposedImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ArcaPackPanelsTransposed, PackImpl<true>,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(ArcaPackPanels, PackImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ArcaPackPanels, PackImpl<false>,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()

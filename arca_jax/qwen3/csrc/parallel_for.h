@@ -48,6 +48,17 @@ inline void ParallelFor(xla::ffi::ThreadPool& pool, int64_t n, const std::functi
   while (st->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
 }
 
+// fn(i) for i in [0, n): on the calling thread alone when `serial` (too little work to hand
+// out), else by ParallelFor.
+inline void ForEach(xla::ffi::ThreadPool& pool, int64_t n, bool serial,
+                    const std::function<void(int64_t)>& fn) {
+  if (serial || n <= 1) {
+    for (int64_t i = 0; i < n; ++i) fn(i);
+  } else {
+    ParallelFor(pool, n, fn);
+  }
+}
+
 }  // namespace arca_jax
 
 #endif  // ARCA_JAX_PARALLEL_FOR_H_
