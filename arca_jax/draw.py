@@ -3,18 +3,15 @@ temperature), optionally truncated to the top-k tokens and then the top-p nucleu
 search with one uniform number per row (no noise over the vocabulary). `choose_tokens` returns
 the tokens with their log-probabilities under the full untempered distribution and under the
 distribution actually sampled. Pure functions of arrays; `sampling` calls them in every prefill
-and decode step. On CPU in float32, where the sampler's weights are packed for the C++ kernels,
-a draw from the whole vocabulary takes its statistics (row max, block sums, total) from one
-kernel pass over the logits (`block_softmax_cpu`) instead of XLA's reductions.
+and decode step.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple, Optional
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 if TYPE_CHECKING:
     from arca_jax.sampling import SamplingConfig
@@ -39,38 +36,7 @@ class Draw(NamedTuple):
     total: jax.Array
 
 
-class BlockSoftmax(NamedTuple):
-    """Statistics of logits [B, V] for a draw: max [B]; sums [B, C], per block of `CDF_BLOCK`
-    tokens (C = ceil(V / block)) the sum of exp((logits - max) / temperature); total [B], the
-    untempered sum of exp(logits - max)."""
-
-    max: jax.Array
-    sums: jax.Array
-    total: jax.Array
-
-
-_BLOCK_SOFTMAX = "arca_block_softmax"
-
-
-def block_softmax_cpu(logits: jax.Array, temperature: float = 1.0,
-                      block: int = CDF_BLOCK) -> BlockSoftmax:
-    """`BlockSoftmax` of logits [B, V] by the C++ kernel (`csrc/block_softmax.cc`): one pass over
-    the logits, rows cut in segments over XLA's CPU thread pool, the kernels' vector exponential
-    (within ~2 ulp of XLA's). Float32; raises a clear error where the kernels are not available."""
-    from arca_jax.qwen3 import cpu_kernels
-
-    cpu_kernels.require("draw.block_softmax_cpu")
-    B, V = logits.shape
-    f32 = jnp.float32
-    shapes = (jax.ShapeDtypeStruct((B,), f32), jax.ShapeDtypeStruct((B, -(-V // block)), f32),
-              jax.ShapeDtypeStruct((B,), f32))
-    call = jax.ffi.ffi_call(_BLOCK_SOFTMAX, shapes, vmap_method="sequential")
-    return BlockSoftmax(*call(logits.astype(f32), temperature=np.float32(temperature),
-                              block=np.int64(block)))
-
-
-def inverse_cdf(log_weights: jax.Array, u: jax.Array, block: int = CDF_BLOCK,
-                sums: Optional[jax.Array] = None) -> Draw:
+def inverse_cdf(log_weights: jax.Array, u: jax.Array, block: int = CDF_BLOCK) -> Draw:
     """Index drawn with probability exp(log_weights) / sum(exp(log_weights)), one uniform u per row.
 
     Finds the first index whose cumulative weight reaches u * total: first among block sums, then
@@ -81,8 +47,6 @@ def inverse_cdf(log_weights: jax.Array, u: jax.Array, block: int = CDF_BLOCK,
     Args:
       log_weights: [B, V] float32, at most ~80 (e.g. logits minus their max); -inf for weight 0.
       u: [B] float32 in (0, 1].
-      sums: [B, ceil(V / block)], the block sums of exp(log_weights) when already computed
-        (`block_softmax_cpu`); None: computed here.
 
     Returns:
       Draw(index [B] int32, total [B] float32).
@@ -92,9 +56,7 @@ def inverse_cdf(log_weights: jax.Array, u: jax.Array, block: int = CDF_BLOCK,
     if C * block != V:
         log_weights = jnp.pad(log_weights, ((0, 0), (0, C * block - V)), constant_values=-jnp.inf)
     blocks = log_weights.reshape(B, C, block)
-    if sums is None:
-        sums = jnp.sum(jnp.exp(blocks), axis=-1)
-    block_cdf = _inclusive_cumsum(sums)  # [B, C]
+    block_cdf = _inclusive_cumsum(jnp.sum(jnp.exp(blocks), axis=-1))  # [B, C]
     total = block_cdf[:, -1]
     target = u * total  # (0, total]
     c = jnp.minimum(jnp.sum(block_cdf < target[:, None], axis=-1), C - 1)  # [B] chosen block
@@ -156,20 +118,14 @@ class Choice(NamedTuple):
     sampled_logps: jax.Array
 
 
-def choose_tokens(logits: jax.Array, u: jax.Array, settings: SamplingConfig,
-                  cpu_kernel: bool = False) -> Choice:
+def choose_tokens(logits: jax.Array, u: jax.Array, settings: SamplingConfig) -> Choice:
     """One token per row from logits [B, V] float32, with its log-probabilities.
 
     u: [B] float32 uniforms in (0, 1], one per row (unused when greedy).
     Greedy: the first maximal logit (as argmax). Otherwise softmax(logits / temperature),
     optionally truncated to the top-k tokens and then the top-p nucleus, renormalised, by
     inverse CDF (`inverse_cdf`, `_top_k_draw`, `_nucleus_draw`).
-    cpu_kernel: a draw from the whole vocabulary takes its statistics from `block_softmax_cpu`
-    (static; the sampler sets it with weights packed for the CPU kernels). The same tokens up to
-    the rounding of the sums.
     """
-    if cpu_kernel and not settings.greedy and settings.top_k == 0 and settings.top_p >= 1.0:
-        return _choose_by_block_softmax(logits, u, settings.temperature)
     V = logits.shape[-1]
     m = jnp.max(logits, axis=-1, keepdims=True)
     shifted = logits - m  # <= 0
@@ -198,13 +154,3 @@ def choose_tokens(logits: jax.Array, u: jax.Array, settings: SamplingConfig,
     else:  # every draw's weights are exp(shifted / t) (top-k: relative to its max, also 0 here)
         sampled = picked / t - jnp.log(sampled_total)
     return Choice(tokens, logps, sampled)
-
-
-def _choose_by_block_softmax(logits: jax.Array, u: jax.Array, t: float) -> Choice:
-    """`choose_tokens` for a draw from softmax(logits / t) over the whole vocabulary with the
-    statistics of `block_softmax_cpu`: XLA only gathers the chosen block and token."""
-    stats = block_softmax_cpu(logits, t)
-    shifted = logits.astype(jnp.float32) - stats.max[:, None]  # <= 0; read by the gathers only
-    tokens, sampled_total = inverse_cdf(shifted if t == 1.0 else shifted / t, u, sums=stats.sums)
-    picked = jnp.take_along_axis(shifted, tokens[:, None], 1)[:, 0]
-    return Choice(tokens, picked - jnp.log(stats.total), picked / t - jnp.log(sampled_total))

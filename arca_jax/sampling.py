@@ -309,8 +309,7 @@ def admit(weights: qwen3.InferenceWeights, state: SamplerState, *, config: qwen3
         index=cache.index.at[slots].set(P, mode="drop"))
     u = state.uniforms[jnp.minimum(rows, B - 1), 0]
     zero = jnp.zeros_like(rows)
-    choice = choose_tokens(out.logits, u, settings, cpu_kernel=weights.matmul == "cpu-kernel")
-    w = _write(state, rows, zero, choice, take, settings)
+    w = _write(state, rows, zero, choose_tokens(out.logits, u, settings), take, settings)
     set_ = lambda buf, val: buf.at[slots].set(val.astype(buf.dtype), mode="drop")
     return w.state.replace(
         cache=cache, row=set_(w.state.row, rows), column=set_(w.state.column, zero + 1),
@@ -407,8 +406,8 @@ def decode_step(weights: qwen3.InferenceWeights, state: SamplerState, *, config:
     running = ~state.done
     column = jnp.minimum(state.column, N - 1)
     u = state.uniforms[jnp.minimum(state.row, B - 1), column]  # [S]
-    choice = choose_tokens(out.logits, u, settings, cpu_kernel=weights.matmul == "cpu-kernel")
-    w = _write(state, state.row, column, choice, running, settings)
+    w = _write(state, state.row, column, choose_tokens(out.logits, u, settings), running,
+               settings)
     done = state.done | w.ended
     # a slot without a running row writes its (ignored) keys at slot 0 until it is refilled, so
     # the longest running row alone bounds the cache blocks a step reads
