@@ -34,8 +34,8 @@ constexpr int64_t kRowChunk = 8 * kRows; // rows of x per task
 constexpr double kSmall = 4e5;           // flops below which one thread runs the product
 // Tasks per worker: a helper of XLA's pool starts tens of microseconds after the caller, and the
 // tasks left then are split between the two; smaller tasks even out the finish (the CPU
-// benchmark's decode loop, one process alternating 4 and 16: 2-7% faster in four of five pairs
-// of 14-20 rounds, the same in the fifth; 2-core Zen 3 EPYC).
+// benchmark's decode loop, one process alternating 4 and 16: 2-9% faster in five of seven pairs
+// of 12-20 rounds, 1-2% slower in the other two; 2-core Zen 3 EPYC).
 constexpr int64_t kTasksPerWorker = 16;
 
 // R rows of x (row stride K) times panel p [K, 16] -> the first `cols` columns of R rows of y
