@@ -452,9 +452,8 @@ def _write_rows(buf: jax.Array, new: jax.Array, index: jax.Array, axis: int) -> 
     """buf [B, ..., S, ...] with row b's `new` [B, ..., T, ...] written at slots index[b] ..
     index[b] + T - 1 along `axis` (the slot axis, counted with B). One scatter of the new values
     (in place on a donated loop carry); the caller keeps index[b] + T <= S. Jitted: the layers'
-    key and value writes share one trace (XLA inlines the call). New values as long as the slot
-    axis fill it (index 0, as the caller keeps index + T <= S): they are the result, and `buf` (a
-    prompt's fresh cache) is never written."""
+    key and value writes share one trace (XLA inlines the call). When T = S (a prompt's own
+    cache at prefill) every index is 0 and `new` is the result: no scatter into `buf`."""
     if new.shape[axis] == buf.shape[axis]:
         return new.astype(buf.dtype)
     def put(b, x, i):
