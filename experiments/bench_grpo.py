@@ -299,6 +299,8 @@ GPU_VARIANTS = [
     ("all+remat_proj+chunk256", dict(remat="projections", logits_chunk=256), {}),
     ("all+remat_proj+dropout", dict(remat="projections"), dict(lora_dropout=0.05)),
     ("all+remat_proj+cublas", dict(remat="projections"), {}),
+    ("all+remat_proj+unrolled", dict(remat="projections", scan_layers=False), {}),
+    ("all+no_remat+unrolled", dict(remat=False, scan_layers=False), {}),
 ]
 # XLA options of a variant's compile (`Lowered.compile(compiler_options=...)`): "+cublas" leaves
 # every matmul to cuBLAS instead of XLA's Triton GEMM fusions.
@@ -315,13 +317,15 @@ KERNEL_CATEGORIES = (
 )
 
 
-def kernel_account(xplane_path: str, steps: int, wall_s: float) -> dict:
+def kernel_account(xplane_path: str, steps: int, wall_s: float,
+                   categories=KERNEL_CATEGORIES) -> dict:
     """Where the device time of `steps` traced steps goes, from a profiler trace
-    (`jax.profiler.trace`): the GPU planes' kernel events grouped by `KERNEL_CATEGORIES`, the
-    time the device was busy (union of kernel intervals) and idle, per step, and the kernels
-    that took the most time. `wall_s`: host wall time of the traced steps."""
+    (`jax.profiler.trace`): the GPU planes' kernel events grouped by `categories` ((name,
+    name fragments), first match wins), the time the device was busy (union of kernel intervals)
+    and idle, per step, the kernel launches per step, and the kernels that took the most time.
+    `wall_s`: host wall time of the traced steps."""
     data = jax.profiler.ProfileData.from_file(xplane_path)
-    by_name, intervals = {}, []
+    by_name, intervals, launches = {}, [], 0
     for plane in data.planes:
         if not plane.name.startswith("/device:GPU"):
             continue
@@ -330,6 +334,7 @@ def kernel_account(xplane_path: str, steps: int, wall_s: float) -> dict:
                 continue
             for e in line.events:
                 by_name[e.name] = by_name.get(e.name, 0.0) + e.duration_ns
+                launches += 1
                 intervals.append((e.start_ns, e.start_ns + e.duration_ns))
     intervals.sort()
     busy, end = 0.0, -1.0
@@ -340,7 +345,7 @@ def kernel_account(xplane_path: str, steps: int, wall_s: float) -> dict:
     cats = {}
     for name, ns in by_name.items():
         low = name.lower()
-        cat = next((c for c, keys in KERNEL_CATEGORIES if any(k in low for k in keys)), "other")
+        cat = next((c for c, keys in categories if any(k in low for k in keys)), "other")
         cats[cat] = cats.get(cat, 0.0) + ns
     per = 1e6 * steps  # ns -> ms per step
     top = sorted(by_name.items(), key=lambda kv: -kv[1])[:25]
@@ -350,7 +355,7 @@ def kernel_account(xplane_path: str, steps: int, wall_s: float) -> dict:
                 categories_ms_per_step={c: ns / per for c, ns in
                                         sorted(cats.items(), key=lambda kv: -kv[1])},
                 top_kernels_ms_per_step=[(n[:160], ns / per) for n, ns in top],
-                kernels=len(by_name))
+                kernels=len(by_name), kernel_launches_per_step=launches / steps)
 
 
 def profile_steps(compiled, state, params, batch, steps: int = 2):
