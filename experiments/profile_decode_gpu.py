@@ -36,9 +36,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from arca_jax import qwen3, sampling  # noqa: E402
+from arca_jax import lora, qwen3, sampling  # noqa: E402
 from arca_jax.qwen3 import cache_attention  # noqa: E402
-from experiments.bench_grpo import kernel_account  # noqa: E402
+from experiments.bench_grpo import kernel_account, random_lora  # noqa: E402
 from experiments.bench_sampling import GPU_TINY, NOMINAL_HBM, block, now, random_params  # noqa: E402
 
 T_START = now()
@@ -61,13 +61,20 @@ def decode_setup(args, config):
     params = block(random_params(config, jax.random.PRNGKey(0), jnp.bfloat16))
     ids = jax.random.randint(jax.random.PRNGKey(1), (B, P), 1, config.vocab_size, jnp.int32)
     mask = jnp.ones((B, P), jnp.int32)
-    settings = sampling.SamplingConfig(max_new_tokens=N)
-    return params, ids, mask, settings
+    settings = sampling.SamplingConfig(max_new_tokens=N, top_k=args.top_k, top_p=args.top_p)
+    adapter = None
+    if args.lora_rank:  # the trainer's GPU rollout: the adapter unmerged, bf16 base
+        lcfg = lora.LoraConfig(rank=args.lora_rank, alpha=2.0 * args.lora_rank)
+        adapter = (block(jax.jit(lambda k: random_lora(config, lcfg, k))(jax.random.PRNGKey(4))),
+                   lcfg.scaling)
+    return params, ids, mask, settings, adapter
 
 
-def time_decode(args, config, params, ids, mask, settings, runs: int, trace_dir=None):
-    """(weight bytes, median decode seconds, compile seconds) of the sampler's decode loop."""
-    w = block(sampling.prepare_weights_jit(params, config, lora=None, lora_scale=jnp.float32(1.0),
+def time_decode(args, config, params, ids, mask, settings, adapter, runs: int, trace_dir=None):
+    """(weight bytes, median decode seconds, compile seconds, all decode seconds, kernel account
+    or None) of the sampler's decode loop."""
+    tree, scale = adapter or (None, 1.0)
+    w = block(sampling.prepare_weights_jit(params, config, lora=tree, lora_scale=jnp.float32(scale),
                                            merge_lora=False, decode_attention="pallas"))
 
     def run(seed):
@@ -130,6 +137,11 @@ def main():
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=512)
     ap.add_argument("--runs", type=int, default=2)
+    ap.add_argument("--lora-rank", type=int, default=0,
+                    help="sample with a random adapter of this rank on the seven projections, "
+                         "unmerged (the trainer's rollout on GPU)")
+    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--sweep", nargs="*", default=[],
                     help="chunk:block settings of the Pallas kernel to time alone, e.g. 256:64")
@@ -146,6 +158,7 @@ def main():
     nominal = NOMINAL_HBM.get(dev.device_kind)
     res = dict(label=args.label, device=dev.device_kind, jax=jax.__version__,
                xla_flags=os.environ.get("XLA_FLAGS", ""), batch=B, prompt=P, new_tokens=N,
+               lora_rank=args.lora_rank, top_k=args.top_k, top_p=args.top_p,
                nominal_hbm_bytes_per_s=nominal, runs=[])
     path = args.json or (os.path.join(os.environ["OUT"], f"profile_decode_{args.label}.json")
                          if os.environ.get("OUT") else None)
@@ -157,14 +170,14 @@ def main():
 
     kv_slot = 2 * config.num_hidden_layers * B * config.num_key_value_heads * config.head_dim * 2
     kv_filled = kv_slot * (P + N / 2)
-    params, ids, mask, settings = decode_setup(args, config)
+    params, ids, mask, settings, adapter = decode_setup(args, config)
 
     def decode_run(name, chunk, blk, trace):
         cache_attention.PALLAS_CHUNK, cache_attention.PALLAS_BLOCK = chunk, blk
         jax.clear_caches()
         with tempfile.TemporaryDirectory() as d:
             wb, dec, comp, times, acc = time_decode(args, config, params, ids, mask, settings,
-                                                    args.runs, d if trace else None)
+                                                    adapter, args.runs, d if trace else None)
         step = dec / (N - 1)
         must = wb + kv_filled
         r = dict(name=name, pallas_chunk=chunk, pallas_block=blk, compile_and_first_run_s=comp,
