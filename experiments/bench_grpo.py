@@ -286,9 +286,6 @@ def model_flops(config, B, T, scored, lora_params, weighting):
 # is the new default (attention="auto" = cuDNN flash attention on a CUDA GPU, LoRA matmuls in
 # bf16, bf16 head backward); "baseline" is the previous step (einsum attention, float32 LoRA
 # matmuls, float32 head cotangent); "-x" variants take one lever back out of "all".
-# "all+remat_proj" is the paper configs' update (`experiments/configs/paper`: remat
-# "projections"); the layers run unrolled on a GPU by default (`qwen3.GPU_UNROLL_LAYERS`),
-# "+scanned" as one `lax.scan`.
 GPU_VARIANTS = [
     ("all", dict(remat=True), {}),
     ("baseline", dict(remat=True, attention="einsum", lora_dtype="float32",
@@ -302,8 +299,8 @@ GPU_VARIANTS = [
     ("all+remat_proj+chunk256", dict(remat="projections", logits_chunk=256), {}),
     ("all+remat_proj+dropout", dict(remat="projections"), dict(lora_dropout=0.05)),
     ("all+remat_proj+cublas", dict(remat="projections"), {}),
-    ("all+remat_proj+scanned", dict(remat="projections", scan_layers=True), {}),
-    ("all+no_remat+scanned", dict(remat=False, scan_layers=True), {}),
+    ("all+remat_proj+unrolled", dict(remat="projections", scan_layers=False), {}),
+    ("all+no_remat+unrolled", dict(remat=False, scan_layers=False), {}),
 ]
 # XLA options of a variant's compile (`Lowered.compile(compiler_options=...)`): "+cublas" leaves
 # every matmul to cuBLAS instead of XLA's Triton GEMM fusions.

@@ -61,9 +61,8 @@ class GRPOConfig:
         attends to the keys up to its end only; the same values, about (n + 1) / 2n of the
         scores); None: 4 on CPU, 1 elsewhere (``qwen3.resolve_attention_blocks``).
     scan_layers: both forwards run the decoder layers as one scan (True) or unrolled (False);
-        None: unrolled on CPU for models of at most ``qwen3.CPU_UNROLL_LAYERS`` layers and on GPU
-        for at most ``qwen3.GPU_UNROLL_LAYERS``, scanned elsewhere (``qwen3.resolve_scan_layers``;
-        unrolled, the GPU update is faster at a higher peak memory). The same values either way.
+        None: unrolled on CPU for models of at most ``qwen3.CPU_UNROLL_LAYERS`` layers, scanned
+        elsewhere (``qwen3.resolve_scan_layers``). The same values either way.
     lora_dtype: dtype of the adapter matmuls (``qwen3.LoraLinear``); None: the activation dtype
         (bf16 under a bf16 base; float32 models unchanged); "float32" forces float32.
     logits_grad_dtype: dtype of the backward matmul through the vocabulary projection

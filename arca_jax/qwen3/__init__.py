@@ -63,9 +63,9 @@ from arca_jax.qwen3.einsum_attention import (CPU_ATTENTION_BLOCKS, causal_blocks
 from arca_jax.qwen3.inference import (MATMULS, InferenceLayer, InferenceOutput, InferenceWeights,
                                       KVCache, LowRank, SparseMlp, default_matmul,
                                       inference_forward, inference_weights)
-from arca_jax.qwen3.model import (ATTENTION_IMPLS, CPU_UNROLL_LAYERS, GPU_UNROLL_LAYERS, MLP,
-                                  REMAT_OPTIONS, Attention, DecoderLayer, LoraLinear, ModelOutput,
-                                  RMSNorm, layer_stack, compute_logits, forward, init_params,
+from arca_jax.qwen3.model import (ATTENTION_IMPLS, CPU_UNROLL_LAYERS, MLP, REMAT_OPTIONS,
+                                  Attention, DecoderLayer, LoraLinear, ModelOutput, RMSNorm,
+                                  layer_stack, compute_logits, forward, init_params,
                                   lm_head_kernel, on_cuda, param_shapes, remat_policy,
                                   resolve_attention, resolve_scan_layers)
 
@@ -78,7 +78,7 @@ __all__ = [
     # training / scoring model
     "ATTENTION_IMPLS", "REMAT_OPTIONS", "on_cuda", "resolve_attention", "remat_policy",
     "RMSNorm", "LoraLinear", "Attention", "MLP", "DecoderLayer", "layer_stack",
-    "CPU_UNROLL_LAYERS", "GPU_UNROLL_LAYERS", "resolve_scan_layers",
+    "CPU_UNROLL_LAYERS", "resolve_scan_layers",
     "ModelOutput",
     "lm_head_kernel", "compute_logits", "forward", "init_params", "param_shapes",
     # the training forward's einsum attention

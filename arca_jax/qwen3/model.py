@@ -323,25 +323,16 @@ class DecoderLayer(nn.Module):
 # backward) cost more there than a longer program (the demo's 3-layer ARCA step, Xeon host,
 # 2026-12-03: 553 -> 505 ms, uniform 450 -> 392 ms; compile + first call 9.5 -> 9.8 s).
 CPU_UNROLL_LAYERS = 8
-# ... and on a GPU, models of at most this many layers (Qwen3-0.6B and -1.7B): the ARCA update of
-# Qwen3-1.7B (r = 64, 8 x 1024 tokens, remat "projections") on one H200, 2026-12-04, took 186.8
-# instead of 204.4 ms (no stacked residuals to write and copy: copies 10.8 -> 5.8 ms, fusions
-# 60.4 -> 48.3 ms per step), at a peak of 25.5 instead of 15.5 GiB and a compile of 70 instead of
-# 15 s. Deeper models keep the scan (not measured unrolled).
-GPU_UNROLL_LAYERS = 28
 
 
 def resolve_scan_layers(scan: Optional[bool], num_layers: int,
                         platform: Optional[str] = None) -> bool:
     """Whether `forward` scans its layers (`jax.lax.scan`) or unrolls them: `scan` as given, or
     for None unrolled when `platform` (default: JAX's default backend) is "cpu" and the model has
-    at most `CPU_UNROLL_LAYERS` layers, or a GPU ("gpu", "cuda", "rocm") and at most
-    `GPU_UNROLL_LAYERS`; else scanned (TPU, deeper models)."""
+    at most `CPU_UNROLL_LAYERS` layers, else scanned (GPU and TPU programs as before)."""
     if scan is None:
-        platform = platform or jax.default_backend()
-        limit = (CPU_UNROLL_LAYERS if platform == "cpu" else
-                 GPU_UNROLL_LAYERS if platform in ("gpu", "cuda", "rocm") else 0)
-        return num_layers > limit
+        return not ((platform or jax.default_backend()) == "cpu"
+                    and num_layers <= CPU_UNROLL_LAYERS)
     if not isinstance(scan, bool):
         raise ValueError(f"scan_layers must be None, True or False, got {scan!r}")
     return scan
@@ -491,9 +482,8 @@ def forward(params: Params, input_ids: jax.Array, *, config: Qwen3Config,
         up to its end (`causal_blocks`: the same values, fewer scores); None: 4 on CPU, else 1
         (`resolve_attention_blocks`; static). The other implementations ignore it.
       scan_layers: run the layers as one `jax.lax.scan` (True) or unrolled (False); None:
-        unrolled on CPU for models of at most `CPU_UNROLL_LAYERS` layers and on GPU for at
-        most `GPU_UNROLL_LAYERS`, else scanned (`resolve_scan_layers`; static). The same values
-        either way.
+        unrolled on CPU for models of at most `CPU_UNROLL_LAYERS` layers, else scanned
+        (`resolve_scan_layers`; static). The same values either way.
 
     Returns:
       ModelOutput(logits [B, T, V] float32 or None, hidden [B, T, D] after the final RMSNorm,
