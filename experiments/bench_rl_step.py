@@ -14,7 +14,7 @@ update (steps after the first; the first includes compilation), tokens/s and pea
 then `arca-jax plan` for the local device with the same config (its compiled memory per program
 and roofline seconds), so the estimate can be read against the measurement.
 
-    python experiments/bench_rl_step.py [--steps 3] [--skip-plan]
+    python experiments/bench_rl_step.py [--steps 3] [--skip-plan] [--set grpo.remat=projections]
 
 Writes $OUT/bench_rl_step.json when OUT is set (else --json).
 """
@@ -94,6 +94,9 @@ def main():
                                                         "backend, to check the code path")
     ap.add_argument("--skip-plan", action="store_true")
     ap.add_argument("--plan-timeout", type=float, default=240.0)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override on top of the paper's (repeatable), e.g. "
+                         "grpo.remat=projections")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     out_path = args.json or (os.path.join(os.environ["OUT"], "bench_rl_step.json")
@@ -111,6 +114,7 @@ def main():
     if args.tiny:
         overrides += ["rollout.max_prompt_tokens=64", "rollout.max_new_tokens=32",
                       "lora.rank=4", "lora.alpha=8"]
+    overrides += args.set
     cfg = run_config.load(PAPER, overrides)
     dev = jax.devices()[0]
     res = dict(device=dev.device_kind, platform=dev.platform, jax=jax.__version__,

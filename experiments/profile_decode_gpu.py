@@ -108,8 +108,10 @@ def attention_alone(config, B, S, filled, chunk, blk, layers, repeats=5):
     `PALLAS_BLOCK`), median of `repeats` after a compile run."""
     K, N, H = config.num_key_value_heads, config.num_attention_heads, config.head_dim
     key = jax.random.PRNGKey(3)
-    caches = [jax.random.normal(jax.random.fold_in(key, i), (2, B, K, S, H), jnp.bfloat16)
-              for i in range(layers)]
+    # separate k and v arrays per layer: slices of one stacked array would be copied before
+    # each kernel call (2026-12-04's sweep timed those copies too)
+    caches = [tuple(jax.random.normal(jax.random.fold_in(key, 2 * i + j), (B, K, S, H),
+                                      jnp.bfloat16) for j in range(2)) for i in range(layers)]
     q = jax.random.normal(key, (B, 1, N, H), jnp.bfloat16)
     valid = jnp.broadcast_to(jnp.arange(S) < filled, (B, S))
     index = jnp.full((B,), filled - 1, jnp.int32)
