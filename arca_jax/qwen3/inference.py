@@ -18,7 +18,8 @@ float32 at every decode step) with fewer, larger operations:
   - the cache is [B, K, S, H] per layer, each row written in place at its own position (one
     scatter on the loop carry, `_write_rows`) and read in that layout, the padding mask is one
     additive bias per call;
-  - the final norm and the head run on the last position only;
+  - the last layer after its keys and values (attention, o, MLP), the final norm and the head
+    run on the last position only: no later layer reads the other positions' outputs;
   - on CPU in float32 (`matmul="cpu-kernel"`, the default there), every kernel and the head are
     packed once in column panels and multiplied by a C++ kernel (`cpu_matmul`): XLA's dot
     repacks its weight operand on every call, which at a decode step's few rows costs about as
@@ -531,7 +532,8 @@ def inference_forward(weights: InferenceWeights, input_ids: jax.Array, *, config
 
     x = jnp.take(weights.embed, input_ids, axis=0, mode="clip").astype(dtype)  # [B, T, D]
     new_k, new_v = [], []
-    for layer, k_cache, v_cache in zip(weights.layers, cache.k, cache.v):
+    last_layer = len(weights.layers) - 1
+    for i, (layer, k_cache, v_cache) in enumerate(zip(weights.layers, cache.k, cache.v)):
         # input_layernorm folded into qkv: norm(x) W = (x diag(w) W) / rms(x)
         qkv = _project(x, layer.qkv, layer.qkv_lora, f32) * inv_rms(x, c.rms_norm_eps)
         qkv = qkv.reshape(B, T, t, Nq + 2 * Ks, H)  # shard-major (`_shard_columns`)
@@ -546,6 +548,10 @@ def inference_forward(weights: InferenceWeights, input_ids: jax.Array, *, config
         new_k.append(k_cache)
         new_v.append(v_cache)
         kc, vc = k_cache.astype(dtype), v_cache.astype(dtype)
+        if i == last_layer and T > 1:
+            # only position T - 1 leaves the last layer (its logits); every position's keys and
+            # values are written above, so the rest of the layer runs on that one position
+            q, bias, x = q[:, -1:], bias[:, -1:], x[:, -1:]
         if T == 1 and weights.decode_attention == "pallas":
             attn = attend_pallas(q, kc, vc, valid, index)
         elif T == 1 and weights.decode_attention == "cpu-kernel":
@@ -562,8 +568,9 @@ def inference_forward(weights: InferenceWeights, input_ids: jax.Array, *, config
             x = x + _sparse_mlp(x, layer.sparse_mlp, c, weights.experts_mesh)
             continue
         gu = _project(x, layer.gate_up, layer.gate_up_lora, f32) * inv_rms(x, c.rms_norm_eps)
-        gu = gu.reshape(B, T, t, 2, F // t)  # shard-major [gate_s | up_s]
-        h = (jax.nn.silu(gu[:, :, :, 0].astype(dtype)) * gu[:, :, :, 1].astype(dtype)).reshape(B, T, F)
+        gu = gu.reshape(B, x.shape[1], t, 2, F // t)  # shard-major [gate_s | up_s]
+        h = (jax.nn.silu(gu[:, :, :, 0].astype(dtype)) * gu[:, :, :, 1].astype(dtype)).reshape(
+            B, x.shape[1], F)
         x = x + _project(h, layer.down, layer.down_lora, dtype)
 
     last = x[:, -1]  # [B, D]

@@ -1,0 +1,141 @@
+"""The cost of choosing one token per row (`draw.choose_tokens`), alone (not a test).
+
+Logits [B, V] float32 (default: the paper's rollout, 32 rows, Qwen3's vocabulary of 151,936) on
+the default backend; for each sampling setting, the median time of `--repeats` calls of a jitted
+program that draws `--draws` times in a row (a `lax.fori_loop`, each draw on new logits made by
+one add; that add is timed alone and taken off), per draw. Settings: greedy; temperature 1 over
+the whole vocabulary (inverse CDF); top-k 50; top-k 50 then top-p 0.95 (the paper's); top-p 0.95
+alone (a sort over the vocabulary). Then the candidate search of a top-k draw two ways: `lax.top_k`
+over the vocabulary (what `draw` does: XLA:GPU has a kernel for k <= 16 and otherwise may sort
+each row), and an exact threshold search (`threshold_top_k` below: the k-th largest value found
+bit by bit with 32 counting passes, then the tokens at or above it), to decide whether the
+second is worth a place in `draw`.
+
+    python experiments/bench_draw.py [--batch 32] [--vocab 151936] [--json F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from arca_jax import draw, sampling  # noqa: E402
+
+SETTINGS = {
+    "greedy": dict(greedy=True),
+    "temperature 1": dict(),
+    "top-k 50": dict(top_k=50),
+    "top-k 50, top-p 0.95": dict(top_k=50, top_p=0.95),
+    "top-p 0.95": dict(top_p=0.95),
+}
+
+
+def threshold_top_k(x: jax.Array, m: int):
+    """The m largest of x [B, V] float32 (ties with the m-th at the end, up to m in all), as
+    (values [B, m] decreasing, ids [B, m]), without sorting the vocabulary: the m-th largest
+    value's order-preserving uint32 key is built from the top bit down, each bit kept when at
+    least m entries reach it (32 fused count passes over [B, V]), then the first m entries at
+    or above it are gathered (a cumulative count) and sorted."""
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    sign = jnp.uint32(0x80000000)
+    key = jnp.where(bits >= sign, ~bits, bits | sign)  # monotone in x
+    t = jnp.zeros(x.shape[:1], jnp.uint32)
+    for bit in range(31, -1, -1):
+        cand = t | jnp.uint32(1 << bit)
+        enough = jnp.sum(key >= cand[:, None], axis=-1) >= m
+        t = jnp.where(enough, cand, t)
+    keep = key >= t[:, None]
+    slot = jnp.cumsum(keep, axis=-1) - 1  # [B, V]: place among the kept
+    V = x.shape[-1]
+    ids = jnp.full((x.shape[0], m), V, jnp.int32)
+    rows = jnp.broadcast_to(jnp.arange(x.shape[0])[:, None], x.shape)
+    target = jnp.where(keep & (slot < m), slot, m)  # m: dropped
+    ids = ids.at[rows, target].set(jnp.broadcast_to(jnp.arange(V, dtype=jnp.int32), x.shape),
+                                   mode="drop")
+    vals = jnp.take_along_axis(x, jnp.minimum(ids, V - 1), axis=-1)
+    vals = jnp.where(ids < V, vals, -jnp.inf)
+    neg, ids = jax.lax.sort((-vals, ids), dimension=1, num_keys=1)
+    return -neg, ids
+
+
+def timed(fn, *args, repeats: int) -> float:
+    jax.block_until_ready(fn(*args))
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--vocab", type=int, default=151936)
+    ap.add_argument("--draws", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--settings", nargs="*", default=list(SETTINGS))
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    B, V, n = args.batch, args.vocab, args.draws
+    logits = 3.0 * jax.random.normal(jax.random.PRNGKey(0), (B, V), jnp.float32)
+    u = jax.random.uniform(jax.random.PRNGKey(1), (B,), jnp.float32, 1e-6, 1.0)
+
+    def program(settings):
+        @jax.jit
+        def run(logits, u):
+            def body(i, acc):
+                x = logits + acc[:, None]  # new logits each draw: nothing is hoisted
+                if settings is None:
+                    return acc + 1e-3 * x[:, 0]
+                c = draw.choose_tokens(x, u, settings)
+                return acc + 1e-3 * c.logps + 1e-6 * c.tokens
+            return jax.lax.fori_loop(0, n, body, jnp.zeros((B,), jnp.float32))
+        return run
+
+    base = timed(program(None), logits, u, repeats=args.repeats) / n  # the add alone
+    dev = jax.devices()[0]
+    res = dict(device=dev.device_kind, platform=dev.platform, jax=jax.__version__, batch=B,
+               vocab=V, draws=n, add_alone_us=base * 1e6, settings={})
+    print(f"{dev.device_kind} ({dev.platform}), logits [{B}, {V}] float32; the add alone "
+          f"{base * 1e6:.1f} us per draw")
+    for name in args.settings:
+        settings = sampling.SamplingConfig(max_new_tokens=1, **SETTINGS[name])
+        sec = timed(program(settings), logits, u, repeats=args.repeats) / n - base
+        res["settings"][name] = sec * 1e6
+        print(f"  {name:22s} {sec * 1e6:9.1f} us per draw")
+    m = 2 * 50  # `draw._top_k_draw`'s candidates for top-k 50
+    res["candidates_of_top_k_50_us"] = {}
+    for name, fn in (("lax.top_k", lambda x: jax.lax.top_k(x, m)),
+                     ("threshold_top_k", lambda x: threshold_top_k(x, m))):
+        vals, _ = jax.jit(fn)(logits)
+        ref, _ = jax.lax.top_k(logits, m)
+        assert bool(jnp.all(vals == ref)), name  # the same values, in the same order
+
+        @jax.jit
+        def run(logits, fn=fn):
+            def body(i, acc):
+                v, ids = fn(logits + acc[:, None])
+                return acc + 1e-3 * v[:, -1] + 1e-6 * ids[:, 0]
+            return jax.lax.fori_loop(0, n, body, jnp.zeros((B,), jnp.float32))
+        sec = timed(run, logits, repeats=args.repeats) / n - base
+        res["candidates_of_top_k_50_us"][name] = sec * 1e6
+        print(f"  the {m} candidates by {name:16s} {sec * 1e6:9.1f} us per draw")
+    path = args.json or (os.path.join(os.environ["OUT"], "bench_draw.json")
+                         if os.environ.get("OUT") else None)
+    if path:
+        with open(path, "w") as f:
+            json.dump(res, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
