@@ -104,3 +104,46 @@ def test_generate_returns_both_logps_and_the_batch_carries_them():
     assert slp.shape == (3, 5) and (slp >= lp - 1e-6).all() and (slp < 0).any()
     batch = build_batch(ids, mask, out)
     np.testing.assert_allclose(np.asarray(batch.behaviour_logps)[:, 4:], slp * np.asarray(out.mask))
+
+
+@pytest.mark.parametrize("V,m", [(7, 7), (50, 10), (300, 100), (4096, 100)])
+def test_threshold_top_k_equals_a_stable_sort(V, m):
+    """The top-k draw's candidate search on CPU (`draw.threshold_top_k`) returns the m largest
+    values and their ids as a stable numpy sort does (ties in index order, -0.0 equal to +0.0),
+    on rows full of ties, with -inf and +inf entries, signed zeros and a row of one value; and
+    equals `lax.top_k` where no zero is signed."""
+    rng = np.random.default_rng(V)
+    x = (np.round(rng.normal(size=(6, V)) * 2) / 2).astype(np.float32)  # many ties
+    x[x == 0] = 0.0  # rounding leaves -0.0 too, which lax.top_k puts after +0.0
+    x[0] = 1.0
+    x[1, ::3] = -np.inf
+    x[2, V // 2] = np.inf
+    top_k = jax.jit(draw.threshold_top_k, static_argnums=1)
+    vals, ids = top_k(jnp.asarray(x), m)
+    ref_vals, ref_ids = jax.lax.top_k(jnp.asarray(x), m)
+    np.testing.assert_array_equal(np.asarray(ids), np.asarray(ref_ids))
+    np.testing.assert_array_equal(np.asarray(vals), np.asarray(ref_vals))
+    x[3, : V // 2] = -0.0
+    x[3, V // 2:] = 0.0
+    x[4, ::2] = -0.0
+    vals, ids = top_k(jnp.asarray(x), m)
+    order = np.argsort(-x, axis=1, kind="stable")[:, :m]
+    np.testing.assert_array_equal(np.asarray(ids), order)
+    np.testing.assert_array_equal(np.asarray(vals), np.take_along_axis(x, order, 1))
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.9])
+def test_top_k_draws_do_not_depend_on_the_candidate_search(monkeypatch, top_p):
+    """A top-k draw picks the same tokens with the same log-probs whether its candidates come
+    from `threshold_top_k` (CPU) or `lax.top_k` (elsewhere), ties included."""
+    rng = np.random.default_rng(7)
+    logits = jnp.asarray(np.round(rng.normal(0, 2, (64, 300)) * 4) / 4, jnp.float32)
+    u = jnp.asarray(1.0 - rng.random(64), jnp.float32)
+    settings = sampling.SamplingConfig(max_new_tokens=1, top_k=20, top_p=top_p, temperature=0.8)
+    searches = {"threshold": draw.threshold_top_k, "lax": jax.lax.top_k}
+    out = {}
+    for name, search in searches.items():
+        monkeypatch.setattr(draw, "top_candidates", search)
+        out[name] = draw.choose_tokens(logits, u, settings)  # eager: a jit would keep one trace
+    for a, b in zip(out["threshold"], out["lax"]):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
