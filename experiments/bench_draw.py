@@ -6,10 +6,9 @@ program that draws `--draws` times in a row (a `lax.fori_loop`, each draw on new
 one add; that add is timed alone and taken off), per draw. Settings: greedy; temperature 1 over
 the whole vocabulary (inverse CDF); top-k 50; top-k 50 then top-p 0.95 (the paper's); top-p 0.95
 alone (a sort over the vocabulary). Then the candidate search of a top-k draw two ways: `lax.top_k`
-over the vocabulary (what `draw` does: XLA:GPU has a kernel for k <= 16 and otherwise may sort
-each row), and an exact threshold search (`threshold_top_k` below: the k-th largest value found
-bit by bit with 32 counting passes, then the tokens at or above it), to decide whether the
-second is worth a place in `draw`.
+over the vocabulary (what `draw.top_candidates` runs off CPU: XLA:GPU has a kernel for k <= 16
+and otherwise may sort each row) and `draw.threshold_top_k` (on CPU: the m-th largest value
+found bit by bit with 32 counting passes, then the tokens at or above it).
 
     python experiments/bench_draw.py [--batch 32] [--vocab 151936] [--json F]
 """
@@ -37,34 +36,6 @@ SETTINGS = {
     "top-k 50, top-p 0.95": dict(top_k=50, top_p=0.95),
     "top-p 0.95": dict(top_p=0.95),
 }
-
-
-def threshold_top_k(x: jax.Array, m: int):
-    """The m largest of x [B, V] float32 (ties with the m-th at the end, up to m in all), as
-    (values [B, m] decreasing, ids [B, m]), without sorting the vocabulary: the m-th largest
-    value's order-preserving uint32 key is built from the top bit down, each bit kept when at
-    least m entries reach it (32 fused count passes over [B, V]), then the first m entries at
-    or above it are gathered (a cumulative count) and sorted."""
-    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
-    sign = jnp.uint32(0x80000000)
-    key = jnp.where(bits >= sign, ~bits, bits | sign)  # monotone in x
-    t = jnp.zeros(x.shape[:1], jnp.uint32)
-    for bit in range(31, -1, -1):
-        cand = t | jnp.uint32(1 << bit)
-        enough = jnp.sum(key >= cand[:, None], axis=-1) >= m
-        t = jnp.where(enough, cand, t)
-    keep = key >= t[:, None]
-    slot = jnp.cumsum(keep, axis=-1) - 1  # [B, V]: place among the kept
-    V = x.shape[-1]
-    ids = jnp.full((x.shape[0], m), V, jnp.int32)
-    rows = jnp.broadcast_to(jnp.arange(x.shape[0])[:, None], x.shape)
-    target = jnp.where(keep & (slot < m), slot, m)  # m: dropped
-    ids = ids.at[rows, target].set(jnp.broadcast_to(jnp.arange(V, dtype=jnp.int32), x.shape),
-                                   mode="drop")
-    vals = jnp.take_along_axis(x, jnp.minimum(ids, V - 1), axis=-1)
-    vals = jnp.where(ids < V, vals, -jnp.inf)
-    neg, ids = jax.lax.sort((-vals, ids), dimension=1, num_keys=1)
-    return -neg, ids
 
 
 def timed(fn, *args, repeats: int) -> float:
@@ -116,7 +87,7 @@ def main():
     m = 2 * 50  # `draw._top_k_draw`'s candidates for top-k 50
     res["candidates_of_top_k_50_us"] = {}
     for name, fn in (("lax.top_k", lambda x: jax.lax.top_k(x, m)),
-                     ("threshold_top_k", lambda x: threshold_top_k(x, m))):
+                     ("threshold_top_k", lambda x: draw.threshold_top_k(x, m))):
         vals, _ = jax.jit(fn)(logits)
         ref, _ = jax.lax.top_k(logits, m)
         assert bool(jnp.all(vals == ref)), name  # the same values, in the same order
