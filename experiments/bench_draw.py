@@ -61,19 +61,23 @@ def main():
     logits = 3.0 * jax.random.normal(jax.random.PRNGKey(0), (B, V), jnp.float32)
     u = jax.random.uniform(jax.random.PRNGKey(1), (B,), jnp.float32, 1e-6, 1.0)
 
-    def program(settings):
+    def looped(per_draw):
+        """A jitted program of n draws on new logits each (one add, so nothing is hoisted);
+        per_draw(x [B, V]) -> [B] float32 feeds the next draw's logits."""
         @jax.jit
-        def run(logits, u):
+        def run(logits):
             def body(i, acc):
-                x = logits + acc[:, None]  # new logits each draw: nothing is hoisted
-                if settings is None:
-                    return acc + 1e-3 * x[:, 0]
-                c = draw.choose_tokens(x, u, settings)
-                return acc + 1e-3 * c.logps + 1e-6 * c.tokens
+                return acc + per_draw(logits + acc[:, None])
             return jax.lax.fori_loop(0, n, body, jnp.zeros((B,), jnp.float32))
         return run
 
-    base = timed(program(None), logits, u, repeats=args.repeats) / n  # the add alone
+    def choose(settings):
+        def per_draw(x):
+            c = draw.choose_tokens(x, u, settings)
+            return 1e-3 * c.logps + 1e-6 * c.tokens
+        return per_draw
+
+    base = timed(looped(lambda x: 1e-3 * x[:, 0]), logits, repeats=args.repeats) / n  # the add
     dev = jax.devices()[0]
     res = dict(device=dev.device_kind, platform=dev.platform, jax=jax.__version__, batch=B,
                vocab=V, draws=n, add_alone_us=base * 1e6, settings={})
@@ -81,24 +85,21 @@ def main():
           f"{base * 1e6:.1f} us per draw")
     for name in args.settings:
         settings = sampling.SamplingConfig(max_new_tokens=1, **SETTINGS[name])
-        sec = timed(program(settings), logits, u, repeats=args.repeats) / n - base
+        sec = timed(looped(choose(settings)), logits, repeats=args.repeats) / n - base
         res["settings"][name] = sec * 1e6
         print(f"  {name:22s} {sec * 1e6:9.1f} us per draw")
     m = 2 * 50  # `draw._top_k_draw`'s candidates for top-k 50
     res["candidates_of_top_k_50_us"] = {}
+    ref, _ = jax.lax.top_k(logits, m)
     for name, fn in (("lax.top_k", lambda x: jax.lax.top_k(x, m)),
                      ("threshold_top_k", lambda x: draw.threshold_top_k(x, m))):
         vals, _ = jax.jit(fn)(logits)
-        ref, _ = jax.lax.top_k(logits, m)
         assert bool(jnp.all(vals == ref)), name  # the same values, in the same order
 
-        @jax.jit
-        def run(logits, fn=fn):
-            def body(i, acc):
-                v, ids = fn(logits + acc[:, None])
-                return acc + 1e-3 * v[:, -1] + 1e-6 * ids[:, 0]
-            return jax.lax.fori_loop(0, n, body, jnp.zeros((B,), jnp.float32))
-        sec = timed(run, logits, repeats=args.repeats) / n - base
+        def per_draw(x, fn=fn):
+            v, ids = fn(x)
+            return 1e-3 * v[:, -1] + 1e-6 * ids[:, 0]
+        sec = timed(looped(per_draw), logits, repeats=args.repeats) / n - base
         res["candidates_of_top_k_50_us"][name] = sec * 1e6
         print(f"  the {m} candidates by {name:16s} {sec * 1e6:9.1f} us per draw")
     path = args.json or (os.path.join(os.environ["OUT"], "bench_draw.json")
