@@ -3,7 +3,8 @@ from `csrc/` on first use, whose handlers this module registers with XLA.
 
   `cpu_attention`  the masked attention of the train step's packed lines (forward, backward);
   `cpu_matmul`     x W for the few rows of a decode step, W packed in column panels;
-  `cache_attention.attend_cpu`  a decode step's attention over the filled part of the cache.
+  `cache_attention.attend_cpu`  a decode step's attention over the filled part of the cache;
+  `cpu_layers`     a decode step's decoder layers in one call.
 
 The library is built with the host's C++ compiler (`$CXX`, else g++; -O3 -march=native) into
 `$XDG_CACHE_HOME/arca-jax/kernels` (default ~/.cache/arca-jax/kernels), one file per set of
@@ -38,7 +39,8 @@ TARGETS = {"arca_packed_attention_fwd": "ArcaPackedAttentionFwd",
            "arca_panel_matmul": "ArcaPanelMatmul",
            "arca_pack_panels": "ArcaPackPanels",
            "arca_pack_panels_transposed": "ArcaPackPanelsTransposed",
-           "arca_decode_attention": "ArcaDecodeAttention"}
+           "arca_decode_attention": "ArcaDecodeAttention",
+           "arca_decode_layers": "ArcaDecodeLayers"}
 _OFF = ("0", "false", "no", "off")
 _lock = threading.Lock()
 _state: dict = {}  # "ok": bool once tried; "error": why not

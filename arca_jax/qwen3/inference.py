@@ -52,7 +52,7 @@ import jax.numpy as jnp
 
 import numpy as np
 
-from arca_jax.qwen3 import cache_attention, cpu_kernels, cpu_matmul, moe
+from arca_jax.qwen3 import cache_attention, cpu_kernels, cpu_layers, cpu_matmul, moe
 from arca_jax.qwen3.cache_attention import attend, attend_cpu, attend_filled, attend_pallas
 from arca_jax.qwen3.cpu_matmul import Panels
 from arca_jax.qwen3.common import (Params, apply_rope, inv_rms, merge_adapter, per_head, rms_norm,
@@ -533,7 +533,17 @@ def inference_forward(weights: InferenceWeights, input_ids: jax.Array, *, config
     x = jnp.take(weights.embed, input_ids, axis=0, mode="clip").astype(dtype)  # [B, T, D]
     new_k, new_v = [], []
     last_layer = len(weights.layers) - 1
-    for i, (layer, k_cache, v_cache) in enumerate(zip(weights.layers, cache.k, cache.v)):
+    if T == 1 and cpu_layers.applies(weights.layers, cache.k[0].dtype, dtype, t,
+                                     weights.decode_attention):
+        # a decode step on CPU: the whole layer stack as one C++ call
+        y, new_k, new_v = cpu_layers.decode_layers(
+            x[:, 0], weights.layers, cache.k, cache.v, bias=bias[:, 0], cos=cos[:, 0, 0],
+            sin=sin[:, 0, 0], index=index, filled=jnp.max(index) + 1, eps=c.rms_norm_eps)
+        x = y[:, None].astype(dtype)
+        stack = ()
+    else:
+        stack = zip(weights.layers, cache.k, cache.v)
+    for i, (layer, k_cache, v_cache) in enumerate(stack):
         # input_layernorm folded into qkv: norm(x) W = (x diag(w) W) / rms(x)
         qkv = _project(x, layer.qkv, layer.qkv_lora, f32) * inv_rms(x, c.rms_norm_eps)
         qkv = qkv.reshape(B, T, t, Nq + 2 * Ks, H)  # shard-major (`_shard_columns`)

@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "panel_block.h"
 #include "parallel_for.h"
 #include "vec16.h"
 #include "xla/ffi/api/ffi.h"
@@ -21,15 +22,15 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+using arca_jax::kAhead;
 using arca_jax::kLanes;
+using arca_jax::kPanel;
+using arca_jax::kPanelParts;
 using arca_jax::LoadN;
-using arca_jax::NVec;
+using arca_jax::Rows;
 using arca_jax::StoreN;
 
-constexpr int64_t kPanel = 16;  // columns per panel
-constexpr int kParts = kPanel / kLanes;  // vectors per panel row
-constexpr int kRows = kParts == 1 ? 12 : 6;  // rows per block: 12 or 16 accumulators
-constexpr int64_t kAhead = 32;           // panel rows prefetched ahead
+constexpr int kRows = arca_jax::kBlockRows;
 constexpr int64_t kRowChunk = 8 * kRows; // rows of x per task
 constexpr double kSmall = 4e5;           // flops below which one thread runs the product
 // Tasks per worker: a helper of XLA's pool starts tens of microseconds after the caller, and the
@@ -37,42 +38,6 @@ constexpr double kSmall = 4e5;           // flops below which one thread runs th
 // benchmark's decode loop, one process alternating 4 and 16: 2-9% faster in five of seven pairs
 // of 12-20 rounds, 1-2% slower in the other two; 2-core Zen 3 EPYC).
 constexpr int64_t kTasksPerWorker = 16;
-
-// R rows of x (row stride K) times panel p [K, 16] -> the first `cols` columns of R rows of y
-// (row stride N).
-template <int R>
-inline void Block(const float* x, int64_t K, const float* p, float* y, int64_t N, int64_t cols) {
-  NVec acc[R][kParts];
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < kParts; ++j) acc[r][j] = NVec{};
-  for (int64_t k = 0; k < K; ++k) {
-    __builtin_prefetch(p + (k + kAhead) * kPanel);
-    NVec w[kParts];
-    for (int j = 0; j < kParts; ++j) w[j] = LoadN(p + k * kPanel + j * kLanes);
-#pragma GCC unroll 16
-    for (int r = 0; r < R; ++r) {
-      const float xv = x[r * K + k];
-#pragma GCC unroll 2
-      for (int j = 0; j < kParts; ++j) acc[r][j] += xv * w[j];
-    }
-  }
-  if (cols == kPanel) {
-    for (int r = 0; r < R; ++r)
-      for (int j = 0; j < kParts; ++j) StoreN(y + r * N + j * kLanes, acc[r][j]);
-  } else {
-    for (int r = 0; r < R; ++r)
-      for (int64_t c = 0; c < cols; ++c) y[r * N + c] = acc[r][c / kLanes][c % kLanes];
-  }
-}
-
-// m rows: blocks of R, then the rest with smaller blocks.
-template <int R>
-void Rows(const float* x, int64_t K, const float* p, float* y, int64_t N, int64_t cols, int64_t m) {
-  if constexpr (R > 0) {
-    for (; m >= R; m -= R, x += R * K, y += R * N) Block<R>(x, K, p, y, N, cols);
-    if (m > 0) Rows<R - 1>(x, K, p, y, N, cols, m);
-  }
-}
 
 ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                       ffi::ResultBuffer<ffi::F32> y) {
@@ -130,7 +95,7 @@ ffi::Error PackImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, ffi::ResultBu
       const float* s = src + c * kPanel;
       for (int64_t k = 0; k < K; ++k, d += kPanel, s += N) {
         if (cols == kPanel) {
-          for (int j = 0; j < kParts; ++j) StoreN(d + j * kLanes, LoadN(s + j * kLanes));
+          for (int j = 0; j < kPanelParts; ++j) StoreN(d + j * kLanes, LoadN(s + j * kLanes));
         } else {
           for (int64_t j = 0; j < kPanel; ++j) d[j] = j < cols ? s[j] : 0.0f;
         }

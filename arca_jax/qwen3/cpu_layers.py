@@ -1,0 +1,84 @@
+"""A decode step's decoder layers on CPU as one C++ call (`csrc/decode_layers.cc`): each group
+of rows runs every layer in turn (products by the panel kernel of `cpu_matmul`, norms, rotary
+embedding, cache writes, attention by `cache_attention.attend_cpu`'s kernel), the groups spread
+over XLA's CPU thread pool, the cache written in place.
+
+`inference_forward` runs it for a T = 1 step when every layer qualifies (`applies`): float32,
+the kernels packed (`matmul="cpu-kernel"`), decode attention "cpu-kernel", one tensor shard,
+dense MLPs and no separate low-rank adapter (merged adapters are fine). The rows of a decode
+step never meet inside the layer stack, so no data passes between threads until the call
+returns; as XLA's operations, each layer is five C++ calls (each split by columns over the pool,
+whose helper sleeps between calls) and some twenty-five small fusions.
+
+    x, ks, vs = cpu_layers.decode_layers(x, layers, ks, vs, bias=..., cos=..., sin=...,
+                                         index=..., filled=..., eps=config.rms_norm_eps)
+"""
+
+from __future__ import annotations
+
+from typing import Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from arca_jax.qwen3 import cpu_kernels
+from arca_jax.qwen3.cpu_matmul import Panels
+
+_TARGET = "arca_decode_layers"
+_FIXED = 6  # x, bias, cos, sin, index, filled; then 7 buffers per layer
+
+
+def applies(layers: Sequence, cache_dtype, activation_dtype, tensor: int,
+            decode_attention: str) -> bool:
+    """Whether `decode_layers` runs these `InferenceLayer`s (static: types and dtypes)."""
+    f32 = jnp.dtype(jnp.float32)
+    return (decode_attention == "cpu-kernel" and tensor == 1
+            and jnp.dtype(cache_dtype) == f32 and jnp.dtype(activation_dtype) == f32
+            and all(layer.sparse_mlp is None
+                    and all(isinstance(w, Panels)
+                            for w in (layer.qkv, layer.o, layer.gate_up, layer.down))
+                    and all(lr is None for lr in (layer.qkv_lora, layer.o_lora,
+                                                  layer.gate_up_lora, layer.down_lora))
+                    for layer in layers))
+
+
+def decode_layers(x: jax.Array, layers: Sequence, ks: Sequence[jax.Array],
+                  vs: Sequence[jax.Array], *, bias: jax.Array, cos: jax.Array, sin: jax.Array,
+                  index: jax.Array, filled: jax.Array,
+                  eps: float) -> Tuple[jax.Array, tuple, tuple]:
+    """Every decoder layer of a decode step.
+
+    Args:
+      x: [B, D] float32, the rows' residual stream entering the first layer.
+      layers: `InferenceLayer`s for which `applies` holds.
+      ks, vs: each layer's cache, [B, K, H, S] (keys transposed) and [B, K, S, H] float32.
+      bias: [B, S] float32, 0 where the row sees the slot (its new one included), else a large
+        negative number.
+      cos, sin: [B, H] float32 rotary tables (`common.rope_tables` at the rows' positions).
+      index: [B] int32, the slot each row's new key and value go to.
+      filled: [] int32, no row sees a slot at or past it.
+      eps: the RMS norms' epsilon.
+
+    Returns:
+      (x after the last layer [B, D], ks, vs with row b's new key and value at slot index[b]);
+      the cache is updated in place where the caller's buffers allow it (a loop carry).
+    """
+    cpu_kernels.require("cpu_layers.decode_layers")
+    f32 = jnp.float32
+    args = [x.astype(f32), bias.astype(f32), cos.astype(f32), sin.astype(f32),
+            index.astype(jnp.int32), jnp.asarray(filled, jnp.int32)]
+    out = [jax.ShapeDtypeStruct(x.shape, f32)]
+    aliases = {}
+    for layer, k, v in zip(layers, ks, vs):
+        qk_norm = layer.qk_norm.reshape(-1, layer.qk_norm.shape[-1]).astype(f32)  # [N + K, H]
+        args += [layer.qkv.data, qk_norm, layer.o.data, layer.gate_up.data, layer.down.data]
+        aliases[len(args)] = len(out)
+        args.append(k)
+        out.append(jax.ShapeDtypeStruct(k.shape, f32))
+        aliases[len(args)] = len(out)
+        args.append(v)
+        out.append(jax.ShapeDtypeStruct(v.shape, f32))
+    res = jax.ffi.ffi_call(_TARGET, out, input_output_aliases=aliases,
+                           vmap_method="sequential")(*args, eps=np.float32(eps))
+    return res[0], tuple(res[1::2]), tuple(res[2::2])

@@ -1,0 +1,126 @@
+"""`qwen3.cpu_layers`, a decode step's layer stack as one C++ call: every decode step's logits
+and the whole cache equal those of XLA's operations (`matmul="xla"`, the "reduce" attention) for
+shapes off the kernels' 16 lanes (hidden sizes, head sizes, the MLP width off its panels: the
+SwiGLU's own phase), head groups of one to four, more rows than a register block, rows at
+different cache positions behind left padding, and a merged adapter; `applies` holds only for
+the packed, float32, single-shard, dense, merged case; bad shapes give a clear error."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from arca_jax import lora, qwen3, sampling
+from arca_jax.qwen3 import cpu_kernels, cpu_layers
+from fixtures import shifted_adapter
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(),
+                                reason=f"CPU kernels: {cpu_kernels.error()}")
+
+
+def _config(D, F, N, K, H, L=2):
+    return qwen3.Qwen3Config(vocab_size=61, hidden_size=D, intermediate_size=F,
+                             num_hidden_layers=L, num_attention_heads=N, num_key_value_heads=K,
+                             head_dim=H, tie_word_embeddings=True)
+
+
+def _decode(config, params, tree, scale, *, matmul, decode_attention, B, P, steps, seed):
+    """Prefill (left-padded prompts), then `steps` decode steps fed random tokens:
+    (logits [steps + 1, B, V], the final cache)."""
+    rng = np.random.default_rng(seed)
+    ids = jnp.asarray(rng.integers(1, config.vocab_size, (B, P)), jnp.int32)
+    pad = rng.integers(0, P - 1, B)
+    mask = jnp.asarray(np.arange(P)[None, :] >= pad[:, None], jnp.int32)
+    feed = rng.integers(1, config.vocab_size, (B, steps)).astype(np.int32)
+    w = qwen3.inference_weights(params, config, lora=tree, lora_scale=scale,
+                                merge_lora=tree is not None, matmul=matmul,
+                                decode_attention=decode_attention)
+    step = jax.jit(qwen3.inference_forward, static_argnames="config")
+    out = step(w, ids, config=config, positions=qwen3.default_positions(mask),
+               attention_mask=mask, cache=qwen3.KVCache.init(
+                   config, B, P + steps + 3, transposed_keys=qwen3.transposed_keys(
+                       w.decode_attention)))
+    seen = [out.logits]
+    for i in range(steps):
+        out = step(w, jnp.asarray(feed[:, i:i + 1]), config=config,
+                   positions=(mask.sum(1, keepdims=True) + i).astype(jnp.int32),
+                   attention_mask=jnp.ones((B, 1), jnp.int32), cache=out.cache)
+        seen.append(out.logits)
+    return np.stack(seen), out.cache
+
+
+@pytest.mark.parametrize("D, F, N, K, H, B, adapter", [
+    (48, 80, 4, 2, 12, 3, None),     # D and H off the 16 lanes, F on its panels
+    (64, 72, 4, 4, 32, 9, None),     # G = 1; F off the panels (the SwiGLU phase); rows past a block
+    (40, 96, 8, 2, 32, 14, "merged"),  # G = 4, the rotation on whole vectors, a merged adapter
+    (32, 48, 2, 1, 16, 1, None)],    # one row
+    ids=["odd-sizes", "wide-mlp-rest", "four-heads-merged", "one-row"])
+def test_decode_steps_equal_xla_operations(D, F, N, K, H, B, adapter):
+    config = _config(D, F, N, K, H)
+    params = qwen3.init_params(config, jax.random.PRNGKey(D + F), jnp.float32)
+    tree, scale = None, 1.0
+    if adapter:
+        lcfg = lora.LoraConfig(rank=3, alpha=6.0, targets=("q_proj", "k_proj", "v_proj", "o_proj",
+                                                          "gate_proj", "up_proj", "down_proj"))
+        tree, scale = shifted_adapter(config, lcfg, seed=2, shift=0.05), lcfg.scaling
+    kw = dict(B=B, P=7, steps=5, seed=B + H)
+    got, got_cache = _decode(config, params, tree, scale, matmul="cpu-kernel",
+                             decode_attention="cpu-kernel", **kw)
+    want, want_cache = _decode(config, params, tree, scale, matmul="xla",
+                               decode_attention="reduce", **kw)
+    w = qwen3.inference_weights(params, config, lora=tree, lora_scale=scale,
+                                merge_lora=tree is not None, matmul="cpu-kernel",
+                                decode_attention="cpu-kernel")
+    assert cpu_layers.applies(w.layers, jnp.float32, jnp.float32, 1, "cpu-kernel")
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    # a later layer's keys pass the residual stream's rounding through the k norm, which
+    # magnifies it where a head's vector is short (up to 2e-5 here, against 4e-7 in layer 0)
+    for a, b in zip(got_cache.k, want_cache.k):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=5e-5)
+    for a, b in zip(got_cache.v, want_cache.v):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(got_cache.index, want_cache.index)
+
+
+def test_the_sampler_draws_the_tokens_of_xla_operations():
+    config = _config(48, 80, 4, 2, 12)
+    params = qwen3.init_params(config, jax.random.PRNGKey(4), jnp.float32)
+    ids = jnp.asarray(np.random.default_rng(5).integers(1, 61, (10, 5)), jnp.int32)
+    outs = {m: sampling.generate(params, ids, jnp.ones_like(ids), config=config,
+                                 rng=jax.random.PRNGKey(6), max_new_tokens=12, eos_id=(3, 7),
+                                 group_size=2, matmul=m, decode_attention=a)
+            for m, a in (("cpu-kernel", "cpu-kernel"), ("xla", "reduce"))}
+    np.testing.assert_array_equal(outs["cpu-kernel"].tokens, outs["xla"].tokens)
+    np.testing.assert_allclose(outs["cpu-kernel"].logps, outs["xla"].logps, rtol=0, atol=1e-5)
+
+
+def test_applies_to_the_packed_float32_single_shard_case_only():
+    config = _config(48, 80, 4, 2, 12)
+    params = qwen3.init_params(config, jax.random.PRNGKey(0), jnp.float32)
+    lcfg = lora.LoraConfig(rank=2, alpha=4.0, targets=("q_proj",))
+    tree = shifted_adapter(config, lcfg, seed=1, shift=0.1)
+    packed = qwen3.inference_weights(params, config, matmul="cpu-kernel",
+                                     decode_attention="cpu-kernel")
+    f32 = jnp.float32
+    assert cpu_layers.applies(packed.layers, f32, f32, 1, "cpu-kernel")
+    assert not cpu_layers.applies(packed.layers, f32, f32, 1, "reduce")
+    assert not cpu_layers.applies(packed.layers, jnp.bfloat16, f32, 1, "cpu-kernel")
+    low_rank = qwen3.inference_weights(params, config, lora=tree, lora_scale=lcfg.scaling,
+                                       matmul="cpu-kernel", decode_attention="cpu-kernel")
+    assert not cpu_layers.applies(low_rank.layers, f32, f32, 1, "cpu-kernel")
+    unpacked = qwen3.inference_weights(params, config, matmul="xla", decode_attention="cpu-kernel")
+    assert not cpu_layers.applies(unpacked.layers, f32, f32, 1, "cpu-kernel")
+
+
+def test_mismatched_shapes_are_a_clear_error():
+    config = _config(48, 80, 4, 2, 12, L=1)
+    params = qwen3.init_params(config, jax.random.PRNGKey(0), jnp.float32)
+    w = qwen3.inference_weights(params, config, matmul="cpu-kernel", decode_attention="cpu-kernel")
+    B, S = 2, 9
+    k = jnp.zeros((B, 2, 12, S))
+    v = jnp.zeros((B, 2, S + 1, 12))  # one slot too many
+    with pytest.raises(Exception, match="decode layers"):
+        jax.block_until_ready(cpu_layers.decode_layers(
+            jnp.zeros((B, 48)), w.layers, (k,), (v,), bias=jnp.zeros((B, S)),
+            cos=jnp.ones((B, 12)), sin=jnp.zeros((B, 12)), index=jnp.zeros((B,), jnp.int32),
+            filled=jnp.int32(1), eps=1e-6))
