@@ -39,6 +39,7 @@ TARGETS = {"arca_packed_attention_fwd": "ArcaPackedAttentionFwd",
            "arca_panel_matmul": "ArcaPanelMatmul",
            "arca_pack_panels": "ArcaPackPanels",
            "arca_pack_panels_transposed": "ArcaPackPanelsTransposed",
+           "arca_pack_panels_parts": "ArcaPackPanelsParts",
            "arca_decode_attention": "ArcaDecodeAttention",
            "arca_decode_layers": "ArcaDecodeLayers"}
 _OFF = ("0", "false", "no", "off")

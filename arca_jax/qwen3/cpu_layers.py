@@ -1,17 +1,16 @@
-"""A decode step's decoder layers on CPU as one C++ call (`csrc/decode_layers.cc`): each group
-of rows runs every layer in turn (products by the panel kernel of `cpu_matmul`, norms, rotary
-embedding, cache writes, attention by `cache_attention.attend_cpu`'s kernel), the groups spread
-over XLA's CPU thread pool, the cache written in place.
+"""A decode step's decoder layers and head on CPU as one C++ call (`csrc/decode_layers.cc`):
+the products by the panel kernel of `cpu_matmul`, and the norms, rotary embedding, cache writes
+and attention (`cache_attention.attend_cpu`'s kernel) in between, the cache written in place.
 
 `inference_forward` runs it for a T = 1 step when every layer qualifies (`applies`): float32,
 the kernels packed (`matmul="cpu-kernel"`), decode attention "cpu-kernel", one tensor shard,
-dense MLPs and no separate low-rank adapter (merged adapters are fine). The rows of a decode
-step never meet inside the layer stack, so no data passes between threads until the call
-returns; as XLA's operations, each layer is five C++ calls (each split by columns over the pool,
-whose helper sleeps between calls) and some twenty-five small fusions.
+dense MLPs, no separate low-rank adapter (merged adapters are fine) and a packed head. As XLA's
+operations, a layer is five C++ calls, each handing part of its product to a helper of XLA's
+thread pool that sleeps between calls, and some twenty-five small fusions; here the helpers are
+woken once per step and stay for it (`csrc/team.h`).
 
-    x, ks, vs = cpu_layers.decode_layers(x, layers, ks, vs, bias=..., cos=..., sin=...,
-                                         index=..., filled=..., eps=config.rms_norm_eps)
+    logits, ks, vs = cpu_layers.decode_layers(x, weights, ks, vs, bias=..., cos=..., sin=...,
+                                              index=..., filled=..., eps=config.rms_norm_eps)
 """
 
 from __future__ import annotations
@@ -26,32 +25,32 @@ from arca_jax.qwen3 import cpu_kernels
 from arca_jax.qwen3.cpu_matmul import Panels
 
 _TARGET = "arca_decode_layers"
-_FIXED = 6  # x, bias, cos, sin, index, filled; then 7 buffers per layer
 
 
-def applies(layers: Sequence, cache_dtype, activation_dtype, tensor: int,
-            decode_attention: str) -> bool:
-    """Whether `decode_layers` runs these `InferenceLayer`s (static: types and dtypes)."""
+def applies(weights, cache_dtype) -> bool:
+    """Whether `decode_layers` runs these `InferenceWeights` over a cache of `cache_dtype`
+    (static: types and dtypes)."""
     f32 = jnp.dtype(jnp.float32)
-    return (decode_attention == "cpu-kernel" and tensor == 1
-            and jnp.dtype(cache_dtype) == f32 and jnp.dtype(activation_dtype) == f32
+    return (weights.decode_attention == "cpu-kernel" and weights.tensor == 1
+            and jnp.dtype(cache_dtype) == f32 and jnp.dtype(weights.dtype) == f32
+            and isinstance(weights.lm_head, Panels)
             and all(layer.sparse_mlp is None
                     and all(isinstance(w, Panels)
                             for w in (layer.qkv, layer.o, layer.gate_up, layer.down))
                     and all(lr is None for lr in (layer.qkv_lora, layer.o_lora,
                                                   layer.gate_up_lora, layer.down_lora))
-                    for layer in layers))
+                    for layer in weights.layers))
 
 
-def decode_layers(x: jax.Array, layers: Sequence, ks: Sequence[jax.Array],
+def decode_layers(x: jax.Array, weights, ks: Sequence[jax.Array],
                   vs: Sequence[jax.Array], *, bias: jax.Array, cos: jax.Array, sin: jax.Array,
                   index: jax.Array, filled: jax.Array,
                   eps: float) -> Tuple[jax.Array, tuple, tuple]:
-    """Every decoder layer of a decode step.
+    """Every decoder layer of a decode step, the final norm and the head.
 
     Args:
-      x: [B, D] float32, the rows' residual stream entering the first layer.
-      layers: `InferenceLayer`s for which `applies` holds.
+      x: [B, D] float32, the new tokens' embeddings.
+      weights: `InferenceWeights` for which `applies` holds.
       ks, vs: each layer's cache, [B, K, H, S] (keys transposed) and [B, K, S, H] float32.
       bias: [B, S] float32, 0 where the row sees the slot (its new one included), else a large
         negative number.
@@ -61,16 +60,17 @@ def decode_layers(x: jax.Array, layers: Sequence, ks: Sequence[jax.Array],
       eps: the RMS norms' epsilon.
 
     Returns:
-      (x after the last layer [B, D], ks, vs with row b's new key and value at slot index[b]);
-      the cache is updated in place where the caller's buffers allow it (a loop carry).
+      (logits [B, V] float32, ks, vs with row b's new key and value at slot index[b]); the cache
+      is updated in place where the caller's buffers allow it (a loop carry).
     """
     cpu_kernels.require("cpu_layers.decode_layers")
     f32 = jnp.float32
     args = [x.astype(f32), bias.astype(f32), cos.astype(f32), sin.astype(f32),
-            index.astype(jnp.int32), jnp.asarray(filled, jnp.int32)]
-    out = [jax.ShapeDtypeStruct(x.shape, f32)]
+            index.astype(jnp.int32), jnp.asarray(filled, jnp.int32),
+            weights.final_norm.astype(f32), weights.lm_head.data]
+    out = [jax.ShapeDtypeStruct((x.shape[0], weights.lm_head.columns), f32)]
     aliases = {}
-    for layer, k, v in zip(layers, ks, vs):
+    for layer, k, v in zip(weights.layers, ks, vs):
         qk_norm = layer.qk_norm.reshape(-1, layer.qk_norm.shape[-1]).astype(f32)  # [N + K, H]
         args += [layer.qkv.data, qk_norm, layer.o.data, layer.gate_up.data, layer.down.data]
         aliases[len(args)] = len(out)

@@ -13,6 +13,7 @@ sum and reads each panel's rows contiguously; panels are split over XLA's CPU th
 Float32 only.
 
     w = cpu_matmul.pack(kernel)          # [in, out] -> Panels
+    w = cpu_matmul.pack_parts([(q, i), (k, i), (v, i)], scale=(norm, i))  # a fused kernel
     y = cpu_matmul.matmul(x, w)          # x [..., in] -> [..., out], float32
 
 Both raise a clear error where the kernels are not available (`cpu_kernels.require`).
@@ -20,9 +21,12 @@ Both raise a clear error where the kernels are not available (`cpu_kernels.requi
 
 from __future__ import annotations
 
+from typing import Optional, Sequence, Tuple
+
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from arca_jax.qwen3 import cpu_kernels
 
@@ -30,6 +34,7 @@ PANEL = 16  # columns per panel
 _TARGET = "arca_panel_matmul"
 _PACK = "arca_pack_panels"
 _PACK_T = "arca_pack_panels_transposed"
+_PACK_PARTS = "arca_pack_panels_parts"
 
 
 @flax.struct.dataclass
@@ -61,6 +66,34 @@ def pack(w: jax.Array, transposed: bool = False) -> Panels:
                             jax.ShapeDtypeStruct((C, n_in, PANEL), jnp.float32),
                             vmap_method="sequential")(w.astype(jnp.float32))
     return Panels(data=data, columns=out)
+
+
+def pack_parts(parts: Sequence[Tuple[jax.Array, int]], scale: Optional[Tuple[jax.Array, int]] = None
+               ) -> Panels:
+    """One layer's fused kernel packed in one pass: parts [(stack [L_i, in, out_i], layer i)]
+    side by side, each row times scale[0][scale[1]] ([L_s, in]) when given -> `Panels` of
+    diag(scale) [W_1 | W_2 | ...] ([in, sum out_i]); float32 (other dtypes are cast first, one
+    layer at a time). The same values as slicing, concatenating, scaling and `pack`, without
+    those passes over the weights."""
+    cpu_kernels.require("cpu_matmul.pack_parts")
+    f32 = jnp.float32
+    arrays, layers = [], []
+    for stack, layer in parts:
+        if stack.dtype != f32:  # cast the one layer, not the stack
+            stack, layer = stack[layer][None].astype(f32), 0
+        arrays.append(stack)
+        layers.append(int(layer))
+    n_in = arrays[0].shape[1]
+    columns = sum(a.shape[2] for a in arrays)
+    scale_layer = -1
+    if scale is not None:
+        arrays.append(scale[0].astype(f32))
+        scale_layer = int(scale[1])
+    data = jax.ffi.ffi_call(_PACK_PARTS,
+                            jax.ShapeDtypeStruct((-(-columns // PANEL), n_in, PANEL), f32),
+                            vmap_method="sequential")(
+        *arrays, layers=np.asarray(layers, np.int64), scale_layer=np.int64(scale_layer))
+    return Panels(data=data, columns=columns)
 
 
 def matmul(x: jax.Array, w: Panels) -> jax.Array:

@@ -283,6 +283,16 @@ def inference_weights(params: Params, config: Qwen3Config, *, lora: Optional[Par
             w = w[:, order[name]]
         return w.astype(layers_p[block][projs[0]]["kernel"].dtype)
 
+    def packed(name, i, j):
+        """`fused` packed in panels for `cpu_matmul` by one pass of the kernel library over the
+        stacks (the merged kernels computed first)."""
+        block, projs, norm = groups[name]
+        parts = [(kernel(block, p, j)[None], 0)
+                 if merge_lora and adapters.get(block, {}).get(p) is not None
+                 else (layers_p[block][p]["kernel"], j) for p in projs]
+        return cpu_matmul.pack_parts(parts, None if norm is None else (layers_p[norm]["scale"], i))
+
+    make = packed if matmul == "cpu-kernel" else fused
     kinds = _mlp_kinds(config)
     low_rank = {}
     for name, block, projs, norm in _GROUPS:
@@ -325,20 +335,16 @@ def inference_weights(params: Params, config: Qwen3Config, *, lora: Optional[Par
         if kinds[i]:
             mlp["sparse_mlp"] = jax.tree_util.tree_map(lambda w: w[j], sparse)
         else:
-            mlp.update(gate_up=fused("gate_up", i, j), down=fused("down", i, j))
+            mlp.update(gate_up=make("gate_up", i, j), down=make("down", i, j))
         lr = {f"{name}_lora": None if low_rank[name] is None  # MLP adapters: dense models only
               else LowRank(a=low_rank[name][0][i], b=low_rank[name][1][i]) for name, *_ in _GROUPS}
-        layers.append(InferenceLayer(qkv=fused("qkv", i, i), qk_norm=qk_norm[i],
-                                     o=fused("o", i, i), **mlp, **lr))
+        layers.append(InferenceLayer(qkv=make("qkv", i, i), qk_norm=qk_norm[i],
+                                     o=make("o", i, i), **mlp, **lr))
     embed = params["embed_tokens"]["embedding"]
     lm_head = None if config.tie_word_embeddings else params["lm_head"]["kernel"]
     if matmul == "cpu-kernel":
-        pack = lambda w: None if w is None else cpu_matmul.pack(w)  # noqa: E731
-        layers = [layer.replace(qkv=pack(layer.qkv), o=pack(layer.o),
-                                gate_up=pack(layer.gate_up), down=pack(layer.down))
-                  for layer in layers]
         lm_head = (cpu_matmul.pack(embed, transposed=True) if lm_head is None
-                   else pack(lm_head))
+                   else cpu_matmul.pack(lm_head))
     return InferenceWeights(
         embed=embed, layers=tuple(layers), final_norm=params["norm"]["scale"], lm_head=lm_head,
         decode_attention=decode_attention, tensor=tensor,
@@ -485,6 +491,18 @@ def _sparse_mlp(x: jax.Array, w: SparseMlp, config: Qwen3MoeConfig, mesh=None) -
     return mix.y.reshape(B, T, D)
 
 
+def _head(weights: InferenceWeights, last: jax.Array) -> jax.Array:
+    """The final-normed last positions [B, D] -> logits [B, V] float32."""
+    if isinstance(weights.lm_head, Panels):
+        return cpu_matmul.matmul(last, weights.lm_head)
+    f32 = jnp.float32
+    if weights.lm_head is None:  # tied: the embedding [V, D]
+        return jnp.einsum("BD,VD->BV", last, weights.embed.astype(last.dtype),
+                          preferred_element_type=f32)
+    return jnp.einsum("BD,DV->BV", last, weights.lm_head.astype(last.dtype),
+                      preferred_element_type=f32)
+
+
 def inference_forward(weights: InferenceWeights, input_ids: jax.Array, *, config: Qwen3Config,
                       positions: jax.Array, attention_mask: jax.Array,
                       cache: KVCache) -> InferenceOutput:
@@ -533,16 +551,13 @@ def inference_forward(weights: InferenceWeights, input_ids: jax.Array, *, config
     x = jnp.take(weights.embed, input_ids, axis=0, mode="clip").astype(dtype)  # [B, T, D]
     new_k, new_v = [], []
     last_layer = len(weights.layers) - 1
-    if T == 1 and cpu_layers.applies(weights.layers, cache.k[0].dtype, dtype, t,
-                                     weights.decode_attention):
-        # a decode step on CPU: the whole layer stack as one C++ call
-        y, new_k, new_v = cpu_layers.decode_layers(
-            x[:, 0], weights.layers, cache.k, cache.v, bias=bias[:, 0], cos=cos[:, 0, 0],
+    logits = None
+    if T == 1 and cpu_layers.applies(weights, cache.k[0].dtype):
+        # a decode step on CPU: the layers and the head as one C++ call
+        logits, new_k, new_v = cpu_layers.decode_layers(
+            x[:, 0], weights, cache.k, cache.v, bias=bias[:, 0], cos=cos[:, 0, 0],
             sin=sin[:, 0, 0], index=index, filled=jnp.max(index) + 1, eps=c.rms_norm_eps)
-        x = y[:, None].astype(dtype)
-        stack = ()
-    else:
-        stack = zip(weights.layers, cache.k, cache.v)
+    stack = () if logits is not None else zip(weights.layers, cache.k, cache.v)
     for i, (layer, k_cache, v_cache) in enumerate(stack):
         # input_layernorm folded into qkv: norm(x) W = (x diag(w) W) / rms(x)
         qkv = _project(x, layer.qkv, layer.qkv_lora, f32) * inv_rms(x, c.rms_norm_eps)
@@ -583,13 +598,7 @@ def inference_forward(weights: InferenceWeights, input_ids: jax.Array, *, config
             B, x.shape[1], F)
         x = x + _project(h, layer.down, layer.down_lora, dtype)
 
-    last = x[:, -1]  # [B, D]
-    last = rms_norm(last, weights.final_norm, c.rms_norm_eps)
-    if isinstance(weights.lm_head, Panels):
-        logits = cpu_matmul.matmul(last, weights.lm_head)
-    elif weights.lm_head is None:
-        logits = jnp.einsum("BD,VD->BV", last, weights.embed.astype(dtype), preferred_element_type=f32)
-    else:
-        logits = jnp.einsum("BD,DV->BV", last, weights.lm_head.astype(dtype), preferred_element_type=f32)
+    if logits is None:
+        logits = _head(weights, rms_norm(x[:, -1], weights.final_norm, c.rms_norm_eps))
     new_cache = cache.replace(k=tuple(new_k), v=tuple(new_v), valid=valid, index=index + T)
     return InferenceOutput(logits=logits, cache=new_cache)

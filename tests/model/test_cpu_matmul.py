@@ -1,5 +1,6 @@
 """`qwen3.cpu_matmul`: the panel kernel's products equal numpy's (row counts across its row
-blocks and task chunks, column counts off the 16-column panels, leading axes); the decode path
+blocks and task chunks, column counts off the 16-column panels, leading axes); `pack_parts`
+packs a fused, norm-scaled kernel to the bits of `pack` over XLA's concatenation; the decode path
 with packed weights (`inference_weights(matmul="cpu-kernel")`) gives the logits of XLA's dots at
 prefill and every decode step (tied and untied heads, LoRA low-rank and merged) and the same
 sampled tokens; `default_matmul` picks the kernel on CPU for float32 without a mesh only."""
@@ -43,6 +44,30 @@ def test_pack_holds_column_panels():
     np.testing.assert_array_equal(t.data, p.data)
     with pytest.raises(ValueError, match="columns"):
         cpu_matmul.matmul(jnp.ones((2, 4)), p)
+
+
+@pytest.mark.parametrize("outs, scaled", [((24, 8, 8), True), ((16, 32), False), ((5,), True),
+                                           ((20, 20, 7), False)],
+                         ids=["qkv-straddling", "whole-panels", "one-narrow", "unscaled-rest"])
+def test_pack_parts_equals_scaling_concatenating_and_packing(outs, scaled):
+    rng = np.random.default_rng(sum(outs))
+    L, n_in, layer = 3, 10, 1
+    stacks = [rng.normal(size=(L, n_in, o)).astype(np.float32) for o in outs]
+    scale = rng.normal(size=(L, n_in)).astype(np.float32)
+    fused = np.concatenate([s[layer] for s in stacks], axis=-1)
+    if scaled:
+        fused = scale[layer][:, None] * fused
+    want = cpu_matmul.pack(jnp.asarray(fused))
+    got = cpu_matmul.pack_parts([(jnp.asarray(s), layer) for s in stacks],
+                                (jnp.asarray(scale), layer) if scaled else None)
+    assert got.columns == want.columns == sum(outs)
+    np.testing.assert_array_equal(np.asarray(got.data), np.asarray(want.data))
+    # a bfloat16 stack is cast one layer at a time; a part may be a lone layer ([1, in, out])
+    half = jnp.asarray(stacks[0]).astype(jnp.bfloat16)
+    mixed = cpu_matmul.pack_parts([(half, layer), (jnp.asarray(stacks[-1][layer])[None], 0)])
+    np.testing.assert_array_equal(
+        np.asarray(mixed.data), np.asarray(cpu_matmul.pack(jnp.concatenate(
+            [half[layer].astype(jnp.float32), jnp.asarray(stacks[-1][layer])], axis=-1)).data))
 
 
 def _config(tied):

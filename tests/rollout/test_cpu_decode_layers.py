@@ -1,9 +1,10 @@
-"""`qwen3.cpu_layers`, a decode step's layer stack as one C++ call: every decode step's logits
+"""`qwen3.cpu_layers`, a decode step's layers and head as one C++ call: every decode step's logits
 and the whole cache equal those of XLA's operations (`matmul="xla"`, the "reduce" attention) for
 shapes off the kernels' 16 lanes (hidden sizes, head sizes, the MLP width off its panels: the
 SwiGLU's own phase), head groups of one to four, more rows than a register block, rows at
-different cache positions behind left padding, and a merged adapter; `applies` holds only for
-the packed, float32, single-shard, dense, merged case; bad shapes give a clear error."""
+different cache positions behind left padding, and a merged adapter, untied heads too; `applies` holds
+only for the packed, float32, single-shard, dense case without a separate low-rank adapter; bad
+shapes give a clear error."""
 
 import jax
 import jax.numpy as jnp
@@ -18,10 +19,10 @@ pytestmark = pytest.mark.skipif(not cpu_kernels.available(),
                                 reason=f"CPU kernels: {cpu_kernels.error()}")
 
 
-def _config(D, F, N, K, H, L=2):
+def _config(D, F, N, K, H, L=2, tied=True):
     return qwen3.Qwen3Config(vocab_size=61, hidden_size=D, intermediate_size=F,
                              num_hidden_layers=L, num_attention_heads=N, num_key_value_heads=K,
-                             head_dim=H, tie_word_embeddings=True)
+                             head_dim=H, tie_word_embeddings=tied)
 
 
 def _decode(config, params, tree, scale, *, matmul, decode_attention, B, P, steps, seed):
@@ -49,14 +50,15 @@ def _decode(config, params, tree, scale, *, matmul, decode_attention, B, P, step
     return np.stack(seen), out.cache
 
 
-@pytest.mark.parametrize("D, F, N, K, H, B, adapter", [
-    (48, 80, 4, 2, 12, 3, None),     # D and H off the 16 lanes, F on its panels
-    (64, 72, 4, 4, 32, 9, None),     # G = 1; F off the panels (the SwiGLU phase); rows past a block
-    (40, 96, 8, 2, 32, 14, "merged"),  # G = 4, the rotation on whole vectors, a merged adapter
-    (32, 48, 2, 1, 16, 1, None)],    # one row
-    ids=["odd-sizes", "wide-mlp-rest", "four-heads-merged", "one-row"])
-def test_decode_steps_equal_xla_operations(D, F, N, K, H, B, adapter):
-    config = _config(D, F, N, K, H)
+@pytest.mark.parametrize("D, F, N, K, H, B, adapter, tied", [
+    (48, 80, 4, 2, 12, 3, None, True),    # D and H off the 16 lanes, F on its panels
+    (64, 72, 4, 4, 32, 9, None, False),   # G = 1; F off the panels (its own SwiGLU phase); rows
+                                          # past a block; an untied head
+    (40, 96, 8, 2, 32, 14, "merged", True),  # G = 4, the rotation on whole vectors, an adapter
+    (32, 48, 2, 1, 16, 1, None, True)],   # one row
+    ids=["odd-sizes", "mlp-off-panels-untied", "four-heads-merged", "one-row"])
+def test_decode_steps_equal_xla_operations(D, F, N, K, H, B, adapter, tied):
+    config = _config(D, F, N, K, H, tied=tied)
     params = qwen3.init_params(config, jax.random.PRNGKey(D + F), jnp.float32)
     tree, scale = None, 1.0
     if adapter:
@@ -71,7 +73,7 @@ def test_decode_steps_equal_xla_operations(D, F, N, K, H, B, adapter):
     w = qwen3.inference_weights(params, config, lora=tree, lora_scale=scale,
                                 merge_lora=tree is not None, matmul="cpu-kernel",
                                 decode_attention="cpu-kernel")
-    assert cpu_layers.applies(w.layers, jnp.float32, jnp.float32, 1, "cpu-kernel")
+    assert cpu_layers.applies(w, jnp.float32)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
     # a later layer's keys pass the residual stream's rounding through the k norm, which
     # magnifies it where a head's vector is short (up to 2e-5 here, against 4e-7 in layer 0)
@@ -101,15 +103,22 @@ def test_applies_to_the_packed_float32_single_shard_case_only():
     tree = shifted_adapter(config, lcfg, seed=1, shift=0.1)
     packed = qwen3.inference_weights(params, config, matmul="cpu-kernel",
                                      decode_attention="cpu-kernel")
-    f32 = jnp.float32
-    assert cpu_layers.applies(packed.layers, f32, f32, 1, "cpu-kernel")
-    assert not cpu_layers.applies(packed.layers, f32, f32, 1, "reduce")
-    assert not cpu_layers.applies(packed.layers, jnp.bfloat16, f32, 1, "cpu-kernel")
+    assert cpu_layers.applies(packed, jnp.float32)
+    assert not cpu_layers.applies(packed, jnp.bfloat16)  # the cache's dtype
+    reduce = qwen3.inference_weights(params, config, matmul="cpu-kernel", decode_attention="reduce")
+    assert not cpu_layers.applies(reduce, jnp.float32)
     low_rank = qwen3.inference_weights(params, config, lora=tree, lora_scale=lcfg.scaling,
                                        matmul="cpu-kernel", decode_attention="cpu-kernel")
-    assert not cpu_layers.applies(low_rank.layers, f32, f32, 1, "cpu-kernel")
+    assert not cpu_layers.applies(low_rank, jnp.float32)
+    merged = qwen3.inference_weights(params, config, lora=tree, lora_scale=lcfg.scaling,
+                                     merge_lora=True, matmul="cpu-kernel",
+                                     decode_attention="cpu-kernel")
+    assert cpu_layers.applies(merged, jnp.float32)
     unpacked = qwen3.inference_weights(params, config, matmul="xla", decode_attention="cpu-kernel")
-    assert not cpu_layers.applies(unpacked.layers, f32, f32, 1, "cpu-kernel")
+    assert not cpu_layers.applies(unpacked, jnp.float32)
+    half = qwen3.inference_weights(jax.tree_util.tree_map(lambda p: p.astype(jnp.bfloat16),
+                                                          params), config, matmul="xla")
+    assert not cpu_layers.applies(half, jnp.bfloat16)
 
 
 def test_mismatched_shapes_are_a_clear_error():
@@ -121,6 +130,6 @@ def test_mismatched_shapes_are_a_clear_error():
     v = jnp.zeros((B, 2, S + 1, 12))  # one slot too many
     with pytest.raises(Exception, match="decode layers"):
         jax.block_until_ready(cpu_layers.decode_layers(
-            jnp.zeros((B, 48)), w.layers, (k,), (v,), bias=jnp.zeros((B, S)),
+            jnp.zeros((B, 48)), w, (k,), (v,), bias=jnp.zeros((B, S)),
             cos=jnp.ones((B, 12)), sin=jnp.zeros((B, 12)), index=jnp.zeros((B,), jnp.int32),
             filled=jnp.int32(1), eps=1e-6))

@@ -1,7 +1,8 @@
-// A decode step's decoder layers (one new token per row) on the CPU as one XLA FFI call. The
-// same layers as XLA's operations in `qwen3.inference_forward` (T = 1, float32, the kernels
-// packed by `cpu_matmul.pack`, no separate low-rank adapter, one tensor shard), with the helpers
-// of XLA's thread pool kept for the whole call (team.h) instead of woken for each product.
+// A decode step's decoder layers and head (one new token per row) on the CPU as one XLA FFI
+// call. The same model as XLA's operations in `qwen3.inference_forward` (T = 1, float32, the
+// kernels packed by `cpu_matmul.pack`, no separate low-rank adapter, one tensor shard), with the
+// helpers of XLA's thread pool kept for the whole call (team.h) instead of woken for each
+// product.
 //
 //   x [B, D]            the rows' residual stream entering the first layer
 //   bias [B, S]         0 where the row sees the slot (its new one included), else a large
@@ -9,18 +10,21 @@
 //   cos, sin [B, H]     the rows' rotary tables (rotate-half layout)
 //   index [B] int32     the slot each row's new key and value go to
 //   filled [] int32     no row sees a slot at or past it
+//   final_norm [D]      the final norm's scale
+//   head [Cv, D, 16]    the packed [D, V] head
 //   then per layer:     qkv [Cq, D, 16] (the packed [D, (N + 2K) H] kernel, the input norm's
 //                       scale folded in), qk_norm [N + K, H], o [Co, N H, 16], gate_up
 //                       [Cg, D, 16] (gate | up, the MLP norm folded in), down [Cd, F, 16],
 //                       k [B, K, H, S] (keys transposed), v [B, K, S, H]
 //   attribute eps       the RMS norms' epsilon
-// -> x after the last layer [B, D], then per layer k, v: the cache, written in place (row b's
-// new key and value at slot index[b]).
+// -> logits [B, V] float32, then per layer k, v: the cache, written in place (row b's new key
+// and value at slot index[b]).
 //
 // Per layer, as phases (each finished before the next starts): 1 / rms of x (caller);
 // qkv = (x W) / rms, tasks over column panels; per (row, kv head) the q and k heads' norm and
 // rotation, the cache writes and the attention (attend_row.h); x += attn o; 1 / rms (caller);
-// h = silu(gate) up, each task a gate panel and its up panel; x += h down. The products are split
+// h = silu(gate) up, each task a gate panel and its up panel; x += h down. Then the final norm
+// (caller) and the head, tasks over its column panels. The products are split
 // by columns so that each weight is read once per step: a decode step streams the whole model,
 // and on a host whose cache does not hold it, that is the bound.
 #include <algorithm>
@@ -203,16 +207,20 @@ void LayerPhases(const Dims& d, const Layer& L, float* y, const float* bias, con
 ffi::Error LayersImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> bias,
                       ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin,
                       ffi::Buffer<ffi::S32> index, ffi::Buffer<ffi::S32> filled,
-                      ffi::RemainingArgs rest, float eps, ffi::ResultBuffer<ffi::F32> x_out,
+                      ffi::Buffer<ffi::F32> final_norm, ffi::Buffer<ffi::F32> head,
+                      ffi::RemainingArgs rest, float eps, ffi::ResultBuffer<ffi::F32> logits,
                       ffi::RemainingRets caches) {
   const char* kShapes =
-      "decode layers: x [B, D], bias [B, S], cos, sin [B, H], index [B], filled [], then per "
-      "layer qkv [ceil((N + 2K) H / 16), D, 16], qk_norm [N + K, H], o [ceil(D / 16), N H, 16], "
-      "gate_up [ceil(2F / 16), D, 16], down [ceil(D / 16), F, 16], k [B, K, H, S], "
-      "v [B, K, S, H]; results x [B, D] and per layer k, v";
-  const auto xd = x.dimensions();
+      "decode layers: x [B, D], bias [B, S], cos, sin [B, H], index [B], filled [], "
+      "final_norm [D], head [ceil(V / 16), D, 16], then per layer qkv [ceil((N + 2K) H / 16), "
+      "D, 16], qk_norm [N + K, H], o [ceil(D / 16), N H, 16], gate_up [ceil(2F / 16), D, 16], "
+      "down [ceil(D / 16), F, 16], k [B, K, H, S], v [B, K, S, H]; results logits [B, V] and "
+      "per layer k, v";
+  const auto xd = x.dimensions(), hd = head.dimensions(), ld = logits->dimensions();
   const int64_t layers_n = static_cast<int64_t>(rest.size()) / kLayerArgs;
-  if (xd.size() != 2 || layers_n < 1 ||
+  if (xd.size() != 2 || hd.size() != 3 || ld.size() != 2 || ld[0] != xd[0] ||
+      hd[0] != (ld[1] + kPanel - 1) / kPanel || hd[1] != xd[1] || hd[2] != kPanel ||
+      final_norm.element_count() != xd[1] || layers_n < 1 ||
       static_cast<int64_t>(rest.size()) != kLayerArgs * layers_n ||
       static_cast<int64_t>(caches.size()) != 2 * layers_n) {
     return ffi::Error::InvalidArgument(kShapes);
@@ -268,18 +276,28 @@ ffi::Error LayersImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
     return ffi::Error::InvalidArgument(kShapes);
   }
   d.n = std::clamp<int64_t>(filled.typed_data()[0], 1, d.S);
-  float* y = x_out->typed_data();
-  std::copy(x.typed_data(), x.typed_data() + d.B * d.D, y);
+  const int64_t V = ld[1];
   thread_local std::vector<float> work;
-  work.resize(d.B * (d.QKV + 2 * d.N * d.H + 3 * d.F + 1));
+  work.resize(d.B * (d.QKV + 2 * d.N * d.H + 3 * d.F + 1 + 2 * d.D));
+  float* y = work.data() + d.B * (d.QKV + 2 * d.N * d.H + 3 * d.F + 1);  // [B, D]
+  float* normed = y + d.B * d.D;                                           // [B, D]
+  std::copy(x.typed_data(), x.typed_data() + d.B * d.D, y);
   const int64_t workers = arca_jax::Workers(pool);
   std::vector<Phase> phases;
   for (const Layer& L : layers) {
     LayerPhases(d, L, y, bias.typed_data(), cos.typed_data(), sin.typed_data(),
                 index.typed_data(), work.data(), workers, phases);
   }
-  const double flops =
-      2.0 * d.B * layers_n * (d.D * (d.QKV + 3 * d.F) + d.N * d.H * d.D + 2 * d.N * d.H * d.n);
+  const float* fn = final_norm.typed_data();
+  const int64_t D = d.D;
+  phases.push_back({d.B, true, [=](int64_t b) {  // scale * (x / rms(x)), as `rms_norm`
+    const float r = InvRms(y + b * D, D, eps);
+    for (int64_t j = 0; j < D; ++j) normed[b * D + j] = fn[j] * (y[b * D + j] * r);
+  }});
+  phases.push_back(Product<Out::kStore>(normed, d.B, D, head.typed_data(), logits->typed_data(),
+                                        V, workers));
+  const double flops = 2.0 * d.B * (layers_n * (d.D * (d.QKV + 3 * d.F) + d.N * d.H * d.D +
+                                                2 * d.N * d.H * d.n) + d.D * V);
   arca_jax::RunPhases(pool, phases, flops >= 4e5);
   return ffi::Error::Success();
 }
@@ -295,7 +313,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ArcaDecodeLayers, LayersImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // sin
                                   .Arg<ffi::Buffer<ffi::S32>>()  // index
                                   .Arg<ffi::Buffer<ffi::S32>>()  // filled
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // final_norm
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // head
                                   .RemainingArgs()               // per layer: 7 buffers
                                   .Attr<float>("eps")
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // x
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // logits
                                   .RemainingRets());             // per layer: k, v (aliased)
