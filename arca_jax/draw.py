@@ -8,17 +8,21 @@ and decode step.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 
+from arca_jax.qwen3.inference import SOFTMAX_BLOCK
+
 if TYPE_CHECKING:
+    from arca_jax.qwen3 import SoftmaxStats
     from arca_jax.sampling import SamplingConfig
 
 # Inverse-CDF sampling searches the vocabulary in blocks of this many tokens: block sums first,
-# then one block (two short cumulative sums instead of one over V).
-CDF_BLOCK = 128
+# then one block (two short cumulative sums instead of one over V). The model's softmax
+# statistics (`qwen3.SoftmaxStats`) come in the same blocks.
+CDF_BLOCK = SOFTMAX_BLOCK
 
 
 def _inclusive_cumsum(x: jax.Array) -> jax.Array:
@@ -36,7 +40,8 @@ class Draw(NamedTuple):
     total: jax.Array
 
 
-def inverse_cdf(log_weights: jax.Array, u: jax.Array, block: int = CDF_BLOCK) -> Draw:
+def inverse_cdf(log_weights: jax.Array, u: jax.Array, block: int = CDF_BLOCK,
+                block_sums: Optional[jax.Array] = None) -> Draw:
     """Index drawn with probability exp(log_weights) / sum(exp(log_weights)), one uniform u per row.
 
     Finds the first index whose cumulative weight reaches u * total: first among block sums, then
@@ -47,6 +52,8 @@ def inverse_cdf(log_weights: jax.Array, u: jax.Array, block: int = CDF_BLOCK) ->
     Args:
       log_weights: [B, V] float32, at most ~80 (e.g. logits minus their max); -inf for weight 0.
       u: [B] float32 in (0, 1].
+      block_sums: [B, ceil(V / block)], the sums of exp(log_weights) per block when known (the
+        model's `SoftmaxStats`): the pass over [B, V] is skipped.
 
     Returns:
       Draw(index [B] int32, total [B] float32).
@@ -56,7 +63,9 @@ def inverse_cdf(log_weights: jax.Array, u: jax.Array, block: int = CDF_BLOCK) ->
     if C * block != V:
         log_weights = jnp.pad(log_weights, ((0, 0), (0, C * block - V)), constant_values=-jnp.inf)
     blocks = log_weights.reshape(B, C, block)
-    block_cdf = _inclusive_cumsum(jnp.sum(jnp.exp(blocks), axis=-1))  # [B, C]
+    if block_sums is None:
+        block_sums = jnp.sum(jnp.exp(blocks), axis=-1)  # [B, C]
+    block_cdf = _inclusive_cumsum(block_sums)
     total = block_cdf[:, -1]
     target = u * total  # (0, total]
     c = jnp.minimum(jnp.sum(block_cdf < target[:, None], axis=-1), C - 1)  # [B] chosen block
@@ -184,16 +193,25 @@ class Choice(NamedTuple):
     sampled_logps: jax.Array
 
 
-def choose_tokens(logits: jax.Array, u: jax.Array, settings: SamplingConfig) -> Choice:
+def choose_tokens(logits: jax.Array, u: jax.Array, settings: SamplingConfig,
+                  softmax: Optional[SoftmaxStats] = None) -> Choice:
     """One token per row from logits [B, V] float32, with its log-probabilities.
 
     u: [B] float32 uniforms in (0, 1], one per row (unused when greedy).
     Greedy: the first maximal logit (as argmax). Otherwise softmax(logits / temperature),
     optionally truncated to the top-k tokens and then the top-p nucleus, renormalised, by
     inverse CDF (`inverse_cdf`, `_top_k_draw`, `_nucleus_draw`).
+    softmax: the logits' `qwen3.SoftmaxStats` when the model computed them: their max, and at
+    temperature 1 without truncation their block sums, replace the passes over [B, V].
     """
     V = logits.shape[-1]
-    m = jnp.max(logits, axis=-1, keepdims=True)
+    sums = None
+    if softmax is not None:
+        m = softmax.max[:, None]
+        if softmax.block == CDF_BLOCK:
+            sums = softmax.block_sums
+    else:
+        m = jnp.max(logits, axis=-1, keepdims=True)
     shifted = logits - m  # <= 0
     total = None  # sum(exp(shifted)) when the draw computes it anyway
     t = settings.temperature
@@ -207,12 +225,13 @@ def choose_tokens(logits: jax.Array, u: jax.Array, settings: SamplingConfig) -> 
     elif settings.top_p < 1.0:
         tokens, sampled_total = _nucleus_draw(jnp.exp(shifted / t), u, settings.top_p)
     elif t == 1.0:
-        tokens, total = inverse_cdf(shifted, u)
+        tokens, total = inverse_cdf(shifted, u, block_sums=sums)
         sampled_total = total
     else:
         tokens, sampled_total = inverse_cdf(shifted / t, u)
-    if total is None:
-        total = jnp.sum(jnp.exp(shifted), axis=-1)
+    if total is None:  # the untempered normaliser
+        total = (jnp.sum(jnp.exp(shifted), axis=-1) if sums is None
+                 else jnp.sum(sums, axis=-1))
     picked = jnp.take_along_axis(shifted, tokens[:, None], 1)[:, 0]  # <= 0
     logps = picked - jnp.log(total)
     if sampled_total is None:

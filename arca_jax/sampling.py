@@ -406,8 +406,8 @@ def decode_step(weights: qwen3.InferenceWeights, state: SamplerState, *, config:
     running = ~state.done
     column = jnp.minimum(state.column, N - 1)
     u = state.uniforms[jnp.minimum(state.row, B - 1), column]  # [S]
-    w = _write(state, state.row, column, choose_tokens(out.logits, u, settings), running,
-               settings)
+    w = _write(state, state.row, column, choose_tokens(out.logits, u, settings, out.softmax),
+               running, settings)
     done = state.done | w.ended
     # a slot without a running row writes its (ignored) keys at slot 0 until it is refilled, so
     # the longest running row alone bounds the cache blocks a step reads

@@ -60,9 +60,9 @@ from arca_jax.qwen3.cache_attention import (DECODE_ATTENTION, cache_size, defaul
                                             transposed_keys)
 from arca_jax.qwen3.einsum_attention import (CPU_ATTENTION_BLOCKS, causal_blocks,
                                              masked_attention, resolve_attention_blocks)
-from arca_jax.qwen3.inference import (MATMULS, InferenceLayer, InferenceOutput, InferenceWeights,
-                                      KVCache, LowRank, SparseMlp, default_matmul,
-                                      inference_forward, inference_weights)
+from arca_jax.qwen3.inference import (MATMULS, SOFTMAX_BLOCK, InferenceLayer, InferenceOutput,
+                                      InferenceWeights, KVCache, LowRank, SoftmaxStats, SparseMlp,
+                                      default_matmul, inference_forward, inference_weights)
 from arca_jax.qwen3.model import (ATTENTION_IMPLS, CPU_UNROLL_LAYERS, MLP, REMAT_OPTIONS,
                                   Attention, DecoderLayer, LoraLinear, ModelOutput, RMSNorm,
                                   layer_stack, compute_logits, forward, init_params,
@@ -86,5 +86,6 @@ __all__ = [
     # decode path
     "LowRank", "SparseMlp", "InferenceLayer", "InferenceWeights", "DECODE_ATTENTION", "default_decode_attention",
     "cache_size", "transposed_keys", "MATMULS", "default_matmul",
-    "inference_weights", "KVCache", "InferenceOutput", "inference_forward",
+    "inference_weights", "KVCache", "InferenceOutput", "SoftmaxStats", "SOFTMAX_BLOCK",
+    "inference_forward",
 ]

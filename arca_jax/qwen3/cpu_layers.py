@@ -44,8 +44,8 @@ def applies(weights, cache_dtype) -> bool:
 
 def decode_layers(x: jax.Array, weights, ks: Sequence[jax.Array],
                   vs: Sequence[jax.Array], *, bias: jax.Array, cos: jax.Array, sin: jax.Array,
-                  index: jax.Array, filled: jax.Array,
-                  eps: float) -> Tuple[jax.Array, tuple, tuple]:
+                  index: jax.Array, filled: jax.Array, eps: float,
+                  block: int = 128) -> Tuple[jax.Array, jax.Array, jax.Array, tuple, tuple]:
     """Every decoder layer of a decode step, the final norm and the head.
 
     Args:
@@ -58,17 +58,22 @@ def decode_layers(x: jax.Array, weights, ks: Sequence[jax.Array],
       index: [B] int32, the slot each row's new key and value go to.
       filled: [] int32, no row sees a slot at or past it.
       eps: the RMS norms' epsilon.
+      block: the columns per block of the softmax statistics (a multiple of 16).
 
     Returns:
-      (logits [B, V] float32, ks, vs with row b's new key and value at slot index[b]); the cache
-      is updated in place where the caller's buffers allow it (a loop carry).
+      (logits [B, V] float32; each row's largest logit M [B]; the sums of exp(logit - M) over
+      each block of `block` columns [B, ceil(V / block)]; ks, vs with row b's new key and value
+      at slot index[b]); the cache is updated in place where the caller's buffers allow it (a
+      loop carry).
     """
     cpu_kernels.require("cpu_layers.decode_layers")
     f32 = jnp.float32
     args = [x.astype(f32), bias.astype(f32), cos.astype(f32), sin.astype(f32),
             index.astype(jnp.int32), jnp.asarray(filled, jnp.int32),
             weights.final_norm.astype(f32), weights.lm_head.data]
-    out = [jax.ShapeDtypeStruct((x.shape[0], weights.lm_head.columns), f32)]
+    B, V = x.shape[0], weights.lm_head.columns
+    out = [jax.ShapeDtypeStruct((B, V), f32), jax.ShapeDtypeStruct((B,), f32),
+           jax.ShapeDtypeStruct((B, -(-V // block)), f32)]
     aliases = {}
     for layer, k, v in zip(weights.layers, ks, vs):
         qk_norm = layer.qk_norm.reshape(-1, layer.qk_norm.shape[-1]).astype(f32)  # [N + K, H]
@@ -80,5 +85,6 @@ def decode_layers(x: jax.Array, weights, ks: Sequence[jax.Array],
         args.append(v)
         out.append(jax.ShapeDtypeStruct(v.shape, f32))
     res = jax.ffi.ffi_call(_TARGET, out, input_output_aliases=aliases,
-                           vmap_method="sequential")(*args, eps=np.float32(eps))
-    return res[0], tuple(res[1::2]), tuple(res[2::2])
+                           vmap_method="sequential")(*args, eps=np.float32(eps),
+                                                     block=np.int64(block))
+    return res[0], res[1], res[2], tuple(res[3::2]), tuple(res[4::2])

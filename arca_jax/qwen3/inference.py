@@ -143,6 +143,8 @@ class InferenceWeights:
 
 
 MATMULS = ("xla", "cpu-kernel")
+# The columns per block of `SoftmaxStats.block_sums` (`draw.inverse_cdf`'s block).
+SOFTMAX_BLOCK = 128
 
 
 def default_matmul(dtype, tensor: int = 1, mesh: Any = None, platform: Optional[str] = None) -> str:
@@ -434,11 +436,24 @@ class KVCache:
 
 
 @flax.struct.dataclass
+class SoftmaxStats:
+    """Softmax statistics of logits [B, V] that the model computed with them (a decode step on
+    CPU, `cpu_layers`): max [B], each row's largest logit M; block_sums [B, ceil(V / block)],
+    the sums of exp(logit - M) over each block of `block` (static) columns."""
+
+    max: jax.Array
+    block_sums: jax.Array
+    block: int = flax.struct.field(pytree_node=False, default=128)
+
+
+@flax.struct.dataclass
 class InferenceOutput:
-    """logits [B, V] float32 at the last input position; the updated cache."""
+    """logits [B, V] float32 at the last input position; the updated cache; `softmax`, the
+    logits' `SoftmaxStats` where the step computed them (else None)."""
 
     logits: jax.Array
     cache: KVCache
+    softmax: Optional[SoftmaxStats] = None
 
 
 def _project(x, w, low_rank: Optional[LowRank], out_dtype):
@@ -551,12 +566,14 @@ def inference_forward(weights: InferenceWeights, input_ids: jax.Array, *, config
     x = jnp.take(weights.embed, input_ids, axis=0, mode="clip").astype(dtype)  # [B, T, D]
     new_k, new_v = [], []
     last_layer = len(weights.layers) - 1
-    logits = None
+    logits = softmax = None
     if T == 1 and cpu_layers.applies(weights, cache.k[0].dtype):
-        # a decode step on CPU: the layers and the head as one C++ call
-        logits, new_k, new_v = cpu_layers.decode_layers(
+        # a decode step on CPU: the layers, the head and its softmax statistics as one C++ call
+        logits, row_max, block_sums, new_k, new_v = cpu_layers.decode_layers(
             x[:, 0], weights, cache.k, cache.v, bias=bias[:, 0], cos=cos[:, 0, 0],
-            sin=sin[:, 0, 0], index=index, filled=jnp.max(index) + 1, eps=c.rms_norm_eps)
+            sin=sin[:, 0, 0], index=index, filled=jnp.max(index) + 1, eps=c.rms_norm_eps,
+            block=SOFTMAX_BLOCK)
+        softmax = SoftmaxStats(max=row_max, block_sums=block_sums, block=SOFTMAX_BLOCK)
     stack = () if logits is not None else zip(weights.layers, cache.k, cache.v)
     for i, (layer, k_cache, v_cache) in enumerate(stack):
         # input_layernorm folded into qkv: norm(x) W = (x diag(w) W) / rms(x)
@@ -601,4 +618,4 @@ def inference_forward(weights: InferenceWeights, input_ids: jax.Array, *, config
     if logits is None:
         logits = _head(weights, rms_norm(x[:, -1], weights.final_norm, c.rms_norm_eps))
     new_cache = cache.replace(k=tuple(new_k), v=tuple(new_v), valid=valid, index=index + T)
-    return InferenceOutput(logits=logits, cache=new_cache)
+    return InferenceOutput(logits=logits, cache=new_cache, softmax=softmax)

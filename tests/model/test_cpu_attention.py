@@ -5,6 +5,7 @@ compiler) "auto" runs the einsum attention, the decode path XLA's dots, and an e
 "cpu-kernel" (attention or matmul) is a clear error."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -108,3 +109,13 @@ def test_without_the_kernels_auto_runs_xla(env, why, tmp_path):
     assert lines[1].startswith("refused: attention 'cpu-kernel'") and why in lines[1]
     assert lines[2].startswith("refused: matmul 'cpu-kernel'") and why in lines[2]
     assert lines[3].startswith("refused: cpu_matmul.pack") and why in lines[3]
+
+
+@pytest.mark.skipif(os.environ.get(cpu_kernels.ENV, "1").strip().lower() in ("0", "false", "no",
+                                                                             "off")
+                    or not shutil.which(os.environ.get("CXX") or "g++"),
+                    reason="the kernels are turned off, or there is no C++ compiler")
+def test_the_library_builds_where_a_compiler_is():
+    # the kernels' tests skip when the library is unavailable: a source that fails to compile
+    # must fail here rather than turn them all into skips
+    assert cpu_kernels.available(), cpu_kernels.error()

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from arca_jax import lora, qwen3, sampling
+from arca_jax import draw, lora, qwen3, sampling
 from arca_jax.qwen3 import cpu_kernels, cpu_layers
 from fixtures import shifted_adapter
 
@@ -133,3 +133,36 @@ def test_mismatched_shapes_are_a_clear_error():
             jnp.zeros((B, 48)), w, (k,), (v,), bias=jnp.zeros((B, S)),
             cos=jnp.ones((B, 12)), sin=jnp.zeros((B, 12)), index=jnp.zeros((B,), jnp.int32),
             filled=jnp.int32(1), eps=1e-6))
+
+
+def test_softmax_statistics_and_the_draws_that_use_them():
+    config = qwen3.Qwen3Config(vocab_size=300, hidden_size=32, intermediate_size=48,
+                               num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                               head_dim=16)  # 300: the last block of 128 is partial
+    params = qwen3.init_params(config, jax.random.PRNGKey(7), jnp.float32)
+    w = qwen3.inference_weights(params, config, matmul="cpu-kernel", decode_attention="cpu-kernel")
+    B = 5
+    ids = jnp.asarray(np.random.default_rng(8).integers(1, 300, (B, 4)), jnp.int32)
+    mask = jnp.ones_like(ids)
+    step = jax.jit(qwen3.inference_forward, static_argnames="config")
+    out = step(w, ids, config=config, positions=qwen3.default_positions(mask), attention_mask=mask,
+               cache=qwen3.KVCache.init(config, B, 6, transposed_keys=True))
+    assert out.softmax is None  # a prefill: XLA's operations
+    out = step(w, ids[:, :1], config=config, positions=jnp.full((B, 1), 4, jnp.int32),
+               attention_mask=jnp.ones((B, 1), jnp.int32), cache=out.cache)
+    logits = np.asarray(out.logits, np.float64)
+    np.testing.assert_array_equal(out.softmax.max, np.asarray(out.logits).max(-1))
+    e = np.exp(logits - logits.max(-1, keepdims=True))
+    e = np.pad(e, ((0, 0), (0, 384 - 300)))
+    np.testing.assert_allclose(out.softmax.block_sums, e.reshape(B, 3, 128).sum(-1), rtol=2e-6)
+    u = jnp.asarray(np.random.default_rng(9).uniform(0.01, 1.0, B), jnp.float32)
+    for settings in (sampling.SamplingConfig(max_new_tokens=1),
+                     sampling.SamplingConfig(max_new_tokens=1, temperature=0.7),
+                     sampling.SamplingConfig(max_new_tokens=1, greedy=True),
+                     sampling.SamplingConfig(max_new_tokens=1, top_k=20)):
+        with_stats = draw.choose_tokens(out.logits, u, settings, out.softmax)
+        without = draw.choose_tokens(out.logits, u, settings)
+        np.testing.assert_array_equal(with_stats.tokens, without.tokens)
+        np.testing.assert_allclose(with_stats.logps, without.logps, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(with_stats.sampled_logps, without.sampled_logps, rtol=0,
+                                   atol=1e-6)

@@ -17,14 +17,16 @@
 //                       [Cg, D, 16] (gate | up, the MLP norm folded in), down [Cd, F, 16],
 //                       k [B, K, H, S] (keys transposed), v [B, K, S, H]
 //   attribute eps       the RMS norms' epsilon
-// -> logits [B, V] float32, then per layer k, v: the cache, written in place (row b's new key
-// and value at slot index[b]).
+//   attribute block     the softmax statistics' block of columns (a multiple of 16)
+// -> logits [B, V] float32; each row's max logit M [B]; the sums of exp(logit - M) over each
+// block of `block` columns [B, ceil(V / block)]; then per layer k, v: the cache, written in
+// place (row b's new key and value at slot index[b]).
 //
 // Per layer, as phases (each finished before the next starts): 1 / rms of x (caller);
 // qkv = (x W) / rms, tasks over column panels; per (row, kv head) the q and k heads' norm and
 // rotation, the cache writes and the attention (attend_row.h); x += attn o; 1 / rms (caller);
 // h = silu(gate) up, each task a gate panel and its up panel; x += h down. Then the final norm
-// (caller) and the head, tasks over its column panels. The products are split
+// (caller) and the head with the softmax statistics, tasks over blocks of columns. The products are split
 // by columns so that each weight is read once per step: a decode step streams the whole model,
 // and on a host whose cache does not hold it, that is the bound.
 #include <algorithm>
@@ -208,19 +210,23 @@ ffi::Error LayersImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
                       ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin,
                       ffi::Buffer<ffi::S32> index, ffi::Buffer<ffi::S32> filled,
                       ffi::Buffer<ffi::F32> final_norm, ffi::Buffer<ffi::F32> head,
-                      ffi::RemainingArgs rest, float eps, ffi::ResultBuffer<ffi::F32> logits,
-                      ffi::RemainingRets caches) {
+                      ffi::RemainingArgs rest, float eps, int64_t block,
+                      ffi::ResultBuffer<ffi::F32> logits, ffi::ResultBuffer<ffi::F32> row_max,
+                      ffi::ResultBuffer<ffi::F32> block_sums, ffi::RemainingRets caches) {
   const char* kShapes =
       "decode layers: x [B, D], bias [B, S], cos, sin [B, H], index [B], filled [], "
       "final_norm [D], head [ceil(V / 16), D, 16], then per layer qkv [ceil((N + 2K) H / 16), "
       "D, 16], qk_norm [N + K, H], o [ceil(D / 16), N H, 16], gate_up [ceil(2F / 16), D, 16], "
-      "down [ceil(D / 16), F, 16], k [B, K, H, S], v [B, K, S, H]; results logits [B, V] and "
-      "per layer k, v";
+      "down [ceil(D / 16), F, 16], k [B, K, H, S], v [B, K, S, H]; attribute block (a multiple "
+      "of 16); results logits [B, V], row max [B], block sums [B, ceil(V / block)] and per "
+      "layer k, v";
   const auto xd = x.dimensions(), hd = head.dimensions(), ld = logits->dimensions();
   const int64_t layers_n = static_cast<int64_t>(rest.size()) / kLayerArgs;
   if (xd.size() != 2 || hd.size() != 3 || ld.size() != 2 || ld[0] != xd[0] ||
       hd[0] != (ld[1] + kPanel - 1) / kPanel || hd[1] != xd[1] || hd[2] != kPanel ||
-      final_norm.element_count() != xd[1] || layers_n < 1 ||
+      final_norm.element_count() != xd[1] || layers_n < 1 || block < kPanel ||
+      block % kPanel != 0 || row_max->element_count() != xd[0] ||
+      block_sums->element_count() != xd[0] * ((ld[1] + block - 1) / block) ||
       static_cast<int64_t>(rest.size()) != kLayerArgs * layers_n ||
       static_cast<int64_t>(caches.size()) != 2 * layers_n) {
     return ffi::Error::InvalidArgument(kShapes);
@@ -278,7 +284,7 @@ ffi::Error LayersImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   d.n = std::clamp<int64_t>(filled.typed_data()[0], 1, d.S);
   const int64_t V = ld[1];
   thread_local std::vector<float> work;
-  work.resize(d.B * (d.QKV + 2 * d.N * d.H + 3 * d.F + 1 + 2 * d.D));
+  work.resize(d.B * (d.QKV + 2 * d.N * d.H + 3 * d.F + 1 + 2 * d.D + (V + block - 1) / block));
   float* y = work.data() + d.B * (d.QKV + 2 * d.N * d.H + 3 * d.F + 1);  // [B, D]
   float* normed = y + d.B * d.D;                                           // [B, D]
   std::copy(x.typed_data(), x.typed_data() + d.B * d.D, y);
@@ -294,8 +300,48 @@ ffi::Error LayersImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
     const float r = InvRms(y + b * D, D, eps);
     for (int64_t j = 0; j < D; ++j) normed[b * D + j] = fn[j] * (y[b * D + j] * r);
   }});
-  phases.push_back(Product<Out::kStore>(normed, d.B, D, head.typed_data(), logits->typed_data(),
-                                        V, workers));
+  // the head over blocks of `block` columns: each block's logits, then per row their max m_c
+  // and s_c = sum exp(l - m_c) while they are in cache; then per row M = max_c m_c and the
+  // block sums s_c exp(m_c - M) (`draw.inverse_cdf`'s, for temperature 1)
+  const int64_t C = (V + block - 1) / block, per = PanelsPerTask(C, workers);
+  float* lp = logits->typed_data();
+  float* mp = row_max->typed_data();
+  float* sums = block_sums->typed_data();
+  float* bmax = normed + d.B * D;  // [B, C]
+  const float* hp = head.typed_data();
+  const int64_t B = d.B;
+  phases.push_back({(C + per - 1) / per, false, [=](int64_t t) {
+    for (int64_t c = t * per; c < std::min(C, (t + 1) * per); ++c) {
+      const int64_t v0 = c * block, v1 = std::min(V, v0 + block);
+      for (int64_t p = v0 / kPanel; p * kPanel < v1; ++p) {
+        arca_jax::Rows<kRows, Out::kStore>(normed, D, hp + p * D * kPanel, lp + p * kPanel, V,
+                                           std::min(kPanel, V - p * kPanel), B);
+      }
+      for (int64_t b = 0; b < B; ++b) {
+        const float* l = lp + b * V;
+        float m = -INFINITY;
+        for (int64_t v = v0; v < v1; ++v) m = std::max(m, l[v]);
+        Vec acc{};
+        int64_t v = v0;
+        for (; v + kTile <= v1; v += kTile) acc += arca_jax::Exp(Load(l + v) - m);
+        float total = arca_jax::SumOf(acc);
+        for (; v < v1; ++v) total += std::exp(l[v] - m);
+        bmax[b * C + c] = m;
+        sums[b * C + c] = total;
+      }
+    }
+  }});
+  phases.push_back({B, false, [=](int64_t b) {
+    float* m = bmax + b * C;
+    float* sb = sums + b * C;
+    const float top = *std::max_element(m, m + C);
+    int64_t c = 0;
+    for (; c + kTile <= C; c += kTile) {
+      Store(sb + c, Load(sb + c) * arca_jax::Exp(Load(m + c) - top));
+    }
+    for (; c < C; ++c) sb[c] *= std::exp(m[c] - top);
+    mp[b] = top;
+  }});
   const double flops = 2.0 * d.B * (layers_n * (d.D * (d.QKV + 3 * d.F) + d.N * d.H * d.D +
                                                 2 * d.N * d.H * d.n) + d.D * V);
   arca_jax::RunPhases(pool, phases, flops >= 4e5);
@@ -317,5 +363,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ArcaDecodeLayers, LayersImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // head
                                   .RemainingArgs()               // per layer: 7 buffers
                                   .Attr<float>("eps")
+                                  .Attr<int64_t>("block")
                                   .Ret<ffi::Buffer<ffi::F32>>()  // logits
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // row max
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // block sums
                                   .RemainingRets());             // per layer: k, v (aliased)
