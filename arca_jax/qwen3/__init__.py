@@ -16,8 +16,9 @@ Modules (every public name is re-exported here, so `from arca_jax import qwen3; 
   moe        the sparse MLP block (router, top-k, experts by `jax.lax.ragged_dot`), its routing
              statistics and load-balancing losses, the segments of a sparse/dense layer stack.
   cpu_kernels  the package's C++ kernels for XLA:CPU (one library built on first use):
-             `cpu_attention` (the train step's packed attention) and `cpu_matmul` (the decode
-             path's projections over kernels packed in column panels).
+             `cpu_attention` (the train step's packed attention), `cpu_matmul` (the decode
+             path's projections over kernels packed in column panels) and `cpu_layers` (a
+             decode step's layers and head as one call).
   common     what both use: parameter-tree names, rotary tables, `default_positions`, RMS norm.
 
 Dimension letters (used in every einsum, shape comment and sharding spec of the project):
@@ -54,7 +55,7 @@ its router's under `layers/mlp/router`: see `moe`). It is passed as a separate F
 
 from arca_jax.qwen3.common import (ATTN_PROJS, MLP_PROJS, PROJ_BLOCK, Params, default_positions,
                                    rope_tables)
-from arca_jax.qwen3 import cpu_attention, cpu_kernels, cpu_matmul, moe
+from arca_jax.qwen3 import cpu_attention, cpu_kernels, cpu_layers, cpu_matmul, moe
 from arca_jax.qwen3.config import ConfigError, Qwen3Config, Qwen3MoeConfig, preset
 from arca_jax.qwen3.cache_attention import (DECODE_ATTENTION, cache_size, default_decode_attention,
                                             transposed_keys)
@@ -72,6 +73,7 @@ from arca_jax.qwen3.model import (ATTENTION_IMPLS, CPU_UNROLL_LAYERS, MLP, REMAT
 __all__ = [
     # config
     "ConfigError", "Qwen3Config", "Qwen3MoeConfig", "preset", "moe", "cpu_attention", "cpu_kernels",
+    "cpu_layers",
     "cpu_matmul",
     # parameter tree, positions
     "Params", "ATTN_PROJS", "MLP_PROJS", "PROJ_BLOCK", "default_positions", "rope_tables",

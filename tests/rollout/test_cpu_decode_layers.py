@@ -2,9 +2,10 @@
 and the whole cache equal those of XLA's operations (`matmul="xla"`, the "reduce" attention) for
 shapes off the kernels' 16 lanes (hidden sizes, head sizes, the MLP width off its panels: the
 SwiGLU's own phase), head groups of one to four, more rows than a register block, rows at
-different cache positions behind left padding, and a merged adapter, untied heads too; `applies` holds
-only for the packed, float32, single-shard, dense case without a separate low-rank adapter; bad
-shapes give a clear error."""
+different cache positions behind left padding, a merged adapter, an untied head; the softmax
+statistics against numpy, and the draws that use them; `applies` holds only for the packed,
+float32, single-shard, dense case without a separate low-rank adapter; bad shapes give a clear
+error."""
 
 import jax
 import jax.numpy as jnp

@@ -26,9 +26,9 @@
 // qkv = (x W) / rms, tasks over column panels; per (row, kv head) the q and k heads' norm and
 // rotation, the cache writes and the attention (attend_row.h); x += attn o; 1 / rms (caller);
 // h = silu(gate) up, each task a gate panel and its up panel; x += h down. Then the final norm
-// (caller) and the head with the softmax statistics, tasks over blocks of columns. The products are split
-// by columns so that each weight is read once per step: a decode step streams the whole model,
-// and on a host whose cache does not hold it, that is the bound.
+// (caller) and the head with the softmax statistics, tasks over blocks of columns. The products
+// are split by columns so that each weight is read once per step: a decode step streams the
+// whole model, and on a host whose cache does not hold it, that is the bound.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>

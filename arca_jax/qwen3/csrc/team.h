@@ -2,17 +2,17 @@
 // call (included by decode_layers.cc).
 //
 // `ParallelFor` (parallel_for.h) schedules its helpers anew for every call, and a pool thread
-// that sleeps between calls starts tens of microseconds after the caller. A decode step's layers
-// are some thirty dependent steps of a few microseconds to a hundred each; `RunPhases` schedules the
-// helpers once, at the start, and the phases follow one another through two counters each: the
-// caller and whoever has arrived take a phase's tasks by an atomic counter, the caller waits
-// until every task taken has finished and opens the next phase; a waiting thread spins with a
-// pause and yields its core every few turns (a host with more pool threads than cores, as with
-// two CPU devices per core: a late caller or helper gets the core back sooner; the CPU
-// benchmark's decode loop on the 2-core Zen 3 with four devices, medians of 12 rounds in one
-// process: 234 ms yielding every 4096 turns, 230 every 256, 226 every 16). A helper that
-// arrives late joins the phase then running, or finds the call over and returns; it never runs
-// a task the caller has not waited for.
+// that sleeps between calls starts tens of microseconds after the caller. A decode step's
+// layers are some thirty dependent steps of a few microseconds to a hundred each. `RunPhases`
+// schedules the helpers once, at the start, and the phases follow one another through two
+// counters each: the caller and whoever has arrived take a phase's tasks by an atomic counter;
+// the caller waits until every task taken has finished and opens the next phase. A waiting
+// thread spins with a pause and yields its core every few turns: on a host with more pool
+// threads than cores (two CPU devices per core), a late caller or helper gets the core back
+// sooner (the CPU benchmark's decode loop on a 2-core Zen 3 with four devices, medians of 10
+// rounds in one process: 234 ms yielding every 4096 turns, 230 every 256, 226 every 16). A
+// helper that arrives late joins the phase then running, or finds the call over and returns; it
+// never runs a task the caller has not waited for.
 #ifndef ARCA_JAX_TEAM_H_
 #define ARCA_JAX_TEAM_H_
 
