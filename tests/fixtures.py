@@ -424,3 +424,28 @@ def write_jsonl(path, records, *, trailing_newline: bool = False):
     path.write_text("".join(json.dumps(r) + "\n" for r in records)
                     + ("\n" if trailing_newline else ""), encoding="utf-8")
     return path
+
+
+def prefill_and_decode(weights, config, ids, mask, feed, slots: int):
+    """`qwen3.inference_forward` over left-padded prompts ids [B, P] (mask [B, P]), then one
+    decode step per column of feed [B, steps], in a cache of `slots`: (the logits of every call
+    [steps + 1, B, V] as numpy, the final cache)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from arca_jax import qwen3
+
+    B = ids.shape[0]
+    step = jax.jit(qwen3.inference_forward, static_argnames="config")
+    out = step(weights, ids, config=config, positions=qwen3.default_positions(mask),
+               attention_mask=mask, cache=qwen3.KVCache.init(
+                   config, B, slots, transposed_keys=qwen3.transposed_keys(
+                       weights.decode_attention)))
+    seen = [out.logits]
+    for i in range(feed.shape[1]):
+        out = step(weights, jnp.asarray(feed[:, i:i + 1]), config=config,
+                   positions=(mask.sum(1, keepdims=True) + i).astype(jnp.int32),
+                   attention_mask=jnp.ones((B, 1), jnp.int32), cache=out.cache)
+        seen.append(out.logits)
+    return np.stack(seen), out.cache

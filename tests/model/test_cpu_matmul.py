@@ -12,7 +12,7 @@ import pytest
 
 from arca_jax import lora, qwen3, sampling
 from arca_jax.qwen3 import cpu_kernels, cpu_matmul
-from fixtures import shifted_adapter
+from fixtures import prefill_and_decode, shifted_adapter
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(),
                                 reason=f"CPU kernels: {cpu_kernels.error()}")
@@ -90,7 +90,6 @@ def test_decode_path_with_packed_weights_equals_xla_dots(tied, adapter):
     ids = jnp.asarray(rng.integers(1, 97, (B, P)), jnp.int32)
     mask = jnp.asarray(np.arange(P)[None, :] >= np.array([[0], [2], [5]]), jnp.int32)
     feed = rng.integers(1, 97, (B, steps)).astype(np.int32)
-    step = jax.jit(qwen3.inference_forward, static_argnames="config")
     logits = {}
     for matmul in ("xla", "cpu-kernel"):
         w = qwen3.inference_weights(params, config, lora=tree, lora_scale=scale,
@@ -99,17 +98,7 @@ def test_decode_path_with_packed_weights_equals_xla_dots(tied, adapter):
         packed = matmul == "cpu-kernel"
         assert isinstance(w.layers[0].qkv, cpu_matmul.Panels) == packed
         assert isinstance(w.lm_head, cpu_matmul.Panels) == packed
-        out = step(w, ids, config=config, positions=qwen3.default_positions(mask),
-                   attention_mask=mask, cache=qwen3.KVCache.init(
-                       config, B, P + steps, transposed_keys=qwen3.transposed_keys(
-                           w.decode_attention)))
-        seen = [out.logits]
-        for i in range(steps):
-            out = step(w, jnp.asarray(feed[:, i:i + 1]), config=config,
-                       positions=(mask.sum(1, keepdims=True) + i).astype(jnp.int32),
-                       attention_mask=jnp.ones((B, 1), jnp.int32), cache=out.cache)
-            seen.append(out.logits)
-        logits[matmul] = np.stack(seen)
+        logits[matmul] = prefill_and_decode(w, config, ids, mask, feed, slots=P + steps)[0]
     np.testing.assert_allclose(logits["cpu-kernel"], logits["xla"], rtol=0, atol=1e-5)
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from arca_jax import draw, lora, qwen3, sampling
 from arca_jax.qwen3 import cpu_kernels, cpu_layers
-from fixtures import shifted_adapter
+from fixtures import prefill_and_decode, shifted_adapter
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(),
                                 reason=f"CPU kernels: {cpu_kernels.error()}")
@@ -37,18 +37,7 @@ def _decode(config, params, tree, scale, *, matmul, decode_attention, B, P, step
     w = qwen3.inference_weights(params, config, lora=tree, lora_scale=scale,
                                 merge_lora=tree is not None, matmul=matmul,
                                 decode_attention=decode_attention)
-    step = jax.jit(qwen3.inference_forward, static_argnames="config")
-    out = step(w, ids, config=config, positions=qwen3.default_positions(mask),
-               attention_mask=mask, cache=qwen3.KVCache.init(
-                   config, B, P + steps + 3, transposed_keys=qwen3.transposed_keys(
-                       w.decode_attention)))
-    seen = [out.logits]
-    for i in range(steps):
-        out = step(w, jnp.asarray(feed[:, i:i + 1]), config=config,
-                   positions=(mask.sum(1, keepdims=True) + i).astype(jnp.int32),
-                   attention_mask=jnp.ones((B, 1), jnp.int32), cache=out.cache)
-        seen.append(out.logits)
-    return np.stack(seen), out.cache
+    return prefill_and_decode(w, config, ids, mask, feed, slots=P + steps + 3)
 
 
 @pytest.mark.parametrize("D, F, N, K, H, B, adapter, tied", [
