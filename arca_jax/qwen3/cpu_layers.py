@@ -9,8 +9,9 @@ operations, a layer is five C++ calls, each handing part of its product to a hel
 thread pool that sleeps between calls, and some twenty-five small fusions; here the helpers are
 woken once per step and stay for it (`csrc/team.h`).
 
-    logits, ks, vs = cpu_layers.decode_layers(x, weights, ks, vs, bias=..., cos=..., sin=...,
-                                              index=..., filled=..., eps=config.rms_norm_eps)
+    logits, row_max, block_sums, ks, vs = cpu_layers.decode_layers(
+        x, weights, ks, vs, bias=..., cos=..., sin=..., index=..., filled=...,
+        eps=config.rms_norm_eps, block=qwen3.SOFTMAX_BLOCK)
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def applies(weights, cache_dtype) -> bool:
 def decode_layers(x: jax.Array, weights, ks: Sequence[jax.Array],
                   vs: Sequence[jax.Array], *, bias: jax.Array, cos: jax.Array, sin: jax.Array,
                   index: jax.Array, filled: jax.Array, eps: float,
-                  block: int = 128) -> Tuple[jax.Array, jax.Array, jax.Array, tuple, tuple]:
+                  block: int) -> Tuple[jax.Array, jax.Array, jax.Array, tuple, tuple]:
     """Every decoder layer of a decode step, the final norm and the head.
 
     Args:

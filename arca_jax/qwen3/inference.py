@@ -443,7 +443,7 @@ class SoftmaxStats:
 
     max: jax.Array
     block_sums: jax.Array
-    block: int = flax.struct.field(pytree_node=False, default=128)
+    block: int = flax.struct.field(pytree_node=False, default=SOFTMAX_BLOCK)
 
 
 @flax.struct.dataclass

@@ -122,7 +122,7 @@ def test_mismatched_shapes_are_a_clear_error():
         jax.block_until_ready(cpu_layers.decode_layers(
             jnp.zeros((B, 48)), w, (k,), (v,), bias=jnp.zeros((B, S)),
             cos=jnp.ones((B, 12)), sin=jnp.zeros((B, 12)), index=jnp.zeros((B,), jnp.int32),
-            filled=jnp.int32(1), eps=1e-6))
+            filled=jnp.int32(1), eps=1e-6, block=qwen3.SOFTMAX_BLOCK))
 
 
 def test_softmax_statistics_and_the_draws_that_use_them():
