@@ -7,9 +7,10 @@ Modules (every public name is re-exported here, so `from arca_jax import qwen3; 
   model      the pure `forward` (whole sequences, no cache; attention kernels and
              rematerialisation options) over the linen `DecoderLayer`, scanned over the stacked
              layers by `layer_stack`; `init_params`, `param_shapes`, `compute_logits`.
-  inference  `inference_weights` (fused, norm-folded, per-layer kernels; LoRA merged or low-rank;
-             a mixture of experts' sparse layers as `SparseMlp`), `KVCache`, `inference_forward`
-             (T new tokens into the cache, every token routed as in `forward`; logits at the last).
+  decode_weights  `inference_weights` (fused, norm-folded, per-layer kernels; LoRA merged or
+             low-rank; a mixture of experts' sparse layers as `SparseMlp`; packed on CPU).
+  inference  `KVCache`, `inference_forward` (T new tokens into the cache, every token routed as
+             in `forward`; logits at the last, with `SoftmaxStats` from the CPU decode call).
   cache_attention  attention of new tokens over the cache (decode variants "reduce", "dot",
              "pallas"; filled blocks only), `cache_size`, `default_decode_attention`,
              `transposed_keys` (the key layout a variant reads).
@@ -61,9 +62,10 @@ from arca_jax.qwen3.cache_attention import (DECODE_ATTENTION, cache_size, defaul
                                             transposed_keys)
 from arca_jax.qwen3.einsum_attention import (CPU_ATTENTION_BLOCKS, causal_blocks,
                                              masked_attention, resolve_attention_blocks)
-from arca_jax.qwen3.inference import (MATMULS, SOFTMAX_BLOCK, InferenceLayer, InferenceOutput,
-                                      InferenceWeights, KVCache, LowRank, SoftmaxStats, SparseMlp,
-                                      default_matmul, inference_forward, inference_weights)
+from arca_jax.qwen3.decode_weights import (MATMULS, InferenceLayer, InferenceWeights, LowRank,
+                                           SparseMlp, default_matmul, inference_weights)
+from arca_jax.qwen3.inference import (SOFTMAX_BLOCK, InferenceOutput, KVCache, SoftmaxStats,
+                                      inference_forward)
 from arca_jax.qwen3.model import (ATTENTION_IMPLS, CPU_UNROLL_LAYERS, MLP, REMAT_OPTIONS,
                                   Attention, DecoderLayer, LoraLinear, ModelOutput, RMSNorm,
                                   layer_stack, compute_logits, forward, init_params,

@@ -248,7 +248,7 @@ def test_shard_major_layout_and_cache_heads(model, prompts, tensor):
     plain = qwen3.inference_weights(params, CFG, tensor=1, matmul="xla").layers[0]
     split = qwen3.inference_weights(params, CFG, tensor=tensor).layers[0]
     Kp = max(K, tensor)
-    assert qwen3.inference.kv_heads(CFG, tensor) == Kp
+    assert qwen3.decode_weights.kv_heads(CFG, tensor) == Kp
     q, k, v = np.split(np.asarray(plain.qkv), [N * H, (N + K) * H], axis=1)
     blocks = []
     for s in range(tensor):
