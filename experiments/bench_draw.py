@@ -16,7 +16,6 @@ found bit by bit with 32 counting passes, then the tokens at or above it).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -28,6 +27,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from arca_jax import draw, sampling  # noqa: E402
+import results_io  # noqa: E402
 
 SETTINGS = {
     "greedy": dict(greedy=True),
@@ -102,11 +102,7 @@ def main():
         sec = timed(looped(per_draw), logits, repeats=args.repeats) / n - base
         res["candidates_of_top_k_50_us"][name] = sec * 1e6
         print(f"  the {m} candidates by {name:16s} {sec * 1e6:9.1f} us per draw")
-    path = args.json or (os.path.join(os.environ["OUT"], "bench_draw.json")
-                         if os.environ.get("OUT") else None)
-    if path:
-        with open(path, "w") as f:
-            json.dump(res, f, indent=2)
+    results_io.write_json(results_io.json_path(args.json, "bench_draw.json"), res)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,6 @@ attention variants run the same row layout through jax's XLA kernel, attention="
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -57,6 +56,7 @@ import numpy as np  # noqa: E402
 from arca_jax import lora, qwen3  # noqa: E402
 from arca_jax.grpo import (Batch, GRPOConfig, TrainState, make_optimizer,  # noqa: E402
                            make_train_step)
+import results_io  # noqa: E402
 
 T_START = time.perf_counter()
 
@@ -433,13 +433,10 @@ def bench_gpu(args):
                                                   batch=B, seq=T, prompt=prompt, lora_rank=rank,
                                                   dtype="bfloat16", sharpening=2.0),
                budget_s=args.budget_s, deadline_s=args.deadline_s, variants=[])
-    out_path = args.json or (os.path.join(os.environ["OUT"], "bench_grpo_gpu.json")
-                             if os.environ.get("OUT") else None)
+    out_path = results_io.json_path(args.json, "bench_grpo_gpu.json")
 
     def save():
-        if out_path:
-            with open(out_path, "w") as f:
-                json.dump(res, f, indent=2)
+        results_io.write_json(out_path, res)
 
     t = now()
     params = jax.jit(lambda k: qwen3.init_params(config, k, jnp.bfloat16))(jax.random.PRNGKey(0))
@@ -569,11 +566,7 @@ def main():
         bench_gpu(args)
         return
     res = bench_cpu(args)
-    out = args.json or (os.path.join(os.environ["OUT"], "bench_grpo_cpu.json")
-                        if os.environ.get("OUT") else None)
-    if out:
-        with open(out, "w") as f:
-            json.dump(res, f, indent=2)
+    results_io.write_json(results_io.json_path(args.json, "bench_grpo_cpu.json"), res)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ import numpy as np  # noqa: E402
 from arca_jax import config as run_config  # noqa: E402
 from arca_jax import hf, qwen3  # noqa: E402
 from arca_jax.trainer import train  # noqa: E402
+import results_io  # noqa: E402
 
 PAPER = os.path.join(REPO, "experiments", "configs", "paper", "arca_r64.yaml")
 TOKENIZER = os.path.join(REPO, "arca_jax", "assets", "tiny-arith")
@@ -99,8 +100,7 @@ def main():
                          "grpo.remat=projections")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    out_path = args.json or (os.path.join(os.environ["OUT"], "bench_rl_step.json")
-                             if os.environ.get("OUT") else None)
+    out_path = results_io.json_path(args.json, "bench_rl_step.json")
     t_start = time.perf_counter()
     work = tempfile.mkdtemp(prefix="arca_rl_step_")
     model_dir, task_dir, run_dir = (os.path.join(work, d) for d in ("model", "task", "run"))
@@ -124,9 +124,7 @@ def main():
                                       "max_new_tokens (EOS practically never sampled)"))
 
     def save():
-        if out_path:
-            with open(out_path, "w") as f:
-                json.dump(res, f, indent=2)
+        results_io.write_json(out_path, res)
 
     print(f"{dev.device_kind}: checkpoint and task written in {setup_s:.1f} s", flush=True)
     t = time.perf_counter()

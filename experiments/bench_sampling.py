@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import re
 import statistics
@@ -52,6 +51,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from arca_jax import qwen3, replicas, sampling  # noqa: E402
+import results_io  # noqa: E402
 
 T_START = time.perf_counter()
 
@@ -653,18 +653,12 @@ def gpu_bench(args):
 
 
 def json_path(args):
-    if args.json:
-        return args.json
-    if args.gpu and os.environ.get("OUT"):
-        return os.path.join(os.environ["OUT"], "bench_sampling_gpu.json")
-    return None
+    """--json, else on GPU runs $OUT/bench_sampling_gpu.json (`results_io.json_path`)."""
+    return results_io.json_path(args.json, "bench_sampling_gpu.json") if args.gpu else args.json
 
 
 def write_json(args, res):
-    path = json_path(args)
-    if path:
-        with open(path, "w") as f:
-            json.dump(res, f, indent=2)
+    results_io.write_json(json_path(args), res)
 
 
 def main():

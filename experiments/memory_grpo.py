@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
 import os
 import platform
 import re
@@ -40,6 +39,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from arca_jax import lora, qwen3  # noqa: E402
 from arca_jax.grpo import Batch, GRPOConfig, TrainState, make_optimizer, make_train_step  # noqa: E402
+import results_io  # noqa: E402
 
 GiB = 1024 ** 3
 
@@ -151,11 +151,7 @@ def main():
                   f"{bd['f32_weight_copies_gib']:.2f} GiB; largest temporaries:")
             for t in bd["top_temporaries"]:
                 print(f"    {t['gib']:6.3f} GiB  {t['shape']:32s} {t['name']}")
-    out = args.json or (os.path.join(os.environ["OUT"], "memory_grpo.json")
-                        if os.environ.get("OUT") else None)
-    if out:
-        with open(out, "w") as f:
-            json.dump(rows, f, indent=2)
+    results_io.write_json(results_io.json_path(args.json, "memory_grpo.json"), rows)
 
 
 if __name__ == "__main__":

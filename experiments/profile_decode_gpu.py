@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
 import os
 import statistics
 import sys
@@ -34,10 +33,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
 from arca_jax import lora, qwen3, sampling  # noqa: E402
 from arca_jax.qwen3 import cache_attention  # noqa: E402
+import results_io  # noqa: E402
 from experiments.bench_grpo import kernel_account, random_lora  # noqa: E402
 from experiments.bench_sampling import GPU_TINY, NOMINAL_HBM, block, now, random_params  # noqa: E402
 
@@ -162,13 +161,10 @@ def main():
                xla_flags=os.environ.get("XLA_FLAGS", ""), batch=B, prompt=P, new_tokens=N,
                lora_rank=args.lora_rank, top_k=args.top_k, top_p=args.top_p,
                nominal_hbm_bytes_per_s=nominal, runs=[])
-    path = args.json or (os.path.join(os.environ["OUT"], f"profile_decode_{args.label}.json")
-                         if os.environ.get("OUT") else None)
+    path = results_io.json_path(args.json, f"profile_decode_{args.label}.json")
 
     def save():
-        if path:
-            with open(path, "w") as f:
-                json.dump(res, f, indent=2)
+        results_io.write_json(path, res)
 
     kv_slot = 2 * config.num_hidden_layers * B * config.num_key_value_heads * config.head_dim * 2
     kv_filled = kv_slot * (P + N / 2)
