@@ -42,7 +42,10 @@ def test_merged_rollout_equals_low_rank():
                                 merge_lora=merge).out for merge in (False, True)}
     assert np.array_equal(out[True].tokens, out[False].tokens)
     assert np.array_equal(out[True].mask, out[False].mask)
-    # W + s A B rounds once more than the low-rank path: ~30 float32 ulps of a log-prob near -3.6
-    np.testing.assert_allclose(out[True].logps, out[False].logps, rtol=1e-5, atol=1e-5)
+    # W + s A B rounds once more than the low-rank path, and the two run different kernels (the
+    # merged one the C++ decode call), whose sums' order depends on the CPU's vector width: the
+    # median difference is ~1e-7, the largest 3.3e-5 (a log-prob of -2.27, on a CPU without AVX2),
+    # against the adapter's own effect of more than 1e-3 (the last assertion)
+    np.testing.assert_allclose(out[True].logps, out[False].logps, rtol=1e-5, atol=1e-4)
     base = generate_rows(model, None, ids, mask, group_size=4, rng=key, max_new_tokens=24).out
     assert not np.allclose(base.logps, out[False].logps, atol=1e-3)  # the adapter acts
