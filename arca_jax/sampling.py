@@ -498,17 +498,31 @@ def decode(weights: qwen3.InferenceWeights, state: SamplerState, *, config: qwen
     step = functools.partial(decode_step, weights, config=config, settings=settings, mesh=mesh)
     refill = functools.partial(admit, weights, config=config, settings=settings,
                                count=state.admit_rows, mesh=mesh)
-
-    def refilling(s):
-        return jax.lax.cond(_admit_now(s), lambda s: _constrain(refill(s), mesh), step, s)
-
-    body = step if state.slots == state.rows else refilling  # nothing ever waits: plain steps
+    refills = state.slots < state.rows  # else nothing ever waits: plain steps
     state = _constrain(state, mesh)
     for n in shrink_sizes(state.slots, shrink, mesh):
-        state = jax.lax.while_loop(lambda s, n=n: _running(s) & ~_fits(s, n), body, state)
+        stop = functools.partial(_fits, slots=n)
+        state = (_refilling(step, refill, state, stop, mesh) if refills else
+                 jax.lax.while_loop(lambda s: _running(s) & ~stop(s), step, state))
         state = compact(state, n, mesh)
-        body = step  # rows wait no more once a stage ends
-    return jax.lax.while_loop(_running, body, state)
+        refills = False  # rows wait no more once a stage ends
+    if refills:
+        return _refilling(step, refill, state, lambda s: jnp.bool_(False), mesh)
+    return jax.lax.while_loop(_running, step, state)
+
+
+def _refilling(step, refill, state: SamplerState, stop, mesh) -> SamplerState:
+    """Decode steps until `stop(state)` or every row has ended; whenever `_admit_now`, `refill`
+    first (admission takes precedence over a step). The steps run in a loop of their own, and the
+    conditional (admit or not) runs once per time that loop stops, not at every step: with the
+    conditional in the steps' loop body, XLA gave its branches copies of the loop state, every
+    layer's whole cache among them."""
+    steps = lambda s: jax.lax.while_loop(  # noqa: E731
+        lambda s: _running(s) & ~stop(s) & ~_admit_now(s), step, s)
+    admit_due = lambda s: jax.lax.cond(  # noqa: E731
+        _admit_now(s), lambda s: _constrain(refill(s), mesh), lambda s: s, s)
+    return jax.lax.while_loop(lambda s: _running(s) & ~stop(s),
+                              lambda s: admit_due(steps(s)), state)
 
 
 def finish(state: SamplerState) -> SampleOutput:

@@ -2,7 +2,10 @@
 its slot to the next waiting row. Each row's completion equals that of one batch of all B rows
 for the same key, whatever the slot count, the admission width, the groups or the mesh."""
 
+import re
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -59,7 +62,7 @@ def test_refill_on_a_mesh(setup):
     assert_same_rows(refill, plain)
 
 
-def test_pallas_decode_attention_gives_theassert_same_rows(setup):
+def test_pallas_decode_attention_gives_the_same_rows(setup):
     """decode_attention="pallas" (the GPU kernel, in Pallas' interpreter here) against "dot", with
     refill, groups, LoRA and EOS at different steps: the same tokens, log-probs within 1e-5."""
     params, ids, mask, gen = setup
@@ -75,6 +78,56 @@ def test_pallas_decode_attention_gives_theassert_same_rows(setup):
     with pytest.raises(ValueError, match="runs on one device"):
         sampling.generate(params, ids, mask, rng=rng, decode_attention="pallas",
                           mesh=parallel.make_mesh(data=2), **gen)
+
+
+def _loop_copies(hlo: str) -> list:
+    """The result types of the `copy` instructions that run inside a while loop of a compiled
+    module's text (loop bodies and conditions, and what they call or branch to)."""
+    comps, name = {}, None
+    for line in hlo.splitlines():
+        head = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$", line)
+        if head and not line.startswith(" "):
+            name = head.group(1)
+            comps[name] = []
+        elif name is not None and " = " in line:
+            comps[name].append(line)
+    callee = r"(?:body|condition|to_apply|branch_computations|calls)=\{?([%\w.\-, ]+)"
+    inside, todo = set(), []
+    for lines in comps.values():
+        for line in lines:
+            if " while(" in line:
+                todo += re.findall(r"(?:body|condition)=%?([\w.\-]+)", line)
+    while todo:
+        c = todo.pop()
+        if c not in inside and c in comps:
+            inside.add(c)
+            for line in comps[c]:
+                for group in re.findall(callee, line):
+                    todo += [g.strip().lstrip("%") for g in group.split(",")]
+    return [line.split(" = ", 1)[1].split(" copy(")[0] for c in inside for line in comps[c]
+            if " copy(" in line]
+
+
+@pytest.mark.parametrize("shrink", [0, 1])
+def test_refill_steps_update_the_cache_in_place(setup, shrink):
+    """The compiled decode loop with refill copies no cache array at a step: admission runs
+    between loops of plain steps, not as a conditional inside the steps' loop body, whose
+    branches XLA gave copies of the loop state (every layer's keys and values, every step)."""
+    params, ids, mask, gen = setup
+    config = gen["config"]
+    settings = sampling.SamplingConfig(max_new_tokens=N, eos_ids=(gen["eos_id"],))
+    weights = sampling.prepare_weights_jit(params, config, lora=gen["lora"],
+                                           lora_scale=jnp.float32(gen["lora_scale"]))
+    state = sampling.prefill_jit(weights, ids, mask, config=config, settings=settings,
+                                 rng=jax.random.PRNGKey(0), limit=jnp.int32(N), group_size=G,
+                                 slots=8, admit_rows=4)
+    hlo = sampling.decode_jit.lower(weights, state, config=config, settings=settings,
+                                    shrink=shrink).compile().as_text()
+    copies = _loop_copies(hlo)
+    assert copies  # the loops' small copies (scalars, row indices) are found
+    for shape in {tuple(a.shape) for a in (*state.cache.k, *state.cache.v)}:
+        cache = "f32[" + ",".join(map(str, shape)) + "]"
+        assert not [c for c in copies if c.startswith(cache)], f"a copy of a cache array {cache}"
 
 
 def test_refill_settings_are_checked(setup):
