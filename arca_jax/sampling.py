@@ -33,8 +33,10 @@ true `max_new_tokens` is a traced loop bound; the output is cut back to it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import warnings
 from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import flax.struct
@@ -572,6 +574,20 @@ decode_jit = jax.jit(decode, static_argnames=("config", "settings", "mesh", "shr
 finish_jit = jax.jit(finish)
 
 
+@contextlib.contextmanager
+def _shrinking_donation(shrink: int):
+    """Lowering `decode_jit` with shrink > 0: its output state has fewer slots than the donated
+    input, so the slot-shaped buffers (the cache, its masks and indices) have no output to take
+    over and jax warns "Some donated buffers were not usable". Expected there (the row-shaped
+    buffers, tokens and log-probs, are still taken over), so silenced for that call only."""
+    if not shrink:
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+        yield
+
+
 # --------------------------------------------------------------------------------------------
 # The entry point
 # --------------------------------------------------------------------------------------------
@@ -677,9 +693,10 @@ def generate(params: Params, prompt_ids, prompt_mask, *, config: qwen3.Qwen3Conf
         raise ValueError("generate: pass a mesh or several devices, not both")
 
     def run(name, jitted, args, kwargs, static):
-        if store is None:
-            return jitted(*args, **kwargs, **static)
-        return store.compiled(name, jitted, args, kwargs, static)(*args, **kwargs)
+        with _shrinking_donation(static.get("shrink", 0) if jitted is decode_jit else 0):
+            if store is None:
+                return jitted(*args, **kwargs, **static)
+            return store.compiled(name, jitted, args, kwargs, static)(*args, **kwargs)
 
     weights = run("prepare_weights", prepare_weights_jit, (params,),
                   dict(lora=lora, lora_scale=jnp.asarray(lora_scale, jnp.float32)),

@@ -3,6 +3,7 @@ its slot to the next waiting row. Each row's completion equals that of one batch
 for the same key, whatever the slot count, the admission width, the groups or the mesh."""
 
 import re
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -174,6 +175,27 @@ def test_shrinking_slots_equals_one_batch(setup, extra):
     assert lengths.sum() <= int(shrunk.slot_steps) < int(plain.slot_steps)
     if "max_batch" not in extra:
         assert int(shrunk.slot_steps) == _shrunk_slot_steps(lengths, (8, 4, 2))
+
+
+def test_shrinking_compiles_without_a_donation_warning(setup):
+    """With shrink the decode program's output has fewer slots than the state it was donated, so
+    the slots' buffers cannot be taken over: `generate` does not pass jax's warning about that on
+    to the user (the trainer samples with shrink on CPU by default)."""
+    params, ids, mask, gen = setup
+    jax.clear_caches()  # the decode program is lowered here, where jax would warn
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = sampling.generate(params, ids, mask, rng=jax.random.PRNGKey(3), shrink=2,
+                                **gen, **SAMPLED)
+        jax.block_until_ready(out.tokens)
+        donated = sampling.decode_jit.lower(  # the same lowering outside `generate` warns
+            sampling.prepare_weights_jit(params, gen["config"]),
+            sampling.prefill_jit(sampling.prepare_weights_jit(params, gen["config"]), ids, mask,
+                                 config=gen["config"], settings=sampling.SamplingConfig(
+                                     max_new_tokens=N), rng=jax.random.PRNGKey(0)),
+            config=gen["config"], settings=sampling.SamplingConfig(max_new_tokens=N), shrink=2)
+    messages = [str(w.message) for w in caught if "donated buffers" in str(w.message)]
+    assert donated is not None and len(messages) == 1, messages
 
 
 def test_shrinking_on_a_mesh_keeps_slots_split_evenly(setup):
