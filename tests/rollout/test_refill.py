@@ -2,7 +2,6 @@
 its slot to the next waiting row. Each row's completion equals that of one batch of all B rows
 for the same key, whatever the slot count, the admission width, the groups or the mesh."""
 
-import re
 import warnings
 
 import jax
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 
 from arca_jax import lora, parallel, sampling
+from arca_jax.plan import hlostats
 from fixtures import assert_same_rows, grouped_rollout, tiny_config
 
 CFG = tiny_config(vocab_size=64)
@@ -84,29 +84,19 @@ def test_pallas_decode_attention_gives_the_same_rows(setup):
 def _loop_copies(hlo: str) -> list:
     """The result types of the `copy` instructions that run inside a while loop of a compiled
     module's text (loop bodies and conditions, and what they call or branch to)."""
-    comps, name = {}, None
-    for line in hlo.splitlines():
-        head = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$", line)
-        if head and not line.startswith(" "):
-            name = head.group(1)
-            comps[name] = []
-        elif name is not None and " = " in line:
-            comps[name].append(line)
-    callee = r"(?:body|condition|to_apply|branch_computations|calls)=\{?([%\w.\-, ]+)"
-    inside, todo = set(), []
-    for lines in comps.values():
-        for line in lines:
-            if " while(" in line:
-                todo += re.findall(r"(?:body|condition)=%?([\w.\-]+)", line)
+    module = hlostats.Module.parse(hlo)
+    calls = lambda instr, keys: [c for key in keys for c in hlostats._called(instr.attrs, key)]  # noqa: E731
+    todo = [c for instrs in module.computations.values() for instr in instrs
+            if instr.opcode == "while" for c in calls(instr, ("body", "condition"))]
+    inside = set()
     while todo:
         c = todo.pop()
-        if c not in inside and c in comps:
+        if c not in inside and c in module.computations:
             inside.add(c)
-            for line in comps[c]:
-                for group in re.findall(callee, line):
-                    todo += [g.strip().lstrip("%") for g in group.split(",")]
-    return [line.split(" = ", 1)[1].split(" copy(")[0] for c in inside for line in comps[c]
-            if " copy(" in line]
+            todo += [callee for instr in module.computations[c] for callee in calls(
+                instr, ("body", "condition", "to_apply", "branch_computations", "calls"))]
+    return [instr.type for c in inside for instr in module.computations[c]
+            if instr.opcode == "copy"]
 
 
 @pytest.mark.parametrize("shrink", [0, 1])
