@@ -74,8 +74,8 @@ def test_pallas_decode_attention_gives_the_same_rows(setup):
     assert_same_rows(pallas, dot)
     assert len(set(np.asarray(dot.lengths).tolist())) > 3
     one = parallel.make_mesh(data=1, devices=jax.devices()[:1])  # the trainer's single-GPU mesh
-    assert_same_rows(sampling.generate(params, ids, mask, rng=rng, decode_attention="pallas", mesh=one,
-                                 **kw), dot)
+    assert_same_rows(sampling.generate(params, ids, mask, rng=rng, decode_attention="pallas",
+                                       mesh=one, **kw), dot)
     with pytest.raises(ValueError, match="runs on one device"):
         sampling.generate(params, ids, mask, rng=rng, decode_attention="pallas",
                           mesh=parallel.make_mesh(data=2), **gen)
@@ -85,7 +85,10 @@ def _loop_copies(hlo: str) -> list:
     """The result types of the `copy` instructions that run inside a while loop of a compiled
     module's text (loop bodies and conditions, and what they call or branch to)."""
     module = hlostats.Module.parse(hlo)
-    calls = lambda instr, keys: [c for key in keys for c in hlostats._called(instr.attrs, key)]  # noqa: E731
+
+    def calls(instr, keys):
+        return [c for key in keys for c in hlostats._called(instr.attrs, key)]
+
     todo = [c for instrs in module.computations.values() for instr in instrs
             if instr.opcode == "while" for c in calls(instr, ("body", "condition"))]
     inside = set()
