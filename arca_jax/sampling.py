@@ -12,9 +12,9 @@ How it runs (B rows, S slots, P prompt width, N new tokens, V vocabulary):
      (P + N positions each), and token 0 is sampled from the last position's logits.
   3. `decode` runs `jax.lax.while_loop(cond, body, state)`: each `decode_step` feeds every slot's
      previous token (T = 1), samples the next, and writes it at its row's column; a row ends at
-     EOS or after N tokens. With rows still waiting (S < B), an iteration that finds enough slots
-     free admits the next rows into them instead (`admit`: continuous refill). The loop ends
-     when every row has ended. The state (cache included) is donated, so buffers are reused.
+     EOS or after N tokens. With rows still waiting (S < B), the steps' loop stops whenever
+     enough slots are free, the next rows are admitted into them (`admit`: continuous refill),
+     and an outer loop starts the steps again. It all ends when every row has ended. The state (cache included) is donated, so buffers are reused.
      With `shrink`, once no row waits and at most half the slots run, the running rows move
      into half as many slots (`compact`) and a loop over those goes on.
   4. `SampleOutput` holds tokens, mask and log-probabilities [B, N].
@@ -489,8 +489,8 @@ def compact(state: SamplerState, slots: int, mesh=None) -> SamplerState:
 def decode(weights: qwen3.InferenceWeights, state: SamplerState, *, config: qwen3.Qwen3Config,
            settings: SamplingConfig, mesh=None, shrink: int = 0) -> SamplerState:
     """`decode_step` in a `jax.lax.while_loop` until every row has ended (EOS or `limit`); with
-    waiting rows (S < B), an iteration that finds `admit_rows` slots free admits the next rows
-    (`admit`) instead of decoding.
+    waiting rows (S < B), whenever `admit_rows` slots are free the next rows are admitted
+    (`admit`) before the next step (`_refilling`).
 
     shrink (static): halvings of the slots. Once no row waits and at most half the slots run,
     the loop ends, the running slots move into half as many (`compact`) and a loop over those
