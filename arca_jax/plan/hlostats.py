@@ -549,6 +549,28 @@ def analyze(hlo_text: str, unknown_trip_count: int = 1, scale_loops: bool = True
                 loops=tuple(walker.loops))
 
 
+# What an instruction's attributes name as computations it runs
+_CALLEES = ("body", "condition", "to_apply", "branch_computations", "calls")
+
+
+def loop_instructions(hlo_text: str) -> List[Instr]:
+    """The instructions that run inside a while loop of a compiled module (loop bodies and
+    conditions, and what they call, fuse or branch to), each computation once: e.g. the copies
+    a decode step makes (`tests/rollout/test_refill.py`, `experiments/refill_copies.py`)."""
+    module = Module.parse(hlo_text)
+    todo = [c for instrs in module.computations.values() for instr in instrs
+            if instr.opcode == "while" for key in ("body", "condition")
+            for c in _called(instr.attrs, key)]
+    inside: List[str] = []
+    while todo:
+        c = todo.pop()
+        if c not in inside and c in module.computations:
+            inside.append(c)
+            todo += [callee for instr in module.computations[c] for key in _CALLEES
+                     for callee in _called(instr.attrs, key)]
+    return [instr for c in inside for instr in module.computations[c]]
+
+
 def _constants_from_text(text: str) -> Dict[Tuple[str, str], int]:
     """(computation, name) -> value of every integer scalar constant ("s32[] constant(8)")."""
     out, current = {}, None

@@ -81,27 +81,6 @@ def test_pallas_decode_attention_gives_the_same_rows(setup):
                           mesh=parallel.make_mesh(data=2), **gen)
 
 
-def _loop_copies(hlo: str) -> list:
-    """The result types of the `copy` instructions that run inside a while loop of a compiled
-    module's text (loop bodies and conditions, and what they call or branch to)."""
-    module = hlostats.Module.parse(hlo)
-
-    def calls(instr, keys):
-        return [c for key in keys for c in hlostats._called(instr.attrs, key)]
-
-    todo = [c for instrs in module.computations.values() for instr in instrs
-            if instr.opcode == "while" for c in calls(instr, ("body", "condition"))]
-    inside = set()
-    while todo:
-        c = todo.pop()
-        if c not in inside and c in module.computations:
-            inside.add(c)
-            todo += [callee for instr in module.computations[c] for callee in calls(
-                instr, ("body", "condition", "to_apply", "branch_computations", "calls"))]
-    return [instr.type for c in inside for instr in module.computations[c]
-            if instr.opcode == "copy"]
-
-
 @pytest.mark.parametrize("shrink", [0, 1])
 def test_refill_steps_update_the_cache_in_place(setup, shrink):
     """The compiled decode loop with refill copies no cache array at a step: admission runs
@@ -117,7 +96,7 @@ def test_refill_steps_update_the_cache_in_place(setup, shrink):
                                  slots=8, admit_rows=4)
     hlo = sampling.decode_jit.lower(weights, state, config=config, settings=settings,
                                     shrink=shrink).compile().as_text()
-    copies = _loop_copies(hlo)
+    copies = [i.type for i in hlostats.loop_instructions(hlo) if i.opcode == "copy"]
     assert copies  # the loops' small copies (scalars, row indices) are found
     for shape in {tuple(a.shape) for a in (*state.cache.k, *state.cache.v)}:
         cache = "f32[" + ",".join(map(str, shape)) + "]"

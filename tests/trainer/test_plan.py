@@ -433,6 +433,51 @@ def test_hlostats_unknown_trip_count():
     assert ten == pytest.approx(10 * one, rel=0.05) and one >= 2 * 32 ** 3
 
 
+def test_hlostats_loop_instructions():
+    """The instructions inside loops (bodies, conditions, what they call or branch to), not the
+    entry's: a module whose entry copies one array and whose loop body copies another."""
+    text = """HloModule m, entry_computation_layout={(f32[4]{0})->f32[4]{0}}
+
+%branch_a (p: f32[8]) -> f32[8] {
+  %p = f32[8]{0} parameter(0)
+  ROOT %copy.3 = f32[8]{0} copy(f32[8]{0} %p)
+}
+
+%branch_b (q: f32[8]) -> f32[8] {
+  ROOT %q = f32[8]{0} parameter(0)
+}
+
+%body (t: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %t = (s32[], f32[8]{0}) parameter(0)
+  %i = s32[] get-tuple-element(%t), index=0
+  %x = f32[8]{0} get-tuple-element(%t), index=1
+  %copy.2 = f32[8]{0} copy(f32[8]{0} %x)
+  %y = f32[8]{0} conditional(s32[] %i, f32[8]{0} %copy.2, f32[8]{0} %x), branch_computations={%branch_a, %branch_b}
+  ROOT %r = (s32[], f32[8]{0}) tuple(s32[] %i, f32[8]{0} %y)
+}
+
+%cond (c: (s32[], f32[8])) -> pred[] {
+  %c = (s32[], f32[8]{0}) parameter(0)
+  %j = s32[] get-tuple-element(%c), index=0
+  %n = s32[] constant(3)
+  ROOT %lt = pred[] compare(s32[] %j, s32[] %n), direction=LT
+}
+
+ENTRY %main (a: f32[4]) -> f32[4] {
+  %a = f32[4]{0} parameter(0)
+  %copy.1 = f32[4]{0} copy(f32[4]{0} %a)
+  %z = s32[] constant(0)
+  %b = f32[8]{0} broadcast(f32[4]{0} %copy.1), dimensions={}
+  %t0 = (s32[], f32[8]{0}) tuple(s32[] %z, f32[8]{0} %b)
+  %w = (s32[], f32[8]{0}) while((s32[], f32[8]{0}) %t0), condition=%cond, body=%body
+  ROOT %out = f32[4]{0} copy(f32[4]{0} %a)
+}
+"""
+    inside = hlostats.loop_instructions(text)
+    assert sorted(i.name for i in inside if i.opcode == "copy") == ["copy.2", "copy.3"]
+    assert "lt" in {i.name for i in inside} and "copy.1" not in {i.name for i in inside}
+
+
 def test_hlostats_counts_collectives():
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:4]), ("d",))
     spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("d"))
