@@ -81,6 +81,7 @@ def test_pallas_decode_attention_gives_the_same_rows(setup):
                           mesh=parallel.make_mesh(data=2), **gen)
 
 
+@pytest.mark.filterwarnings("ignore:Some donated buffers were not usable")  # shrink: fewer slots
 @pytest.mark.parametrize("shrink", [0, 1])
 def test_refill_steps_update_the_cache_in_place(setup, shrink):
     """The compiled decode loop with refill copies no cache array at a step: admission runs
