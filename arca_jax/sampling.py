@@ -14,7 +14,8 @@ How it runs (B rows, S slots, P prompt width, N new tokens, V vocabulary):
      previous token (T = 1), samples the next, and writes it at its row's column; a row ends at
      EOS or after N tokens. With rows still waiting (S < B), the steps' loop stops whenever
      enough slots are free, the next rows are admitted into them (`admit`: continuous refill),
-     and an outer loop starts the steps again. It all ends when every row has ended. The state (cache included) is donated, so buffers are reused.
+     and an outer loop starts the steps again. It all ends when every row has ended. The state
+     (cache included) is donated, so buffers are reused.
      With `shrink`, once no row waits and at most half the slots run, the running rows move
      into half as many slots (`compact`) and a loop over those goes on.
   4. `SampleOutput` holds tokens, mask and log-probabilities [B, N].
