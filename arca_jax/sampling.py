@@ -694,10 +694,9 @@ def generate(params: Params, prompt_ids, prompt_mask, *, config: qwen3.Qwen3Conf
         raise ValueError("generate: pass a mesh or several devices, not both")
 
     def run(name, jitted, args, kwargs, static):
-        with _shrinking_donation(static.get("shrink", 0) if jitted is decode_jit else 0):
-            if store is None:
-                return jitted(*args, **kwargs, **static)
-            return store.compiled(name, jitted, args, kwargs, static)(*args, **kwargs)
+        if store is None:
+            return jitted(*args, **kwargs, **static)
+        return store.compiled(name, jitted, args, kwargs, static)(*args, **kwargs)
 
     weights = run("prepare_weights", prepare_weights_jit, (params,),
                   dict(lora=lora, lora_scale=jnp.asarray(lora_scale, jnp.float32)),
@@ -718,8 +717,9 @@ def generate(params: Params, prompt_ids, prompt_mask, *, config: qwen3.Qwen3Conf
                     dict(rng=rng, limit=limit),
                     dict(config=config, settings=settings, mesh=mesh, group_size=int(group_size),
                          slots=slots, admit_rows=None if slots is None else admit_rows))
-        state = run("decode", decode_jit, (weights, state), {},
-                    dict(config=config, settings=settings, mesh=mesh, shrink=int(shrink)))
+        with _shrinking_donation(int(shrink)):
+            state = run("decode", decode_jit, (weights, state), {},
+                        dict(config=config, settings=settings, mesh=mesh, shrink=int(shrink)))
         out = run("finish", finish_jit, (state,), {}, {})
     if settings.max_new_tokens != max_new_tokens:
         out = out.replace(tokens=out.tokens[:, :max_new_tokens], mask=out.mask[:, :max_new_tokens],

@@ -53,9 +53,7 @@ def main():
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=128)
     args = ap.parse_args()
-    if args.topology:
-        os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")
-        os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    if args.topology:  # `tpu_target` sets libtpu's environment for the topology
         from arca_jax import plan
         device, platform = plan.tpu_target(args.topology).devices[0], "tpu"
     else:

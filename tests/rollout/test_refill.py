@@ -161,12 +161,12 @@ def test_shrinking_compiles_without_a_donation_warning(setup):
         out = sampling.generate(params, ids, mask, rng=jax.random.PRNGKey(3), shrink=2,
                                 **gen, **SAMPLED)
         jax.block_until_ready(out.tokens)
+        weights = sampling.prepare_weights_jit(params, gen["config"])
+        settings = sampling.SamplingConfig(max_new_tokens=N)
         donated = sampling.decode_jit.lower(  # the same lowering outside `generate` warns
-            sampling.prepare_weights_jit(params, gen["config"]),
-            sampling.prefill_jit(sampling.prepare_weights_jit(params, gen["config"]), ids, mask,
-                                 config=gen["config"], settings=sampling.SamplingConfig(
-                                     max_new_tokens=N), rng=jax.random.PRNGKey(0)),
-            config=gen["config"], settings=sampling.SamplingConfig(max_new_tokens=N), shrink=2)
+            weights, sampling.prefill_jit(weights, ids, mask, config=gen["config"],
+                                          settings=settings, rng=jax.random.PRNGKey(0)),
+            config=gen["config"], settings=settings, shrink=2)
     messages = [str(w.message) for w in caught if "donated buffers" in str(w.message)]
     assert donated is not None and len(messages) == 1, messages
 
