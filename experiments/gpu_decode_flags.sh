@@ -4,7 +4,9 @@
 # "Where a decode step's time goes on the H200"): the small GEMMs' rate (a layer's o projection
 # reads 8.4 MB in 7.5 us, 1.1 TB/s) and ~390 small fusions per step. One process per set of
 # options, the default first; an option this jaxlib does not know is reported and skipped (XLA
-# aborts on unknown flags). About 30 s per variant; a second device call after gpu_profile.sh.
+# aborts on unknown flags), and the Pallas kernel's chunk lengths (fewer parallel parts of the
+# cache, so fewer partial results to combine). About 30 s per variant, 2 min for the chunks; a
+# second device call after gpu_profile.sh.
 # Results: $OUT/flags_<label>.json and $OUT/flags.log. EXTRA: more options of profile_decode_gpu.py
 # (`EXTRA=--tiny bash experiments/gpu_decode_flags.sh` checks the script on any backend).
 set -u
@@ -25,6 +27,10 @@ run() {  # label, then XLA options
 }
 {
 run default
+# the Pallas kernel's chunks (the cache split into 5, 3, 2 or 1 parallel parts at 640 slots):
+# its attention alone, then the two best in the whole loop
+timeout 180 python3 experiments/profile_decode_gpu.py --label chunks --json "$OUT/flags_chunks.json" \
+  --sweep 256:64 512:64 1024:64 1024:128 ${EXTRA:-}
 run tiling --xla_gpu_exhaustive_tiling_search=true
 run block_rewriter --xla_gpu_experimental_enable_fusion_block_level_rewriter=true
 run triton_any --xla_gpu_triton_gemm_any=true

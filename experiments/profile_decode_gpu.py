@@ -101,12 +101,17 @@ def time_decode(args, config, params, ids, mask, settings, adapter, runs: int, t
     return weight_bytes, statistics.median(times), compile_s, times, account
 
 
-def attention_alone(config, B, S, filled, chunk, blk, layers, repeats=5):
+def attention_alone(config, B, needed, filled, chunk, blk, layers, repeats=5):
     """Seconds of `layers` calls of the Pallas decode attention (one per layer, distinct caches)
-    over B rows filled to `filled` of S slots, with chunk / block lengths (`PALLAS_CHUNK`,
-    `PALLAS_BLOCK`), median of `repeats` after a compile run."""
+    over B rows filled to `filled` of a cache for `needed` positions (`cache_size` slots for this
+    chunk), with chunk / block lengths (`PALLAS_CHUNK`, `PALLAS_BLOCK`), median of `repeats`
+    after a compile run."""
     K, N, H = config.num_key_value_heads, config.num_attention_heads, config.head_dim
     key = jax.random.PRNGKey(3)
+    saved = cache_attention.PALLAS_CHUNK, cache_attention.PALLAS_BLOCK
+    cache_attention.PALLAS_CHUNK = chunk
+    S = cache_attention.cache_size(needed, "pallas")
+    cache_attention.PALLAS_CHUNK = saved[0]
     # separate k and v arrays per layer: slices of one stacked array would be copied before
     # each kernel call (2026-12-04's sweep timed those copies too)
     caches = [tuple(jax.random.normal(jax.random.fold_in(key, 2 * i + j), (B, K, S, H),
@@ -114,7 +119,6 @@ def attention_alone(config, B, S, filled, chunk, blk, layers, repeats=5):
     q = jax.random.normal(key, (B, 1, N, H), jnp.bfloat16)
     valid = jnp.broadcast_to(jnp.arange(S) < filled, (B, S))
     index = jnp.full((B,), filled - 1, jnp.int32)
-    saved = cache_attention.PALLAS_CHUNK, cache_attention.PALLAS_BLOCK
     cache_attention.PALLAS_CHUNK, cache_attention.PALLAS_BLOCK = chunk, blk
     try:
         fn = jax.jit(lambda q, caches: sum(
@@ -145,7 +149,10 @@ def main():
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--sweep", nargs="*", default=[],
-                    help="chunk:block settings of the Pallas kernel to time alone, e.g. 256:64")
+                    help="chunk:block settings of the Pallas kernel to time alone, e.g. 256:64 "
+                         "(the cache is allocated in whole chunks: 768 slots for 128 + 512 "
+                         "tokens in chunks of 256); the two best beyond 3%% of the default are "
+                         "then timed in the whole decode loop")
     ap.add_argument("--label", default="default")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -205,7 +212,6 @@ def main():
     default = (cache_attention.PALLAS_CHUNK, cache_attention.PALLAS_BLOCK)
     decode_run("pallas", *default, args.profile)
     if args.sweep:
-        S = qwen3.cache_size(P + N, "pallas")
         filled = P + N // 2
         L = config.num_hidden_layers
         attn_bytes = B * config.num_key_value_heads * filled * config.head_dim * 2 * 2
@@ -213,14 +219,14 @@ def main():
         for s in dict.fromkeys([f"{default[0]}:{default[1]}"] + args.sweep):
             chunk, blk = (int(x) for x in s.split(":"))
             try:
-                sec = attention_alone(config, B, S, filled, chunk, blk, L)
+                sec = attention_alone(config, B, P + N, filled, chunk, blk, L)
             except Exception as e:  # a setting the kernel refuses
                 print(f"  attention alone {s}: failed {type(e).__name__}: {str(e)[:160]}")
                 continue
             alone[s] = sec
             print(f"  attention alone chunk {chunk} block {blk}: {sec / L * 1e6:.1f} us per layer, "
                   f"{attn_bytes * L / sec / 1e12:.2f} TB/s over the filled cache", flush=True)
-        res["attention_alone"] = dict(filled=filled, slots=S, layers=L,
+        res["attention_alone"] = dict(filled=filled, needed=P + N, layers=L,
                                       bytes_per_layer=attn_bytes,
                                       seconds={k: v for k, v in alone.items()})
         save()

@@ -93,15 +93,27 @@ def attend_filled(q, k, v, bias, decode_attention: str, filled, block: int):
 
 
 # The Pallas decode kernel splits the cache into chunks of a power-of-two length (at least 16,
-# at most this) and loops over blocks of at most PALLAS_BLOCK slots inside each chunk.
+# at most this; `pallas_chunk`) that the GPU runs in parallel, and loops over blocks of at most
+# PALLAS_BLOCK slots inside each chunk.
 PALLAS_CHUNK = 128
 PALLAS_BLOCK = 64
 
 
+def pallas_chunk(needed: int) -> int:
+    """Slots per chunk of the "pallas" kernel for a cache of `needed` positions: PALLAS_CHUNK, or
+    for a shorter cache the power of two (at least 16) that covers it, so one chunk."""
+    return max(16, min(PALLAS_CHUNK, 1 << max(int(needed) - 1, 0).bit_length()))
+
+
 def cache_size(needed: int, decode_attention: str) -> int:
-    """Slots to allocate for `needed` positions: "pallas" needs a multiple of 16 (its chunks);
-    the extra slots are never valid, so never attended to."""
-    return -(-needed // 16) * 16 if decode_attention == "pallas" else needed
+    """Slots to allocate for `needed` positions: for "pallas", a multiple of its chunk
+    (`pallas_chunk`; 640 for 128 + 512 tokens in chunks of 128). The extra slots are never valid,
+    so never attended to, and the kernel reads only each row's filled slots: a longer chunk adds
+    memory, not reads."""
+    if decode_attention != "pallas":
+        return needed
+    chunk = pallas_chunk(needed)
+    return -(-needed // chunk) * chunk
 
 
 def attend_pallas(q, k, v, valid, index):
@@ -120,7 +132,7 @@ def attend_pallas(q, k, v, valid, index):
     if S % 16:
         raise ValueError(f"decode_attention='pallas' needs a cache of a multiple of 16 slots, "
                          f"got {S} (allocate `cache_size(...)` slots)")
-    chunk = min(PALLAS_CHUNK, S & -S)  # the largest power of two dividing S, capped
+    chunk = min(PALLAS_CHUNK, S & -S)  # `pallas_chunk` for a cache of `cache_size` slots
     one = functools.partial(kernel.decode_attn_unbatched, sm_scale=H ** -0.5, block_h=16,
                             block_k=min(chunk, PALLAS_BLOCK), k_splits=S // chunk,
                             num_warps=None, num_stages=2, grid=None,

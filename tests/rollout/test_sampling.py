@@ -134,6 +134,45 @@ def test_cached_decoding_equals_uncached_forward_at_every_step(tiny, adapter, at
     assert all(k.shape == layout for k in out.cache.k)
 
 
+@pytest.mark.parametrize("chunk_knob, needed, chunk, slots", [
+    (128, 640, 128, 640), (256, 640, 256, 768), (1024, 640, 1024, 1024),  # the H200 runs' cache
+    (32, 40, 32, 64), (64, 40, 64, 64), (128, 40, 64, 64), (128, 9, 16, 16)])
+def test_pallas_cache_is_split_in_the_chunks_asked_for(monkeypatch, chunk_knob, needed, chunk,
+                                                       slots):
+    """`PALLAS_CHUNK` is the chunk the kernel splits the cache into (the cache is allocated in
+    whole chunks; a shorter cache is one chunk), and every split gives `attend`'s rows."""
+    from jax.experimental.pallas.ops.gpu import decode_attention as kernel
+
+    ca = qwen3.cache_attention
+    monkeypatch.setattr(ca, "PALLAS_CHUNK", chunk_knob)
+    monkeypatch.setattr(ca, "PALLAS_BLOCK", 16)
+    assert ca.pallas_chunk(needed) == chunk and qwen3.cache_size(needed, "pallas") == slots
+    assert qwen3.cache_size(needed, "dot") == needed
+    splits = []
+    real = kernel.decode_attn_unbatched
+
+    def spy(*args, **kw):
+        splits.append(kw["k_splits"])
+        return real(*args, **kw)
+
+    monkeypatch.setattr(kernel, "decode_attn_unbatched", spy)
+    if slots > 128:
+        return  # the split only (interpreting the kernel over long caches is slow)
+    B, K, G, H = 2, 2, 2, 16
+    rng = np.random.default_rng(needed + chunk)
+    q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.float32)
+               for s in ((B, 1, K * G, H), (B, K, slots, H), (B, K, slots, H)))
+    index = jnp.asarray([needed - 1, needed - 2], jnp.int32)
+    first = jnp.asarray([3, 0], jnp.int32)  # row 0 left-padded
+    pos = jnp.arange(slots)[None]
+    valid = (pos >= first[:, None]) & (pos <= index[:, None])
+    bias = jnp.where(valid, 0.0, jnp.finfo(jnp.float32).min)[:, None]
+    out = ca.attend_pallas(q, k, v, valid, index)
+    assert splits == [slots // chunk]
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ca.attend(q, k, v, bias, "dot")),
+                               atol=1e-5, rtol=1e-5)
+
+
 def test_cache_key_layout_must_match_the_decode_attention(tiny):
     """A cache laid out for another decode attention is refused with the way to make the right
     one, not read in the wrong layout."""
