@@ -154,6 +154,13 @@ class RolloutConfig:
         the same either way; each device holds a copy of the sampling weights. On a 2-core CPU
         the demo's rollout samples 1.6x faster with 2 than with 1, and 1.2x faster again with 4
         (`experiments/NOTES_sampling.md`, "One sampler per core", "Two per core").
+    gather_weights: on a mesh with "fsdp" > 1, rollouts and evaluation gather the sampling
+        weights over "fsdp" once per generation, so that decode steps read each device's
+        "tensor" shard of the whole model in place instead of combining the kernels' "fsdp"
+        parts at every step (`parallel.gather_weights`, `sampling.generate(gather_weights=...)`).
+        None: when the gathered weights per device take at most a quarter of the device's
+        published memory (TPU, H100, H200; never on CPU). The completions are the same either
+        way; gathered, the sampler holds weight bytes / tensor per device while it runs.
     merge_lora: rollouts and evaluation sample from the merged weights W + scaling * A B (one
         matmul per projection; `sampling.generate(merge_lora=True)`) instead of the base weights
         and the adapter's low-rank side path. None: merged on CPU with float32 weights, where the
@@ -180,6 +187,7 @@ class RolloutConfig:
     max_batch: Optional[int] = None
     shrink: Optional[int] = None
     replicas: Optional[int] = None
+    gather_weights: Optional[bool] = None
     merge_lora: Optional[bool] = None
 
     def __post_init__(self):

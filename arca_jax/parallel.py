@@ -327,13 +327,15 @@ _INFERENCE_LOW_RANK = {"qkv_lora": ("b", 1), "gate_up_lora": ("b", 1), "o_lora":
 
 
 def inference_partition_spec(path_keys: Sequence[str], shape: Sequence[int], fsdp_size: int,
-                             tensor_size: int) -> P:
+                             tensor_size: int, gathered: bool = False) -> P:
     """PartitionSpec of one leaf of `qwen3.InferenceWeights`: the split over "tensor" of the
     training layout (column-parallel kernels by output, row-parallel by input, vocabulary
     parallel embedding and head, each low-rank pair's factor as its base layer's adapter), and
     "fsdp" on the other dimension of a matrix when divisible (as `param_partition_spec`: the
-    sampler then gathers only over "fsdp" where a kernel is used). A `SparseMlp`'s expert stacks
-    (gate_up, down [E, ., .]) over "fsdp" on E (`expert_spec`); its router and norm replicated."""
+    sampler then gathers over "fsdp" where a kernel is used, at every decode step), unless
+    `gathered` (whole over "fsdp": see `gather_weights`). A `SparseMlp`'s expert stacks
+    (gate_up, down [E, ., .]) over "fsdp" on E (`expert_spec`: expert parallel, gathered or
+    not); its router and norm replicated."""
     if "sparse_mlp" in path_keys:
         if path_keys[-1] in ("gate_up", "down") and len(shape) == 3:
             return expert_spec(shape, 0, fsdp_size)
@@ -350,7 +352,8 @@ def inference_partition_spec(path_keys: Sequence[str], shape: Sequence[int], fsd
     if t_dim is not None and (tensor_size <= 1 or shape[t_dim] % tensor_size):
         t_dim = None
     f_dim = None
-    if fsdp_size > 1 and len(shape) == 2 and field in _INFERENCE_TENSOR_DIM and field != "qk_norm":
+    if (fsdp_size > 1 and not gathered and len(shape) == 2 and field in _INFERENCE_TENSOR_DIM
+            and field != "qk_norm"):
         for d in (0, 1):
             if d != t_dim and shape[d] % fsdp_size == 0:
                 f_dim = d
@@ -358,13 +361,41 @@ def inference_partition_spec(path_keys: Sequence[str], shape: Sequence[int], fsd
     return _spec(len(shape), tensor=t_dim, fsdp=f_dim)
 
 
-def inference_shardings(weights, mesh: Mesh):
-    """NamedShardings for a `qwen3.InferenceWeights` laid out for the mesh's tensor size."""
+def inference_shardings(weights, mesh: Mesh, *, gathered: bool = False):
+    """NamedShardings for a `qwen3.InferenceWeights` laid out for the mesh's tensor size; with
+    `gathered`, its dense matrices whole over "fsdp" (`inference_partition_spec`)."""
     fsdp, tensor = axis_size(mesh, FSDP), axis_size(mesh, TENSOR)
     return jax.tree_util.tree_map_with_path(
         lambda p, x: NamedSharding(mesh, inference_partition_spec(_path_keys(p), np.shape(x),
-                                                                  fsdp, tensor)),
+                                                                  fsdp, tensor, gathered)),
         weights)
+
+
+# `gather_weights` None: gather when the gathered weights take at most this share of a device
+GATHER_SHARE = 0.25
+
+
+def gather_weights(setting: Optional[bool], mesh: Optional[Mesh], weight_bytes: float,
+                   device_bytes: Optional[float]) -> bool:
+    """Whether the sampler holds its weights whole over "fsdp" (`rollout.gather_weights`).
+
+    Split over "fsdp" (as the base parameters), every decode step gathers each layer's kernels
+    over "fsdp" again: per step and device, (fsdp - 1) / fsdp of the model over the interconnect.
+    Gathered once per `sampling.generate` call (`inference_shardings(gathered=True)`), each
+    device holds its "tensor" shard of the whole model for the rollout and the decode steps read
+    it in place; it costs weight_bytes / tensor of device memory while the sampler runs.
+
+    setting: True / False, or None: gather when the gathered weights per device
+    (weight_bytes / tensor) take at most `GATHER_SHARE` of `device_bytes` (a device's memory;
+    None, as on CPU: never). Always False without a mesh or with "fsdp" of 1 (nothing to
+    gather)."""
+    if mesh is None or axis_size(mesh, FSDP) <= 1:
+        return False
+    if setting is not None:
+        return bool(setting)
+    if not device_bytes:
+        return False
+    return weight_bytes / axis_size(mesh, TENSOR) <= GATHER_SHARE * float(device_bytes)
 
 
 def cache_shardings(cache, mesh: Mesh):

@@ -539,10 +539,11 @@ def finish(state: SamplerState) -> SampleOutput:
 
 def prepare_weights(params: Params, config: qwen3.Qwen3Config, *, lora: Optional[Params] = None,
                     lora_scale=1.0, merge_lora: bool = False, decode_attention=None,
-                    mesh=None, matmul=None) -> qwen3.InferenceWeights:
+                    mesh=None, matmul=None, gather: bool = False) -> qwen3.InferenceWeights:
     """`qwen3.inference_weights` for the sampler; with a `mesh` (static), laid out for its tensor
     size and placed as `parallel.inference_shardings` (tensor-parallel shards used in place by
-    every decode step; "fsdp" as the base parameters). decode_attention None: the default for
+    every decode step; over "fsdp" split as the base parameters, or with `gather` whole: see
+    `parallel.gather_weights`). decode_attention None: the default for
     the backend and the mesh's size (`qwen3.default_decode_attention`); "pallas" (a GPU kernel
     per device) runs without a mesh or on a mesh of one device only. matmul: see
     `qwen3.inference_weights` (None: `qwen3.default_matmul`, the C++ kernel on CPU in float32
@@ -559,15 +560,15 @@ def prepare_weights(params: Params, config: qwen3.Qwen3Config, *, lora: Optional
                                       merge_lora=merge_lora, decode_attention=decode_attention,
                                       tensor=tensor, mesh=mesh, matmul=matmul)
     if mesh is not None:
-        weights = jax.lax.with_sharding_constraint(weights,
-                                                   parallel.inference_shardings(weights, mesh))
+        weights = jax.lax.with_sharding_constraint(
+            weights, parallel.inference_shardings(weights, mesh, gathered=gather))
     return weights
 
 
 # Compiled entry points of `generate` (module level, so their caches live as long as the process).
 prepare_weights_jit = jax.jit(prepare_weights,
                               static_argnames=("config", "merge_lora", "decode_attention", "mesh",
-                                               "matmul"))
+                                               "matmul", "gather"))
 prefill_jit = jax.jit(prefill, static_argnames=("config", "settings", "mesh", "group_size", "slots",
                                                 "admit_rows"))
 decode_jit = jax.jit(decode, static_argnames=("config", "settings", "mesh", "shrink"),
@@ -611,7 +612,8 @@ def generate(params: Params, prompt_ids, prompt_mask, *, config: qwen3.Qwen3Conf
              admit_rows: Optional[int] = None,
              decode_attention: Optional[str] = None, matmul: Optional[str] = None,
              shrink: int = 0, store=None,
-             devices: Optional[Sequence[jax.Device]] = None) -> SampleOutput:
+             devices: Optional[Sequence[jax.Device]] = None,
+             gather_weights: bool = False) -> SampleOutput:
     """Samples completions of left-padded prompts.
 
     Args:
@@ -637,6 +639,8 @@ def generate(params: Params, prompt_ids, prompt_mask, *, config: qwen3.Qwen3Conf
         own placement. Rows are split as the train step's batch (over "data" and "fsdp"); with
         tensor > 1 each device holds its heads' and MLP units' slice of every kernel (used in
         place at every step: no weight gathering over "tensor") and its kv heads of the cache.
+      gather_weights: with a mesh, gather the weights over "fsdp" once for this call instead of
+        each layer's at every decode step (`parallel.gather_weights`); the same tokens.
       group_size: G > 1 when rows come in groups of G consecutive copies of one prompt (GRPO
         groups, pass@k; `prompts.repeat_groups`): each prompt is prefilled once for its G rows (see
         `prefill`). The tokens and log-probs equal those of group_size=1 for the same key.
@@ -701,7 +705,8 @@ def generate(params: Params, prompt_ids, prompt_mask, *, config: qwen3.Qwen3Conf
     weights = run("prepare_weights", prepare_weights_jit, (params,),
                   dict(lora=lora, lora_scale=jnp.asarray(lora_scale, jnp.float32)),
                   dict(config=config, merge_lora=bool(merge_lora and lora is not None),
-                       decode_attention=decode_attention, mesh=mesh, matmul=matmul))
+                       decode_attention=decode_attention, mesh=mesh, matmul=matmul,
+                       gather=bool(gather_weights and mesh is not None)))
     B = prompt_ids.shape[0]
     slots = None if max_batch is None or int(max_batch) >= B else int(max_batch)
     limit = jnp.asarray(max_new_tokens, jnp.int32)

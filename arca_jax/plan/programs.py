@@ -100,20 +100,34 @@ def compile_train_step(cfg: RunConfig, config, mesh, knobs: Knobs, params, state
     return Program("train_step", compiled, 0, 1, cfg.grpo.num_iterations, seconds)
 
 
+def sampler_gathers(cfg: RunConfig, mesh, params, platform: str,
+                    device_memory: Optional[float]) -> bool:
+    """Whether the sampler's weights are gathered over "fsdp" (`parallel.gather_weights` on the
+    abstract `params`' bytes; `device_memory` is not consulted on CPU, as in the trainer)."""
+    weight_bytes = sum(x.size * jnp.dtype(x.dtype).itemsize
+                       for x in jax.tree_util.tree_leaves(params))
+    return parallel.gather_weights(cfg.rollout.gather_weights, mesh, weight_bytes,
+                                   None if platform == "cpu" else device_memory)
+
+
 def compile_sampler(cfg: RunConfig, config, mesh, shapes: Shapes, params, state, platform: str,
-                    options=None) -> List[Program]:
+                    options=None, device_memory: Optional[float] = None) -> List[Program]:
     """The sampler's programs as `sampling.generate` calls them in a rollout: weight
-    preparation (low-rank adapter, not merged), prefill and the decode loop, each on the
-    previous one's output layout; with `shapes.eval_rows`, also the evaluation's pass@k
-    sampling (its largest chunk), which runs every train.eval_every steps, not every step."""
+    preparation (low-rank adapter, not merged; gathered over "fsdp" as `rollout.gather_weights`
+    decides against `device_memory`, a device's bytes, as the trainer does against the chip's
+    published memory), prefill and the decode loop, each on the previous one's output layout;
+    with `shapes.eval_rows`, also the evaluation's pass@k sampling (its largest chunk), which
+    runs every train.eval_every steps, not every step."""
     rep = NamedSharding(mesh, P())
     sd = jax.ShapeDtypeStruct
     attention = qwen3.default_decode_attention(platform, int(mesh.devices.size))
     lora = state.lora
     resident = device_bytes(params) + device_bytes(state)  # live while the sampler runs
+    gather = sampler_gathers(cfg, mesh, params, platform, device_memory)
     prep, t_prep = _compile(sampling.prepare_weights_jit.lower(
         params, config, lora=lora, lora_scale=sd((), jnp.float32, sharding=rep),
-        merge_lora=False, decode_attention=attention, mesh=mesh), options, "prepare_weights")
+        merge_lora=False, decode_attention=attention, mesh=mesh, gather=gather), options,
+        "prepare_weights")
     weights = _outputs(prep)
     programs = [Program("prepare_weights", prep, device_bytes(state) - device_bytes(lora), 1, 1,
                         t_prep)]

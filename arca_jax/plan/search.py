@@ -12,7 +12,7 @@ from arca_jax.plan.errors import Refusal, RefusedError
 from arca_jax.plan.figures import Plan, ProgramReport, report_program
 from arca_jax.plan.knobs import (Knobs, Layout, default_layout, knobs_of, make_mesh,
                                  trainer_problems)
-from arca_jax.plan.programs import compile_sampler, compile_train_step
+from arca_jax.plan.programs import compile_sampler, compile_train_step, sampler_gathers
 from arca_jax.plan.shapes import Shapes, abstract_batch, abstract_model, model_config
 from arca_jax.plan.targets import Target
 
@@ -32,8 +32,12 @@ def _program_reports(cfg: RunConfig, target: Target, knobs: Knobs, config, mesh,
     if reuse is not None and reuse.knobs.layout == knobs.layout:
         yield from (p for p in reuse.programs if p.name != "train_step")
         return
-    sampler = compile_sampler(cfg, config, mesh, shapes, params, state, target.platform, options)
-    log("compiled " + ", ".join(f"{p.name} in {p.compile_s:.0f} s" for p in sampler))
+    sampler = compile_sampler(cfg, config, mesh, shapes, params, state, target.platform, options,
+                              device_memory=target.hbm_bytes)
+    gathered = sampler_gathers(cfg, mesh, params, target.platform, target.hbm_bytes)
+    log("compiled " + ", ".join(f"{p.name} in {p.compile_s:.0f} s" for p in sampler)
+        + (" (the sampler's weights gathered over fsdp: rollout.gather_weights)" if gathered
+           else ""))
     yield from (report_program(p, target, hlo_dir, tag) for p in sampler)
 
 

@@ -32,7 +32,7 @@ from arca_jax.batch import Batch, build_batch
 from arca_jax.config import RunConfig
 from arca_jax.grpo.objective import advantages
 from arca_jax.prompts import bucket_prompts
-from arca_jax.trainer.setup import Model, merge_lora, sampler_store
+from arca_jax.trainer.setup import Model, gather_weights, merge_lora, sampler_store
 
 
 def encode_prompts(tokenizer, prompts: Sequence[str], max_tokens: int, pad_id: int,
@@ -283,7 +283,8 @@ def _sample_round(model: Model, mesh, problems: Sequence[Any], cfg: RunConfig, *
                         shrink=r.shrink, replicas=r.replicas, max_new_tokens=r.max_new_tokens,
                         lora=adapter, lora_scale=cfg.lora.scaling, temperature=r.temperature,
                         top_p=r.top_p, top_k=r.top_k, merge_lora=merge_lora(cfg, model),
-                        store=sampler_store(cfg, mesh))
+                        store=sampler_store(cfg, mesh),
+                        gather_weights=gather_weights(cfg, model, mesh))
     jax.block_until_ready(gen.out.tokens)
     t1 = time.time()
     beat("sampling")

@@ -150,6 +150,19 @@ def merge_lora(cfg: RunConfig, model: Model) -> bool:
     return jax.default_backend() == "cpu" and dtype == jnp.float32
 
 
+def gather_weights(cfg: RunConfig, model: Model, mesh) -> bool:
+    """Whether rollouts and evaluation on `mesh` gather the sampling weights over "fsdp" once
+    per generation (`rollout.gather_weights`; None: `parallel.gather_weights` against the
+    device's published memory, `plan.chip_of`: the same answer on every process)."""
+    if mesh is None:
+        return False
+    from arca_jax.plan.targets import chip_of
+
+    weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(model.params))
+    return parallel.gather_weights(cfg.rollout.gather_weights, mesh, weight_bytes,
+                                   chip_of(mesh.devices.flat[0]).hbm_bytes)
+
+
 def share_prompts(cfg: RunConfig, model_config) -> bool:
     """Whether the packed step shares each prompt among its group's completions
     (`train.share_prompts`; None: when the step runs on CPU): on a dense model without LoRA

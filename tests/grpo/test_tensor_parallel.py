@@ -282,3 +282,58 @@ def test_shard_major_layout_and_cache_heads(model, prompts, tensor):
     for shape in _collectives(hlo, "all-gather"):
         dims = [int(d) for d in re.findall(r"\d+", shape.split("{")[0])]
         assert int(np.prod(dims)) not in kernel_sizes, shape
+
+
+def test_sampler_gathers_its_weights_over_fsdp_once(model, prompts):
+    """`gather_weights`: the sampling weights whole over "fsdp" (split over "tensor" only), the
+    decode loop gathers no kernel (split, it gathers them at every step), and the tokens and
+    log-probs are those of the split weights."""
+    from arca_jax.plan import hlostats
+
+    params, tree, _ = model
+    ids, mask = prompts
+    mesh = parallel.make_mesh(data=1, fsdp=4, tensor=2)
+    sharded = parallel.shard_params(params, mesh), parallel.shard_lora(tree, mesh, KV)
+    gen = dict(config=CFG, rng=jax.random.PRNGKey(7), max_new_tokens=9, lora_scale=LCFG.scaling,
+               temperature=1.0, top_k=20, mesh=mesh)
+    outs = {g: sampling.generate(sharded[0], ids, mask, lora=sharded[1], gather_weights=g, **gen)
+            for g in (False, True)}
+    np.testing.assert_array_equal(np.asarray(outs[True].tokens), np.asarray(outs[False].tokens))
+    trees_close(outs[True].logps, outs[False].logps)
+    trees_close(outs[True].sampled_logps, outs[False].sampled_logps)
+
+    settings = sampling.SamplingConfig(max_new_tokens=8, temperature=1.0)
+    moved = {}  # collectives inside the decode loop: (how many, float elements they produce)
+    for g in (False, True):
+        w = sampling.prepare_weights_jit(sharded[0], CFG, lora=sharded[1],
+                                         lora_scale=jnp.float32(LCFG.scaling), mesh=mesh,
+                                         gather=g)
+        assert _spec(w.layers[0].qkv) == ((None, "tensor") if g else ("fsdp", "tensor"))
+        assert _spec(w.layers[0].down) == (("tensor",) if g else ("tensor", "fsdp"))
+        state = sampling.prefill_jit(w, jnp.asarray(ids), jnp.asarray(mask), config=CFG,
+                                     settings=settings, rng=jax.random.PRNGKey(0), mesh=mesh)
+        hlo = sampling.decode_jit.lower(w, state, config=CFG, settings=settings,
+                                        mesh=mesh).compile().as_text()
+        ops = [i for i in hlostats.loop_instructions(hlo)
+               if i.opcode.removesuffix("-start") in hlostats.COLLECTIVES]
+        moved[g] = (len(ops), sum(int(np.prod(dims)) for i in ops
+                                  for dt, dims in hlostats.array_shapes(i.type)
+                                  if dt.startswith(("f", "bf"))))
+    # split, every step also combines the kernels' "fsdp" parts (at these tiny shapes XLA
+    # all-reduces partial products; at 1.7B shapes it gathers the kernels); gathered, only the
+    # "tensor" and row collectives are left
+    assert moved[True][0] < moved[False][0] and 2 * moved[True][1] < moved[False][1], moved
+
+
+def test_gather_weights_rule():
+    """None gathers when the weights per device (over "tensor") take at most a quarter of a
+    device's memory; never without a mesh, with fsdp 1, or with the memory unknown."""
+    mesh = parallel.make_mesh(data=1, fsdp=4, tensor=2)
+    rule = parallel.gather_weights
+    assert rule(None, mesh, weight_bytes=8e9, device_bytes=16e9)  # 4 GB per device <= 4 GB
+    assert not rule(None, mesh, weight_bytes=8.1e9, device_bytes=16e9)
+    assert not rule(None, mesh, weight_bytes=1.0, device_bytes=None)
+    assert rule(True, mesh, weight_bytes=1e12, device_bytes=16e9)
+    assert not rule(False, mesh, weight_bytes=1.0, device_bytes=16e9)
+    assert not rule(True, None, weight_bytes=1.0, device_bytes=16e9)
+    assert not rule(True, parallel.make_mesh(data=4, fsdp=1, tensor=2), 1.0, 16e9)

@@ -646,7 +646,7 @@ def _fake_compiles(monkeypatch, tiny_plan, peaks, errors):
         return dataclasses.replace(train, memory=memory)
 
     monkeypatch.setattr(search, "compile_train_step", compile_train_step)
-    monkeypatch.setattr(search, "compile_sampler", lambda *args: [])
+    monkeypatch.setattr(search, "compile_sampler", lambda *args, **kwargs: [])
     monkeypatch.setattr(search, "report_program", report)
     monkeypatch.setattr(search, "_valid_tensors", lambda config, devices: [2])
 

@@ -24,6 +24,21 @@ def test_merged_on_cpu_float32_only():
     assert setup.merge_lora(config.load(None, ["rollout.merge_lora=true"]), bf16)
 
 
+def test_gathered_weights_on_a_mesh_with_fsdp_when_set_or_when_they_fit():
+    """`rollout.gather_weights`: None decides by the chip's published memory (none on CPU: not
+    gathered); set, it holds on any mesh with "fsdp" > 1; without a mesh or "fsdp" nothing is
+    gathered."""
+    from arca_jax import parallel
+
+    model = setup.load_model(config.load(None, []))
+    fsdp = parallel.make_mesh(data=1, fsdp=4, tensor=2)
+    on = config.load(None, ["rollout.gather_weights=true"])
+    assert not setup.gather_weights(config.load(None, []), model, fsdp)  # CPU: no figure
+    assert setup.gather_weights(on, model, fsdp)
+    assert not setup.gather_weights(on, model, None)
+    assert not setup.gather_weights(on, model, parallel.make_mesh(data=4, fsdp=1, tensor=2))
+
+
 def test_merged_rollout_equals_low_rank():
     cfg = config.load(None, ["model.dtype=float32", "rollout.prompts_per_step=4",
                              "rollout.group_size=4", "rollout.max_new_tokens=24"])
