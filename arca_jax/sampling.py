@@ -544,17 +544,14 @@ def prepare_weights(params: Params, config: qwen3.Qwen3Config, *, lora: Optional
     size and placed as `parallel.inference_shardings` (tensor-parallel shards used in place by
     every decode step; over "fsdp" split as the base parameters, or with `gather` whole: see
     `parallel.gather_weights`). decode_attention None: the default for
-    the backend and the mesh's size (`qwen3.default_decode_attention`); "pallas" (a GPU kernel
-    per device) runs without a mesh or on a mesh of one device only. matmul: see
+    the backend (`qwen3.default_decode_attention`); "pallas" (a GPU kernel) runs on each
+    device's rows and kv heads of a mesh (`cache_attention.attend_pallas`). matmul: see
     `qwen3.inference_weights` (None: `qwen3.default_matmul`, the C++ kernel on CPU in float32
     without a mesh)."""
     devices = 1 if mesh is None else int(mesh.devices.size)
     if decode_attention is None:
         decode_attention = qwen3.default_decode_attention(
             devices=devices, dtype=params["embed_tokens"]["embedding"].dtype)
-    if decode_attention == "pallas" and devices > 1:
-        raise ValueError(f"decode_attention='pallas' runs on one device, not a mesh of {devices}: "
-                         "sample without a mesh, or use 'dot'")
     tensor = parallel.axis_size(mesh, parallel.TENSOR)
     weights = qwen3.inference_weights(params, config, lora=lora, lora_scale=lora_scale,
                                       merge_lora=merge_lora, decode_attention=decode_attention,

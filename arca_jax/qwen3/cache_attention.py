@@ -30,8 +30,8 @@ def default_decode_attention(platform: Optional[str] = None, devices: int = 1,
     """The decode attention for `platform` (None: jax's default backend) with the sampler on
     `devices` devices and activations of `dtype`: on CPU "cpu-kernel" for float32 on one device
     where the C++ kernels build (`cpu_kernels.available()`), else "reduce" (fewer kernels per
-    step than "dot"); "pallas" on one GPU; "dot" elsewhere (TPU, or a GPU mesh, where the Pallas
-    kernel does not run). On an H200 (Qwen3-1.7B shapes, 128 + 512 tokens, 2026-12-01) a decode
+    step than "dot"); "pallas" on GPUs (on a mesh, per device: `attend_pallas`); "dot" elsewhere
+    (TPU). On an H200 (Qwen3-1.7B shapes, 128 + 512 tokens, 2026-12-01) a decode
     step took 2.73 ms with "pallas" against 5.20 ms with "dot" at batch 64, 6.09 against 13.04
     ms at batch 256 ("dot"'s switch over filled blocks costs more there than it saves;
     experiments/NOTES_sampling.md)."""
@@ -40,7 +40,7 @@ def default_decode_attention(platform: Optional[str] = None, devices: int = 1,
         if devices == 1 and dtype is not None and cpu_kernels.usable(dtype, platform):
             return "cpu-kernel"
         return "reduce"
-    return "pallas" if platform in ("gpu", "cuda", "rocm") and devices == 1 else "dot"
+    return "pallas" if platform in ("gpu", "cuda", "rocm") else "dot"
 
 
 # Decode steps attend over the filled prefix of the cache, rounded up to a multiple of this many
@@ -116,7 +116,7 @@ def cache_size(needed: int, decode_attention: str) -> int:
     return -(-needed // chunk) * chunk
 
 
-def attend_pallas(q, k, v, valid, index):
+def attend_pallas(q, k, v, valid, index, mesh=None):
     """Attention of one new token (T = 1) with jax's Pallas GPU decode kernel
     (`jax.experimental.pallas.ops.gpu.decode_attention`), run per (row, kv head) on the cache in
     its stored layout: row b reads slots first[b] .. index[b] only (first: its first valid slot),
@@ -124,8 +124,26 @@ def attend_pallas(q, k, v, valid, index):
     Equals `attend` when each row's valid slots are one run ending at `index` (left-padded
     prompt, then the row's tokens: what the sampler writes). q [B, 1, N, H]; k, v [B, K, S, H]
     with S a multiple of 16 (`cache_size`); valid [B, S] bool; index [B] the new token's slot.
-    Off GPU the kernel runs in Pallas' interpreter (slow; for tests). Returns [B, 1, N*H]."""
+    With a `mesh` of several devices the kernel runs on each device's part (`shard_map`): its
+    rows (as `parallel.batch_spec`) and, with tensor > 1, its kv heads and their query heads
+    (as `parallel.cache_shardings` and the shard-major q layout). Off GPU the kernel runs in
+    Pallas' interpreter (slow; for tests). Returns [B, 1, N*H]."""
     from jax.experimental.pallas.ops.gpu import decode_attention as kernel
+
+    if mesh is not None and mesh.devices.size > 1:
+        from jax.sharding import PartitionSpec as P
+
+        from arca_jax import parallel
+
+        rows = parallel.batch_spec(q.shape[0], mesh)
+        rows = rows[0] if len(rows) else None
+        t = parallel.axis_size(mesh, parallel.TENSOR)
+        heads = parallel.TENSOR if t > 1 and k.shape[1] % t == 0 else None
+        return jax.shard_map(
+            attend_pallas, mesh=mesh,
+            in_specs=(P(rows, None, heads), P(rows, heads), P(rows, heads), P(rows), P(rows)),
+            out_specs=P(rows, None, heads),
+            check_vma=False)(q, k, v, valid, index)  # a pallas_call's outputs carry no axis types
 
     B, _, N, H = q.shape
     K, S = k.shape[1], k.shape[2]

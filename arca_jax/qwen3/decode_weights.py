@@ -89,9 +89,10 @@ class InferenceWeights:
     # t, the tensor-parallel shards the fused kernels are laid out for (static; see
     # `inference_weights`).
     tensor: int = flax.struct.field(pytree_node=False, default=1)
-    # A mixture-of-experts model's sparse layers run expert-parallel over this mesh's "fsdp" axis
-    # (static; `moe.mixture`), or None: on the device(s) holding the rows. None for dense models.
-    experts_mesh: Any = flax.struct.field(pytree_node=False, default=None)
+    # The sampler's mesh where a decode step runs per-device programs (static; None: the rows'
+    # own devices): a mixture-of-experts model's sparse layers expert-parallel over its "fsdp"
+    # axis (`moe.mixture`), and the "pallas" attention per device (`attend_pallas`'s mesh).
+    mesh: Any = flax.struct.field(pytree_node=False, default=None)
     # How the projections and the head multiply (static; `MATMULS`): "xla" (einsum over the
     # [in, out] kernels) or "cpu-kernel" (`cpu_matmul` over the kernels packed in panels).
     matmul: str = flax.struct.field(pytree_node=False, default="xla")
@@ -181,9 +182,9 @@ def inference_weights(params: Params, config: Qwen3Config, *, lora: Optional[Par
     a second copy as the fused dense kernels are; with tensor > 1 its attention and dense MLP
     layers are laid out as a dense model's, its experts whole on every "tensor" device), whose
     router and expert adapters are merged in whatever `merge_lora` says (`_sparse_mlps`).
-    `mesh`: the sampler's mesh (static), kept by a mixture-of-experts
-    model's weights so that its experts run expert-parallel over "fsdp" (`experts_mesh`); ignored
-    for a dense model.
+    `mesh`: the sampler's mesh (static), kept (`InferenceWeights.mesh`) by a mixture-of-experts
+    model's weights so that its experts run expert-parallel over "fsdp", and with "pallas" so
+    that the kernel runs on each device's rows and kv heads; ignored otherwise.
     `matmul`: "xla", "cpu-kernel" (the dense kernels and the head packed in column panels for
     `cpu_matmul`: float32, no tensor split; the head of tied embeddings becomes a second, packed
     copy of the embedding), or None for `default_matmul` (static under jit).
@@ -308,7 +309,7 @@ def inference_weights(params: Params, config: Qwen3Config, *, lora: Optional[Par
     return InferenceWeights(
         embed=embed, layers=tuple(layers), final_norm=params["norm"]["scale"], lm_head=lm_head,
         decode_attention=decode_attention, tensor=tensor,
-        experts_mesh=mesh if is_moe else None, matmul=matmul)
+        mesh=mesh if is_moe or decode_attention == "pallas" else None, matmul=matmul)
 
 
 def _mlp_kinds(config: Qwen3Config) -> tuple:

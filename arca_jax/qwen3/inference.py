@@ -28,7 +28,7 @@ float32 at every decode step) with fewer, larger operations:
   - a mixture-of-experts layer (`SparseMlp`) normalises x, routes every token as `forward` does
     (`moe.mixture`: router, float32 softmax, top-k, pairs sorted by expert; at prefill and at
     T = 1 alike) and runs its experts as two `jax.lax.ragged_dot`s (gate and up fused, [E, D, 2I],
-    then down), expert-parallel over the mesh's "fsdp" axis (`experts_mesh`, `moe.mixture`); its
+    then down), expert-parallel over the mesh's "fsdp" axis (`InferenceWeights.mesh`, `moe.mixture`); its
     dense layers (`mlp_only_layers`) run as a dense model's. Adapters on its experts and router
     are always merged into the `SparseMlp` kernels (a copy anyway: W_e + lora_scale A_e B_e).
 
@@ -266,7 +266,7 @@ def inference_forward(weights: InferenceWeights, input_ids: jax.Array, *, config
             # values are written above, so the rest of the layer runs on that one position
             q, bias, x = q[:, -1:], bias[:, -1:], x[:, -1:]
         if T == 1 and weights.decode_attention == "pallas":
-            attn = attend_pallas(q, kc, vc, valid, index)
+            attn = attend_pallas(q, kc, vc, valid, index, mesh=weights.mesh)
         elif T == 1 and weights.decode_attention == "cpu-kernel":
             attn = attend_cpu(q, kc, vc, bias, jnp.max(index) + 1)
         elif T == 1:  # a decode step: only the filled part of the cache
@@ -278,7 +278,7 @@ def inference_forward(weights: InferenceWeights, input_ids: jax.Array, *, config
         x = x + _project(attn, layer.o, layer.o_lora, dtype)
 
         if layer.sparse_mlp is not None:
-            x = x + _sparse_mlp(x, layer.sparse_mlp, c, weights.experts_mesh)
+            x = x + _sparse_mlp(x, layer.sparse_mlp, c, weights.mesh)
             continue
         gu = _project(x, layer.gate_up, layer.gate_up_lora, f32) * inv_rms(x, c.rms_norm_eps)
         gu = gu.reshape(B, x.shape[1], t, 2, F // t)  # shard-major [gate_s | up_s]

@@ -93,7 +93,7 @@ def test_expert_stacks_split_on_experts(model, shape):
     for layer in (weights.layers[0], weights.layers[2]):  # the sparse layers
         for arr in (layer.sparse_mlp.gate_up, layer.sparse_mlp.down):  # [E, ., .]
             assert {s.data.shape[0] for s in arr.addressable_shards} == {E // F}
-    assert weights.layers[1].sparse_mlp is None and weights.experts_mesh is mesh
+    assert weights.layers[1].sparse_mlp is None and weights.mesh is mesh
 
 
 def test_expert_shards_and_fallback():

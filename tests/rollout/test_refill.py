@@ -76,9 +76,11 @@ def test_pallas_decode_attention_gives_the_same_rows(setup):
     one = parallel.make_mesh(data=1, devices=jax.devices()[:1])  # the trainer's single-GPU mesh
     assert_same_rows(sampling.generate(params, ids, mask, rng=rng, decode_attention="pallas",
                                        mesh=one, **kw), dot)
-    with pytest.raises(ValueError, match="runs on one device"):
-        sampling.generate(params, ids, mask, rng=rng, decode_attention="pallas",
-                          mesh=parallel.make_mesh(data=2), **gen)
+    # on a mesh the kernel runs per device: its rows, and with tensor > 1 its kv heads
+    for shape in ((2, 1, 1), (2, 2, 2)):
+        mesh = parallel.make_mesh(*shape)
+        assert_same_rows(sampling.generate(params, ids, mask, rng=rng, decode_attention="pallas",
+                                           mesh=mesh, **kw), dot)
 
 
 @pytest.mark.filterwarnings("ignore:Some donated buffers were not usable")  # shrink: fewer slots

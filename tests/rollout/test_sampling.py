@@ -437,12 +437,12 @@ def test_inverse_cdf_never_picks_zero_weight_and_settings_are_checked():
 
 def test_decode_attention_default_follows_backend(tiny):
     """On CPU the C++ kernel for float32 on one device (where it builds), else "reduce" (fewer
-    kernels per step than "dot"); "pallas" on one GPU (measured fastest on an H200), "dot" on
-    TPU and on a GPU mesh (where the Pallas kernel does not run)."""
+    kernels per step than "dot"); "pallas" on GPUs (measured fastest on an H200; on a mesh per
+    device), "dot" on TPU."""
     _, config, params = tiny
     assert [qwen3.default_decode_attention(p, n) for p, n in (
         ("cpu", 1), ("cpu", 8), ("gpu", 1), ("gpu", 8), ("tpu", 1), ("tpu", 8))] == [
-        "reduce", "reduce", "pallas", "dot", "dot", "dot"]
+        "reduce", "reduce", "pallas", "pallas", "dot", "dot"]
     kernel = "cpu-kernel" if qwen3.cpu_kernels.available() else "reduce"
     assert [qwen3.default_decode_attention("cpu", n, d) for n, d in (
         (1, jnp.float32), (2, jnp.float32), (1, jnp.bfloat16))] == [kernel, "reduce", "reduce"]
