@@ -106,7 +106,8 @@ class Plan:
     would refuse about the setting (the programs compile anyway). state: the train state's bytes
     per device as the trainer lays it out (`parallel.train_state_bytes`: adapter, Adam moments
     and the step's gradient split over "fsdp"); replicated_state: the same replicated over "fsdp"
-    (the layout before ZeRO sharding, for the saving). None: not computed."""
+    (the layout before ZeRO sharding, for the saving). None: not computed. sampler_gathered:
+    the sampler's weights whole over "fsdp" (`rollout.gather_weights`)."""
 
     model: str
     target: Target
@@ -117,6 +118,7 @@ class Plan:
     state: Optional[parallel.StateBytes] = None
     replicated_state: Optional[parallel.StateBytes] = None
     refused: Optional[Refusal] = None
+    sampler_gathered: bool = False
 
     def program_fits(self, report: ProgramReport) -> Optional[bool]:
         """Whether the program's peak fits in the target's memory per device (None: unknown)."""

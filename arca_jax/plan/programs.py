@@ -103,7 +103,8 @@ def compile_train_step(cfg: RunConfig, config, mesh, knobs: Knobs, params, state
 def sampler_gathers(cfg: RunConfig, mesh, params, platform: str,
                     device_memory: Optional[float]) -> bool:
     """Whether the sampler's weights are gathered over "fsdp" (`parallel.gather_weights` on the
-    abstract `params`' bytes; `device_memory` is not consulted on CPU, as in the trainer)."""
+    abstract `params`' bytes against `device_memory`, a device's bytes; not consulted on CPU,
+    as in the trainer, which reads the chip's published memory)."""
     weight_bytes = sum(x.size * jnp.dtype(x.dtype).itemsize
                        for x in jax.tree_util.tree_leaves(params))
     return parallel.gather_weights(cfg.rollout.gather_weights, mesh, weight_bytes,
@@ -111,11 +112,10 @@ def sampler_gathers(cfg: RunConfig, mesh, params, platform: str,
 
 
 def compile_sampler(cfg: RunConfig, config, mesh, shapes: Shapes, params, state, platform: str,
-                    options=None, device_memory: Optional[float] = None) -> List[Program]:
+                    options=None, gather: bool = False) -> List[Program]:
     """The sampler's programs as `sampling.generate` calls them in a rollout: weight
-    preparation (low-rank adapter, not merged; gathered over "fsdp" as `rollout.gather_weights`
-    decides against `device_memory`, a device's bytes, as the trainer does against the chip's
-    published memory), prefill and the decode loop, each on the previous one's output layout;
+    preparation (low-rank adapter, not merged; with `gather`, whole over "fsdp":
+    `sampler_gathers`), prefill and the decode loop, each on the previous one's output layout;
     with `shapes.eval_rows`, also the evaluation's pass@k sampling (its largest chunk), which
     runs every train.eval_every steps, not every step."""
     rep = NamedSharding(mesh, P())
@@ -123,7 +123,6 @@ def compile_sampler(cfg: RunConfig, config, mesh, shapes: Shapes, params, state,
     attention = qwen3.default_decode_attention(platform, int(mesh.devices.size))
     lora = state.lora
     resident = device_bytes(params) + device_bytes(state)  # live while the sampler runs
-    gather = sampler_gathers(cfg, mesh, params, platform, device_memory)
     prep, t_prep = _compile(sampling.prepare_weights_jit.lower(
         params, config, lora=lora, lora_scale=sd((), jnp.float32, sharding=rep),
         merge_lora=False, decode_attention=attention, mesh=mesh, gather=gather), options,

@@ -34,7 +34,8 @@ def plan_json(p: Plan) -> dict:
         "sampler": {"rows": p.shapes.sampler_rows, "prompt_width": p.shapes.sampler_prompt,
                     "new_tokens_width": p.shapes.sampler_new_tokens,
                     "decode_steps": p.shapes.new_tokens - 1,
-                    "eval_rows": p.shapes.eval_rows},
+                    "eval_rows": p.shapes.eval_rows,
+                    "weights_gathered_over_fsdp": p.sampler_gathered},
         "fits": p.fits,
         "refused": _refusal_json(p.refused),
         "problems": list(p.problems),
@@ -130,7 +131,9 @@ def format_plan(p: Plan) -> str:
              f"{p.knobs.remat}, microbatches {p.knobs.microbatches}",
              f"  batch {p.shapes.rows} rows x {p.shapes.tokens} tokens; sampler "
              f"{p.shapes.sampler_rows} rows, prompt {p.shapes.sampler_prompt}, "
-             f"{p.shapes.sampler_new_tokens} new tokens",
+             f"{p.shapes.sampler_new_tokens} new tokens"
+             + (", weights gathered over fsdp (rollout.gather_weights)" if p.sampler_gathered
+                else ""),
              f"  HBM per device: {_fmt_bytes(t.hbm_bytes)} GiB"
              + ("" if t.peak_flops else f" ({t.chip.source})"),
              "  program          args  out  temp alias  total  peak GiB  fits   TFLOP   GB"

@@ -19,7 +19,7 @@ from arca_jax.plan.targets import Target
 
 def _program_reports(cfg: RunConfig, target: Target, knobs: Knobs, config, mesh, shapes: Shapes,
                      abstract, options, reuse: Optional[Plan], log,
-                     hlo_dir: Optional[str]) -> Iterator[ProgramReport]:
+                     hlo_dir: Optional[str], gather: bool = False) -> Iterator[ProgramReport]:
     """The reports of `knobs`' programs, each as soon as it is compiled: the train step, then
     the sampler's (those of `reuse` when it has the same layout). abstract: (params, state,
     optimizer, batch)."""
@@ -33,11 +33,8 @@ def _program_reports(cfg: RunConfig, target: Target, knobs: Knobs, config, mesh,
         yield from (p for p in reuse.programs if p.name != "train_step")
         return
     sampler = compile_sampler(cfg, config, mesh, shapes, params, state, target.platform, options,
-                              device_memory=target.hbm_bytes)
-    gathered = sampler_gathers(cfg, mesh, params, target.platform, target.hbm_bytes)
-    log("compiled " + ", ".join(f"{p.name} in {p.compile_s:.0f} s" for p in sampler)
-        + (" (the sampler's weights gathered over fsdp: rollout.gather_weights)" if gathered
-           else ""))
+                              gather=gather)
+    log("compiled " + ", ".join(f"{p.name} in {p.compile_s:.0f} s" for p in sampler))
     yield from (report_program(p, target, hlo_dir, tag) for p in sampler)
 
 
@@ -56,11 +53,12 @@ def plan_once(cfg: RunConfig, target: Target, knobs: Knobs, options=None,
     shapes = Shapes.of(cfg, knobs.layout.row_shards, evaluation)
     params, state, optimizer = abstract_model(cfg, config, mesh)
     abstract = (params, state, optimizer, abstract_batch(cfg, shapes, mesh))
+    gather = sampler_gathers(cfg, mesh, params, target.platform, target.hbm_bytes)
     reports: List[ProgramReport] = []
     refused = None
     try:
         for report in _program_reports(cfg, target, knobs, config, mesh, shapes, abstract,
-                                       options, reuse, log, hlo_dir):
+                                       options, reuse, log, hlo_dir, gather):
             reports.append(report)
     except RefusedError as e:
         refused = e.refusal
@@ -68,7 +66,8 @@ def plan_once(cfg: RunConfig, target: Target, knobs: Knobs, options=None,
     kv = config.num_key_value_heads
     return Plan(cfg.model.path, target, knobs, shapes, tuple(reports),
                 tuple(trainer_problems(cfg, knobs)), parallel.train_state_bytes(state, mesh, kv),
-                parallel.train_state_bytes(state, mesh, kv, fsdp=False), refused)
+                parallel.train_state_bytes(state, mesh, kv, fsdp=False), refused,
+                sampler_gathered=gather)
 
 
 @dataclasses.dataclass(frozen=True)

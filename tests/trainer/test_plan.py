@@ -56,6 +56,7 @@ def test_json_fields(tiny_plan):
     assert p["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1}
     assert p["global_batch"] == {"rows": 32, "tokens_per_row": 32, "tokens": 1024}
     assert p["sampler"]["decode_steps"] == 15 and p["sampler"]["eval_rows"] == 16
+    assert p["sampler"]["weights_gathered_over_fsdp"] is False  # CPU: only when set
     assert p["target"]["platform"] == "cpu" and p["target"]["devices"] == 8
     assert p["target"]["peak_flops_per_device"] is None  # no published CPU peak: no roofline
     assert p["fits"] is True and p["problems"] == []
@@ -300,6 +301,19 @@ def test_tensor_axis(cfg, tiny_plan):
     assert train.memory.argument < base.memory.argument
     assert train.collectives["all-reduce"].runs > 0
     assert [r.name for r in p.programs] == ["train_step", "prepare_weights", "prefill", "decode"]
+
+
+def test_sampler_weights_gathered_when_set(cfg, tiny_plan):
+    """`rollout.gather_weights=true` on (data 2, fsdp 4): the plan says so, the weight
+    preparation gathers the weights and the decode loop reads them in place (fewer bytes moved
+    per device than with them split over fsdp)."""
+    on = dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, gather_weights=True))
+    p = plan.run(on, plan.local_target(), LAYOUT, options=FAST, search=False).plan
+    assert p.sampler_gathered and not tiny_plan.sampler_gathered
+    assert "weights gathered over fsdp" in plan.format_plan(p)
+    moved = lambda q, name: sum(c.bytes for c in _report(q, name).collectives.values())
+    assert moved(p, "prepare_weights") > moved(tiny_plan, "prepare_weights")
+    assert moved(p, "decode") < moved(tiny_plan, "decode")
 
 
 def test_trainer_problems(cfg):
