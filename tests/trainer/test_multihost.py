@@ -361,6 +361,25 @@ def test_dapo_rollout_two_processes_equal_one_process(tmp_path, cache_dir):
     _assert_lora_close(_lora(multi, 1), _lora(single, 1))
 
 
+# the sampler's weights gathered over fsdp 4 (two devices in each process) for every rollout and
+# evaluation, as `rollout.gather_weights` does on accelerators where they fit
+GATHERED = TINY[:-1] + ["train.seed=2", "train.steps=1", "train.mesh_fsdp=4",
+                        "rollout.gather_weights=true"]
+
+
+@pytest.mark.slow
+def test_gathered_sampler_two_processes_equal_one_process(tmp_path, cache_dir):
+    single = tmp_path / "single"
+    _single(single, cache_dir, overrides=GATHERED)
+    ref = _rows(single, "metrics.jsonl")
+    multi, logs = tmp_path / "multi", tmp_path / "logs"
+    logs.mkdir()
+    assert _wait_all(_two_cli(multi, str(logs), overrides=GATHERED)) == [0, 0], _logs(logs)
+    _assert_rows_close(_rows(multi, "metrics.jsonl"), ref)
+    assert _rows(multi, "eval.jsonl") == _rows(single, "eval.jsonl")
+    _assert_lora_close(_lora(multi, 1), _lora(single, 1))
+
+
 def _wait_for_line(log_dir, text, procs, timeout=240):
     """Until process 0's log holds `text` (both processes still running)."""
     path = os.path.join(log_dir, "p0.log")
