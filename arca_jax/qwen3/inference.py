@@ -28,9 +28,10 @@ float32 at every decode step) with fewer, larger operations:
   - a mixture-of-experts layer (`SparseMlp`) normalises x, routes every token as `forward` does
     (`moe.mixture`: router, float32 softmax, top-k, pairs sorted by expert; at prefill and at
     T = 1 alike) and runs its experts as two `jax.lax.ragged_dot`s (gate and up fused, [E, D, 2I],
-    then down), expert-parallel over the mesh's "fsdp" axis (`InferenceWeights.mesh`, `moe.mixture`); its
-    dense layers (`mlp_only_layers`) run as a dense model's. Adapters on its experts and router
-    are always merged into the `SparseMlp` kernels (a copy anyway: W_e + lora_scale A_e B_e).
+    then down), expert-parallel over the mesh's "fsdp" axis (`InferenceWeights.mesh`,
+    `moe.mixture`); its dense layers (`mlp_only_layers`) run as a dense model's. Adapters on its
+    experts and router are always merged into the `SparseMlp` kernels (a copy anyway:
+    W_e + lora_scale A_e B_e).
 
 Measured on the CPU benchmark model (experiments/NOTES_sampling.md): one decode step of the
 sampler went from 406 kernels (the first version, since removed: the linen forward over a stacked
