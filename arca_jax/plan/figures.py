@@ -98,6 +98,10 @@ def report_program(program: Program, target: Target, hlo_dir: Optional[str] = No
                          dict(work.collectives), roofline, bound, mfu, program.compile_s)
 
 
+# `Plan.decode_gathers_weights`: all-gathered bytes per decode step over its HBM bytes
+GATHER_WARNING = 0.1
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """The programs of one setting on one target.
@@ -158,6 +162,26 @@ class Plan:
         if not times or any(t is None for t in times):
             return None
         return sum(p.roofline_s * p.runs_per_step for p in self.programs if p.name in names)
+
+    @property
+    def decode_gathered_per_step(self) -> Optional[float]:
+        """Bytes the rollout's decode loop all-gathers per device and decode step (None: no
+        decode program): the weights' fsdp parts where a step gathers them again, which the
+        roofline leaves out (`rollout.gather_weights`, a tensor axis)."""
+        r = next((r for r in self.programs if r.name == "decode"), None)
+        if r is None:
+            return None
+        gathered = r.collectives.get("all-gather")
+        return (gathered.bytes if gathered else 0.0) / max(self.shapes.new_tokens - 1, 1)
+
+    @property
+    def decode_gathers_weights(self) -> bool:
+        """The decode loop all-gathers more than a tenth of its HBM bytes per step: each step
+        moves a large part of the weights over the interconnect."""
+        r = next((r for r in self.programs if r.name == "decode"), None)
+        per_step = self.decode_gathered_per_step
+        return bool(r is not None and per_step and
+                    per_step > GATHER_WARNING * r.bytes / max(self.shapes.new_tokens - 1, 1))
 
     @property
     def update_s(self) -> Optional[float]:

@@ -35,7 +35,8 @@ def plan_json(p: Plan) -> dict:
                     "new_tokens_width": p.shapes.sampler_new_tokens,
                     "decode_steps": p.shapes.new_tokens - 1,
                     "eval_rows": p.shapes.eval_rows,
-                    "weights_gathered_over_fsdp": p.sampler_gathered},
+                    "weights_gathered_over_fsdp": p.sampler_gathered,
+                    "decode_all_gather_bytes_per_step": p.decode_gathered_per_step},
         "fits": p.fits,
         "refused": _refusal_json(p.refused),
         "problems": list(p.problems),
@@ -157,6 +158,11 @@ def format_plan(p: Plan) -> str:
                      f"{_fmt_bytes(s.adapter)}, Adam {_fmt_bytes(s.optimizer)}, gradient "
                      f"{_fmt_bytes(s.gradient)}){share}; replicated "
                      f"over fsdp it would be {_fmt_bytes(p.replicated_state.total)} GiB")
+    if p.decode_gathers_weights:
+        lines.append(f"  the decode loop all-gathers {p.decode_gathered_per_step / 1e9:.2f} GB per "
+                     "device and step over the interconnect (not in the roofline): a tensor "
+                     "axis (--mesh DATA,FSDP,TENSOR), or rollout.gather_weights=true where the "
+                     "weights fit, keeps the kernels in place")
     if p.refused is not None:
         lines.append("  " + _refusal_text(p.refused))
     for problem in p.problems:

@@ -314,6 +314,18 @@ def test_sampler_weights_gathered_when_set(cfg, tiny_plan):
     moved = lambda q, name: sum(c.bytes for c in _report(q, name).collectives.values())
     assert moved(p, "prepare_weights") > moved(tiny_plan, "prepare_weights")
     assert moved(p, "decode") < moved(tiny_plan, "decode")
+    # split, the decode loop gathers the kernels' fsdp parts at every step (more than a tenth of
+    # its HBM bytes), and the text says so; gathered once, it does not
+    steps = tiny_plan.shapes.new_tokens - 1
+    split_decode = _report(tiny_plan, "decode")
+    assert tiny_plan.decode_gathers_weights and not p.decode_gathers_weights
+    assert tiny_plan.decode_gathered_per_step == pytest.approx(
+        split_decode.collectives["all-gather"].bytes / steps)
+    assert tiny_plan.decode_gathered_per_step > 0.1 * split_decode.bytes / steps
+    assert "the decode loop all-gathers" in plan.format_plan(tiny_plan)
+    assert "the decode loop all-gathers" not in plan.format_plan(p)
+    j = plan.to_json(plan.Verdict(tiny_plan, None, (tiny_plan.knobs,)))["plan"]["sampler"]
+    assert j["decode_all_gather_bytes_per_step"] == tiny_plan.decode_gathered_per_step
 
 
 def test_trainer_problems(cfg):
