@@ -379,8 +379,9 @@ def gather_weights(setting: Optional[bool], mesh: Optional[Mesh], weight_bytes: 
                    device_bytes: Optional[float]) -> bool:
     """Whether the sampler holds its weights whole over "fsdp" (`rollout.gather_weights`).
 
-    Split over "fsdp" (as the base parameters), every decode step gathers each layer's kernels
-    over "fsdp" again: per step and device, (fsdp - 1) / fsdp of the model over the interconnect.
+    Split over "fsdp" (as the base parameters), every decode step combines the kernels' "fsdp"
+    parts again; without a tensor axis XLA gathers the kernels themselves (compiled for TPU:
+    per step and device, (fsdp - 1) / fsdp of the model over the interconnect).
     Gathered once per `sampling.generate` call (`inference_shardings(gathered=True)`), each
     device holds its "tensor" shard of the whole model for the rollout and the decode steps read
     it in place; it costs weight_bytes / tensor of device memory while the sampler runs.
