@@ -375,6 +375,13 @@ def inference_shardings(weights, mesh: Mesh, *, gathered: bool = False):
 GATHER_SHARE = 0.25
 
 
+def tree_bytes(tree) -> int:
+    """Bytes of every array in `tree` (arrays or `jax.ShapeDtypeStruct`s), unsharded: e.g. the
+    `weight_bytes` of `gather_weights`."""
+    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+               for x in jax.tree_util.tree_leaves(tree))
+
+
 def gather_weights(setting: Optional[bool], mesh: Optional[Mesh], weight_bytes: float,
                    device_bytes: Optional[float]) -> bool:
     """Whether the sampler holds its weights whole over "fsdp" (`rollout.gather_weights`).

@@ -105,9 +105,7 @@ def sampler_gathers(cfg: RunConfig, mesh, params, platform: str,
     """Whether the sampler's weights are gathered over "fsdp" (`parallel.gather_weights` on the
     abstract `params`' bytes against `device_memory`, a device's bytes; not consulted on CPU,
     as in the trainer, which reads the chip's published memory)."""
-    weight_bytes = sum(x.size * jnp.dtype(x.dtype).itemsize
-                       for x in jax.tree_util.tree_leaves(params))
-    return parallel.gather_weights(cfg.rollout.gather_weights, mesh, weight_bytes,
+    return parallel.gather_weights(cfg.rollout.gather_weights, mesh, parallel.tree_bytes(params),
                                    None if platform == "cpu" else device_memory)
 
 

@@ -158,8 +158,8 @@ def gather_weights(cfg: RunConfig, model: Model, mesh) -> bool:
         return False
     from arca_jax.plan.targets import chip_of
 
-    weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(model.params))
-    return parallel.gather_weights(cfg.rollout.gather_weights, mesh, weight_bytes,
+    return parallel.gather_weights(cfg.rollout.gather_weights, mesh,
+                                   parallel.tree_bytes(model.params),
                                    chip_of(mesh.devices.flat[0]).hbm_bytes)
 
 

@@ -337,3 +337,6 @@ def test_gather_weights_rule():
     assert not rule(False, mesh, weight_bytes=1.0, device_bytes=16e9)
     assert not rule(True, None, weight_bytes=1.0, device_bytes=16e9)
     assert not rule(True, parallel.make_mesh(data=4, fsdp=1, tensor=2), 1.0, 16e9)
+    # the weights' bytes the trainer and the plan pass: arrays or abstract ones, unsharded
+    assert parallel.tree_bytes({"a": jax.ShapeDtypeStruct((2, 3), jnp.bfloat16),
+                                "b": jnp.zeros((4,), jnp.float32)}) == 2 * 3 * 2 + 4 * 4
