@@ -124,6 +124,10 @@ class Plan:
     refused: Optional[Refusal] = None
     sampler_gathered: bool = False
 
+    def program(self, name: str) -> Optional[ProgramReport]:
+        """The report of the program called `name` (None: not compiled)."""
+        return next((r for r in self.programs if r.name == name), None)
+
     def program_fits(self, report: ProgramReport) -> Optional[bool]:
         """Whether the program's peak fits in the target's memory per device (None: unknown)."""
         hbm = self.target.hbm_bytes
@@ -168,7 +172,7 @@ class Plan:
         """Bytes the rollout's decode loop all-gathers per device and decode step (None: no
         decode program): the weights' fsdp parts where a step gathers them again, which the
         roofline leaves out (`rollout.gather_weights`, a tensor axis)."""
-        r = next((r for r in self.programs if r.name == "decode"), None)
+        r = self.program("decode")
         if r is None:
             return None
         gathered = r.collectives.get("all-gather")
@@ -178,7 +182,7 @@ class Plan:
     def decode_gathers_weights(self) -> bool:
         """The decode loop all-gathers more than a tenth of its HBM bytes per step: each step
         moves a large part of the weights over the interconnect."""
-        r = next((r for r in self.programs if r.name == "decode"), None)
+        r = self.program("decode")
         per_step = self.decode_gathered_per_step
         return bool(r is not None and per_step and
                     per_step > GATHER_WARNING * r.bytes / max(self.shapes.new_tokens - 1, 1))
