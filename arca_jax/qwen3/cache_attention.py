@@ -19,7 +19,9 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
+from arca_jax import parallel
 from arca_jax.qwen3 import cpu_kernels
 
 DECODE_ATTENTION = ("reduce", "dot", "pallas", "cpu-kernel")
@@ -131,10 +133,6 @@ def attend_pallas(q, k, v, valid, index, mesh=None):
     from jax.experimental.pallas.ops.gpu import decode_attention as kernel
 
     if mesh is not None and mesh.devices.size > 1:
-        from jax.sharding import PartitionSpec as P
-
-        from arca_jax import parallel
-
         rows = parallel.batch_spec(q.shape[0], mesh)
         rows = rows[0] if len(rows) else None
         t = parallel.axis_size(mesh, parallel.TENSOR)
