@@ -87,6 +87,26 @@ def make_mesh(data: int = 1, fsdp: Optional[int] = None, tensor: int = 1,
     return Mesh(_device_grid(devices[:n], (data, fsdp, tensor)), AXES)
 
 
+def reshape_mesh(mesh: Mesh, fsdp: int = 1, tensor: int = 1) -> Mesh:
+    """`mesh`'s devices, in the same order, as a mesh of shape (data, fsdp, tensor) with data the
+    rest (``mesh.size // (fsdp * tensor)``): e.g. the rollout mesh (`rollout.mesh_tensor`) of a
+    train mesh.
+
+    The order is kept so that one jitted program can take arrays laid out on `mesh` and place
+    its results on the new mesh (jit needs every sharding on the same device order: the sampler's
+    weight preparation reads the train layout's base weights and writes the rollout layout's);
+    consecutive devices, which `make_mesh` puts on neighbouring chips on TPU and in one process
+    elsewhere, form the new "tensor" groups. ValueError unless fsdp x tensor divides the devices.
+    """
+    for name, v in (("fsdp", fsdp), ("tensor", tensor)):
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"mesh {name} must be a positive int, got {v!r}")
+    n = int(mesh.devices.size)
+    if n % (fsdp * tensor):
+        raise ValueError(f"fsdp {fsdp} x tensor {tensor} does not divide the mesh's {n} devices")
+    return Mesh(mesh.devices.reshape(n // (fsdp * tensor), int(fsdp), int(tensor)), AXES)
+
+
 def _device_grid(devices: list, shape) -> np.ndarray:
     """The devices arranged as a [data, fsdp, tensor] array (see the module doc)."""
     from jax.experimental import mesh_utils
@@ -559,6 +579,17 @@ class RowLayout:
         if self.sharding is None:
             return jnp.asarray(full)
         return jax.make_array_from_process_local_data(self.sharding, full[self.local], full.shape)
+
+    def place(self, tree):
+        """`tree` ([B, ...] leaves and scalars, e.g. a `sampling.SampleOutput` sampled on
+        another mesh over the same devices) on this layout's rows, its scalars replicated: one
+        resharding program (`jax.device_put`), across processes too. Without a mesh: on the
+        default device."""
+        if self.sharding is None:
+            return jax.device_put(tree)
+        whole = NamedSharding(self.mesh, P())
+        return jax.device_put(tree, jax.tree_util.tree_map(
+            lambda x: self.sharding if np.ndim(x) else whole, tree))
 
     def host(self, x: jax.Array) -> np.ndarray:
         """A [B, ...] host copy of a global array holding (at least) this process's owned rows

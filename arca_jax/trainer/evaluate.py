@@ -11,7 +11,7 @@ import numpy as np
 from arca_jax.config import RunConfig
 from arca_jax.tasks.metrics import mean_pass_at_k
 from arca_jax.trainer.rollout import Scorer, encode_prompts, generate_rows, score_rows
-from arca_jax.trainer.setup import Model, gather_weights, merge_lora, sampler_store
+from arca_jax.trainer.setup import Model, sampler_options
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,8 +40,7 @@ def greedy_rewards(model: Model, adapter, lora_scale: float, problems: Sequence[
                         max_new_tokens=r.max_new_tokens, lora=adapter, lora_scale=lora_scale,
                         max_batch=cfg.train.eval_batch_size,
                         shrink=r.shrink, replicas=r.replicas,
-                        merge_lora=merge_lora(cfg, model), store=sampler_store(cfg, mesh),
-                        gather_weights=gather_weights(cfg, model, mesh))
+                        **sampler_options(cfg, model, mesh))
     return score_rows(gen, len(problems), problems.__getitem__, score, model.tokenizer)[0]
 
 
@@ -70,8 +69,7 @@ def evaluate(model: Model, adapter, lora_scale: float, problems: Sequence[Any], 
                         max_new_tokens=r.max_new_tokens, lora=adapter, lora_scale=lora_scale,
                         max_batch=cfg.train.eval_batch_size * k,
                         shrink=r.shrink, replicas=r.replicas,
-                        merge_lora=merge_lora(cfg, model), store=sampler_store(cfg, mesh),
-                        gather_weights=gather_weights(cfg, model, mesh))
+                        **sampler_options(cfg, model, mesh))
     sampled_r = score_rows(gen, n * k, lambda i: problems[i // k], score,
                            model.tokenizer)[0].reshape(n, k)
     correct = sampled_r > 0.5

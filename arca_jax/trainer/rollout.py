@@ -32,7 +32,7 @@ from arca_jax.batch import Batch, build_batch
 from arca_jax.config import RunConfig
 from arca_jax.grpo.objective import advantages
 from arca_jax.prompts import bucket_prompts
-from arca_jax.trainer.setup import Model, gather_weights, merge_lora, sampler_store
+from arca_jax.trainer.setup import Model, sampler_options
 
 
 def encode_prompts(tokenizer, prompts: Sequence[str], max_tokens: int, pad_id: int,
@@ -117,7 +117,7 @@ class Generated(NamedTuple):
 
 def generate_rows(model: Model, mesh, ids: np.ndarray, mask: np.ndarray, *, group_size: int = 1,
                   shrink: Optional[int] = None, replicas: Optional[int] = None,
-                  **gen) -> Generated:
+                  sample_mesh=None, **gen) -> Generated:
     """Samples `group_size` (G) completions of each of the prompts [n, P] (the same host arrays on
     every process) on `mesh` (None: the default device): rows r G .. r G + G - 1 are prompt r's,
     padded to a multiple of the devices holding different rows; each process's devices decode
@@ -127,23 +127,29 @@ def generate_rows(model: Model, mesh, ids: np.ndarray, mask: np.ndarray, *, grou
     `gen`: `sampling.generate` keywords; a `max_batch` is rounded up to whole groups spread
     evenly over the devices. shrink, replicas: `RolloutConfig`'s (None: the platform's default,
     `sampling.resolve_shrink`, `replicas.resolve`); without a mesh, `replicas` devices sample
-    at once, each its own share of the groups."""
+    at once, each its own share of the groups. sample_mesh: another layout of `mesh`'s devices
+    to sample on (`setup.rollout_mesh`; None: `mesh`); the completions come back on `mesh`'s
+    rows."""
     G = int(group_size)
     ids, mask = np.repeat(ids, G, axis=0), np.repeat(mask, G, axis=0)
     layout = parallel.RowLayout.padded(mesh, ids.shape[0])
     g_ids, g_mask = layout.to_global(ids), layout.to_global(mask)
     # padding repeats the last row (the last prompt): aligned groups of G rows still share one
     shared = G if layout.batch_size % G == 0 else 1
+    sampler = mesh if sample_mesh is None else sample_mesh
     if gen.get("max_batch") is not None:  # slots: whole groups, split evenly over the devices
-        unit = int(np.lcm(shared, parallel.row_devices(mesh)))
+        unit = int(np.lcm(shared, parallel.row_devices(sampler)))
         gen["max_batch"] = -(-int(gen["max_batch"]) // unit) * unit
     out = sampling.generate(model.params, g_ids, g_mask, config=model.config, eos_id=model.eos_id,
-                            pad_id=model.pad_id, mesh=mesh, group_size=shared,
+                            pad_id=model.pad_id, mesh=sampler, group_size=shared,
                             shrink=sampling.resolve_shrink(shrink),
                             devices=None if mesh is not None else replicas_lib.devices(
                                 replicas, layout.batch_size, gen.get("max_batch")),
                             **gen)
+    if sampler is not mesh:
+        out = layout.place(out)
     return Generated(out, layout, g_ids, g_mask)
+
 
 
 class Scored(NamedTuple):
@@ -282,9 +288,7 @@ def _sample_round(model: Model, mesh, problems: Sequence[Any], cfg: RunConfig, *
     gen = generate_rows(model, mesh, ids, mask, group_size=G, rng=key, max_batch=r.max_batch,
                         shrink=r.shrink, replicas=r.replicas, max_new_tokens=r.max_new_tokens,
                         lora=adapter, lora_scale=cfg.lora.scaling, temperature=r.temperature,
-                        top_p=r.top_p, top_k=r.top_k, merge_lora=merge_lora(cfg, model),
-                        store=sampler_store(cfg, mesh),
-                        gather_weights=gather_weights(cfg, model, mesh))
+                        top_p=r.top_p, top_k=r.top_k, **sampler_options(cfg, model, mesh))
     jax.block_until_ready(gen.out.tokens)
     t1 = time.time()
     beat("sampling")

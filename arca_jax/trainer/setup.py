@@ -163,6 +163,17 @@ def gather_weights(cfg: RunConfig, model: Model, mesh) -> bool:
                                    chip_of(mesh.devices.flat[0]).hbm_bytes)
 
 
+def sampler_options(cfg: RunConfig, model: Model, mesh) -> dict:
+    """The `generate_rows` keywords that rollouts and evaluation share for a run on `mesh` (the
+    train mesh, or None): the mesh to sample on (`rollout_mesh`), and on it merged weights
+    (`merge_lora`), the program store (`sampler_store`) and weights gathered over "fsdp"
+    (`gather_weights`)."""
+    sample_mesh = rollout_mesh(cfg, mesh)
+    return dict(sample_mesh=sample_mesh, merge_lora=merge_lora(cfg, model),
+                store=sampler_store(cfg, sample_mesh),
+                gather_weights=gather_weights(cfg, model, sample_mesh))
+
+
 def share_prompts(cfg: RunConfig, model_config) -> bool:
     """Whether the packed step shares each prompt among its group's completions
     (`train.share_prompts`; None: when the step runs on CPU): on a dense model without LoRA
@@ -214,19 +225,32 @@ def make_run_mesh(cfg: RunConfig):
                               tensor=t.mesh_tensor)
 
 
+def rollout_mesh(cfg: RunConfig, mesh):
+    """The mesh rollouts and evaluation sample on: `mesh` (the train mesh; None without one)
+    unless `rollout.mesh_fsdp` / `rollout.mesh_tensor` lay out its devices another way
+    (`parallel.reshape_mesh`, the same device order; the one left unset is 1)."""
+    r = cfg.rollout
+    if mesh is None or (r.mesh_fsdp is None and r.mesh_tensor is None):
+        return mesh
+    return parallel.reshape_mesh(mesh, r.mesh_fsdp or 1, r.mesh_tensor or 1)
+
+
 def check_tensor(cfg: RunConfig, model_config) -> None:
-    """ConfigError unless train.mesh_tensor splits the model's heads and MLP evenly; a
-    mixture-of-experts model samples without tensor parallelism (`qwen3.inference_weights`), so
-    it takes mesh_tensor 1 only."""
-    tensor = cfg.train.mesh_tensor if cfg.train.mode == "mesh" else 1
-    if tensor > 1 and isinstance(model_config, qwen3.Qwen3MoeConfig):
-        raise ConfigError(f"train.mesh_tensor={tensor}: tensor parallelism for a "
-                          "mixture-of-experts model is not implemented (the sampler keeps its "
-                          "experts whole); use train.mesh_tensor=1 (rows over data and fsdp)")
-    try:
-        parallel.check_tensor(model_config, tensor)
-    except ValueError as e:
-        raise ConfigError(f"train.mesh_tensor: {e}") from None
+    """ConfigError unless train.mesh_tensor and rollout.mesh_tensor split the model's heads and
+    MLP evenly; a mixture-of-experts model samples without tensor parallelism
+    (`qwen3.inference_weights`), so it takes tensor 1 only."""
+    on_mesh = cfg.train.mode == "mesh"
+    for name, tensor in (("train.mesh_tensor", cfg.train.mesh_tensor if on_mesh else 1),
+                         ("rollout.mesh_tensor", (cfg.rollout.mesh_tensor or 1) if on_mesh
+                          else 1)):
+        if tensor > 1 and isinstance(model_config, qwen3.Qwen3MoeConfig):
+            raise ConfigError(f"{name}={tensor}: tensor parallelism for a mixture-of-experts "
+                              "model is not implemented (the sampler keeps its experts whole); "
+                              f"use {name}=1 (rows over data and fsdp)")
+        try:
+            parallel.check_tensor(model_config, tensor)
+        except ValueError as e:
+            raise ConfigError(f"{name}: {e}") from None
 
 
 def open_checkpoints(cfg: RunConfig, run_dir: str) -> checkpoint.Checkpointer:
@@ -466,7 +490,8 @@ def prepare_run_dir(run_dir: str, cfg: RunConfig, resume: bool) -> None:
 # (a checkpoint restores onto any mesh, `checkpoint.Checkpointer.restore`, and the mesh step's
 # results equal one device's to float rounding). A run saved with fsdp 8 on 8 devices resumes
 # with fsdp 4 on 4, or on one device with both 1.
-LAYOUT_SETTINGS = ("train.mesh_fsdp", "train.mesh_tensor")
+LAYOUT_SETTINGS = ("train.mesh_fsdp", "train.mesh_tensor", "rollout.mesh_fsdp",
+                   "rollout.mesh_tensor")
 
 
 def _without_layout(config_dict: Any) -> Any:
@@ -507,7 +532,7 @@ def _check_run_dir(run_dir: str, cfg: RunConfig, resume: bool) -> None:
         raise RunDirError(str(e)) from None
     if _without_layout(saved) != _without_layout(configlib.to_dict(cfg)):
         raise RunDirError(f"--resume: the config differs from {config_path}; resume with "
-                          f"the same config (only {' and '.join(LAYOUT_SETTINGS)} may change) "
+                          f"the same config (only {', '.join(LAYOUT_SETTINGS)} may change) "
                           "or start a new run directory")
 
 
@@ -526,6 +551,7 @@ def trim_step_logs(run_dir: str, last_step: int) -> None:
 __all__: List[str] = [
     "LAYOUT_SETTINGS", "Model", "RunDirError", "Stream", "build_optimizer", "init_state", "load_eval_task",
     "load_model", "load_run", "load_train_task", "make_run_mesh", "objective_config",
+    "rollout_mesh", "sampler_options",
     "open_checkpoints", "check_compilation_cache", "use_compilation_cache", "default_cache_dir",
     "prepare_run_dir", "resume_state", "stream_key", "trim_step_logs",
 ]

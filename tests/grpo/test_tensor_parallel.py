@@ -340,3 +340,49 @@ def test_gather_weights_rule():
     # the weights' bytes the trainer and the plan pass: arrays or abstract ones, unsharded
     assert parallel.tree_bytes({"a": jax.ShapeDtypeStruct((2, 3), jnp.bfloat16),
                                 "b": jnp.zeros((4,), jnp.float32)}) == 2 * 3 * 2 + 4 * 4
+
+
+def test_reshape_mesh_keeps_the_device_order():
+    """The rollout mesh of a train mesh: the same devices in the same order, data the rest;
+    fsdp x tensor must divide the devices."""
+    train = parallel.make_mesh(data=1, fsdp=8, tensor=1)
+    rollout = parallel.reshape_mesh(train, fsdp=1, tensor=4)
+    assert dict(rollout.shape) == {"data": 2, "fsdp": 1, "tensor": 4}
+    assert list(rollout.devices.flat) == list(train.devices.flat)
+    assert dict(parallel.reshape_mesh(train).shape) == {"data": 8, "fsdp": 1, "tensor": 1}
+    for fsdp, tensor in ((3, 1), (1, 0), (2, True)):
+        with pytest.raises(ValueError):
+            parallel.reshape_mesh(train, fsdp=fsdp, tensor=tensor)
+
+
+@pytest.mark.parametrize("train_shape,rollout", [((1, 8, 1), (1, 4)), ((2, 2, 2), (2, 4))])
+def test_sampler_on_a_rollout_mesh_of_its_own(model, prompts, train_shape, rollout):
+    """Weights and adapter placed for the update (e.g. fsdp 8), sampled on another layout of the
+    same devices (`reshape_mesh`, e.g. tensor 4): the weight preparation reshards them in its own
+    program (split over the rollout mesh's "tensor"), the tokens equal one device's, the
+    log-probs within 1e-5, and `RowLayout.place` puts the completions on the train rows."""
+    params, tree, _ = model
+    ids, mask = prompts
+    train = parallel.make_mesh(*train_shape)
+    sample = parallel.reshape_mesh(train, *rollout)
+    sharded = parallel.shard_params(params, train), parallel.shard_lora(tree, train, KV)
+    gen = dict(config=CFG, rng=jax.random.PRNGKey(7), max_new_tokens=9, lora_scale=LCFG.scaling,
+               temperature=1.0, top_k=20)
+    ref = sampling.generate(params, ids, mask, lora=tree, **gen)
+    out = sampling.generate(sharded[0], ids, mask, lora=sharded[1], mesh=sample, **gen)
+    np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens))
+    trees_close(out.logps, ref.logps)
+    trees_close(out.sampled_logps, ref.sampled_logps)
+    assert out.tokens.sharding.mesh == sample
+
+    w = sampling.prepare_weights_jit(sharded[0], CFG, lora=sharded[1],
+                                     lora_scale=jnp.float32(LCFG.scaling), mesh=sample)
+    assert w.layers[0].qkv.sharding.mesh == sample
+    assert _spec(w.layers[0].qkv) == ((None, "tensor") if rollout[0] == 1
+                                      else ("fsdp", "tensor"))
+
+    layout = parallel.RowLayout(train, ids.shape[0])
+    placed = layout.place(out)
+    assert placed.tokens.sharding == layout.sharding
+    assert placed.num_steps.sharding.is_fully_replicated
+    np.testing.assert_array_equal(np.asarray(placed.tokens), np.asarray(ref.tokens))
