@@ -11,7 +11,7 @@ from typing import Dict, Optional, Sequence, Tuple
 from arca_jax import parallel
 from arca_jax.plan import hlostats
 from arca_jax.plan.errors import Refusal
-from arca_jax.plan.knobs import Knobs
+from arca_jax.plan.knobs import Knobs, Layout
 from arca_jax.plan.programs import Program
 from arca_jax.plan.shapes import Shapes
 from arca_jax.plan.targets import Target
@@ -111,7 +111,9 @@ class Plan:
     per device as the trainer lays it out (`parallel.train_state_bytes`: adapter, Adam moments
     and the step's gradient split over "fsdp"); replicated_state: the same replicated over "fsdp"
     (the layout before ZeRO sharding, for the saving). None: not computed. sampler_gathered:
-    the sampler's weights whole over "fsdp" (`rollout.gather_weights`)."""
+    the sampler's weights whole over "fsdp" (`rollout.gather_weights`). sampler_layout: the
+    rollout mesh's axis sizes where the sampler runs on a layout of its own
+    (`rollout.mesh_fsdp` / `rollout.mesh_tensor`); None: on the train mesh."""
 
     model: str
     target: Target
@@ -123,6 +125,7 @@ class Plan:
     replicated_state: Optional[parallel.StateBytes] = None
     refused: Optional[Refusal] = None
     sampler_gathered: bool = False
+    sampler_layout: Optional[Layout] = None
 
     def program(self, name: str) -> Optional[ProgramReport]:
         """The report of the program called `name` (None: not compiled)."""

@@ -35,6 +35,7 @@ def plan_json(p: Plan) -> dict:
                     "new_tokens_width": p.shapes.sampler_new_tokens,
                     "decode_steps": p.shapes.new_tokens - 1,
                     "eval_rows": p.shapes.eval_rows,
+                    "mesh": dataclasses.asdict(p.sampler_layout or p.knobs.layout),
                     "weights_gathered_over_fsdp": p.sampler_gathered,
                     "decode_all_gather_bytes_per_step": p.decode_gathered_per_step},
         "fits": p.fits,
@@ -133,6 +134,8 @@ def format_plan(p: Plan) -> str:
              f"  batch {p.shapes.rows} rows x {p.shapes.tokens} tokens; sampler "
              f"{p.shapes.sampler_rows} rows, prompt {p.shapes.sampler_prompt}, "
              f"{p.shapes.sampler_new_tokens} new tokens"
+             + (f", on the mesh {p.sampler_layout} (rollout.mesh_fsdp / mesh_tensor)"
+                if p.sampler_layout else "")
              + (", weights gathered over fsdp (rollout.gather_weights)" if p.sampler_gathered
                 else ""),
              f"  HBM per device: {_fmt_bytes(t.hbm_bytes)} GiB"
@@ -161,8 +164,9 @@ def format_plan(p: Plan) -> str:
     if p.decode_gathers_weights:
         lines.append(f"  the decode loop all-gathers {p.decode_gathered_per_step / 1e9:.2f} GB per "
                      "device and step over the interconnect (not in the roofline): a tensor "
-                     "axis (--mesh DATA,FSDP,TENSOR), or rollout.gather_weights=true where the "
-                     "weights fit, keeps the kernels in place")
+                     "axis for the sampler (rollout.mesh_tensor, or --mesh DATA,FSDP,TENSOR for "
+                     "both), or rollout.gather_weights=true where the weights fit, keeps the "
+                     "kernels in place")
     if p.refused is not None:
         lines.append("  " + _refusal_text(p.refused))
     for problem in p.problems:

@@ -8,7 +8,7 @@ from typing import Any, Iterator, List, Optional, Tuple
 
 from arca_jax import parallel
 from arca_jax.config import RunConfig
-from arca_jax.plan.errors import Refusal, RefusedError
+from arca_jax.plan.errors import PlanError, Refusal, RefusedError
 from arca_jax.plan.figures import Plan, ProgramReport, report_program
 from arca_jax.plan.knobs import (Knobs, Layout, default_layout, knobs_of, make_mesh,
                                  trainer_problems)
@@ -17,12 +17,24 @@ from arca_jax.plan.shapes import Shapes, abstract_batch, abstract_model, model_c
 from arca_jax.plan.targets import Target
 
 
-def _program_reports(cfg: RunConfig, target: Target, knobs: Knobs, config, mesh, shapes: Shapes,
-                     abstract, options, reuse: Optional[Plan], log,
+def rollout_mesh(cfg: RunConfig, mesh):
+    """The mesh the run's sampler uses (`trainer.setup.rollout_mesh`: the train mesh, or the
+    layout of its devices `rollout.mesh_fsdp` / `rollout.mesh_tensor` ask for); PlanError when
+    the devices do not split so."""
+    from arca_jax.trainer import setup
+
+    try:
+        return setup.rollout_mesh(cfg, mesh)
+    except ValueError as e:
+        raise PlanError(f"rollout.mesh_fsdp / rollout.mesh_tensor: {e}") from None
+
+
+def _program_reports(cfg: RunConfig, target: Target, knobs: Knobs, config, mesh, sample_mesh,
+                     shapes: Shapes, abstract, options, reuse: Optional[Plan], log,
                      hlo_dir: Optional[str], gather: bool = False) -> Iterator[ProgramReport]:
-    """The reports of `knobs`' programs, each as soon as it is compiled: the train step, then
-    the sampler's (those of `reuse` when it has the same layout). abstract: (params, state,
-    optimizer, batch)."""
+    """The reports of `knobs`' programs, each as soon as it is compiled: the train step on
+    `mesh`, then the sampler's on `sample_mesh` (those of `reuse` when it has the same layout).
+    abstract: (params, state, optimizer, batch), laid out on `mesh`."""
     params, state, optimizer, batch = abstract
     tag = (f"{knobs.layout.data}-{knobs.layout.fsdp}-{knobs.layout.tensor}"
            f"_remat-{knobs.remat}_mb-{knobs.microbatches}_")
@@ -32,8 +44,8 @@ def _program_reports(cfg: RunConfig, target: Target, knobs: Knobs, config, mesh,
     if reuse is not None and reuse.knobs.layout == knobs.layout:
         yield from (p for p in reuse.programs if p.name != "train_step")
         return
-    sampler = compile_sampler(cfg, config, mesh, shapes, params, state, target.platform, options,
-                              gather=gather)
+    sampler = compile_sampler(cfg, config, sample_mesh, shapes, params, state, target.platform,
+                              options, gather=gather)
     log("compiled " + ", ".join(f"{p.name} in {p.compile_s:.0f} s" for p in sampler))
     yield from (report_program(p, target, hlo_dir, tag) for p in sampler)
 
@@ -50,15 +62,16 @@ def plan_once(cfg: RunConfig, target: Target, knobs: Knobs, options=None,
     (`parallel.train_state_bytes`)."""
     config = model_config(cfg)
     mesh = make_mesh(knobs.layout, target.devices)
+    sample_mesh = rollout_mesh(cfg, mesh)
     shapes = Shapes.of(cfg, knobs.layout.row_shards, evaluation)
     params, state, optimizer = abstract_model(cfg, config, mesh)
     abstract = (params, state, optimizer, abstract_batch(cfg, shapes, mesh))
-    gather = sampler_gathers(cfg, mesh, params, target.platform, target.hbm_bytes)
+    gather = sampler_gathers(cfg, sample_mesh, params, target.platform, target.hbm_bytes)
     reports: List[ProgramReport] = []
     refused = None
     try:
-        for report in _program_reports(cfg, target, knobs, config, mesh, shapes, abstract,
-                                       options, reuse, log, hlo_dir, gather):
+        for report in _program_reports(cfg, target, knobs, config, mesh, sample_mesh, shapes,
+                                       abstract, options, reuse, log, hlo_dir, gather):
             reports.append(report)
     except RefusedError as e:
         refused = e.refusal
@@ -67,7 +80,9 @@ def plan_once(cfg: RunConfig, target: Target, knobs: Knobs, options=None,
     return Plan(cfg.model.path, target, knobs, shapes, tuple(reports),
                 tuple(trainer_problems(cfg, knobs)), parallel.train_state_bytes(state, mesh, kv),
                 parallel.train_state_bytes(state, mesh, kv, fsdp=False), refused,
-                sampler_gathered=gather)
+                sampler_gathered=gather,
+                sampler_layout=None if sample_mesh is mesh else Layout(
+                    *(int(dict(sample_mesh.shape)[a]) for a in parallel.AXES)))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -150,6 +150,11 @@ def _start(cfg: RunConfig, run_dir: str, resume: bool, log: Optional[RunLog]) ->
     layout = parallel.RowLayout(mesh, cfg.batch_size)
     if mesh is None:
         _sampler_devices(cfg, log)
+    elif setup.rollout_mesh(cfg, mesh) is not mesh:
+        sample = dict(setup.rollout_mesh(cfg, mesh).shape)
+        log.message(f"rollouts and evaluation sample on the mesh data {sample['data']} x fsdp "
+                    f"{sample['fsdp']} x tensor {sample['tensor']} of the same devices "
+                    "(rollout.mesh_fsdp / rollout.mesh_tensor)")
     model = setup.load_model(cfg, mesh)  # mesh: base weights placed sharded (`parallel`)
     adapted = setup.lora_config(cfg, model.config).targets  # ConfigError for targets it refuses
     if adapted != cfg.lora.targets:

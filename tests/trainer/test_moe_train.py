@@ -78,6 +78,10 @@ def test_lora_targets_on_an_moe_model(moe_dir):
     tensor = config.load(None, [f"model.path={moe_dir}", "train.mode=mesh", "train.mesh_tensor=2"])
     with pytest.raises(ConfigError, match="mesh_tensor=2: tensor parallelism for a mixture"):
         trainer.setup.check_tensor(tensor, model_config)
+    rollout = config.load(None, [f"model.path={moe_dir}", "train.mode=mesh",
+                                 "rollout.mesh_tensor=2"])
+    with pytest.raises(ConfigError, match="rollout.mesh_tensor=2: tensor parallelism"):
+        trainer.setup.check_tensor(rollout, model_config)
 
 
 def test_prompts_are_shared_on_dense_models_without_dropout(moe_dir):

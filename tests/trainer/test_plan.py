@@ -328,6 +328,35 @@ def test_sampler_weights_gathered_when_set(cfg, tiny_plan):
     assert j["decode_all_gather_bytes_per_step"] == tiny_plan.decode_gathered_per_step
 
 
+def test_sampler_on_a_rollout_mesh_of_its_own(cfg, tiny_plan):
+    """`rollout.mesh_tensor=4` with the update on (data 2, fsdp 4): the train step is the same
+    program, the sampler's run on (data 2, fsdp 1, tensor 4) (the weight preparation reading the
+    train layout), the plan says so, and each device holds a quarter of the sampling weights, read
+    in place by every decode step (no kernel gathered). At these tiny shapes the cache, whose rows
+    now split over data 2 only, outweighs the weights; at Qwen3-1.7B's the decode's bytes per
+    device fall (README, "Mesh shapes")."""
+    on = dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, mesh_tensor=4))
+    p = plan.run(on, plan.local_target(), LAYOUT, options=FAST, search=False).plan
+    gathered = plan.run(
+        dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, gather_weights=True)),
+        plan.local_target(), LAYOUT, options=FAST, search=False).plan
+    assert p.sampler_layout == plan.Layout(2, 1, 4) and tiny_plan.sampler_layout is None
+    assert not p.sampler_gathered  # fsdp 1 on the rollout mesh: nothing to gather
+    assert "on the mesh data=2,fsdp=1,tensor=4 (rollout.mesh_fsdp / mesh_tensor)" in \
+        plan.format_plan(p)
+    j = plan.to_json(plan.Verdict(p, None, (p.knobs,)))["plan"]
+    assert j["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert j["sampler"]["mesh"] == {"data": 2, "fsdp": 1, "tensor": 4}
+    assert _report(p, "train_step").memory == _report(tiny_plan, "train_step").memory
+    assert [r.name for r in p.programs] == ["train_step", "prepare_weights", "prefill", "decode"]
+    assert not p.decode_gathers_weights
+    # the sampling weights per device: a quarter of the whole ones (the embedding and the fused
+    # kernels split over "tensor"; norms and the like replicated)
+    held = lambda q: _report(q, "prepare_weights").memory.output  # noqa: E731
+    assert held(p) < 0.4 * held(gathered), (held(p), held(gathered))
+    assert _report(p, "decode").collectives["all-reduce"].runs > 0  # the tensor all-reduces
+
+
 def test_trainer_problems(cfg):
     assert plan.trainer_problems(cfg, plan.Knobs(plan.Layout(1, 8, 1), False, 2)) == []
     problems = plan.trainer_problems(cfg, plan.Knobs(plan.Layout(1, 8, 1), False, 8))

@@ -259,6 +259,42 @@ def test_refilling_rollouts_and_evaluation_log_the_same_run(tmp_path):
         assert b["slot_utilisation"] >= a["slot_utilisation"]
 
 
+def test_rollouts_on_a_mesh_of_their_own_log_the_same_run(tmp_path, capsys):
+    """train.mode=mesh, the update on fsdp 8, and rollouts and evaluation on the same 8 devices
+    laid out as data 2 x tensor 4 (rollout.mesh_tensor=4): the same sampled tokens as sampling on
+    the train mesh, hence rewards, lengths and evaluations, and losses and weight statistics to
+    float rounding. A rollout mesh the devices or the model cannot take is refused before
+    anything runs."""
+    overrides = [o for o in TINY if not o.startswith(("train.steps", "rollout.prompts_per_step",
+                                                       "rollout.group_size", "train.save_every",
+                                                       "train.samples_every"))]
+    overrides += ["train.mode=mesh", "train.mesh_fsdp=8", "train.steps=1",
+                  "rollout.prompts_per_step=4", "rollout.group_size=2", "train.save_every=0",
+                  "train.samples_every=0"]
+    runs = {}
+    for name, extra in (("train_mesh", []), ("rollout_mesh", ["rollout.mesh_tensor=4"])):
+        run_dir = str(tmp_path / name)
+        assert train.train(config.load(None, overrides + extra), run_dir)["finished"]
+        runs[name] = (_rows(run_dir, "metrics.jsonl"), _rows(run_dir, "eval.jsonl"))
+    assert "sample on the mesh data 2 x fsdp 1 x tensor 4" in capsys.readouterr().err
+    (m1, e1), (m2, e2) = runs["train_mesh"], runs["rollout_mesh"]
+    assert len(m1) == len(m2) == 1
+    for a, b in zip(m1, m2):
+        for key in ("reward_mean", "reward_std", "completion_length"):
+            assert a[key] == b[key], key
+        for key in ("loss", "grad_norm", "weight_gini", "effective_token_ratio",
+                    "residual_norm_mean"):
+            assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(b[key])), (key, a[key], b[key])
+    assert _strip_timing(e1) == _strip_timing(e2)
+    for extra, message in ((["rollout.mesh_tensor=3"], "does not divide the device count 8"),
+                           (["rollout.mesh_tensor=8"], "rollout.mesh_tensor: tensor=8 does not "
+                                                       "split"),
+                           (["train.mode=jit", "rollout.mesh_fsdp=2"], "not 'mesh'")):
+        assert cli.main(["train", "--output-dir", str(tmp_path / "refused")] + [
+            a for o in overrides + extra for a in ("--set", o)]) == 2
+        assert message in capsys.readouterr().err, message
+
+
 @pytest.mark.slow
 def test_mesh_tensor_2_equals_fsdp_8_and_resumes_on_it(tmp_path, capsys):
     """train.mode=mesh on 8 devices. The reference run splits its train state over fsdp 8 (ZeRO:
@@ -266,8 +302,8 @@ def test_mesh_tensor_2_equals_fsdp_8_and_resumes_on_it(tmp_path, capsys):
     pairs of devices, fsdp 2, data 2) logs the same first step: the same sampled tokens, hence
     rewards and evaluations, and losses, gradients and weight statistics to float rounding. Its
     checkpoint of step 1 then resumes on fsdp 8 and ends as the reference: the adapter of step 2
-    within float rounding. train.mesh_fsdp and train.mesh_tensor are what a resume may change;
-    anything else refuses."""
+    within float rounding. train.mesh_fsdp and train.mesh_tensor (and the rollout mesh's) are what
+    a resume may change; anything else refuses."""
     overrides = [o for o in TINY if not o.startswith(("train.steps", "rollout.prompts_per_step",
                                                        "rollout.group_size", "train.save_every",
                                                        "train.samples_every"))]
@@ -285,7 +321,8 @@ def test_mesh_tensor_2_equals_fsdp_8_and_resumes_on_it(tmp_path, capsys):
     assert cli.main(["train", "--output-dir", run, "--resume"] + [
         a for o in overrides + ["train.mesh_fsdp=8", "optim.learning_rate=0.5"]
         for a in ("--set", o)]) == 2
-    assert "only train.mesh_fsdp and train.mesh_tensor may change" in capsys.readouterr().err
+    assert ("only train.mesh_fsdp, train.mesh_tensor, rollout.mesh_fsdp, rollout.mesh_tensor "
+            "may change") in capsys.readouterr().err
     assert train.train(fsdp8, run, resume=True)["finished"]
     err = capsys.readouterr().err
     assert "resumed from the checkpoint of step 1" in err and "split over fsdp 8" in err
