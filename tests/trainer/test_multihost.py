@@ -380,6 +380,26 @@ def test_gathered_sampler_two_processes_equal_one_process(tmp_path, cache_dir):
     _assert_lora_close(_lora(multi, 1), _lora(single, 1))
 
 
+# the update on fsdp 4 (two devices in each process), rollouts and evaluation on the same devices
+# as one tensor group of 4 across both processes (`rollout.mesh_tensor`): every process holds
+# every row while sampling, and the completions go back to the train step's rows
+ROLLOUT_MESH = TINY[:-1] + ["train.seed=2", "train.steps=1", "train.mesh_fsdp=4",
+                            "rollout.mesh_tensor=4"]
+
+
+@pytest.mark.slow
+def test_rollout_mesh_two_processes_equal_one_process(tmp_path, cache_dir):
+    single = tmp_path / "single"
+    _single(single, cache_dir, overrides=ROLLOUT_MESH)
+    ref = _rows(single, "metrics.jsonl")
+    multi, logs = tmp_path / "multi", tmp_path / "logs"
+    logs.mkdir()
+    assert _wait_all(_two_cli(multi, str(logs), overrides=ROLLOUT_MESH)) == [0, 0], _logs(logs)
+    _assert_rows_close(_rows(multi, "metrics.jsonl"), ref)
+    assert _rows(multi, "eval.jsonl") == _rows(single, "eval.jsonl")
+    _assert_lora_close(_lora(multi, 1), _lora(single, 1))
+
+
 def _wait_for_line(log_dir, text, procs, timeout=240):
     """Until process 0's log holds `text` (both processes still running)."""
     path = os.path.join(log_dir, "p0.log")
