@@ -34,6 +34,10 @@ exposes two):
               counts, and MFU = flops / (seconds x peak): the share of peak the counted work
               (recomputation included) uses at that time; 1.0 means compute-bound. Collectives'
               interconnect time is not included.
+  interconnect  apart from the roofline, a bandwidth-only estimate of the collectives' time
+              (`interconnect_seconds`: 4 x an all-reduce's bytes and 2 x any other collective's,
+              over the chip's published inter-chip bandwidth, both directions together; v5e
+              400 GB/s, v5p 1,200, v6e 800, H100 / H200 NVLink 900; none published for v4).
 
 The verdict: fits when every program's peak fits in HBM; otherwise the smallest change that fits,
 trying in order a larger fsdp axis, a tensor axis, remat, more microbatches (each recompiled).
@@ -58,7 +62,8 @@ through their own modules, so a test replaces one there, e.g. `search.plan_once`
 """
 
 from arca_jax.plan.errors import PlanError, Refusal, RefusedError
-from arca_jax.plan.figures import Memory, Plan, ProgramReport, report_program
+from arca_jax.plan.figures import (LINK_TRAFFIC, Memory, Plan, ProgramReport,
+                                  interconnect_seconds, report_program)
 from arca_jax.plan.knobs import (Knobs, Layout, default_layout, knobs_of, make_mesh,
                                  trainer_problems)
 from arca_jax.plan.programs import Program, compile_sampler, compile_train_step
@@ -71,12 +76,13 @@ from arca_jax.plan.targets import (CHIPS, GiB, INSTALL_HINT, LIBTPU_DIR_ENV, Chi
                                    tpu_target)
 
 __all__ = [
-    "CHIPS", "Chip", "GiB", "INSTALL_HINT", "Knobs", "LIBTPU_DIR_ENV", "Layout", "Memory", "NOTES",
+    "CHIPS", "Chip", "GiB", "INSTALL_HINT", "Knobs", "LIBTPU_DIR_ENV", "LINK_TRAFFIC", "Layout",
+    "Memory", "NOTES",
     "Plan", "PlanError", "Program", "ProgramReport", "Refusal", "RefusedError", "Shapes", "Target",
     "Verdict",
     "abstract_batch", "abstract_model", "changes", "chip_of", "compile_sampler",
     "compile_train_step", "default_layout", "device_bytes", "ensure_tpu_compiler", "find_fit",
-    "format_plan", "format_text", "knobs_of", "local_target", "make_mesh", "model_config",
+    "format_plan", "format_text", "interconnect_seconds", "knobs_of", "local_target", "make_mesh", "model_config",
     "parse_topology", "plan_json", "plan_once", "report_program", "run", "to_json", "tpu_target",
     "trainer_problems",
 ]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 from arca_jax import parallel
 from arca_jax.plan import hlostats
@@ -44,7 +44,8 @@ class ProgramReport:
     """One program's figures per device. xla_flops / xla_bytes: XLA's cost analysis (each loop
     body counted once); flops / bytes / collectives: loop-scaled (`hlostats`); loops: their trip
     counts (None: the assumed unknown_trip_count); roofline_s, bound ("compute" or "memory") and
-    mfu: None without the chip's figures."""
+    mfu: None without the chip's figures; interconnect_s: `interconnect_seconds` of its
+    collectives (None without a published link bandwidth), not part of the roofline."""
 
     name: str
     runs_per_step: int
@@ -60,6 +61,31 @@ class ProgramReport:
     bound: Optional[str]
     mfu: Optional[float]
     compile_s: float
+    interconnect_s: Optional[float] = None
+
+
+# `interconnect_seconds`: bytes a device sends and receives per byte of a collective's array
+# (ring algorithms over a large group: an all-reduce is a reduce-scatter then an all-gather)
+LINK_TRAFFIC = {"all-reduce": 4.0, "all-gather": 2.0, "reduce-scatter": 2.0, "all-to-all": 2.0,
+                "ragged-all-to-all": 2.0, "collective-permute": 2.0}
+
+
+def interconnect_seconds(collectives: Mapping[str, Any],
+                         link_bandwidth: Optional[float]) -> Optional[float]:
+    """A bandwidth-only estimate of the seconds a program's collectives keep a device's links
+    busy: sum over kinds of `LINK_TRAFFIC` x the arrays' bytes (`hlostats.Collective.bytes`, or
+    the "bytes" of the JSON's collectives), over the device's inter-chip bandwidth both
+    directions together (`Target.link_bandwidth`). Latency (each collective run costs
+    microseconds however small it is), the topology (a group whose devices are not neighbours
+    shares links) and overlap with compute are left out; groups of n devices move (n - 1) / n of
+    the large-group traffic. None without a bandwidth figure."""
+    if not link_bandwidth:
+        return None
+    moved = 0.0
+    for kind, c in collectives.items():
+        moved += LINK_TRAFFIC.get(kind, 2.0) * float(c["bytes"] if isinstance(c, Mapping)
+                                                     else c.bytes)
+    return moved / link_bandwidth
 
 
 def _xla_cost(compiled) -> Tuple[float, float]:
@@ -95,8 +121,11 @@ def report_program(program: Program, target: Target, hlo_dir: Optional[str] = No
         mfu = t_flops / roofline if roofline > 0 else None
     return ProgramReport(program.name, program.runs_per_step, memory, xla_flops, xla_bytes,
                          work.flops, work.bytes, work.loops, program.unknown_trip_count,
-                         dict(work.collectives), roofline, bound, mfu, program.compile_s)
+                         dict(work.collectives), roofline, bound, mfu, program.compile_s,
+                         interconnect_seconds(work.collectives, target.link_bandwidth))
 
+
+ROLLOUT_PROGRAMS = ("prepare_weights", "prefill", "decode")
 
 # `Plan.decode_gathers_weights`: all-gathered bytes per decode step over its HBM bytes
 GATHER_WARNING = 0.1
@@ -190,6 +219,14 @@ class Plan:
         return bool(r is not None and per_step and
                     per_step > GATHER_WARNING * r.bytes / max(self.shapes.new_tokens - 1, 1))
 
+    def interconnect(self, names: Sequence[str]) -> Optional[float]:
+        """`interconnect_seconds` of the named programs, each times its runs per step (None: no
+        link bandwidth figure)."""
+        times = [p.interconnect_s for p in self.programs if p.name in names]
+        if not times or any(t is None for t in times):
+            return None
+        return sum(p.interconnect_s * p.runs_per_step for p in self.programs if p.name in names)
+
     @property
     def update_s(self) -> Optional[float]:
         """Roofline seconds of one step's updates (train_step x num_iterations)."""
@@ -204,4 +241,14 @@ class Plan:
     @property
     def rollout_s(self) -> Optional[float]:
         """Roofline seconds of one rollout: weight preparation, prefill, max_new_tokens decodes."""
-        return self.seconds(("prepare_weights", "prefill", "decode"))
+        return self.seconds(ROLLOUT_PROGRAMS)
+
+    @property
+    def update_interconnect_s(self) -> Optional[float]:
+        """`interconnect_seconds` of one step's updates (not in `update_s`)."""
+        return self.interconnect(("train_step",))
+
+    @property
+    def rollout_interconnect_s(self) -> Optional[float]:
+        """`interconnect_seconds` of one rollout (not in `rollout_s`)."""
+        return self.interconnect(ROLLOUT_PROGRAMS)

@@ -24,7 +24,8 @@ def plan_json(p: Plan) -> dict:
         "target": {"name": t.name, "platform": t.platform, "chip": t.chip.name, "chips": t.chips,
                    "devices": t.size, "hbm_bytes_per_device": t.hbm_bytes,
                    "peak_flops_per_device": t.peak_flops,
-                   "hbm_bandwidth_per_device": t.hbm_bandwidth, "chip_source": t.chip.source},
+                   "hbm_bandwidth_per_device": t.hbm_bandwidth,
+                   "link_bandwidth_per_device": t.link_bandwidth, "chip_source": t.chip.source},
         "mesh": dataclasses.asdict(p.knobs.layout),
         "remat": p.knobs.remat,
         "microbatches": p.knobs.microbatches,
@@ -47,6 +48,8 @@ def plan_json(p: Plan) -> dict:
         "rollout_s": p.rollout_s,
         "step_s": None if p.update_s is None or p.rollout_s is None else p.update_s + p.rollout_s,
         "eval_chunk_s": p.eval_chunk_s,
+        "update_interconnect_s": p.update_interconnect_s,
+        "rollout_interconnect_s": p.rollout_interconnect_s,
         "train_state": _state_json(p),
         "programs": [dict(_program_json(r), fits=p.program_fits(r)) for r in p.programs],
     }
@@ -86,6 +89,7 @@ def _program_json(r: ProgramReport) -> dict:
         "loops": list(r.loops), "unknown_trip_count": r.unknown_trip_count,
         "collectives": {k: dataclasses.asdict(v) for k, v in r.collectives.items()},
         "roofline_s": r.roofline_s, "bound": r.bound, "mfu": r.mfu,
+        "interconnect_s": r.interconnect_s,
         "compile_s": round(r.compile_s, 2),
     }
 
@@ -108,7 +112,10 @@ def to_json(v: Verdict) -> dict:
 NOTES = ("Per device. XLA's cost analysis counts each while-loop or scan body once; flops, bytes "
          "and collectives here multiply every loop body by its trip count (decoder layers, "
          "microbatches, and the decode loop's max_new_tokens - 1 steps, its worst case). Roofline "
-         "seconds = max(flops / peak, bytes / HBM bandwidth); interconnect time is not included.")
+         "seconds = max(flops / peak, bytes / HBM bandwidth); interconnect time is not included. "
+         "Interconnect seconds (apart): the collectives' traffic (4 x an all-reduce's bytes, 2 x "
+         "any other's: ring algorithms over large groups) over the chip's published inter-chip "
+         "bandwidth, both directions together; latency, topology and overlap left out.")
 
 
 def _fmt_bytes(n: Optional[float]) -> str:
@@ -151,9 +158,13 @@ def format_plan(p: Plan) -> str:
             f"{_fmt_bytes(m.peak):>9}  {_yes_no(p.program_fits(r)):>4}"
             f" {r.flops / 1e12:7.3f} {r.bytes / 1e9:6.2f} {_fmt_s(r.roofline_s):>10}  "
             f"{r.bound or '-':<7} {'-' if r.mfu is None else f'{r.mfu:.2f}':>4}  {coll or '-'}")
+    links = ("" if p.update_interconnect_s is None else
+             f"; interconnect, apart: update {_fmt_s(p.update_interconnect_s)}, rollout "
+             f"{_fmt_s(p.rollout_interconnect_s)}")
     lines.append(f"  per step: update {_fmt_s(p.update_s)}, rollout {_fmt_s(p.rollout_s)} "
-                 "(roofline)" + (f"; an evaluation chunk of {p.shapes.eval_rows} rows "
-                                 f"{_fmt_s(p.eval_chunk_s)}" if p.shapes.eval_rows else ""))
+                 "(roofline)" + links
+                 + (f"; an evaluation chunk of {p.shapes.eval_rows} rows "
+                    f"{_fmt_s(p.eval_chunk_s)}" if p.shapes.eval_rows else ""))
     if p.state is not None and p.replicated_state is not None:
         s = p.state
         share = "" if p.state_share is None else f", {p.state_share:.1%} of the peak"

@@ -29,22 +29,28 @@ LIBTPU_DIR_ENV = "ARCA_JAX_LIBTPU_DIR"
 @dataclasses.dataclass(frozen=True)
 class Chip:
     """Published figures of one chip. hbm_bytes: memory per chip (bytes); peak_flops: dense bf16
-    FLOP/s per chip; hbm_bandwidth: bytes/s per chip. None: no published figure."""
+    FLOP/s per chip; hbm_bandwidth: bytes/s per chip; link_bandwidth: the chip's inter-chip
+    bandwidth in bytes/s, both directions together, as published (TPU ICI, NVLink). None: no
+    published figure."""
 
     name: str
     hbm_bytes: Optional[float]
     peak_flops: Optional[float]
     hbm_bandwidth: Optional[float]
     source: str = ""
+    link_bandwidth: Optional[float] = None
 
 
 CHIPS: Dict[str, Chip] = {
-    "v4": Chip("TPU v4", 32 * GiB, 275e12, 1200e9, "Cloud TPU v4 docs (2 TensorCores per chip)"),
-    "v5e": Chip("TPU v5e", 16 * GiB, 197e12, 819e9, "Cloud TPU v5e docs"),
-    "v5p": Chip("TPU v5p", 95 * GiB, 459e12, 2765e9, "Cloud TPU v5p docs"),
-    "v6e": Chip("TPU v6e", 32 * GiB, 918e12, 1640e9, "Cloud TPU v6e (Trillium) docs"),
-    "h100": Chip("NVIDIA H100 SXM", 80e9, 989e12, 3.35e12, "NVIDIA H100 datasheet (dense bf16)"),
-    "h200": Chip("NVIDIA H200 SXM", 141e9, 989e12, 4.8e12, "NVIDIA H200 datasheet (dense bf16)"),
+    "v4": Chip("TPU v4", 32 * GiB, 275e12, 1200e9, "Cloud TPU v4 docs (2 TensorCores per chip; "
+                                                   "no per-chip ICI figure)"),
+    "v5e": Chip("TPU v5e", 16 * GiB, 197e12, 819e9, "Cloud TPU v5e docs", 400e9),
+    "v5p": Chip("TPU v5p", 95 * GiB, 459e12, 2765e9, "Cloud TPU v5p docs", 1200e9),
+    "v6e": Chip("TPU v6e", 32 * GiB, 918e12, 1640e9, "Cloud TPU v6e (Trillium) docs", 800e9),
+    "h100": Chip("NVIDIA H100 SXM", 80e9, 989e12, 3.35e12,
+                 "NVIDIA H100 datasheet (dense bf16; NVLink)", 900e9),
+    "h200": Chip("NVIDIA H200 SXM", 141e9, 989e12, 4.8e12,
+                 "NVIDIA H200 datasheet (dense bf16; NVLink)", 900e9),
     "cpu": Chip("CPU", None, None, None, "no published peak: memory is the host's RAM shared by "
                                        "its devices; no roofline"),
 }
@@ -77,7 +83,8 @@ class Target:
     topology exposes each core as a device: memory and flops are then the chip's share).
 
     hbm_bytes: memory per device (bytes; None: unknown); peak_flops (FLOP/s) and hbm_bandwidth
-    (bytes/s) per device, or None."""
+    (bytes/s) per device, or None. link_bandwidth: the chip's inter-chip bytes/s
+    (`Chip.link_bandwidth`) over its devices, or None."""
 
     name: str
     platform: str
@@ -87,6 +94,7 @@ class Target:
     hbm_bytes: Optional[float]
     peak_flops: Optional[float]
     hbm_bandwidth: Optional[float]
+    link_bandwidth: Optional[float] = None
 
     @property
     def size(self) -> int:
@@ -118,7 +126,8 @@ def local_target(hbm_gib: Optional[float] = None) -> Target:
             pass
     hbm, flops, bw = _per_device(chip, 1, hbm_gib)
     name = f"{len(devices)} x {devices[0].platform} ({getattr(devices[0], 'device_kind', '')})"
-    return Target(name, devices[0].platform, devices, chip, len(devices), hbm, flops, bw)
+    link = None if len(devices) == 1 or chip.link_bandwidth is None else chip.link_bandwidth
+    return Target(name, devices[0].platform, devices, chip, len(devices), hbm, flops, bw, link)
 
 
 # TPU_ACCELERATOR_TYPE of a slice: its name prefix and devices counted per chip in that name
@@ -194,5 +203,6 @@ def tpu_target(topology: str, hbm_gib: Optional[float] = None,
     per_chip = max(len(devices) // chips, 1)
     chip = CHIPS[gen]
     hbm, flops, bw = _per_device(chip, per_chip, hbm_gib)
+    link = None if chip.link_bandwidth is None else chip.link_bandwidth / per_chip
     return Target(f"{gen}:{'x'.join(map(str, shape))} ({chips} chips, {len(devices)} devices)",
-                  "tpu", devices, chip, chips, hbm, flops, bw)
+                  "tpu", devices, chip, chips, hbm, flops, bw, link)

@@ -357,6 +357,40 @@ def test_sampler_on_a_rollout_mesh_of_its_own(cfg, tiny_plan):
     assert _report(p, "decode").collectives["all-reduce"].runs > 0  # the tensor all-reduces
 
 
+def test_interconnect_estimate(tiny_plan):
+    """`interconnect_seconds`: 4 x all-reduced + 2 x other collectives' bytes over the link
+    bandwidth, from `hlostats.Collective`s or the JSON's dicts; none without a bandwidth (the
+    local CPU devices). A plan sums its programs' estimates times their runs per step, apart
+    from the roofline; the published TPU figures are per chip, shared by its devices."""
+    C = hlostats.Collective
+    coll = {"all-reduce": C(2, 10.0, 1e9), "all-gather": C(1, 5.0, 3e9),
+            "collective-permute": C(1, 1.0, 0.5e9), "all-to-all": C(0, 0.0, 0.0)}
+    assert plan.interconnect_seconds(coll, 400e9) == pytest.approx((4e9 + 6e9 + 1e9) / 400e9)
+    as_json = {k: {"ops": c.ops, "runs": c.runs, "bytes": c.bytes} for k, c in coll.items()}
+    assert plan.interconnect_seconds(as_json, 400e9) == plan.interconnect_seconds(coll, 400e9)
+    assert plan.interconnect_seconds(coll, None) is None
+    assert plan.local_target().link_bandwidth is None  # CPU: no published figure
+    assert all(r.interconnect_s is None for r in tiny_plan.programs)
+    assert tiny_plan.update_interconnect_s is None and "interconnect, apart" not in \
+        plan.format_plan(tiny_plan)
+    assert plan.CHIPS["v5e"].link_bandwidth == 400e9 and plan.CHIPS["v4"].link_bandwidth is None
+    # the same programs on a chip with a figure: each program's estimate from its collectives
+    link = 400e9
+    programs = tuple(dataclasses.replace(r, interconnect_s=plan.interconnect_seconds(
+        r.collectives, link)) for r in tiny_plan.programs)
+    p = dataclasses.replace(tiny_plan, programs=programs)
+    want = sum(plan.interconnect_seconds(r.collectives, link) * r.runs_per_step
+               for r in programs if r.name in ("prepare_weights", "prefill", "decode"))
+    assert p.rollout_interconnect_s == pytest.approx(want) and want > 0
+    assert p.update_interconnect_s == pytest.approx(
+        plan.interconnect_seconds(_report(p, "train_step").collectives, link)
+        * _report(p, "train_step").runs_per_step)
+    assert "interconnect, apart: update" in plan.format_plan(p)
+    j = plan.plan_json(p)
+    assert j["rollout_interconnect_s"] == p.rollout_interconnect_s
+    assert j["programs"][0]["interconnect_s"] == programs[0].interconnect_s
+
+
 def test_trainer_problems(cfg):
     assert plan.trainer_problems(cfg, plan.Knobs(plan.Layout(1, 8, 1), False, 2)) == []
     problems = plan.trainer_problems(cfg, plan.Knobs(plan.Layout(1, 8, 1), False, 8))
@@ -436,7 +470,11 @@ def test_tpu_topology(cfg):
     target = plan.tpu_target("v5e:2x2")
     assert target.size == 4 and target.chip.name == "TPU v5e"
     assert target.hbm_bytes == 16 * plan.GiB and target.peak_flops == 197e12
+    assert target.link_bandwidth == 400e9  # one device per v5e chip
     p = plan.run(cfg, target, search=False).plan
+    for r in p.programs:
+        assert r.interconnect_s == pytest.approx(plan.interconnect_seconds(r.collectives, 400e9))
+    assert p.update_interconnect_s > 0  # fsdp 4 gathers the base weights
     assert p.knobs.layout == plan.Layout(1, 4, 1) and p.fits
     for r in p.programs:
         assert r.memory.argument > 0 and r.roofline_s > 0 and r.bound in ("compute", "memory")
