@@ -150,8 +150,8 @@ def _start(cfg: RunConfig, run_dir: str, resume: bool, log: Optional[RunLog]) ->
     layout = parallel.RowLayout(mesh, cfg.batch_size)
     if mesh is None:
         _sampler_devices(cfg, log)
-    elif setup.rollout_mesh(cfg, mesh) is not mesh:
-        sample = dict(setup.rollout_mesh(cfg, mesh).shape)
+    elif (sample_mesh := setup.rollout_mesh(cfg, mesh)) is not mesh:
+        sample = dict(sample_mesh.shape)
         log.message(f"rollouts and evaluation sample on the mesh data {sample['data']} x fsdp "
                     f"{sample['fsdp']} x tensor {sample['tensor']} of the same devices "
                     "(rollout.mesh_fsdp / rollout.mesh_tensor)")

@@ -151,7 +151,6 @@ def generate_rows(model: Model, mesh, ids: np.ndarray, mask: np.ndarray, *, grou
     return Generated(out, layout, g_ids, g_mask)
 
 
-
 class Scored(NamedTuple):
     """Per row, on every process: the reward, the completion's tokens (EOS included) and
     whether it ended with EOS (False: cut at max_new_tokens)."""
