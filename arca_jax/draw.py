@@ -177,11 +177,110 @@ def _top_k_draw(scaled: jax.Array, u: jax.Array, top_k: int, top_p: float) -> Dr
     the largest weight)."""
     V = scaled.shape[-1]
     k = min(top_k, V)
-    vals, ids = top_candidates(scaled, min(2 * k, V))  # [B, 2k] decreasing
+    return _candidates_draw(*top_candidates(scaled, min(2 * k, V)), u, k, top_p)
+
+
+def _candidates_draw(vals: jax.Array, ids: jax.Array, u: jax.Array, k: int,
+                     top_p: float) -> Draw:
+    """`_top_k_draw` from its candidates: the 2k largest scaled logits [B, 2k] in decreasing
+    order (ties in index order) and their token ids."""
     w = jnp.exp(vals - vals[:, :1])
     w = jnp.where(vals >= vals[:, k - 1:k], w, 0.0)  # the k-th value's ties stay
     j, mass = _truncated_draw(w, u, top_p)
     return Draw(index=jnp.take_along_axis(ids, j[:, None], 1)[:, 0], total=mass)
+
+
+def vocabulary_split(vocab: int, settings: SamplingConfig, mesh) -> bool:
+    """Whether `choose_tokens(mesh=...)` draws on each "tensor" shard of the vocabulary
+    (`_choose_on_shards`) rather than on whole rows of logits: tensor > 1 divides V (the head is
+    vocabulary-parallel, `parallel.inference_partition_spec`), and the draw is greedy, top-k, or
+    a plain draw whose shards hold whole blocks of `CDF_BLOCK` tokens. A top-p nucleus without
+    top-k orders the whole vocabulary and keeps whole rows."""
+    from arca_jax import parallel
+
+    t = parallel.axis_size(mesh, parallel.TENSOR)
+    if t <= 1 or vocab % t:
+        return False
+    if settings.greedy or settings.top_k > 0:
+        return True
+    return settings.top_p >= 1.0 and (vocab // t) % CDF_BLOCK == 0
+
+
+def _choose_on_shards(logits: jax.Array, u: jax.Array, settings: SamplingConfig, mesh,
+                      rows) -> Choice:
+    """`choose_tokens` with the vocabulary split over the mesh's "tensor" axis (`jax.shard_map`):
+    each device reduces its own [b, V / t] logits and the devices exchange per-row results, so
+    no device gathers [B, V] (the decode step's largest collective on a tensor mesh otherwise).
+
+    - greedy: the first maximal logit, a min over the shards' first maxima;
+    - top-k: each shard's 2k largest scaled logits (ties in index order), all-gathered as
+      [b, t x 2k] and merged in (value, token id) order: the whole vocabulary's 2k largest, the
+      candidates of `_top_k_draw`;
+    - plain draws: each shard's `CDF_BLOCK` block sums all-gathered [b, V / CDF_BLOCK] (the
+      blocks `inverse_cdf` builds), the block chosen on every device, the token within it on the
+      shard that holds it.
+
+    The same tokens as `choose_tokens` on whole rows (the same candidates or block sums, then
+    the same arithmetic); the log-probabilities' normaliser sums the shards' partial sums, so
+    they agree to float rounding. rows: the mesh axes the rows are split over (None: none)."""
+    from jax.sharding import PartitionSpec as P
+
+    from arca_jax import parallel
+
+    T = parallel.TENSOR
+    B, V = logits.shape
+    t = parallel.axis_size(mesh, T)
+    Vt = V // t
+    temp = settings.temperature
+
+    def body(x, u):
+        offset = jax.lax.axis_index(T) * Vt
+        m = jax.lax.pmax(jnp.max(x, axis=-1, keepdims=True), T)
+        shifted = x - m  # [b, Vt] <= 0
+        sampled_total = total = None
+        if settings.greedy:
+            iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, 1) + offset
+            tokens = jax.lax.pmin(jnp.min(jnp.where(shifted == 0.0, iota, V), axis=-1), T)
+        elif settings.top_k > 0:
+            k = min(settings.top_k, V)
+            c = min(2 * k, V)
+            vals, ids = top_candidates(shifted / temp, min(c, Vt))
+            vals = jax.lax.all_gather(vals, T, axis=1, tiled=True)  # [b, t x c']
+            ids = jax.lax.all_gather(ids + offset, T, axis=1, tiled=True)
+            neg, ids = jax.lax.sort((-vals, ids), dimension=1, num_keys=2)
+            tokens, sampled_total = _candidates_draw(-neg[:, :c], ids[:, :c], u, k,
+                                                     settings.top_p)
+        else:  # inverse CDF over the blocks of the whole row (`inverse_cdf`)
+            lw = shifted if temp == 1.0 else shifted / temp
+            blocks = lw.reshape(lw.shape[0], Vt // CDF_BLOCK, CDF_BLOCK)
+            sums = jax.lax.all_gather(jnp.sum(jnp.exp(blocks), axis=-1), T, axis=1, tiled=True)
+            block_cdf = _inclusive_cumsum(sums)  # [b, C]
+            C = block_cdf.shape[1]
+            sampled_total = block_cdf[:, -1]
+            target = u * sampled_total
+            cb = jnp.minimum(jnp.sum(block_cdf < target[:, None], axis=-1), C - 1)
+            before = jnp.where(cb > 0, jnp.take_along_axis(
+                block_cdf, jnp.maximum(cb - 1, 0)[:, None], 1)[:, 0], 0.0)
+            mine = cb // (Vt // CDF_BLOCK) == jax.lax.axis_index(T)
+            local = jnp.take_along_axis(blocks, (cb % (Vt // CDF_BLOCK))[:, None, None], 1)[:, 0]
+            inner_cdf = _inclusive_cumsum(jnp.exp(local))
+            rest = jnp.clip(target - before, jnp.finfo(jnp.float32).tiny, inner_cdf[:, -1])
+            j = jax.lax.psum(jnp.where(mine, jnp.sum(inner_cdf < rest[:, None], axis=-1), 0), T)
+            tokens = (cb * CDF_BLOCK + j).astype(jnp.int32)
+            if temp == 1.0:
+                total = sampled_total
+        if total is None:  # the untempered normaliser
+            total = jax.lax.psum(jnp.sum(jnp.exp(shifted), axis=-1), T)
+        here = (tokens >= offset) & (tokens < offset + Vt)
+        picked = jax.lax.psum(jnp.where(here, jnp.take_along_axis(
+            shifted, jnp.clip(tokens - offset, 0, Vt - 1)[:, None], 1)[:, 0], 0.0), T)
+        logps = picked - jnp.log(total)
+        sampled = (jnp.zeros_like(logps) if sampled_total is None
+                   else picked / temp - jnp.log(sampled_total))
+        return Choice(tokens.astype(jnp.int32), logps, sampled)
+
+    return jax.shard_map(body, mesh=mesh, in_specs=(P(rows, T), P(rows)),
+                         out_specs=Choice(P(rows), P(rows), P(rows)), check_vma=False)(logits, u)
 
 
 class Choice(NamedTuple):
@@ -194,7 +293,7 @@ class Choice(NamedTuple):
 
 
 def choose_tokens(logits: jax.Array, u: jax.Array, settings: SamplingConfig,
-                  softmax: Optional[SoftmaxStats] = None) -> Choice:
+                  softmax: Optional[SoftmaxStats] = None, mesh=None, rows=None) -> Choice:
     """One token per row from logits [B, V] float32, with its log-probabilities.
 
     u: [B] float32 uniforms in (0, 1], one per row (unused when greedy).
@@ -203,7 +302,13 @@ def choose_tokens(logits: jax.Array, u: jax.Array, settings: SamplingConfig,
     inverse CDF (`inverse_cdf`, `_top_k_draw`, `_nucleus_draw`).
     softmax: the logits' `qwen3.SoftmaxStats` when the model computed them: their max, and at
     temperature 1 without truncation their block sums, replace the passes over [B, V].
+    mesh, rows: with the logits' vocabulary split over the mesh's "tensor" axis and their rows
+    over the mesh axes `rows`, each device draws on its own shard (`vocabulary_split`,
+    `_choose_on_shards`): the same tokens, no [B, V] gathered.
     """
+    if (mesh is not None and softmax is None
+            and vocabulary_split(logits.shape[-1], settings, mesh)):
+        return _choose_on_shards(logits, u, settings, mesh, rows)
     V = logits.shape[-1]
     sums = None
     if softmax is not None:

@@ -147,3 +147,48 @@ def test_top_k_draws_do_not_depend_on_the_candidate_search(monkeypatch, top_p):
         out[name] = draw.choose_tokens(logits, u, settings)  # eager: a jit would keep one trace
     for a, b in zip(out["threshold"], out["lax"]):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("mesh_shape", [(2, 1, 4), (1, 2, 4), (4, 1, 2)])
+@pytest.mark.parametrize("temperature,top_k,top_p,greedy", [
+    (1.0, 0, 1.0, False), (0.7, 0, 1.0, False), (1.0, 5, 1.0, False), (0.9, 10, 0.7, False),
+    (1.0, 0, 1.0, True), (1.0, 300, 1.0, False)])
+def test_draw_on_vocabulary_shards_equals_whole_rows(mesh_shape, temperature, top_k, top_p,
+                                                     greedy):
+    """`choose_tokens(mesh=...)` with the logits' vocabulary split over "tensor": the tokens of
+    the draw on whole rows (ties broken by token id as there: whole rows of tied logits), the
+    log-probs within 1e-5, and no [B, V] array gathered in the compiled program (unless top-k's
+    2k candidates outnumber a shard's tokens); a nucleus
+    without top-k, or shards not holding whole blocks, keep the draw on whole rows."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from arca_jax import parallel
+
+    mesh = parallel.make_mesh(*mesh_shape)
+    t = mesh_shape[2]
+    B, V = 16, 4 * 2 * draw.CDF_BLOCK  # each shard holds whole blocks
+    rng = np.random.default_rng(1)
+    logits = rng.normal(0, 3.0, (B, V)).astype(np.float32)
+    logits[:4] = np.round(logits[:4])  # many ties among the largest
+    u = jnp.asarray(rng.uniform(1e-6, 1.0, B).astype(np.float32))
+    settings = sampling.SamplingConfig(max_new_tokens=1, temperature=temperature, top_k=top_k,
+                                       top_p=top_p, greedy=greedy)
+    assert draw.vocabulary_split(V, settings, mesh)
+    rows = parallel.batch_spec(B, mesh)[0]
+    placed = jax.device_put(jnp.asarray(logits), NamedSharding(mesh, P(rows, "tensor")))
+    f = jax.jit(lambda x, u: draw.choose_tokens(x, u, settings, mesh=mesh, rows=rows))
+    got = f(placed, jax.device_put(u, NamedSharding(mesh, P(rows))))
+    want = draw.choose_tokens(jnp.asarray(logits), u, settings)
+    np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
+    np.testing.assert_allclose(np.asarray(got.logps), np.asarray(want.logps), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(got.sampled_logps), np.asarray(want.sampled_logps),
+                               atol=1e-5)
+    hlo = f.lower(placed, u).compile().as_text()
+    # (top-k 300: each shard's 2k candidates are all its V / t tokens, the whole row gathered)
+    for line in hlo.splitlines() if 2 * top_k <= V // t else ():
+        if " all-gather(" in line or " all-gather-start(" in line:
+            shape = line.split("=")[1].split("all-gather")[0]
+            assert f",{V}]" not in shape and f"[{V}" not in shape, line
+    assert not draw.vocabulary_split(V, sampling.SamplingConfig(1, top_p=0.9), mesh)
+    assert not draw.vocabulary_split(V + t, sampling.SamplingConfig(1), mesh)
+    assert not draw.vocabulary_split(V, settings, parallel.make_mesh(8, 1, 1))
