@@ -170,7 +170,7 @@ class RolloutConfig:
         preparation reshards the base weights and the adapter from the train layout in the same
         program, and the completions return to the train step's rows (the same tokens either
         way). E.g. `mesh_tensor: 4` on a 4-chip TPU v5e with the update on fsdp 4 (Qwen3-1.7B,
-        the paper's config): `arca-jax plan` gives a rollout roofline of 1.51 s against 3.36 s
+        the paper's config): `arca-jax plan` gives a rollout roofline of 1.37 s against 3.36 s
         on the train mesh (README, "Mesh shapes").
     merge_lora: rollouts and evaluation sample from the merged weights W + scaling * A B (one
         matmul per projection; `sampling.generate(merge_lora=True)`) instead of the base weights
