@@ -289,7 +289,8 @@ def test_rollouts_on_a_mesh_of_their_own_log_the_same_run(tmp_path, capsys):
     for extra, message in ((["rollout.mesh_tensor=3"], "does not divide the device count 8"),
                            (["rollout.mesh_tensor=8"], "rollout.mesh_tensor: tensor=8 does not "
                                                        "split"),
-                           (["train.mode=jit", "rollout.mesh_fsdp=2"], "not 'mesh'")):
+                           (["train.mode=jit", "rollout.mesh_fsdp=2"], "not 'mesh'"),
+                           (["rollout.mesh_tensor=0"], "mesh_tensor must be >= 1")):
         assert cli.main(["train", "--output-dir", str(tmp_path / "refused")] + [
             a for o in overrides + extra for a in ("--set", o)]) == 2
         assert message in capsys.readouterr().err, message
