@@ -367,19 +367,6 @@ GATHERED = TINY[:-1] + ["train.seed=2", "train.steps=1", "train.mesh_fsdp=4",
                         "rollout.gather_weights=true"]
 
 
-@pytest.mark.slow
-def test_gathered_sampler_two_processes_equal_one_process(tmp_path, cache_dir):
-    single = tmp_path / "single"
-    _single(single, cache_dir, overrides=GATHERED)
-    ref = _rows(single, "metrics.jsonl")
-    multi, logs = tmp_path / "multi", tmp_path / "logs"
-    logs.mkdir()
-    assert _wait_all(_two_cli(multi, str(logs), overrides=GATHERED)) == [0, 0], _logs(logs)
-    _assert_rows_close(_rows(multi, "metrics.jsonl"), ref)
-    assert _rows(multi, "eval.jsonl") == _rows(single, "eval.jsonl")
-    _assert_lora_close(_lora(multi, 1), _lora(single, 1))
-
-
 # the update on fsdp 4 (two devices in each process), rollouts and evaluation on the same devices
 # as one tensor group of 4 across both processes (`rollout.mesh_tensor`): every process holds
 # every row while sampling, and the completions go back to the train step's rows
@@ -388,13 +375,14 @@ ROLLOUT_MESH = TINY[:-1] + ["train.seed=2", "train.steps=1", "train.mesh_fsdp=4"
 
 
 @pytest.mark.slow
-def test_rollout_mesh_two_processes_equal_one_process(tmp_path, cache_dir):
+@pytest.mark.parametrize("overrides", [GATHERED, ROLLOUT_MESH], ids=["gathered", "rollout_mesh"])
+def test_sampler_layouts_two_processes_equal_one_process(tmp_path, cache_dir, overrides):
     single = tmp_path / "single"
-    _single(single, cache_dir, overrides=ROLLOUT_MESH)
+    _single(single, cache_dir, overrides=overrides)
     ref = _rows(single, "metrics.jsonl")
     multi, logs = tmp_path / "multi", tmp_path / "logs"
     logs.mkdir()
-    assert _wait_all(_two_cli(multi, str(logs), overrides=ROLLOUT_MESH)) == [0, 0], _logs(logs)
+    assert _wait_all(_two_cli(multi, str(logs), overrides=overrides)) == [0, 0], _logs(logs)
     _assert_rows_close(_rows(multi, "metrics.jsonl"), ref)
     assert _rows(multi, "eval.jsonl") == _rows(single, "eval.jsonl")
     _assert_lora_close(_lora(multi, 1), _lora(single, 1))

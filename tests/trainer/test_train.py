@@ -259,18 +259,23 @@ def test_refilling_rollouts_and_evaluation_log_the_same_run(tmp_path):
         assert b["slot_utilisation"] >= a["slot_utilisation"]
 
 
+def _mesh_run(steps: int, save_every: int) -> list:
+    """TINY as a train.mode=mesh run of 4 prompts x 2 completions (8 rows: one per device)."""
+    keep = [o for o in TINY if not o.startswith(("train.steps", "rollout.prompts_per_step",
+                                                  "rollout.group_size", "train.save_every",
+                                                  "train.samples_every"))]
+    return keep + ["train.mode=mesh", f"train.steps={steps}", "rollout.prompts_per_step=4",
+                   "rollout.group_size=2", f"train.save_every={save_every}",
+                   "train.samples_every=0"]
+
+
 def test_rollouts_on_a_mesh_of_their_own_log_the_same_run(tmp_path, capsys):
     """train.mode=mesh, the update on fsdp 8, and rollouts and evaluation on the same 8 devices
     laid out as data 2 x tensor 4 (rollout.mesh_tensor=4): the same sampled tokens as sampling on
     the train mesh, hence rewards, lengths and evaluations, and losses and weight statistics to
     float rounding. A rollout mesh the devices or the model cannot take is refused before
     anything runs."""
-    overrides = [o for o in TINY if not o.startswith(("train.steps", "rollout.prompts_per_step",
-                                                       "rollout.group_size", "train.save_every",
-                                                       "train.samples_every"))]
-    overrides += ["train.mode=mesh", "train.mesh_fsdp=8", "train.steps=1",
-                  "rollout.prompts_per_step=4", "rollout.group_size=2", "train.save_every=0",
-                  "train.samples_every=0"]
+    overrides = _mesh_run(steps=1, save_every=0) + ["train.mesh_fsdp=8"]
     runs = {}
     for name, extra in (("train_mesh", []), ("rollout_mesh", ["rollout.mesh_tensor=4"])):
         run_dir = str(tmp_path / name)
@@ -305,12 +310,7 @@ def test_mesh_tensor_2_equals_fsdp_8_and_resumes_on_it(tmp_path, capsys):
     checkpoint of step 1 then resumes on fsdp 8 and ends as the reference: the adapter of step 2
     within float rounding. train.mesh_fsdp and train.mesh_tensor (and the rollout mesh's) are what
     a resume may change; anything else refuses."""
-    overrides = [o for o in TINY if not o.startswith(("train.steps", "rollout.prompts_per_step",
-                                                       "rollout.group_size", "train.save_every",
-                                                       "train.samples_every"))]
-    overrides += ["train.mode=mesh", "train.steps=2", "rollout.prompts_per_step=4",
-                  "rollout.group_size=2", "train.save_every=1", "train.samples_every=0",
-                  "optim.warmup_steps=0"]
+    overrides = _mesh_run(steps=2, save_every=1) + ["optim.warmup_steps=0"]
     fsdp8 = config.load(None, overrides + ["train.mesh_fsdp=8"])
     ref, run = str(tmp_path / "ref"), str(tmp_path / "run")
     assert train.train(fsdp8, ref)["finished"]
