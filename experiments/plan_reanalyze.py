@@ -20,8 +20,11 @@ from arca_jax.plan import hlostats
 def _hlo_file(hlo_dir: str, plan: dict, name: str) -> str:
     m = plan["mesh"]
     layout = f"{m['data']}-{m['fsdp']}-{m['tensor']}"
+    sampler = plan.get("sampler", {}).get("mesh", m)
+    rollout = ("" if sampler == m else
+               f"rollout-{sampler['data']}-{sampler['fsdp']}-{sampler['tensor']}_")
     exact = os.path.join(hlo_dir, f"{layout}_remat-{plan['remat']}_mb-{plan['microbatches']}_"
-                                  f"{name}.hlo")
+                                  f"{rollout if name != 'train_step' else ''}{name}.hlo")
     if os.path.isfile(exact):
         return exact
     # a sampler program reused from the first setting of the same mesh

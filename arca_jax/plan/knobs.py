@@ -1,10 +1,11 @@
-"""What a plan may change: the mesh layout (data, fsdp, tensor axis sizes), remat and
-microbatches (`Knobs`), the mesh they make, and what the trainer would refuse about them."""
+"""What a plan may change: the mesh layout (data, fsdp, tensor axis sizes), remat,
+microbatches and the rollout mesh's tensor size (`Knobs`), the mesh they make, and what the
+trainer would refuse about them."""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, List, Sequence
+from typing import Any, List, Optional, Sequence
 
 from arca_jax import parallel
 from arca_jax.config import RunConfig
@@ -62,11 +63,13 @@ def default_layout(cfg: RunConfig, devices: int) -> Layout:
 
 @dataclasses.dataclass(frozen=True)
 class Knobs:
-    """What a plan compiles with: the mesh, the train step's remat option and microbatches."""
+    """What a plan compiles with: the mesh, the train step's remat option and microbatches, and
+    the rollout mesh's tensor size (`rollout.mesh_tensor`; None: the config's rollout mesh)."""
 
     layout: Layout
     remat: Any
     microbatches: int
+    rollout_tensor: Optional[int] = None
 
     def overrides(self) -> List[str]:
         """The trainer's `--set` options for these knobs."""
@@ -74,12 +77,23 @@ class Knobs:
         if self.layout.tensor > 1:
             out.append(f"train.mesh_tensor={self.layout.tensor}")
         remat = str(self.remat).lower() if isinstance(self.remat, bool) else self.remat
-        return out + [f"grpo.remat={remat}", f"train.microbatches={self.microbatches}"]
+        out += [f"grpo.remat={remat}", f"train.microbatches={self.microbatches}"]
+        if self.rollout_tensor is not None:
+            out.append(f"rollout.mesh_tensor={self.rollout_tensor}")
+        return out
+
+    def config(self, cfg: RunConfig) -> RunConfig:
+        """`cfg` with these knobs' rollout mesh (the rest of the knobs are arguments of the
+        programs, not config fields the plan reads)."""
+        if self.rollout_tensor == cfg.rollout.mesh_tensor:
+            return cfg
+        return dataclasses.replace(cfg, rollout=dataclasses.replace(
+            cfg.rollout, mesh_tensor=self.rollout_tensor))
 
 
 def knobs_of(cfg: RunConfig, layout: Layout) -> Knobs:
-    """The config's own remat and microbatches on `layout`."""
-    return Knobs(layout, cfg.grpo.remat, cfg.train.microbatches)
+    """The config's own remat, microbatches and rollout mesh on `layout`."""
+    return Knobs(layout, cfg.grpo.remat, cfg.train.microbatches, cfg.rollout.mesh_tensor)
 
 
 def make_mesh(layout: Layout, devices: Sequence[Any]):

@@ -101,7 +101,8 @@ def to_json(v: Verdict) -> dict:
         "plan": plan_json(v.plan),
         "suggestion": None if v.suggestion is None else plan_json(v.suggestion),
         "tried": [{"mesh": dataclasses.asdict(k.layout), "remat": k.remat,
-                   "microbatches": k.microbatches, "peak_gib_per_device": _gib(peak),
+                   "microbatches": k.microbatches, "rollout_tensor": k.rollout_tensor,
+                   "peak_gib_per_device": _gib(peak),
                    "refused": None if r is None else r.message,
                    "refused_program": None if r is None else r.program}
                   for k, peak, r in itertools.zip_longest(v.tried, v.peaks, v.refusals)],
@@ -194,8 +195,9 @@ def _refusal_text(r: Refusal) -> str:
 
 def _tried_lines(v: Verdict) -> List[str]:
     """A line per setting tried: its knobs and peak, or the compiler's refusal."""
-    return [f"  mesh {k.layout}, remat {k.remat}, microbatches {k.microbatches}: peak "
-            f"{_fmt_bytes(peak)} GiB" + ("" if r is None else "; " + _refusal_text(r))
+    return [f"  mesh {k.layout}, remat {k.remat}, microbatches {k.microbatches}"
+            + ("" if k.rollout_tensor is None else f", rollout tensor {k.rollout_tensor}")
+            + f": peak {_fmt_bytes(peak)} GiB" + ("" if r is None else "; " + _refusal_text(r))
             for k, peak, r in itertools.zip_longest(v.tried, v.peaks, v.refusals)]
 
 

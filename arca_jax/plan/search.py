@@ -4,9 +4,9 @@ the search for the smallest change that does (`changes`, `find_fit`); `run` does
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterator, List, Optional, Tuple
+from typing import Callable, Iterator, List, NamedTuple, Optional, Tuple
 
-from arca_jax import parallel
+from arca_jax import parallel, qwen3
 from arca_jax.config import RunConfig
 from arca_jax.plan.errors import PlanError, Refusal, RefusedError
 from arca_jax.plan.figures import Plan, ProgramReport, report_program
@@ -33,21 +33,33 @@ def _program_reports(cfg: RunConfig, target: Target, knobs: Knobs, config, mesh,
                      shapes: Shapes, abstract, options, reuse: Optional[Plan], log,
                      hlo_dir: Optional[str], gather: bool = False) -> Iterator[ProgramReport]:
     """The reports of `knobs`' programs, each as soon as it is compiled: the train step on
-    `mesh`, then the sampler's on `sample_mesh` (those of `reuse` when it has the same layout).
-    abstract: (params, state, optimizer, batch), laid out on `mesh`."""
+    `mesh`, then the sampler's on `sample_mesh`; those of `reuse` where its knobs give the same
+    program (the train step: the same layout, remat and microbatches; the sampler's: the same
+    layout and rollout mesh). abstract: (params, state, optimizer, batch), laid out on `mesh`."""
     params, state, optimizer, batch = abstract
     tag = (f"{knobs.layout.data}-{knobs.layout.fsdp}-{knobs.layout.tensor}"
            f"_remat-{knobs.remat}_mb-{knobs.microbatches}_")
-    train = compile_train_step(cfg, config, mesh, knobs, params, state, optimizer, batch, options)
-    log(f"compiled train_step in {train.compile_s:.0f} s")
-    yield report_program(train, target, hlo_dir, tag)
-    if reuse is not None and reuse.knobs.layout == knobs.layout:
+    shape = dict(sample_mesh.shape)
+    sampler_tag = tag + ("" if sample_mesh is mesh else
+                         "rollout-" + "-".join(str(shape[a]) for a in parallel.AXES) + "_")
+    same_step = (reuse is not None and reuse.program("train_step") is not None
+                 and dataclasses.replace(reuse.knobs, rollout_tensor=None)
+                 == dataclasses.replace(knobs, rollout_tensor=None))
+    if same_step:
+        yield reuse.program("train_step")
+    else:
+        train = compile_train_step(cfg, config, mesh, knobs, params, state, optimizer, batch,
+                                   options)
+        log(f"compiled train_step in {train.compile_s:.0f} s")
+        yield report_program(train, target, hlo_dir, tag)
+    if (reuse is not None and reuse.knobs.layout == knobs.layout
+            and reuse.knobs.rollout_tensor == knobs.rollout_tensor):
         yield from (p for p in reuse.programs if p.name != "train_step")
         return
     sampler = compile_sampler(cfg, config, sample_mesh, shapes, params, state, target.platform,
                               options, gather=gather)
     log("compiled " + ", ".join(f"{p.name} in {p.compile_s:.0f} s" for p in sampler))
-    yield from (report_program(p, target, hlo_dir, tag) for p in sampler)
+    yield from (report_program(p, target, hlo_dir, sampler_tag) for p in sampler)
 
 
 def plan_once(cfg: RunConfig, target: Target, knobs: Knobs, options=None,
@@ -60,6 +72,7 @@ def plan_once(cfg: RunConfig, target: Target, knobs: Knobs, options=None,
     evaluation: also the evaluation's pass@k sampling (`Shapes.eval_rows`). The plan carries the
     train state's bytes per device, split over fsdp and replicated over it
     (`parallel.train_state_bytes`)."""
+    cfg = knobs.config(cfg)
     config = model_config(cfg)
     mesh = make_mesh(knobs.layout, target.devices)
     sample_mesh = rollout_mesh(cfg, mesh)
@@ -112,12 +125,23 @@ def _valid_tensors(config, devices: int) -> List[int]:
     return out
 
 
-def changes(cfg: RunConfig, devices: int) -> List[Tuple[str, Any]]:
-    """The changes to try, in order, as (name, knobs -> changed knobs or None when it does not
-    apply): every device on fsdp; each tensor axis size (2, 4, ...) the model allows
-    (`parallel.check_tensor`); remat; microbatches doubled (up to four times, while the trainer
-    accepts them)."""
+class Change(NamedTuple):
+    """One change `find_fit` may try: its name, knobs -> changed knobs (None: does not apply),
+    and whether it moves only the sampler's programs (tried only when one of those is the
+    largest or the refused one)."""
+
+    name: str
+    apply: Callable[[Knobs], Optional[Knobs]]
+    sampler_only: bool = False
+
+
+def changes(cfg: RunConfig, devices: int) -> List[Change]:
+    """The changes to try, in order: every device on fsdp; each tensor axis size (2, 4, ...)
+    the model allows (`parallel.check_tensor`) for the rollouts alone (`rollout.mesh_tensor`;
+    not for a mixture of experts, whose sampler has no tensor parallelism), then for both;
+    remat; microbatches doubled (up to four times, while the trainer accepts them)."""
     config = model_config(cfg)
+    tensors = _valid_tensors(config, devices)
 
     def fsdp(k: Knobs) -> Optional[Knobs]:
         widest = Layout(1, devices // k.layout.tensor, k.layout.tensor)
@@ -129,6 +153,12 @@ def changes(cfg: RunConfig, devices: int) -> List[Tuple[str, Any]]:
                     if t > k.layout.tensor else None)
         return change
 
+    def rollout_tensor(t: int):
+        def change(k: Knobs) -> Optional[Knobs]:
+            return (dataclasses.replace(k, rollout_tensor=t)
+                    if t > max(k.rollout_tensor or 1, k.layout.tensor) else None)
+        return change
+
     def remat(k: Knobs) -> Optional[Knobs]:
         return None if k.remat else dataclasses.replace(k, remat=True)
 
@@ -136,8 +166,22 @@ def changes(cfg: RunConfig, devices: int) -> List[Tuple[str, Any]]:
         more = dataclasses.replace(k, microbatches=k.microbatches * 2)
         return None if trainer_problems(cfg, more) else more
 
-    return ([("fsdp", fsdp)] + [(f"tensor={t}", tensor(t)) for t in _valid_tensors(config, devices)]
-            + [("remat", remat)] + [("microbatches", microbatches)] * 4)
+    moe = isinstance(config, qwen3.Qwen3MoeConfig)
+    return ([Change("fsdp", fsdp)]
+            + [Change(f"rollout tensor={t}", rollout_tensor(t), True)
+               for t in ([] if moe else tensors)]
+            + [Change(f"tensor={t}", tensor(t)) for t in tensors]
+            + [Change("remat", remat)] + [Change("microbatches", microbatches)] * 4)
+
+
+def _sampler_bound(p: Plan) -> bool:
+    """Whether `p`'s refused program, or else its program of the largest peak, is one of the
+    sampler's (a change of the rollout mesh alone can help)."""
+    if p.refused is not None:
+        return p.refused.program != "train_step"
+    if not p.programs:
+        return False
+    return max(p.programs, key=lambda r: r.memory.peak).name != "train_step"
 
 
 def run(cfg: RunConfig, target: Target, layout: Optional[Layout] = None, options=None,
@@ -175,14 +219,14 @@ def find_fit(cfg: RunConfig, first: Plan, options=None, max_tries: int = 6,
     peaks, refusals = [first.peak_bytes], [first.refused]
     if first.refused is None:
         by_layout[first.knobs.layout] = first
-    for what, change in changes(cfg, first.target.size):
+    for what, change, sampler_only in changes(cfg, first.target.size):
         k = change(best.knobs)
-        if k is None or k in tried:
+        if k is None or k in tried or (sampler_only and not _sampler_bound(best)):
             continue
         if len(tried) > max_tries:
             break
         log(f"does not fit; trying {what}: mesh {k.layout}, remat {k.remat}, "
-            f"microbatches {k.microbatches}")
+            f"microbatches {k.microbatches}, rollout tensor {k.rollout_tensor or '-'}")
         p = plan_once(cfg, first.target, k, options, reuse=by_layout.get(k.layout), log=log,
                       evaluation=first.shapes.eval_rows > 0, hlo_dir=hlo_dir)
         tried.append(k)

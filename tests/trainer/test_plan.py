@@ -276,12 +276,50 @@ def test_find_fit_order(monkeypatch, cfg, tiny_plan):
     assert len(verdict.tried) == 3 and verdict.suggestion is None
 
 
+def test_find_fit_tries_a_rollout_mesh_when_the_sampler_is_the_largest(monkeypatch, cfg,
+                                                                       tiny_plan):
+    """Made-up peaks with the decode the largest program: fsdp for everything is worse
+    (dropped), a tensor axis for the rollouts alone fits, and the trainer's options carry it.
+    With the train step the largest, the rollout-only changes are not tried."""
+    peaks = {plan.Knobs(LAYOUT, False, 2): 100, plan.Knobs(plan.Layout(1, 8, 1), False, 2): 120,
+             plan.Knobs(LAYOUT, False, 2, 2): 70}
+    target = dataclasses.replace(tiny_plan.target, hbm_bytes=80)
+    decode = _report(tiny_plan, "decode")
+
+    def fake(cfg, target, knobs, options=None, reuse=None, log=None, evaluation=False,
+             hlo_dir=None, largest=decode):
+        memory = plan.Memory(0, 0, 0, 0, 0, peaks.get(knobs, 200))
+        return dataclasses.replace(tiny_plan, target=target, knobs=knobs,
+                                   programs=(dataclasses.replace(largest, memory=memory),),
+                                   problems=tuple(plan.trainer_problems(cfg, knobs)))
+
+    monkeypatch.setattr(search, "plan_once", fake)
+    monkeypatch.setattr(search, "_valid_tensors", lambda config, devices: [2])
+    verdict = plan.find_fit(cfg, fake(cfg, target, plan.Knobs(LAYOUT, False, 2)))
+    assert verdict.tried == (plan.Knobs(LAYOUT, False, 2), plan.Knobs(plan.Layout(1, 8, 1), False, 2),
+                             plan.Knobs(LAYOUT, False, 2, 2))
+    assert verdict.suggestion.knobs.overrides()[-1] == "rollout.mesh_tensor=2"
+    assert "--set rollout.mesh_tensor=2" in plan.format_text(verdict)
+    assert plan.to_json(verdict)["tried"][2]["rollout_tensor"] == 2
+    train = _report(tiny_plan, "train_step")
+    monkeypatch.setattr(search, "plan_once", lambda *a, **k: fake(*a, **k, largest=train))
+    verdict = plan.find_fit(cfg, fake(cfg, target, plan.Knobs(LAYOUT, False, 2), largest=train))
+    assert all(k.rollout_tensor is None for k in verdict.tried)
+
+
 def test_changes_in_order(cfg):
     knobs = plan.Knobs(plan.Layout(2, 4, 1), False, 2)
     got = plan.changes(cfg, 8)
-    names = [w for w, _ in got]
+    names = [c.name for c in got]
     assert names[0] == "fsdp" and names[-5:] == ["remat"] + ["microbatches"] * 4
-    changed = dict(got)
+    changed = {c.name: c.apply for c in got}
+    # the rollouts' tensor axis alone before the axis for both, marked as the sampler's only
+    assert names.index("rollout tensor=2") < names.index("tensor=2")
+    assert [c.sampler_only for c in got] == [n.startswith("rollout") for n in names]
+    assert changed["rollout tensor=2"](knobs) == dataclasses.replace(knobs, rollout_tensor=2)
+    assert changed["rollout tensor=2"](dataclasses.replace(knobs, rollout_tensor=4)) is None
+    assert dataclasses.replace(knobs, rollout_tensor=4).overrides()[-1] == \
+        "rollout.mesh_tensor=4"
     assert changed["fsdp"](knobs).layout == plan.Layout(1, 8, 1)
     assert changed["fsdp"](changed["fsdp"](knobs)) is None
     assert changed["remat"](knobs) == plan.Knobs(plan.Layout(2, 4, 1), True, 2)
@@ -335,8 +373,12 @@ def test_sampler_on_a_rollout_mesh_of_its_own(cfg, tiny_plan):
     in place by every decode step (no kernel gathered). At these tiny shapes the cache, whose rows
     now split over data 2 only, outweighs the weights; at Qwen3-1.7B's the decode's bytes per
     device fall (README, "Mesh shapes")."""
-    on = dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, mesh_tensor=4))
-    p = plan.run(on, plan.local_target(), LAYOUT, options=FAST, search=False).plan
+    # the rollout mesh from the knobs (as the search changes it), the train step reused
+    p = plan.plan_once(cfg, plan.local_target(),
+                       dataclasses.replace(tiny_plan.knobs, rollout_tensor=4), FAST,
+                       reuse=tiny_plan)
+    assert p.program("train_step") is tiny_plan.program("train_step")
+    assert p.knobs.overrides()[-1] == "rollout.mesh_tensor=4"
     gathered = plan.run(
         dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, gather_weights=True)),
         plan.local_target(), LAYOUT, options=FAST, search=False).plan
@@ -347,8 +389,8 @@ def test_sampler_on_a_rollout_mesh_of_its_own(cfg, tiny_plan):
     j = plan.to_json(plan.Verdict(p, None, (p.knobs,)))["plan"]
     assert j["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1}
     assert j["sampler"]["mesh"] == {"data": 2, "fsdp": 1, "tensor": 4}
-    assert _report(p, "train_step").memory == _report(tiny_plan, "train_step").memory
-    assert [r.name for r in p.programs] == ["train_step", "prepare_weights", "prefill", "decode"]
+    assert [r.name for r in p.programs][:4] == ["train_step", "prepare_weights", "prefill",
+                                                "decode"]
     assert not p.decode_gathers_weights
     # the sampling weights per device: a quarter of the whole ones (the embedding and the fused
     # kernels split over "tensor"; norms and the like replicated)
@@ -809,7 +851,7 @@ def test_cli_reports_a_refused_setting(monkeypatch, capsys, tiny_plan):
     assert out["plan"]["fits"] is False and out["suggestion"] is None
     assert out["plan"]["refused"]["used_gib"] == 34.83
     assert out["tried"] == [dict(mesh={"data": 2, "fsdp": 4, "tensor": 1}, remat=False,
-                                 microbatches=2, peak_gib_per_device=34.83,
+                                 microbatches=2, rollout_tensor=None, peak_gib_per_device=34.83,
                                  refused=LIBTPU_OOM.splitlines()[0], refused_program="train_step")]
     assert cli.main(argv) == 0
     text = capsys.readouterr().out
