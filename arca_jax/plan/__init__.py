@@ -40,7 +40,9 @@ exposes two):
               400 GB/s, v5p 1,200, v6e 800, H100 / H200 NVLink 900; none published for v4).
 
 The verdict: fits when every program's peak fits in HBM; otherwise the smallest change that fits,
-trying in order a larger fsdp axis, a tensor axis, remat, more microbatches (each recompiled).
+trying in order a larger fsdp axis, a tensor axis for the rollouts alone (when a sampler program
+is the largest or the refused one), a tensor axis for both, remat, more microbatches (each
+recompiled).
 A program the compiler refuses for lack of memory (libtpu's RESOURCE_EXHAUSTED, "Used 34.83G of
 15.75G hbm") does not fit: the setting is recorded with the compiler's figure as its peak
 (`Plan.refused`, "refused" in the JSON) and the search goes on; other compiler errors raise.
