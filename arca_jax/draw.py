@@ -194,8 +194,10 @@ def vocabulary_split(vocab: int, settings: SamplingConfig, mesh) -> bool:
     """Whether `choose_tokens(mesh=...)` draws on each "tensor" shard of the vocabulary
     (`_choose_on_shards`) rather than on whole rows of logits: tensor > 1 divides V (the head is
     vocabulary-parallel, `parallel.inference_partition_spec`), and the draw is greedy, top-k, or
-    a plain draw whose shards hold whole blocks of `CDF_BLOCK` tokens. A top-p nucleus without
-    top-k orders the whole vocabulary and keeps whole rows."""
+    a plain draw whose shards hold whole blocks of `CDF_BLOCK` tokens (the blocks of the whole
+    row's search, so that the same token comes out; Qwen3's 151,936 = 128 x 1,187 tokens split
+    into whole blocks over no tensor size, so its plain draws keep whole rows). A top-p nucleus
+    without top-k orders the whole vocabulary and keeps whole rows."""
     from arca_jax import parallel
 
     t = parallel.axis_size(mesh, parallel.TENSOR)
