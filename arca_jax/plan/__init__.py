@@ -70,7 +70,7 @@ from arca_jax.plan.knobs import (Knobs, Layout, default_layout, knobs_of, make_m
                                  trainer_problems)
 from arca_jax.plan.programs import Program, compile_sampler, compile_train_step
 from arca_jax.plan.report import NOTES, format_plan, format_text, plan_json, to_json
-from arca_jax.plan.search import Verdict, changes, find_fit, plan_once, run
+from arca_jax.plan.search import Verdict, changes, find_faster, find_fit, plan_once, run
 from arca_jax.plan.shapes import (Shapes, abstract_batch, abstract_model, device_bytes,
                                   model_config)
 from arca_jax.plan.targets import (CHIPS, GiB, INSTALL_HINT, LIBTPU_DIR_ENV, Chip, Target,
@@ -83,7 +83,8 @@ __all__ = [
     "Plan", "PlanError", "Program", "ProgramReport", "Refusal", "RefusedError", "Shapes", "Target",
     "Verdict",
     "abstract_batch", "abstract_model", "changes", "chip_of", "compile_sampler",
-    "compile_train_step", "default_layout", "device_bytes", "ensure_tpu_compiler", "find_fit",
+    "compile_train_step", "default_layout", "device_bytes", "ensure_tpu_compiler", "find_faster",
+    "find_fit",
     "format_plan", "format_text", "interconnect_seconds", "knobs_of", "local_target", "make_mesh", "model_config",
     "parse_topology", "plan_json", "plan_once", "report_program", "run", "to_json", "tpu_target",
     "trainer_problems",

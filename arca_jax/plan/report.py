@@ -100,6 +100,7 @@ def to_json(v: Verdict) -> dict:
     return {
         "plan": plan_json(v.plan),
         "suggestion": None if v.suggestion is None else plan_json(v.suggestion),
+        "faster": None if v.faster is None else plan_json(v.faster),
         "tried": [{"mesh": dataclasses.asdict(k.layout), "remat": k.remat,
                    "microbatches": k.microbatches, "rollout_tensor": k.rollout_tensor,
                    "peak_gib_per_device": _gib(peak),
@@ -207,6 +208,10 @@ def format_text(v: Verdict) -> str:
     fits = v.plan.fits
     if fits:
         out.append("verdict: fits")
+        if v.faster is not None:
+            out.append("faster rollouts, the weights in place (the train step unchanged):")
+            out.append(format_plan(v.faster))
+            out.append("  train with: " + " ".join(f"--set {o}" for o in v.faster.knobs.overrides()))
     elif fits is None:
         out.append("verdict: unknown (no memory figure for this device; pass --hbm GIB)")
     elif v.suggestion is not None:

@@ -102,13 +102,18 @@ def plan_once(cfg: RunConfig, target: Target, knobs: Knobs, options=None,
 class Verdict:
     """The plan of the asked setting; when it does not fit, the first change that does (or None)
     and every setting tried, in order, with its peak memory per device (`Plan.peak_bytes`) and
-    the compiler's refusal for lack of memory (None: it compiled)."""
+    the compiler's refusal for lack of memory (None: it compiled). faster: where the asked
+    setting fits but its decode loop gathers the weights at every step
+    (`Plan.decode_gathers_weights`), the first tensor axis for the rollouts alone that fits,
+    keeps the weights in place and shortens the rollout (`find_faster`; None: none found, or
+    not looked for)."""
 
     plan: Plan
     suggestion: Optional[Plan]
     tried: Tuple[Knobs, ...]
     peaks: Tuple[Optional[int], ...] = ()
     refusals: Tuple[Optional[Refusal], ...] = ()
+    faster: Optional[Plan] = None
 
 
 def _valid_tensors(config, devices: int) -> List[int]:
@@ -197,9 +202,41 @@ def run(cfg: RunConfig, target: Target, layout: Optional[Layout] = None, options
     log(f"compiling for {target.name}, mesh {layout}")
     first = plan_once(cfg, target, knobs_of(cfg, layout), options, log=log,
                       evaluation=evaluation, hlo_dir=hlo_dir)
-    if first.fits is not False or not search:
+    if not search:
         return Verdict(first, None, (first.knobs,), (first.peak_bytes,), (first.refused,))
+    if first.fits is not False:
+        faster = find_faster(cfg, first, options, max_tries, log, hlo_dir)
+        tried = (first.knobs,) + (() if faster is None else (faster.knobs,))
+        return Verdict(first, None, tried, tuple(p.peak_bytes for p in (first, faster) if p),
+                       tuple(p.refused for p in (first, faster) if p), faster)
     return find_fit(cfg, first, options, max_tries, log, hlo_dir)
+
+
+def find_faster(cfg: RunConfig, first: Plan, options=None, max_tries: int = 6,
+                log=lambda text: None, hlo_dir: Optional[str] = None) -> Optional[Plan]:
+    """For a setting that fits but whose decode loop all-gathers the weights at every step
+    (`Plan.decode_gathers_weights`): the rollout-only tensor axes of `changes`, smallest first
+    (the train step reused), until one fits, gathers no weights in its decode loop and has a
+    shorter rollout roofline (or one without figures); None when none does or nothing needs
+    it."""
+    if not first.decode_gathers_weights:
+        return None
+    compiles = 0
+    for what, change, sampler_only in changes(cfg, first.target.size):
+        k = change(first.knobs) if sampler_only else None
+        if k is None:
+            continue
+        if compiles >= max_tries:
+            break
+        log(f"the decode loop gathers the weights at every step; trying {what}")
+        p = plan_once(cfg, first.target, k, options, reuse=first, log=log,
+                      evaluation=first.shapes.eval_rows > 0, hlo_dir=hlo_dir)
+        compiles += 1
+        quicker = (first.rollout_s is None or p.rollout_s is None
+                   or p.rollout_s < first.rollout_s)
+        if p.fits is not False and not p.decode_gathers_weights and quicker:
+            return p
+    return None
 
 
 def _lower(p: Plan, best: Plan) -> bool:

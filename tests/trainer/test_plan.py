@@ -307,6 +307,41 @@ def test_find_fit_tries_a_rollout_mesh_when_the_sampler_is_the_largest(monkeypat
     assert all(k.rollout_tensor is None for k in verdict.tried)
 
 
+def test_a_fitting_plan_whose_decode_gathers_weights_gets_faster_rollouts(monkeypatch, cfg,
+                                                                          tiny_plan):
+    """Made-up plans: the asked setting fits but its decode loop all-gathers the weights at every
+    step; a tensor axis of 2 for the rollouts still does (passed over), one of 4 keeps them in
+    place with a shorter rollout: the verdict's `faster`, with the trainer's options, in the
+    text and the JSON. A plan whose decode gathers nothing is left alone (no compile)."""
+    C = hlostats.Collective
+    decode = _report(tiny_plan, "decode")
+    gathers = {None: True, 2: True, 4: False}
+    rollout_s = {None: 10.0, 2: 4.0, 4: 3.0}
+    compiled = []
+
+    def fake(cfg, target, knobs, options=None, reuse=None, log=None, evaluation=False,
+             hlo_dir=None):
+        compiled.append(knobs)
+        coll = {"all-gather": C(1, 15.0, 1e12 if gathers[knobs.rollout_tensor] else 0.0)}
+        report = dataclasses.replace(decode, collectives=coll, bytes=1e9,
+                                     roofline_s=rollout_s[knobs.rollout_tensor])
+        return dataclasses.replace(tiny_plan, knobs=knobs, programs=(report,), problems=())
+
+    monkeypatch.setattr(search, "plan_once", fake)
+    monkeypatch.setattr(search, "_valid_tensors", lambda config, devices: [2, 4])
+    verdict = plan.run(cfg, tiny_plan.target, LAYOUT)
+    assert verdict.plan.fits and verdict.plan.decode_gathers_weights
+    assert [k.rollout_tensor for k in compiled] == [None, 2, 4]
+    assert verdict.faster.knobs == dataclasses.replace(verdict.plan.knobs, rollout_tensor=4)
+    assert verdict.suggestion is None and verdict.tried[-1] == verdict.faster.knobs
+    text = plan.format_text(verdict)
+    assert "faster rollouts" in text and "--set rollout.mesh_tensor=4" in text
+    assert plan.to_json(verdict)["faster"]["trainer_overrides"][-1] == "rollout.mesh_tensor=4"
+    gathers[None] = False
+    compiled.clear()
+    assert plan.run(cfg, tiny_plan.target, LAYOUT).faster is None and len(compiled) == 1
+
+
 def test_changes_in_order(cfg):
     knobs = plan.Knobs(plan.Layout(2, 4, 1), False, 2)
     got = plan.changes(cfg, 8)
