@@ -205,38 +205,40 @@ def run(cfg: RunConfig, target: Target, layout: Optional[Layout] = None, options
     if not search:
         return Verdict(first, None, (first.knobs,), (first.peak_bytes,), (first.refused,))
     if first.fits is not False:
-        faster = find_faster(cfg, first, options, max_tries, log, hlo_dir)
-        tried = (first.knobs,) + (() if faster is None else (faster.knobs,))
-        return Verdict(first, None, tried, tuple(p.peak_bytes for p in (first, faster) if p),
-                       tuple(p.refused for p in (first, faster) if p), faster)
+        faster, others = find_faster(cfg, first, options, max_tries, log, hlo_dir)
+        plans = (first,) + others
+        return Verdict(first, None, tuple(p.knobs for p in plans),
+                       tuple(p.peak_bytes for p in plans), tuple(p.refused for p in plans),
+                       faster)
     return find_fit(cfg, first, options, max_tries, log, hlo_dir)
 
 
 def find_faster(cfg: RunConfig, first: Plan, options=None, max_tries: int = 6,
-                log=lambda text: None, hlo_dir: Optional[str] = None) -> Optional[Plan]:
+                log=lambda text: None,
+                hlo_dir: Optional[str] = None) -> Tuple[Optional[Plan], Tuple[Plan, ...]]:
     """For a setting that fits but whose decode loop all-gathers the weights at every step
     (`Plan.decode_gathers_weights`): the rollout-only tensor axes of `changes`, smallest first
-    (the train step reused), until one fits, gathers no weights in its decode loop and has a
-    shorter rollout roofline (or one without figures); None when none does or nothing needs
-    it."""
+    (the train step reused, at most `max_tries` compiles), until one fits, gathers no weights in
+    its decode loop and has a shorter rollout roofline (or one without figures). Returns that
+    plan (None: none did, or nothing needed it) and every plan compiled, in order."""
+    tried: List[Plan] = []
     if not first.decode_gathers_weights:
-        return None
-    compiles = 0
+        return None, ()
     for what, change, sampler_only in changes(cfg, first.target.size):
         k = change(first.knobs) if sampler_only else None
         if k is None:
             continue
-        if compiles >= max_tries:
+        if len(tried) >= max_tries:
             break
         log(f"the decode loop gathers the weights at every step; trying {what}")
         p = plan_once(cfg, first.target, k, options, reuse=first, log=log,
                       evaluation=first.shapes.eval_rows > 0, hlo_dir=hlo_dir)
-        compiles += 1
+        tried.append(p)
         quicker = (first.rollout_s is None or p.rollout_s is None
                    or p.rollout_s < first.rollout_s)
         if p.fits is not False and not p.decode_gathers_weights and quicker:
-            return p
-    return None
+            return p, tuple(tried)
+    return None, tuple(tried)
 
 
 def _lower(p: Plan, best: Plan) -> bool:
