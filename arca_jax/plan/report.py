@@ -209,7 +209,9 @@ def format_text(v: Verdict) -> str:
     if fits:
         out.append("verdict: fits")
         if v.faster is not None:
-            out.append("faster rollouts, the weights in place (the train step unchanged):")
+            out.append("faster rollouts, the weights in place (the train step unchanged; the "
+                       "shortest rollout roofline + interconnect estimate of the rollout-only "
+                       "tensor axes tried):")
             out.append(format_plan(v.faster))
             out.append("  train with: " + " ".join(f"--set {o}" for o in v.faster.knobs.overrides()))
     elif fits is None:

@@ -217,10 +217,11 @@ def find_faster(cfg: RunConfig, first: Plan, options=None, max_tries: int = 6,
                 log=lambda text: None,
                 hlo_dir: Optional[str] = None) -> Tuple[Optional[Plan], Tuple[Plan, ...]]:
     """For a setting that fits but whose decode loop all-gathers the weights at every step
-    (`Plan.decode_gathers_weights`): the rollout-only tensor axes of `changes`, smallest first
-    (the train step reused, at most `max_tries` compiles), until one fits, gathers no weights in
-    its decode loop and has a shorter rollout roofline (or one without figures). Returns that
-    plan (None: none did, or nothing needed it) and every plan compiled, in order."""
+    (`Plan.decode_gathers_weights`): each rollout-only tensor axis of `changes` (the train step
+    reused; at most `max_tries` compiles). Of those that fit and gather no weights in their
+    decode loop, the one of the shortest rollout (`rollout_seconds`), when shorter than the
+    asked setting's. Returns it (None: none, or nothing needed it) and every plan compiled, in
+    order."""
     tried: List[Plan] = []
     if not first.decode_gathers_weights:
         return None, ()
@@ -231,14 +232,21 @@ def find_faster(cfg: RunConfig, first: Plan, options=None, max_tries: int = 6,
         if len(tried) >= max_tries:
             break
         log(f"the decode loop gathers the weights at every step; trying {what}")
-        p = plan_once(cfg, first.target, k, options, reuse=first, log=log,
-                      evaluation=first.shapes.eval_rows > 0, hlo_dir=hlo_dir)
-        tried.append(p)
-        quicker = (first.rollout_s is None or p.rollout_s is None
-                   or p.rollout_s < first.rollout_s)
-        if p.fits is not False and not p.decode_gathers_weights and quicker:
-            return p, tuple(tried)
-    return None, tuple(tried)
+        tried.append(plan_once(cfg, first.target, k, options, reuse=first, log=log,
+                               evaluation=first.shapes.eval_rows > 0, hlo_dir=hlo_dir))
+    good = [p for p in tried if p.fits is not False and not p.decode_gathers_weights]
+    best = min(good, key=rollout_seconds, default=None)
+    if best is None or rollout_seconds(best) >= rollout_seconds(first):
+        return None, tuple(tried)
+    return best, tuple(tried)
+
+
+def rollout_seconds(p: Plan) -> float:
+    """A rollout's roofline plus its interconnect estimate (no overlap assumed; a missing
+    figure counts 0, and a plan without a roofline counts as infinitely long)."""
+    if p.rollout_s is None:
+        return float("inf")
+    return p.rollout_s + (p.rollout_interconnect_s or 0.0)
 
 
 def _lower(p: Plan, best: Plan) -> bool:

@@ -310,13 +310,13 @@ def test_find_fit_tries_a_rollout_mesh_when_the_sampler_is_the_largest(monkeypat
 def test_a_fitting_plan_whose_decode_gathers_weights_gets_faster_rollouts(monkeypatch, cfg,
                                                                           tiny_plan):
     """Made-up plans: the asked setting fits but its decode loop all-gathers the weights at every
-    step; a tensor axis of 2 for the rollouts still does (passed over), one of 4 keeps them in
-    place with a shorter rollout: the verdict's `faster`, with the trainer's options, in the
-    text and the JSON. A plan whose decode gathers nothing is left alone (no compile)."""
+    step; a tensor axis of 2 for the rollouts still does (passed over), 4 and 8 keep them in
+    place and 4 has the shorter rollout: the verdict's `faster`, with the trainer's options, in
+    the text and the JSON. A plan whose decode gathers nothing is left alone (no compile)."""
     C = hlostats.Collective
     decode = _report(tiny_plan, "decode")
-    gathers = {None: True, 2: True, 4: False}
-    rollout_s = {None: 10.0, 2: 4.0, 4: 3.0}
+    gathers = {None: True, 2: True, 4: False, 8: False}
+    rollout_s = {None: 10.0, 2: 4.0, 4: 3.0, 8: 3.5}
     compiled = []
 
     def fake(cfg, target, knobs, options=None, reuse=None, log=None, evaluation=False,
@@ -328,13 +328,13 @@ def test_a_fitting_plan_whose_decode_gathers_weights_gets_faster_rollouts(monkey
         return dataclasses.replace(tiny_plan, knobs=knobs, programs=(report,), problems=())
 
     monkeypatch.setattr(search, "plan_once", fake)
-    monkeypatch.setattr(search, "_valid_tensors", lambda config, devices: [2, 4])
+    monkeypatch.setattr(search, "_valid_tensors", lambda config, devices: [2, 4, 8])
     verdict = plan.run(cfg, tiny_plan.target, LAYOUT)
     assert verdict.plan.fits and verdict.plan.decode_gathers_weights
-    assert [k.rollout_tensor for k in compiled] == [None, 2, 4]
+    assert [k.rollout_tensor for k in compiled] == [None, 2, 4, 8]
     assert verdict.faster.knobs == dataclasses.replace(verdict.plan.knobs, rollout_tensor=4)
     assert verdict.suggestion is None
-    assert [k.rollout_tensor for k in verdict.tried] == [None, 2, 4]  # every setting compiled
+    assert [k.rollout_tensor for k in verdict.tried] == [None, 2, 4, 8]  # every one compiled
     text = plan.format_text(verdict)
     assert "faster rollouts" in text and "--set rollout.mesh_tensor=4" in text
     assert plan.to_json(verdict)["faster"]["trainer_overrides"][-1] == "rollout.mesh_tensor=4"
