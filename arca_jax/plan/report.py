@@ -105,8 +105,10 @@ def to_json(v: Verdict) -> dict:
                    "microbatches": k.microbatches, "rollout_tensor": k.rollout_tensor,
                    "peak_gib_per_device": _gib(peak),
                    "refused": None if r is None else r.message,
-                   "refused_program": None if r is None else r.program}
-                  for k, peak, r in itertools.zip_longest(v.tried, v.peaks, v.refusals)],
+                   "refused_program": None if r is None else r.program,
+                   "rollout_with_interconnect_s": s}
+                  for k, peak, r, s in itertools.zip_longest(v.tried, v.peaks, v.refusals,
+                                                             v.rollouts)],
         "notes": NOTES,
     }
 
@@ -195,11 +197,14 @@ def _refusal_text(r: Refusal) -> str:
 
 
 def _tried_lines(v: Verdict) -> List[str]:
-    """A line per setting tried: its knobs and peak, or the compiler's refusal."""
+    """A line per setting tried: its knobs and peak (and rollout seconds, when known), or the
+    compiler's refusal."""
     return [f"  mesh {k.layout}, remat {k.remat}, microbatches {k.microbatches}"
             + ("" if k.rollout_tensor is None else f", rollout tensor {k.rollout_tensor}")
-            + f": peak {_fmt_bytes(peak)} GiB" + ("" if r is None else "; " + _refusal_text(r))
-            for k, peak, r in itertools.zip_longest(v.tried, v.peaks, v.refusals)]
+            + f": peak {_fmt_bytes(peak)} GiB"
+            + ("" if s is None else f", rollout {_fmt_s(s)} with the interconnect estimate")
+            + ("" if r is None else "; " + _refusal_text(r))
+            for k, peak, r, s in itertools.zip_longest(v.tried, v.peaks, v.refusals, v.rollouts)]
 
 
 def format_text(v: Verdict) -> str:
@@ -209,6 +214,9 @@ def format_text(v: Verdict) -> str:
     if fits:
         out.append("verdict: fits")
         if v.faster is not None:
+            out.append("rollout layouts tried (interconnect latency not counted: a large "
+                       "tensor group pays it at each of its many small all-reduces):")
+            out += _tried_lines(v)
             out.append("faster rollouts, the weights in place (the train step unchanged; the "
                        "shortest rollout roofline + interconnect estimate of the rollout-only "
                        "tensor axes tried):")

@@ -106,7 +106,7 @@ class Verdict:
     setting fits but its decode loop gathers the weights at every step
     (`Plan.decode_gathers_weights`), the first tensor axis for the rollouts alone that fits,
     keeps the weights in place and shortens the rollout (`find_faster`; None: none found, or
-    not looked for)."""
+    not looked for); rollouts: then each setting's `rollout_seconds` (None: no figure)."""
 
     plan: Plan
     suggestion: Optional[Plan]
@@ -114,6 +114,7 @@ class Verdict:
     peaks: Tuple[Optional[int], ...] = ()
     refusals: Tuple[Optional[Refusal], ...] = ()
     faster: Optional[Plan] = None
+    rollouts: Tuple[Optional[float], ...] = ()
 
 
 def _valid_tensors(config, devices: int) -> List[int]:
@@ -209,7 +210,8 @@ def run(cfg: RunConfig, target: Target, layout: Optional[Layout] = None, options
         plans = (first,) + others
         return Verdict(first, None, tuple(p.knobs for p in plans),
                        tuple(p.peak_bytes for p in plans), tuple(p.refused for p in plans),
-                       faster)
+                       faster, tuple(None if p.refused is not None or p.rollout_s is None
+                                     else rollout_seconds(p) for p in plans))
     return find_fit(cfg, first, options, max_tries, log, hlo_dir)
 
 

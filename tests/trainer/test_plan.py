@@ -335,6 +335,9 @@ def test_a_fitting_plan_whose_decode_gathers_weights_gets_faster_rollouts(monkey
     assert verdict.faster.knobs == dataclasses.replace(verdict.plan.knobs, rollout_tensor=4)
     assert verdict.suggestion is None
     assert [k.rollout_tensor for k in verdict.tried] == [None, 2, 4, 8]  # every one compiled
+    assert verdict.rollouts == (10.0, 4.0, 3.0, 3.5)  # roofline (no interconnect figure on CPU)
+    assert "rollout tensor 8: peak" in plan.format_text(verdict)
+    assert plan.to_json(verdict)["tried"][3]["rollout_with_interconnect_s"] == 3.5
     text = plan.format_text(verdict)
     assert "faster rollouts" in text and "--set rollout.mesh_tensor=4" in text
     assert plan.to_json(verdict)["faster"]["trainer_overrides"][-1] == "rollout.mesh_tensor=4"
@@ -888,6 +891,7 @@ def test_cli_reports_a_refused_setting(monkeypatch, capsys, tiny_plan):
     assert out["plan"]["refused"]["used_gib"] == 34.83
     assert out["tried"] == [dict(mesh={"data": 2, "fsdp": 4, "tensor": 1}, remat=False,
                                  microbatches=2, rollout_tensor=None, peak_gib_per_device=34.83,
+                                 rollout_with_interconnect_s=None,
                                  refused=LIBTPU_OOM.splitlines()[0], refused_program="train_step")]
     assert cli.main(argv) == 0
     text = capsys.readouterr().out
