@@ -65,16 +65,30 @@ def inverse_cdf(log_weights: jax.Array, u: jax.Array, block: int = CDF_BLOCK,
     blocks = log_weights.reshape(B, C, block)
     if block_sums is None:
         block_sums = jnp.sum(jnp.exp(blocks), axis=-1)  # [B, C]
+    c, rest, total = _chosen_block(block_sums, u)
+    j = _index_in_block(jnp.take_along_axis(blocks, c[:, None, None], 1)[:, 0], rest)
+    return Draw(index=(c * block + j).astype(jnp.int32), total=total)
+
+
+def _chosen_block(block_sums: jax.Array, u: jax.Array) -> tuple:
+    """`inverse_cdf`'s first search, among the block sums [B, C]: (the chosen block [B] int32,
+    the weight still to cover inside it [B], the row's total [B])."""
+    C = block_sums.shape[1]
     block_cdf = _inclusive_cumsum(block_sums)
     total = block_cdf[:, -1]
     target = u * total  # (0, total]
     c = jnp.minimum(jnp.sum(block_cdf < target[:, None], axis=-1), C - 1)  # [B] chosen block
     before = jnp.where(c > 0, jnp.take_along_axis(block_cdf, jnp.maximum(c - 1, 0)[:, None], 1)[:, 0], 0.0)
-    inner_cdf = _inclusive_cumsum(jnp.exp(jnp.take_along_axis(blocks, c[:, None, None], 1)[:, 0]))
+    return c, target - before, total
+
+
+def _index_in_block(block_log_weights: jax.Array, rest: jax.Array) -> jax.Array:
+    """`inverse_cdf`'s second search, inside the chosen block [B, block]: the first index whose
+    cumulative weight reaches `rest` [B] ([B] int32)."""
+    inner_cdf = _inclusive_cumsum(jnp.exp(block_log_weights))
     # the residual lies in (0, block mass]; clamp it there against rounding between the two sums
-    rest = jnp.clip(target - before, jnp.finfo(jnp.float32).tiny, inner_cdf[:, -1])
-    j = jnp.sum(inner_cdf < rest[:, None], axis=-1)
-    return Draw(index=(c * block + j).astype(jnp.int32), total=total)
+    rest = jnp.clip(rest, jnp.finfo(jnp.float32).tiny, inner_cdf[:, -1])
+    return jnp.sum(inner_cdf < rest[:, None], axis=-1)
 
 
 def _nucleus_draw(weights: jax.Array, u: jax.Array, top_p: float) -> Draw:
@@ -256,18 +270,10 @@ def _choose_on_shards(logits: jax.Array, u: jax.Array, settings: SamplingConfig,
             lw = shifted if temp == 1.0 else shifted / temp
             blocks = lw.reshape(lw.shape[0], Vt // CDF_BLOCK, CDF_BLOCK)
             sums = jax.lax.all_gather(jnp.sum(jnp.exp(blocks), axis=-1), T, axis=1, tiled=True)
-            block_cdf = _inclusive_cumsum(sums)  # [b, C]
-            C = block_cdf.shape[1]
-            sampled_total = block_cdf[:, -1]
-            target = u * sampled_total
-            cb = jnp.minimum(jnp.sum(block_cdf < target[:, None], axis=-1), C - 1)
-            before = jnp.where(cb > 0, jnp.take_along_axis(
-                block_cdf, jnp.maximum(cb - 1, 0)[:, None], 1)[:, 0], 0.0)
+            cb, rest, sampled_total = _chosen_block(sums, u)  # the whole row's [b, C] sums
             mine = cb // (Vt // CDF_BLOCK) == jax.lax.axis_index(T)
             local = jnp.take_along_axis(blocks, (cb % (Vt // CDF_BLOCK))[:, None, None], 1)[:, 0]
-            inner_cdf = _inclusive_cumsum(jnp.exp(local))
-            rest = jnp.clip(target - before, jnp.finfo(jnp.float32).tiny, inner_cdf[:, -1])
-            j = jax.lax.psum(jnp.where(mine, jnp.sum(inner_cdf < rest[:, None], axis=-1), 0), T)
+            j = jax.lax.psum(jnp.where(mine, _index_in_block(local, rest), 0), T)
             tokens = (cb * CDF_BLOCK + j).astype(jnp.int32)
             if temp == 1.0:
                 total = sampled_total
@@ -276,10 +282,7 @@ def _choose_on_shards(logits: jax.Array, u: jax.Array, settings: SamplingConfig,
         here = (tokens >= offset) & (tokens < offset + Vt)
         picked = jax.lax.psum(jnp.where(here, jnp.take_along_axis(
             shifted, jnp.clip(tokens - offset, 0, Vt - 1)[:, None], 1)[:, 0], 0.0), T)
-        logps = picked - jnp.log(total)
-        sampled = (jnp.zeros_like(logps) if sampled_total is None
-                   else picked / temp - jnp.log(sampled_total))
-        return Choice(tokens.astype(jnp.int32), logps, sampled)
+        return _choice(tokens.astype(jnp.int32), picked, total, sampled_total, temp)
 
     return jax.shard_map(body, mesh=mesh, in_specs=(P(rows, T), P(rows)),
                          out_specs=Choice(P(rows), P(rows), P(rows)), check_vma=False)(logits, u)
@@ -340,6 +343,14 @@ def choose_tokens(logits: jax.Array, u: jax.Array, settings: SamplingConfig,
         total = (jnp.sum(jnp.exp(shifted), axis=-1) if sums is None
                  else jnp.sum(sums, axis=-1))
     picked = jnp.take_along_axis(shifted, tokens[:, None], 1)[:, 0]  # <= 0
+    return _choice(tokens, picked, total, sampled_total, t)
+
+
+def _choice(tokens: jax.Array, picked: jax.Array, total: jax.Array,
+            sampled_total: Optional[jax.Array], t: float) -> Choice:
+    """The `Choice` of `tokens` [B] from their shifted logits `picked` [B] (<= 0), the
+    untempered normaliser `total` and the sampled distribution's `sampled_total` (None: greedy,
+    sampled log-probs 0)."""
     logps = picked - jnp.log(total)
     if sampled_total is None:
         sampled = jnp.zeros_like(logps)
