@@ -75,9 +75,7 @@ def make_mesh(data: int = 1, fsdp: Optional[int] = None, tensor: int = 1,
     TPU, hybrid over several slices, process-major elsewhere).
     """
     devices = list(jax.devices() if devices is None else devices)
-    for name, v in (("data", data), ("tensor", tensor)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"mesh {name} must be a positive int, got {v!r}")
+    _check_sizes(data=data, tensor=tensor)
     if fsdp is None:
         fsdp = len(devices) // (data * tensor)
     n = data * fsdp * tensor
@@ -98,13 +96,18 @@ def reshape_mesh(mesh: Mesh, fsdp: int = 1, tensor: int = 1) -> Mesh:
     consecutive devices, which `make_mesh` puts on neighbouring chips on TPU and in one process
     elsewhere, form the new "tensor" groups. ValueError unless fsdp x tensor divides the devices.
     """
-    for name, v in (("fsdp", fsdp), ("tensor", tensor)):
-        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"mesh {name} must be a positive int, got {v!r}")
+    _check_sizes(fsdp=fsdp, tensor=tensor)
     n = int(mesh.devices.size)
     if n % (fsdp * tensor):
         raise ValueError(f"fsdp {fsdp} x tensor {tensor} does not divide the mesh's {n} devices")
-    return Mesh(mesh.devices.reshape(n // (fsdp * tensor), int(fsdp), int(tensor)), AXES)
+    return Mesh(mesh.devices.reshape(n // (fsdp * tensor), fsdp, tensor), AXES)
+
+
+def _check_sizes(**sizes) -> None:
+    """ValueError unless every named mesh axis size is a positive int (not a bool)."""
+    for name, v in sizes.items():
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"mesh {name} must be a positive int, got {v!r}")
 
 
 def _device_grid(devices: list, shape) -> np.ndarray:
@@ -429,9 +432,7 @@ def gather_weights(setting: Optional[bool], mesh: Optional[Mesh], weight_bytes: 
 def cache_shardings(cache, mesh: Mesh):
     """NamedShardings for a `qwen3.KVCache`: rows as the batch (`batch_spec`), the kv heads of
     k, v [B, K', ...] over "tensor", the per-row write index [B] as the rows."""
-    B = cache.valid.shape[0]
-    rows = batch_spec(B, mesh)
-    rows = rows[0] if len(rows) else None
+    rows = row_axes(cache.valid.shape[0], mesh)
     tensor = axis_size(mesh, TENSOR)
     heads = TENSOR if tensor > 1 and cache.k[0].shape[1] % tensor == 0 else None
     kv = NamedSharding(mesh, P(rows, heads))
@@ -449,6 +450,17 @@ def batch_spec(batch_size: int, mesh: Mesh) -> P:
     return P()
 
 
+def leading_axes(spec: P):
+    """The mesh axes of a spec's first dimension (None: not split), e.g. for `shard_map`'s
+    specs of arrays whose rows follow `spec`."""
+    return spec[0] if len(spec) else None
+
+
+def row_axes(batch_size: int, mesh: Mesh):
+    """The mesh axes `batch_spec` splits `batch_size` rows over (None: replicated)."""
+    return leading_axes(batch_spec(batch_size, mesh))
+
+
 def constrain_rows(x: jax.Array, mesh: Optional[Mesh], axis: int = 0) -> jax.Array:
     """``x`` with its row axis (``axis``, B) split as the batch (`batch_spec`) and every other
     axis replicated; unchanged when ``mesh`` is None. Activations of a mesh step pass through it,
@@ -457,9 +469,8 @@ def constrain_rows(x: jax.Array, mesh: Optional[Mesh], axis: int = 0) -> jax.Arr
     then needed 17 GiB of attention scores per chip)."""
     if mesh is None:
         return x
-    lead = batch_spec(x.shape[axis], mesh)
     spec = [None] * x.ndim
-    spec[axis] = lead[0] if len(lead) else None
+    spec[axis] = row_axes(x.shape[axis], mesh)
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*spec)))
 
 

@@ -268,11 +268,6 @@ def _spread(n: int, mesh) -> jax.sharding.PartitionSpec:
     return P()
 
 
-def _axes(spec: jax.sharding.PartitionSpec):
-    """The mesh axes of a one-dimensional row spec (None: replicated)."""
-    return spec[0] if len(spec) else None
-
-
 def admit(weights: qwen3.InferenceWeights, state: SamplerState, *, config: qwen3.Qwen3Config,
           settings: SamplingConfig, count: int, mesh=None) -> SamplerState:
     """Gives the next min(count, waiting) rows the first free slots: their prompts run through
@@ -318,7 +313,7 @@ def admit(weights: qwen3.InferenceWeights, state: SamplerState, *, config: qwen3
     u = state.uniforms[jnp.minimum(rows, B - 1), 0]
     zero = jnp.zeros_like(rows)
     choice = choose_tokens(out.logits, u, settings, mesh=mesh,
-                           rows=None if mesh is None else _axes(spread.spec))
+                           rows=None if mesh is None else parallel.leading_axes(spread.spec))
     w = _write(state, rows, zero, choice, take, settings)
     set_ = lambda buf, val: buf.at[slots].set(val.astype(buf.dtype), mode="drop")
     return w.state.replace(
@@ -417,7 +412,7 @@ def decode_step(weights: qwen3.InferenceWeights, state: SamplerState, *, config:
     column = jnp.minimum(state.column, N - 1)
     u = state.uniforms[jnp.minimum(state.row, B - 1), column]  # [S]
     choice = choose_tokens(out.logits, u, settings, out.softmax, mesh=mesh,
-                           rows=None if mesh is None else _axes(parallel.batch_spec(S, mesh)))
+                           rows=None if mesh is None else parallel.row_axes(S, mesh))
     w = _write(state, state.row, column, choice, running, settings)
     done = state.done | w.ended
     # a slot without a running row writes its (ignored) keys at slot 0 until it is refilled, so

@@ -133,8 +133,7 @@ def attend_pallas(q, k, v, valid, index, mesh=None):
     from jax.experimental.pallas.ops.gpu import decode_attention as kernel
 
     if mesh is not None and mesh.devices.size > 1:
-        rows = parallel.batch_spec(q.shape[0], mesh)
-        rows = rows[0] if len(rows) else None
+        rows = parallel.row_axes(q.shape[0], mesh)
         t = parallel.axis_size(mesh, parallel.TENSOR)
         heads = parallel.TENSOR if t > 1 and k.shape[1] % t == 0 else None
         return jax.shard_map(
