@@ -104,9 +104,10 @@ class Verdict:
     and every setting tried, in order, with its peak memory per device (`Plan.peak_bytes`) and
     the compiler's refusal for lack of memory (None: it compiled). faster: where the asked
     setting fits but its decode loop gathers the weights at every step
-    (`Plan.decode_gathers_weights`), the first tensor axis for the rollouts alone that fits,
-    keeps the weights in place and shortens the rollout (`find_faster`; None: none found, or
-    not looked for); rollouts: then each setting's `rollout_seconds` (None: no figure)."""
+    (`Plan.decode_gathers_weights`), the tensor axis for the rollouts alone that fits, keeps the
+    weights in place and has the shortest rollout (`find_faster`; None: none shorter than the
+    asked one, or not looked for); rollouts: then each setting's `rollout_seconds` (None: no
+    figure)."""
 
     plan: Plan
     suggestion: Optional[Plan]
