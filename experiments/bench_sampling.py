@@ -9,7 +9,10 @@ compiled loop body). Where the package's C++ kernels run (`qwen3.cpu_kernels`: t
 over packed weights, the decode attention), a second arca_jax arm runs the same sampler on XLA's
 own operations (`matmul="xla"`, `decode_attention="reduce"`, the defaults before the kernels).
 
-    python experiments/bench_sampling.py [--runs 7]
+    python experiments/bench_sampling.py [--runs 7] [--top-k K] [--top-p P]
+
+`--top-k` / `--top-p` truncate both samplers' draws (transformers' warpers against
+`arca_jax.draw`); the default, as in transformers' `generate` here, samples the whole vocabulary.
 
 CPU, GRPO groups (`--groups`): 16 prompts x G = 8 completions of up to 128 tokens, with the
 first 2% of the vocabulary ending a completion, so that completions end at varied lengths:
@@ -183,17 +186,19 @@ def cpu_bench(args):
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), transformers {transformers.__version__}, "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
-    print(f"model: {CPU_MODEL}\nbatch {B}, prompt {P}, new tokens {N} (no EOS), float32")
+    print(f"model: {CPU_MODEL}\nbatch {B}, prompt {P}, new tokens {N} (no EOS), float32, "
+          f"top-k {args.top_k or 'off'}, top-p {args.top_p}")
 
     def hf_generate(n):
         with torch.no_grad():
-            out = model.generate(input_ids=t_ids, attention_mask=t_mask, do_sample=True, top_k=0,
-                                 top_p=1.0, temperature=1.0, max_new_tokens=n, min_new_tokens=n,
+            out = model.generate(input_ids=t_ids, attention_mask=t_mask, do_sample=True,
+                                 top_k=args.top_k, top_p=args.top_p, temperature=1.0,
+                                 max_new_tokens=n, min_new_tokens=n,
                                  use_cache=True, eos_token_id=None, pad_token_id=0)
         assert out.shape == (B, P + n), out.shape
         return out
 
-    settings = sampling.SamplingConfig(max_new_tokens=N)
+    settings = sampling.SamplingConfig(max_new_tokens=N, top_k=args.top_k, top_p=args.top_p)
 
     def jax_run(seed, matmul=None, decode_attention=None):
         t0 = now()
@@ -215,6 +220,7 @@ def cpu_bench(args):
         t0 = now()
         out = block(sampling.generate(params, j_ids, j_mask, config=config,
                                       rng=jax.random.PRNGKey(seed), max_new_tokens=N,
+                                      top_k=args.top_k, top_p=args.top_p,
                                       bucket=False, devices=devices))
         assert int(out.num_steps) == N
         return now() - t0
@@ -292,7 +298,7 @@ def cpu_bench(args):
     print(f"{'':22s} {'prefill ms':>11s} {'prompt tok/s':>13s} {'decode ms':>10s} "
           f"{'decode tok/s':>13s} {'total ms':>9s} {'tok/s':>9s}")
     result = {"machine": f"{os.cpu_count()} CPUs", "batch": B, "prompt": P, "new_tokens": N,
-              "load_average": os.getloadavg()[0]}
+              "top_k": args.top_k, "top_p": args.top_p, "load_average": os.getloadavg()[0]}
     for name, pre, dec, tot in rows:
         print(f"{name:22s} {pre * 1e3:11.2f} {B * P / pre:13.0f} {dec * 1e3:10.2f} "
               f"{B * (N - 1) / dec:13.0f} {tot * 1e3:9.2f} {B * N / tot:9.0f}")
@@ -669,6 +675,8 @@ def main():
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--top-k", type=int, default=0, help="CPU case: both samplers' top-k (0: off)")
+    ap.add_argument("--top-p", type=float, default=1.0, help="CPU case: both samplers' top-p")
     ap.add_argument("--groups", action="store_true",
                     help="CPU: a GRPO rollout with EOS (shared prefill, continuous refill)")
     ap.add_argument("--prompts", type=int, default=16, help="--groups: prompts")

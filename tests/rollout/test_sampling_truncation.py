@@ -55,7 +55,7 @@ def test_sampled_logps_are_the_truncated_renormalised_distribution(temperature, 
     np.testing.assert_allclose(np.asarray(choice.logps), plain[np.arange(B), tok], atol=2e-5)
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 4, 1.0), (0.8, 6, 0.8)])
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 4, 1.0), (0.8, 6, 0.8), (0.8, 0, 0.7)])
 def test_draws_follow_the_truncated_distribution(temperature, top_k, top_p):
     """Total variation between the empirical distribution of 40,000 draws of one row and the
     reference is within sampling noise."""
@@ -130,6 +130,61 @@ def test_threshold_top_k_equals_a_stable_sort(V, m):
     order = np.argsort(-x, axis=1, kind="stable")[:, :m]
     np.testing.assert_array_equal(np.asarray(ids), order)
     np.testing.assert_array_equal(np.asarray(vals), np.take_along_axis(x, order, 1))
+
+
+def _check_nucleus(kept, w, top_p, slack=1e-5):
+    """kept [V] bool is the nucleus of weights w [V] as a stable sort by decreasing weight gives
+    it (ties in index order): the first n tokens of that order, the mass before the last of them
+    below top_p * total and the mass before the next one not, both up to `slack` * total (float32
+    sums of the tail's tiny weights may round either way)."""
+    w = w.astype(np.float64)
+    order = np.argsort(-w, kind="stable")
+    before = np.cumsum(w[order]) - w[order]
+    bound, tol = top_p * w.sum(), slack * w.sum()
+    n = int(kept.sum())
+    assert n >= 1 and kept[order[:n]].all(), "not a prefix of the stable order"
+    assert before[n - 1] < bound + tol
+    assert n == w.size or before[n] >= bound - tol
+
+
+@pytest.mark.parametrize("top_p", [1e-7, 0.3, 0.9, 0.999])
+def test_nucleus_without_sorting_equals_a_stable_sort(top_p):
+    """`draw._nucleus` (a bitwise search for the lightest kept weight, no sort) keeps the tokens a
+    stable sort by decreasing weight keeps, on rows with ties at the bound, weights that
+    underflow to 0, one token, all tokens equal; the draw's total is the nucleus mass and its
+    tokens lie in it."""
+    rng = np.random.default_rng(int(top_p * 1000))
+    B, V = 48, 1000
+    logits = rng.normal(0, 3.0, (B, V)).astype(np.float32)
+    logits[:16] = np.round(logits[:16])  # many ties among the largest
+    logits[16:20, ::2] = -200.0  # exp underflows to 0
+    logits[20] = 0.0  # all tied
+    logits[21] = -np.inf
+    logits[21, 7] = 0.0  # one token
+    scaled = jnp.asarray(logits - logits.max(-1, keepdims=True))
+    w = np.asarray(jnp.exp(scaled))
+    kept = np.asarray(jax.jit(draw._nucleus, static_argnums=1)(jnp.asarray(w), top_p))
+    u = jnp.asarray(1.0 - rng.random(B), jnp.float32)
+    d = jax.jit(draw._nucleus_draw, static_argnums=2)(scaled, u, top_p)
+    for b in range(B):
+        _check_nucleus(kept[b], w[b], top_p)
+        assert kept[b, int(d.index[b])]
+        np.testing.assert_allclose(float(d.total[b]), w[b][kept[b]].astype(np.float64).sum(),
+                                   rtol=1e-5)
+    assert kept[20].sum() == int(np.ceil(top_p * V)) and kept[21].tolist() == (np.arange(V) == 7).tolist()
+
+
+def test_nucleus_keeps_ties_at_the_bound_in_index_order():
+    """Weights [1, e^-1 x 4, e^-5] with the bound inside the tied run: the first two ties are kept
+    (the mass before the third reaches the bound), as a stable sort keeps them."""
+    scaled = jnp.asarray([[0.0, -1.0, -1.0, -1.0, -1.0, -5.0]], jnp.float32)
+    w = np.exp(np.asarray(scaled[0], np.float64))
+    top_p = float((1 + 1.5 * w[1]) / w.sum())
+    kept = np.asarray(draw._nucleus(jnp.exp(scaled), top_p))[0]
+    assert kept.tolist() == [True, True, True, False, False, False]
+    seen = {int(draw._nucleus_draw(scaled, jnp.asarray([u], jnp.float32), top_p).index[0])
+            for u in np.linspace(0.01, 1.0, 60)}
+    assert seen == {0, 1, 2}
 
 
 @pytest.mark.parametrize("top_p", [1.0, 0.9])

@@ -6,7 +6,9 @@ metrics equal up to float rounding.
     python tests/trainer/golden_demo.py --write sampler     # re-record one part (demo | sampler)
 
 The demo part was recorded before the consolidation; the sampler part was re-recorded in float32
-(see `sampler_tokens`) at the commit that made it float32.
+(see `sampler_tokens`) at the commit that made it float32, and its two top-p entries when the
+nucleus draw stopped sorting the vocabulary (`draw._nucleus`: the same distribution, searched in
+index order, so other tokens for the same key).
 """
 
 from __future__ import annotations
