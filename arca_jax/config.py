@@ -111,7 +111,8 @@ class RolloutConfig:
     top_k: sample from the k most likely tokens only (after temperature, before top_p), in
     training rollouts and evaluation's pass@k samples; 0 disables it. transformers' `generate`
     applies top_k=50 when the model's generation config sets none (Qwen3-Base), so the paper
-    configs set 50.
+    configs set 50. top_p, then min_p (keep the tokens of probability >= min_p times the
+    largest; 0: off) truncate further, as transformers' warpers (`sampling.SamplingConfig`).
 
     prompt_truncation: the side cut from a prompt longer than `max_prompt_tokens` (as Hugging
     Face's `truncation_side`): "left" drops its first tokens and keeps the last ones (our
@@ -188,6 +189,7 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    min_p: float = 0.0
     eos_token: Literal["train", "mask", "mask_if_pad"] = "train"
     prompt_truncation: Literal["left", "right"] = "left"
     dynamic_sampling: bool = False
@@ -216,6 +218,8 @@ class RolloutConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0: off), got {self.top_k}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1] (0: off), got {self.min_p}")
         if self.max_resample_rounds < 0:
             raise ValueError(f"max_resample_rounds must be >= 0, got {self.max_resample_rounds}")
         if self.dynamic_sampling and self.group_size < 2:

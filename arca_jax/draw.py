@@ -1,5 +1,6 @@
 """Choosing one token per row from logits [B, V]: greedy, or a draw from softmax(logits /
-temperature), optionally truncated to the top-k tokens and then the top-p nucleus, by inverse-CDF
+temperature), optionally truncated to the top-k tokens, then the top-p nucleus, then the tokens of
+at least min_p times the largest probability (transformers' warpers, in their order), by inverse-CDF
 search with one uniform number per row (no noise over the vocabulary). `choose_tokens` returns
 the tokens with their log-probabilities under the full untempered distribution and under the
 distribution actually sampled. Pure functions of arrays; `sampling` calls them in every prefill
@@ -114,24 +115,32 @@ def _nucleus(w: jax.Array, top_p: float) -> jax.Array:
     return above | (tie & ((before + (rank - 1) * v[:, None] < target[:, None]) | (rank == 1)))
 
 
-def _nucleus_draw(scaled: jax.Array, u: jax.Array, top_p: float) -> Draw:
-    """Draws from the top-p nucleus (`_nucleus`) of softmax(scaled) (scaled [B, V] float32 <= 0:
-    the logits minus their max, over the temperature) with uniforms u [B] in (0, 1]: `inverse_cdf`
-    over the nucleus in index order, the same distribution as a search in decreasing order (not
-    the same token for a given u). On a 2-core AMD EPYC (Zen 4, `bench_draw.py`, [32, 151936]):
-    94 ms per draw, against 1.26 s by sorting the vocabulary. Returns Draw(index [B] int32,
-    total [B] = the nucleus mass)."""
-    kept = _nucleus(jnp.exp(scaled), top_p)
+def _truncated_inverse_cdf(scaled: jax.Array, u: jax.Array, top_p: float,
+                           min_p: float) -> Draw:
+    """Draws from softmax(scaled) (scaled [B, V] float32 <= 0: the logits minus their max, over
+    the temperature) truncated to its top-p nucleus (`_nucleus`; top_p = 1: every token), then
+    to the weights exp(scaled) >= min_p (0: off), with uniforms u [B] in (0, 1]: `inverse_cdf`
+    over the kept tokens in index order, the same distribution as a search in decreasing order
+    (not the same token for a given u). For top-p 0.95 on a 2-core AMD EPYC (Zen 4,
+    `bench_draw.py`, [32, 151936]): 94 ms per draw, against 1.26 s by sorting the vocabulary.
+    Returns Draw(index [B] int32, total [B] = the kept mass)."""
+    w = jnp.exp(scaled)
+    kept = _nucleus(w, top_p) if top_p < 1.0 else jnp.ones(w.shape, bool)
+    if min_p > 0.0:
+        kept = kept & (w >= min_p)
     return inverse_cdf(jnp.where(kept, scaled, -jnp.inf), u)
 
 
-def _truncated_draw(sorted_w: jax.Array, u: jax.Array, top_p: float) -> Draw:
-    """Position drawn among weights [B, M] sorted in decreasing order, truncated to the top-p
-    nucleus (top_p = 1: all positions with weight > 0); Draw(index, total = the kept mass)."""
+def _truncated_draw(sorted_w: jax.Array, u: jax.Array, top_p: float, min_p: float) -> Draw:
+    """Position drawn among weights [B, M] sorted in decreasing order (the first 1), truncated to
+    the top-p nucleus (top_p = 1: all positions with weight > 0), then to the weights >= min_p
+    (0: off); Draw(index, total = the kept mass)."""
     cdf = jnp.cumsum(sorted_w, axis=-1)
     keep = (cdf - sorted_w) < top_p * cdf[:, -1:]
     if top_p >= 1.0:
         keep = sorted_w > 0
+    if min_p > 0.0:
+        keep = keep & (sorted_w >= min_p)
     mass = jnp.max(jnp.where(keep, cdf, 0.0), axis=-1)
     j = jnp.sum(cdf < (u * mass)[:, None], axis=-1)
     j = jnp.minimum(j, jnp.sum(keep, axis=-1) - 1)  # rounding guard: stay inside the kept set
@@ -214,23 +223,24 @@ def top_candidates(x: jax.Array, m: int) -> tuple:
     return jax.lax.top_k(x, m)
 
 
-def _top_k_draw(scaled: jax.Array, u: jax.Array, top_k: int, top_p: float) -> Draw:
+def _top_k_draw(scaled: jax.Array, u: jax.Array, top_k: int, top_p: float,
+                min_p: float) -> Draw:
     """Draw from softmax(scaled [B, V]) truncated to the top-k tokens (ties with the k-th kept,
-    up to 2k candidates), then to the top-p nucleus of those. Works on [B, 2k] candidates only
-    (no sort over the vocabulary). Draw(index [B] token ids, total [B] = kept mass, relative to
-    the largest weight)."""
+    up to 2k candidates), then to the top-p nucleus of those, then to min_p. Works on [B, 2k]
+    candidates only (no sort over the vocabulary). Draw(index [B] token ids, total [B] = kept
+    mass, relative to the largest weight)."""
     V = scaled.shape[-1]
     k = min(top_k, V)
-    return _candidates_draw(*top_candidates(scaled, min(2 * k, V)), u, k, top_p)
+    return _candidates_draw(*top_candidates(scaled, min(2 * k, V)), u, k, top_p, min_p)
 
 
 def _candidates_draw(vals: jax.Array, ids: jax.Array, u: jax.Array, k: int,
-                     top_p: float) -> Draw:
+                     top_p: float, min_p: float) -> Draw:
     """`_top_k_draw` from its candidates: the 2k largest scaled logits [B, 2k] in decreasing
     order (ties in index order) and their token ids."""
     w = jnp.exp(vals - vals[:, :1])
     w = jnp.where(vals >= vals[:, k - 1:k], w, 0.0)  # the k-th value's ties stay
-    j, mass = _truncated_draw(w, u, top_p)
+    j, mass = _truncated_draw(w, u, top_p, min_p)
     return Draw(index=jnp.take_along_axis(ids, j[:, None], 1)[:, 0], total=mass)
 
 
@@ -238,10 +248,11 @@ def vocabulary_split(vocab: int, settings: SamplingConfig, mesh) -> bool:
     """Whether `choose_tokens(mesh=...)` draws on each "tensor" shard of the vocabulary
     (`_choose_on_shards`) rather than on whole rows of logits: tensor > 1 divides V (the head is
     vocabulary-parallel, `parallel.inference_partition_spec`), and the draw is greedy, top-k, or
-    a plain draw whose shards hold whole blocks of `CDF_BLOCK` tokens (the blocks of the whole
-    row's search, so that the same token comes out; Qwen3's 151,936 = 128 x 1,187 tokens split
-    into whole blocks over no tensor size, so its plain draws keep whole rows). A top-p nucleus
-    without top-k (`_nucleus`, a search over the whole row's weights) keeps whole rows."""
+    a plain draw (min-p at most) whose shards hold whole blocks of `CDF_BLOCK` tokens (the
+    blocks of the whole row's search, so that the same token comes out; Qwen3's 151,936 =
+    128 x 1,187 tokens split into whole blocks over no tensor size, so its plain draws keep whole
+    rows). A top-p nucleus without top-k (`_nucleus`, a search over the whole row's weights)
+    keeps whole rows."""
     from arca_jax import parallel
 
     t = parallel.axis_size(mesh, parallel.TENSOR)
@@ -295,9 +306,11 @@ def _choose_on_shards(logits: jax.Array, u: jax.Array, settings: SamplingConfig,
             ids = jax.lax.all_gather(ids + offset, T, axis=1, tiled=True)
             neg, ids = jax.lax.sort((-vals, ids), dimension=1, num_keys=2)
             tokens, sampled_total = _candidates_draw(-neg[:, :c], ids[:, :c], u, k,
-                                                     settings.top_p)
+                                                     settings.top_p, settings.min_p)
         else:  # inverse CDF over the blocks of the whole row (`inverse_cdf`)
             lw = shifted if temp == 1.0 else shifted / temp
+            if settings.min_p > 0.0:  # as `_truncated_inverse_cdf`: elementwise, shard by shard
+                lw = jnp.where(jnp.exp(lw) >= settings.min_p, lw, -jnp.inf)
             blocks = lw.reshape(lw.shape[0], Vt // CDF_BLOCK, CDF_BLOCK)
             sums = jax.lax.all_gather(jnp.sum(jnp.exp(blocks), axis=-1), T, axis=1, tiled=True)
             cb, rest, sampled_total = _chosen_block(sums, u)  # the whole row's [b, C] sums
@@ -305,7 +318,7 @@ def _choose_on_shards(logits: jax.Array, u: jax.Array, settings: SamplingConfig,
             local = jnp.take_along_axis(blocks, (cb % (Vt // CDF_BLOCK))[:, None, None], 1)[:, 0]
             j = jax.lax.psum(jnp.where(mine, _index_in_block(local, rest), 0), T)
             tokens = (cb * CDF_BLOCK + j).astype(jnp.int32)
-            if temp == 1.0:
+            if temp == 1.0 and settings.min_p == 0.0:
                 total = sampled_total
         if total is None:  # the untempered normaliser
             total = jax.lax.psum(jnp.sum(jnp.exp(shifted), axis=-1), T)
@@ -333,8 +346,8 @@ def choose_tokens(logits: jax.Array, u: jax.Array, settings: SamplingConfig,
 
     u: [B] float32 uniforms in (0, 1], one per row (unused when greedy).
     Greedy: the first maximal logit (as argmax). Otherwise softmax(logits / temperature),
-    optionally truncated to the top-k tokens and then the top-p nucleus, renormalised, by
-    inverse CDF (`inverse_cdf`, `_top_k_draw`, `_nucleus_draw`).
+    optionally truncated to the top-k tokens, then the top-p nucleus, then min_p, renormalised,
+    by inverse CDF (`inverse_cdf`, `_top_k_draw`, `_truncated_inverse_cdf`).
     softmax: the logits' `qwen3.SoftmaxStats` when the model computed them: their max, and at
     temperature 1 without truncation their block sums, replace the passes over [B, V].
     mesh, rows: with the logits' vocabulary split over the mesh's "tensor" axis and their rows
@@ -361,9 +374,11 @@ def choose_tokens(logits: jax.Array, u: jax.Array, settings: SamplingConfig,
         tokens = jnp.min(jnp.where(shifted == 0.0, iota, V), axis=-1)
         sampled_total = None
     elif settings.top_k > 0:
-        tokens, sampled_total = _top_k_draw(shifted / t, u, settings.top_k, settings.top_p)
-    elif settings.top_p < 1.0:
-        tokens, sampled_total = _nucleus_draw(shifted / t, u, settings.top_p)
+        tokens, sampled_total = _top_k_draw(shifted / t, u, settings.top_k, settings.top_p,
+                                            settings.min_p)
+    elif settings.top_p < 1.0 or settings.min_p > 0.0:
+        tokens, sampled_total = _truncated_inverse_cdf(shifted / t, u, settings.top_p,
+                                                       settings.min_p)
     elif t == 1.0:
         tokens, total = inverse_cdf(shifted, u, block_sums=sums)
         sampled_total = total

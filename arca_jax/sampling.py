@@ -69,6 +69,8 @@ class SamplingConfig:
       setting is top_k=50).
     top_p: nucleus sampling: draw from the smallest set of most likely tokens whose probability
       (after temperature and top-k) reaches top_p; 1.0 disables it.
+    min_p: then keep only the tokens whose probability is at least min_p times the largest one
+      (transformers' MinPLogitsWarper, applied after top_k and top_p as there); 0 disables it.
     greedy: take the argmax (ties: lowest token id, as torch).
     eos_ids: tokens that end a row (kept, masked 1); empty: rows run to the limit.
     pad_id: written after a row's EOS.
@@ -81,6 +83,7 @@ class SamplingConfig:
     eos_ids: Tuple[int, ...] = ()
     top_k: int = 0
     pad_id: int = 0
+    min_p: float = 0.0
 
     def __post_init__(self):
         n = self.max_new_tokens
@@ -91,6 +94,8 @@ class SamplingConfig:
                              f"got {self.temperature!r}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
         k = self.top_k
         if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 0:
             raise ValueError(f"top_k must be an int >= 0, got {k!r}")
@@ -98,6 +103,7 @@ class SamplingConfig:
         object.__setattr__(self, "max_new_tokens", int(n))
         object.__setattr__(self, "temperature", float(self.temperature))
         object.__setattr__(self, "top_p", float(self.top_p))
+        object.__setattr__(self, "min_p", float(self.min_p))
         object.__setattr__(self, "eos_ids", tuple(int(e) for e in self.eos_ids))
 
 
@@ -608,7 +614,7 @@ def generate(params: Params, prompt_ids, prompt_mask, *, config: qwen3.Qwen3Conf
              temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
              eos_id: Union[None, int, Sequence[int]] = None, pad_id: int = 0,
              merge_lora: bool = False, bucket: bool = True, top_k: int = 0,
-             mesh=None, group_size: int = 1, max_batch: Optional[int] = None,
+             min_p: float = 0.0, mesh=None, group_size: int = 1, max_batch: Optional[int] = None,
              admit_rows: Optional[int] = None,
              decode_attention: Optional[str] = None, matmul: Optional[str] = None,
              shrink: int = 0, store=None,
@@ -627,7 +633,7 @@ def generate(params: Params, prompt_ids, prompt_mask, *, config: qwen3.Qwen3Conf
       rng: a PRNG key; the same key gives the same samples.
       max_new_tokens: N, columns of the result.
       lora, lora_scale: an adapter tree (`arca_jax.lora`) and its scaling (alpha / rank).
-      temperature, top_k, top_p, greedy: see `SamplingConfig`.
+      temperature, top_k, top_p, min_p, greedy: see `SamplingConfig`.
       eos_id: a token id or several (Qwen3 chat models end with either of two); None: no stopping.
       pad_id: written after a row's EOS.
       merge_lora: sample from W + lora_scale * A B (one matmul per projection) instead of the
@@ -673,7 +679,7 @@ def generate(params: Params, prompt_ids, prompt_mask, *, config: qwen3.Qwen3Conf
     """
     settings = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                               greedy=greedy, eos_ids=_eos_tuple(eos_id), pad_id=pad_id,
-                              top_k=top_k)
+                              top_k=top_k, min_p=min_p)
     if not isinstance(shrink, (int, np.integer)) or isinstance(shrink, bool) or shrink < 0:
         raise ValueError(f"shrink must be an int >= 0 (halvings of the slots), got {shrink!r}")
     prompt_ids = jnp.asarray(prompt_ids, jnp.int32)

@@ -79,7 +79,7 @@ def main():
                             shrink=r.shrink, replicas=r.replicas if count is None else count,
                             max_new_tokens=r.max_new_tokens, lora=tree,
                             lora_scale=cfg.lora.scaling, temperature=r.temperature,
-                            top_p=r.top_p, top_k=r.top_k, merge_lora=args.merge)
+                            top_p=r.top_p, top_k=r.top_k, min_p=r.min_p, merge_lora=args.merge)
         jax.block_until_ready(gen.out.tokens)
         lengths = np.asarray(gen.out.mask).sum(axis=1)
         return time.perf_counter() - t0, int(lengths.max()), float(lengths.mean())

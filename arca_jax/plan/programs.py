@@ -147,7 +147,7 @@ def _generate(cfg: RunConfig, config, mesh, weights, rows: int, shapes: Shapes, 
     pad = config.pad_token_id if config.pad_token_id is not None else eos
     settings = sampling.SamplingConfig(max_new_tokens=shapes.sampler_new_tokens,
                                        temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                                       eos_ids=(eos,), pad_id=pad)
+                                       min_p=r.min_p, eos_ids=(eos,), pad_id=pad)
     rep = NamedSharding(mesh, P())
     sd = jax.ShapeDtypeStruct
     layout = NamedSharding(mesh, parallel.batch_spec(rows, mesh))

@@ -47,7 +47,7 @@ def greedy_rewards(model: Model, adapter, lora_scale: float, problems: Sequence[
 def evaluate(model: Model, adapter, lora_scale: float, problems: Sequence[Any], score: Scorer,
              cfg: RunConfig, step: int, key: jax.Array, mesh=None) -> EvalResult:
     """Greedy accuracy and pass@k (k = `train.pass_k`, default the group size; k samples per
-    problem at the rollout temperature / top-k / top-p) of `adapter` (None: the base model).
+    problem at the rollout temperature / top-k / top-p / min-p) of `adapter` (None: the base model).
 
     Each runs as one generation over all problems with `train.eval_batch_size` problems' rows
     decoding at once (continuous refill: a row that ends hands its slot to the next waiting
@@ -65,7 +65,7 @@ def evaluate(model: Model, adapter, lora_scale: float, problems: Sequence[Any], 
     ids, mask = encode_prompts(model.tokenizer, [p.prompt for p in problems],
                                r.max_prompt_tokens, model.pad_id, r.prompt_truncation)
     gen = generate_rows(model, mesh, ids, mask, group_size=k, rng=jax.random.fold_in(key, 0),
-                        temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                        temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, min_p=r.min_p,
                         max_new_tokens=r.max_new_tokens, lora=adapter, lora_scale=lora_scale,
                         max_batch=cfg.train.eval_batch_size * k,
                         shrink=r.shrink, replicas=r.replicas,

@@ -287,7 +287,8 @@ def _sample_round(model: Model, mesh, problems: Sequence[Any], cfg: RunConfig, *
     gen = generate_rows(model, mesh, ids, mask, group_size=G, rng=key, max_batch=r.max_batch,
                         shrink=r.shrink, replicas=r.replicas, max_new_tokens=r.max_new_tokens,
                         lora=adapter, lora_scale=cfg.lora.scaling, temperature=r.temperature,
-                        top_p=r.top_p, top_k=r.top_k, **sampler_options(cfg, model, mesh))
+                        top_p=r.top_p, top_k=r.top_k, min_p=r.min_p,
+                        **sampler_options(cfg, model, mesh))
     jax.block_until_ready(gen.out.tokens)
     t1 = time.time()
     beat("sampling")

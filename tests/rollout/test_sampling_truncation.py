@@ -1,5 +1,6 @@
-"""Top-k / top-p truncation and the log-probs of the distribution actually sampled, against a
-numpy transcription of transformers' warpers (temperature, then top-k, then top-p)."""
+"""Top-k / top-p / min-p truncation and the log-probs of the distribution actually sampled, against
+a numpy transcription of transformers' warpers (temperature, then top-k, top-p, min-p) and the
+warpers themselves."""
 
 import jax
 import jax.numpy as jnp
@@ -11,9 +12,10 @@ from arca_jax.batch import build_batch
 from fixtures import random_params, tiny_config
 
 
-def _reference_dist(logits, temperature, top_k, top_p):
+def _reference_dist(logits, temperature, top_k, top_p, min_p=0.0):
     """transformers' order: scores / T; TopK keeps scores >= k-th largest; TopP sorts ascending and
-    removes tokens whose cumulative probability is <= 1 - top_p (keeping at least one)."""
+    removes tokens whose cumulative probability is <= 1 - top_p (keeping at least one); MinP
+    removes tokens of probability below min_p times the largest."""
     s = np.asarray(logits, np.float64) / temperature
     if top_k:
         kth = np.sort(s, axis=-1)[:, -top_k][:, None]
@@ -28,24 +30,28 @@ def _reference_dist(logits, temperature, top_k, top_p):
         s_sorted = np.where(remove, -np.inf, srt)
         s = np.empty_like(s)
         np.put_along_axis(s, order, s_sorted, -1)
+    if min_p > 0.0:
+        s = np.where(np.exp(s - s.max(-1, keepdims=True)) < min_p, -np.inf, s)
     p = np.exp(s - s.max(-1, keepdims=True))
     return p / p.sum(-1, keepdims=True)
 
 
-CASES = [(1.0, 0, 1.0), (0.7, 0, 1.0), (1.0, 5, 1.0), (0.8, 7, 1.0), (1.0, 0, 0.8),
-         (0.9, 10, 0.7), (1.3, 3, 0.95)]
+CASES = [(1.0, 0, 1.0, 0.0), (0.7, 0, 1.0, 0.0), (1.0, 5, 1.0, 0.0), (0.8, 7, 1.0, 0.0),
+         (1.0, 0, 0.8, 0.0), (0.9, 10, 0.7, 0.0), (1.3, 3, 0.95, 0.0), (1.0, 0, 1.0, 0.1),
+         (0.8, 0, 0.9, 0.05), (0.9, 10, 0.7, 0.2), (1.0, 0, 1.0, 1.0)]
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", CASES)
-def test_sampled_logps_are_the_truncated_renormalised_distribution(temperature, top_k, top_p):
+@pytest.mark.parametrize("temperature,top_k,top_p,min_p", CASES)
+def test_sampled_logps_are_the_truncated_renormalised_distribution(temperature, top_k, top_p,
+                                                                   min_p):
     rng = np.random.default_rng(0)
     B, V = 64, 300
     logits = rng.normal(0, 3.0, (B, V)).astype(np.float32)
     settings = sampling.SamplingConfig(max_new_tokens=1, temperature=temperature, top_k=top_k,
-                                       top_p=top_p)
+                                       top_p=top_p, min_p=min_p)
     u = jnp.asarray(1.0 - rng.random(B), jnp.float32)
     choice = jax.jit(draw.choose_tokens, static_argnums=2)(jnp.asarray(logits), u, settings)
-    ref = _reference_dist(logits, temperature, top_k, top_p)
+    ref = _reference_dist(logits, temperature, top_k, top_p, min_p)
     tok = np.asarray(choice.tokens)
     assert (ref[np.arange(B), tok] > 0).all()  # never a truncated-away token
     np.testing.assert_allclose(np.asarray(choice.sampled_logps), np.log(ref[np.arange(B), tok]),
@@ -55,22 +61,52 @@ def test_sampled_logps_are_the_truncated_renormalised_distribution(temperature, 
     np.testing.assert_allclose(np.asarray(choice.logps), plain[np.arange(B), tok], atol=2e-5)
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 4, 1.0), (0.8, 6, 0.8), (0.8, 0, 0.7)])
-def test_draws_follow_the_truncated_distribution(temperature, top_k, top_p):
+@pytest.mark.parametrize("temperature,top_k,top_p,min_p", [
+    (1.0, 4, 1.0, 0.0), (0.8, 6, 0.8, 0.0), (0.8, 0, 0.7, 0.0), (1.0, 0, 0.9, 0.1)])
+def test_draws_follow_the_truncated_distribution(temperature, top_k, top_p, min_p):
     """Total variation between the empirical distribution of 40,000 draws of one row and the
     reference is within sampling noise."""
     rng = np.random.default_rng(1)
     V, n = 40, 40_000
     logits = rng.normal(0, 2.0, (1, V)).astype(np.float32)
     settings = sampling.SamplingConfig(max_new_tokens=1, temperature=temperature, top_k=top_k,
-                                       top_p=top_p)
+                                       top_p=top_p, min_p=min_p)
     u = jnp.asarray(1.0 - rng.random(n), jnp.float32)
     tok = np.asarray(jax.jit(draw.choose_tokens, static_argnums=2)(
         jnp.broadcast_to(jnp.asarray(logits), (n, V)), u, settings).tokens)
     emp = np.bincount(tok, minlength=V) / n
-    ref = _reference_dist(logits, temperature, top_k, top_p)[0]
+    ref = _reference_dist(logits, temperature, top_k, top_p, min_p)[0]
     assert 0.5 * np.abs(emp - ref).sum() < 0.015
     assert emp[ref == 0].sum() == 0
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p,min_p", [
+    (0.7, 0, 0.9, 0.0), (1.0, 0, 1.0, 0.05), (0.8, 20, 0.9, 0.1), (1.2, 0, 0.8, 0.02)])
+def test_truncation_equals_transformers_warpers(temperature, top_k, top_p, min_p):
+    """The sampled log-probs are transformers' own warpers' (Temperature, TopK, TopP, MinP in
+    `generate`'s order) log-softmax at the drawn tokens, which they keep: the same kept mass, so
+    (the kept sets being prefixes by weight) the same tokens kept."""
+    import torch
+    from transformers.generation.logits_process import (LogitsProcessorList, MinPLogitsWarper,
+                                                        TemperatureLogitsWarper,
+                                                        TopKLogitsWarper, TopPLogitsWarper)
+
+    rng = np.random.default_rng(5)
+    B, V = 64, 500
+    logits = rng.normal(0, 3.0, (B, V)).astype(np.float32)
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature)]
+                                  + ([TopKLogitsWarper(top_k)] if top_k else [])
+                                  + ([TopPLogitsWarper(top_p)] if top_p < 1 else [])
+                                  + ([MinPLogitsWarper(min_p)] if min_p > 0 else []))
+    scores = warpers(None, torch.from_numpy(logits.copy()))
+    ref = torch.log_softmax(scores.double(), -1).numpy()
+    settings = sampling.SamplingConfig(max_new_tokens=1, temperature=temperature, top_k=top_k,
+                                       top_p=top_p, min_p=min_p)
+    u = jnp.asarray(1.0 - rng.random(B), jnp.float32)
+    c = jax.jit(draw.choose_tokens, static_argnums=2)(jnp.asarray(logits), u, settings)
+    tok = np.asarray(c.tokens)
+    assert np.isfinite(ref[np.arange(B), tok]).all()
+    np.testing.assert_allclose(np.asarray(c.sampled_logps), ref[np.arange(B), tok], atol=2e-5)
 
 
 def test_top_k_keeps_ties_with_the_kth_token():
@@ -89,6 +125,9 @@ def test_greedy_sampled_logps_are_zero_and_bad_top_k_refused():
     assert int(c.tokens[0]) == 1 and float(c.sampled_logps[0]) == 0.0
     with pytest.raises(ValueError, match="top_k"):
         sampling.SamplingConfig(1, top_k=-1)
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="min_p"):
+            sampling.SamplingConfig(1, min_p=bad)
 
 
 def test_generate_returns_both_logps_and_the_batch_carries_them():
@@ -165,13 +204,14 @@ def test_nucleus_without_sorting_equals_a_stable_sort(top_p):
     w = np.asarray(jnp.exp(scaled))
     kept = np.asarray(jax.jit(draw._nucleus, static_argnums=1)(jnp.asarray(w), top_p))
     u = jnp.asarray(1.0 - rng.random(B), jnp.float32)
-    d = jax.jit(draw._nucleus_draw, static_argnums=2)(scaled, u, top_p)
+    d = jax.jit(draw._truncated_inverse_cdf, static_argnums=(2, 3))(scaled, u, top_p, 0.0)
     for b in range(B):
         _check_nucleus(kept[b], w[b], top_p)
         assert kept[b, int(d.index[b])]
         np.testing.assert_allclose(float(d.total[b]), w[b][kept[b]].astype(np.float64).sum(),
                                    rtol=1e-5)
-    assert kept[20].sum() == int(np.ceil(top_p * V)) and kept[21].tolist() == (np.arange(V) == 7).tolist()
+    assert kept[20].sum() == int(np.ceil(top_p * V))  # all tied: the first ceil(p V)
+    assert kept[21].tolist() == (np.arange(V) == 7).tolist()
 
 
 def test_nucleus_keeps_ties_at_the_bound_in_index_order():
@@ -182,7 +222,8 @@ def test_nucleus_keeps_ties_at_the_bound_in_index_order():
     top_p = float((1 + 1.5 * w[1]) / w.sum())
     kept = np.asarray(draw._nucleus(jnp.exp(scaled), top_p))[0]
     assert kept.tolist() == [True, True, True, False, False, False]
-    seen = {int(draw._nucleus_draw(scaled, jnp.asarray([u], jnp.float32), top_p).index[0])
+    seen = {int(draw._truncated_inverse_cdf(scaled, jnp.asarray([u], jnp.float32), top_p,
+                                            0.0).index[0])
             for u in np.linspace(0.01, 1.0, 60)}
     assert seen == {0, 1, 2}
 
@@ -205,11 +246,12 @@ def test_top_k_draws_do_not_depend_on_the_candidate_search(monkeypatch, top_p):
 
 
 @pytest.mark.parametrize("mesh_shape", [(2, 1, 4), (1, 2, 4), (4, 1, 2)])
-@pytest.mark.parametrize("temperature,top_k,top_p,greedy", [
-    (1.0, 0, 1.0, False), (0.7, 0, 1.0, False), (1.0, 5, 1.0, False), (0.9, 10, 0.7, False),
-    (1.0, 0, 1.0, True), (1.0, 300, 1.0, False)])
+@pytest.mark.parametrize("temperature,top_k,top_p,greedy,min_p", [
+    (1.0, 0, 1.0, False, 0.0), (0.7, 0, 1.0, False, 0.0), (1.0, 5, 1.0, False, 0.0),
+    (0.9, 10, 0.7, False, 0.0), (1.0, 0, 1.0, True, 0.0), (1.0, 300, 1.0, False, 0.0),
+    (1.0, 0, 1.0, False, 0.05), (0.9, 10, 0.7, False, 0.2)])
 def test_draw_on_vocabulary_shards_equals_whole_rows(mesh_shape, temperature, top_k, top_p,
-                                                     greedy):
+                                                     greedy, min_p):
     """`choose_tokens(mesh=...)` with the logits' vocabulary split over "tensor": the tokens of
     the draw on whole rows (ties broken by token id as there: whole rows of tied logits), the
     log-probs within 1e-5, and no [B, V] array gathered in the compiled program (unless top-k's
@@ -227,7 +269,7 @@ def test_draw_on_vocabulary_shards_equals_whole_rows(mesh_shape, temperature, to
     logits[:4] = np.round(logits[:4])  # many ties among the largest
     u = jnp.asarray(rng.uniform(1e-6, 1.0, B).astype(np.float32))
     settings = sampling.SamplingConfig(max_new_tokens=1, temperature=temperature, top_k=top_k,
-                                       top_p=top_p, greedy=greedy)
+                                       top_p=top_p, greedy=greedy, min_p=min_p)
     assert draw.vocabulary_split(V, settings, mesh)
     rows = parallel.batch_spec(B, mesh)[0]
     placed = jax.device_put(jnp.asarray(logits), NamedSharding(mesh, P(rows, "tensor")))

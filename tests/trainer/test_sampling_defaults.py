@@ -64,3 +64,39 @@ def test_merged_rollout_equals_low_rank():
     np.testing.assert_allclose(out[True].logps, out[False].logps, rtol=1e-5, atol=1e-4)
     base = generate_rows(model, None, ids, mask, group_size=4, rng=key, max_new_tokens=24).out
     assert not np.allclose(base.logps, out[False].logps, atol=1e-3)  # the adapter acts
+
+
+def test_rollout_and_evaluation_sample_with_the_config_truncation(monkeypatch):
+    """`rollout.temperature / top_k / top_p / min_p` reach the sampler in training rollouts and in
+    evaluation's pass@k samples (its other pass is greedy); `draw`'s tests hold the truncation
+    itself to transformers' warpers."""
+    import importlib
+
+    from arca_jax import parallel, sampling
+
+    rollout_mod = importlib.import_module("arca_jax.trainer.rollout")  # the package exports
+    evaluate = importlib.import_module("arca_jax.trainer.evaluate")    # functions of these names
+
+    overrides = ["rollout.prompts_per_step=2", "rollout.group_size=2", "rollout.max_new_tokens=6",
+                 "rollout.temperature=0.9", "rollout.top_k=7", "rollout.top_p=0.8",
+                 "rollout.min_p=0.3", "train.pass_k=2", "task.num_eval_problems=2"]
+    cfg = config.load(None, overrides)
+    model = setup.load_model(cfg)
+    task = setup.load_train_task(cfg)
+    seen = []
+    real = sampling.generate
+
+    def spy(*args, **kwargs):
+        seen.append({k: kwargs.get(k) for k in ("temperature", "top_k", "top_p", "min_p",
+                                                 "greedy")})
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sampling, "generate", spy)
+    rollout_mod.rollout(model, None, parallel.RowLayout(None, cfg.batch_size), task.problems[:2],
+                        cfg, adapter=None, key=jax.random.PRNGKey(0),
+                        score=rollout_mod.Scorer(task, 5.0))
+    evaluate.evaluate(model, None, cfg.lora.scaling, task.problems[:2],
+                      rollout_mod.Scorer(task, 5.0), cfg, 0, jax.random.PRNGKey(1))
+    want = dict(temperature=0.9, top_k=7, top_p=0.8, min_p=0.3)
+    sampled = [s for s in seen if not s["greedy"]]
+    assert len(sampled) == 2 and all({k: s[k] for k in want} == want for s in sampled)
