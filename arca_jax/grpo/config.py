@@ -32,6 +32,11 @@ class GRPOConfig:
     kl_beta: weight of the k3 KL penalty against the base model (adapter off); 0 disables it.
     clip_eps, clip_eps_high: PPO ratio clip range [1 - clip_eps, 1 + clip_eps_high]
         (clip_eps_high None: symmetric).
+    clip_ratio_max: dual clipping (Ye et al. 2020, arXiv 1912.09729; verl's ``clip_ratio_c``,
+        TRL's ``delta``, INTELLECT-2's two-sided GRPO): the ratio's value is capped at this bound
+        (> 1 + clip_eps_high), so a token with a negative advantage whose ratio has grown past
+        it loses its gradient instead of an unbounded push (``objective.clipped_policy_loss``);
+        None: off.
     ratio_level: "token" (PPO / GRPO: one ratio per token) or "sequence" (GSPO, arXiv 2507.18071:
         the geometric mean of the row's token ratios, clipped per sequence, in the paper's
         GSPO-token form so that token weights still act per token; see
@@ -108,6 +113,7 @@ class GRPOConfig:
     kl_beta: float = 0.0
     clip_eps: float = 0.2
     clip_eps_high: Optional[float] = None
+    clip_ratio_max: Optional[float] = None
     num_iterations: int = 1
     loss_aggregation: str = "sequence"
     max_completion_length: Optional[int] = None
@@ -170,6 +176,9 @@ class GRPOConfig:
             raise ValueError(f"router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef}")
         if not self.clip_eps > 0 or (self.clip_eps_high is not None and not self.clip_eps_high > 0):
             raise ValueError("clip_eps and clip_eps_high must be > 0")
+        if self.clip_ratio_max is not None and not self.clip_ratio_max > 1.0 + self.clip_high:
+            raise ValueError(f"clip_ratio_max must be > 1 + clip_eps_high = "
+                             f"{1.0 + self.clip_high}, got {self.clip_ratio_max}")
         if not (isinstance(self.num_iterations, int) and self.num_iterations >= 1):
             raise ValueError(f"num_iterations must be an int >= 1, got {self.num_iterations!r}")
         if self.max_completion_length is not None and not self.max_completion_length >= 1:

@@ -10,6 +10,7 @@ t - 1) the objective uses
              = sg[s_b] pi(y_bt) / sg[pi(y_bt)],  s_b = exp(mean_t (logp_bt - old_logp_bt))
                                                           (ratio_level "sequence": GSPO-token)
     pg_bt    = -min(ratio_bt A_b, clip(ratio_bt, 1 - clip_eps, 1 + clip_eps_high) A_b)
+               (clip_ratio_max c: ratio_bt's value capped at c in the first term, dual clipping)
                (with batch.old_logps; without them the ratio is exactly 1, nothing is clipped,
                and pg_bt = -A_b logp_bt: the paper's loss value, the surrogate's gradient)
     pg_bt   *= is_bt   (behaviour_correction "tis" / "mis" only: the detached importance weight
@@ -93,7 +94,8 @@ def advantages(rewards: Array, estimator: str = "grpo", *, eps: float = 1e-6) ->
 
 def clipped_policy_loss(logps: Array, old_logps: Array, adv: Array, clip_low: float,
                         clip_high: float, *, level: str = "token",
-                        valid: Optional[Array] = None) -> Tuple[Array, Array, Array]:
+                        valid: Optional[Array] = None,
+                        ratio_max: Optional[float] = None) -> Tuple[Array, Array, Array]:
     """PPO clipped surrogate per token, with a token-level or a sequence-level (GSPO) ratio.
 
     logps, old_logps: [B, T]; adv: [B, T] (broadcast advantages).
@@ -105,10 +107,14 @@ def clipped_policy_loss(logps: Array, old_logps: Array, adv: Array, clip_low: fl
            ratio, clipped per sequence), its gradient s_b grad log pi(y_bt), so a token weight w_bt
            still scales token t's gradient. With w = 1/|y_b| this is GSPO's gradient (eq. 10-11).
     valid: [B, T] bool, required for "sequence" (the tokens the geometric mean runs over).
+    ratio_max: c > 1 + clip_high, dual clipping (verl's clip_ratio_c, TRL's delta): r's value
+        capped at c in the first term, -min(min(r, c) A, clip(r) A); it matters for A < 0 and
+        r > c only, where the loss becomes the constant -c A. None: off.
     Returns (loss [B, T] = -min(r A, clip(r, 1 - clip_low, 1 + clip_high) A),
              ratio [B, T] (the value of r), clipped [B, T] bool: the clipped branch is active,
              i.e. the token contributes no gradient: r > 1 + clip_high with A > 0 or
-             r < 1 - clip_low with A < 0; for "sequence" the same for every token of a row).
+             r < 1 - clip_low with A < 0 (or r > ratio_max with A < 0); for "sequence" the same
+             for every token of a row).
     """
     if level == "sequence":
         if valid is None:
@@ -122,10 +128,13 @@ def clipped_policy_loss(logps: Array, old_logps: Array, adv: Array, clip_low: fl
         ratio = jnp.exp(logps - old_logps)
     else:
         raise ValueError(f"ratio level {level!r}; valid: token, sequence")
-    unclipped = ratio * adv
+    capped = ratio if ratio_max is None else jnp.minimum(ratio, ratio_max)
+    unclipped = capped * adv
     clipped_val = jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high) * adv
     loss = -jnp.where(unclipped <= clipped_val, unclipped, clipped_val)
     clipped = ((adv > 0) & (ratio > 1.0 + clip_high)) | ((adv < 0) & (ratio < 1.0 - clip_low))
+    if ratio_max is not None:
+        clipped = clipped | ((adv < 0) & (ratio > ratio_max))
     return loss, ratio, clipped
 
 
@@ -408,7 +417,8 @@ def loss_fn(lora, params, batch: Union[Batch, Mapping[str, Any]], *, config: qwe
     else:
         old = jnp.where(valid, b.old_logps.astype(jnp.float32), sg_logps)  # padding: ratio 1
         pg, _, clipped = clipped_policy_loss(logps, old, adv, g.clip_eps, g.clip_high,
-                                             level=g.ratio_level, valid=valid)
+                                             level=g.ratio_level, valid=valid,
+                                             ratio_max=g.clip_ratio_max)
     pg = jnp.where(valid, pg, 0.0)
     is_stats = None
     if g.behaviour_correction != "none":

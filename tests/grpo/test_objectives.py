@@ -4,7 +4,8 @@
   clipped per sequence (eq. 5-7), in the GSPO-token form (eq. 13-14) that lets token weights act;
 - truncated / masked importance sampling between the sampler and the trainer (TIS, MIS) as TRL's
   GRPOTrainer defines them: ratio exp(old - behaviour) per token or exp(sum) per sequence,
-  min(ratio, C) or 0 above C, multiplying the per-token policy loss.
+  min(ratio, C) or 0 above C, multiplying the per-token policy loss;
+- dual clipping (Ye et al. 2020) as verl writes it: for A < 0, min(-A c, max(-A r, -A clip(r))).
 
 Loss values and gradients on random batches with ragged masks: the pure per-token functions
 against numpy, ``loss_fn`` on a tiny model (its LoRA gradient against the numpy dL/dlog-prob
@@ -33,10 +34,11 @@ USER = "test_objectives_arca_x_surprisal"
 # ------------------------------------ numpy transcriptions ------------------------------------
 
 
-def np_surrogate(logps, old, adv, valid, clip_low, clip_high, level):
+def np_surrogate(logps, old, adv, valid, clip_low, clip_high, level, ratio_max=None):
     """Per-token clipped surrogate -min(r A, clip(r) A), the value of r, the clipped flag and
     d(loss_t)/d(log pi_t). token: r_t = pi_t / pi_old_t. sequence (GSPO-token): r_t has the value
-    s_i = (pi(y_i) / pi_old(y_i))^(1/|y_i|) and d r_t / d log pi_t = s_i."""
+    s_i = (pi(y_i) / pi_old(y_i))^(1/|y_i|) and d r_t / d log pi_t = s_i. ratio_max c: verl's
+    dual clip, min(-A c, that loss) where A < 0."""
     A = np.broadcast_to(np.asarray(adv, np.float64)[:, None], logps.shape)
     if level == "token":
         r = np.exp(logps - old)
@@ -46,6 +48,9 @@ def np_surrogate(logps, old, adv, valid, clip_low, clip_high, level):
         r = np.broadcast_to(s[:, None], logps.shape)
     loss = -np.minimum(r * A, np.clip(r, 1 - clip_low, 1 + clip_high) * A)
     clipped = ((A > 0) & (r > 1 + clip_high)) | ((A < 0) & (r < 1 - clip_low))
+    if ratio_max is not None:
+        loss = np.where(A < 0, np.minimum(-A * ratio_max, loss), loss)
+        clipped = clipped | ((A < 0) & (r > ratio_max))
     dloss = np.where(clipped, 0.0, -A * r)
     return loss, r, clipped, dloss
 
@@ -77,7 +82,8 @@ def np_loss(logps, old, behaviour, adv, weights, valid, g: GRPOConfig):
         pg, dpg, before = -A * logps, -A, logps
     else:
         old = np.where(v, np.asarray(old, np.float64), logps)
-        pg, _, _, dpg = np_surrogate(logps, old, adv, v, g.clip_eps, g.clip_high, g.ratio_level)
+        pg, _, _, dpg = np_surrogate(logps, old, adv, v, g.clip_eps, g.clip_high, g.ratio_level,
+                                     g.clip_ratio_max)
         before = old
     if g.behaviour_correction != "none":
         w_is, _ = np_importance(before, np.asarray(behaviour, np.float64), v,
@@ -120,8 +126,9 @@ def ragged_valid(rng, B, T):
 # ------------------------------------ per-token functions -------------------------------------
 
 
-@pytest.mark.parametrize("level", ["token", "sequence"])
-def test_surrogate_against_numpy(level):
+@pytest.mark.parametrize("level,ratio_max", [("token", None), ("sequence", None),
+                                             ("token", 1.35), ("sequence", 1.06)])
+def test_surrogate_against_numpy(level, ratio_max):
     rng = np.random.default_rng(0)
     B, T = 9, 12
     valid = ragged_valid(rng, B, T)
@@ -133,21 +140,25 @@ def test_surrogate_against_numpy(level):
 
     def f(lp):
         loss, ratio, clipped = clipped_policy_loss(lp, old, jnp.broadcast_to(adv[:, None], (B, T)),
-                                                   *clip, level=level, valid=valid)
+                                                   *clip, level=level, valid=valid,
+                                                   ratio_max=ratio_max)
         return jnp.sum(jnp.where(valid, w * loss, 0.0)), (loss, ratio, clipped)
 
     (val, (loss, ratio, clipped)), grad = jax.jit(jax.value_and_grad(f, has_aux=True))(logps)
     want_loss, want_r, want_clipped, want_d = np_surrogate(
-        logps.astype(np.float64), old.astype(np.float64), adv, valid, *clip, level)
+        logps.astype(np.float64), old.astype(np.float64), adv, valid, *clip, level, ratio_max)
     np.testing.assert_allclose(np.where(valid, loss, 0), np.where(valid, want_loss, 0),
                                rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.where(valid, ratio, 0), np.where(valid, want_r, 0), rtol=1e-5)
     assert np.array_equal(np.asarray(clipped) & valid, want_clipped & valid)
     assert 0 < (want_clipped & valid).sum() < valid.sum()  # both branches are exercised
+    if ratio_max is not None:  # and the dual clip's
+        A = np.broadcast_to(adv[:, None], (B, T))
+        assert ((A < 0) & (want_r > ratio_max) & valid).any()
     np.testing.assert_allclose(float(val), np.sum(w * np.where(valid, want_loss, 0)), rtol=1e-5)
     np.testing.assert_allclose(np.asarray(grad), w * np.where(valid, want_d, 0), rtol=1e-5,
                                atol=1e-7)
-    if level == "sequence":  # with uniform weights, GSPO's own objective and gradient
+    if level == "sequence" and ratio_max is None:  # uniform weights: GSPO's objective, gradient
         n = valid.sum(1, keepdims=True)
         wu = np.where(valid, 1.0 / np.maximum(n, 1), 0.0).astype(np.float32)
         gs = jax.grad(lambda lp: jnp.sum(jnp.where(valid, wu * clipped_policy_loss(
@@ -242,6 +253,8 @@ CASES = [
          correction_level="sequence", correction_cap=1.1, loss_aggregation="dr_grpo"),
     dict(weighting="divergence", behaviour_correction="mis", correction_level="token",
          correction_cap=1.4, on_policy=True),
+    # dual clipping (verl's clip_ratio_c, TRL's delta) with ARCA's weights
+    dict(weighting="arca", clip_eps=0.1, clip_ratio_max=1.15),
 ]
 
 
@@ -282,8 +295,12 @@ def test_loss_fn_against_numpy(model, user_weighting, case):
         _, _, clipped, _ = np_surrogate(np.asarray(logps, np.float64),
                                         np.where(valid, old, np.asarray(logps)),
                                         np.asarray(batch.advantages), valid, g.clip_eps,
-                                        g.clip_high, g.ratio_level)
+                                        g.clip_high, g.ratio_level, g.clip_ratio_max)
         assert float(stats.clip_count) == (clipped & valid).sum() > 0
+        if g.clip_ratio_max is not None:  # some tokens only the dual clip stops
+            r = np.exp(np.asarray(logps, np.float64) - np.where(valid, old, np.asarray(logps)))
+            A = np.asarray(batch.advantages)[:, None]
+            assert (valid & (A < 0) & (r > g.clip_ratio_max)).any()
     m = stats.metrics()
     if g.behaviour_correction == "none":
         assert float(m["behaviour_ratio_mean"]) == float(m["behaviour_ratio_max"]) == 0.0
@@ -396,3 +413,13 @@ def test_loss_stats_combine_exactly():
     c = a.combine(b)
     assert float(c.is_ratio_sum) == 2 * float(a.is_ratio_sum)
     assert float(c.is_ratio_max) == 100.0 and float(c.residual_norm_max) == float(a.residual_norm_max)
+
+
+def test_dual_clip_bound_must_lie_above_the_upper_clip():
+    """clip_ratio_max at or below 1 + clip_eps_high would cut into the clip range: refused."""
+    assert GRPOConfig(clip_eps=0.2, clip_ratio_max=3.0).clip_ratio_max == 3.0
+    for bad in (1.2, 1.0, 0.5):
+        with pytest.raises(ValueError, match="clip_ratio_max"):
+            GRPOConfig(clip_eps=0.2, clip_ratio_max=bad)
+    with pytest.raises(ValueError, match="clip_ratio_max"):
+        GRPOConfig(clip_eps=0.2, clip_eps_high=0.5, clip_ratio_max=1.4)
