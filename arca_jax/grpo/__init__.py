@@ -17,8 +17,9 @@ from arca_jax.grpo.config import (AGGREGATIONS, ARCA_LAYER_SETS, BEHAVIOUR_CORRE
                                   CORRECTION_LEVELS, ESTIMATORS, RATIO_LEVELS, GRPOConfig)
 from arca_jax.grpo.logprobs import next_tokens, shift_right, token_logprobs
 from arca_jax.grpo.objective import (LossStats, advantages, behaviour_weights,
-                                     clipped_policy_loss, forwards_needed, k3_kl, loss_fn,
-                                     loss_normalizer, policy_logprobs, raw_normalizer)
+                                     clipped_policy_loss, forwards_needed, high_entropy_mask,
+                                     k3_kl, loss_fn, loss_normalizer, policy_logprobs,
+                                     raw_normalizer)
 from arca_jax.grpo.signals import (Signals, all_method_weights, completion_valid,
                                    floored_reference, method_weights, needs_layers,
                                    policy_forward, residual_layer_count, residual_layers,
@@ -33,7 +34,8 @@ __all__ = [
     "ESTIMATORS", "RATIO_LEVELS",
     "Batch", "GRPOConfig", "LossStats", "Signals", "StepMetrics", "TrainState", "advantages",
     "all_method_weights", "as_batch", "behaviour_weights", "clipped_policy_loss",
-    "completion_valid", "floored_reference", "forwards_needed", "k3_kl", "loss_fn",
+    "completion_valid", "floored_reference", "forwards_needed", "high_entropy_mask", "k3_kl",
+    "loss_fn",
     "loss_normalizer", "make_mesh", "make_optimizer", "make_schedule", "make_train_step",
     "method_weights", "needs_layers", "next_tokens", "param_partition_spec", "param_shardings",
     "policy_forward", "policy_logprobs", "raw_normalizer", "replicate", "replicate_on_mesh",

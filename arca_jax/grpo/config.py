@@ -37,6 +37,13 @@ class GRPOConfig:
         (> 1 + clip_eps_high), so a token with a negative advantage whose ratio has grown past
         it loses its gradient instead of an unbounded push (``objective.clipped_policy_loss``);
         None: off.
+    top_entropy_quantile: rho in (0, 1]: the policy term trains only the completion tokens whose
+        entropy reaches the (1 - rho) quantile of the gradient forward's entropies over the
+        batch's completion tokens (Wang et al. 2025, "Beyond the 80/20 Rule", arXiv 2506.01939:
+        rho = 0.2; TRL's ``top_entropy_quantile``); the others' policy loss is 0, the KL term and
+        the aggregation's denominator are unchanged (``objective.high_entropy_mask``). Over all
+        devices; with train.microbatches > 1, within each microbatch, as TRL's and verl's
+        gradient accumulation compute it. 1.0: off.
     ratio_level: "token" (PPO / GRPO: one ratio per token) or "sequence" (GSPO, arXiv 2507.18071:
         the geometric mean of the row's token ratios, clipped per sequence, in the paper's
         GSPO-token form so that token weights still act per token; see
@@ -114,6 +121,7 @@ class GRPOConfig:
     clip_eps: float = 0.2
     clip_eps_high: Optional[float] = None
     clip_ratio_max: Optional[float] = None
+    top_entropy_quantile: float = 1.0
     num_iterations: int = 1
     loss_aggregation: str = "sequence"
     max_completion_length: Optional[int] = None
@@ -176,6 +184,9 @@ class GRPOConfig:
             raise ValueError(f"router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef}")
         if not self.clip_eps > 0 or (self.clip_eps_high is not None and not self.clip_eps_high > 0):
             raise ValueError("clip_eps and clip_eps_high must be > 0")
+        if not 0.0 < self.top_entropy_quantile <= 1.0:
+            raise ValueError(f"top_entropy_quantile must be in (0, 1] (1: off), got "
+                             f"{self.top_entropy_quantile}")
         if self.clip_ratio_max is not None and not self.clip_ratio_max > 1.0 + self.clip_high:
             raise ValueError(f"clip_ratio_max must be > 1 + clip_eps_high = "
                              f"{1.0 + self.clip_high}, got {self.clip_ratio_max}")

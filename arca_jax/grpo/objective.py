@@ -15,6 +15,8 @@ t - 1) the objective uses
                and pg_bt = -A_b logp_bt: the paper's loss value, the surrogate's gradient)
     pg_bt   *= is_bt   (behaviour_correction "tis" / "mis" only: the detached importance weight
                between the sampler's distribution and the policy, ``behaviour_weights``)
+    pg_bt   *= [H_bt >= q]  (top_entropy_quantile rho < 1 only: q the (1 - rho) quantile of the
+               entropies H over the completion tokens, ``high_entropy_mask``)
     kl_bt    = exp(ref_bt - logp_bt) - (ref_bt - logp_bt) - 1        (k3, ref = adapter off)
     w_bt     = stop_gradient(token_weights(weighting, ...))          (sum_t w_bt = 1 per row)
 
@@ -136,6 +138,30 @@ def clipped_policy_loss(logps: Array, old_logps: Array, adv: Array, clip_low: fl
     if ratio_max is not None:
         clipped = clipped | ((adv < 0) & (ratio > ratio_max))
     return loss, ratio, clipped
+
+
+def high_entropy_mask(entropies: Array, valid: Array, quantile: float,
+                      axis_name: Optional[str] = None) -> Array:
+    """The completion tokens whose entropy reaches the `quantile` q of the entropies over all
+    ``valid`` tokens (as TRL's ``get_high_entropy_mask``: ``torch.quantile``'s linear
+    interpolation between the sorted values at positions floor and ceil of q (n - 1)).
+
+    entropies, valid: [B, T] (valid bool). axis_name: a pmap / shard_map axis whose devices' tokens
+    count together (gathered); None: these arrays' tokens (on a mesh, the global array's).
+    Returns [B, T] bool, False off ``valid``; all False when no token is valid.
+    """
+    v = jnp.asarray(valid) != 0
+    x = jnp.where(v, entropies.astype(jnp.float32), jnp.inf).reshape(-1)
+    n = jnp.sum(v)
+    if axis_name is not None:
+        x = jax.lax.all_gather(x, axis_name, tiled=True)
+        n = jax.lax.psum(n, axis_name)
+    s = jnp.sort(x)  # the valid entropies first, then +inf
+    pos = quantile * (jnp.maximum(n, 1) - 1).astype(jnp.float32)
+    lo = jnp.floor(pos).astype(jnp.int32)
+    hi = jnp.minimum(lo + 1, jnp.maximum(n, 1) - 1)
+    threshold = s[lo] + (pos - lo) * (s[hi] - s[lo])
+    return v & (entropies >= threshold)
 
 
 def k3_kl(logps: Array, ref_logps: Array) -> Array:
@@ -365,7 +391,7 @@ def policy_logprobs(lora, params, batch: Union[Batch, Mapping[str, Any]], *,
 def loss_fn(lora, params, batch: Union[Batch, Mapping[str, Any]], *, config: qwen3.Qwen3Config,
             lora_scale: float, grpo_config: GRPOConfig, lora_dropout: float = 0.0,
             rng: Optional[Array] = None, normalizer: Optional[Array] = None,
-            mesh=None) -> Tuple[Array, LossStats]:
+            mesh=None, axis_name: Optional[str] = None) -> Tuple[Array, LossStats]:
     """The GRPO loss of one batch (see the module doc) and its statistics.
 
     lora: adapter tree (``arca_jax.lora``), the argument to differentiate.
@@ -381,6 +407,8 @@ def loss_fn(lora, params, batch: Union[Batch, Mapping[str, Any]], *, config: qwe
         microbatches and devices add up to the large-batch loss.
     mesh: the mesh of a "mesh" train step (static): both forwards keep each device's rows
         (``signals.policy_forward``).
+    axis_name: the pmap axis of a "pmap" train step: top_entropy_quantile's quantile runs over
+        every device's tokens (``high_entropy_mask``).
 
     Returns: (loss [] float32, ``LossStats``).
     """
@@ -420,6 +448,9 @@ def loss_fn(lora, params, batch: Union[Batch, Mapping[str, Any]], *, config: qwe
                                              level=g.ratio_level, valid=valid,
                                              ratio_max=g.clip_ratio_max)
     pg = jnp.where(valid, pg, 0.0)
+    if g.top_entropy_quantile < 1.0:
+        pg = pg * high_entropy_mask(jax.lax.stop_gradient(entropies), valid,
+                                    1.0 - g.top_entropy_quantile, axis_name)
     is_stats = None
     if g.behaviour_correction != "none":
         before = sg_logps if b.old_logps is None else old  # the policy before this update

@@ -179,7 +179,7 @@ def _zero_stats(residual_layers: int = 1, router: Optional[tuple] = None) -> Los
 
 def _loss_and_grads(value_and_grad, lora, params, b, key, normalizer, *, microbatches: int,
                     mesh: Optional[Mesh], residual_layers: int = 1, router=None,
-                    grad_shardings=None):
+                    grad_shardings=None, axis_name: Optional[str] = None):
     """(loss, LossStats, grads) of the batch: one value-and-grad, or a ``lax.scan`` over M strided
     microbatches with gradients summed in float32 (each microbatch uses the global normaliser and
     dropout key fold_in(key, i), so the sum is the large-batch gradient).
@@ -187,14 +187,15 @@ def _loss_and_grads(value_and_grad, lora, params, b, key, normalizer, *, microba
     grad_shardings: on a mesh, the adapter's layout (``parallel.state_shardings``): each
     (microbatch's) gradient and the float32 sum are constrained to it, so every device holds
     only the slices it owns (the devices' contributions reduced onto them, not all-reduced
-    whole)."""
+    whole). axis_name: the pmap axis, passed to ``loss_fn``."""
     M = microbatches
 
     def owned(g):
         return g if grad_shardings is None else jax.lax.with_sharding_constraint(g, grad_shardings)
 
     if M == 1:
-        (loss, stats), grads = value_and_grad(lora, params, b, rng=key, normalizer=normalizer)
+        (loss, stats), grads = value_and_grad(lora, params, b, rng=key, normalizer=normalizer,
+                                              axis_name=axis_name)
         return loss, stats, owned(grads)
     mbs = _split_microbatches(b, M)
     if mesh is not None:
@@ -207,7 +208,7 @@ def _loss_and_grads(value_and_grad, lora, params, b, key, normalizer, *, microba
         g_acc, l_acc, s_acc = carry
         mb, i = xs
         (mb_loss, s), gr = value_and_grad(lora, params, mb, rng=jax.random.fold_in(key, i),
-                                          normalizer=normalizer)
+                                          normalizer=normalizer, axis_name=axis_name)
         g_acc = owned(jax.tree_util.tree_map(lambda a, x: a + x.astype(jnp.float32), g_acc,
                                              owned(gr)))
         return (g_acc, l_acc + mb_loss, s_acc.combine(s)), None
@@ -326,7 +327,7 @@ def make_train_step(config: qwen3.Qwen3Config, grpo_config: GRPOConfig,
                 state.lora, parallel.state_shardings(state.lora, mesh, kv_heads, fsdp=False))
             grad_shardings = parallel.state_shardings(state.lora, mesh, kv_heads)
         loss, stats, grads = grads_fn(lora_in, params, b, key, jnp.maximum(z, 1.0) / n_dev,
-                                      grad_shardings=grad_shardings)
+                                      grad_shardings=grad_shardings, axis_name=axis_name)
         if axis_name is not None:
             grads = jax.lax.pmean(grads, axis_name)
             loss = jax.lax.pmean(loss, axis_name)

@@ -5,7 +5,9 @@
 - truncated / masked importance sampling between the sampler and the trainer (TIS, MIS) as TRL's
   GRPOTrainer defines them: ratio exp(old - behaviour) per token or exp(sum) per sequence,
   min(ratio, C) or 0 above C, multiplying the per-token policy loss;
-- dual clipping (Ye et al. 2020) as verl writes it: for A < 0, min(-A c, max(-A r, -A clip(r))).
+- dual clipping (Ye et al. 2020) as verl writes it: for A < 0, min(-A c, max(-A r, -A clip(r)));
+- high-entropy token selection (Wang et al. 2025, "Beyond the 80/20 Rule") as TRL's
+  ``get_high_entropy_mask`` computes it: ``torch.quantile`` of the valid tokens' entropies.
 
 Loss values and gradients on random batches with ragged masks: the pure per-token functions
 against numpy, ``loss_fn`` on a tiny model (its LoRA gradient against the numpy dL/dlog-prob
@@ -18,11 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from arca_jax import credit, lora
+from arca_jax import credit, lora, qwen3
 from arca_jax.grpo import (Batch, GRPOConfig, LossStats, TrainState, all_method_weights,
-                           behaviour_weights, clipped_policy_loss, completion_valid, loss_fn,
-                           make_mesh, make_train_step, policy_logprobs, replicate, shard_params,
-                           unreplicate)
+                           behaviour_weights, clipped_policy_loss, completion_valid,
+                           high_entropy_mask, loss_fn, make_mesh, make_train_step,
+                           policy_logprobs, replicate, shard_params, unreplicate)
 from fixtures import grad_recorder, random_adapter, random_params, slow_except, tiny_config
 
 FAST = {"xla_backend_optimization_level": 0}
@@ -72,9 +74,33 @@ def np_importance(before, behaviour, valid, method, level, cap):
     return w, (r.sum(), units.sum(), (r > cap).sum(), r.max() if r.size else 0.0)
 
 
-def np_loss(logps, old, behaviour, adv, weights, valid, g: GRPOConfig):
+def np_entropy_mask(entropies, valid, rho):
+    """TRL's high-entropy mask: valid tokens whose entropy is >= torch.quantile(valid entropies,
+    1 - rho) (all False without a valid token)."""
+    import torch
+
+    v = np.asarray(valid, bool)
+    if not v.any():
+        return np.zeros_like(v)
+    thr = torch.quantile(torch.from_numpy(np.asarray(entropies, np.float32)[v]), 1.0 - rho).item()
+    return v & (np.asarray(entropies, np.float32) >= thr)
+
+
+def np_entropies(params, tree, batch):
+    """[B, T] the entropy (nats, float64) of the adapted policy's distribution that scores each
+    input token (the logits at t - 1; 0 at t = 0), from the model's logits."""
+    out = qwen3.forward(params, batch.input_ids, config=CFG, attention_mask=batch.attention_mask,
+                        lora=tree, lora_scale=LCFG.scaling, attention="einsum")
+    z = np.asarray(out.logits, np.float64)
+    z = z - z.max(-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    h = -(np.exp(logp) * logp).sum(-1)
+    return np.concatenate([np.zeros_like(h[:, :1]), h[:, :-1]], axis=1)
+
+
+def np_loss(logps, old, behaviour, adv, weights, valid, g: GRPOConfig, entropies=None):
     """The loss and dL/d log pi [B, T] of ``loss_fn`` (module doc of arca_jax.grpo.objective)
-    with kl_beta = 0, in float64."""
+    with kl_beta = 0, in float64 (``entropies`` [B, T]: for top_entropy_quantile < 1)."""
     logps = np.asarray(logps, np.float64)
     v = np.asarray(valid, bool)
     A = np.broadcast_to(np.asarray(adv, np.float64)[:, None], logps.shape)
@@ -89,6 +115,9 @@ def np_loss(logps, old, behaviour, adv, weights, valid, g: GRPOConfig):
         w_is, _ = np_importance(before, np.asarray(behaviour, np.float64), v,
                                 g.behaviour_correction, g.correction_level, g.correction_cap)
         pg, dpg = pg * w_is, dpg * w_is
+    if g.top_entropy_quantile < 1.0:
+        keep = np_entropy_mask(entropies, v, g.top_entropy_quantile)
+        pg, dpg = pg * keep, dpg * keep
     n = v.sum(1, keepdims=True)
     coef = np.asarray(weights, np.float64) * (1.0 if g.loss_aggregation == "sequence" else n)
     z = {"sequence": v.any(1).sum(), "token_mean": v.sum(),
@@ -255,6 +284,10 @@ CASES = [
          correction_cap=1.4, on_policy=True),
     # dual clipping (verl's clip_ratio_c, TRL's delta) with ARCA's weights
     dict(weighting="arca", clip_eps=0.1, clip_ratio_max=1.15),
+    # the 80/20 rule's high-entropy tokens, on policy and off (with a correction)
+    dict(weighting="uniform", top_entropy_quantile=0.2, on_policy=True),
+    dict(weighting="arca", top_entropy_quantile=0.5, behaviour_correction="tis",
+         correction_level="token", correction_cap=1.3, loss_aggregation="token_mean"),
 ]
 
 
@@ -279,12 +312,13 @@ def test_loss_fn_against_numpy(model, user_weighting, case):
                            grpo_config=g, methods=(g.weighting,))[g.weighting]
     valid = np.asarray(completion_valid(batch))
     old = None if batch.old_logps is None else np.asarray(batch.old_logps)
+    ent = np_entropies(params, tree, batch) if g.top_entropy_quantile < 1.0 else None
     want, dlogp = np_loss(np.asarray(logps), old, np.asarray(batch.behaviour_logps),
-                          np.asarray(batch.advantages), np.asarray(w), valid, g)
+                          np.asarray(batch.advantages), np.asarray(w), valid, g, ent)
     np.testing.assert_allclose(float(loss), want, rtol=2e-5, atol=1e-7)
     (want_grads,) = vjp(jnp.asarray(dlogp, jnp.float32))
     assert _grad_diff(grads, want_grads) < 1e-4
-    if g.weighting == "uniform":
+    if g.weighting == "uniform" and g.ratio_level == "sequence":  # GSPO's own objective
         J, gJ = np_gspo(np.asarray(logps, np.float64), np.where(valid, old, np.asarray(logps)),
                         np.asarray(batch.advantages), valid, g.clip_eps, g.clip_high)
         np.testing.assert_allclose(float(loss), J, rtol=2e-5, atol=1e-7)
@@ -362,6 +396,59 @@ STEP_CASES = [
     dict(weighting="arca", sharpening=2.0, behaviour_correction="mis", correction_level="token",
          correction_cap=1.3, loss_aggregation="token_mean", kl_beta=0.05),
 ]
+
+
+@pytest.mark.parametrize("rho", [0.2, 0.5])
+def test_high_entropy_mask_in_one_batch_on_every_layout(model, rho):
+    """top_entropy_quantile's threshold runs over the whole batch however its rows are placed:
+    the train step on one device, under pmap (8 devices, the quantile gathered over them) and on
+    a mesh (data 2 x fsdp 4) takes the same update as ``loss_fn`` on the whole batch."""
+    params, tree, batch = model
+    g = GRPOConfig(weighting="arca", top_entropy_quantile=rho)
+    opt = grad_recorder()
+    (loss, _), grads = jax.jit(jax.value_and_grad(
+        lambda t: loss_fn(t, params, batch, config=CFG, lora_scale=LCFG.scaling, grpo_config=g),
+        has_aux=True), compiler_options=FAST)(tree)
+
+    def state():
+        return TrainState.create(_copy(tree), opt, jax.random.PRNGKey(3))
+
+    out = {}
+    s, m = make_train_step(CFG, g, opt, lora_scale=LCFG.scaling, mode="pmap")(
+        replicate(state()), replicate(params), batch)
+    out["pmap"] = (unreplicate(s.opt_state), m)
+    mesh = make_mesh(data=2, fsdp=4)
+    s, m = make_train_step(CFG, g, opt, lora_scale=LCFG.scaling, mode="mesh", mesh=mesh,
+                           compiler_options=FAST)(state(), shard_params(params, mesh), batch)
+    out["mesh"] = (s.opt_state, m)
+    for name, (recorded, m) in out.items():
+        assert _grad_diff(recorded, grads) < 1e-5, name
+        assert abs(float(m.loss) - float(loss)) <= 1e-5 * max(1.0, abs(float(loss))), name
+    # the mask acts: the loss differs from the unmasked one
+    full = loss_fn(tree, params, batch, config=CFG, lora_scale=LCFG.scaling,
+                   grpo_config=GRPOConfig(weighting="arca"))[0]
+    assert abs(float(full) - float(loss)) > 1e-4
+
+
+def test_high_entropy_mask_against_torch_quantile():
+    """``high_entropy_mask`` keeps what TRL's mask keeps (``torch.quantile``, linear
+    interpolation) on ragged masks, tied entropies, one valid token and none."""
+    rng = np.random.default_rng(11)
+    B, T = 9, 12
+    valid = ragged_valid(rng, B, T)
+    ent = rng.exponential(1.0, (B, T)).astype(np.float32)
+    ent[4] = np.round(ent[4])  # ties
+    for rho in (0.05, 0.2, 0.5, 0.8, 1.0):
+        got = np.asarray(jax.jit(high_entropy_mask, static_argnums=2)(ent, valid, 1.0 - rho))
+        assert np.array_equal(got, np_entropy_mask(ent, valid, rho)), rho
+        if rho < 1.0:
+            assert 0 < got.sum() < valid.sum()
+    one = np.zeros((B, T), bool)
+    one[2, 3] = True
+    assert np.array_equal(np.asarray(high_entropy_mask(ent, one, 0.8)), one)
+    assert not np.asarray(high_entropy_mask(ent, np.zeros((B, T), bool), 0.8)).any()
+    with pytest.raises(ValueError, match="top_entropy_quantile"):
+        GRPOConfig(top_entropy_quantile=0.0)
 
 
 @pytest.mark.parametrize("case", slow_except(STEP_CASES), ids=["gspo-tis-seq-user", "mis-token-arca"])
