@@ -57,7 +57,8 @@ Decisions (each also stated where it applies):
 - Objectives: a run whose config departs from the paper's GRPO in a named way is labelled so
   everywhere (tables' method column, arm labels in plots and intervals, the heatmap's caption):
   ``uniform [GSPO]`` (grpo.ratio_level sequence), ``uniform [DAPO]`` (rollout.dynamic_sampling),
-  ``[TIS]`` / ``[MIS]`` (grpo.behaviour_correction), ``ARCA [layers=all]`` / ``[relative]``
+  ``[TIS]`` / ``[MIS]`` (grpo.behaviour_correction), ``[dual-clip 3]`` (grpo.clip_ratio_max),
+  ``[entropy top 0.2]`` (grpo.top_entropy_quantile), ``ARCA [layers=all]`` / ``[relative]``
   (grpo.arca_layers, arca_relative; also the heatmap's "arca" row of such a run, whose weights
   were measured that way). Other setting differences show as before, in the run cell.
 - Heatmap shading is per method row: weight / the row's largest weight, so each row shows where

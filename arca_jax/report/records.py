@@ -218,7 +218,8 @@ def config_get(config: Mapping[str, Any], dotted: str, default: Any = None) -> A
 def objective_tags(config: Mapping[str, Any], *, arca_only: bool = False) -> tuple[str, ...]:
     """Names of the settings by which a run's objective departs from the paper's GRPO, in this
     order: "GSPO" (grpo.ratio_level: sequence), "DAPO" (rollout.dynamic_sampling), "TIS" /
-    "MIS" (grpo.behaviour_correction), then ARCA's measurement: "layers=all" or
+    "MIS" (grpo.behaviour_correction), "dual-clip 3" (grpo.clip_ratio_max), "entropy top 0.2"
+    (grpo.top_entropy_quantile < 1), then ARCA's measurement: "layers=all" or
     "layers=0,2" (grpo.arca_layers other than "final") and "relative" (grpo.arca_relative).
     Keys a config lacks count as the defaults. ``arca_only``: only the last two."""
     tags = []
@@ -230,6 +231,12 @@ def objective_tags(config: Mapping[str, Any], *, arca_only: bool = False) -> tup
         correction = config_get(config, "grpo.behaviour_correction", "none")
         if isinstance(correction, str) and correction != "none":
             tags.append(correction.upper())
+        bound = config_get(config, "grpo.clip_ratio_max")
+        if isinstance(bound, (int, float)) and not isinstance(bound, bool):
+            tags.append(f"dual-clip {bound:g}")
+        rho = config_get(config, "grpo.top_entropy_quantile", 1.0)
+        if isinstance(rho, (int, float)) and not isinstance(rho, bool) and rho < 1.0:
+            tags.append(f"entropy top {rho:g}")
     layers = config_get(config, "grpo.arca_layers", "final")
     if isinstance(layers, (list, tuple)):
         tags.append("layers=" + ",".join(str(i) for i in layers))

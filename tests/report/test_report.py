@@ -286,6 +286,11 @@ def test_objective_variants_are_named(tmp_path):
         "ARCA r64 [layers=all]", "ARCA r64 [layers=0,2, relative]"]  # by run name in an arm
     assert {a.label for a in report.group_arms(runs)} == {r.label for r in runs}  # no extras
     assert report.objective_tags({"grpo": {"behaviour_correction": "tis"}}) == ("TIS",)
+    assert report.objective_tags({"grpo": {"clip_ratio_max": 3.0, "top_entropy_quantile": 0.2,
+                                           "arca_relative": True}}) == (
+        "dual-clip 3", "entropy top 0.2", "relative")
+    assert report.objective_tags({"grpo": {"clip_ratio_max": None,
+                                           "top_entropy_quantile": 1.0}}) == ()
     md = report.performance_markdown(performance_table(runs))
     for cell in ("| uniform [GSPO] | 64 |", "| uniform [DAPO] | 64 |", "| ARCA [layers=all] | 64 |",
                  "| ARCA [layers=0,2, relative] | 64 |", "| ARCA | 64 |", "| uniform | 64 |"):
