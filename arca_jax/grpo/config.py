@@ -12,6 +12,7 @@ from arca_jax import credit, qwen3
 ESTIMATORS = ("grpo", "rloo", "dr_grpo")
 AGGREGATIONS = ("sequence", "token_mean", "dr_grpo")
 RATIO_LEVELS = ("token", "sequence")
+POLICY_LOSSES = ("clip", "cispo")
 BEHAVIOUR_CORRECTIONS = ("none", "tis", "mis")
 CORRECTION_LEVELS = ("token", "sequence")
 ARCA_LAYER_SETS = ("final", "all")  # or a tuple of decoder layer indices
@@ -44,6 +45,11 @@ class GRPOConfig:
         the aggregation's denominator are unchanged (``objective.high_entropy_mask``). Over all
         devices; with train.microbatches > 1, within each microbatch, as TRL's and verl's
         gradient accumulation compute it. 1.0: off.
+    policy_loss: the policy term per token: "clip" (PPO / GRPO's clipped surrogate) or "cispo"
+        (MiniMax-M1, arXiv 2506.13585, as TRL's ``loss_type="cispo"`` and ScaleRL write it: the
+        ratio's value capped at ``cispo_cap`` and detached, times -A log pi: no token loses its
+        gradient, a large ratio only stops growing its weight; ``objective.cispo_policy_loss``).
+        cispo_cap: that cap (ScaleRL and TRL recommend 4 to 5).
     ratio_level: "token" (PPO / GRPO: one ratio per token) or "sequence" (GSPO, arXiv 2507.18071:
         the geometric mean of the row's token ratios, clipped per sequence, in the paper's
         GSPO-token form so that token weights still act per token; see
@@ -121,6 +127,8 @@ class GRPOConfig:
     clip_eps: float = 0.2
     clip_eps_high: Optional[float] = None
     clip_ratio_max: Optional[float] = None
+    policy_loss: str = "clip"
+    cispo_cap: float = 5.0
     top_entropy_quantile: float = 1.0
     num_iterations: int = 1
     loss_aggregation: str = "sequence"
@@ -162,11 +170,16 @@ class GRPOConfig:
             credit.get(self.weighting)  # imports a "module:attribute" path
         except ValueError as e:
             raise ValueError(f"weighting: {e}") from None
-        for name, valid in (("ratio_level", RATIO_LEVELS),
+        for name, valid in (("ratio_level", RATIO_LEVELS), ("policy_loss", POLICY_LOSSES),
                             ("behaviour_correction", BEHAVIOUR_CORRECTIONS),
                             ("correction_level", CORRECTION_LEVELS)):
             if getattr(self, name) not in valid:
                 raise ValueError(f"{name} {getattr(self, name)!r}; valid: {', '.join(valid)}")
+        if not self.cispo_cap > 1.0:
+            raise ValueError(f"cispo_cap must be > 1, got {self.cispo_cap}")
+        if self.policy_loss == "cispo" and self.clip_ratio_max is not None:
+            raise ValueError("clip_ratio_max (dual clipping) acts on the clipped surrogate; "
+                             "policy_loss 'cispo' caps its ratio with cispo_cap")
         if not self.correction_cap > 0:
             raise ValueError(f"correction_cap must be > 0, got {self.correction_cap}")
         if self.estimator not in ESTIMATORS:

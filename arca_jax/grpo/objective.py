@@ -11,6 +11,7 @@ t - 1) the objective uses
                                                           (ratio_level "sequence": GSPO-token)
     pg_bt    = -min(ratio_bt A_b, clip(ratio_bt, 1 - clip_eps, 1 + clip_eps_high) A_b)
                (clip_ratio_max c: ratio_bt's value capped at c in the first term, dual clipping)
+             = -sg[min(ratio_bt, cispo_cap)] A_b logp_bt                (policy_loss "cispo")
                (with batch.old_logps; without them the ratio is exactly 1, nothing is clipped,
                and pg_bt = -A_b logp_bt: the paper's loss value, the surrogate's gradient)
     pg_bt   *= is_bt   (behaviour_correction "tis" / "mis" only: the detached importance weight
@@ -94,6 +95,37 @@ def advantages(rewards: Array, estimator: str = "grpo", *, eps: float = 1e-6) ->
     return r - mean
 
 
+def importance_ratio(logps: Array, old_logps: Array, *, level: str = "token",
+                     valid: Optional[Array] = None) -> Array:
+    """The policy's ratio to the old policy per token [B, T] (``clipped_policy_loss``'s r):
+    "token": exp(logp_bt - old_logp_bt); "sequence" (GSPO-token): the value s_b on every token of
+    row b, with gradient s_b grad log pi(y_bt) (valid [B, T] bool required)."""
+    if level == "sequence":
+        if valid is None:
+            raise ValueError('level="sequence" needs the valid mask')
+        v = jnp.asarray(valid) != 0
+        n = jnp.maximum(jnp.sum(v, axis=-1, keepdims=True), 1).astype(jnp.float32)
+        log_s = jnp.sum(jnp.where(v, logps - old_logps, 0.0), axis=-1, keepdims=True) / n
+        log_s = jax.lax.stop_gradient(log_s)  # [B, 1]
+        return jnp.exp(log_s + (logps - jax.lax.stop_gradient(logps)))  # value exp(log_s)
+    if level == "token":
+        return jnp.exp(logps - old_logps)
+    raise ValueError(f"ratio level {level!r}; valid: token, sequence")
+
+
+def cispo_policy_loss(logps: Array, old_logps: Array, adv: Array, cap: float, *,
+                      level: str = "token", valid: Optional[Array] = None
+                      ) -> Tuple[Array, Array, Array]:
+    """CISPO's policy term per token (MiniMax-M1, arXiv 2506.13585; TRL's ``loss_type="cispo"``):
+    -sg[min(r, cap)] A log pi, r the `importance_ratio` at `level`. Every token keeps its
+    gradient, sg[min(r, cap)] A grad log pi. logps, old_logps, adv: [B, T].
+    Returns (loss [B, T], ratio [B, T] (r's value), capped [B, T] bool: r > cap, the tokens
+    whose weight the cap truncated)."""
+    ratio = importance_ratio(logps, old_logps, level=level, valid=valid)
+    weight = jax.lax.stop_gradient(jnp.minimum(ratio, cap))
+    return -weight * adv * logps, jax.lax.stop_gradient(ratio), ratio > cap
+
+
 def clipped_policy_loss(logps: Array, old_logps: Array, adv: Array, clip_low: float,
                         clip_high: float, *, level: str = "token",
                         valid: Optional[Array] = None,
@@ -118,18 +150,7 @@ def clipped_policy_loss(logps: Array, old_logps: Array, adv: Array, clip_low: fl
              r < 1 - clip_low with A < 0 (or r > ratio_max with A < 0); for "sequence" the same
              for every token of a row).
     """
-    if level == "sequence":
-        if valid is None:
-            raise ValueError('level="sequence" needs the valid mask')
-        v = jnp.asarray(valid) != 0
-        n = jnp.maximum(jnp.sum(v, axis=-1, keepdims=True), 1).astype(jnp.float32)
-        log_s = jnp.sum(jnp.where(v, logps - old_logps, 0.0), axis=-1, keepdims=True) / n
-        log_s = jax.lax.stop_gradient(log_s)  # [B, 1]
-        ratio = jnp.exp(log_s + (logps - jax.lax.stop_gradient(logps)))  # value exp(log_s)
-    elif level == "token":
-        ratio = jnp.exp(logps - old_logps)
-    else:
-        raise ValueError(f"ratio level {level!r}; valid: token, sequence")
+    ratio = importance_ratio(logps, old_logps, level=level, valid=valid)
     capped = ratio if ratio_max is None else jnp.minimum(ratio, ratio_max)
     unclipped = capped * adv
     clipped_val = jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high) * adv
@@ -444,9 +465,13 @@ def loss_fn(lora, params, batch: Union[Batch, Mapping[str, Any]], *, config: qwe
         clipped = jnp.zeros((B, T), bool)
     else:
         old = jnp.where(valid, b.old_logps.astype(jnp.float32), sg_logps)  # padding: ratio 1
-        pg, _, clipped = clipped_policy_loss(logps, old, adv, g.clip_eps, g.clip_high,
-                                             level=g.ratio_level, valid=valid,
-                                             ratio_max=g.clip_ratio_max)
+        if g.policy_loss == "cispo":
+            pg, _, clipped = cispo_policy_loss(logps, old, adv, g.cispo_cap,
+                                               level=g.ratio_level, valid=valid)
+        else:
+            pg, _, clipped = clipped_policy_loss(logps, old, adv, g.clip_eps, g.clip_high,
+                                                 level=g.ratio_level, valid=valid,
+                                                 ratio_max=g.clip_ratio_max)
     pg = jnp.where(valid, pg, 0.0)
     if g.top_entropy_quantile < 1.0:
         pg = pg * high_entropy_mask(jax.lax.stop_gradient(entropies), valid,

@@ -76,7 +76,8 @@ class StepMetrics:
     residual_norm_layers: [S] float32, the mean residual of each measured layer (S = 1 for
         arca_layers "final"; their mean is residual_norm_mean).
     kl: mean k3 KL to the base model per completion token (0 when no base forward runs).
-    clip_fraction: fraction of completion tokens whose PPO ratio was clipped.
+    clip_fraction: fraction of completion tokens whose PPO ratio was clipped (policy_loss
+        "cispo": whose weight the cap truncated; they keep their gradient).
     entropy: mean predictive entropy (nats) of the policy at completion tokens.
     completion_length: mean completion tokens per trajectory.
     behaviour_ratio_mean, behaviour_ratio_max, behaviour_capped_fraction: the behaviour

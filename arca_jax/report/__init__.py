@@ -56,7 +56,8 @@ Decisions (each also stated where it applies):
   other weighting (a user's, by its configured name); by rank within a method, then by run name.
 - Objectives: a run whose config departs from the paper's GRPO in a named way is labelled so
   everywhere (tables' method column, arm labels in plots and intervals, the heatmap's caption):
-  ``uniform [GSPO]`` (grpo.ratio_level sequence), ``uniform [DAPO]`` (rollout.dynamic_sampling),
+  ``uniform [GSPO]`` (grpo.ratio_level sequence), ``[CISPO]`` (grpo.policy_loss),
+  ``uniform [DAPO]`` (rollout.dynamic_sampling),
   ``[TIS]`` / ``[MIS]`` (grpo.behaviour_correction), ``[dual-clip 3]`` (grpo.clip_ratio_max),
   ``[entropy top 0.2]`` (grpo.top_entropy_quantile), ``ARCA [layers=all]`` / ``[relative]``
   (grpo.arca_layers, arca_relative; also the heatmap's "arca" row of such a run, whose weights

@@ -217,7 +217,8 @@ def config_get(config: Mapping[str, Any], dotted: str, default: Any = None) -> A
 
 def objective_tags(config: Mapping[str, Any], *, arca_only: bool = False) -> tuple[str, ...]:
     """Names of the settings by which a run's objective departs from the paper's GRPO, in this
-    order: "GSPO" (grpo.ratio_level: sequence), "DAPO" (rollout.dynamic_sampling), "TIS" /
+    order: "GSPO" (grpo.ratio_level: sequence), "CISPO" (grpo.policy_loss: cispo), "DAPO"
+    (rollout.dynamic_sampling), "TIS" /
     "MIS" (grpo.behaviour_correction), "dual-clip 3" (grpo.clip_ratio_max), "entropy top 0.2"
     (grpo.top_entropy_quantile < 1), then ARCA's measurement: "layers=all" or
     "layers=0,2" (grpo.arca_layers other than "final") and "relative" (grpo.arca_relative).
@@ -226,6 +227,8 @@ def objective_tags(config: Mapping[str, Any], *, arca_only: bool = False) -> tup
     if not arca_only:
         if config_get(config, "grpo.ratio_level", "token") == "sequence":
             tags.append("GSPO")
+        if config_get(config, "grpo.policy_loss", "clip") == "cispo":
+            tags.append("CISPO")
         if config_get(config, "rollout.dynamic_sampling", False) is True:
             tags.append("DAPO")
         correction = config_get(config, "grpo.behaviour_correction", "none")

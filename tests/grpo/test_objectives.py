@@ -6,6 +6,7 @@
   GRPOTrainer defines them: ratio exp(old - behaviour) per token or exp(sum) per sequence,
   min(ratio, C) or 0 above C, multiplying the per-token policy loss;
 - dual clipping (Ye et al. 2020) as verl writes it: for A < 0, min(-A c, max(-A r, -A clip(r)));
+- CISPO (MiniMax-M1) as TRL writes it: -sg[min(r, cap)] A log pi;
 - high-entropy token selection (Wang et al. 2025, "Beyond the 80/20 Rule") as TRL's
   ``get_high_entropy_mask`` computes it: ``torch.quantile`` of the valid tokens' entropies.
 
@@ -22,7 +23,8 @@ import pytest
 
 from arca_jax import credit, lora, qwen3
 from arca_jax.grpo import (Batch, GRPOConfig, LossStats, TrainState, all_method_weights,
-                           behaviour_weights, clipped_policy_loss, completion_valid,
+                           behaviour_weights, cispo_policy_loss, clipped_policy_loss,
+                           completion_valid,
                            high_entropy_mask, loss_fn, make_mesh, make_train_step,
                            policy_logprobs, replicate, shard_params, unreplicate)
 from fixtures import grad_recorder, random_adapter, random_params, slow_except, tiny_config
@@ -55,6 +57,20 @@ def np_surrogate(logps, old, adv, valid, clip_low, clip_high, level, ratio_max=N
         clipped = clipped | ((A < 0) & (r > ratio_max))
     dloss = np.where(clipped, 0.0, -A * r)
     return loss, r, clipped, dloss
+
+
+def np_cispo(logps, old, adv, valid, cap, level):
+    """TRL's CISPO per token: -clamp(r, max=cap).detach() A log pi (r as in ``np_surrogate``),
+    r's value, the capped flag and d(loss_t)/d(log pi_t) = -min(r, cap) A."""
+    A = np.broadcast_to(np.asarray(adv, np.float64)[:, None], logps.shape)
+    if level == "token":
+        r = np.exp(logps - old)
+    else:
+        n = np.maximum(valid.sum(1), 1)
+        r = np.broadcast_to(np.exp(np.where(valid, logps - old, 0.0).sum(1) / n)[:, None],
+                            logps.shape)
+    w = np.minimum(r, cap)
+    return -w * A * logps, r, r > cap, -w * A
 
 
 def np_importance(before, behaviour, valid, method, level, cap):
@@ -108,8 +124,11 @@ def np_loss(logps, old, behaviour, adv, weights, valid, g: GRPOConfig, entropies
         pg, dpg, before = -A * logps, -A, logps
     else:
         old = np.where(v, np.asarray(old, np.float64), logps)
-        pg, _, _, dpg = np_surrogate(logps, old, adv, v, g.clip_eps, g.clip_high, g.ratio_level,
-                                     g.clip_ratio_max)
+        if g.policy_loss == "cispo":
+            pg, _, _, dpg = np_cispo(logps, old, adv, v, g.cispo_cap, g.ratio_level)
+        else:
+            pg, _, _, dpg = np_surrogate(logps, old, adv, v, g.clip_eps, g.clip_high,
+                                         g.ratio_level, g.clip_ratio_max)
         before = old
     if g.behaviour_correction != "none":
         w_is, _ = np_importance(before, np.asarray(behaviour, np.float64), v,
@@ -284,6 +303,9 @@ CASES = [
          correction_cap=1.4, on_policy=True),
     # dual clipping (verl's clip_ratio_c, TRL's delta) with ARCA's weights
     dict(weighting="arca", clip_eps=0.1, clip_ratio_max=1.15),
+    # CISPO, per token with token-mean aggregation (as MiniMax-M1), and per sequence with ARCA
+    dict(weighting="uniform", policy_loss="cispo", cispo_cap=1.1, loss_aggregation="token_mean"),
+    dict(weighting="arca", policy_loss="cispo", cispo_cap=1.05, ratio_level="sequence"),
     # the 80/20 rule's high-entropy tokens, on policy and off (with a correction)
     dict(weighting="uniform", top_entropy_quantile=0.2, on_policy=True),
     dict(weighting="arca", top_entropy_quantile=0.5, behaviour_correction="tis",
@@ -326,10 +348,14 @@ def test_loss_fn_against_numpy(model, user_weighting, case):
 
     # the statistics: clipped tokens, and the behaviour ratio as numpy computes it
     if old is not None:
-        _, _, clipped, _ = np_surrogate(np.asarray(logps, np.float64),
-                                        np.where(valid, old, np.asarray(logps)),
-                                        np.asarray(batch.advantages), valid, g.clip_eps,
-                                        g.clip_high, g.ratio_level, g.clip_ratio_max)
+        lp64, old64 = np.asarray(logps, np.float64), np.where(valid, old, np.asarray(logps))
+        if g.policy_loss == "cispo":
+            _, _, clipped, _ = np_cispo(lp64, old64, np.asarray(batch.advantages), valid,
+                                        g.cispo_cap, g.ratio_level)
+        else:
+            _, _, clipped, _ = np_surrogate(lp64, old64, np.asarray(batch.advantages), valid,
+                                            g.clip_eps, g.clip_high, g.ratio_level,
+                                            g.clip_ratio_max)
         assert float(stats.clip_count) == (clipped & valid).sum() > 0
         if g.clip_ratio_max is not None:  # some tokens only the dual clip stops
             r = np.exp(np.asarray(logps, np.float64) - np.where(valid, old, np.asarray(logps)))
@@ -500,6 +526,42 @@ def test_loss_stats_combine_exactly():
     c = a.combine(b)
     assert float(c.is_ratio_sum) == 2 * float(a.is_ratio_sum)
     assert float(c.is_ratio_max) == 100.0 and float(c.residual_norm_max) == float(a.residual_norm_max)
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_cispo_against_numpy(level):
+    """CISPO's loss, capped flags and gradient in log pi against TRL's formula: every token keeps
+    a gradient, -min(r, cap) A, including those the PPO clip would have stopped."""
+    rng = np.random.default_rng(4)
+    B, T = 9, 12
+    valid = ragged_valid(rng, B, T)
+    logps = (-rng.exponential(1.0, (B, T))).astype(np.float32)
+    old = (logps + rng.normal(0, 0.3, (B, T))).astype(np.float32)
+    adv = rng.normal(size=B).astype(np.float32)
+    cap = 1.2 if level == "token" else 1.05
+    A = jnp.broadcast_to(adv[:, None], (B, T))
+
+    def f(lp):
+        loss, ratio, capped = cispo_policy_loss(lp, old, A, cap, level=level, valid=valid)
+        return jnp.sum(jnp.where(valid, loss, 0.0)), (loss, ratio, capped)
+
+    (_, (loss, ratio, capped)), grad = jax.jit(jax.value_and_grad(f, has_aux=True))(logps)
+    want_loss, want_r, want_capped, want_d = np_cispo(logps.astype(np.float64),
+                                                      old.astype(np.float64), adv, valid, cap,
+                                                      level)
+    np.testing.assert_allclose(np.where(valid, loss, 0), np.where(valid, want_loss, 0),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.where(valid, ratio, 0), np.where(valid, want_r, 0), rtol=1e-5)
+    assert np.array_equal(np.asarray(capped) & valid, want_capped & valid)
+    assert 0 < (want_capped & valid).sum() < valid.sum()
+    np.testing.assert_allclose(np.asarray(grad), np.where(valid, want_d, 0), rtol=1e-5, atol=1e-7)
+    assert (np.abs(np.asarray(grad))[valid & (np.abs(adv)[:, None] > 0)] > 0).all()
+    with pytest.raises(ValueError, match="cispo_cap"):
+        GRPOConfig(policy_loss="cispo", cispo_cap=1.0)
+    with pytest.raises(ValueError, match="clip_ratio_max"):
+        GRPOConfig(policy_loss="cispo", clip_ratio_max=3.0)
+    with pytest.raises(ValueError, match="policy_loss"):
+        GRPOConfig(policy_loss="ppo")
 
 
 def test_dual_clip_bound_must_lie_above_the_upper_clip():

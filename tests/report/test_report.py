@@ -289,6 +289,9 @@ def test_objective_variants_are_named(tmp_path):
     assert report.objective_tags({"grpo": {"clip_ratio_max": 3.0, "top_entropy_quantile": 0.2,
                                            "arca_relative": True}}) == (
         "dual-clip 3", "entropy top 0.2", "relative")
+    assert report.objective_tags({"grpo": {"policy_loss": "cispo", "ratio_level": "sequence"},
+                                  "rollout": {"dynamic_sampling": True}}) == (
+        "GSPO", "CISPO", "DAPO")
     assert report.objective_tags({"grpo": {"clip_ratio_max": None,
                                            "top_entropy_quantile": 1.0}}) == ()
     md = report.performance_markdown(performance_table(runs))
