@@ -174,16 +174,21 @@ def ragged_valid(rng, B, T):
 # ------------------------------------ per-token functions -------------------------------------
 
 
+def random_ratios(seed, noise, B=9, T=12):
+    """(valid [B, T] ragged, logps, old logps = logps + N(0, noise), advantages [B]) in float32."""
+    rng = np.random.default_rng(seed)
+    valid = ragged_valid(rng, B, T)
+    logps = (-rng.exponential(1.0, (B, T))).astype(np.float32)
+    old = (logps + rng.normal(0, noise, (B, T))).astype(np.float32)
+    return valid, logps, old, rng.normal(size=B).astype(np.float32)
+
+
 @pytest.mark.parametrize("level,ratio_max", [("token", None), ("sequence", None),
                                              ("token", 1.35), ("sequence", 1.06)])
 def test_surrogate_against_numpy(level, ratio_max):
-    rng = np.random.default_rng(0)
-    B, T = 9, 12
-    valid = ragged_valid(rng, B, T)
-    logps = (-rng.exponential(1.0, (B, T))).astype(np.float32)
-    old = (logps + rng.normal(0, 0.25, (B, T))).astype(np.float32)
-    adv = rng.normal(size=B).astype(np.float32)
-    w = rng.random((B, T)).astype(np.float32) * valid
+    valid, logps, old, adv = random_ratios(0, 0.25)
+    B, T = valid.shape
+    w = np.random.default_rng(1).random((B, T)).astype(np.float32) * valid
     clip = (0.2, 0.28) if level == "token" else (0.03, 0.04)
 
     def f(lp):
@@ -532,12 +537,8 @@ def test_loss_stats_combine_exactly():
 def test_cispo_against_numpy(level):
     """CISPO's loss, capped flags and gradient in log pi against TRL's formula: every token keeps
     a gradient, -min(r, cap) A, including those the PPO clip would have stopped."""
-    rng = np.random.default_rng(4)
-    B, T = 9, 12
-    valid = ragged_valid(rng, B, T)
-    logps = (-rng.exponential(1.0, (B, T))).astype(np.float32)
-    old = (logps + rng.normal(0, 0.3, (B, T))).astype(np.float32)
-    adv = rng.normal(size=B).astype(np.float32)
+    valid, logps, old, adv = random_ratios(4, 0.3)
+    B, T = valid.shape
     cap = 1.2 if level == "token" else 1.05
     A = jnp.broadcast_to(adv[:, None], (B, T))
 
