@@ -346,7 +346,7 @@ class RunConfig:
     train: TrainConfig = TrainConfig()
 
     def __post_init__(self):
-        if self.grpo.estimator in ("grpo", "rloo") and self.rollout.group_size < 2:
+        if self.grpo.estimator != "dr_grpo" and self.rollout.group_size < 2:
             raise ValueError(f"rollout.group_size must be >= 2 for the {self.grpo.estimator!r} "
                              f"estimator, got {self.rollout.group_size}")
 

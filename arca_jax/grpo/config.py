@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from arca_jax import credit, qwen3
 
-ESTIMATORS = ("grpo", "rloo", "dr_grpo")
+ESTIMATORS = ("grpo", "rloo", "dr_grpo", "grpo_batch_std")
 AGGREGATIONS = ("sequence", "token_mean", "dr_grpo")
 RATIO_LEVELS = ("token", "sequence")
 POLICY_LOSSES = ("clip", "cispo")

@@ -73,8 +73,11 @@ def advantages(rewards: Array, estimator: str = "grpo", *, eps: float = 1e-6) ->
     rewards: [P, G] one row per prompt, G completions each.
     estimator: "grpo": (r - mean) / max(std, eps), std unbiased (ddof = 1);
                "rloo": r - mean of the other G - 1 rewards of the group;
-               "dr_grpo": r - mean.
-    eps: floor of the std ("grpo" only). A group of identical rewards gets advantages 0.
+               "dr_grpo": r - mean;
+               "grpo_batch_std": (r - mean) / max(std of all P G rewards, eps) (TRL's
+               ``scale_rewards="batch"``; the group mean with the batch's std, as "Tricks or
+               Traps? A Deep Dive into RL for LLM Reasoning" recommends).
+    eps: floor of the std ("grpo", "grpo_batch_std"). A group of identical rewards gets advantages 0.
     Returns: [P, G] float32 (flatten prompt-major, ``.reshape(-1)``, for ``Batch.advantages``).
     With G = 1 every estimator returns 0 (no baseline can be formed from the group).
     """
@@ -90,6 +93,8 @@ def advantages(rewards: Array, estimator: str = "grpo", *, eps: float = 1e-6) ->
     if estimator == "grpo":
         std = jnp.std(r, axis=1, ddof=1, keepdims=True)
         return (r - mean) / jnp.maximum(std, eps)
+    if estimator == "grpo_batch_std":
+        return (r - mean) / jnp.maximum(jnp.std(r, ddof=1), eps)
     if estimator == "rloo":
         return (r - mean) * (G / (G - 1))  # = r - (sum - r) / (G - 1)
     return r - mean

@@ -64,6 +64,11 @@ def test_advantage_estimators_hand_checked():
         [1 - 1 / 3, 0 - 2 / 3, 0 - 2 / 3, 1 - 1 / 3], [0, 0, 0, 0], [3, -1, -1, -1]], rtol=1e-6)
     np.testing.assert_allclose(advantages(r, "dr_grpo"), [
         [0.5, -0.5, -0.5, 0.5], [0, 0, 0, 0], [2.25, -0.75, -0.75, -0.75]], rtol=1e-6)
+    # grpo_batch_std: the group means' deviations over the unbiased std of all 12 rewards
+    sb = math.sqrt(sum((x - 13 / 12) ** 2 for x in (1, 0, 0, 1, 2, 2, 2, 2, 3, 0, 0, 0)) / 11)
+    np.testing.assert_allclose(advantages(r, "grpo_batch_std"), [
+        [0.5 / sb, -0.5 / sb, -0.5 / sb, 0.5 / sb], [0, 0, 0, 0],
+        [2.25 / sb, -0.75 / sb, -0.75 / sb, -0.75 / sb]], rtol=1e-6)
     # values: 0.8660254 for group 0 under grpo, checked by hand
     assert abs(float(advantages(r, "grpo")[0, 0]) - 0.8660254) < 1e-6
     # std floor: a tiny spread is not blown up beyond 1 / eps
