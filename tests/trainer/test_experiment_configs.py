@@ -61,11 +61,15 @@ OBJECTIVE_ARMS = {
     "arca_r64_layers_all": ("arca_r64", {"grpo.arca_layers": "all"}),
     "arca_r64_relative": ("arca_r64", {"grpo.arca_relative": True}),
     "entropy_top20_uniform_r64": ("uniform_r64", {"grpo.top_entropy_quantile": 0.2}),
+    "cispo_uniform_r64": ("uniform_r64", {  # cispo_cap 5: the default
+        "grpo.policy_loss": "cispo", "grpo.loss_aggregation": "token_mean",
+        "grpo.num_iterations": 2}),
 }
 LABELS = {"gspo_uniform_r64": "uniform r64 [GSPO]", "dapo_uniform_r64": "uniform r64 [DAPO]",
           "arca_r64_layers_all": "ARCA r64 [layers=all]",
           "arca_r64_relative": "ARCA r64 [relative]",
-          "entropy_top20_uniform_r64": "uniform r64 [entropy top 0.2]"}
+          "entropy_top20_uniform_r64": "uniform r64 [entropy top 0.2]",
+          "cispo_uniform_r64": "uniform r64 [CISPO]"}
 
 
 def _flat(cfg) -> dict:
@@ -130,6 +134,6 @@ def test_objective_arms_train_log_and_report(objective_runs, tmp_path):
                                 heatmap_run="arca_r64_layers_all")
     text = paths.report_md.read_text()
     for label in ("uniform [GSPO]", "uniform [DAPO]", "ARCA [layers=all]", "ARCA [relative]",
-                  "uniform [entropy top 0.2]"):
+                  "uniform [entropy top 0.2]", "uniform [CISPO]"):
         assert f"| {label} | 64 |" in text, label
     assert "ARCA [layers=all]:" in paths.heatmap_html.read_text()
