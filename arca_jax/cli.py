@@ -136,7 +136,8 @@ def _add_plan(sub):
                     "reports per-device memory against HBM, flops and bytes (every loop body "
                     "times its trip count), collectives, a roofline time and a verdict; when it "
                     "does not fit, the smallest change that does (fsdp, a rollout tensor axis, "
-                    "tensor, remat, microbatches). TPU topologies need libtpu: pip install 'arca-jax[tpu]'.")
+                    "tensor, remat, microbatches). TPU topologies need libtpu: "
+                    "pip install 'arca-jax[tpu]'.")
     p.add_argument("--config", help="the run's YAML config (default: the embedded demo)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config key (repeatable)")

@@ -77,7 +77,8 @@ def advantages(rewards: Array, estimator: str = "grpo", *, eps: float = 1e-6) ->
                "grpo_batch_std": (r - mean) / max(std of all P G rewards, eps) (TRL's
                ``scale_rewards="batch"``; the group mean with the batch's std, as "Tricks or
                Traps? A Deep Dive into RL for LLM Reasoning" recommends).
-    eps: floor of the std ("grpo", "grpo_batch_std"). A group of identical rewards gets advantages 0.
+    eps: floor of the std ("grpo", "grpo_batch_std"). A group of identical rewards gets
+        advantages 0.
     Returns: [P, G] float32 (flatten prompt-major, ``.reshape(-1)``, for ``Batch.advantages``).
     With G = 1 every estimator returns 0 (no baseline can be formed from the group).
     """

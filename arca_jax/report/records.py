@@ -218,10 +218,10 @@ def config_get(config: Mapping[str, Any], dotted: str, default: Any = None) -> A
 def objective_tags(config: Mapping[str, Any], *, arca_only: bool = False) -> tuple[str, ...]:
     """Names of the settings by which a run's objective departs from the paper's GRPO, in this
     order: "GSPO" (grpo.ratio_level: sequence), "CISPO" (grpo.policy_loss: cispo), "DAPO"
-    (rollout.dynamic_sampling), "TIS" /
-    "MIS" (grpo.behaviour_correction), "dual-clip 3" (grpo.clip_ratio_max), "entropy top 0.2"
-    (grpo.top_entropy_quantile < 1), then ARCA's measurement: "layers=all" or
-    "layers=0,2" (grpo.arca_layers other than "final") and "relative" (grpo.arca_relative).
+    (rollout.dynamic_sampling), "TIS" / "MIS" (grpo.behaviour_correction), "dual-clip 3"
+    (grpo.clip_ratio_max), "entropy top 0.2" (grpo.top_entropy_quantile < 1), then ARCA's
+    measurement: "layers=all" or "layers=0,2" (grpo.arca_layers other than "final") and
+    "relative" (grpo.arca_relative).
     Keys a config lacks count as the defaults. ``arca_only``: only the last two."""
     tags = []
     if not arca_only:
